@@ -1,0 +1,105 @@
+//! Protocol types shared by the Lumen proxy and control plane: xDS v3 (re-exported from
+//! `envoy-types`) and the names both sides agree on. Types only, no logic.
+
+#![forbid(unsafe_code)]
+
+pub use envoy_types::pb;
+pub use envoy_types::util::pack_any;
+
+/// The xDS v3 resource type URLs Lumen serves and consumes over ADS.
+pub mod type_url {
+    pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    pub const HTTP_CONNECTION_MANAGER: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+    pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+
+    /// Short name for logs and `/debug/syncz` ("CDS", "EDS", ...).
+    pub fn short(type_url: &str) -> &'static str {
+        match type_url {
+            LISTENER => "LDS",
+            CLUSTER => "CDS",
+            ROUTE => "RDS",
+            ENDPOINT => "EDS",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Endpoint metadata written by the control plane and read by the proxy
+/// (`LbEndpoint.metadata.filter_metadata[FILTER]`). Istio carries the same facts in the
+/// `istio` filter metadata and the `security.istio.io/tlsMode` label.
+pub mod endpoint_meta {
+    /// Filter metadata namespace.
+    pub const FILTER: &str = "lumen";
+    /// Workload name (the pod's owner, e.g. `reviews-v1`).
+    pub const WORKLOAD: &str = "workload";
+    /// Kubernetes namespace of the workload.
+    pub const NAMESPACE: &str = "namespace";
+    /// `app` label (canonical service).
+    pub const APP: &str = "app";
+    /// `version` label (canonical revision).
+    pub const VERSION: &str = "version";
+    /// Service account.
+    pub const SERVICE_ACCOUNT: &str = "service_account";
+    /// Port of the workload's sidecar inbound listener, present when the endpoint has a
+    /// sidecar. Lumen does not rely on iptables: a meshed endpoint is reached at
+    /// `<pod ip>:<inbound port>`, and the sidecar forwards to the app port.
+    pub const INBOUND_PORT: &str = "inbound_port";
+}
+
+/// Well-known ports (DESIGN.md), shared so both sides agree.
+pub mod ports {
+    pub const PROXY_OUTBOUND: u16 = 15001;
+    pub const PROXY_INBOUND: u16 = 15006;
+    pub const PROXY_ADMIN: u16 = 15000;
+    pub const PROXY_PROMETHEUS: u16 = 15090;
+    pub const CONTROL_XDS: u16 = 15010;
+    pub const CONTROL_HTTP: u16 = 15014;
+}
+
+/// Cluster names in Istio's format: `outbound|<port>|<subset>|<fqdn>` and `inbound|<port>||`.
+pub mod cluster_name {
+    /// Outbound cluster for a service port and optional subset.
+    pub fn outbound(port: u16, subset: &str, fqdn: &str) -> String {
+        format!("outbound|{port}|{subset}|{fqdn}")
+    }
+
+    /// Inbound cluster for an app port of the local workload.
+    pub fn inbound(port: u16) -> String {
+        format!("inbound|{port}||")
+    }
+
+    /// Parses `inbound|<port>||`.
+    pub fn parse_inbound(name: &str) -> Option<u16> {
+        name.strip_prefix("inbound|")?.split('|').next()?.parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_names_round_trip() {
+        assert_eq!(
+            cluster_name::outbound(9080, "v1", "reviews.default.svc.cluster.local"),
+            "outbound|9080|v1|reviews.default.svc.cluster.local"
+        );
+        assert_eq!(cluster_name::parse_inbound(&cluster_name::inbound(9080)), Some(9080));
+        assert_eq!(cluster_name::parse_inbound("outbound|9080||x"), None);
+    }
+
+    #[test]
+    fn type_urls_match_generated_names() {
+        use prost::Name;
+        assert_eq!(pb::envoy::config::cluster::v3::Cluster::type_url(), type_url::CLUSTER);
+        assert_eq!(pb::envoy::config::listener::v3::Listener::type_url(), type_url::LISTENER);
+        assert_eq!(pb::envoy::config::route::v3::RouteConfiguration::type_url(), type_url::ROUTE);
+        assert_eq!(
+            pb::envoy::config::endpoint::v3::ClusterLoadAssignment::type_url(),
+            type_url::ENDPOINT
+        );
+    }
+}

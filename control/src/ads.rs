@@ -1,0 +1,312 @@
+//! Aggregated Discovery Service (xDS v3, state of the world) over gRPC.
+//!
+//! One task per proxy stream. A stream learns its node from the first request, then for each
+//! resource type keeps what the proxy subscribed to, what was last sent (version, nonce) and
+//! what the proxy said about it (ACK or NACK). A request whose nonce is not the last one sent is
+//! stale and ignored, a NACK is recorded and not retried until the configuration changes, and
+//! every model change is pushed to every stream whose resources it changed.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures::Stream;
+use lumen_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use lumen_api::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use lumen_api::type_url;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::model::Model;
+use crate::translate::{ProxyNode, ProxyResources, translate};
+
+/// The xDS state shared by every stream and the debug endpoints.
+#[derive(Debug)]
+pub struct XdsState {
+    model: watch::Receiver<Arc<Model>>,
+    proxies: std::sync::Mutex<BTreeMap<u64, ProxyStatus>>,
+    next_stream: AtomicU64,
+    next_nonce: AtomicU64,
+}
+
+/// What `/debug/syncz` reports for one connected proxy (as `istioctl proxy-status`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProxyStatus {
+    pub node_id: String,
+    pub connected_at_unix: u64,
+    pub types: BTreeMap<&'static str, TypeStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct TypeStatus {
+    /// SYNCED, STALE (sent, not acknowledged yet), NACK.
+    pub state: &'static str,
+    pub sent_version: String,
+    pub acked_version: String,
+    pub resources: usize,
+    pub nack: Option<String>,
+}
+
+/// The ADS gRPC service.
+#[derive(Debug, Clone)]
+pub struct Ads {
+    state: Arc<XdsState>,
+}
+
+#[derive(Debug, Default)]
+struct Subscription {
+    names: Vec<String>,
+    sent_version: Option<String>,
+    sent_nonce: String,
+    acked_version: String,
+    nack: Option<String>,
+    resources: usize,
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+const KNOWN_TYPES: [&str; 4] = [
+    type_url::LISTENER,
+    type_url::CLUSTER,
+    type_url::ROUTE,
+    type_url::ENDPOINT,
+];
+
+impl XdsState {
+    pub fn new(model: watch::Receiver<Arc<Model>>) -> Arc<XdsState> {
+        Arc::new(XdsState {
+            model,
+            proxies: std::sync::Mutex::new(BTreeMap::new()),
+            next_stream: AtomicU64::new(1),
+            next_nonce: AtomicU64::new(1),
+        })
+    }
+
+    /// A copy of every connected proxy's status.
+    pub fn proxy_status(&self) -> Vec<ProxyStatus> {
+        self.proxies
+            .lock()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn record(&self, stream: u64, node: &ProxyNode, subs: &HashMap<&'static str, Subscription>) {
+        let types = subs
+            .iter()
+            .map(|(ty, sub)| {
+                let state = if sub.nack.is_some() {
+                    "NACK"
+                } else if sub.sent_version.as_deref() == Some(sub.acked_version.as_str()) {
+                    "SYNCED"
+                } else {
+                    "STALE"
+                };
+                let status = TypeStatus {
+                    state,
+                    sent_version: sub.sent_version.clone().unwrap_or_default(),
+                    acked_version: sub.acked_version.clone(),
+                    resources: sub.resources,
+                    nack: sub.nack.clone(),
+                };
+                (type_url::short(ty), status)
+            })
+            .collect();
+        if let Ok(mut proxies) = self.proxies.lock() {
+            let connected_at_unix = proxies.get(&stream).map_or_else(
+                || SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                |p| p.connected_at_unix,
+            );
+            proxies.insert(
+                stream,
+                ProxyStatus {
+                    node_id: node.id.clone(),
+                    connected_at_unix,
+                    types,
+                },
+            );
+        }
+    }
+
+    fn forget(&self, stream: u64) {
+        if let Ok(mut proxies) = self.proxies.lock() {
+            proxies.remove(&stream);
+        }
+    }
+}
+
+impl Ads {
+    pub fn new(state: Arc<XdsState>) -> Ads {
+        Ads { state }
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = ResponseStream;
+    type DeltaAggregatedResourcesStream = DeltaStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        let state = self.state.clone();
+        let stream = state.next_stream.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let node = run_stream(&state, stream, request.into_inner(), &tx).await;
+            state.forget(stream);
+            tracing::info!(stream, node = node.as_deref().unwrap_or("-"), "ads stream closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<DeltaStream>, Status> {
+        Err(Status::unimplemented(
+            "lumen control serves state-of-the-world ADS only; delta xDS is not implemented yet",
+        ))
+    }
+}
+
+/// Runs one ADS stream to its end; returns the node id, if one was learnt.
+async fn run_stream(
+    state: &XdsState,
+    stream: u64,
+    mut requests: Streaming<DiscoveryRequest>,
+    tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) -> Option<String> {
+    let mut model_rx = state.model.clone();
+    let mut node: Option<ProxyNode> = None;
+    let mut resources = ProxyResources::default();
+    let mut subs: HashMap<&'static str, Subscription> = HashMap::new();
+    loop {
+        tokio::select! {
+            msg = requests.message() => {
+                let req = match msg {
+                    Ok(Some(req)) => req,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(stream, error = %status, "ads stream error");
+                        break;
+                    }
+                };
+                if node.is_none() {
+                    let id = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
+                    match ProxyNode::parse(&id) {
+                        Ok(n) => {
+                            tracing::info!(stream, node = %n.id, "proxy connected");
+                            resources = translate(&model_rx.borrow_and_update(), &n);
+                            node = Some(n);
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
+                            return None;
+                        }
+                    }
+                }
+                let Some(n) = node.as_ref() else { break };
+                let Some(ty) = KNOWN_TYPES.iter().copied().find(|t| *t == req.type_url) else {
+                    tracing::warn!(stream, type_url = %req.type_url, "request for a resource type lumen does not serve");
+                    continue;
+                };
+                let sub = subs.entry(ty).or_default();
+                if !req.response_nonce.is_empty() && req.response_nonce != sub.sent_nonce {
+                    tracing::debug!(stream, type_url = ty, nonce = %req.response_nonce, "stale nonce ignored");
+                    continue;
+                }
+                if let Some(detail) = &req.error_detail {
+                    tracing::warn!(stream, node = %n.id, type_url = ty, version = ?sub.sent_version, error = %detail.message, "proxy rejected configuration (NACK)");
+                    sub.nack = Some(detail.message.clone());
+                    sub.names = req.resource_names.clone();
+                    state.record(stream, n, &subs);
+                    continue;
+                }
+                let first = sub.sent_version.is_none();
+                if !req.response_nonce.is_empty() {
+                    sub.acked_version = req.version_info.clone();
+                    sub.nack = None;
+                }
+                let names_changed = sub.names != req.resource_names;
+                sub.names = req.resource_names.clone();
+                if first || names_changed {
+                    if send(state, tx, ty, sub, &resources, true).await.is_err() {
+                        break;
+                    }
+                }
+                state.record(stream, n, &subs);
+            }
+            changed = model_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let Some(n) = node.as_ref() else { continue };
+                resources = translate(&model_rx.borrow_and_update(), n);
+                let mut closed = false;
+                for ty in KNOWN_TYPES {
+                    if let Some(sub) = subs.get_mut(ty) {
+                        if sub.sent_version.is_some() && send(state, tx, ty, sub, &resources, false).await.is_err() {
+                            closed = true;
+                        }
+                    }
+                }
+                if closed {
+                    break;
+                }
+                state.record(stream, n, &subs);
+            }
+        }
+    }
+    node.map(|n| n.id)
+}
+
+/// Sends the subscribed resources of one type unless the proxy already has this version.
+async fn send(
+    state: &XdsState,
+    tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    ty: &'static str,
+    sub: &mut Subscription,
+    resources: &ProxyResources,
+    force: bool,
+) -> Result<(), ()> {
+    // Listeners and clusters are wildcard types: no names means everything (xDS protocol).
+    let wildcard_type = ty == type_url::LISTENER || ty == type_url::CLUSTER;
+    let wildcard = (wildcard_type && sub.names.is_empty()) || sub.names.iter().any(|n| n == "*");
+    let selected: Vec<_> = resources
+        .of_type(ty)
+        .iter()
+        .filter(|r| wildcard || sub.names.contains(&r.name))
+        .collect();
+    let mut hasher = DefaultHasher::new();
+    for r in &selected {
+        r.name.hash(&mut hasher);
+        r.resource.value.hash(&mut hasher);
+    }
+    let version = format!("{:016x}", hasher.finish());
+    if !force && sub.sent_version.as_deref() == Some(version.as_str()) {
+        return Ok(());
+    }
+    let nonce = state.next_nonce.fetch_add(1, Ordering::Relaxed).to_string();
+    let response = DiscoveryResponse {
+        version_info: version.clone(),
+        resources: selected.iter().map(|r| r.resource.clone()).collect(),
+        type_url: ty.to_string(),
+        nonce: nonce.clone(),
+        ..Default::default()
+    };
+    sub.resources = selected.len();
+    sub.sent_version = Some(version);
+    sub.sent_nonce = nonce;
+    sub.nack = None;
+    tx.send(Ok(response)).await.map_err(|_| ())
+}

@@ -1,0 +1,128 @@
+//! Lumen control plane: reads Kubernetes resources (from a config directory today, the
+//! Kubernetes API later), builds a model, translates it to xDS and serves it over ADS.
+
+#![forbid(unsafe_code)]
+
+pub mod ads;
+pub mod model;
+pub mod source;
+pub mod translate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use lumen_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use ads::{Ads, ProxyStatus, XdsState};
+pub use model::Model;
+pub use source::ConfigSource;
+
+/// Why the control plane could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("loading configuration: {0}")]
+    Config(#[from] model::ModelError),
+    #[error("xDS server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+/// Addresses of a bound control plane.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    pub xds_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub source: ConfigSource,
+}
+
+/// A control plane whose sockets are bound and whose configuration is loaded.
+#[derive(Debug)]
+pub struct Control {
+    xds: TcpListener,
+    http: TcpListener,
+    source: ConfigSource,
+    model_tx: watch::Sender<Arc<Model>>,
+    state: Arc<XdsState>,
+}
+
+impl Control {
+    /// Loads the configuration and binds both ports; nothing is served until [`Control::run`].
+    pub async fn bind(options: ControlOptions) -> Result<Control, ControlError> {
+        let model = options.source.load()?;
+        let (model_tx, model_rx) = watch::channel(Arc::new(model));
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ControlError::Bind { what, addr, source })
+        };
+        Ok(Control {
+            xds: bind("xDS", options.xds_addr).await?,
+            http: bind("HTTP", options.http_addr).await?,
+            source: options.source,
+            state: XdsState::new(model_rx),
+            model_tx,
+        })
+    }
+
+    pub fn xds_addr(&self) -> Option<SocketAddr> {
+        self.xds.local_addr().ok()
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.local_addr().ok()
+    }
+
+    /// The shared xDS state (connected proxies and their sync status).
+    pub fn state(&self) -> Arc<XdsState> {
+        self.state.clone()
+    }
+
+    /// Publishes a new model to every connected proxy.
+    pub fn model_sender(&self) -> watch::Sender<Arc<Model>> {
+        self.model_tx.clone()
+    }
+
+    /// Serves ADS and the HTTP debug endpoints until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ControlError> {
+        let watcher = tokio::spawn(self.source.clone().watch(self.model_tx.clone(), shutdown.clone()));
+        let http = axum::serve(self.http, router(self.state.clone()))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let grpc = tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(Ads::new(self.state.clone())))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.xds), shutdown.clone().cancelled_owned());
+        let (http, grpc) = tokio::join!(http, grpc);
+        watcher.abort();
+        http.map_err(ControlError::Http)?;
+        grpc?;
+        Ok(())
+    }
+}
+
+/// The control plane's HTTP endpoints: `/debug/syncz`, `/healthz`, `/ready`.
+pub fn router(state: Arc<XdsState>) -> Router {
+    Router::new()
+        .route("/debug/syncz", get(syncz))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/ready", get(|| async { "ok\n" }))
+        .with_state(state)
+}
+
+async fn syncz(State(state): State<Arc<XdsState>>) -> Json<Vec<ProxyStatus>> {
+    Json(state.proxy_status())
+}

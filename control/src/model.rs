@@ -1,0 +1,506 @@
+//! The control plane's resource model: the Kubernetes objects Lumen reads (Services, Pods,
+//! Istio VirtualService and DestinationRule), parsed from YAML into plain Rust types.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything the translator needs, already parsed and validated.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Model {
+    pub services: Vec<Service>,
+    pub pods: Vec<Pod>,
+    pub virtual_services: Vec<VirtualService>,
+    pub destination_rules: Vec<DestinationRule>,
+}
+
+/// Where an object came from and who it is, for error messages.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    pub owner_references: Vec<OwnerReference>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct OwnerReference {
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub meta: ObjectMeta,
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    #[serde(default)]
+    pub name: String,
+    pub port: u16,
+    #[serde(default)]
+    pub target_port: Option<TargetPort>,
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
+/// `targetPort` is either a number or the name of a container port.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pod {
+    pub meta: ObjectMeta,
+    pub ip: IpAddr,
+    pub service_account: String,
+    pub container_ports: Vec<ContainerPort>,
+    /// False when `sidecar.istio.io/inject: "false"` says the pod has no sidecar.
+    pub has_sidecar: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    pub container_port: u16,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VirtualService {
+    pub meta: ObjectMeta,
+    pub spec: VirtualServiceSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualServiceSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    #[serde(default)]
+    pub http: Vec<HttpRoute>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRoute {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matches: Vec<HttpMatchRequest>,
+    #[serde(default)]
+    pub route: Vec<HttpRouteDestination>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMatchRequest {
+    #[serde(default)]
+    pub uri: Option<StringMatch>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, StringMatch>,
+    #[serde(default)]
+    pub method: Option<StringMatch>,
+}
+
+/// Istio's `StringMatch`: exactly one of exact, prefix, regex.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpRouteDestination {
+    pub destination: Destination,
+    #[serde(default)]
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Destination {
+    pub host: String,
+    #[serde(default)]
+    pub subset: Option<String>,
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PortSelector {
+    pub number: u16,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DestinationRule {
+    pub meta: ObjectMeta,
+    pub spec: DestinationRuleSpec,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Subset {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Why a configuration could not be read. Every variant names the source and the object.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin}: document {index}: invalid YAML: {source}")]
+    Yaml {
+        origin: String,
+        index: usize,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("{origin}: {kind} {namespace}/{name}: {message}")]
+    Invalid {
+        origin: String,
+        kind: String,
+        namespace: String,
+        name: String,
+        message: String,
+    },
+}
+
+// Raw Kubernetes shapes, only as deep as the model needs.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawObject {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: serde_yaml::Value,
+    #[serde(default)]
+    status: serde_yaml::Value,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawServiceSpec {
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    #[serde(default)]
+    ports: Vec<ServicePort>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawPodSpec {
+    #[serde(default)]
+    service_account_name: Option<String>,
+    #[serde(default)]
+    containers: Vec<RawContainer>,
+}
+
+#[derive(Deserialize)]
+struct RawContainer {
+    #[serde(default)]
+    ports: Vec<ContainerPort>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawPodStatus {
+    #[serde(default)]
+    pod_ip: Option<String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+impl Model {
+    /// Reads every `*.yaml` / `*.yml` file of a directory (not recursive), in name order.
+    pub fn load_dir(dir: &Path) -> Result<Model, ModelError> {
+        let io = |source| ModelError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .collect();
+        paths.sort();
+        let mut model = Model::default();
+        for path in paths {
+            let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            model.add_yaml(&path.display().to_string(), &text)?;
+        }
+        Ok(model)
+    }
+
+    /// Parses a multi-document YAML text (as `kubectl apply -f` takes) into a model.
+    pub fn from_yaml(origin: &str, text: &str) -> Result<Model, ModelError> {
+        let mut model = Model::default();
+        model.add_yaml(origin, text)?;
+        Ok(model)
+    }
+
+    /// Adds the objects of a multi-document YAML text. Kinds Lumen does not model (Namespace,
+    /// Deployment, ...) are skipped; a malformed document fails the whole text so a half-read
+    /// configuration never replaces a good one.
+    pub fn add_yaml(&mut self, origin: &str, text: &str) -> Result<(), ModelError> {
+        for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let value = serde_yaml::Value::deserialize(doc).map_err(|source| ModelError::Yaml {
+                origin: origin.to_string(),
+                index,
+                source,
+            })?;
+            if value.is_null() {
+                continue;
+            }
+            let raw: RawObject =
+                serde_yaml::from_value(value).map_err(|source| ModelError::Yaml {
+                    origin: origin.to_string(),
+                    index,
+                    source,
+                })?;
+            self.add_object(origin, raw)?;
+        }
+        Ok(())
+    }
+
+    fn add_object(&mut self, origin: &str, raw: RawObject) -> Result<(), ModelError> {
+        let invalid = |message: String| ModelError::Invalid {
+            origin: origin.to_string(),
+            kind: raw.kind.clone(),
+            namespace: raw.metadata.namespace.clone(),
+            name: raw.metadata.name.clone(),
+            message,
+        };
+        let group = raw.api_version.split('/').next().unwrap_or_default();
+        match (group, raw.kind.as_str()) {
+            ("v1", "Service") => {
+                let spec: RawServiceSpec = spec_of(&raw.spec).map_err(invalid)?;
+                self.services.push(Service {
+                    meta: raw.metadata.clone(),
+                    selector: spec.selector,
+                    ports: spec.ports,
+                });
+            }
+            ("v1", "Pod") => {
+                let spec: RawPodSpec = spec_of(&raw.spec).map_err(invalid)?;
+                let status: RawPodStatus = spec_of(&raw.status).map_err(invalid)?;
+                let Some(ip) = status.pod_ip else {
+                    return Err(invalid("status.podIP is missing".to_string()));
+                };
+                let ip: IpAddr = ip
+                    .parse()
+                    .map_err(|e| invalid(format!("status.podIP {ip:?}: {e}")))?;
+                let has_sidecar = raw
+                    .metadata
+                    .annotations
+                    .get("sidecar.istio.io/inject")
+                    .is_none_or(|v| v != "false");
+                self.pods.push(Pod {
+                    meta: raw.metadata.clone(),
+                    ip,
+                    service_account: spec
+                        .service_account_name
+                        .unwrap_or_else(|| "default".to_string()),
+                    container_ports: spec.containers.into_iter().flat_map(|c| c.ports).collect(),
+                    has_sidecar,
+                });
+            }
+            ("networking.istio.io", "VirtualService") => {
+                let spec: VirtualServiceSpec = spec_of(&raw.spec).map_err(invalid)?;
+                if spec.hosts.is_empty() {
+                    return Err(invalid("spec.hosts is empty".to_string()));
+                }
+                for (i, route) in spec.http.iter().enumerate() {
+                    if route.route.is_empty() {
+                        return Err(invalid(format!("spec.http[{i}].route is empty")));
+                    }
+                }
+                self.virtual_services.push(VirtualService {
+                    meta: raw.metadata.clone(),
+                    spec,
+                });
+            }
+            ("networking.istio.io", "DestinationRule") => {
+                let spec: DestinationRuleSpec = spec_of(&raw.spec).map_err(invalid)?;
+                self.destination_rules.push(DestinationRule {
+                    meta: raw.metadata.clone(),
+                    spec,
+                });
+            }
+            _ => {
+                tracing::debug!(origin, kind = %raw.kind, name = %raw.metadata.name, "skipping kind lumen does not model");
+            }
+        }
+        Ok(())
+    }
+
+    /// Fully qualified name of `host` as written in a resource of `namespace`
+    /// (`reviews` in `default` is `reviews.default.svc.cluster.local`).
+    pub fn fqdn(host: &str, namespace: &str) -> String {
+        if host.contains('.') {
+            let parts = host.split('.').count();
+            if parts == 2 {
+                return format!("{host}.svc.cluster.local");
+            }
+            return host.to_string();
+        }
+        format!("{host}.{namespace}.svc.cluster.local")
+    }
+
+    /// The workload a pod belongs to: its owner's name (ReplicaSet hash stripped) or the pod
+    /// name, as Istio's `destination_workload` label does.
+    pub fn workload_name(pod: &Pod) -> String {
+        match pod.meta.owner_references.first() {
+            Some(owner) if owner.kind == "ReplicaSet" => owner
+                .name
+                .rsplit_once('-')
+                .map(|(deployment, _)| deployment.to_string())
+                .unwrap_or_else(|| owner.name.clone()),
+            Some(owner) => owner.name.clone(),
+            None => pod.meta.name.clone(),
+        }
+    }
+}
+
+fn spec_of<T: serde::de::DeserializeOwned + Default>(
+    value: &serde_yaml::Value,
+) -> Result<T, String> {
+    if value.is_null() {
+        return Ok(T::default());
+    }
+    serde_yaml::from_value(value.clone()).map_err(|e| e.to_string())
+}
+
+impl Service {
+    pub fn fqdn(&self) -> String {
+        Model::fqdn(&self.meta.name, &self.meta.namespace)
+    }
+
+    /// True when the pod is selected by this service.
+    pub fn selects(&self, pod: &Pod) -> bool {
+        pod.meta.namespace == self.meta.namespace
+            && !self.selector.is_empty()
+            && labels_match(&self.selector, &pod.meta.labels)
+    }
+}
+
+impl Pod {
+    /// The container port a service port targets on this pod.
+    pub fn target_port(&self, port: &ServicePort) -> Option<u16> {
+        match &port.target_port {
+            None => Some(port.port),
+            Some(TargetPort::Number(n)) => Some(*n),
+            Some(TargetPort::Name(name)) => self
+                .container_ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .map(|p| p.container_port),
+        }
+    }
+}
+
+/// True when every `selector` label is present in `labels` with the same value.
+pub fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEMO: &str = include_str!("../../fixtures/demo/bookinfo.yaml");
+    const ROUTING: &str = include_str!("../../fixtures/demo/routing.yaml");
+
+    #[test]
+    fn parses_demo_fixtures() {
+        let mut model = Model::from_yaml("bookinfo.yaml", DEMO).expect("demo parses");
+        model.add_yaml("routing.yaml", ROUTING).expect("routing parses");
+        assert_eq!(model.services.len(), 4);
+        assert_eq!(model.pods.len(), 5);
+        assert_eq!(model.virtual_services.len(), 1);
+        let vs = &model.virtual_services[0];
+        assert_eq!(vs.spec.http[0].route.len(), 2);
+        assert_eq!(vs.spec.http[0].route[0].weight, Some(50));
+        assert_eq!(model.destination_rules[0].spec.subsets.len(), 2);
+        let reviews = model
+            .services
+            .iter()
+            .find(|s| s.meta.name == "reviews")
+            .expect("reviews service");
+        let selected: Vec<_> = model.pods.iter().filter(|p| reviews.selects(p)).collect();
+        assert_eq!(selected.len(), 2);
+    }
+
+    #[test]
+    fn invalid_yaml_names_the_document() {
+        let err = Model::from_yaml("bad.yaml", "kind: Service\n  metadata: [").unwrap_err();
+        assert!(err.to_string().starts_with("bad.yaml: document 0: invalid YAML"), "{err}");
+    }
+
+    #[test]
+    fn pod_without_ip_is_rejected_with_its_name() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: ns}\nspec: {}\n";
+        let err = Model::from_yaml("pods.yaml", text).unwrap_err();
+        assert_eq!(err.to_string(), "pods.yaml: Pod ns/p: status.podIP is missing");
+    }
+
+    #[test]
+    fn fqdn_and_workload_names() {
+        assert_eq!(Model::fqdn("reviews", "default"), "reviews.default.svc.cluster.local");
+        assert_eq!(Model::fqdn("reviews.prod", "default"), "reviews.prod.svc.cluster.local");
+        assert_eq!(Model::fqdn("a.b.svc.cluster.local", "x"), "a.b.svc.cluster.local");
+        let mut pod = Model::from_yaml("x", DEMO).expect("demo parses").pods[0].clone();
+        assert_eq!(Model::workload_name(&pod), "productpage-v1");
+        pod.meta.owner_references = vec![OwnerReference {
+            kind: "ReplicaSet".into(),
+            name: "productpage-v1-5f9d8c".into(),
+        }];
+        assert_eq!(Model::workload_name(&pod), "productpage-v1");
+    }
+
+    #[test]
+    fn skips_unmodelled_kinds() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: foo}\n---\n";
+        assert_eq!(Model::from_yaml("ns.yaml", text).expect("parses"), Model::default());
+    }
+}

@@ -1,0 +1,634 @@
+//! Translates the resource model into xDS v3 resources for one proxy.
+//!
+//! Naming follows Istio so `istioctl`-trained eyes and a real Envoy both feel at home:
+//! outbound clusters `outbound|<port>|<subset>|<fqdn>`, one route configuration per service
+//! port named after the port, per-port listeners `0.0.0.0_<port>`, and the inbound
+//! `virtualInbound` listener on 15006 in front of `inbound|<port>||` clusters.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use lumen_api::pb::envoy::config::cluster::v3 as cluster;
+use lumen_api::pb::envoy::config::core::v3 as core;
+use lumen_api::pb::envoy::config::endpoint::v3 as endpoint;
+use lumen_api::pb::envoy::config::listener::v3 as listener;
+use lumen_api::pb::envoy::config::route::v3 as route;
+use lumen_api::pb::envoy::extensions::filters::http::router::v3::Router;
+use lumen_api::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+use lumen_api::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher::MatchPattern};
+use lumen_api::pb::google::protobuf::{Any, Duration, Struct, UInt32Value, Value, value::Kind};
+use lumen_api::{cluster_name, endpoint_meta, pack_any, ports, type_url};
+
+use crate::model::{HttpMatchRequest, Model, Pod, Service, StringMatch, labels_match};
+
+/// The proxy a configuration is generated for, parsed from its xDS node id
+/// (`sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`, as Istio's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyNode {
+    pub id: String,
+    pub ip: String,
+    pub pod: String,
+    pub namespace: String,
+}
+
+/// One resource, already packed, with its name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedResource {
+    pub name: String,
+    pub resource: Any,
+}
+
+/// Every resource of every type for one proxy, by type URL.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProxyResources {
+    pub by_type: HashMap<&'static str, Vec<NamedResource>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("node id {id:?} is not of the form sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local")]
+pub struct NodeIdError {
+    pub id: String,
+}
+
+impl ProxyNode {
+    pub fn parse(id: &str) -> Result<ProxyNode, NodeIdError> {
+        let err = || NodeIdError { id: id.to_string() };
+        let mut parts = id.split('~');
+        let (Some(kind), Some(ip), Some(pod_ns), Some(_domain), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(err());
+        };
+        if kind != "sidecar" {
+            return Err(err());
+        }
+        let (pod, namespace) = pod_ns.rsplit_once('.').ok_or_else(err)?;
+        Ok(ProxyNode {
+            id: id.to_string(),
+            ip: ip.to_string(),
+            pod: pod.to_string(),
+            namespace: namespace.to_string(),
+        })
+    }
+}
+
+impl ProxyResources {
+    pub fn of_type(&self, type_url: &str) -> &[NamedResource] {
+        self.by_type.get(type_url).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+/// Builds every xDS resource the given proxy should see.
+pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
+    let mut clusters = Vec::new();
+    let mut endpoints = Vec::new();
+    let mut route_hosts: BTreeMap<u16, Vec<route::VirtualHost>> = BTreeMap::new();
+
+    for svc in &model.services {
+        let fqdn = svc.fqdn();
+        let subsets = subsets_of(model, svc);
+        for port in &svc.ports {
+            for (subset, labels) in std::iter::once((String::new(), BTreeMap::new())).chain(subsets.clone()) {
+                let name = cluster_name::outbound(port.port, &subset, &fqdn);
+                clusters.push(eds_cluster(&name));
+                endpoints.push(load_assignment(model, svc, port.port, &labels, &name));
+            }
+            route_hosts
+                .entry(port.port)
+                .or_default()
+                .push(virtual_host(model, svc, port.port, node));
+        }
+    }
+
+    let mut listeners: Vec<listener::Listener> = route_hosts
+        .keys()
+        .map(|port| outbound_listener(*port))
+        .collect();
+    let routes: Vec<route::RouteConfiguration> = route_hosts
+        .into_iter()
+        .map(|(port, virtual_hosts)| route::RouteConfiguration {
+            name: port.to_string(),
+            virtual_hosts,
+            validate_clusters: Some(lumen_api::pb::google::protobuf::BoolValue { value: false }),
+            ..Default::default()
+        })
+        .collect();
+
+    if let Some(pod) = model
+        .pods
+        .iter()
+        .find(|p| p.meta.name == node.pod && p.meta.namespace == node.namespace)
+    {
+        let inbound: BTreeSet<u16> = pod.container_ports.iter().map(|p| p.container_port).collect();
+        for port in &inbound {
+            clusters.push(inbound_cluster(pod, *port));
+        }
+        listeners.push(inbound_listener(&inbound));
+    }
+
+    let mut by_type: HashMap<&'static str, Vec<NamedResource>> = HashMap::new();
+    let named = |name: String, resource: Any| NamedResource { name, resource };
+    by_type.insert(
+        type_url::CLUSTER,
+        clusters.into_iter().map(|c| named(c.name.clone(), pack_any(c))).collect(),
+    );
+    by_type.insert(
+        type_url::ENDPOINT,
+        endpoints
+            .into_iter()
+            .map(|e| named(e.cluster_name.clone(), pack_any(e)))
+            .collect(),
+    );
+    by_type.insert(
+        type_url::ROUTE,
+        routes.into_iter().map(|r| named(r.name.clone(), pack_any(r))).collect(),
+    );
+    by_type.insert(
+        type_url::LISTENER,
+        listeners.into_iter().map(|l| named(l.name.clone(), pack_any(l))).collect(),
+    );
+    ProxyResources { by_type }
+}
+
+/// Subsets declared for a service by DestinationRules (host resolved in the rule's namespace).
+fn subsets_of(model: &Model, svc: &Service) -> Vec<(String, BTreeMap<String, String>)> {
+    let fqdn = svc.fqdn();
+    model
+        .destination_rules
+        .iter()
+        .filter(|dr| Model::fqdn(&dr.spec.host, &dr.meta.namespace) == fqdn)
+        .flat_map(|dr| dr.spec.subsets.iter().map(|s| (s.name.clone(), s.labels.clone())))
+        .collect()
+}
+
+fn ads_source() -> core::ConfigSource {
+    core::ConfigSource {
+        resource_api_version: core::ApiVersion::V3 as i32,
+        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
+            core::AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+fn eds_cluster(name: &str) -> cluster::Cluster {
+    cluster::Cluster {
+        name: name.to_string(),
+        connect_timeout: Some(Duration { seconds: 10, nanos: 0 }),
+        lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::cluster::EdsClusterConfig {
+            eds_config: Some(ads_source()),
+            service_name: name.to_string(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn socket_address(ip: &str, port: u16) -> core::Address {
+    core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
+}
+
+fn lb_endpoint(pod: &Pod, port: u16) -> endpoint::LbEndpoint {
+    let mut fields = BTreeMap::new();
+    fields.insert(endpoint_meta::WORKLOAD.to_string(), string_value(&Model::workload_name(pod)));
+    fields.insert(endpoint_meta::NAMESPACE.to_string(), string_value(&pod.meta.namespace));
+    fields.insert(endpoint_meta::SERVICE_ACCOUNT.to_string(), string_value(&pod.service_account));
+    for (key, label) in [(endpoint_meta::APP, "app"), (endpoint_meta::VERSION, "version")] {
+        if let Some(v) = pod.meta.labels.get(label) {
+            fields.insert(key.to_string(), string_value(v));
+        }
+    }
+    if pod.has_sidecar {
+        fields.insert(
+            endpoint_meta::INBOUND_PORT.to_string(),
+            Value {
+                kind: Some(Kind::NumberValue(f64::from(ports::PROXY_INBOUND))),
+            },
+        );
+    }
+    let mut filter_metadata = HashMap::new();
+    filter_metadata.insert(
+        endpoint_meta::FILTER.to_string(),
+        Struct {
+            fields: fields.into_iter().collect(),
+        },
+    );
+    endpoint::LbEndpoint {
+        host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(endpoint::Endpoint {
+            address: Some(socket_address(&pod.ip.to_string(), port)),
+            ..Default::default()
+        })),
+        metadata: Some(core::Metadata {
+            filter_metadata,
+            ..Default::default()
+        }),
+        load_balancing_weight: Some(UInt32Value { value: 1 }),
+        ..Default::default()
+    }
+}
+
+fn load_assignment(
+    model: &Model,
+    svc: &Service,
+    port: u16,
+    subset_labels: &BTreeMap<String, String>,
+    name: &str,
+) -> endpoint::ClusterLoadAssignment {
+    let Some(svc_port) = svc.ports.iter().find(|p| p.port == port) else {
+        return endpoint::ClusterLoadAssignment {
+            cluster_name: name.to_string(),
+            ..Default::default()
+        };
+    };
+    let lb_endpoints = model
+        .pods
+        .iter()
+        .filter(|pod| svc.selects(pod) && labels_match(subset_labels, &pod.meta.labels))
+        .filter_map(|pod| pod.target_port(svc_port).map(|p| lb_endpoint(pod, p)))
+        .collect();
+    endpoint::ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: vec![endpoint::LocalityLbEndpoints {
+            lb_endpoints,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Host names a client in `client_ns` may use for the service, with and without the port.
+fn domains(svc: &Service, port: u16, client_ns: &str) -> Vec<String> {
+    let name = &svc.meta.name;
+    let ns = &svc.meta.namespace;
+    let mut hosts = vec![
+        svc.fqdn(),
+        format!("{name}.{ns}.svc"),
+        format!("{name}.{ns}"),
+    ];
+    if ns == client_ns {
+        hosts.push(name.clone());
+    }
+    hosts
+        .into_iter()
+        .flat_map(|h| [format!("{h}:{port}"), h])
+        .collect()
+}
+
+fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> route::VirtualHost {
+    let fqdn = svc.fqdn();
+    let vs = model.virtual_services.iter().find(|vs| {
+        (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
+            && vs
+                .spec
+                .hosts
+                .iter()
+                .any(|h| Model::fqdn(h, &vs.meta.namespace) == fqdn)
+    });
+    let default_route = || route::Route {
+        name: "default".to_string(),
+        r#match: Some(prefix_match("/")),
+        action: Some(route::route::Action::Route(route_action(
+            route::route_action::ClusterSpecifier::Cluster(cluster_name::outbound(port, "", &fqdn)),
+        ))),
+        ..Default::default()
+    };
+    let routes = match vs {
+        None => vec![default_route()],
+        Some(vs) => {
+            let mut routes = Vec::new();
+            for (i, http) in vs.spec.http.iter().enumerate() {
+                let name = http.name.clone().unwrap_or_else(|| format!("{}.{}.{i}", vs.meta.name, vs.meta.namespace));
+                let clusters: Vec<route::weighted_cluster::ClusterWeight> = http
+                    .route
+                    .iter()
+                    .map(|d| {
+                        let host = Model::fqdn(&d.destination.host, &vs.meta.namespace);
+                        let dport = d.destination.port.as_ref().map_or(port, |p| p.number);
+                        route::weighted_cluster::ClusterWeight {
+                            name: cluster_name::outbound(
+                                dport,
+                                d.destination.subset.as_deref().unwrap_or(""),
+                                &host,
+                            ),
+                            // A lone destination without weight takes everything (Istio's rule).
+                            weight: Some(UInt32Value {
+                                value: d.weight.unwrap_or(if http.route.len() == 1 { 100 } else { 0 }),
+                            }),
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+                let specifier = if clusters.len() == 1 {
+                    route::route_action::ClusterSpecifier::Cluster(clusters[0].name.clone())
+                } else {
+                    route::route_action::ClusterSpecifier::WeightedClusters(route::WeightedCluster {
+                        clusters,
+                        ..Default::default()
+                    })
+                };
+                let matches: Vec<route::RouteMatch> = if http.matches.is_empty() {
+                    vec![prefix_match("/")]
+                } else {
+                    http.matches.iter().map(route_match).collect()
+                };
+                for m in matches {
+                    routes.push(route::Route {
+                        name: name.clone(),
+                        r#match: Some(m),
+                        action: Some(route::route::Action::Route(route_action(specifier.clone()))),
+                        ..Default::default()
+                    });
+                }
+            }
+            routes
+        }
+    };
+    route::VirtualHost {
+        name: format!("{fqdn}:{port}"),
+        domains: domains(svc, port, &node.namespace),
+        routes,
+        ..Default::default()
+    }
+}
+
+fn route_action(specifier: route::route_action::ClusterSpecifier) -> route::RouteAction {
+    route::RouteAction {
+        cluster_specifier: Some(specifier),
+        ..Default::default()
+    }
+}
+
+fn prefix_match(prefix: &str) -> route::RouteMatch {
+    route::RouteMatch {
+        path_specifier: Some(route::route_match::PathSpecifier::Prefix(prefix.to_string())),
+        ..Default::default()
+    }
+}
+
+fn regex(re: &str) -> RegexMatcher {
+    RegexMatcher {
+        regex: re.to_string(),
+        ..Default::default()
+    }
+}
+
+fn route_match(m: &HttpMatchRequest) -> route::RouteMatch {
+    use route::header_matcher::HeaderMatchSpecifier as H;
+    use route::route_match::PathSpecifier as P;
+    let path_specifier = Some(match &m.uri {
+        None => P::Prefix("/".to_string()),
+        Some(StringMatch::Exact(p)) => P::Path(p.clone()),
+        Some(StringMatch::Prefix(p)) => P::Prefix(p.clone()),
+        Some(StringMatch::Regex(r)) => P::SafeRegex(regex(r)),
+    });
+    let header = |name: &str, sm: &StringMatch| route::HeaderMatcher {
+        name: name.to_string(),
+        header_match_specifier: Some(H::StringMatch(StringMatcher {
+            match_pattern: Some(match sm {
+                StringMatch::Exact(v) => MatchPattern::Exact(v.clone()),
+                StringMatch::Prefix(v) => MatchPattern::Prefix(v.clone()),
+                StringMatch::Regex(v) => MatchPattern::SafeRegex(regex(v)),
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let mut headers: Vec<route::HeaderMatcher> =
+        m.headers.iter().map(|(name, sm)| header(name, sm)).collect();
+    if let Some(method) = &m.method {
+        headers.push(header(":method", method));
+    }
+    route::RouteMatch {
+        path_specifier,
+        headers,
+        ..Default::default()
+    }
+}
+
+fn http_connection_manager(stat_prefix: &str, routes: hcm::http_connection_manager::RouteSpecifier) -> listener::Filter {
+    let manager = hcm::HttpConnectionManager {
+        stat_prefix: stat_prefix.to_string(),
+        route_specifier: Some(routes),
+        http_filters: vec![hcm::HttpFilter {
+            name: "envoy.filters.http.router".to_string(),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    listener::Filter {
+        name: "envoy.filters.network.http_connection_manager".to_string(),
+        config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(manager))),
+    }
+}
+
+fn outbound_listener(port: u16) -> listener::Listener {
+    listener::Listener {
+        name: format!("0.0.0.0_{port}"),
+        address: Some(socket_address("0.0.0.0", port)),
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![http_connection_manager(
+                &format!("outbound_0.0.0.0_{port}"),
+                hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
+                    config_source: Some(ads_source()),
+                    route_config_name: port.to_string(),
+                }),
+            )],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn inbound_cluster(pod: &Pod, port: u16) -> cluster::Cluster {
+    let name = cluster_name::inbound(port);
+    cluster::Cluster {
+        name: name.clone(),
+        connect_timeout: Some(Duration { seconds: 10, nanos: 0 }),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::Static as i32,
+        )),
+        load_assignment: Some(endpoint::ClusterLoadAssignment {
+            cluster_name: name,
+            endpoints: vec![endpoint::LocalityLbEndpoints {
+                lb_endpoints: vec![endpoint::LbEndpoint {
+                    host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+                        endpoint::Endpoint {
+                            address: Some(socket_address(&pod.ip.to_string(), port)),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn inbound_listener(app_ports: &BTreeSet<u16>) -> listener::Listener {
+    let routes = app_ports
+        .iter()
+        .map(|port| route::Route {
+            name: format!("inbound|{port}"),
+            r#match: Some(prefix_match("/")),
+            action: Some(route::route::Action::Route(route_action(
+                route::route_action::ClusterSpecifier::Cluster(cluster_name::inbound(*port)),
+            ))),
+            ..Default::default()
+        })
+        .collect();
+    let config = route::RouteConfiguration {
+        name: "inbound|http".to_string(),
+        virtual_hosts: vec![route::VirtualHost {
+            name: "inbound|http".to_string(),
+            domains: vec!["*".to_string()],
+            routes,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    listener::Listener {
+        name: "virtualInbound".to_string(),
+        address: Some(socket_address("0.0.0.0", ports::PROXY_INBOUND)),
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![http_connection_manager(
+                "inbound_0.0.0.0_15006",
+                hcm::http_connection_manager::RouteSpecifier::RouteConfig(config),
+            )],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn demo_model() -> Model {
+        let mut model = Model::from_yaml("bookinfo", include_str!("../../fixtures/demo/bookinfo.yaml"))
+            .expect("demo parses");
+        model
+            .add_yaml("routing", include_str!("../../fixtures/demo/routing.yaml"))
+            .expect("routing parses");
+        model
+    }
+
+    fn node() -> ProxyNode {
+        ProxyNode::parse("sidecar~127.0.10.1~productpage-v1.default~default.svc.cluster.local")
+            .expect("node id parses")
+    }
+
+    #[test]
+    fn node_ids_parse_like_istio() {
+        let n = node();
+        assert_eq!((n.ip.as_str(), n.pod.as_str(), n.namespace.as_str()), ("127.0.10.1", "productpage-v1", "default"));
+        assert!(ProxyNode::parse("router~1.2.3.4~x.y~y.svc.cluster.local").is_err());
+        assert!(ProxyNode::parse("sidecar~1.2.3.4~nonamespace~z").is_err());
+    }
+
+    #[test]
+    fn clusters_cover_services_and_subsets() {
+        let res = translate(&demo_model(), &node());
+        let names: BTreeSet<&str> = res.of_type(type_url::CLUSTER).iter().map(|r| r.name.as_str()).collect();
+        for expected in [
+            "outbound|9080||productpage.default.svc.cluster.local",
+            "outbound|9080||reviews.default.svc.cluster.local",
+            "outbound|9080|v1|reviews.default.svc.cluster.local",
+            "outbound|9080|v2|reviews.default.svc.cluster.local",
+            "outbound|9080||ratings.default.svc.cluster.local",
+            "inbound|9080||",
+        ] {
+            assert!(names.contains(expected), "missing {expected} in {names:?}");
+        }
+        assert_eq!(names.len(), 7);
+    }
+
+    #[test]
+    fn subset_endpoints_are_filtered_by_labels() {
+        let res = translate(&demo_model(), &node());
+        let v2 = res
+            .of_type(type_url::ENDPOINT)
+            .iter()
+            .find(|r| r.name == "outbound|9080|v2|reviews.default.svc.cluster.local")
+            .expect("v2 endpoints");
+        let cla = endpoint::ClusterLoadAssignment::decode(v2.resource.value.as_slice()).expect("decodes");
+        let eps = &cla.endpoints[0].lb_endpoints;
+        assert_eq!(eps.len(), 1);
+        let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = &eps[0].host_identifier else {
+            panic!("endpoint expected");
+        };
+        assert_eq!(ep.address, Some(socket_address("127.0.10.4", 9080)));
+        let meta = &eps[0].metadata.as_ref().expect("metadata").filter_metadata[endpoint_meta::FILTER];
+        assert_eq!(meta.fields[endpoint_meta::WORKLOAD], string_value("reviews-v2"));
+    }
+
+    #[test]
+    fn virtual_service_becomes_weighted_route() {
+        let res = translate(&demo_model(), &node());
+        let rc = res.of_type(type_url::ROUTE).iter().find(|r| r.name == "9080").expect("route 9080");
+        let rc = route::RouteConfiguration::decode(rc.resource.value.as_slice()).expect("decodes");
+        let vh = rc
+            .virtual_hosts
+            .iter()
+            .find(|vh| vh.name == "reviews.default.svc.cluster.local:9080")
+            .expect("reviews vhost");
+        assert!(vh.domains.contains(&"reviews:9080".to_string()));
+        let Some(route::route::Action::Route(action)) = &vh.routes[0].action else {
+            panic!("route action expected");
+        };
+        let Some(route::route_action::ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier else {
+            panic!("weighted clusters expected");
+        };
+        let split: Vec<(&str, u32)> = wc
+            .clusters
+            .iter()
+            .map(|c| (c.name.as_str(), c.weight.as_ref().map_or(0, |w| w.value)))
+            .collect();
+        assert_eq!(
+            split,
+            vec![
+                ("outbound|9080|v1|reviews.default.svc.cluster.local", 50),
+                ("outbound|9080|v2|reviews.default.svc.cluster.local", 50)
+            ]
+        );
+    }
+
+    #[test]
+    fn short_names_only_for_same_namespace_clients() {
+        let model = demo_model();
+        let other = ProxyNode { namespace: "other".into(), ..node() };
+        let svc = &model.services[0];
+        assert!(domains(svc, 9080, "default").contains(&"productpage".to_string()));
+        assert!(!domains(svc, 9080, &other.namespace).contains(&"productpage".to_string()));
+    }
+
+    #[test]
+    fn unknown_node_gets_no_inbound() {
+        let other = ProxyNode { pod: "ghost".into(), ..node() };
+        let res = translate(&demo_model(), &other);
+        assert!(res.of_type(type_url::LISTENER).iter().all(|l| l.name != "virtualInbound"));
+    }
+}

@@ -1,0 +1,437 @@
+//! The data path: outbound (app → mesh) and inbound (mesh → app) HTTP/1.1 handlers.
+//!
+//! Outbound routes by authority through the xDS route table, picks a weighted backend cluster
+//! and a round-robin endpoint, and connects to the endpoint's sidecar. Inbound forwards to the
+//! local app. Each side continues the W3C trace (a client span outbound, a server span inbound)
+//! and counts the request with Istio's labels when the response body has been sent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HOST, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+
+use crate::routing::Endpoint;
+use crate::server::Body;
+use crate::telemetry::{AttrValue, Reporter, RequestLabels, SpanRecord};
+use crate::trace::SpanContext;
+use crate::xds::ConfigRx;
+
+/// Headers one sidecar passes to the next (Istio does the same with its peer metadata
+/// exchange); the inbound side strips them before the app sees the request.
+pub mod peer_headers {
+    pub const WORKLOAD: &str = "x-lumen-peer-workload";
+    pub const NAMESPACE: &str = "x-lumen-peer-namespace";
+    pub const APP: &str = "x-lumen-peer-app";
+    pub const VERSION: &str = "x-lumen-peer-version";
+    /// The service the client addressed (FQDN), for the server's `destination_service`.
+    pub const DESTINATION_SERVICE: &str = "x-lumen-destination-service";
+    /// The app address the client meant (what iptables' original destination would say).
+    pub const ORIGINAL_DST: &str = "x-lumen-original-dst";
+    pub const ALL: [&str; 6] = [WORKLOAD, NAMESPACE, APP, VERSION, DESTINATION_SERVICE, ORIGINAL_DST];
+}
+
+const TRACEPARENT: &str = "traceparent";
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(15);
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "transfer-encoding",
+];
+
+/// State shared by every request of one proxy.
+#[derive(Debug)]
+pub struct DataPath {
+    pub config: ConfigRx,
+    pub reporter: Arc<Reporter>,
+    client: Client<HttpConnector, Incoming>,
+}
+
+/// Envoy's response flags for the failures the proxy itself causes or sees.
+mod flags {
+    pub const NO_ROUTE: &str = "NR";
+    pub const NO_HEALTHY_UPSTREAM: &str = "UH";
+    pub const UPSTREAM_CONNECT_FAILURE: &str = "UF";
+    pub const UPSTREAM_TIMEOUT: &str = "UT";
+    pub const NO_CLUSTER: &str = "NC";
+    pub const NONE: &str = "-";
+}
+
+/// Everything to record once the response is done; recorded on drop so a response the
+/// client abandons is still counted.
+struct Finish {
+    reporter: Arc<Reporter>,
+    labels: RequestLabels,
+    span: SpanRecord,
+    started: Instant,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let mut span = self.span.clone();
+        span.end = span.start + elapsed;
+        self.reporter.request(std::mem::take(&mut self.labels), elapsed);
+        self.reporter.span(span);
+    }
+}
+
+/// A response body that records the request when it is finished with.
+struct Tracked<B> {
+    inner: B,
+    _finish: Finish,
+}
+
+impl<B> hyper::body::Body for Tracked<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A small text body.
+pub fn text_body(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into()).map_err(|never| match never {}).boxed()
+}
+
+impl DataPath {
+    pub fn new(config: ConfigRx, reporter: Arc<Reporter>) -> DataPath {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        DataPath { config, reporter, client }
+    }
+
+    /// Handles a request the local app sent to the outbound listener.
+    pub async fn outbound(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let start = SystemTime::now();
+        let authority = authority_of(&req);
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let parent = incoming_parent(&req);
+        let ctx = parent.map_or_else(SpanContext::new_root, |p| p.child());
+        let me = self.reporter.identity().clone();
+        let mut labels = RequestLabels {
+            reporter: "source",
+            source_workload: me.workload.clone(),
+            source_workload_namespace: me.namespace.clone(),
+            source_app: me.app.clone(),
+            source_version: me.version.clone(),
+            request_protocol: "http",
+            destination_service: host_only(&authority).to_string(),
+            destination_service_name: "unknown".to_string(),
+            destination_service_namespace: "unknown".to_string(),
+            destination_workload: "unknown".to_string(),
+            destination_workload_namespace: "unknown".to_string(),
+            destination_app: "unknown".to_string(),
+            destination_version: "unknown".to_string(),
+            ..Default::default()
+        };
+        let mut span = SpanRecord {
+            context: ctx,
+            parent,
+            name: format!("{authority}/*"),
+            kind: SpanKind::Client,
+            start,
+            end: start,
+            error: false,
+            attributes: vec![
+                ("http.request.method", AttrValue::Str(req.method().to_string())),
+                ("url.path", AttrValue::Str(path.split('?').next().unwrap_or("/").to_string())),
+                ("server.address", AttrValue::Str(host_only(&authority).to_string())),
+            ],
+        };
+        let config = self.config.borrow().clone();
+        let decision = match config.route(&authority, &path, req.headers(), rand::random()) {
+            Ok(d) => d,
+            Err(e) => {
+                let flag = match e {
+                    crate::routing::RouteError::NoRoute { .. } => flags::NO_ROUTE,
+                    crate::routing::RouteError::NoCluster { .. } => flags::NO_CLUSTER,
+                };
+                let known = config.known_hosts();
+                let body = format!(
+                    "lumen-proxy: {e}; this proxy knows {} service host(s): {}\n",
+                    known.len(),
+                    known.join(", ")
+                );
+                let status = if flag == flags::NO_ROUTE { StatusCode::NOT_FOUND } else { StatusCode::SERVICE_UNAVAILABLE };
+                return self.local_reply(status, flag, body, labels, span, started);
+            }
+        };
+        let vhost = decision
+            .route_config
+            .virtual_host(decision.virtual_host)
+            .map(|v| v.name.clone())
+            .unwrap_or_default();
+        let service = host_only(&vhost).to_string();
+        labels.destination_service = service.clone();
+        if let Some((name, rest)) = service.split_once('.') {
+            labels.destination_service_name = name.to_string();
+            labels.destination_service_namespace = rest.split('.').next().unwrap_or_default().to_string();
+        }
+        span.name = format!("{vhost}/*");
+        span.attributes.push(("upstream_cluster", AttrValue::Str(decision.cluster.name.clone())));
+        let Some(endpoint) = decision.cluster.pick().cloned() else {
+            let body = format!("lumen-proxy: no healthy upstream in cluster {}\n", decision.cluster.name);
+            return self.local_reply(StatusCode::SERVICE_UNAVAILABLE, flags::NO_HEALTHY_UPSTREAM, body, labels, span, started);
+        };
+        labels.destination_workload = endpoint.workload.clone();
+        labels.destination_workload_namespace = endpoint.namespace.clone();
+        labels.destination_app = endpoint.app.clone();
+        labels.destination_version = endpoint.version.clone();
+        span.attributes.push(("peer.service", AttrValue::Str(endpoint.app.clone())));
+        span.attributes.push(("network.peer.address", AttrValue::Str(endpoint.connect_addr.ip().to_string())));
+        span.attributes.push(("network.peer.port", AttrValue::Int(i64::from(endpoint.connect_addr.port()))));
+
+        let mut upstream = req;
+        strip_hop_by_hop(upstream.headers_mut());
+        let headers = upstream.headers_mut();
+        set_header(headers, TRACEPARENT, &ctx.traceparent());
+        if endpoint.meshed {
+            set_header(headers, peer_headers::WORKLOAD, &me.workload);
+            set_header(headers, peer_headers::NAMESPACE, &me.namespace);
+            set_header(headers, peer_headers::APP, &me.app);
+            set_header(headers, peer_headers::VERSION, &me.version);
+            set_header(headers, peer_headers::DESTINATION_SERVICE, &service);
+            set_header(headers, peer_headers::ORIGINAL_DST, &endpoint.app_addr.to_string());
+        }
+        self.forward(upstream, &endpoint, labels, span, started).await
+    }
+
+    /// Handles a request that arrived at the inbound listener for the local app.
+    pub async fn inbound(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let start = SystemTime::now();
+        let authority = authority_of(&req);
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let parent = incoming_parent(&req);
+        let ctx = parent.map_or_else(SpanContext::new_root, |p| p.child());
+        let me = self.reporter.identity().clone();
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let unknown = || "unknown".to_string();
+        let service = header(peer_headers::DESTINATION_SERVICE).unwrap_or_else(|| host_only(&authority).to_string());
+        let original_dst: Option<SocketAddr> = header(peer_headers::ORIGINAL_DST).and_then(|v| v.parse().ok());
+        let mut labels = RequestLabels {
+            reporter: "destination",
+            source_workload: header(peer_headers::WORKLOAD).unwrap_or_else(unknown),
+            source_workload_namespace: header(peer_headers::NAMESPACE).unwrap_or_else(unknown),
+            source_app: header(peer_headers::APP).unwrap_or_else(unknown),
+            source_version: header(peer_headers::VERSION).unwrap_or_else(unknown),
+            destination_workload: me.workload.clone(),
+            destination_workload_namespace: me.namespace.clone(),
+            destination_app: me.app.clone(),
+            destination_version: me.version.clone(),
+            destination_service: service.clone(),
+            destination_service_name: service.split('.').next().unwrap_or_default().to_string(),
+            destination_service_namespace: service.split('.').nth(1).unwrap_or(&me.namespace).to_string(),
+            request_protocol: "http",
+            ..Default::default()
+        };
+        let config = self.config.borrow().clone();
+        let cluster = config.inbound_cluster(original_dst.map(|a| a.port()));
+        let port = cluster
+            .as_ref()
+            .and_then(|c| lumen_api::cluster_name::parse_inbound(&c.name))
+            .map_or_else(String::new, |p| format!(":{p}"));
+        let span = SpanRecord {
+            context: ctx,
+            parent,
+            name: format!("{service}{port}/*"),
+            kind: SpanKind::Server,
+            start,
+            end: start,
+            error: false,
+            attributes: vec![
+                ("http.request.method", AttrValue::Str(req.method().to_string())),
+                ("url.path", AttrValue::Str(path.split('?').next().unwrap_or("/").to_string())),
+                ("server.address", AttrValue::Str(host_only(&authority).to_string())),
+                ("peer.service", AttrValue::Str(labels.source_app.clone())),
+            ],
+        };
+        let Some(endpoint) = cluster.as_ref().and_then(|c| c.pick().cloned()) else {
+            let body = "lumen-proxy: no inbound cluster for the local app (has the control plane sent its configuration?)\n";
+            labels.destination_service_name = labels.destination_service_name.clone();
+            return self.local_reply(StatusCode::SERVICE_UNAVAILABLE, flags::NO_CLUSTER, body.to_string(), labels, span, started);
+        };
+        let mut upstream = req;
+        strip_hop_by_hop(upstream.headers_mut());
+        let headers = upstream.headers_mut();
+        for name in peer_headers::ALL {
+            headers.remove(name);
+        }
+        set_header(headers, TRACEPARENT, &ctx.traceparent());
+        self.forward(upstream, &endpoint, labels, span, started).await
+    }
+
+    /// Sends the request to `endpoint.connect_addr` and wraps the response for recording.
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        endpoint: &Endpoint,
+        mut labels: RequestLabels,
+        mut span: SpanRecord,
+        started: Instant,
+    ) -> Response<Body> {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        match Uri::builder()
+            .scheme("http")
+            .authority(endpoint.connect_addr.to_string())
+            .path_and_query(path)
+            .build()
+        {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(e) => {
+                let body = format!("lumen-proxy: bad request path: {e}\n");
+                return self.local_reply(StatusCode::BAD_REQUEST, flags::NONE, body, labels, span, started);
+            }
+        }
+        match tokio::time::timeout(UPSTREAM_TIMEOUT, self.client.request(req)).await {
+            Err(_) => {
+                let body = format!("lumen-proxy: upstream {} did not answer within {UPSTREAM_TIMEOUT:?}\n", endpoint.connect_addr);
+                self.local_reply(StatusCode::GATEWAY_TIMEOUT, flags::UPSTREAM_TIMEOUT, body, labels, span, started)
+            }
+            Ok(Err(e)) => {
+                let body = format!("lumen-proxy: upstream connect error or disconnect to {}: {e}\n", endpoint.connect_addr);
+                self.local_reply(StatusCode::SERVICE_UNAVAILABLE, flags::UPSTREAM_CONNECT_FAILURE, body, labels, span, started)
+            }
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                labels.response_code = status.as_u16();
+                labels.response_flags = flags::NONE.to_string();
+                span.error = is_error(span.kind, status);
+                span.attributes.push(("http.response.status_code", AttrValue::Int(i64::from(status.as_u16()))));
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let finish = Finish {
+                    reporter: self.reporter.clone(),
+                    labels,
+                    span,
+                    started,
+                };
+                Response::from_parts(parts, Tracked { inner: body, _finish: finish }.boxed())
+            }
+        }
+    }
+
+    /// A response the proxy makes itself, with Envoy's response flag in `x-lumen-response-flags`.
+    fn local_reply(
+        &self,
+        status: StatusCode,
+        flag: &str,
+        body: String,
+        mut labels: RequestLabels,
+        mut span: SpanRecord,
+        started: Instant,
+    ) -> Response<Body> {
+        labels.response_code = status.as_u16();
+        labels.response_flags = flag.to_string();
+        span.error = is_error(span.kind, status);
+        span.attributes.push(("http.response.status_code", AttrValue::Int(i64::from(status.as_u16()))));
+        span.attributes.push(("response_flags", AttrValue::Str(flag.to_string())));
+        let finish = Finish {
+            reporter: self.reporter.clone(),
+            labels,
+            span,
+            started,
+        };
+        drop(finish);
+        let mut resp = Response::new(text_body(body));
+        *resp.status_mut() = status;
+        let headers = resp.headers_mut();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        set_header(headers, "x-lumen-response-flags", flag);
+        resp
+    }
+}
+
+/// OpenTelemetry HTTP conventions: 4xx is an error for clients, only 5xx for servers.
+fn is_error(kind: SpanKind, status: StatusCode) -> bool {
+    status.is_server_error() || (kind == SpanKind::Client && status.is_client_error())
+}
+
+fn authority_of(req: &Request<Incoming>) -> String {
+    req.headers()
+        .get(HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default()
+}
+
+fn incoming_parent(req: &Request<Incoming>) -> Option<SpanContext> {
+    req.headers()
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(SpanContext::parse_traceparent)
+}
+
+/// `host` of `host:port` (IPv6 literals in brackets kept whole).
+pub fn host_only(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority.split_once(']').map_or(authority, |(h, _)| &h[1..]);
+    }
+    authority.rsplit_once(':').map_or(authority, |(h, _)| h)
+}
+
+fn set_header(headers: &mut http::HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_only_handles_ports_and_ipv6() {
+        assert_eq!(host_only("reviews:9080"), "reviews");
+        assert_eq!(host_only("reviews"), "reviews");
+        assert_eq!(host_only("[::1]:80"), "::1");
+    }
+
+    #[test]
+    fn client_and_server_error_rules() {
+        assert!(is_error(SpanKind::Client, StatusCode::NOT_FOUND));
+        assert!(!is_error(SpanKind::Server, StatusCode::NOT_FOUND));
+        assert!(is_error(SpanKind::Server, StatusCode::INTERNAL_SERVER_ERROR));
+    }
+}

@@ -1,0 +1,620 @@
+//! The proxy's routing configuration as plain Rust: route tables, clusters and endpoints,
+//! converted from xDS at the edge (`TryFrom`), and the routing decision made per request.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use lumen_api::pb::envoy::config::cluster::v3 as xcluster;
+use lumen_api::pb::envoy::config::core::v3 as xcore;
+use lumen_api::pb::envoy::config::endpoint::v3 as xendpoint;
+use lumen_api::pb::envoy::config::listener::v3 as xlistener;
+use lumen_api::pb::envoy::config::route::v3 as xroute;
+use lumen_api::pb::envoy::extensions::filters::network::http_connection_manager::v3 as xhcm;
+use lumen_api::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
+use lumen_api::pb::google::protobuf::value::Kind;
+use lumen_api::{cluster_name, endpoint_meta, type_url};
+use prost::Message;
+
+/// Why an xDS resource was rejected (the text goes back to the control plane in the NACK).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("{type_url}: cannot decode resource: {message}")]
+    Decode { type_url: String, message: String },
+    #[error("{kind} {name:?}: {message}")]
+    Unsupported {
+        kind: &'static str,
+        name: String,
+        message: String,
+    },
+}
+
+/// Everything routing needs, replaced as a whole on each xDS update.
+#[derive(Debug, Default, Clone)]
+pub struct MeshConfig {
+    /// Route configurations by name (`"9080"`).
+    pub routes: HashMap<String, Arc<RouteConfig>>,
+    /// Clusters by name.
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    /// Route configuration names the listeners refer to (what to ask RDS for).
+    pub rds_names: Vec<String>,
+    /// Versions of each type as last accepted, for `/config_dump`.
+    pub versions: HashMap<&'static str, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub name: String,
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VirtualHost {
+    pub name: String,
+    pub domains: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub name: String,
+    pub path: PathMatch,
+    pub headers: Vec<HeaderMatch>,
+    pub backends: Vec<WeightedBackend>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: ValueMatch,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValueMatch {
+    Exact(String),
+    Prefix(String),
+    Present(bool),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightedBackend {
+    pub cluster: String,
+    pub weight: u32,
+}
+
+/// A cluster: endpoints (from EDS or inline) and a round-robin cursor.
+#[derive(Debug, Default)]
+pub struct Cluster {
+    pub name: String,
+    pub eds: bool,
+    pub endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+}
+
+/// One upstream host with what the control plane told about its workload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    /// Where the workload's app listens (EDS address).
+    pub app_addr: SocketAddr,
+    /// Where to connect: the sidecar's inbound port when the endpoint is meshed, else the app.
+    pub connect_addr: SocketAddr,
+    pub meshed: bool,
+    pub workload: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+}
+
+/// What the router decided for one request.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub route_config: Arc<RouteConfig>,
+    pub virtual_host: usize,
+    pub route: usize,
+    pub cluster: Arc<Cluster>,
+}
+
+/// Why no upstream was chosen; each maps to an Envoy response flag.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RouteError {
+    #[error("no route for host {host:?} and path {path:?}")]
+    NoRoute { host: String, path: String },
+    #[error("route points at unknown cluster {cluster:?}")]
+    NoCluster { cluster: String },
+}
+
+impl MeshConfig {
+    /// Finds the virtual host and route for a request, then the weighted backend cluster.
+    pub fn route(
+        &self,
+        authority: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+        random: u32,
+    ) -> Result<Decision, RouteError> {
+        let host = authority.to_ascii_lowercase();
+        let port = host.rsplit_once(':').map(|(_, p)| p.to_string());
+        let no_route = || RouteError::NoRoute {
+            host: authority.to_string(),
+            path: path.to_string(),
+        };
+        let mut candidates: Vec<&Arc<RouteConfig>> = Vec::new();
+        match port.as_deref().and_then(|p| self.routes.get(p)) {
+            Some(rc) => candidates.push(rc),
+            None => {
+                let mut all: Vec<_> = self.routes.values().collect();
+                all.sort_by(|a, b| a.name.cmp(&b.name));
+                candidates.extend(all);
+            }
+        }
+        let bare = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
+        for rc in candidates {
+            let found = rc.virtual_hosts.iter().enumerate().find(|(_, vh)| {
+                vh.domains
+                    .iter()
+                    .any(|d| d == "*" || *d == host || (port.is_none() && d == bare))
+            });
+            let Some((vh_index, vh)) = found else { continue };
+            let Some((route_index, route)) = vh
+                .routes
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.matches(path, headers))
+            else {
+                return Err(no_route());
+            };
+            let cluster_name = route.pick_backend(random).ok_or_else(no_route)?;
+            let cluster = self
+                .clusters
+                .get(cluster_name)
+                .cloned()
+                .ok_or_else(|| RouteError::NoCluster {
+                    cluster: cluster_name.to_string(),
+                })?;
+            return Ok(Decision {
+                route_config: rc.clone(),
+                virtual_host: vh_index,
+                route: route_index,
+                cluster,
+            });
+        }
+        Err(no_route())
+    }
+
+    /// The local app's inbound cluster for a port, or the only one there is.
+    pub fn inbound_cluster(&self, port: Option<u16>) -> Option<Arc<Cluster>> {
+        if let Some(c) = port.and_then(|p| self.clusters.get(&cluster_name::inbound(p))) {
+            return Some(c.clone());
+        }
+        let mut inbound: Vec<_> = self
+            .clusters
+            .values()
+            .filter(|c| cluster_name::parse_inbound(&c.name).is_some())
+            .collect();
+        inbound.sort_by(|a, b| a.name.cmp(&b.name));
+        inbound.first().map(|c| (*c).clone())
+    }
+
+    /// Host names the proxy can route, for error messages.
+    pub fn known_hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self
+            .routes
+            .values()
+            .flat_map(|rc| rc.virtual_hosts.iter().map(|vh| vh.name.clone()))
+            .collect();
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
+
+    /// Applies a CDS response: replaces the cluster set, keeping known endpoints.
+    pub fn apply_clusters(&mut self, clusters: Vec<Cluster>) {
+        let old = std::mem::take(&mut self.clusters);
+        for mut c in clusters {
+            if c.eds {
+                if let Some(prev) = old.get(&c.name) {
+                    c.endpoints = prev.endpoints.clone();
+                }
+            }
+            self.clusters.insert(c.name.clone(), Arc::new(c));
+        }
+    }
+
+    /// Applies an EDS response to the named clusters.
+    pub fn apply_endpoints(&mut self, assignments: Vec<(String, Vec<Endpoint>)>) {
+        for (name, endpoints) in assignments {
+            if let Some(c) = self.clusters.get(&name) {
+                let updated = Cluster {
+                    name: c.name.clone(),
+                    eds: c.eds,
+                    endpoints,
+                    next: AtomicUsize::new(c.next.load(Ordering::Relaxed)),
+                };
+                self.clusters.insert(name, Arc::new(updated));
+            }
+        }
+    }
+
+    /// Names of EDS clusters (what to ask EDS for).
+    pub fn eds_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.clusters.values().filter(|c| c.eds).map(|c| c.name.clone()).collect();
+        names.sort();
+        names
+    }
+}
+
+impl RouteConfig {
+    pub fn virtual_host(&self, index: usize) -> Option<&VirtualHost> {
+        self.virtual_hosts.get(index)
+    }
+}
+
+impl Route {
+    fn matches(&self, path: &str, headers: &http::HeaderMap) -> bool {
+        let path_only = path.split('?').next().unwrap_or(path);
+        let path_ok = match &self.path {
+            PathMatch::Prefix(p) => path_only.starts_with(p.as_str()),
+            PathMatch::Exact(p) => path_only == p,
+        };
+        path_ok
+            && self.headers.iter().all(|h| {
+                let value = headers.get(h.name.as_str()).and_then(|v| v.to_str().ok());
+                match (&h.value, value) {
+                    (ValueMatch::Present(want), v) => v.is_some() == *want,
+                    (ValueMatch::Exact(want), Some(v)) => v == want,
+                    (ValueMatch::Prefix(want), Some(v)) => v.starts_with(want.as_str()),
+                    (_, None) => false,
+                }
+            })
+    }
+
+    /// Weighted choice of a backend cluster; `random` is uniform over u32.
+    pub fn pick_backend(&self, random: u32) -> Option<&str> {
+        let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut point = u64::from(random) % total;
+        for b in &self.backends {
+            if point < u64::from(b.weight) {
+                return Some(&b.cluster);
+            }
+            point -= u64::from(b.weight);
+        }
+        None
+    }
+}
+
+impl Cluster {
+    /// Round-robin choice of an endpoint.
+    pub fn pick(&self) -> Option<&Endpoint> {
+        if self.endpoints.is_empty() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.endpoints.get(i % self.endpoints.len())
+    }
+}
+
+fn unsupported(kind: &'static str, name: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Unsupported {
+        kind,
+        name: name.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Decodes a resource packed in an `Any`, checking its type.
+pub fn decode<T: Message + Default>(any: &lumen_api::pb::google::protobuf::Any, expected: &str) -> Result<T, ConfigError> {
+    if any.type_url != expected {
+        return Err(ConfigError::Decode {
+            type_url: any.type_url.clone(),
+            message: format!("expected {expected}"),
+        });
+    }
+    T::decode(any.value.as_slice()).map_err(|e| ConfigError::Decode {
+        type_url: expected.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn socket_addr(addr: Option<&xcore::Address>, kind: &'static str, name: &str) -> Result<SocketAddr, ConfigError> {
+    let Some(xcore::address::Address::SocketAddress(sa)) = addr.and_then(|a| a.address.as_ref()) else {
+        return Err(unsupported(kind, name, "only socket addresses are supported"));
+    };
+    let ip: IpAddr = sa
+        .address
+        .parse()
+        .map_err(|_| unsupported(kind, name, format!("address {:?} is not an IP", sa.address)))?;
+    let Some(xcore::socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
+        return Err(unsupported(kind, name, "named ports are not supported"));
+    };
+    let port = u16::try_from(port).map_err(|_| unsupported(kind, name, format!("port {port} out of range")))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Route configuration names an LDS listener's HTTP connection manager refers to.
+pub fn listener_rds_names(l: &xlistener::Listener) -> Result<Vec<String>, ConfigError> {
+    let mut names = Vec::new();
+    for chain in &l.filter_chains {
+        for filter in &chain.filters {
+            let Some(xlistener::filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+                continue;
+            };
+            if any.type_url != type_url::HTTP_CONNECTION_MANAGER {
+                continue;
+            }
+            let manager: xhcm::HttpConnectionManager = decode(any, type_url::HTTP_CONNECTION_MANAGER)?;
+            if let Some(xhcm::http_connection_manager::RouteSpecifier::Rds(rds)) = manager.route_specifier {
+                names.push(rds.route_config_name);
+            }
+        }
+    }
+    Ok(names)
+}
+
+impl TryFrom<xcluster::Cluster> for Cluster {
+    type Error = ConfigError;
+
+    fn try_from(c: xcluster::Cluster) -> Result<Cluster, ConfigError> {
+        use xcluster::cluster::{ClusterDiscoveryType, DiscoveryType};
+        let kind = match c.cluster_discovery_type {
+            Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(t).unwrap_or(DiscoveryType::Static),
+            None => DiscoveryType::Static,
+            Some(_) => return Err(unsupported("cluster", &c.name, "custom cluster types are not supported")),
+        };
+        let eds = match kind {
+            DiscoveryType::Eds => true,
+            DiscoveryType::Static => false,
+            other => {
+                return Err(unsupported("cluster", &c.name, format!("discovery type {other:?} is not supported")));
+            }
+        };
+        let endpoints = match c.load_assignment {
+            Some(cla) if !eds => endpoints_from(&cla)?,
+            _ => Vec::new(),
+        };
+        Ok(Cluster {
+            name: c.name,
+            eds,
+            endpoints,
+            next: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// Endpoints of a load assignment, with Lumen's endpoint metadata read.
+pub fn endpoints_from(cla: &xendpoint::ClusterLoadAssignment) -> Result<Vec<Endpoint>, ConfigError> {
+    let mut out = Vec::new();
+    for locality in &cla.endpoints {
+        for lb in &locality.lb_endpoints {
+            let Some(xendpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
+                continue;
+            };
+            let app_addr = socket_addr(ep.address.as_ref(), "endpoint", &cla.cluster_name)?;
+            let meta = lb
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get(endpoint_meta::FILTER));
+            let field = |key: &str| -> Option<&Kind> { meta.and_then(|s| s.fields.get(key)).and_then(|v| v.kind.as_ref()) };
+            let text = |key: &str| match field(key) {
+                Some(Kind::StringValue(s)) => s.clone(),
+                _ => String::new(),
+            };
+            let inbound_port = match field(endpoint_meta::INBOUND_PORT) {
+                Some(Kind::NumberValue(n)) if *n >= 1.0 && *n <= 65535.0 => Some(*n as u16),
+                _ => None,
+            };
+            out.push(Endpoint {
+                app_addr,
+                connect_addr: inbound_port.map_or(app_addr, |p| SocketAddr::new(app_addr.ip(), p)),
+                meshed: inbound_port.is_some(),
+                workload: text(endpoint_meta::WORKLOAD),
+                namespace: text(endpoint_meta::NAMESPACE),
+                app: text(endpoint_meta::APP),
+                version: text(endpoint_meta::VERSION),
+            });
+        }
+    }
+    Ok(out)
+}
+
+impl TryFrom<xroute::RouteConfiguration> for RouteConfig {
+    type Error = ConfigError;
+
+    fn try_from(rc: xroute::RouteConfiguration) -> Result<RouteConfig, ConfigError> {
+        let virtual_hosts = rc
+            .virtual_hosts
+            .into_iter()
+            .map(|vh| {
+                let routes = vh.routes.into_iter().map(Route::try_from).collect::<Result<_, _>>()?;
+                Ok(VirtualHost {
+                    name: vh.name,
+                    domains: vh.domains.into_iter().map(|d| d.to_ascii_lowercase()).collect(),
+                    routes,
+                })
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(RouteConfig {
+            name: rc.name,
+            virtual_hosts,
+        })
+    }
+}
+
+impl TryFrom<xroute::Route> for Route {
+    type Error = ConfigError;
+
+    fn try_from(r: xroute::Route) -> Result<Route, ConfigError> {
+        use xroute::header_matcher::HeaderMatchSpecifier as H;
+        use xroute::route_match::PathSpecifier as P;
+        let m = r.r#match.unwrap_or_default();
+        let path = match m.path_specifier {
+            Some(P::Prefix(p)) => PathMatch::Prefix(p),
+            Some(P::Path(p)) => PathMatch::Exact(p),
+            None => PathMatch::Prefix("/".to_string()),
+            Some(other) => return Err(unsupported("route", &r.name, format!("path match {other:?} is not supported yet"))),
+        };
+        let headers = m
+            .headers
+            .into_iter()
+            .map(|h| {
+                let value = match h.header_match_specifier {
+                    Some(H::StringMatch(StringMatcher {
+                        match_pattern: Some(MatchPattern::Exact(v)),
+                        ignore_case: false,
+                    })) => ValueMatch::Exact(v),
+                    Some(H::StringMatch(StringMatcher {
+                        match_pattern: Some(MatchPattern::Prefix(v)),
+                        ignore_case: false,
+                    })) => ValueMatch::Prefix(v),
+                    Some(H::PresentMatch(p)) => ValueMatch::Present(p),
+                    other => return Err(unsupported("route", &r.name, format!("header match {other:?} is not supported yet"))),
+                };
+                Ok(HeaderMatch { name: h.name, value })
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        let Some(xroute::route::Action::Route(action)) = r.action else {
+            return Err(unsupported("route", &r.name, "only route actions are supported"));
+        };
+        let backends = match action.cluster_specifier {
+            Some(xroute::route_action::ClusterSpecifier::Cluster(c)) => vec![WeightedBackend { cluster: c, weight: 1 }],
+            Some(xroute::route_action::ClusterSpecifier::WeightedClusters(wc)) => wc
+                .clusters
+                .into_iter()
+                .map(|c| WeightedBackend {
+                    cluster: c.name,
+                    weight: c.weight.map_or(0, |w| w.value),
+                })
+                .collect(),
+            _ => return Err(unsupported("route", &r.name, "route action without a cluster")),
+        };
+        Ok(Route {
+            name: r.name,
+            path,
+            headers,
+            backends,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(ip: &str, workload: &str) -> Endpoint {
+        let app_addr: SocketAddr = format!("{ip}:9080").parse().expect("addr");
+        Endpoint {
+            app_addr,
+            connect_addr: SocketAddr::new(app_addr.ip(), 15006),
+            meshed: true,
+            workload: workload.into(),
+            namespace: "default".into(),
+            app: "reviews".into(),
+            version: "v1".into(),
+        }
+    }
+
+    fn config() -> MeshConfig {
+        let mut cfg = MeshConfig::default();
+        cfg.routes.insert(
+            "9080".into(),
+            Arc::new(RouteConfig {
+                name: "9080".into(),
+                virtual_hosts: vec![VirtualHost {
+                    name: "reviews.default.svc.cluster.local:9080".into(),
+                    domains: vec!["reviews".into(), "reviews:9080".into()],
+                    routes: vec![
+                        Route {
+                            name: "jason".into(),
+                            path: PathMatch::Prefix("/".into()),
+                            headers: vec![HeaderMatch {
+                                name: "end-user".into(),
+                                value: ValueMatch::Exact("jason".into()),
+                            }],
+                            backends: vec![WeightedBackend { cluster: "v2".into(), weight: 100 }],
+                        },
+                        Route {
+                            name: "split".into(),
+                            path: PathMatch::Prefix("/".into()),
+                            headers: vec![],
+                            backends: vec![
+                                WeightedBackend { cluster: "v1".into(), weight: 50 },
+                                WeightedBackend { cluster: "v2".into(), weight: 50 },
+                            ],
+                        },
+                    ],
+                }],
+            }),
+        );
+        cfg.apply_clusters(vec![
+            Cluster { name: "v1".into(), eds: true, ..Default::default() },
+            Cluster { name: "v2".into(), eds: true, ..Default::default() },
+        ]);
+        cfg.apply_endpoints(vec![
+            ("v1".into(), vec![endpoint("127.0.10.3", "reviews-v1"), endpoint("127.0.10.6", "reviews-v1")]),
+            ("v2".into(), vec![endpoint("127.0.10.4", "reviews-v2")]),
+        ]);
+        cfg
+    }
+
+    #[test]
+    fn routes_by_host_port_and_headers() {
+        let cfg = config();
+        let mut headers = http::HeaderMap::new();
+        let d = cfg.route("reviews:9080", "/reviews/0", &headers, 0).expect("routed");
+        assert_eq!(d.cluster.name, "v1");
+        let d = cfg.route("reviews:9080", "/reviews/0", &headers, u32::MAX).expect("routed");
+        assert_eq!(d.cluster.name, "v2");
+        headers.insert("end-user", http::HeaderValue::from_static("jason"));
+        let d = cfg.route("reviews:9080", "/", &headers, 0).expect("routed");
+        assert_eq!((d.cluster.name.as_str(), d.route), ("v2", 0));
+        let d = cfg.route("REVIEWS", "/", &headers, 0).expect("host without port");
+        assert_eq!(d.cluster.name, "v2");
+    }
+
+    #[test]
+    fn unknown_host_is_no_route() {
+        let err = config().route("nope:9080", "/x", &http::HeaderMap::new(), 0).unwrap_err();
+        assert_eq!(err, RouteError::NoRoute { host: "nope:9080".into(), path: "/x".into() });
+    }
+
+    #[test]
+    fn weighted_choice_follows_weights() {
+        let cfg = config();
+        let route = &cfg.routes["9080"].virtual_hosts[0].routes[1];
+        let mut v1 = 0;
+        let n = 10_000u32;
+        for i in 0..n {
+            let r = (u64::from(i) * u64::from(u32::MAX) / u64::from(n)) as u32;
+            if route.pick_backend(r) == Some("v1") {
+                v1 += 1;
+            }
+        }
+        assert!((4_900..=5_100).contains(&v1), "v1 got {v1} of {n}");
+    }
+
+    #[test]
+    fn round_robin_cycles_endpoints() {
+        let cfg = config();
+        let c = &cfg.clusters["v1"];
+        let picks: Vec<_> = (0..4).map(|_| c.pick().map(|e| e.app_addr.to_string())).collect();
+        assert_eq!(picks[0], picks[2]);
+        assert_ne!(picks[0], picks[1]);
+    }
+
+    #[test]
+    fn endpoints_survive_cluster_updates() {
+        let mut cfg = config();
+        cfg.apply_clusters(vec![Cluster { name: "v1".into(), eds: true, ..Default::default() }]);
+        assert_eq!(cfg.clusters["v1"].endpoints.len(), 2);
+        assert!(!cfg.clusters.contains_key("v2"));
+    }
+}

@@ -1,0 +1,509 @@
+//! The proxy's own telemetry: one span per request on each side and Istio's standard request
+//! metrics, exported over OTLP/gRPC in batches by a background task, never on the request path.
+//! When the telemetry service is slow or gone, spans are dropped and counted, requests are not
+//! delayed.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1 as otlp_metrics;
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1 as otlp_trace;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::trace::SpanContext;
+
+/// Istio's default buckets for `istio_request_duration_milliseconds`.
+pub const DURATION_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// Metric family names (Istio's standard metrics).
+pub mod names {
+    pub const REQUESTS_TOTAL: &str = "istio_requests_total";
+    pub const REQUEST_DURATION: &str = "istio_request_duration_milliseconds";
+}
+
+/// Who this proxy speaks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub workload: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+    pub pod: String,
+}
+
+/// One finished span, as the data path hands it over.
+#[derive(Debug, Clone)]
+pub struct SpanRecord {
+    pub context: SpanContext,
+    pub parent: Option<SpanContext>,
+    pub name: String,
+    pub kind: otlp_trace::span::SpanKind,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub error: bool,
+    pub attributes: Vec<(&'static str, AttrValue)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+}
+
+/// Istio's standard labels for one request series.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    pub response_flags: String,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Series {
+    count: u64,
+    sum_ms: f64,
+    buckets: [u64; DURATION_BUCKETS_MS.len() + 1],
+}
+
+/// Collects spans and metrics and exports them.
+#[derive(Debug)]
+pub struct Reporter {
+    identity: Identity,
+    spans: mpsc::Sender<SpanRecord>,
+    series: Mutex<HashMap<RequestLabels, Series>>,
+    start: SystemTime,
+    dropped_spans: AtomicU64,
+}
+
+/// The receiving end of the span channel, consumed by [`Reporter::export_loop`].
+#[derive(Debug)]
+pub struct SpanQueue(mpsc::Receiver<SpanRecord>);
+
+/// How the exporter batches.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// `http://host:port` of an OTLP/gRPC receiver; `None` keeps telemetry local.
+    pub endpoint: Option<String>,
+    pub span_interval: Duration,
+    pub metric_interval: Duration,
+    pub max_batch: usize,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        ExportOptions {
+            endpoint: None,
+            span_interval: Duration::from_secs(1),
+            metric_interval: Duration::from_secs(5),
+            max_batch: 512,
+        }
+    }
+}
+
+impl Reporter {
+    pub fn new(identity: Identity, queue_size: usize) -> (Reporter, SpanQueue) {
+        let (tx, rx) = mpsc::channel(queue_size);
+        (
+            Reporter {
+                identity,
+                spans: tx,
+                series: Mutex::new(HashMap::new()),
+                start: SystemTime::now(),
+                dropped_spans: AtomicU64::new(0),
+            },
+            SpanQueue(rx),
+        )
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Queues a span; drops it (and counts the drop) when the exporter is behind.
+    pub fn span(&self, span: SpanRecord) {
+        if self.spans.try_send(span).is_err() {
+            self.dropped_spans.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn request(&self, labels: RequestLabels, duration: Duration) {
+        let ms = duration.as_secs_f64() * 1000.0;
+        let bucket = DURATION_BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(DURATION_BUCKETS_MS.len());
+        if let Ok(mut series) = self.series.lock() {
+            let s = series.entry(labels).or_default();
+            s.count += 1;
+            s.sum_ms += ms;
+            s.buckets[bucket] += 1;
+        }
+    }
+
+    pub fn dropped_spans(&self) -> u64 {
+        self.dropped_spans.load(Ordering::Relaxed)
+    }
+
+    fn snapshot(&self) -> Vec<(RequestLabels, Series)> {
+        let mut out: Vec<_> = self
+            .series
+            .lock()
+            .map(|s| s.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Prometheus text exposition (0.0.4) of the request metrics.
+    pub fn prometheus_text(&self) -> String {
+        let series = self.snapshot();
+        let mut out = String::new();
+        let _ = writeln!(out, "# HELP {} Total requests.", names::REQUESTS_TOTAL);
+        let _ = writeln!(out, "# TYPE {} counter", names::REQUESTS_TOTAL);
+        for (labels, s) in &series {
+            let _ = writeln!(out, "{}{{{}}} {}", names::REQUESTS_TOTAL, prom_labels(labels, None), s.count);
+        }
+        let _ = writeln!(out, "# HELP {} Request duration in milliseconds.", names::REQUEST_DURATION);
+        let _ = writeln!(out, "# TYPE {} histogram", names::REQUEST_DURATION);
+        for (labels, s) in &series {
+            let mut cumulative = 0;
+            for (i, bound) in DURATION_BUCKETS_MS.iter().enumerate() {
+                cumulative += s.buckets[i];
+                let le = format!("{bound}");
+                let _ = writeln!(out, "{}_bucket{{{}}} {cumulative}", names::REQUEST_DURATION, prom_labels(labels, Some(&le)));
+            }
+            let _ = writeln!(out, "{}_bucket{{{}}} {}", names::REQUEST_DURATION, prom_labels(labels, Some("+Inf")), s.count);
+            let _ = writeln!(out, "{}_sum{{{}}} {}", names::REQUEST_DURATION, prom_labels(labels, None), s.sum_ms);
+            let _ = writeln!(out, "{}_count{{{}}} {}", names::REQUEST_DURATION, prom_labels(labels, None), s.count);
+        }
+        out
+    }
+
+    fn resource(&self) -> Resource {
+        let id = &self.identity;
+        Resource {
+            attributes: vec![
+                kv("service.name", AttrValue::Str(id.app.clone())),
+                kv("service.version", AttrValue::Str(id.version.clone())),
+                kv("service.namespace", AttrValue::Str(id.namespace.clone())),
+                kv("k8s.namespace.name", AttrValue::Str(id.namespace.clone())),
+                kv("k8s.pod.name", AttrValue::Str(id.pod.clone())),
+                kv("lumen.workload", AttrValue::Str(id.workload.clone())),
+            ],
+            ..Default::default()
+        }
+    }
+
+    fn scope() -> InstrumentationScope {
+        InstrumentationScope {
+            name: "lumen-proxy".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn trace_request(&self, spans: Vec<SpanRecord>) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![otlp_trace::ResourceSpans {
+                resource: Some(self.resource()),
+                scope_spans: vec![otlp_trace::ScopeSpans {
+                    scope: Some(Self::scope()),
+                    spans: spans.into_iter().map(to_otlp_span).collect(),
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        }
+    }
+
+    /// Cumulative OTLP metrics of every series seen so far.
+    pub fn metrics_request(&self) -> ExportMetricsServiceRequest {
+        let now = unix_nanos(SystemTime::now());
+        let start = unix_nanos(self.start);
+        let series = self.snapshot();
+        let counts = series
+            .iter()
+            .map(|(labels, s)| otlp_metrics::NumberDataPoint {
+                attributes: metric_attributes(labels),
+                start_time_unix_nano: start,
+                time_unix_nano: now,
+                value: Some(otlp_metrics::number_data_point::Value::AsInt(i64::try_from(s.count).unwrap_or(i64::MAX))),
+                ..Default::default()
+            })
+            .collect();
+        let histograms = series
+            .iter()
+            .map(|(labels, s)| otlp_metrics::HistogramDataPoint {
+                attributes: metric_attributes(labels),
+                start_time_unix_nano: start,
+                time_unix_nano: now,
+                count: s.count,
+                sum: Some(s.sum_ms),
+                bucket_counts: s.buckets.to_vec(),
+                explicit_bounds: DURATION_BUCKETS_MS.to_vec(),
+                ..Default::default()
+            })
+            .collect();
+        let cumulative = otlp_metrics::AggregationTemporality::Cumulative as i32;
+        ExportMetricsServiceRequest {
+            resource_metrics: vec![otlp_metrics::ResourceMetrics {
+                resource: Some(self.resource()),
+                scope_metrics: vec![otlp_metrics::ScopeMetrics {
+                    scope: Some(Self::scope()),
+                    metrics: vec![
+                        otlp_metrics::Metric {
+                            name: names::REQUESTS_TOTAL.to_string(),
+                            description: "Total requests.".to_string(),
+                            unit: "1".to_string(),
+                            data: Some(otlp_metrics::metric::Data::Sum(otlp_metrics::Sum {
+                                data_points: counts,
+                                aggregation_temporality: cumulative,
+                                is_monotonic: true,
+                            })),
+                            ..Default::default()
+                        },
+                        otlp_metrics::Metric {
+                            name: names::REQUEST_DURATION.to_string(),
+                            description: "Request duration in milliseconds.".to_string(),
+                            unit: "ms".to_string(),
+                            data: Some(otlp_metrics::metric::Data::Histogram(otlp_metrics::Histogram {
+                                data_points: histograms,
+                                aggregation_temporality: cumulative,
+                            })),
+                            ..Default::default()
+                        },
+                    ],
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        }
+    }
+
+    /// Batches queued spans and periodic metrics to the OTLP endpoint until shutdown, then
+    /// flushes what is left (bounded by a short timeout).
+    pub async fn export_loop(&self, mut queue: SpanQueue, options: ExportOptions, shutdown: CancellationToken) {
+        let channel = options.endpoint.as_deref().and_then(|e| match tonic::transport::Endpoint::from_shared(e.to_string()) {
+            Ok(ep) => Some(ep.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)).connect_lazy()),
+            Err(err) => {
+                tracing::error!(endpoint = e, error = %err, "invalid OTLP endpoint, telemetry stays local");
+                None
+            }
+        });
+        let mut traces = channel.clone().map(TraceServiceClient::new);
+        let mut metrics = channel.map(MetricsServiceClient::new);
+        let mut batch = Vec::new();
+        let mut span_tick = tokio::time::interval(options.span_interval);
+        let mut metric_tick = tokio::time::interval(options.metric_interval);
+        metric_tick.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                span = queue.0.recv() => match span {
+                    Some(span) => {
+                        batch.push(span);
+                        if batch.len() >= options.max_batch {
+                            self.export_spans(&mut traces, std::mem::take(&mut batch)).await;
+                        }
+                    }
+                    None => break,
+                },
+                _ = span_tick.tick() => {
+                    if !batch.is_empty() {
+                        self.export_spans(&mut traces, std::mem::take(&mut batch)).await;
+                    }
+                }
+                _ = metric_tick.tick() => self.export_metrics(&mut metrics).await,
+            }
+        }
+        while let Ok(span) = queue.0.try_recv() {
+            batch.push(span);
+        }
+        let flush = async {
+            if !batch.is_empty() {
+                self.export_spans(&mut traces, batch).await;
+            }
+            self.export_metrics(&mut metrics).await;
+        };
+        if tokio::time::timeout(Duration::from_secs(3), flush).await.is_err() {
+            tracing::warn!("telemetry flush at shutdown timed out");
+        }
+    }
+
+    async fn export_spans(&self, client: &mut Option<TraceServiceClient<tonic::transport::Channel>>, spans: Vec<SpanRecord>) {
+        let Some(client) = client else { return };
+        let n = spans.len() as u64;
+        if let Err(status) = client.export(self.trace_request(spans)).await {
+            self.dropped_spans.fetch_add(n, Ordering::Relaxed);
+            tracing::warn!(spans = n, error = %status.message(), "span export failed, batch dropped");
+        }
+    }
+
+    async fn export_metrics(&self, client: &mut Option<MetricsServiceClient<tonic::transport::Channel>>) {
+        let Some(client) = client else { return };
+        if let Err(status) = client.export(self.metrics_request()).await {
+            tracing::warn!(error = %status.message(), "metric export failed");
+        }
+    }
+}
+
+fn kv(key: &str, value: AttrValue) -> KeyValue {
+    let value = match value {
+        AttrValue::Str(s) => any_value::Value::StringValue(s),
+        AttrValue::Int(i) => any_value::Value::IntValue(i),
+    };
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
+    }
+}
+
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+fn to_otlp_span(s: SpanRecord) -> otlp_trace::Span {
+    otlp_trace::Span {
+        trace_id: s.context.trace_id.to_vec(),
+        span_id: s.context.span_id.to_vec(),
+        parent_span_id: s.parent.map(|p| p.span_id.to_vec()).unwrap_or_default(),
+        flags: u32::from(s.context.sampled),
+        name: s.name,
+        kind: s.kind as i32,
+        start_time_unix_nano: unix_nanos(s.start),
+        end_time_unix_nano: unix_nanos(s.end),
+        attributes: s.attributes.into_iter().map(|(k, v)| kv(k, v)).collect(),
+        status: Some(otlp_trace::Status {
+            code: if s.error {
+                otlp_trace::status::StatusCode::Error as i32
+            } else {
+                otlp_trace::status::StatusCode::Unset as i32
+            },
+            message: String::new(),
+        }),
+        ..Default::default()
+    }
+}
+
+fn label_pairs(l: &RequestLabels) -> [(&'static str, String); 15] {
+    [
+        ("reporter", l.reporter.to_string()),
+        ("source_workload", l.source_workload.clone()),
+        ("source_workload_namespace", l.source_workload_namespace.clone()),
+        ("source_app", l.source_app.clone()),
+        ("source_version", l.source_version.clone()),
+        ("destination_workload", l.destination_workload.clone()),
+        ("destination_workload_namespace", l.destination_workload_namespace.clone()),
+        ("destination_app", l.destination_app.clone()),
+        ("destination_version", l.destination_version.clone()),
+        ("destination_service", l.destination_service.clone()),
+        ("destination_service_name", l.destination_service_name.clone()),
+        ("destination_service_namespace", l.destination_service_namespace.clone()),
+        ("request_protocol", l.request_protocol.to_string()),
+        ("response_code", l.response_code.to_string()),
+        ("response_flags", l.response_flags.clone()),
+    ]
+}
+
+fn metric_attributes(l: &RequestLabels) -> Vec<KeyValue> {
+    label_pairs(l).into_iter().map(|(k, v)| kv(k, AttrValue::Str(v))).collect()
+}
+
+fn prom_labels(l: &RequestLabels, le: Option<&str>) -> String {
+    let mut out = String::new();
+    for (i, (k, v)) in label_pairs(l).iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{k}=\"{}\"", escape_label(v));
+    }
+    if let Some(le) = le {
+        let _ = write!(out, ",le=\"{le}\"");
+    }
+    out
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(code: u16) -> RequestLabels {
+        RequestLabels {
+            reporter: "source",
+            source_workload: "productpage-v1".into(),
+            destination_workload: "reviews-v1".into(),
+            destination_service: "reviews.default.svc.cluster.local".into(),
+            request_protocol: "http",
+            response_code: code,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_and_counts() {
+        let (r, _q) = Reporter::new(Identity::default(), 8);
+        r.request(labels(200), Duration::from_micros(300));
+        r.request(labels(200), Duration::from_millis(7));
+        r.request(labels(500), Duration::from_secs(2));
+        let req = r.metrics_request();
+        let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
+        let Some(otlp_metrics::metric::Data::Histogram(h)) = &metrics[1].data else {
+            panic!("histogram expected");
+        };
+        let ok = h.data_points.iter().find(|p| p.count == 2).expect("200 series");
+        assert_eq!(ok.bucket_counts[0], 1, "0.3 ms in the 0.5 ms bucket");
+        assert_eq!(ok.bucket_counts[3], 1, "7 ms in the 10 ms bucket");
+        assert_eq!(ok.bucket_counts.len(), ok.explicit_bounds.len() + 1);
+        let text = r.prometheus_text();
+        assert!(text.contains("istio_requests_total{reporter=\"source\",source_workload=\"productpage-v1\""));
+        assert!(text.contains("response_code=\"500\""));
+        assert!(text.contains("le=\"+Inf\"} 2"));
+    }
+
+    #[test]
+    fn full_queue_drops_and_counts() {
+        let (r, _q) = Reporter::new(Identity::default(), 1);
+        let span = SpanRecord {
+            context: SpanContext::new_root(),
+            parent: None,
+            name: "x".into(),
+            kind: otlp_trace::span::SpanKind::Server,
+            start: SystemTime::now(),
+            end: SystemTime::now(),
+            error: false,
+            attributes: vec![],
+        };
+        r.span(span.clone());
+        r.span(span);
+        assert_eq!(r.dropped_spans(), 1);
+    }
+}

@@ -1,0 +1,208 @@
+//! ADS client: subscribes to listeners and clusters, then to the routes and endpoints they
+//! name; converts each response at the edge, ACKs what it accepted and NACKs (with the reason)
+//! what it could not use, keeping the last good configuration in force.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lumen_api::pb::envoy::config::cluster::v3 as xcluster;
+use lumen_api::pb::envoy::config::core::v3::Node;
+use lumen_api::pb::envoy::config::endpoint::v3 as xendpoint;
+use lumen_api::pb::envoy::config::listener::v3 as xlistener;
+use lumen_api::pb::envoy::config::route::v3 as xroute;
+use lumen_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use lumen_api::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use lumen_api::pb::google::rpc::Status as RpcStatus;
+use lumen_api::type_url;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::routing::{self, Cluster, ConfigError, MeshConfig, RouteConfig};
+
+/// What the proxy has accepted so far, published to the data path.
+pub type ConfigRx = watch::Receiver<Arc<MeshConfig>>;
+
+/// Runs the ADS client until shutdown, reconnecting with backoff.
+pub async fn run(
+    endpoint: String,
+    node: Node,
+    tx: watch::Sender<Arc<MeshConfig>>,
+    ready: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let result = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = session(&endpoint, &node, &tx, &ready) => r,
+        };
+        match result {
+            Ok(()) => tracing::warn!(endpoint = %endpoint, "xds stream closed by the control plane, reconnecting"),
+            Err(e) => tracing::warn!(endpoint = %endpoint, error = %e, "xds stream failed, reconnecting"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[derive(Default)]
+struct TypeState {
+    version: String,
+    nonce: String,
+    names: Vec<String>,
+    requested: bool,
+    received: bool,
+}
+
+/// One ADS stream: from connect to the stream's end.
+async fn session(
+    endpoint: &str,
+    node: &Node,
+    tx: &watch::Sender<Arc<MeshConfig>>,
+    ready: &watch::Sender<bool>,
+) -> Result<(), tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| tonic::Status::invalid_argument(format!("xds endpoint {endpoint:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connecting to {endpoint}: {e}")))?;
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (req_tx, req_rx) = mpsc::channel::<DiscoveryRequest>(16);
+    let mut responses = client.stream_aggregated_resources(ReceiverStream::new(req_rx)).await?.into_inner();
+
+    let mut config: MeshConfig = (**tx.borrow()).clone();
+    let mut state: HashMap<&'static str, TypeState> = HashMap::new();
+    let mut send_node = true;
+    let mut request = |ty: &'static str, st: &TypeState, error: Option<String>| {
+        let req = DiscoveryRequest {
+            version_info: st.version.clone(),
+            node: send_node.then(|| node.clone()),
+            resource_names: st.names.clone(),
+            type_url: ty.to_string(),
+            response_nonce: st.nonce.clone(),
+            error_detail: error.map(|message| RpcStatus {
+                code: tonic::Code::InvalidArgument as i32,
+                message,
+                details: vec![],
+            }),
+            ..Default::default()
+        };
+        send_node = false;
+        req
+    };
+    for ty in [type_url::CLUSTER, type_url::LISTENER] {
+        let st = state.entry(ty).or_default();
+        st.requested = true;
+        send(&req_tx, request(ty, st, None)).await?;
+    }
+
+    while let Some(resp) = responses.message().await? {
+        let Some(ty) = [type_url::CLUSTER, type_url::LISTENER, type_url::ROUTE, type_url::ENDPOINT]
+            .into_iter()
+            .find(|t| *t == resp.type_url)
+        else {
+            tracing::warn!(type_url = %resp.type_url, "ignoring response of an unrequested type");
+            continue;
+        };
+        let mut next = config.clone();
+        let outcome = apply(&mut next, ty, &resp);
+        let st = state.entry(ty).or_default();
+        st.nonce = resp.nonce.clone();
+        match outcome {
+            Ok(()) => {
+                st.version = resp.version_info.clone();
+                st.received = true;
+                next.versions.insert(type_url::short(ty), resp.version_info.clone());
+                config = next;
+                tracing::debug!(type_url = type_url::short(ty), version = %resp.version_info, resources = resp.resources.len(), "xds update accepted");
+                send(&req_tx, request(ty, st, None)).await?;
+                tx.send_replace(Arc::new(config.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(type_url = type_url::short(ty), version = %resp.version_info, error = %e, "xds update rejected (NACK)");
+                send(&req_tx, request(ty, st, Some(e.to_string()))).await?;
+                continue;
+            }
+        }
+        // Follow-up subscriptions: endpoints of EDS clusters, routes named by listeners.
+        for (dep, names) in [(type_url::ENDPOINT, config.eds_names()), (type_url::ROUTE, config.rds_names.clone())] {
+            let dst = state.entry(dep).or_default();
+            if dst.names != names && !(names.is_empty() && !dst.requested) {
+                dst.names = names;
+                dst.requested = true;
+                send(&req_tx, request(dep, dst, None)).await?;
+            }
+        }
+        if is_ready(&state) {
+            ready.send_replace(true);
+        }
+    }
+    Ok(())
+}
+
+/// Clusters and listeners are in, and so are the routes and endpoints they asked for.
+fn is_ready(state: &HashMap<&'static str, TypeState>) -> bool {
+    let got = |t: &str| state.get(t).is_some_and(|s| s.received);
+    let idle = |t: &str| state.get(t).is_none_or(|s| !s.requested);
+    got(type_url::CLUSTER)
+        && got(type_url::LISTENER)
+        && (got(type_url::ROUTE) || idle(type_url::ROUTE))
+        && (got(type_url::ENDPOINT) || idle(type_url::ENDPOINT))
+}
+
+async fn send(tx: &mpsc::Sender<DiscoveryRequest>, req: DiscoveryRequest) -> Result<(), tonic::Status> {
+    tx.send(req)
+        .await
+        .map_err(|_| tonic::Status::cancelled("xds request stream closed"))
+}
+
+/// Converts one response into the new configuration; any bad resource rejects the response.
+fn apply(config: &mut MeshConfig, ty: &'static str, resp: &DiscoveryResponse) -> Result<(), ConfigError> {
+    match ty {
+        type_url::CLUSTER => {
+            let clusters = resp
+                .resources
+                .iter()
+                .map(|any| routing::decode::<xcluster::Cluster>(any, ty).and_then(Cluster::try_from))
+                .collect::<Result<Vec<_>, _>>()?;
+            config.apply_clusters(clusters);
+        }
+        type_url::ENDPOINT => {
+            let assignments = resp
+                .resources
+                .iter()
+                .map(|any| {
+                    let cla = routing::decode::<xendpoint::ClusterLoadAssignment>(any, ty)?;
+                    Ok((cla.cluster_name.clone(), routing::endpoints_from(&cla)?))
+                })
+                .collect::<Result<Vec<_>, ConfigError>>()?;
+            config.apply_endpoints(assignments);
+        }
+        type_url::LISTENER => {
+            let mut names = Vec::new();
+            for any in &resp.resources {
+                let listener = routing::decode::<xlistener::Listener>(any, ty)?;
+                names.extend(routing::listener_rds_names(&listener)?);
+            }
+            names.sort();
+            names.dedup();
+            config.rds_names = names;
+        }
+        type_url::ROUTE => {
+            let mut routes = HashMap::new();
+            for any in &resp.resources {
+                let rc = RouteConfig::try_from(routing::decode::<xroute::RouteConfiguration>(any, ty)?)?;
+                routes.insert(rc.name.clone(), Arc::new(rc));
+            }
+            config.routes = routes;
+        }
+        _ => {}
+    }
+    Ok(())
+}
