@@ -1,0 +1,354 @@
+//! OTLP requests to Arrow record batches: one row per span and one per metric data point.
+//! Well-known attributes get their own columns; every attribute also stays in the map so
+//! nothing the sender said is lost.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, MapBuilder, StringBuilder,
+    TimestampNanosecondBuilder,
+};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+use opentelemetry_proto::tonic::trace::v1::{span, status};
+
+use crate::schema;
+
+/// String span attributes promoted to their own columns, in the order the columns are built.
+const SPAN_STRING_COLUMNS: [&str; 9] = [
+    "http.request.method",
+    "http.route",
+    "url.path",
+    "url.full",
+    "server.address",
+    "network.peer.address",
+    "rpc.system",
+    "rpc.service",
+    "rpc.method",
+];
+
+/// Converts an OTLP string / int / bool / double / bytes / array / kvlist to text.
+pub fn any_value_text(v: &AnyValue) -> String {
+    match &v.value {
+        None => String::new(),
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(any_value::Value::BytesValue(b)) => b.iter().map(|x| format!("{x:02x}")).collect(),
+        Some(any_value::Value::ArrayValue(a)) => {
+            serde_json::Value::Array(a.values.iter().map(any_value_json).collect()).to_string()
+        }
+        Some(any_value::Value::KvlistValue(kv)) => serde_json::Value::Object(
+            kv.values
+                .iter()
+                .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or(serde_json::Value::Null, any_value_json)))
+                .collect(),
+        )
+        .to_string(),
+        Some(_) => String::new(),
+    }
+}
+
+fn any_value_json(v: &AnyValue) -> serde_json::Value {
+    match &v.value {
+        Some(any_value::Value::BoolValue(b)) => serde_json::Value::Bool(*b),
+        Some(any_value::Value::IntValue(i)) => serde_json::Value::from(*i),
+        Some(any_value::Value::DoubleValue(d)) => serde_json::Value::from(*d),
+        _ => serde_json::Value::String(any_value_text(v)),
+    }
+}
+
+fn any_value_int(v: &AnyValue) -> Option<i64> {
+    match &v.value {
+        Some(any_value::Value::IntValue(i)) => Some(*i),
+        Some(any_value::Value::StringValue(s)) => s.parse().ok(),
+        Some(any_value::Value::DoubleValue(d)) => Some(*d as i64),
+        _ => None,
+    }
+}
+
+fn find<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
+    attrs.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref())
+}
+
+fn append_map(builder: &mut MapBuilder<StringBuilder, StringBuilder>, attrs: &[KeyValue]) -> Result<(), ArrowError> {
+    for kv in attrs {
+        builder.keys().append_value(&kv.key);
+        builder.values().append_value(kv.value.as_ref().map(any_value_text).unwrap_or_default());
+    }
+    builder.append(true)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn nanos(t: u64) -> i64 {
+    i64::try_from(t).unwrap_or(i64::MAX)
+}
+
+fn map_builder() -> MapBuilder<StringBuilder, StringBuilder> {
+    MapBuilder::new(None, StringBuilder::new(), StringBuilder::new())
+}
+
+fn span_kind(kind: i32) -> &'static str {
+    match span::SpanKind::try_from(kind) {
+        Ok(span::SpanKind::Server) => "server",
+        Ok(span::SpanKind::Client) => "client",
+        Ok(span::SpanKind::Producer) => "producer",
+        Ok(span::SpanKind::Consumer) => "consumer",
+        Ok(span::SpanKind::Internal) => "internal",
+        _ => "unspecified",
+    }
+}
+
+fn status_code(code: i32) -> &'static str {
+    match status::StatusCode::try_from(code) {
+        Ok(status::StatusCode::Ok) => "ok",
+        Ok(status::StatusCode::Error) => "error",
+        _ => "unset",
+    }
+}
+
+/// The spans of an export request as one record batch of [`schema::SPANS`].
+pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, ArrowError> {
+    let mut trace_id = StringBuilder::new();
+    let mut span_id = StringBuilder::new();
+    let mut parent = StringBuilder::new();
+    let mut trace_state = StringBuilder::new();
+    let mut service = StringBuilder::new();
+    let mut version = StringBuilder::new();
+    let mut namespace = StringBuilder::new();
+    let mut name = StringBuilder::new();
+    let mut kind = StringBuilder::new();
+    let mut start = TimestampNanosecondBuilder::new().with_timezone("UTC");
+    let mut end = TimestampNanosecondBuilder::new().with_timezone("UTC");
+    let mut duration = Int64Builder::new();
+    let mut status = StringBuilder::new();
+    let mut status_msg = StringBuilder::new();
+    let mut strings: Vec<StringBuilder> = SPAN_STRING_COLUMNS.iter().map(|_| StringBuilder::new()).collect();
+    let mut http_status = Int64Builder::new();
+    let mut server_port = Int64Builder::new();
+    let mut grpc_status = Int64Builder::new();
+    let mut scope_name = StringBuilder::new();
+    let mut scope_version = StringBuilder::new();
+    let mut attributes = map_builder();
+    let mut resource_attributes = map_builder();
+
+    for rs in &req.resource_spans {
+        let resource = rs.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or_default();
+        let text = |key| find(resource, key).map(any_value_text);
+        let svc = text("service.name").unwrap_or_else(|| "unknown_service".to_string());
+        let svc_version = text("service.version");
+        let svc_namespace = text("service.namespace");
+        for ss in &rs.scope_spans {
+            for s in &ss.spans {
+                trace_id.append_value(hex(&s.trace_id));
+                span_id.append_value(hex(&s.span_id));
+                if s.parent_span_id.is_empty() {
+                    parent.append_null();
+                } else {
+                    parent.append_value(hex(&s.parent_span_id));
+                }
+                if s.trace_state.is_empty() {
+                    trace_state.append_null();
+                } else {
+                    trace_state.append_value(&s.trace_state);
+                }
+                service.append_value(&svc);
+                version.append_option(svc_version.as_deref());
+                namespace.append_option(svc_namespace.as_deref());
+                name.append_value(&s.name);
+                kind.append_value(span_kind(s.kind));
+                start.append_value(nanos(s.start_time_unix_nano));
+                end.append_value(nanos(s.end_time_unix_nano));
+                duration.append_value(nanos(s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano)));
+                let st = s.status.as_ref();
+                status.append_value(status_code(st.map_or(0, |st| st.code)));
+                status_msg.append_option(st.map(|st| st.message.as_str()).filter(|m| !m.is_empty()));
+                for (builder, key) in strings.iter_mut().zip(SPAN_STRING_COLUMNS) {
+                    builder.append_option(find(&s.attributes, key).map(any_value_text));
+                }
+                http_status.append_option(find(&s.attributes, "http.response.status_code").and_then(any_value_int));
+                server_port.append_option(find(&s.attributes, "server.port").and_then(any_value_int));
+                grpc_status.append_option(find(&s.attributes, "rpc.grpc.status_code").and_then(any_value_int));
+                scope_name.append_option(ss.scope.as_ref().map(|s| s.name.as_str()));
+                scope_version.append_option(ss.scope.as_ref().map(|s| s.version.as_str()));
+                append_map(&mut attributes, &s.attributes)?;
+                append_map(&mut resource_attributes, resource)?;
+            }
+        }
+    }
+    let mut s = strings.into_iter().map(|mut b| Arc::new(b.finish()) as ArrayRef);
+    let mut next = || s.next().ok_or_else(|| ArrowError::SchemaError("span string columns".into()));
+    let (method, route, path, full, address, peer, rpc_system, rpc_service, rpc_method) =
+        (next()?, next()?, next()?, next()?, next()?, next()?, next()?, next()?, next()?);
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(trace_id.finish()),
+        Arc::new(span_id.finish()),
+        Arc::new(parent.finish()),
+        Arc::new(trace_state.finish()),
+        Arc::new(service.finish()),
+        Arc::new(version.finish()),
+        Arc::new(namespace.finish()),
+        Arc::new(name.finish()),
+        Arc::new(kind.finish()),
+        Arc::new(start.finish()),
+        Arc::new(end.finish()),
+        Arc::new(duration.finish()),
+        Arc::new(status.finish()),
+        Arc::new(status_msg.finish()),
+        method,
+        Arc::new(http_status.finish()),
+        route,
+        path,
+        full,
+        address,
+        Arc::new(server_port.finish()),
+        peer,
+        rpc_system,
+        rpc_service,
+        rpc_method,
+        Arc::new(grpc_status.finish()),
+        Arc::new(scope_name.finish()),
+        Arc::new(scope_version.finish()),
+        Arc::new(attributes.finish()),
+        Arc::new(resource_attributes.finish()),
+    ];
+    RecordBatch::try_new(schema::SPANS.clone(), columns)
+}
+
+/// The data points of an export request as one record batch of [`schema::METRICS`].
+pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch, ArrowError> {
+    let mut time = TimestampNanosecondBuilder::new().with_timezone("UTC");
+    let mut start = TimestampNanosecondBuilder::new().with_timezone("UTC");
+    let mut service = StringBuilder::new();
+    let mut name = StringBuilder::new();
+    let mut mtype = StringBuilder::new();
+    let mut unit = StringBuilder::new();
+    let mut temporality = StringBuilder::new();
+    let mut monotonic = BooleanBuilder::new();
+    let mut value = Float64Builder::new();
+    let mut count = Int64Builder::new();
+    let mut sum = Float64Builder::new();
+    let mut buckets = ListBuilder::new(Int64Builder::new());
+    let mut bounds = ListBuilder::new(Float64Builder::new());
+    let mut attributes = map_builder();
+    let mut resource_attributes = map_builder();
+    let mut scope_name = StringBuilder::new();
+
+    let temporality_name = |t: i32| match t {
+        1 => Some("delta"),
+        2 => Some("cumulative"),
+        _ => None,
+    };
+    for rm in &req.resource_metrics {
+        let resource = rm.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or_default();
+        let svc = find(resource, "service.name").map_or_else(|| "unknown_service".to_string(), any_value_text);
+        for sm in &rm.scope_metrics {
+            let scope = sm.scope.as_ref().map(|s| s.name.as_str());
+            for m in &sm.metrics {
+                let mut common = |t: u64, st: u64, kind: &str, temp: Option<&str>, mono: Option<bool>, attrs: &[KeyValue]| -> Result<(), ArrowError> {
+                    time.append_value(nanos(t));
+                    if st == 0 {
+                        start.append_null();
+                    } else {
+                        start.append_value(nanos(st));
+                    }
+                    service.append_value(&svc);
+                    name.append_value(&m.name);
+                    mtype.append_value(kind);
+                    unit.append_option(Some(m.unit.as_str()).filter(|u| !u.is_empty()));
+                    temporality.append_option(temp);
+                    monotonic.append_option(mono);
+                    append_map(&mut attributes, attrs)?;
+                    append_map(&mut resource_attributes, resource)?;
+                    scope_name.append_option(scope);
+                    Ok(())
+                };
+                let number = |p: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint| match p.value {
+                    Some(number_data_point::Value::AsDouble(d)) => Some(d),
+                    Some(number_data_point::Value::AsInt(i)) => Some(i as f64),
+                    None => None,
+                };
+                match &m.data {
+                    Some(metric::Data::Gauge(g)) => {
+                        for p in &g.data_points {
+                            common(p.time_unix_nano, p.start_time_unix_nano, "gauge", None, None, &p.attributes)?;
+                            value.append_option(number(p));
+                            count.append_null();
+                            sum.append_null();
+                            buckets.append_null();
+                            bounds.append_null();
+                        }
+                    }
+                    Some(metric::Data::Sum(s)) => {
+                        for p in &s.data_points {
+                            common(p.time_unix_nano, p.start_time_unix_nano, "sum", temporality_name(s.aggregation_temporality), Some(s.is_monotonic), &p.attributes)?;
+                            value.append_option(number(p));
+                            count.append_null();
+                            sum.append_null();
+                            buckets.append_null();
+                            bounds.append_null();
+                        }
+                    }
+                    Some(metric::Data::Histogram(h)) => {
+                        for p in &h.data_points {
+                            common(p.time_unix_nano, p.start_time_unix_nano, "histogram", temporality_name(h.aggregation_temporality), None, &p.attributes)?;
+                            value.append_null();
+                            count.append_value(i64::try_from(p.count).unwrap_or(i64::MAX));
+                            sum.append_option(p.sum);
+                            buckets.append_value(p.bucket_counts.iter().map(|c| Some(i64::try_from(*c).unwrap_or(i64::MAX))));
+                            bounds.append_value(p.explicit_bounds.iter().map(|b| Some(*b)));
+                        }
+                    }
+                    Some(metric::Data::ExponentialHistogram(h)) => {
+                        for p in &h.data_points {
+                            common(p.time_unix_nano, p.start_time_unix_nano, "exponential_histogram", temporality_name(h.aggregation_temporality), None, &p.attributes)?;
+                            value.append_null();
+                            count.append_value(i64::try_from(p.count).unwrap_or(i64::MAX));
+                            sum.append_option(p.sum);
+                            buckets.append_null();
+                            bounds.append_null();
+                        }
+                    }
+                    Some(metric::Data::Summary(s)) => {
+                        for p in &s.data_points {
+                            common(p.time_unix_nano, p.start_time_unix_nano, "summary", None, None, &p.attributes)?;
+                            value.append_null();
+                            count.append_value(i64::try_from(p.count).unwrap_or(i64::MAX));
+                            sum.append_value(p.sum);
+                            buckets.append_null();
+                            bounds.append_null();
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(time.finish()),
+        Arc::new(start.finish()),
+        Arc::new(service.finish()),
+        Arc::new(name.finish()),
+        Arc::new(mtype.finish()),
+        Arc::new(unit.finish()),
+        Arc::new(temporality.finish()),
+        Arc::new(monotonic.finish()),
+        Arc::new(value.finish()),
+        Arc::new(count.finish()),
+        Arc::new(sum.finish()),
+        Arc::new(buckets.finish()),
+        Arc::new(bounds.finish()),
+        Arc::new(attributes.finish()),
+        Arc::new(resource_attributes.finish()),
+        Arc::new(scope_name.finish()),
+    ];
+    RecordBatch::try_new(schema::METRICS.clone(), columns)
+}

@@ -1,0 +1,94 @@
+//! Arrow schemas of the stored tables. These are a format contract: Parquet files written
+//! with one version are read by the next, so columns are only ever added at the end.
+//! Column names follow OpenTelemetry semantic conventions with `.` written as `_`.
+
+use std::sync::{Arc, LazyLock};
+
+use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+
+/// Version of the table layouts, stored in each Parquet file's metadata.
+pub const SCHEMA_VERSION: &str = "1";
+
+/// The `spans` table: one row per span.
+pub static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("trace_id", DataType::Utf8, false),
+        Field::new("span_id", DataType::Utf8, false),
+        Field::new("parent_span_id", DataType::Utf8, true),
+        Field::new("trace_state", DataType::Utf8, true),
+        Field::new("service_name", DataType::Utf8, false),
+        Field::new("service_version", DataType::Utf8, true),
+        Field::new("service_namespace", DataType::Utf8, true),
+        Field::new("span_name", DataType::Utf8, false),
+        Field::new("span_kind", DataType::Utf8, false),
+        Field::new("start_time", timestamp(), false),
+        Field::new("end_time", timestamp(), false),
+        Field::new("duration_ns", DataType::Int64, false),
+        Field::new("status_code", DataType::Utf8, false),
+        Field::new("status_message", DataType::Utf8, true),
+        Field::new("http_request_method", DataType::Utf8, true),
+        Field::new("http_response_status_code", DataType::Int64, true),
+        Field::new("http_route", DataType::Utf8, true),
+        Field::new("url_path", DataType::Utf8, true),
+        Field::new("url_full", DataType::Utf8, true),
+        Field::new("server_address", DataType::Utf8, true),
+        Field::new("server_port", DataType::Int64, true),
+        Field::new("network_peer_address", DataType::Utf8, true),
+        Field::new("rpc_system", DataType::Utf8, true),
+        Field::new("rpc_service", DataType::Utf8, true),
+        Field::new("rpc_method", DataType::Utf8, true),
+        Field::new("rpc_grpc_status_code", DataType::Int64, true),
+        Field::new("scope_name", DataType::Utf8, true),
+        Field::new("scope_version", DataType::Utf8, true),
+        Field::new("attributes", string_map(), false),
+        Field::new("resource_attributes", string_map(), false),
+    ]))
+});
+
+/// The `metrics` table: one row per data point.
+pub static METRICS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("time", timestamp(), false),
+        Field::new("start_time", timestamp(), true),
+        Field::new("service_name", DataType::Utf8, false),
+        Field::new("metric_name", DataType::Utf8, false),
+        Field::new("metric_type", DataType::Utf8, false),
+        Field::new("unit", DataType::Utf8, true),
+        Field::new("temporality", DataType::Utf8, true),
+        Field::new("is_monotonic", DataType::Boolean, true),
+        Field::new("value", DataType::Float64, true),
+        Field::new("count", DataType::Int64, true),
+        Field::new("sum", DataType::Float64, true),
+        Field::new(
+            "bucket_counts",
+            DataType::List(Arc::new(Field::new("item", DataType::Int64, true))),
+            true,
+        ),
+        Field::new(
+            "explicit_bounds",
+            DataType::List(Arc::new(Field::new("item", DataType::Float64, true))),
+            true,
+        ),
+        Field::new("attributes", string_map(), false),
+        Field::new("resource_attributes", string_map(), false),
+        Field::new("scope_name", DataType::Utf8, true),
+    ]))
+});
+
+/// UTC timestamps with nanosecond precision, as OTLP carries them.
+pub fn timestamp() -> DataType {
+    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+}
+
+/// `Map<Utf8, Utf8>` in the layout Arrow's `MapBuilder` produces.
+pub fn string_map() -> DataType {
+    let entries = Field::new(
+        "entries",
+        DataType::Struct(Fields::from(vec![
+            Field::new("keys", DataType::Utf8, false),
+            Field::new("values", DataType::Utf8, true),
+        ])),
+        false,
+    );
+    DataType::Map(Arc::new(entries), false)
+}
