@@ -1,1 +1,182 @@
-fn main() {}
+//! `lumen`: the command-line entry point. Parses flags and wires the library crates together;
+//! no logic of its own. With no subcommand it runs `lumen demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use lumen::demo::{self, DemoOptions};
+use lumen_control::{ConfigSource, Control, ControlOptions};
+use lumen_telemetry::{Telemetry, TelemetryOptions};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "lumen", version, about = "Lumen: an observability-first service mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The whole mesh in one process: demo services, sidecars, control plane, telemetry, load.
+    Demo(DemoArgs),
+    /// The telemetry service alone: OTLP in, Parquet store, SQL, dashboard.
+    Telemetry(TelemetryArgs),
+    /// The control plane alone: config directory to xDS over ADS.
+    Control(ControlArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Parser)]
+struct DemoArgs {
+    /// Data directory for the telemetry store.
+    #[arg(long, default_value = "lumen-data")]
+    data: PathBuf,
+    /// First three octets of the pods' loopback addresses.
+    #[arg(long, default_value = "127.0.10", value_parser = parse_subnet)]
+    pod_subnet: [u8; 3],
+    #[arg(long, default_value = "127.0.0.1:4317")]
+    otlp_grpc: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:16686")]
+    http: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    xds: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    control_http: SocketAddr,
+    /// Requests per second sent to productpage.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Stop the load after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    duration: Option<u64>,
+}
+
+#[derive(clap::Args)]
+struct TelemetryArgs {
+    #[arg(long, default_value = "lumen-data")]
+    data: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:4317")]
+    otlp_grpc: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:16686")]
+    http: SocketAddr,
+    /// Seconds between memtable flushes to Parquet.
+    #[arg(long, default_value_t = 5)]
+    flush_interval: u64,
+}
+
+#[derive(clap::Args)]
+struct ControlArgs {
+    /// Directory of Kubernetes YAML (Services, Pods, VirtualServices, DestinationRules).
+    #[arg(long)]
+    config_dir: PathBuf,
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    xds: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    http: SocketAddr,
+}
+
+fn parse_subnet(s: &str) -> Result<[u8; 3], String> {
+    let parts: Vec<u8> = s.split('.').map(|p| p.parse::<u8>().map_err(|e| format!("{s:?}: {e}"))).collect::<Result<_, _>>()?;
+    match parts.as_slice() {
+        [127, b, c] => Ok([127, *b, *c]),
+        _ => Err(format!("{s:?} must be three octets of 127.0.0.0/8, like 127.0.10")),
+    }
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    t.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        t.cancel();
+    });
+    token
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,lumen=info".into()))
+        .init();
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Demo(DemoArgs::parse_from(["demo"]))) {
+        Command::Demo(args) => run_demo(args).await,
+        Command::Telemetry(args) => {
+            let telemetry = Telemetry::bind(TelemetryOptions {
+                data_dir: args.data,
+                otlp_grpc_addr: args.otlp_grpc,
+                http_addr: args.http,
+                flush_interval: Duration::from_secs(args.flush_interval.max(1)),
+            })
+            .await?;
+            println!(
+                "telemetry: OTLP gRPC {}, dashboard http://{}/",
+                telemetry.otlp_grpc_addr().unwrap_or(args.otlp_grpc),
+                telemetry.http_addr().unwrap_or(args.http)
+            );
+            let dashboard = lumen_dashboard::router(Arc::new(telemetry.query_engine()));
+            telemetry.run(dashboard, shutdown_on_signal()).await?;
+            Ok(())
+        }
+        Command::Control(args) => {
+            let control = Control::bind(ControlOptions {
+                xds_addr: args.xds,
+                http_addr: args.http,
+                source: ConfigSource::Dir(args.config_dir),
+            })
+            .await?;
+            println!(
+                "control: xDS {}, HTTP {}",
+                control.xds_addr().unwrap_or(args.xds),
+                control.http_addr().unwrap_or(args.http)
+            );
+            control.run(shutdown_on_signal()).await?;
+            Ok(())
+        }
+        Command::Version => {
+            println!("lumen {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}
+
+async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
+    let mut options = DemoOptions::standard(args.data);
+    options.pod_subnet = args.pod_subnet;
+    options.otlp_grpc_addr = args.otlp_grpc;
+    options.http_addr = args.http;
+    options.xds_addr = args.xds;
+    options.control_http_addr = args.control_http;
+    options.rate_per_s = args.rate;
+    options.load_duration = args.duration.map(Duration::from_secs);
+    let shutdown = shutdown_on_signal();
+    let running = demo::start(options, |line| println!("{line}")).await?;
+    println!("dashboard: {}", running.dashboard_url());
+    shutdown.cancelled().await;
+    println!("stopping: draining sidecars and flushing telemetry");
+    running.stop().await;
+    println!("stopped");
+    Ok(())
+}

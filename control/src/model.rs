@@ -240,7 +240,7 @@ struct RawContainer {
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct RawPodStatus {
-    #[serde(default)]
+    #[serde(default, rename = "podIP")]
     pod_ip: Option<String>,
 }
 

@@ -3,7 +3,8 @@
 use axum::Json;
 use axum::Router;
 use axum::extract::State;
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -35,10 +36,15 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-async fn sql(State(engine): State<QueryEngine>, body: Result<Json<SqlRequest>, JsonRejection>) -> Response {
-    let Json(req) = match body {
+/// Takes the body as JSON whatever its Content-Type says (`curl -d` sends a form type).
+async fn sql(State(engine): State<QueryEngine>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
         Ok(b) => b,
-        Err(rejection) => return error(rejection.status(), format!("expected {{\"sql\": \"...\"}}: {}", rejection.body_text())),
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
+    let req: SqlRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"sql\": \"...\"}}: {e}")),
     };
     match engine.sql(&req.sql).await {
         Ok(result) => Json(result).into_response(),
