@@ -352,3 +352,147 @@ pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch
     ];
     RecordBatch::try_new(schema::METRICS.clone(), columns)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Array, AsArray, MapArray};
+    use datafusion::arrow::datatypes::TimestampNanosecondType;
+    use opentelemetry_proto::tonic::metrics::v1 as m;
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
+
+    fn kv(key: &str, value: any_value::Value) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(value) }),
+            ..Default::default()
+        }
+    }
+
+    fn map_entries(map: &MapArray, row: usize) -> Vec<(String, String)> {
+        let entries = map.value(row);
+        let keys = entries.column(0).as_string::<i32>();
+        let values = entries.column(1).as_string::<i32>();
+        (0..entries.len()).map(|i| (keys.value(i).to_string(), values.value(i).to_string())).collect()
+    }
+
+    #[test]
+    fn span_becomes_one_row_with_promoted_columns() {
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![
+                        kv("service.name", any_value::Value::StringValue("reviews".into())),
+                        kv("service.version", any_value::Value::StringValue("v2".into())),
+                    ],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span {
+                        trace_id: vec![0xab; 16],
+                        span_id: vec![0x01; 8],
+                        parent_span_id: vec![0x02; 8],
+                        name: "reviews.default.svc.cluster.local:9080/*".into(),
+                        kind: span::SpanKind::Server as i32,
+                        start_time_unix_nano: 1_000,
+                        end_time_unix_nano: 4_500,
+                        attributes: vec![
+                            kv("http.request.method", any_value::Value::StringValue("GET".into())),
+                            kv("http.response.status_code", any_value::Value::IntValue(503)),
+                            kv("retry", any_value::Value::BoolValue(true)),
+                        ],
+                        status: Some(Status {
+                            code: status::StatusCode::Error as i32,
+                            message: "upstream failed".into(),
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let batch = spans_to_batch(&req).expect("converts");
+        assert_eq!(batch.num_rows(), 1);
+        let text = |name: &str| batch.column_by_name(name).expect(name).as_string::<i32>().value(0).to_string();
+        assert_eq!(text("trace_id"), "ab".repeat(16));
+        assert_eq!(text("parent_span_id"), "02".repeat(8));
+        assert_eq!(text("service_name"), "reviews");
+        assert_eq!(text("service_version"), "v2");
+        assert_eq!(text("span_kind"), "server");
+        assert_eq!(text("status_code"), "error");
+        assert_eq!(text("status_message"), "upstream failed");
+        assert_eq!(text("http_request_method"), "GET");
+        let int = |name: &str| batch.column_by_name(name).expect(name).as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(0);
+        assert_eq!(int("duration_ns"), 3_500);
+        assert_eq!(int("http_response_status_code"), 503);
+        let start = batch.column_by_name("start_time").expect("start").as_primitive::<TimestampNanosecondType>();
+        assert_eq!(start.value(0), 1_000);
+        assert!(batch.column_by_name("rpc_system").expect("rpc").is_null(0));
+        let attrs = batch.column_by_name("attributes").expect("attrs").as_map();
+        assert_eq!(
+            map_entries(attrs, 0),
+            vec![
+                ("http.request.method".to_string(), "GET".to_string()),
+                ("http.response.status_code".to_string(), "503".to_string()),
+                ("retry".to_string(), "true".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn root_span_has_null_parent_and_unknown_service_defaults() {
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span {
+                        trace_id: vec![1; 16],
+                        span_id: vec![2; 8],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let batch = spans_to_batch(&req).expect("converts");
+        assert!(batch.column_by_name("parent_span_id").expect("parent").is_null(0));
+        assert_eq!(batch.column_by_name("service_name").expect("svc").as_string::<i32>().value(0), "unknown_service");
+        assert_eq!(batch.column_by_name("span_kind").expect("kind").as_string::<i32>().value(0), "unspecified");
+    }
+
+    #[test]
+    fn histogram_point_keeps_buckets() {
+        let req = ExportMetricsServiceRequest {
+            resource_metrics: vec![m::ResourceMetrics {
+                scope_metrics: vec![m::ScopeMetrics {
+                    metrics: vec![m::Metric {
+                        name: "istio_request_duration_milliseconds".into(),
+                        unit: "ms".into(),
+                        data: Some(metric::Data::Histogram(m::Histogram {
+                            data_points: vec![m::HistogramDataPoint {
+                                time_unix_nano: 5,
+                                count: 3,
+                                sum: Some(7.5),
+                                bucket_counts: vec![1, 2, 0],
+                                explicit_bounds: vec![1.0, 5.0],
+                                ..Default::default()
+                            }],
+                            aggregation_temporality: 2,
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let batch = metrics_to_batch(&req).expect("converts");
+        assert_eq!(batch.num_rows(), 1);
+        assert_eq!(batch.column_by_name("metric_type").expect("type").as_string::<i32>().value(0), "histogram");
+        assert_eq!(batch.column_by_name("temporality").expect("t").as_string::<i32>().value(0), "cumulative");
+        let buckets = batch.column_by_name("bucket_counts").expect("buckets").as_list::<i32>().value(0);
+        assert_eq!(buckets.as_primitive::<datafusion::arrow::datatypes::Int64Type>().values().to_vec(), vec![1, 2, 0]);
+    }
+}
