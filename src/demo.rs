@@ -130,7 +130,10 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
     .await?;
     let otlp_grpc = telemetry.otlp_grpc_addr().unwrap_or(options.otlp_grpc_addr);
     let telemetry_http = telemetry.http_addr().unwrap_or(options.http_addr);
-    say(format!("telemetry: OTLP gRPC {otlp_grpc}, HTTP {telemetry_http}, data {}", options.data_dir.display()));
+    say(format!(
+        "telemetry: OTLP gRPC {otlp_grpc}, HTTP {telemetry_http}, data {}",
+        options.data_dir.display()
+    ));
     let dashboard = lumen_dashboard::router(Arc::new(telemetry.query_engine()));
     let telemetry_task = {
         let stop = telemetry_stop.clone();
@@ -171,7 +174,8 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
     let mut productpage = None;
     for pod in &model.pods {
         let app_label = pod.meta.labels.get("app").cloned().unwrap_or_default();
-        let kind = AppKind::from_app_label(&app_label).ok_or_else(|| DemoError::UnknownApp(pod.meta.name.clone()))?;
+        let kind = AppKind::from_app_label(&app_label)
+            .ok_or_else(|| DemoError::UnknownApp(pod.meta.name.clone()))?;
         let version = pod.meta.labels.get("version").cloned().unwrap_or_default();
         let identity = Identity {
             workload: Model::workload_name(pod),
@@ -180,19 +184,29 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
             version: version.clone(),
             pod: pod.meta.name.clone(),
         };
-        let config = ProxyConfig::sidecar(pod.ip, identity, format!("http://{xds}"), Some(format!("http://{otlp_grpc}")));
+        let config = ProxyConfig::sidecar(
+            pod.ip,
+            identity,
+            format!("http://{xds}"),
+            Some(format!("http://{otlp_grpc}")),
+        );
         let export = ExportOptions {
             span_interval: options.span_export_interval,
             ..ExportOptions::default()
         };
         let proxy = Proxy::bind(config.clone(), export).await?;
-        let app_port = pod.container_ports.first().map_or(9080, |p| p.container_port);
+        let app_port = pod
+            .container_ports
+            .first()
+            .map_or(9080, |p| p.container_port);
         let app_addr = SocketAddr::new(pod.ip, app_port);
-        let listener = TcpListener::bind(app_addr).await.map_err(|source| DemoError::App {
-            name: pod.meta.name.clone(),
-            addr: app_addr,
-            source,
-        })?;
+        let listener = TcpListener::bind(app_addr)
+            .await
+            .map_err(|source| DemoError::App {
+                name: pod.meta.name.clone(),
+                addr: app_addr,
+                source,
+            })?;
         let app = Arc::new(App::new(kind, version, config.outbound_addr));
         say(format!(
             "pod {:<15} app {app_addr}  sidecar outbound {} inbound {} admin {}",
@@ -200,7 +214,11 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
         ));
         {
             let stop = mesh_stop.clone();
-            mesh.spawn(lumen_proxy::server::serve(listener, move |req| app.clone().handle(req), stop));
+            mesh.spawn(lumen_proxy::server::serve(
+                listener,
+                move |req| app.clone().handle(req),
+                stop,
+            ));
         }
         {
             let stop = mesh_stop.clone();
@@ -226,7 +244,10 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
             duration: options.load_duration,
             max_requests: None,
         };
-        say(format!("load: {} requests/s to productpage via its sidecar {target}", options.rate_per_s));
+        say(format!(
+            "load: {} requests/s to productpage via its sidecar {target}",
+            options.rate_per_s
+        ));
         mesh.spawn(load::run(options, load.clone(), mesh_stop.clone()));
     }
 
@@ -270,7 +291,8 @@ async fn wait_ready(admins: &[SocketAddr], limit: Duration) -> Result<(), DemoEr
 
 async fn is_ready(addr: SocketAddr) -> bool {
     use http_body_util::Empty;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
     let Ok(uri) = format!("http://{addr}/ready").parse::<hyper::Uri>() else {
         return false;
     };

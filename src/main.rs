@@ -13,7 +13,11 @@ use lumen_telemetry::{Telemetry, TelemetryOptions};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "lumen", version, about = "Lumen: an observability-first service mesh")]
+#[command(
+    name = "lumen",
+    version,
+    about = "Lumen: an observability-first service mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -80,10 +84,15 @@ struct ControlArgs {
 }
 
 fn parse_subnet(s: &str) -> Result<[u8; 3], String> {
-    let parts: Vec<u8> = s.split('.').map(|p| p.parse::<u8>().map_err(|e| format!("{s:?}: {e}"))).collect::<Result<_, _>>()?;
+    let parts: Vec<u8> = s
+        .split('.')
+        .map(|p| p.parse::<u8>().map_err(|e| format!("{s:?}: {e}")))
+        .collect::<Result<_, _>>()?;
     match parts.as_slice() {
         [127, b, c] => Ok([127, *b, *c]),
-        _ => Err(format!("{s:?} must be three octets of 127.0.0.0/8, like 127.0.10")),
+        _ => Err(format!(
+            "{s:?} must be three octets of 127.0.0.0/8, like 127.0.10"
+        )),
     }
 }
 
@@ -95,14 +104,15 @@ fn shutdown_on_signal() -> CancellationToken {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    t.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        t.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -118,10 +128,16 @@ fn shutdown_on_signal() -> CancellationToken {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,lumen=info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lumen=info".into()),
+        )
         .init();
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Demo(DemoArgs::parse_from(["demo"]))) {
+    match cli
+        .command
+        .unwrap_or(Command::Demo(DemoArgs::parse_from(["demo"])))
+    {
         Command::Demo(args) => run_demo(args).await,
         Command::Telemetry(args) => {
             let telemetry = Telemetry::bind(TelemetryOptions {

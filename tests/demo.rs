@@ -17,11 +17,18 @@ async fn sql(http: SocketAddr, query: &str) -> Vec<serde_json::Map<String, Value
     let status = resp.status();
     let body: Value = resp.json().await.expect("sql json");
     assert!(status.is_success(), "{query}: {status} {body}");
-    body["rows"].as_array().expect("rows").iter().map(|r| r.as_object().expect("row").clone()).collect()
+    body["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| r.as_object().expect("row").clone())
+        .collect()
 }
 
 fn int(row: &serde_json::Map<String, Value>, key: &str) -> i64 {
-    row.get(key).and_then(Value::as_i64).unwrap_or_else(|| panic!("{key} in {row:?}"))
+    row.get(key)
+        .and_then(Value::as_i64)
+        .unwrap_or_else(|| panic!("{key} in {row:?}"))
 }
 
 /// The number in `data-rate="..."` of the graph edge between two services.
@@ -48,7 +55,9 @@ async fn demo_mesh_end_to_end() {
         flush_interval: Duration::from_secs(2),
         span_export_interval: Duration::from_millis(500),
     };
-    let running = demo::start(options, |line| eprintln!("{line}")).await.expect("demo starts");
+    let running = demo::start(options, |line| eprintln!("{line}"))
+        .await
+        .expect("demo starts");
     let http = running.telemetry_http;
 
     // Wait (bounded) until enough traffic has been reported through the whole chain.
@@ -62,18 +71,33 @@ async fn demo_mesh_end_to_end() {
             break;
         }
     }
-    assert!(reviews >= 100, "only {reviews} reviews server spans after {:?}", started.elapsed());
+    assert!(
+        reviews >= 100,
+        "only {reviews} reviews server spans after {:?}",
+        started.elapsed()
+    );
 
     // Spans from all four services, with service.version as the pods' labels say.
     let rows = sql(http, "SELECT DISTINCT service_name, service_version FROM spans ORDER BY service_name, service_version").await;
     let seen: Vec<(String, String)> = rows
         .iter()
-        .map(|r| (r["service_name"].as_str().unwrap_or("").to_string(), r["service_version"].as_str().unwrap_or("").to_string()))
+        .map(|r| {
+            (
+                r["service_name"].as_str().unwrap_or("").to_string(),
+                r["service_version"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect();
-    let expected: Vec<(String, String)> = [("details", "v1"), ("productpage", "v1"), ("ratings", "v1"), ("reviews", "v1"), ("reviews", "v2")]
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
+    let expected: Vec<(String, String)> = [
+        ("details", "v1"),
+        ("productpage", "v1"),
+        ("ratings", "v1"),
+        ("reviews", "v1"),
+        ("reviews", "v2"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
     assert_eq!(seen, expected);
 
     // One trace: productpage (server, root) → productpage client → reviews server → reviews
@@ -97,27 +121,58 @@ async fn demo_mesh_end_to_end() {
 
     // The VirtualService splits reviews 50/50. Binomial: allow 4 standard deviations.
     let split = sql(http, "SELECT service_version AS v, count(*) AS n FROM spans WHERE service_name = 'reviews' AND span_kind = 'server' GROUP BY service_version").await;
-    let count = |v: &str| split.iter().find(|r| r["v"] == v).map_or(0, |r| int(r, "n"));
+    let count = |v: &str| {
+        split
+            .iter()
+            .find(|r| r["v"] == v)
+            .map_or(0, |r| int(r, "n"))
+    };
     let (v1, v2) = (count("v1"), count("v2"));
     let n = (v1 + v2) as f64;
     let share = v1 as f64 / n;
     let tolerance = 4.0 * (0.25 / n).sqrt();
-    assert!((share - 0.5).abs() <= tolerance, "reviews split v1={v1} v2={v2}: share {share:.3} outside 0.5 ± {tolerance:.3}");
+    assert!(
+        (share - 0.5).abs() <= tolerance,
+        "reviews split v1={v1} v2={v2}: share {share:.3} outside 0.5 ± {tolerance:.3}"
+    );
 
     // The dashboard names every service and every edge, with non-zero rates.
-    let html = reqwest::get(running.dashboard_url()).await.expect("dashboard").text().await.expect("html");
+    let html = reqwest::get(running.dashboard_url())
+        .await
+        .expect("dashboard")
+        .text()
+        .await
+        .expect("html");
     for service in ["productpage", "details", "reviews", "ratings"] {
-        let marks = html.matches(&format!(r#"data-service="{service}""#)).count();
-        assert_eq!(marks, 2, "dashboard should show {service} as a graph node and a table row");
+        let marks = html
+            .matches(&format!(r#"data-service="{service}""#))
+            .count();
+        assert_eq!(
+            marks, 2,
+            "dashboard should show {service} as a graph node and a table row"
+        );
     }
-    for (s, d) in [("productpage", "details"), ("productpage", "reviews"), ("reviews", "ratings")] {
-        let rate = edge_rate(&html, s, d).unwrap_or_else(|| panic!("dashboard lacks edge {s} → {d}"));
+    for (s, d) in [
+        ("productpage", "details"),
+        ("productpage", "reviews"),
+        ("reviews", "ratings"),
+    ] {
+        let rate =
+            edge_rate(&html, s, d).unwrap_or_else(|| panic!("dashboard lacks edge {s} → {d}"));
         assert!(rate > 0.0, "edge {s} → {d} has rate {rate}");
     }
 
     // The sidecars' Istio metrics count the same traffic.
-    let stats = reqwest::get("http://127.0.77.3:15000/stats/prometheus").await.expect("stats").text().await.expect("text");
-    assert!(stats.contains(r#"istio_requests_total{reporter="source",source_workload="reviews-v1""#), "{stats}");
+    let stats = reqwest::get("http://127.0.77.3:15000/stats/prometheus")
+        .await
+        .expect("stats")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        stats.contains(r#"istio_requests_total{reporter="source",source_workload="reviews-v1""#),
+        "{stats}"
+    );
 
     // An unknown host at the outbound listener is a clear 404, not a hang.
     let resp = reqwest::Client::new()
@@ -130,10 +185,19 @@ async fn demo_mesh_end_to_end() {
     assert_eq!(resp.status(), 404);
     assert_eq!(resp.headers()["x-lumen-response-flags"], "NR");
     let body = resp.text().await.expect("body");
-    assert!(body.contains(r#"no route for host "nosuchservice:9080""#) && body.contains("reviews.default.svc.cluster.local"), "{body}");
+    assert!(
+        body.contains(r#"no route for host "nosuchservice:9080""#)
+            && body.contains("reviews.default.svc.cluster.local"),
+        "{body}"
+    );
 
     // Control plane reports every sidecar in sync.
-    let syncz: Value = reqwest::get(format!("http://{}/debug/syncz", running.control_http)).await.expect("syncz").json().await.expect("json");
+    let syncz: Value = reqwest::get(format!("http://{}/debug/syncz", running.control_http))
+        .await
+        .expect("syncz")
+        .json()
+        .await
+        .expect("json");
     let proxies = syncz.as_array().expect("array");
     assert_eq!(proxies.len(), 5);
     for p in proxies {
@@ -146,11 +210,26 @@ async fn demo_mesh_end_to_end() {
     let seen_spans = int(&sql(http, "SELECT count(*) AS n FROM spans").await[0], "n");
     let stopping = Instant::now();
     running.stop().await;
-    assert!(stopping.elapsed() < Duration::from_secs(10), "stop took {:?}", stopping.elapsed());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "stop took {:?}",
+        stopping.elapsed()
+    );
     let store = lumen_telemetry::Store::open(data.path()).expect("reopen");
     let engine = lumen_telemetry::QueryEngine::new(std::sync::Arc::new(store));
-    let after = engine.sql("SELECT count(*) AS n FROM spans").await.expect("query");
+    let after = engine
+        .sql("SELECT count(*) AS n FROM spans")
+        .await
+        .expect("query");
     let flushed = after.rows[0]["n"].as_i64().expect("n");
-    assert!(flushed >= seen_spans, "flushed {flushed} < seen {seen_spans}");
-    assert!(tokio::net::TcpStream::connect("127.0.77.1:15001").await.is_err(), "sidecar still listening after stop");
+    assert!(
+        flushed >= seen_spans,
+        "flushed {flushed} < seen {seen_spans}"
+    );
+    assert!(
+        tokio::net::TcpStream::connect("127.0.77.1:15001")
+            .await
+            .is_err(),
+        "sidecar still listening after stop"
+    );
 }

@@ -122,7 +122,11 @@ impl XdsState {
             .collect();
         if let Ok(mut proxies) = self.proxies.lock() {
             let connected_at_unix = proxies.get(&stream).map_or_else(
-                || SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                || {
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs())
+                },
                 |p| p.connected_at_unix,
             );
             proxies.insert(
@@ -164,7 +168,11 @@ impl AggregatedDiscoveryService for Ads {
         tokio::spawn(async move {
             let node = run_stream(&state, stream, request.into_inner(), &tx).await;
             state.forget(stream);
-            tracing::info!(stream, node = node.as_deref().unwrap_or("-"), "ads stream closed");
+            tracing::info!(
+                stream,
+                node = node.as_deref().unwrap_or("-"),
+                "ads stream closed"
+            );
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -239,10 +247,8 @@ async fn run_stream(
                 }
                 let names_changed = sub.names != req.resource_names;
                 sub.names = req.resource_names.clone();
-                if first || names_changed {
-                    if send(state, tx, ty, sub, &resources, true).await.is_err() {
-                        break;
-                    }
+                if (first || names_changed) && send(state, tx, ty, sub, &resources, true).await.is_err() {
+                    break;
                 }
                 state.record(stream, n, &subs);
             }
@@ -254,10 +260,10 @@ async fn run_stream(
                 resources = translate(&model_rx.borrow_and_update(), n);
                 let mut closed = false;
                 for ty in KNOWN_TYPES {
-                    if let Some(sub) = subs.get_mut(ty) {
-                        if sub.sent_version.is_some() && send(state, tx, ty, sub, &resources, false).await.is_err() {
-                            closed = true;
-                        }
+                    if let Some(sub) = subs.get_mut(ty).filter(|s| s.sent_version.is_some())
+                        && send(state, tx, ty, sub, &resources, false).await.is_err()
+                    {
+                        closed = true;
                     }
                 }
                 if closed {

@@ -100,12 +100,21 @@ impl Control {
 
     /// Serves ADS and the HTTP debug endpoints until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ControlError> {
-        let watcher = tokio::spawn(self.source.clone().watch(self.model_tx.clone(), shutdown.clone()));
+        let watcher = tokio::spawn(
+            self.source
+                .clone()
+                .watch(self.model_tx.clone(), shutdown.clone()),
+        );
         let http = axum::serve(self.http, router(self.state.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let grpc = tonic::transport::Server::builder()
-            .add_service(AggregatedDiscoveryServiceServer::new(Ads::new(self.state.clone())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.xds), shutdown.clone().cancelled_owned());
+            .add_service(AggregatedDiscoveryServiceServer::new(Ads::new(
+                self.state.clone(),
+            )))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.xds),
+                shutdown.clone().cancelled_owned(),
+            );
         let (http, grpc) = tokio::join!(http, grpc);
         watcher.abort();
         http.map_err(ControlError::Http)?;

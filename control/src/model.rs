@@ -440,7 +440,10 @@ impl Pod {
 }
 
 /// True when every `selector` label is present in `labels` with the same value.
-pub fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+pub fn labels_match(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
@@ -454,7 +457,9 @@ mod tests {
     #[test]
     fn parses_demo_fixtures() {
         let mut model = Model::from_yaml("bookinfo.yaml", DEMO).expect("demo parses");
-        model.add_yaml("routing.yaml", ROUTING).expect("routing parses");
+        model
+            .add_yaml("routing.yaml", ROUTING)
+            .expect("routing parses");
         assert_eq!(model.services.len(), 4);
         assert_eq!(model.pods.len(), 5);
         assert_eq!(model.virtual_services.len(), 1);
@@ -474,21 +479,37 @@ mod tests {
     #[test]
     fn invalid_yaml_names_the_document() {
         let err = Model::from_yaml("bad.yaml", "kind: Service\n  metadata: [").unwrap_err();
-        assert!(err.to_string().starts_with("bad.yaml: document 0: invalid YAML"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("bad.yaml: document 0: invalid YAML"),
+            "{err}"
+        );
     }
 
     #[test]
     fn pod_without_ip_is_rejected_with_its_name() {
         let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: ns}\nspec: {}\n";
         let err = Model::from_yaml("pods.yaml", text).unwrap_err();
-        assert_eq!(err.to_string(), "pods.yaml: Pod ns/p: status.podIP is missing");
+        assert_eq!(
+            err.to_string(),
+            "pods.yaml: Pod ns/p: status.podIP is missing"
+        );
     }
 
     #[test]
     fn fqdn_and_workload_names() {
-        assert_eq!(Model::fqdn("reviews", "default"), "reviews.default.svc.cluster.local");
-        assert_eq!(Model::fqdn("reviews.prod", "default"), "reviews.prod.svc.cluster.local");
-        assert_eq!(Model::fqdn("a.b.svc.cluster.local", "x"), "a.b.svc.cluster.local");
+        assert_eq!(
+            Model::fqdn("reviews", "default"),
+            "reviews.default.svc.cluster.local"
+        );
+        assert_eq!(
+            Model::fqdn("reviews.prod", "default"),
+            "reviews.prod.svc.cluster.local"
+        );
+        assert_eq!(
+            Model::fqdn("a.b.svc.cluster.local", "x"),
+            "a.b.svc.cluster.local"
+        );
         let mut pod = Model::from_yaml("x", DEMO).expect("demo parses").pods[0].clone();
         assert_eq!(Model::workload_name(&pod), "productpage-v1");
         pod.meta.owner_references = vec![OwnerReference {
@@ -501,6 +522,9 @@ mod tests {
     #[test]
     fn skips_unmodelled_kinds() {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: foo}\n---\n";
-        assert_eq!(Model::from_yaml("ns.yaml", text).expect("parses"), Model::default());
+        assert_eq!(
+            Model::from_yaml("ns.yaml", text).expect("parses"),
+            Model::default()
+        );
     }
 }

@@ -55,7 +55,9 @@ impl ConfigSource {
                     tracing::info!(dir = %dir.display(), services = model.services.len(), "configuration changed");
                     tx.send_replace(Arc::new(model));
                 }
-                Err(e) => tracing::error!(error = %e, "configuration change rejected, keeping the last good one"),
+                Err(e) => {
+                    tracing::error!(error = %e, "configuration change rejected, keeping the last good one")
+                }
             }
         }
     }

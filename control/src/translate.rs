@@ -14,7 +14,9 @@ use lumen_api::pb::envoy::config::listener::v3 as listener;
 use lumen_api::pb::envoy::config::route::v3 as route;
 use lumen_api::pb::envoy::extensions::filters::http::router::v3::Router;
 use lumen_api::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
-use lumen_api::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher::MatchPattern};
+use lumen_api::pb::envoy::r#type::matcher::v3::{
+    RegexMatcher, StringMatcher, string_matcher::MatchPattern,
+};
 use lumen_api::pb::google::protobuf::{Any, Duration, Struct, UInt32Value, Value, value::Kind};
 use lumen_api::{cluster_name, endpoint_meta, pack_any, ports, type_url};
 
@@ -44,7 +46,9 @@ pub struct ProxyResources {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("node id {id:?} is not of the form sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local")]
+#[error(
+    "node id {id:?} is not of the form sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local"
+)]
 pub struct NodeIdError {
     pub id: String,
 }
@@ -91,7 +95,9 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
         let fqdn = svc.fqdn();
         let subsets = subsets_of(model, svc);
         for port in &svc.ports {
-            for (subset, labels) in std::iter::once((String::new(), BTreeMap::new())).chain(subsets.clone()) {
+            for (subset, labels) in
+                std::iter::once((String::new(), BTreeMap::new())).chain(subsets.clone())
+            {
                 let name = cluster_name::outbound(port.port, &subset, &fqdn);
                 clusters.push(eds_cluster(&name));
                 endpoints.push(load_assignment(model, svc, port.port, &labels, &name));
@@ -122,7 +128,11 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
         .iter()
         .find(|p| p.meta.name == node.pod && p.meta.namespace == node.namespace)
     {
-        let inbound: BTreeSet<u16> = pod.container_ports.iter().map(|p| p.container_port).collect();
+        let inbound: BTreeSet<u16> = pod
+            .container_ports
+            .iter()
+            .map(|p| p.container_port)
+            .collect();
         for port in &inbound {
             clusters.push(inbound_cluster(pod, *port));
         }
@@ -133,7 +143,10 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
     let named = |name: String, resource: Any| NamedResource { name, resource };
     by_type.insert(
         type_url::CLUSTER,
-        clusters.into_iter().map(|c| named(c.name.clone(), pack_any(c))).collect(),
+        clusters
+            .into_iter()
+            .map(|c| named(c.name.clone(), pack_any(c)))
+            .collect(),
     );
     by_type.insert(
         type_url::ENDPOINT,
@@ -144,11 +157,17 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
     );
     by_type.insert(
         type_url::ROUTE,
-        routes.into_iter().map(|r| named(r.name.clone(), pack_any(r))).collect(),
+        routes
+            .into_iter()
+            .map(|r| named(r.name.clone(), pack_any(r)))
+            .collect(),
     );
     by_type.insert(
         type_url::LISTENER,
-        listeners.into_iter().map(|l| named(l.name.clone(), pack_any(l))).collect(),
+        listeners
+            .into_iter()
+            .map(|l| named(l.name.clone(), pack_any(l)))
+            .collect(),
     );
     ProxyResources { by_type }
 }
@@ -160,7 +179,12 @@ fn subsets_of(model: &Model, svc: &Service) -> Vec<(String, BTreeMap<String, Str
         .destination_rules
         .iter()
         .filter(|dr| Model::fqdn(&dr.spec.host, &dr.meta.namespace) == fqdn)
-        .flat_map(|dr| dr.spec.subsets.iter().map(|s| (s.name.clone(), s.labels.clone())))
+        .flat_map(|dr| {
+            dr.spec
+                .subsets
+                .iter()
+                .map(|s| (s.name.clone(), s.labels.clone()))
+        })
         .collect()
 }
 
@@ -177,7 +201,10 @@ fn ads_source() -> core::ConfigSource {
 fn eds_cluster(name: &str) -> cluster::Cluster {
     cluster::Cluster {
         name: name.to_string(),
-        connect_timeout: Some(Duration { seconds: 10, nanos: 0 }),
+        connect_timeout: Some(Duration {
+            seconds: 10,
+            nanos: 0,
+        }),
         lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
         cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
             cluster::cluster::DiscoveryType::Eds as i32,
@@ -194,7 +221,9 @@ fn socket_address(ip: &str, port: u16) -> core::Address {
     core::Address {
         address: Some(core::address::Address::SocketAddress(core::SocketAddress {
             address: ip.to_string(),
-            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(port))),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(
+                port,
+            ))),
             ..Default::default()
         })),
     }
@@ -208,10 +237,22 @@ fn string_value(s: &str) -> Value {
 
 fn lb_endpoint(pod: &Pod, port: u16) -> endpoint::LbEndpoint {
     let mut fields = BTreeMap::new();
-    fields.insert(endpoint_meta::WORKLOAD.to_string(), string_value(&Model::workload_name(pod)));
-    fields.insert(endpoint_meta::NAMESPACE.to_string(), string_value(&pod.meta.namespace));
-    fields.insert(endpoint_meta::SERVICE_ACCOUNT.to_string(), string_value(&pod.service_account));
-    for (key, label) in [(endpoint_meta::APP, "app"), (endpoint_meta::VERSION, "version")] {
+    fields.insert(
+        endpoint_meta::WORKLOAD.to_string(),
+        string_value(&Model::workload_name(pod)),
+    );
+    fields.insert(
+        endpoint_meta::NAMESPACE.to_string(),
+        string_value(&pod.meta.namespace),
+    );
+    fields.insert(
+        endpoint_meta::SERVICE_ACCOUNT.to_string(),
+        string_value(&pod.service_account),
+    );
+    for (key, label) in [
+        (endpoint_meta::APP, "app"),
+        (endpoint_meta::VERSION, "version"),
+    ] {
         if let Some(v) = pod.meta.labels.get(label) {
             fields.insert(key.to_string(), string_value(v));
         }
@@ -232,10 +273,12 @@ fn lb_endpoint(pod: &Pod, port: u16) -> endpoint::LbEndpoint {
         },
     );
     endpoint::LbEndpoint {
-        host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(endpoint::Endpoint {
-            address: Some(socket_address(&pod.ip.to_string(), port)),
-            ..Default::default()
-        })),
+        host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
+            endpoint::Endpoint {
+                address: Some(socket_address(&pod.ip.to_string(), port)),
+                ..Default::default()
+            },
+        )),
         metadata: Some(core::Metadata {
             filter_metadata,
             ..Default::default()
@@ -315,7 +358,10 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
         Some(vs) => {
             let mut routes = Vec::new();
             for (i, http) in vs.spec.http.iter().enumerate() {
-                let name = http.name.clone().unwrap_or_else(|| format!("{}.{}.{i}", vs.meta.name, vs.meta.namespace));
+                let name = http
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}.{}.{i}", vs.meta.name, vs.meta.namespace));
                 let clusters: Vec<route::weighted_cluster::ClusterWeight> = http
                     .route
                     .iter()
@@ -330,7 +376,11 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
                             ),
                             // A lone destination without weight takes everything (Istio's rule).
                             weight: Some(UInt32Value {
-                                value: d.weight.unwrap_or(if http.route.len() == 1 { 100 } else { 0 }),
+                                value: d.weight.unwrap_or(if http.route.len() == 1 {
+                                    100
+                                } else {
+                                    0
+                                }),
                             }),
                             ..Default::default()
                         }
@@ -339,10 +389,12 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
                 let specifier = if clusters.len() == 1 {
                     route::route_action::ClusterSpecifier::Cluster(clusters[0].name.clone())
                 } else {
-                    route::route_action::ClusterSpecifier::WeightedClusters(route::WeightedCluster {
-                        clusters,
-                        ..Default::default()
-                    })
+                    route::route_action::ClusterSpecifier::WeightedClusters(
+                        route::WeightedCluster {
+                            clusters,
+                            ..Default::default()
+                        },
+                    )
                 };
                 let matches: Vec<route::RouteMatch> = if http.matches.is_empty() {
                     vec![prefix_match("/")]
@@ -378,7 +430,9 @@ fn route_action(specifier: route::route_action::ClusterSpecifier) -> route::Rout
 
 fn prefix_match(prefix: &str) -> route::RouteMatch {
     route::RouteMatch {
-        path_specifier: Some(route::route_match::PathSpecifier::Prefix(prefix.to_string())),
+        path_specifier: Some(route::route_match::PathSpecifier::Prefix(
+            prefix.to_string(),
+        )),
         ..Default::default()
     }
 }
@@ -411,8 +465,11 @@ fn route_match(m: &HttpMatchRequest) -> route::RouteMatch {
         })),
         ..Default::default()
     };
-    let mut headers: Vec<route::HeaderMatcher> =
-        m.headers.iter().map(|(name, sm)| header(name, sm)).collect();
+    let mut headers: Vec<route::HeaderMatcher> = m
+        .headers
+        .iter()
+        .map(|(name, sm)| header(name, sm))
+        .collect();
     if let Some(method) = &m.method {
         headers.push(header(":method", method));
     }
@@ -423,13 +480,18 @@ fn route_match(m: &HttpMatchRequest) -> route::RouteMatch {
     }
 }
 
-fn http_connection_manager(stat_prefix: &str, routes: hcm::http_connection_manager::RouteSpecifier) -> listener::Filter {
+fn http_connection_manager(
+    stat_prefix: &str,
+    routes: hcm::http_connection_manager::RouteSpecifier,
+) -> listener::Filter {
     let manager = hcm::HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         route_specifier: Some(routes),
         http_filters: vec![hcm::HttpFilter {
             name: "envoy.filters.http.router".to_string(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
+                Router::default(),
+            ))),
             ..Default::default()
         }],
         ..Default::default()
@@ -462,7 +524,10 @@ fn inbound_cluster(pod: &Pod, port: u16) -> cluster::Cluster {
     let name = cluster_name::inbound(port);
     cluster::Cluster {
         name: name.clone(),
-        connect_timeout: Some(Duration { seconds: 10, nanos: 0 }),
+        connect_timeout: Some(Duration {
+            seconds: 10,
+            nanos: 0,
+        }),
         cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
             cluster::cluster::DiscoveryType::Static as i32,
         )),
@@ -528,8 +593,11 @@ mod tests {
     use prost::Message;
 
     fn demo_model() -> Model {
-        let mut model = Model::from_yaml("bookinfo", include_str!("../../fixtures/demo/bookinfo.yaml"))
-            .expect("demo parses");
+        let mut model = Model::from_yaml(
+            "bookinfo",
+            include_str!("../../fixtures/demo/bookinfo.yaml"),
+        )
+        .expect("demo parses");
         model
             .add_yaml("routing", include_str!("../../fixtures/demo/routing.yaml"))
             .expect("routing parses");
@@ -544,7 +612,10 @@ mod tests {
     #[test]
     fn node_ids_parse_like_istio() {
         let n = node();
-        assert_eq!((n.ip.as_str(), n.pod.as_str(), n.namespace.as_str()), ("127.0.10.1", "productpage-v1", "default"));
+        assert_eq!(
+            (n.ip.as_str(), n.pod.as_str(), n.namespace.as_str()),
+            ("127.0.10.1", "productpage-v1", "default")
+        );
         assert!(ProxyNode::parse("router~1.2.3.4~x.y~y.svc.cluster.local").is_err());
         assert!(ProxyNode::parse("sidecar~1.2.3.4~nonamespace~z").is_err());
     }
@@ -552,7 +623,11 @@ mod tests {
     #[test]
     fn clusters_cover_services_and_subsets() {
         let res = translate(&demo_model(), &node());
-        let names: BTreeSet<&str> = res.of_type(type_url::CLUSTER).iter().map(|r| r.name.as_str()).collect();
+        let names: BTreeSet<&str> = res
+            .of_type(type_url::CLUSTER)
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
         for expected in [
             "outbound|9080||productpage.default.svc.cluster.local",
             "outbound|9080||reviews.default.svc.cluster.local",
@@ -574,21 +649,31 @@ mod tests {
             .iter()
             .find(|r| r.name == "outbound|9080|v2|reviews.default.svc.cluster.local")
             .expect("v2 endpoints");
-        let cla = endpoint::ClusterLoadAssignment::decode(v2.resource.value.as_slice()).expect("decodes");
+        let cla =
+            endpoint::ClusterLoadAssignment::decode(v2.resource.value.as_slice()).expect("decodes");
         let eps = &cla.endpoints[0].lb_endpoints;
         assert_eq!(eps.len(), 1);
-        let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = &eps[0].host_identifier else {
+        let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = &eps[0].host_identifier
+        else {
             panic!("endpoint expected");
         };
         assert_eq!(ep.address, Some(socket_address("127.0.10.4", 9080)));
-        let meta = &eps[0].metadata.as_ref().expect("metadata").filter_metadata[endpoint_meta::FILTER];
-        assert_eq!(meta.fields[endpoint_meta::WORKLOAD], string_value("reviews-v2"));
+        let meta =
+            &eps[0].metadata.as_ref().expect("metadata").filter_metadata[endpoint_meta::FILTER];
+        assert_eq!(
+            meta.fields[endpoint_meta::WORKLOAD],
+            string_value("reviews-v2")
+        );
     }
 
     #[test]
     fn virtual_service_becomes_weighted_route() {
         let res = translate(&demo_model(), &node());
-        let rc = res.of_type(type_url::ROUTE).iter().find(|r| r.name == "9080").expect("route 9080");
+        let rc = res
+            .of_type(type_url::ROUTE)
+            .iter()
+            .find(|r| r.name == "9080")
+            .expect("route 9080");
         let rc = route::RouteConfiguration::decode(rc.resource.value.as_slice()).expect("decodes");
         let vh = rc
             .virtual_hosts
@@ -599,7 +684,9 @@ mod tests {
         let Some(route::route::Action::Route(action)) = &vh.routes[0].action else {
             panic!("route action expected");
         };
-        let Some(route::route_action::ClusterSpecifier::WeightedClusters(wc)) = &action.cluster_specifier else {
+        let Some(route::route_action::ClusterSpecifier::WeightedClusters(wc)) =
+            &action.cluster_specifier
+        else {
             panic!("weighted clusters expected");
         };
         let split: Vec<(&str, u32)> = wc
@@ -619,7 +706,10 @@ mod tests {
     #[test]
     fn short_names_only_for_same_namespace_clients() {
         let model = demo_model();
-        let other = ProxyNode { namespace: "other".into(), ..node() };
+        let other = ProxyNode {
+            namespace: "other".into(),
+            ..node()
+        };
         let svc = &model.services[0];
         assert!(domains(svc, 9080, "default").contains(&"productpage".to_string()));
         assert!(!domains(svc, 9080, &other.namespace).contains(&"productpage".to_string()));
@@ -627,8 +717,15 @@ mod tests {
 
     #[test]
     fn unknown_node_gets_no_inbound() {
-        let other = ProxyNode { pod: "ghost".into(), ..node() };
+        let other = ProxyNode {
+            pod: "ghost".into(),
+            ..node()
+        };
         let res = translate(&demo_model(), &other);
-        assert!(res.of_type(type_url::LISTENER).iter().all(|l| l.name != "virtualInbound"));
+        assert!(
+            res.of_type(type_url::LISTENER)
+                .iter()
+                .all(|l| l.name != "virtualInbound")
+        );
     }
 }

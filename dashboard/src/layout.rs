@@ -39,14 +39,22 @@ pub fn layered(nodes: &[String], edges: &[(String, String)]) -> Layout {
     for (n, d) in &depth {
         columns.entry(*d).or_default().insert(n);
     }
-    let rows = columns.values().map(BTreeSet::len).max().unwrap_or(1).max(1);
+    let rows = columns
+        .values()
+        .map(BTreeSet::len)
+        .max()
+        .unwrap_or(1)
+        .max(1);
     let height = MARGIN * 2 + ROW * (rows as i32 - 1);
     let mut positions = BTreeMap::new();
     for (col, names) in &columns {
         let span = ROW * (names.len() as i32 - 1);
         let top = (height - span) / 2;
         for (i, name) in names.iter().enumerate() {
-            positions.insert((*name).to_string(), (MARGIN + COLUMN * *col as i32, top + ROW * i as i32));
+            positions.insert(
+                (*name).to_string(),
+                (MARGIN + COLUMN * *col as i32, top + ROW * i as i32),
+            );
         }
     }
     let width = MARGIN * 2 + COLUMN * (columns.len().max(1) as i32 - 1);
@@ -79,7 +87,9 @@ mod tests {
 
     #[test]
     fn callers_left_of_callees() {
-        let nodes: Vec<String> = ["details", "productpage", "ratings", "reviews"].map(String::from).to_vec();
+        let nodes: Vec<String> = ["details", "productpage", "ratings", "reviews"]
+            .map(String::from)
+            .to_vec();
         let edges = vec![
             ("productpage".to_string(), "reviews".to_string()),
             ("productpage".to_string(), "details".to_string()),
@@ -94,7 +104,10 @@ mod tests {
     #[test]
     fn cycles_terminate() {
         let nodes: Vec<String> = ["a", "b"].map(String::from).to_vec();
-        let edges = vec![("a".to_string(), "b".to_string()), ("b".to_string(), "a".to_string())];
+        let edges = vec![
+            ("a".to_string(), "b".to_string()),
+            ("b".to_string(), "a".to_string()),
+        ];
         let l = layered(&nodes, &edges);
         assert_eq!(l.positions.len(), 2);
     }

@@ -83,13 +83,21 @@ async fn index<Q: MeshQuery>(State(query): State<Arc<Q>>) -> Response {
     };
     match render(&overview, error) {
         Ok(html) => Html(html).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("rendering dashboard: {e}")).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering dashboard: {e}"),
+        )
+            .into_response(),
     }
 }
 
 /// Renders the page for an overview.
 pub fn render(overview: &MeshOverview, error: Option<String>) -> Result<String, askama::Error> {
-    let mut names: Vec<String> = overview.services.iter().map(|s| s.service.clone()).collect();
+    let mut names: Vec<String> = overview
+        .services
+        .iter()
+        .map(|s| s.service.clone())
+        .collect();
     for e in &overview.edges {
         names.push(e.source.clone());
         names.push(e.destination.clone());
@@ -102,7 +110,11 @@ pub fn render(overview: &MeshOverview, error: Option<String>) -> Result<String, 
         .map(|e| (e.source.clone(), e.destination.clone()))
         .collect();
     let layout = layout::layered(&names, &pairs);
-    let errors: BTreeMap<&str, i64> = overview.services.iter().map(|s| (s.service.as_str(), s.errors)).collect();
+    let errors: BTreeMap<&str, i64> = overview
+        .services
+        .iter()
+        .map(|s| (s.service.as_str(), s.errors))
+        .collect();
     let nodes = layout
         .positions
         .iter()
@@ -184,7 +196,11 @@ mod tests {
     fn renders_nodes_edges_and_table() {
         let overview = MeshOverview {
             window_s: 60,
-            services: vec![service("productpage", 0), service("reviews", 0), service("ratings", 3)],
+            services: vec![
+                service("productpage", 0),
+                service("reviews", 0),
+                service("ratings", 3),
+            ],
             edges: vec![
                 EdgeStats {
                     source: "productpage".into(),
@@ -208,15 +224,27 @@ mod tests {
         };
         let html = render(&overview, None).expect("renders");
         assert!(html.contains(r#"data-service="ratings""#));
-        assert!(html.contains(r#"data-source="reviews" data-destination="ratings" data-rate="1.67""#));
+        assert!(
+            html.contains(r#"data-source="reviews" data-destination="ratings" data-rate="1.67""#)
+        );
         assert!(html.contains("3.0% err"));
         assert!(html.contains("97.0%"));
-        assert!(!html.contains("http://") && !html.contains("https://"), "no external requests");
+        assert!(
+            !html.contains("http://") && !html.contains("https://"),
+            "no external requests"
+        );
     }
 
     #[test]
     fn empty_mesh_says_so() {
-        let html = render(&MeshOverview { window_s: 60, ..Default::default() }, Some("boom".into())).expect("renders");
+        let html = render(
+            &MeshOverview {
+                window_s: 60,
+                ..Default::default()
+            },
+            Some("boom".into()),
+        )
+        .expect("renders");
         assert!(html.contains("No traffic seen"));
         assert!(html.contains("query failed: boom"));
     }

@@ -26,15 +26,24 @@ impl Admin {
                 if *self.ready.borrow() {
                     reply(StatusCode::OK, "text/plain", "LIVE\n".to_string())
                 } else {
-                    reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "PRE_INITIALIZING\n".to_string())
+                    reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        "PRE_INITIALIZING\n".to_string(),
+                    )
                 }
             }
-            (&http::Method::GET, "/config_dump") => reply(StatusCode::OK, "application/json", self.config_dump()),
+            (&http::Method::GET, "/config_dump") => {
+                reply(StatusCode::OK, "application/json", self.config_dump())
+            }
             (&http::Method::GET, "/stats/prometheus") => {
                 let mut text = self.data.reporter.prometheus_text();
                 text.push_str("# HELP lumen_proxy_dropped_spans_total Spans dropped because the exporter was behind or failing.\n");
                 text.push_str("# TYPE lumen_proxy_dropped_spans_total counter\n");
-                text.push_str(&format!("lumen_proxy_dropped_spans_total {}\n", self.data.reporter.dropped_spans()));
+                text.push_str(&format!(
+                    "lumen_proxy_dropped_spans_total {}\n",
+                    self.data.reporter.dropped_spans()
+                ));
                 reply(StatusCode::OK, "text/plain; version=0.0.4", text)
             }
             _ => reply(
@@ -100,7 +109,9 @@ impl Admin {
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
     let mut resp = Response::new(text_body(body));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     resp
 }

@@ -45,7 +45,12 @@ pub enum BootstrapError {
 
 impl ProxyConfig {
     /// The configuration of a sidecar for a pod at `ip`, on the standard ports.
-    pub fn sidecar(ip: IpAddr, identity: Identity, xds_endpoint: String, otlp_endpoint: Option<String>) -> ProxyConfig {
+    pub fn sidecar(
+        ip: IpAddr,
+        identity: Identity,
+        xds_endpoint: String,
+        otlp_endpoint: Option<String>,
+    ) -> ProxyConfig {
         ProxyConfig {
             node_id: format!(
                 "sidecar~{ip}~{}.{ns}~{ns}.svc.cluster.local",
@@ -85,10 +90,9 @@ impl ProxyConfig {
             .and_then(|v| serde_yaml::from_value(v.clone()).ok())
             .unwrap_or_default();
         let mut parts = node.id.split('~');
-        let ip: IpAddr = parts
-            .nth(1)
-            .and_then(|ip| ip.parse().ok())
-            .ok_or_else(|| invalid("node.id must be sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local"))?;
+        let ip: IpAddr = parts.nth(1).and_then(|ip| ip.parse().ok()).ok_or_else(|| {
+            invalid("node.id must be sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local")
+        })?;
         let (pod, namespace) = parts
             .next()
             .and_then(|p| p.rsplit_once('.'))
@@ -102,8 +106,20 @@ impl ProxyConfig {
             pod: meta_str("NAME").unwrap_or(pod),
         };
         let cluster_addr = |name: &str| -> Option<SocketAddr> {
-            let c = b.static_resources.clusters.iter().find(|c| c.name == name)?;
-            let sa = &c.load_assignment.endpoints.first()?.lb_endpoints.first()?.endpoint.address.socket_address;
+            let c = b
+                .static_resources
+                .clusters
+                .iter()
+                .find(|c| c.name == name)?;
+            let sa = &c
+                .load_assignment
+                .endpoints
+                .first()?
+                .lb_endpoints
+                .first()?
+                .endpoint
+                .address
+                .socket_address;
             Some(SocketAddr::new(sa.address.parse().ok()?, sa.port_value))
         };
         let ads_cluster = b
@@ -112,12 +128,20 @@ impl ProxyConfig {
             .and_then(|a| a.grpc_services.into_iter().next())
             .map(|g| g.envoy_grpc.cluster_name)
             .ok_or_else(|| invalid("dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name is missing"))?;
-        let xds = cluster_addr(&ads_cluster)
-            .ok_or_else(|| BootstrapError::Invalid(format!("static cluster {ads_cluster:?} with a socket address is missing")))?;
+        let xds = cluster_addr(&ads_cluster).ok_or_else(|| {
+            BootstrapError::Invalid(format!(
+                "static cluster {ads_cluster:?} with a socket address is missing"
+            ))
+        })?;
         let port = |k: &str, d: u16| meta_str(k).and_then(|p| p.parse().ok()).unwrap_or(d);
         let admin = b
             .admin
-            .and_then(|a| Some(SocketAddr::new(a.address.socket_address.address.parse().ok()?, a.address.socket_address.port_value)))
+            .and_then(|a| {
+                Some(SocketAddr::new(
+                    a.address.socket_address.address.parse().ok()?,
+                    a.address.socket_address.port_value,
+                ))
+            })
             .unwrap_or_else(|| SocketAddr::new(ip, ports::PROXY_ADMIN));
         Ok(ProxyConfig {
             node_id: node.id.clone(),
@@ -224,8 +248,13 @@ mod tests {
 
     #[test]
     fn reads_the_fixture_bootstrap() {
-        let cfg = ProxyConfig::from_bootstrap_yaml(include_str!("../../fixtures/proxy/bootstrap.yaml")).expect("parses");
-        assert_eq!(cfg.node_id, "sidecar~127.0.10.3~reviews-v1.default~default.svc.cluster.local");
+        let cfg =
+            ProxyConfig::from_bootstrap_yaml(include_str!("../../fixtures/proxy/bootstrap.yaml"))
+                .expect("parses");
+        assert_eq!(
+            cfg.node_id,
+            "sidecar~127.0.10.3~reviews-v1.default~default.svc.cluster.local"
+        );
         assert_eq!(cfg.identity.app, "reviews");
         assert_eq!(cfg.identity.version, "v1");
         assert_eq!(cfg.identity.workload, "reviews-v1");
@@ -237,7 +266,10 @@ mod tests {
 
     #[test]
     fn missing_ads_cluster_is_a_clear_error() {
-        let err = ProxyConfig::from_bootstrap_yaml("node: {id: 'sidecar~127.0.0.1~a.b~b.svc.cluster.local'}\n").unwrap_err();
+        let err = ProxyConfig::from_bootstrap_yaml(
+            "node: {id: 'sidecar~127.0.0.1~a.b~b.svc.cluster.local'}\n",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("ads_config"), "{err}");
     }
 }

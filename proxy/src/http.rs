@@ -36,7 +36,14 @@ pub mod peer_headers {
     pub const DESTINATION_SERVICE: &str = "x-lumen-destination-service";
     /// The app address the client meant (what iptables' original destination would say).
     pub const ORIGINAL_DST: &str = "x-lumen-original-dst";
-    pub const ALL: [&str; 6] = [WORKLOAD, NAMESPACE, APP, VERSION, DESTINATION_SERVICE, ORIGINAL_DST];
+    pub const ALL: [&str; 6] = [
+        WORKLOAD,
+        NAMESPACE,
+        APP,
+        VERSION,
+        DESTINATION_SERVICE,
+        ORIGINAL_DST,
+    ];
 }
 
 const TRACEPARENT: &str = "traceparent";
@@ -83,7 +90,8 @@ impl Drop for Finish {
         let elapsed = self.started.elapsed();
         let mut span = self.span.clone();
         span.end = span.start + elapsed;
-        self.reporter.request(std::mem::take(&mut self.labels), elapsed);
+        self.reporter
+            .request(std::mem::take(&mut self.labels), elapsed);
         self.reporter.span(span);
     }
 }
@@ -119,7 +127,9 @@ where
 
 /// A small text body.
 pub fn text_body(text: impl Into<Bytes>) -> Body {
-    Full::new(text.into()).map_err(|never| match never {}).boxed()
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 impl DataPath {
@@ -130,7 +140,11 @@ impl DataPath {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
-        DataPath { config, reporter, client }
+        DataPath {
+            config,
+            reporter,
+            client,
+        }
     }
 
     /// Handles a request the local app sent to the outbound listener.
@@ -138,7 +152,11 @@ impl DataPath {
         let started = Instant::now();
         let start = SystemTime::now();
         let authority = authority_of(&req);
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
         let parent = incoming_parent(&req);
         let ctx = parent.map_or_else(SpanContext::new_root, |p| p.child());
         let me = self.reporter.identity().clone();
@@ -167,9 +185,18 @@ impl DataPath {
             end: start,
             error: false,
             attributes: vec![
-                ("http.request.method", AttrValue::Str(req.method().to_string())),
-                ("url.path", AttrValue::Str(path.split('?').next().unwrap_or("/").to_string())),
-                ("server.address", AttrValue::Str(host_only(&authority).to_string())),
+                (
+                    "http.request.method",
+                    AttrValue::Str(req.method().to_string()),
+                ),
+                (
+                    "url.path",
+                    AttrValue::Str(path.split('?').next().unwrap_or("/").to_string()),
+                ),
+                (
+                    "server.address",
+                    AttrValue::Str(host_only(&authority).to_string()),
+                ),
             ],
         };
         let config = self.config.borrow().clone();
@@ -186,7 +213,11 @@ impl DataPath {
                     known.len(),
                     known.join(", ")
                 );
-                let status = if flag == flags::NO_ROUTE { StatusCode::NOT_FOUND } else { StatusCode::SERVICE_UNAVAILABLE };
+                let status = if flag == flags::NO_ROUTE {
+                    StatusCode::NOT_FOUND
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
                 return self.local_reply(status, flag, body, labels, span, started);
             }
         };
@@ -199,21 +230,42 @@ impl DataPath {
         labels.destination_service = service.clone();
         if let Some((name, rest)) = service.split_once('.') {
             labels.destination_service_name = name.to_string();
-            labels.destination_service_namespace = rest.split('.').next().unwrap_or_default().to_string();
+            labels.destination_service_namespace =
+                rest.split('.').next().unwrap_or_default().to_string();
         }
         span.name = format!("{vhost}/*");
-        span.attributes.push(("upstream_cluster", AttrValue::Str(decision.cluster.name.clone())));
+        span.attributes.push((
+            "upstream_cluster",
+            AttrValue::Str(decision.cluster.name.clone()),
+        ));
         let Some(endpoint) = decision.cluster.pick().cloned() else {
-            let body = format!("lumen-proxy: no healthy upstream in cluster {}\n", decision.cluster.name);
-            return self.local_reply(StatusCode::SERVICE_UNAVAILABLE, flags::NO_HEALTHY_UPSTREAM, body, labels, span, started);
+            let body = format!(
+                "lumen-proxy: no healthy upstream in cluster {}\n",
+                decision.cluster.name
+            );
+            return self.local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                flags::NO_HEALTHY_UPSTREAM,
+                body,
+                labels,
+                span,
+                started,
+            );
         };
         labels.destination_workload = endpoint.workload.clone();
         labels.destination_workload_namespace = endpoint.namespace.clone();
         labels.destination_app = endpoint.app.clone();
         labels.destination_version = endpoint.version.clone();
-        span.attributes.push(("peer.service", AttrValue::Str(endpoint.app.clone())));
-        span.attributes.push(("network.peer.address", AttrValue::Str(endpoint.connect_addr.ip().to_string())));
-        span.attributes.push(("network.peer.port", AttrValue::Int(i64::from(endpoint.connect_addr.port()))));
+        span.attributes
+            .push(("peer.service", AttrValue::Str(endpoint.app.clone())));
+        span.attributes.push((
+            "network.peer.address",
+            AttrValue::Str(endpoint.connect_addr.ip().to_string()),
+        ));
+        span.attributes.push((
+            "network.peer.port",
+            AttrValue::Int(i64::from(endpoint.connect_addr.port())),
+        ));
 
         let mut upstream = req;
         strip_hop_by_hop(upstream.headers_mut());
@@ -225,9 +277,14 @@ impl DataPath {
             set_header(headers, peer_headers::APP, &me.app);
             set_header(headers, peer_headers::VERSION, &me.version);
             set_header(headers, peer_headers::DESTINATION_SERVICE, &service);
-            set_header(headers, peer_headers::ORIGINAL_DST, &endpoint.app_addr.to_string());
+            set_header(
+                headers,
+                peer_headers::ORIGINAL_DST,
+                &endpoint.app_addr.to_string(),
+            );
         }
-        self.forward(upstream, &endpoint, labels, span, started).await
+        self.forward(upstream, &endpoint, labels, span, started)
+            .await
     }
 
     /// Handles a request that arrived at the inbound listener for the local app.
@@ -235,14 +292,25 @@ impl DataPath {
         let started = Instant::now();
         let start = SystemTime::now();
         let authority = authority_of(&req);
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
         let parent = incoming_parent(&req);
         let ctx = parent.map_or_else(SpanContext::new_root, |p| p.child());
         let me = self.reporter.identity().clone();
-        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
         let unknown = || "unknown".to_string();
-        let service = header(peer_headers::DESTINATION_SERVICE).unwrap_or_else(|| host_only(&authority).to_string());
-        let original_dst: Option<SocketAddr> = header(peer_headers::ORIGINAL_DST).and_then(|v| v.parse().ok());
+        let service = header(peer_headers::DESTINATION_SERVICE)
+            .unwrap_or_else(|| host_only(&authority).to_string());
+        let original_dst: Option<SocketAddr> =
+            header(peer_headers::ORIGINAL_DST).and_then(|v| v.parse().ok());
         let mut labels = RequestLabels {
             reporter: "destination",
             source_workload: header(peer_headers::WORKLOAD).unwrap_or_else(unknown),
@@ -255,7 +323,11 @@ impl DataPath {
             destination_version: me.version.clone(),
             destination_service: service.clone(),
             destination_service_name: service.split('.').next().unwrap_or_default().to_string(),
-            destination_service_namespace: service.split('.').nth(1).unwrap_or(&me.namespace).to_string(),
+            destination_service_namespace: service
+                .split('.')
+                .nth(1)
+                .unwrap_or(&me.namespace)
+                .to_string(),
             request_protocol: "http",
             ..Default::default()
         };
@@ -274,16 +346,32 @@ impl DataPath {
             end: start,
             error: false,
             attributes: vec![
-                ("http.request.method", AttrValue::Str(req.method().to_string())),
-                ("url.path", AttrValue::Str(path.split('?').next().unwrap_or("/").to_string())),
-                ("server.address", AttrValue::Str(host_only(&authority).to_string())),
+                (
+                    "http.request.method",
+                    AttrValue::Str(req.method().to_string()),
+                ),
+                (
+                    "url.path",
+                    AttrValue::Str(path.split('?').next().unwrap_or("/").to_string()),
+                ),
+                (
+                    "server.address",
+                    AttrValue::Str(host_only(&authority).to_string()),
+                ),
                 ("peer.service", AttrValue::Str(labels.source_app.clone())),
             ],
         };
         let Some(endpoint) = cluster.as_ref().and_then(|c| c.pick().cloned()) else {
             let body = "lumen-proxy: no inbound cluster for the local app (has the control plane sent its configuration?)\n";
             labels.destination_service_name = labels.destination_service_name.clone();
-            return self.local_reply(StatusCode::SERVICE_UNAVAILABLE, flags::NO_CLUSTER, body.to_string(), labels, span, started);
+            return self.local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                flags::NO_CLUSTER,
+                body.to_string(),
+                labels,
+                span,
+                started,
+            );
         };
         let mut upstream = req;
         strip_hop_by_hop(upstream.headers_mut());
@@ -292,7 +380,8 @@ impl DataPath {
             headers.remove(name);
         }
         set_header(headers, TRACEPARENT, &ctx.traceparent());
-        self.forward(upstream, &endpoint, labels, span, started).await
+        self.forward(upstream, &endpoint, labels, span, started)
+            .await
     }
 
     /// Sends the request to `endpoint.connect_addr` and wraps the response for recording.
@@ -314,24 +403,54 @@ impl DataPath {
             Ok(uri) => *req.uri_mut() = uri,
             Err(e) => {
                 let body = format!("lumen-proxy: bad request path: {e}\n");
-                return self.local_reply(StatusCode::BAD_REQUEST, flags::NONE, body, labels, span, started);
+                return self.local_reply(
+                    StatusCode::BAD_REQUEST,
+                    flags::NONE,
+                    body,
+                    labels,
+                    span,
+                    started,
+                );
             }
         }
         match tokio::time::timeout(UPSTREAM_TIMEOUT, self.client.request(req)).await {
             Err(_) => {
-                let body = format!("lumen-proxy: upstream {} did not answer within {UPSTREAM_TIMEOUT:?}\n", endpoint.connect_addr);
-                self.local_reply(StatusCode::GATEWAY_TIMEOUT, flags::UPSTREAM_TIMEOUT, body, labels, span, started)
+                let body = format!(
+                    "lumen-proxy: upstream {} did not answer within {UPSTREAM_TIMEOUT:?}\n",
+                    endpoint.connect_addr
+                );
+                self.local_reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    flags::UPSTREAM_TIMEOUT,
+                    body,
+                    labels,
+                    span,
+                    started,
+                )
             }
             Ok(Err(e)) => {
-                let body = format!("lumen-proxy: upstream connect error or disconnect to {}: {e}\n", endpoint.connect_addr);
-                self.local_reply(StatusCode::SERVICE_UNAVAILABLE, flags::UPSTREAM_CONNECT_FAILURE, body, labels, span, started)
+                let body = format!(
+                    "lumen-proxy: upstream connect error or disconnect to {}: {e}\n",
+                    endpoint.connect_addr
+                );
+                self.local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    flags::UPSTREAM_CONNECT_FAILURE,
+                    body,
+                    labels,
+                    span,
+                    started,
+                )
             }
             Ok(Ok(resp)) => {
                 let status = resp.status();
                 labels.response_code = status.as_u16();
                 labels.response_flags = flags::NONE.to_string();
                 span.error = is_error(span.kind, status);
-                span.attributes.push(("http.response.status_code", AttrValue::Int(i64::from(status.as_u16()))));
+                span.attributes.push((
+                    "http.response.status_code",
+                    AttrValue::Int(i64::from(status.as_u16())),
+                ));
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let finish = Finish {
@@ -340,7 +459,14 @@ impl DataPath {
                     span,
                     started,
                 };
-                Response::from_parts(parts, Tracked { inner: body, _finish: finish }.boxed())
+                Response::from_parts(
+                    parts,
+                    Tracked {
+                        inner: body,
+                        _finish: finish,
+                    }
+                    .boxed(),
+                )
             }
         }
     }
@@ -358,8 +484,12 @@ impl DataPath {
         labels.response_code = status.as_u16();
         labels.response_flags = flag.to_string();
         span.error = is_error(span.kind, status);
-        span.attributes.push(("http.response.status_code", AttrValue::Int(i64::from(status.as_u16()))));
-        span.attributes.push(("response_flags", AttrValue::Str(flag.to_string())));
+        span.attributes.push((
+            "http.response.status_code",
+            AttrValue::Int(i64::from(status.as_u16())),
+        ));
+        span.attributes
+            .push(("response_flags", AttrValue::Str(flag.to_string())));
         let finish = Finish {
             reporter: self.reporter.clone(),
             labels,
@@ -370,7 +500,10 @@ impl DataPath {
         let mut resp = Response::new(text_body(body));
         *resp.status_mut() = status;
         let headers = resp.headers_mut();
-        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
         set_header(headers, "x-lumen-response-flags", flag);
         resp
     }
@@ -400,7 +533,9 @@ fn incoming_parent(req: &Request<Incoming>) -> Option<SpanContext> {
 /// `host` of `host:port` (IPv6 literals in brackets kept whole).
 pub fn host_only(authority: &str) -> &str {
     if authority.starts_with('[') {
-        return authority.split_once(']').map_or(authority, |(h, _)| &h[1..]);
+        return authority
+            .split_once(']')
+            .map_or(authority, |(h, _)| &h[1..]);
     }
     authority.rsplit_once(':').map_or(authority, |(h, _)| h)
 }
@@ -432,6 +567,9 @@ mod tests {
     fn client_and_server_error_rules() {
         assert!(is_error(SpanKind::Client, StatusCode::NOT_FOUND));
         assert!(!is_error(SpanKind::Server, StatusCode::NOT_FOUND));
-        assert!(is_error(SpanKind::Server, StatusCode::INTERNAL_SERVER_ERROR));
+        assert!(is_error(
+            SpanKind::Server,
+            StatusCode::INTERNAL_SERVER_ERROR
+        ));
     }
 }

@@ -96,24 +96,38 @@ impl Proxy {
         let exporter = {
             let reporter = reporter.clone();
             let mut options = self.export.clone();
-            options.endpoint = options.endpoint.or_else(|| self.config.otlp_endpoint.clone());
+            options.endpoint = options
+                .endpoint
+                .or_else(|| self.config.otlp_endpoint.clone());
             let stop = export_stop.clone();
             tokio::spawn(async move { reporter.export_loop(queue, options, stop).await })
         };
         let outbound = {
             let data = data.clone();
-            server::serve(self.outbound, move |req| data.clone().outbound(req), shutdown.clone())
+            server::serve(
+                self.outbound,
+                move |req| data.clone().outbound(req),
+                shutdown.clone(),
+            )
         };
         let inbound = {
             let data = data.clone();
-            server::serve(self.inbound, move |req| data.clone().inbound(req), shutdown.clone())
+            server::serve(
+                self.inbound,
+                move |req| data.clone().inbound(req),
+                shutdown.clone(),
+            )
         };
         let admin_state = admin::Admin {
             data,
             ready: ready_rx,
             node_id: self.config.node_id.clone(),
         };
-        let admin = server::serve(self.admin, move |req| admin_state.clone().handle(req), shutdown.clone());
+        let admin = server::serve(
+            self.admin,
+            move |req| admin_state.clone().handle(req),
+            shutdown.clone(),
+        );
         tracing::info!(node = %self.config.node_id, outbound = %self.config.outbound_addr, inbound = %self.config.inbound_addr, "proxy started");
         tokio::join!(outbound, inbound, admin);
         export_stop.cancel();

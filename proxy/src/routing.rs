@@ -161,7 +161,9 @@ impl MeshConfig {
                     .iter()
                     .any(|d| d == "*" || *d == host || (port.is_none() && d == bare))
             });
-            let Some((vh_index, vh)) = found else { continue };
+            let Some((vh_index, vh)) = found else {
+                continue;
+            };
             let Some((route_index, route)) = vh
                 .routes
                 .iter()
@@ -171,13 +173,13 @@ impl MeshConfig {
                 return Err(no_route());
             };
             let cluster_name = route.pick_backend(random).ok_or_else(no_route)?;
-            let cluster = self
-                .clusters
-                .get(cluster_name)
-                .cloned()
-                .ok_or_else(|| RouteError::NoCluster {
-                    cluster: cluster_name.to_string(),
-                })?;
+            let cluster =
+                self.clusters
+                    .get(cluster_name)
+                    .cloned()
+                    .ok_or_else(|| RouteError::NoCluster {
+                        cluster: cluster_name.to_string(),
+                    })?;
             return Ok(Decision {
                 route_config: rc.clone(),
                 virtual_host: vh_index,
@@ -218,10 +220,8 @@ impl MeshConfig {
     pub fn apply_clusters(&mut self, clusters: Vec<Cluster>) {
         let old = std::mem::take(&mut self.clusters);
         for mut c in clusters {
-            if c.eds {
-                if let Some(prev) = old.get(&c.name) {
-                    c.endpoints = prev.endpoints.clone();
-                }
+            if let Some(prev) = old.get(&c.name).filter(|_| c.eds) {
+                c.endpoints = prev.endpoints.clone();
             }
             self.clusters.insert(c.name.clone(), Arc::new(c));
         }
@@ -244,7 +244,12 @@ impl MeshConfig {
 
     /// Names of EDS clusters (what to ask EDS for).
     pub fn eds_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.clusters.values().filter(|c| c.eds).map(|c| c.name.clone()).collect();
+        let mut names: Vec<String> = self
+            .clusters
+            .values()
+            .filter(|c| c.eds)
+            .map(|c| c.name.clone())
+            .collect();
         names.sort();
         names
     }
@@ -312,7 +317,10 @@ fn unsupported(kind: &'static str, name: &str, message: impl Into<String>) -> Co
 }
 
 /// Decodes a resource packed in an `Any`, checking its type.
-pub fn decode<T: Message + Default>(any: &lumen_api::pb::google::protobuf::Any, expected: &str) -> Result<T, ConfigError> {
+pub fn decode<T: Message + Default>(
+    any: &lumen_api::pb::google::protobuf::Any,
+    expected: &str,
+) -> Result<T, ConfigError> {
     if any.type_url != expected {
         return Err(ConfigError::Decode {
             type_url: any.type_url.clone(),
@@ -325,9 +333,18 @@ pub fn decode<T: Message + Default>(any: &lumen_api::pb::google::protobuf::Any, 
     })
 }
 
-fn socket_addr(addr: Option<&xcore::Address>, kind: &'static str, name: &str) -> Result<SocketAddr, ConfigError> {
-    let Some(xcore::address::Address::SocketAddress(sa)) = addr.and_then(|a| a.address.as_ref()) else {
-        return Err(unsupported(kind, name, "only socket addresses are supported"));
+fn socket_addr(
+    addr: Option<&xcore::Address>,
+    kind: &'static str,
+    name: &str,
+) -> Result<SocketAddr, ConfigError> {
+    let Some(xcore::address::Address::SocketAddress(sa)) = addr.and_then(|a| a.address.as_ref())
+    else {
+        return Err(unsupported(
+            kind,
+            name,
+            "only socket addresses are supported",
+        ));
     };
     let ip: IpAddr = sa
         .address
@@ -336,7 +353,8 @@ fn socket_addr(addr: Option<&xcore::Address>, kind: &'static str, name: &str) ->
     let Some(xcore::socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
         return Err(unsupported(kind, name, "named ports are not supported"));
     };
-    let port = u16::try_from(port).map_err(|_| unsupported(kind, name, format!("port {port} out of range")))?;
+    let port = u16::try_from(port)
+        .map_err(|_| unsupported(kind, name, format!("port {port} out of range")))?;
     Ok(SocketAddr::new(ip, port))
 }
 
@@ -351,8 +369,11 @@ pub fn listener_rds_names(l: &xlistener::Listener) -> Result<Vec<String>, Config
             if any.type_url != type_url::HTTP_CONNECTION_MANAGER {
                 continue;
             }
-            let manager: xhcm::HttpConnectionManager = decode(any, type_url::HTTP_CONNECTION_MANAGER)?;
-            if let Some(xhcm::http_connection_manager::RouteSpecifier::Rds(rds)) = manager.route_specifier {
+            let manager: xhcm::HttpConnectionManager =
+                decode(any, type_url::HTTP_CONNECTION_MANAGER)?;
+            if let Some(xhcm::http_connection_manager::RouteSpecifier::Rds(rds)) =
+                manager.route_specifier
+            {
                 names.push(rds.route_config_name);
             }
         }
@@ -366,15 +387,27 @@ impl TryFrom<xcluster::Cluster> for Cluster {
     fn try_from(c: xcluster::Cluster) -> Result<Cluster, ConfigError> {
         use xcluster::cluster::{ClusterDiscoveryType, DiscoveryType};
         let kind = match c.cluster_discovery_type {
-            Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(t).unwrap_or(DiscoveryType::Static),
+            Some(ClusterDiscoveryType::Type(t)) => {
+                DiscoveryType::try_from(t).unwrap_or(DiscoveryType::Static)
+            }
             None => DiscoveryType::Static,
-            Some(_) => return Err(unsupported("cluster", &c.name, "custom cluster types are not supported")),
+            Some(_) => {
+                return Err(unsupported(
+                    "cluster",
+                    &c.name,
+                    "custom cluster types are not supported",
+                ));
+            }
         };
         let eds = match kind {
             DiscoveryType::Eds => true,
             DiscoveryType::Static => false,
             other => {
-                return Err(unsupported("cluster", &c.name, format!("discovery type {other:?} is not supported")));
+                return Err(unsupported(
+                    "cluster",
+                    &c.name,
+                    format!("discovery type {other:?} is not supported"),
+                ));
             }
         };
         let endpoints = match c.load_assignment {
@@ -391,11 +424,14 @@ impl TryFrom<xcluster::Cluster> for Cluster {
 }
 
 /// Endpoints of a load assignment, with Lumen's endpoint metadata read.
-pub fn endpoints_from(cla: &xendpoint::ClusterLoadAssignment) -> Result<Vec<Endpoint>, ConfigError> {
+pub fn endpoints_from(
+    cla: &xendpoint::ClusterLoadAssignment,
+) -> Result<Vec<Endpoint>, ConfigError> {
     let mut out = Vec::new();
     for locality in &cla.endpoints {
         for lb in &locality.lb_endpoints {
-            let Some(xendpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
+            let Some(xendpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier
+            else {
                 continue;
             };
             let app_addr = socket_addr(ep.address.as_ref(), "endpoint", &cla.cluster_name)?;
@@ -403,7 +439,10 @@ pub fn endpoints_from(cla: &xendpoint::ClusterLoadAssignment) -> Result<Vec<Endp
                 .metadata
                 .as_ref()
                 .and_then(|m| m.filter_metadata.get(endpoint_meta::FILTER));
-            let field = |key: &str| -> Option<&Kind> { meta.and_then(|s| s.fields.get(key)).and_then(|v| v.kind.as_ref()) };
+            let field = |key: &str| -> Option<&Kind> {
+                meta.and_then(|s| s.fields.get(key))
+                    .and_then(|v| v.kind.as_ref())
+            };
             let text = |key: &str| match field(key) {
                 Some(Kind::StringValue(s)) => s.clone(),
                 _ => String::new(),
@@ -434,10 +473,18 @@ impl TryFrom<xroute::RouteConfiguration> for RouteConfig {
             .virtual_hosts
             .into_iter()
             .map(|vh| {
-                let routes = vh.routes.into_iter().map(Route::try_from).collect::<Result<_, _>>()?;
+                let routes = vh
+                    .routes
+                    .into_iter()
+                    .map(Route::try_from)
+                    .collect::<Result<_, _>>()?;
                 Ok(VirtualHost {
                     name: vh.name,
-                    domains: vh.domains.into_iter().map(|d| d.to_ascii_lowercase()).collect(),
+                    domains: vh
+                        .domains
+                        .into_iter()
+                        .map(|d| d.to_ascii_lowercase())
+                        .collect(),
                     routes,
                 })
             })
@@ -460,7 +507,13 @@ impl TryFrom<xroute::Route> for Route {
             Some(P::Prefix(p)) => PathMatch::Prefix(p),
             Some(P::Path(p)) => PathMatch::Exact(p),
             None => PathMatch::Prefix("/".to_string()),
-            Some(other) => return Err(unsupported("route", &r.name, format!("path match {other:?} is not supported yet"))),
+            Some(other) => {
+                return Err(unsupported(
+                    "route",
+                    &r.name,
+                    format!("path match {other:?} is not supported yet"),
+                ));
+            }
         };
         let headers = m
             .headers
@@ -476,16 +529,32 @@ impl TryFrom<xroute::Route> for Route {
                         ignore_case: false,
                     })) => ValueMatch::Prefix(v),
                     Some(H::PresentMatch(p)) => ValueMatch::Present(p),
-                    other => return Err(unsupported("route", &r.name, format!("header match {other:?} is not supported yet"))),
+                    other => {
+                        return Err(unsupported(
+                            "route",
+                            &r.name,
+                            format!("header match {other:?} is not supported yet"),
+                        ));
+                    }
                 };
-                Ok(HeaderMatch { name: h.name, value })
+                Ok(HeaderMatch {
+                    name: h.name,
+                    value,
+                })
             })
             .collect::<Result<_, ConfigError>>()?;
         let Some(xroute::route::Action::Route(action)) = r.action else {
-            return Err(unsupported("route", &r.name, "only route actions are supported"));
+            return Err(unsupported(
+                "route",
+                &r.name,
+                "only route actions are supported",
+            ));
         };
         let backends = match action.cluster_specifier {
-            Some(xroute::route_action::ClusterSpecifier::Cluster(c)) => vec![WeightedBackend { cluster: c, weight: 1 }],
+            Some(xroute::route_action::ClusterSpecifier::Cluster(c)) => vec![WeightedBackend {
+                cluster: c,
+                weight: 1,
+            }],
             Some(xroute::route_action::ClusterSpecifier::WeightedClusters(wc)) => wc
                 .clusters
                 .into_iter()
@@ -494,7 +563,13 @@ impl TryFrom<xroute::Route> for Route {
                     weight: c.weight.map_or(0, |w| w.value),
                 })
                 .collect(),
-            _ => return Err(unsupported("route", &r.name, "route action without a cluster")),
+            _ => {
+                return Err(unsupported(
+                    "route",
+                    &r.name,
+                    "route action without a cluster",
+                ));
+            }
         };
         Ok(Route {
             name: r.name,
@@ -539,15 +614,24 @@ mod tests {
                                 name: "end-user".into(),
                                 value: ValueMatch::Exact("jason".into()),
                             }],
-                            backends: vec![WeightedBackend { cluster: "v2".into(), weight: 100 }],
+                            backends: vec![WeightedBackend {
+                                cluster: "v2".into(),
+                                weight: 100,
+                            }],
                         },
                         Route {
                             name: "split".into(),
                             path: PathMatch::Prefix("/".into()),
                             headers: vec![],
                             backends: vec![
-                                WeightedBackend { cluster: "v1".into(), weight: 50 },
-                                WeightedBackend { cluster: "v2".into(), weight: 50 },
+                                WeightedBackend {
+                                    cluster: "v1".into(),
+                                    weight: 50,
+                                },
+                                WeightedBackend {
+                                    cluster: "v2".into(),
+                                    weight: 50,
+                                },
                             ],
                         },
                     ],
@@ -555,11 +639,25 @@ mod tests {
             }),
         );
         cfg.apply_clusters(vec![
-            Cluster { name: "v1".into(), eds: true, ..Default::default() },
-            Cluster { name: "v2".into(), eds: true, ..Default::default() },
+            Cluster {
+                name: "v1".into(),
+                eds: true,
+                ..Default::default()
+            },
+            Cluster {
+                name: "v2".into(),
+                eds: true,
+                ..Default::default()
+            },
         ]);
         cfg.apply_endpoints(vec![
-            ("v1".into(), vec![endpoint("127.0.10.3", "reviews-v1"), endpoint("127.0.10.6", "reviews-v1")]),
+            (
+                "v1".into(),
+                vec![
+                    endpoint("127.0.10.3", "reviews-v1"),
+                    endpoint("127.0.10.6", "reviews-v1"),
+                ],
+            ),
             ("v2".into(), vec![endpoint("127.0.10.4", "reviews-v2")]),
         ]);
         cfg
@@ -569,21 +667,35 @@ mod tests {
     fn routes_by_host_port_and_headers() {
         let cfg = config();
         let mut headers = http::HeaderMap::new();
-        let d = cfg.route("reviews:9080", "/reviews/0", &headers, 0).expect("routed");
+        let d = cfg
+            .route("reviews:9080", "/reviews/0", &headers, 0)
+            .expect("routed");
         assert_eq!(d.cluster.name, "v1");
-        let d = cfg.route("reviews:9080", "/reviews/0", &headers, u32::MAX).expect("routed");
+        let d = cfg
+            .route("reviews:9080", "/reviews/0", &headers, u32::MAX)
+            .expect("routed");
         assert_eq!(d.cluster.name, "v2");
         headers.insert("end-user", http::HeaderValue::from_static("jason"));
         let d = cfg.route("reviews:9080", "/", &headers, 0).expect("routed");
         assert_eq!((d.cluster.name.as_str(), d.route), ("v2", 0));
-        let d = cfg.route("REVIEWS", "/", &headers, 0).expect("host without port");
+        let d = cfg
+            .route("REVIEWS", "/", &headers, 0)
+            .expect("host without port");
         assert_eq!(d.cluster.name, "v2");
     }
 
     #[test]
     fn unknown_host_is_no_route() {
-        let err = config().route("nope:9080", "/x", &http::HeaderMap::new(), 0).unwrap_err();
-        assert_eq!(err, RouteError::NoRoute { host: "nope:9080".into(), path: "/x".into() });
+        let err = config()
+            .route("nope:9080", "/x", &http::HeaderMap::new(), 0)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            RouteError::NoRoute {
+                host: "nope:9080".into(),
+                path: "/x".into()
+            }
+        );
     }
 
     #[test]
@@ -605,7 +717,9 @@ mod tests {
     fn round_robin_cycles_endpoints() {
         let cfg = config();
         let c = &cfg.clusters["v1"];
-        let picks: Vec<_> = (0..4).map(|_| c.pick().map(|e| e.app_addr.to_string())).collect();
+        let picks: Vec<_> = (0..4)
+            .map(|_| c.pick().map(|e| e.app_addr.to_string()))
+            .collect();
         assert_eq!(picks[0], picks[2]);
         assert_ne!(picks[0], picks[1]);
     }
@@ -613,7 +727,11 @@ mod tests {
     #[test]
     fn endpoints_survive_cluster_updates() {
         let mut cfg = config();
-        cfg.apply_clusters(vec![Cluster { name: "v1".into(), eds: true, ..Default::default() }]);
+        cfg.apply_clusters(vec![Cluster {
+            name: "v1".into(),
+            eds: true,
+            ..Default::default()
+        }]);
         assert_eq!(cfg.clusters["v1"].endpoints.len(), 2);
         assert!(!cfg.clusters.contains_key("v2"));
     }

@@ -154,7 +154,10 @@ impl Reporter {
     /// Counts one finished request.
     pub fn request(&self, labels: RequestLabels, duration: Duration) {
         let ms = duration.as_secs_f64() * 1000.0;
-        let bucket = DURATION_BUCKETS_MS.iter().position(|b| ms <= *b).unwrap_or(DURATION_BUCKETS_MS.len());
+        let bucket = DURATION_BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .unwrap_or(DURATION_BUCKETS_MS.len());
         if let Ok(mut series) = self.series.lock() {
             let s = series.entry(labels).or_default();
             s.count += 1;
@@ -184,20 +187,53 @@ impl Reporter {
         let _ = writeln!(out, "# HELP {} Total requests.", names::REQUESTS_TOTAL);
         let _ = writeln!(out, "# TYPE {} counter", names::REQUESTS_TOTAL);
         for (labels, s) in &series {
-            let _ = writeln!(out, "{}{{{}}} {}", names::REQUESTS_TOTAL, prom_labels(labels, None), s.count);
+            let _ = writeln!(
+                out,
+                "{}{{{}}} {}",
+                names::REQUESTS_TOTAL,
+                prom_labels(labels, None),
+                s.count
+            );
         }
-        let _ = writeln!(out, "# HELP {} Request duration in milliseconds.", names::REQUEST_DURATION);
+        let _ = writeln!(
+            out,
+            "# HELP {} Request duration in milliseconds.",
+            names::REQUEST_DURATION
+        );
         let _ = writeln!(out, "# TYPE {} histogram", names::REQUEST_DURATION);
         for (labels, s) in &series {
             let mut cumulative = 0;
             for (i, bound) in DURATION_BUCKETS_MS.iter().enumerate() {
                 cumulative += s.buckets[i];
                 let le = format!("{bound}");
-                let _ = writeln!(out, "{}_bucket{{{}}} {cumulative}", names::REQUEST_DURATION, prom_labels(labels, Some(&le)));
+                let _ = writeln!(
+                    out,
+                    "{}_bucket{{{}}} {cumulative}",
+                    names::REQUEST_DURATION,
+                    prom_labels(labels, Some(&le))
+                );
             }
-            let _ = writeln!(out, "{}_bucket{{{}}} {}", names::REQUEST_DURATION, prom_labels(labels, Some("+Inf")), s.count);
-            let _ = writeln!(out, "{}_sum{{{}}} {}", names::REQUEST_DURATION, prom_labels(labels, None), s.sum_ms);
-            let _ = writeln!(out, "{}_count{{{}}} {}", names::REQUEST_DURATION, prom_labels(labels, None), s.count);
+            let _ = writeln!(
+                out,
+                "{}_bucket{{{}}} {}",
+                names::REQUEST_DURATION,
+                prom_labels(labels, Some("+Inf")),
+                s.count
+            );
+            let _ = writeln!(
+                out,
+                "{}_sum{{{}}} {}",
+                names::REQUEST_DURATION,
+                prom_labels(labels, None),
+                s.sum_ms
+            );
+            let _ = writeln!(
+                out,
+                "{}_count{{{}}} {}",
+                names::REQUEST_DURATION,
+                prom_labels(labels, None),
+                s.count
+            );
         }
         out
     }
@@ -250,7 +286,9 @@ impl Reporter {
                 attributes: metric_attributes(labels),
                 start_time_unix_nano: start,
                 time_unix_nano: now,
-                value: Some(otlp_metrics::number_data_point::Value::AsInt(i64::try_from(s.count).unwrap_or(i64::MAX))),
+                value: Some(otlp_metrics::number_data_point::Value::AsInt(
+                    i64::try_from(s.count).unwrap_or(i64::MAX),
+                )),
                 ..Default::default()
             })
             .collect();
@@ -289,10 +327,12 @@ impl Reporter {
                             name: names::REQUEST_DURATION.to_string(),
                             description: "Request duration in milliseconds.".to_string(),
                             unit: "ms".to_string(),
-                            data: Some(otlp_metrics::metric::Data::Histogram(otlp_metrics::Histogram {
-                                data_points: histograms,
-                                aggregation_temporality: cumulative,
-                            })),
+                            data: Some(otlp_metrics::metric::Data::Histogram(
+                                otlp_metrics::Histogram {
+                                    data_points: histograms,
+                                    aggregation_temporality: cumulative,
+                                },
+                            )),
                             ..Default::default()
                         },
                     ],
@@ -305,7 +345,12 @@ impl Reporter {
 
     /// Batches queued spans and periodic metrics to the OTLP endpoint until shutdown, then
     /// flushes what is left (bounded by a short timeout).
-    pub async fn export_loop(&self, mut queue: SpanQueue, options: ExportOptions, shutdown: CancellationToken) {
+    pub async fn export_loop(
+        &self,
+        mut queue: SpanQueue,
+        options: ExportOptions,
+        shutdown: CancellationToken,
+    ) {
         let channel = options.endpoint.as_deref().and_then(|e| match tonic::transport::Endpoint::from_shared(e.to_string()) {
             Ok(ep) => Some(ep.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(5)).connect_lazy()),
             Err(err) => {
@@ -348,12 +393,19 @@ impl Reporter {
             }
             self.export_metrics(&mut metrics).await;
         };
-        if tokio::time::timeout(Duration::from_secs(3), flush).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(3), flush)
+            .await
+            .is_err()
+        {
             tracing::warn!("telemetry flush at shutdown timed out");
         }
     }
 
-    async fn export_spans(&self, client: &mut Option<TraceServiceClient<tonic::transport::Channel>>, spans: Vec<SpanRecord>) {
+    async fn export_spans(
+        &self,
+        client: &mut Option<TraceServiceClient<tonic::transport::Channel>>,
+        spans: Vec<SpanRecord>,
+    ) {
         let Some(client) = client else { return };
         let n = spans.len() as u64;
         if let Err(status) = client.export(self.trace_request(spans)).await {
@@ -362,7 +414,10 @@ impl Reporter {
         }
     }
 
-    async fn export_metrics(&self, client: &mut Option<MetricsServiceClient<tonic::transport::Channel>>) {
+    async fn export_metrics(
+        &self,
+        client: &mut Option<MetricsServiceClient<tonic::transport::Channel>>,
+    ) {
         let Some(client) = client else { return };
         if let Err(status) = client.export(self.metrics_request()).await {
             tracing::warn!(error = %status.message(), "metric export failed");
@@ -414,16 +469,28 @@ fn label_pairs(l: &RequestLabels) -> [(&'static str, String); 15] {
     [
         ("reporter", l.reporter.to_string()),
         ("source_workload", l.source_workload.clone()),
-        ("source_workload_namespace", l.source_workload_namespace.clone()),
+        (
+            "source_workload_namespace",
+            l.source_workload_namespace.clone(),
+        ),
         ("source_app", l.source_app.clone()),
         ("source_version", l.source_version.clone()),
         ("destination_workload", l.destination_workload.clone()),
-        ("destination_workload_namespace", l.destination_workload_namespace.clone()),
+        (
+            "destination_workload_namespace",
+            l.destination_workload_namespace.clone(),
+        ),
         ("destination_app", l.destination_app.clone()),
         ("destination_version", l.destination_version.clone()),
         ("destination_service", l.destination_service.clone()),
-        ("destination_service_name", l.destination_service_name.clone()),
-        ("destination_service_namespace", l.destination_service_namespace.clone()),
+        (
+            "destination_service_name",
+            l.destination_service_name.clone(),
+        ),
+        (
+            "destination_service_namespace",
+            l.destination_service_namespace.clone(),
+        ),
         ("request_protocol", l.request_protocol.to_string()),
         ("response_code", l.response_code.to_string()),
         ("response_flags", l.response_flags.clone()),
@@ -431,7 +498,10 @@ fn label_pairs(l: &RequestLabels) -> [(&'static str, String); 15] {
 }
 
 fn metric_attributes(l: &RequestLabels) -> Vec<KeyValue> {
-    label_pairs(l).into_iter().map(|(k, v)| kv(k, AttrValue::Str(v))).collect()
+    label_pairs(l)
+        .into_iter()
+        .map(|(k, v)| kv(k, AttrValue::Str(v)))
+        .collect()
 }
 
 fn prom_labels(l: &RequestLabels, le: Option<&str>) -> String {
@@ -449,7 +519,9 @@ fn prom_labels(l: &RequestLabels, le: Option<&str>) -> String {
 }
 
 fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -479,12 +551,18 @@ mod tests {
         let Some(otlp_metrics::metric::Data::Histogram(h)) = &metrics[1].data else {
             panic!("histogram expected");
         };
-        let ok = h.data_points.iter().find(|p| p.count == 2).expect("200 series");
+        let ok = h
+            .data_points
+            .iter()
+            .find(|p| p.count == 2)
+            .expect("200 series");
         assert_eq!(ok.bucket_counts[0], 1, "0.3 ms in the 0.5 ms bucket");
         assert_eq!(ok.bucket_counts[3], 1, "7 ms in the 10 ms bucket");
         assert_eq!(ok.bucket_counts.len(), ok.explicit_bounds.len() + 1);
         let text = r.prometheus_text();
-        assert!(text.contains("istio_requests_total{reporter=\"source\",source_workload=\"productpage-v1\""));
+        assert!(text.contains(
+            "istio_requests_total{reporter=\"source\",source_workload=\"productpage-v1\""
+        ));
         assert!(text.contains("response_code=\"500\""));
         assert!(text.contains("le=\"+Inf\"} 2"));
     }

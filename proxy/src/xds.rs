@@ -39,8 +39,12 @@ pub async fn run(
             r = session(&endpoint, &node, &tx, &ready) => r,
         };
         match result {
-            Ok(()) => tracing::warn!(endpoint = %endpoint, "xds stream closed by the control plane, reconnecting"),
-            Err(e) => tracing::warn!(endpoint = %endpoint, error = %e, "xds stream failed, reconnecting"),
+            Ok(()) => {
+                tracing::warn!(endpoint = %endpoint, "xds stream closed by the control plane, reconnecting")
+            }
+            Err(e) => {
+                tracing::warn!(endpoint = %endpoint, error = %e, "xds stream failed, reconnecting")
+            }
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -74,7 +78,10 @@ async fn session(
         .map_err(|e| tonic::Status::unavailable(format!("connecting to {endpoint}: {e}")))?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let (req_tx, req_rx) = mpsc::channel::<DiscoveryRequest>(16);
-    let mut responses = client.stream_aggregated_resources(ReceiverStream::new(req_rx)).await?.into_inner();
+    let mut responses = client
+        .stream_aggregated_resources(ReceiverStream::new(req_rx))
+        .await?
+        .into_inner();
 
     let mut config: MeshConfig = (**tx.borrow()).clone();
     let mut state: HashMap<&'static str, TypeState> = HashMap::new();
@@ -103,10 +110,14 @@ async fn session(
     }
 
     while let Some(resp) = responses.message().await? {
-        let Some(ty) = [type_url::CLUSTER, type_url::LISTENER, type_url::ROUTE, type_url::ENDPOINT]
-            .into_iter()
-            .find(|t| *t == resp.type_url)
-        else {
+        let Some(ty) = [
+            type_url::CLUSTER,
+            type_url::LISTENER,
+            type_url::ROUTE,
+            type_url::ENDPOINT,
+        ]
+        .into_iter()
+        .find(|t| *t == resp.type_url) else {
             tracing::warn!(type_url = %resp.type_url, "ignoring response of an unrequested type");
             continue;
         };
@@ -118,7 +129,8 @@ async fn session(
             Ok(()) => {
                 st.version = resp.version_info.clone();
                 st.received = true;
-                next.versions.insert(type_url::short(ty), resp.version_info.clone());
+                next.versions
+                    .insert(type_url::short(ty), resp.version_info.clone());
                 config = next;
                 tracing::debug!(type_url = type_url::short(ty), version = %resp.version_info, resources = resp.resources.len(), "xds update accepted");
                 send(&req_tx, request(ty, st, None)).await?;
@@ -131,9 +143,13 @@ async fn session(
             }
         }
         // Follow-up subscriptions: endpoints of EDS clusters, routes named by listeners.
-        for (dep, names) in [(type_url::ENDPOINT, config.eds_names()), (type_url::ROUTE, config.rds_names.clone())] {
+        for (dep, names) in [
+            (type_url::ENDPOINT, config.eds_names()),
+            (type_url::ROUTE, config.rds_names.clone()),
+        ] {
             let dst = state.entry(dep).or_default();
-            if dst.names != names && !(names.is_empty() && !dst.requested) {
+            // Never subscribe to nothing: an empty first request would mean "no resources".
+            if (dst.requested || !names.is_empty()) && dst.names != names {
                 dst.names = names;
                 dst.requested = true;
                 send(&req_tx, request(dep, dst, None)).await?;
@@ -156,20 +172,29 @@ fn is_ready(state: &HashMap<&'static str, TypeState>) -> bool {
         && (got(type_url::ENDPOINT) || idle(type_url::ENDPOINT))
 }
 
-async fn send(tx: &mpsc::Sender<DiscoveryRequest>, req: DiscoveryRequest) -> Result<(), tonic::Status> {
+async fn send(
+    tx: &mpsc::Sender<DiscoveryRequest>,
+    req: DiscoveryRequest,
+) -> Result<(), tonic::Status> {
     tx.send(req)
         .await
         .map_err(|_| tonic::Status::cancelled("xds request stream closed"))
 }
 
 /// Converts one response into the new configuration; any bad resource rejects the response.
-fn apply(config: &mut MeshConfig, ty: &'static str, resp: &DiscoveryResponse) -> Result<(), ConfigError> {
+fn apply(
+    config: &mut MeshConfig,
+    ty: &'static str,
+    resp: &DiscoveryResponse,
+) -> Result<(), ConfigError> {
     match ty {
         type_url::CLUSTER => {
             let clusters = resp
                 .resources
                 .iter()
-                .map(|any| routing::decode::<xcluster::Cluster>(any, ty).and_then(Cluster::try_from))
+                .map(|any| {
+                    routing::decode::<xcluster::Cluster>(any, ty).and_then(Cluster::try_from)
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             config.apply_clusters(clusters);
         }
@@ -197,7 +222,8 @@ fn apply(config: &mut MeshConfig, ty: &'static str, resp: &DiscoveryResponse) ->
         type_url::ROUTE => {
             let mut routes = HashMap::new();
             for any in &resp.resources {
-                let rc = RouteConfig::try_from(routing::decode::<xroute::RouteConfiguration>(any, ty)?)?;
+                let rc =
+                    RouteConfig::try_from(routing::decode::<xroute::RouteConfiguration>(any, ty)?)?;
                 routes.insert(rc.name.clone(), Arc::new(rc));
             }
             config.routes = routes;

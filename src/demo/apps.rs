@@ -64,7 +64,12 @@ impl App {
     }
 
     /// Calls `service` at `path` through the sidecar, forwarding the trace context.
-    async fn call(&self, service: &str, path: &str, traceparent: Option<&str>) -> Result<String, String> {
+    async fn call(
+        &self,
+        service: &str,
+        path: &str,
+        traceparent: Option<&str>,
+    ) -> Result<String, String> {
         let mut req = Request::builder()
             .uri(format!("http://{}{path}", self.outbound))
             .header(hyper::header::HOST, format!("{service}:9080"));
@@ -74,7 +79,12 @@ impl App {
         let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
         let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         let text = String::from_utf8_lossy(&body).into_owned();
         if status.is_success() {
             Ok(text)
@@ -84,7 +94,11 @@ impl App {
     }
 
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let traceparent = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let traceparent = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let tp = traceparent.as_deref();
         let path = req.uri().path().to_string();
         match (self.kind, path.as_str()) {
@@ -129,7 +143,9 @@ impl App {
 fn reply(status: StatusCode, json: String) -> Response<Body> {
     let mut resp = Response::new(text_body(json));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     resp
 }

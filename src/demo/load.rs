@@ -50,7 +50,9 @@ pub async fn run(options: LoadOptions, stats: Arc<LoadStats>, shutdown: Cancella
             _ = tick.tick() => {}
         }
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
-            || options.max_requests.is_some_and(|m| stats.sent.load(Ordering::Relaxed) >= m)
+            || options
+                .max_requests
+                .is_some_and(|m| stats.sent.load(Ordering::Relaxed) >= m)
         {
             break;
         }
@@ -63,13 +65,15 @@ pub async fn run(options: LoadOptions, stats: Arc<LoadStats>, shutdown: Cancella
         let stats = stats.clone();
         in_flight.spawn(async move {
             let ok = match req {
-                Ok(req) => match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
-                    Ok(Ok(resp)) => {
-                        let success = resp.status().is_success();
-                        success && resp.into_body().collect().await.is_ok()
+                Ok(req) => {
+                    match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+                        Ok(Ok(resp)) => {
+                            let success = resp.status().is_success();
+                            success && resp.into_body().collect().await.is_ok()
+                        }
+                        _ => false,
                     }
-                    _ => false,
-                },
+                }
                 Err(_) => false,
             };
             let counter = if ok { &stats.ok } else { &stats.failed };

@@ -46,7 +46,14 @@ pub fn any_value_text(v: &AnyValue) -> String {
         Some(any_value::Value::KvlistValue(kv)) => serde_json::Value::Object(
             kv.values
                 .iter()
-                .map(|kv| (kv.key.clone(), kv.value.as_ref().map_or(serde_json::Value::Null, any_value_json)))
+                .map(|kv| {
+                    (
+                        kv.key.clone(),
+                        kv.value
+                            .as_ref()
+                            .map_or(serde_json::Value::Null, any_value_json),
+                    )
+                })
                 .collect(),
         )
         .to_string(),
@@ -73,13 +80,21 @@ fn any_value_int(v: &AnyValue) -> Option<i64> {
 }
 
 fn find<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
-    attrs.iter().find(|kv| kv.key == key).and_then(|kv| kv.value.as_ref())
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
 }
 
-fn append_map(builder: &mut MapBuilder<StringBuilder, StringBuilder>, attrs: &[KeyValue]) -> Result<(), ArrowError> {
+fn append_map(
+    builder: &mut MapBuilder<StringBuilder, StringBuilder>,
+    attrs: &[KeyValue],
+) -> Result<(), ArrowError> {
     for kv in attrs {
         builder.keys().append_value(&kv.key);
-        builder.values().append_value(kv.value.as_ref().map(any_value_text).unwrap_or_default());
+        builder
+            .values()
+            .append_value(kv.value.as_ref().map(any_value_text).unwrap_or_default());
     }
     builder.append(true)
 }
@@ -131,7 +146,10 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
     let mut duration = Int64Builder::new();
     let mut status = StringBuilder::new();
     let mut status_msg = StringBuilder::new();
-    let mut strings: Vec<StringBuilder> = SPAN_STRING_COLUMNS.iter().map(|_| StringBuilder::new()).collect();
+    let mut strings: Vec<StringBuilder> = SPAN_STRING_COLUMNS
+        .iter()
+        .map(|_| StringBuilder::new())
+        .collect();
     let mut http_status = Int64Builder::new();
     let mut server_port = Int64Builder::new();
     let mut grpc_status = Int64Builder::new();
@@ -141,7 +159,11 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
     let mut resource_attributes = map_builder();
 
     for rs in &req.resource_spans {
-        let resource = rs.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or_default();
+        let resource = rs
+            .resource
+            .as_ref()
+            .map(|r| r.attributes.as_slice())
+            .unwrap_or_default();
         let text = |key| find(resource, key).map(any_value_text);
         let svc = text("service.name").unwrap_or_else(|| "unknown_service".to_string());
         let svc_version = text("service.version");
@@ -167,16 +189,24 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
                 kind.append_value(span_kind(s.kind));
                 start.append_value(nanos(s.start_time_unix_nano));
                 end.append_value(nanos(s.end_time_unix_nano));
-                duration.append_value(nanos(s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano)));
+                duration.append_value(nanos(
+                    s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano),
+                ));
                 let st = s.status.as_ref();
                 status.append_value(status_code(st.map_or(0, |st| st.code)));
-                status_msg.append_option(st.map(|st| st.message.as_str()).filter(|m| !m.is_empty()));
+                status_msg
+                    .append_option(st.map(|st| st.message.as_str()).filter(|m| !m.is_empty()));
                 for (builder, key) in strings.iter_mut().zip(SPAN_STRING_COLUMNS) {
                     builder.append_option(find(&s.attributes, key).map(any_value_text));
                 }
-                http_status.append_option(find(&s.attributes, "http.response.status_code").and_then(any_value_int));
-                server_port.append_option(find(&s.attributes, "server.port").and_then(any_value_int));
-                grpc_status.append_option(find(&s.attributes, "rpc.grpc.status_code").and_then(any_value_int));
+                http_status.append_option(
+                    find(&s.attributes, "http.response.status_code").and_then(any_value_int),
+                );
+                server_port
+                    .append_option(find(&s.attributes, "server.port").and_then(any_value_int));
+                grpc_status.append_option(
+                    find(&s.attributes, "rpc.grpc.status_code").and_then(any_value_int),
+                );
                 scope_name.append_option(ss.scope.as_ref().map(|s| s.name.as_str()));
                 scope_version.append_option(ss.scope.as_ref().map(|s| s.version.as_str()));
                 append_map(&mut attributes, &s.attributes)?;
@@ -184,10 +214,24 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
             }
         }
     }
-    let mut s = strings.into_iter().map(|mut b| Arc::new(b.finish()) as ArrayRef);
-    let mut next = || s.next().ok_or_else(|| ArrowError::SchemaError("span string columns".into()));
-    let (method, route, path, full, address, peer, rpc_system, rpc_service, rpc_method) =
-        (next()?, next()?, next()?, next()?, next()?, next()?, next()?, next()?, next()?);
+    let mut s = strings
+        .into_iter()
+        .map(|mut b| Arc::new(b.finish()) as ArrayRef);
+    let mut next = || {
+        s.next()
+            .ok_or_else(|| ArrowError::SchemaError("span string columns".into()))
+    };
+    let (method, route, path, full, address, peer, rpc_system, rpc_service, rpc_method) = (
+        next()?,
+        next()?,
+        next()?,
+        next()?,
+        next()?,
+        next()?,
+        next()?,
+        next()?,
+        next()?,
+    );
     let columns: Vec<ArrayRef> = vec![
         Arc::new(trace_id.finish()),
         Arc::new(span_id.finish()),
@@ -248,12 +292,23 @@ pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch
         _ => None,
     };
     for rm in &req.resource_metrics {
-        let resource = rm.resource.as_ref().map(|r| r.attributes.as_slice()).unwrap_or_default();
-        let svc = find(resource, "service.name").map_or_else(|| "unknown_service".to_string(), any_value_text);
+        let resource = rm
+            .resource
+            .as_ref()
+            .map(|r| r.attributes.as_slice())
+            .unwrap_or_default();
+        let svc = find(resource, "service.name")
+            .map_or_else(|| "unknown_service".to_string(), any_value_text);
         for sm in &rm.scope_metrics {
             let scope = sm.scope.as_ref().map(|s| s.name.as_str());
             for m in &sm.metrics {
-                let mut common = |t: u64, st: u64, kind: &str, temp: Option<&str>, mono: Option<bool>, attrs: &[KeyValue]| -> Result<(), ArrowError> {
+                let mut common = |t: u64,
+                                  st: u64,
+                                  kind: &str,
+                                  temp: Option<&str>,
+                                  mono: Option<bool>,
+                                  attrs: &[KeyValue]|
+                 -> Result<(), ArrowError> {
                     time.append_value(nanos(t));
                     if st == 0 {
                         start.append_null();
@@ -271,15 +326,23 @@ pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch
                     scope_name.append_option(scope);
                     Ok(())
                 };
-                let number = |p: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint| match p.value {
-                    Some(number_data_point::Value::AsDouble(d)) => Some(d),
-                    Some(number_data_point::Value::AsInt(i)) => Some(i as f64),
-                    None => None,
-                };
+                let number =
+                    |p: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint| match p.value {
+                        Some(number_data_point::Value::AsDouble(d)) => Some(d),
+                        Some(number_data_point::Value::AsInt(i)) => Some(i as f64),
+                        None => None,
+                    };
                 match &m.data {
                     Some(metric::Data::Gauge(g)) => {
                         for p in &g.data_points {
-                            common(p.time_unix_nano, p.start_time_unix_nano, "gauge", None, None, &p.attributes)?;
+                            common(
+                                p.time_unix_nano,
+                                p.start_time_unix_nano,
+                                "gauge",
+                                None,
+                                None,
+                                &p.attributes,
+                            )?;
                             value.append_option(number(p));
                             count.append_null();
                             sum.append_null();
@@ -289,7 +352,14 @@ pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch
                     }
                     Some(metric::Data::Sum(s)) => {
                         for p in &s.data_points {
-                            common(p.time_unix_nano, p.start_time_unix_nano, "sum", temporality_name(s.aggregation_temporality), Some(s.is_monotonic), &p.attributes)?;
+                            common(
+                                p.time_unix_nano,
+                                p.start_time_unix_nano,
+                                "sum",
+                                temporality_name(s.aggregation_temporality),
+                                Some(s.is_monotonic),
+                                &p.attributes,
+                            )?;
                             value.append_option(number(p));
                             count.append_null();
                             sum.append_null();
@@ -299,17 +369,35 @@ pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch
                     }
                     Some(metric::Data::Histogram(h)) => {
                         for p in &h.data_points {
-                            common(p.time_unix_nano, p.start_time_unix_nano, "histogram", temporality_name(h.aggregation_temporality), None, &p.attributes)?;
+                            common(
+                                p.time_unix_nano,
+                                p.start_time_unix_nano,
+                                "histogram",
+                                temporality_name(h.aggregation_temporality),
+                                None,
+                                &p.attributes,
+                            )?;
                             value.append_null();
                             count.append_value(i64::try_from(p.count).unwrap_or(i64::MAX));
                             sum.append_option(p.sum);
-                            buckets.append_value(p.bucket_counts.iter().map(|c| Some(i64::try_from(*c).unwrap_or(i64::MAX))));
+                            buckets.append_value(
+                                p.bucket_counts
+                                    .iter()
+                                    .map(|c| Some(i64::try_from(*c).unwrap_or(i64::MAX))),
+                            );
                             bounds.append_value(p.explicit_bounds.iter().map(|b| Some(*b)));
                         }
                     }
                     Some(metric::Data::ExponentialHistogram(h)) => {
                         for p in &h.data_points {
-                            common(p.time_unix_nano, p.start_time_unix_nano, "exponential_histogram", temporality_name(h.aggregation_temporality), None, &p.attributes)?;
+                            common(
+                                p.time_unix_nano,
+                                p.start_time_unix_nano,
+                                "exponential_histogram",
+                                temporality_name(h.aggregation_temporality),
+                                None,
+                                &p.attributes,
+                            )?;
                             value.append_null();
                             count.append_value(i64::try_from(p.count).unwrap_or(i64::MAX));
                             sum.append_option(p.sum);
@@ -319,7 +407,14 @@ pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch
                     }
                     Some(metric::Data::Summary(s)) => {
                         for p in &s.data_points {
-                            common(p.time_unix_nano, p.start_time_unix_nano, "summary", None, None, &p.attributes)?;
+                            common(
+                                p.time_unix_nano,
+                                p.start_time_unix_nano,
+                                "summary",
+                                None,
+                                None,
+                                &p.attributes,
+                            )?;
                             value.append_null();
                             count.append_value(i64::try_from(p.count).unwrap_or(i64::MAX));
                             sum.append_value(p.sum);
@@ -374,7 +469,9 @@ mod tests {
         let entries = map.value(row);
         let keys = entries.column(0).as_string::<i32>();
         let values = entries.column(1).as_string::<i32>();
-        (0..entries.len()).map(|i| (keys.value(i).to_string(), values.value(i).to_string())).collect()
+        (0..entries.len())
+            .map(|i| (keys.value(i).to_string(), values.value(i).to_string()))
+            .collect()
     }
 
     #[test]
@@ -383,8 +480,14 @@ mod tests {
             resource_spans: vec![ResourceSpans {
                 resource: Some(Resource {
                     attributes: vec![
-                        kv("service.name", any_value::Value::StringValue("reviews".into())),
-                        kv("service.version", any_value::Value::StringValue("v2".into())),
+                        kv(
+                            "service.name",
+                            any_value::Value::StringValue("reviews".into()),
+                        ),
+                        kv(
+                            "service.version",
+                            any_value::Value::StringValue("v2".into()),
+                        ),
                     ],
                     ..Default::default()
                 }),
@@ -398,7 +501,10 @@ mod tests {
                         start_time_unix_nano: 1_000,
                         end_time_unix_nano: 4_500,
                         attributes: vec![
-                            kv("http.request.method", any_value::Value::StringValue("GET".into())),
+                            kv(
+                                "http.request.method",
+                                any_value::Value::StringValue("GET".into()),
+                            ),
                             kv("http.response.status_code", any_value::Value::IntValue(503)),
                             kv("retry", any_value::Value::BoolValue(true)),
                         ],
@@ -415,7 +521,14 @@ mod tests {
         };
         let batch = spans_to_batch(&req).expect("converts");
         assert_eq!(batch.num_rows(), 1);
-        let text = |name: &str| batch.column_by_name(name).expect(name).as_string::<i32>().value(0).to_string();
+        let text = |name: &str| {
+            batch
+                .column_by_name(name)
+                .expect(name)
+                .as_string::<i32>()
+                .value(0)
+                .to_string()
+        };
         assert_eq!(text("trace_id"), "ab".repeat(16));
         assert_eq!(text("parent_span_id"), "02".repeat(8));
         assert_eq!(text("service_name"), "reviews");
@@ -424,10 +537,19 @@ mod tests {
         assert_eq!(text("status_code"), "error");
         assert_eq!(text("status_message"), "upstream failed");
         assert_eq!(text("http_request_method"), "GET");
-        let int = |name: &str| batch.column_by_name(name).expect(name).as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(0);
+        let int = |name: &str| {
+            batch
+                .column_by_name(name)
+                .expect(name)
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .value(0)
+        };
         assert_eq!(int("duration_ns"), 3_500);
         assert_eq!(int("http_response_status_code"), 503);
-        let start = batch.column_by_name("start_time").expect("start").as_primitive::<TimestampNanosecondType>();
+        let start = batch
+            .column_by_name("start_time")
+            .expect("start")
+            .as_primitive::<TimestampNanosecondType>();
         assert_eq!(start.value(0), 1_000);
         assert!(batch.column_by_name("rpc_system").expect("rpc").is_null(0));
         let attrs = batch.column_by_name("attributes").expect("attrs").as_map();
@@ -457,9 +579,28 @@ mod tests {
             }],
         };
         let batch = spans_to_batch(&req).expect("converts");
-        assert!(batch.column_by_name("parent_span_id").expect("parent").is_null(0));
-        assert_eq!(batch.column_by_name("service_name").expect("svc").as_string::<i32>().value(0), "unknown_service");
-        assert_eq!(batch.column_by_name("span_kind").expect("kind").as_string::<i32>().value(0), "unspecified");
+        assert!(
+            batch
+                .column_by_name("parent_span_id")
+                .expect("parent")
+                .is_null(0)
+        );
+        assert_eq!(
+            batch
+                .column_by_name("service_name")
+                .expect("svc")
+                .as_string::<i32>()
+                .value(0),
+            "unknown_service"
+        );
+        assert_eq!(
+            batch
+                .column_by_name("span_kind")
+                .expect("kind")
+                .as_string::<i32>()
+                .value(0),
+            "unspecified"
+        );
     }
 
     #[test]
@@ -490,9 +631,33 @@ mod tests {
         };
         let batch = metrics_to_batch(&req).expect("converts");
         assert_eq!(batch.num_rows(), 1);
-        assert_eq!(batch.column_by_name("metric_type").expect("type").as_string::<i32>().value(0), "histogram");
-        assert_eq!(batch.column_by_name("temporality").expect("t").as_string::<i32>().value(0), "cumulative");
-        let buckets = batch.column_by_name("bucket_counts").expect("buckets").as_list::<i32>().value(0);
-        assert_eq!(buckets.as_primitive::<datafusion::arrow::datatypes::Int64Type>().values().to_vec(), vec![1, 2, 0]);
+        assert_eq!(
+            batch
+                .column_by_name("metric_type")
+                .expect("type")
+                .as_string::<i32>()
+                .value(0),
+            "histogram"
+        );
+        assert_eq!(
+            batch
+                .column_by_name("temporality")
+                .expect("t")
+                .as_string::<i32>()
+                .value(0),
+            "cumulative"
+        );
+        let buckets = batch
+            .column_by_name("bucket_counts")
+            .expect("buckets")
+            .as_list::<i32>()
+            .value(0);
+        assert_eq!(
+            buckets
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .values()
+                .to_vec(),
+            vec![1, 2, 0]
+        );
     }
 }

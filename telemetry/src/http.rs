@@ -2,8 +2,8 @@
 
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -44,7 +44,12 @@ async fn sql(State(engine): State<QueryEngine>, body: Result<Bytes, BytesRejecti
     };
     let req: SqlRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("expected {{\"sql\": \"...\"}}: {e}")),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"sql\": \"...\"}}: {e}"),
+            );
+        }
     };
     match engine.sql(&req.sql).await {
         Ok(result) => Json(result).into_response(),

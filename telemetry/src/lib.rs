@@ -94,13 +94,25 @@ impl Telemetry {
 
     /// Serves OTLP and HTTP (with `extra` routes merged in, e.g. the dashboard) until
     /// `shutdown`; flushes every `flush_interval` and once more at the end.
-    pub async fn run(self, extra: axum::Router, shutdown: CancellationToken) -> Result<(), TelemetryError> {
+    pub async fn run(
+        self,
+        extra: axum::Router,
+        shutdown: CancellationToken,
+    ) -> Result<(), TelemetryError> {
         let app = http::router(self.query_engine()).merge(extra);
-        let http = axum::serve(self.http, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let http =
+            axum::serve(self.http, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let grpc = tonic::transport::Server::builder()
-            .add_service(receiver::OtlpGrpc::<receiver::Traces>::new(self.store.clone()))
-            .add_service(receiver::OtlpGrpc::<receiver::Metrics>::new(self.store.clone()))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), shutdown.clone().cancelled_owned());
+            .add_service(receiver::OtlpGrpc::<receiver::Traces>::new(
+                self.store.clone(),
+            ))
+            .add_service(receiver::OtlpGrpc::<receiver::Metrics>::new(
+                self.store.clone(),
+            ))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(self.grpc),
+                shutdown.clone().cancelled_owned(),
+            );
         let flusher = {
             let store = self.store.clone();
             let shutdown = shutdown.clone();

@@ -72,7 +72,10 @@ pub struct MeshOverview {
 
 /// What the dashboard reads; telemetry implements it over SQL.
 pub trait MeshQuery: Send + Sync + 'static {
-    fn overview(&self, window: Duration) -> impl Future<Output = Result<MeshOverview, QueryError>> + Send;
+    fn overview(
+        &self,
+        window: Duration,
+    ) -> impl Future<Output = Result<MeshOverview, QueryError>> + Send;
 }
 
 impl QueryEngine {
@@ -83,8 +86,14 @@ impl QueryEngine {
     fn context(&self) -> Result<SessionContext, DataFusionError> {
         let config = SessionConfig::new().with_information_schema(true);
         let ctx = SessionContext::new_with_config(config);
-        ctx.register_table("spans", Arc::new(SnapshotTable::new(self.store.spans.clone())))?;
-        ctx.register_table("metrics", Arc::new(SnapshotTable::new(self.store.metrics.clone())))?;
+        ctx.register_table(
+            "spans",
+            Arc::new(SnapshotTable::new(self.store.spans.clone())),
+        )?;
+        ctx.register_table(
+            "metrics",
+            Arc::new(SnapshotTable::new(self.store.metrics.clone())),
+        )?;
         Ok(ctx)
     }
 
@@ -99,13 +108,22 @@ impl QueryEngine {
     pub async fn sql(&self, sql: &str) -> Result<SqlResult, QueryError> {
         let ctx = self.context().map_err(QueryError::Sql)?;
         let df = ctx.sql(sql).await.map_err(QueryError::Sql)?;
-        let columns: Vec<String> = df.schema().fields().iter().map(|f| f.name().clone()).collect();
+        let columns: Vec<String> = df
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
         let batches = df.collect().await.map_err(QueryError::Sql)?;
         let mut writer = arrow_json::ArrayWriter::new(Vec::new());
         for batch in &batches {
-            writer.write(batch).map_err(|e| QueryError::Encode(e.to_string()))?;
+            writer
+                .write(batch)
+                .map_err(|e| QueryError::Encode(e.to_string()))?;
         }
-        writer.finish().map_err(|e| QueryError::Encode(e.to_string()))?;
+        writer
+            .finish()
+            .map_err(|e| QueryError::Encode(e.to_string()))?;
         let bytes = writer.into_inner();
         let rows: Vec<serde_json::Map<String, serde_json::Value>> = if bytes.is_empty() {
             Vec::new()
@@ -117,12 +135,18 @@ impl QueryEngine {
 }
 
 fn since_nanos(window: Duration) -> i64 {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     i64::try_from(now.saturating_sub(window).as_nanos()).unwrap_or(i64::MAX)
 }
 
 /// Column `name` of `batch` as strings / i64 / f64 (cast as needed).
-fn column<T: Array + Clone + 'static>(batch: &RecordBatch, name: &str, ty: &DataType) -> Result<T, QueryError> {
+fn column<T: Array + Clone + 'static>(
+    batch: &RecordBatch,
+    name: &str,
+    ty: &DataType,
+) -> Result<T, QueryError> {
     let col = batch
         .column_by_name(name)
         .ok_or_else(|| QueryError::Encode(format!("column {name} missing")))?;
@@ -174,7 +198,11 @@ impl MeshQuery for QueryEngine {
                     requests: n,
                     errors: e,
                     rate_per_s: n as f64 / secs,
-                    success_rate: if n == 0 { 1.0 } else { (n - e) as f64 / n as f64 },
+                    success_rate: if n == 0 {
+                        1.0
+                    } else {
+                        (n - e) as f64 / n as f64
+                    },
                     p50_ms: p50.value(i) / 1e6,
                     p99_ms: p99.value(i) / 1e6,
                 });

@@ -11,8 +11,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
-use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use prost::Message;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::server::{Grpc, NamedService, UnaryService};
@@ -46,9 +50,13 @@ impl Signal for Traces {
     type Response = ExportTraceServiceResponse;
 
     fn ingest(store: &Store, request: &ExportTraceServiceRequest) -> Result<usize, Status> {
-        let batch = convert::spans_to_batch(request).map_err(|e| Status::internal(format!("converting spans: {e}")))?;
+        let batch = convert::spans_to_batch(request)
+            .map_err(|e| Status::internal(format!("converting spans: {e}")))?;
         let rows = batch.num_rows();
-        store.spans.append(batch).map_err(|e| Status::internal(e.to_string()))?;
+        store
+            .spans
+            .append(batch)
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(rows)
     }
 }
@@ -59,9 +67,13 @@ impl Signal for Metrics {
     type Response = ExportMetricsServiceResponse;
 
     fn ingest(store: &Store, request: &ExportMetricsServiceRequest) -> Result<usize, Status> {
-        let batch = convert::metrics_to_batch(request).map_err(|e| Status::internal(format!("converting metrics: {e}")))?;
+        let batch = convert::metrics_to_batch(request)
+            .map_err(|e| Status::internal(format!("converting metrics: {e}")))?;
         let rows = batch.num_rows();
-        store.metrics.append(batch).map_err(|e| Status::internal(e.to_string()))?;
+        store
+            .metrics
+            .append(batch)
+            .map_err(|e| Status::internal(e.to_string()))?;
         Ok(rows)
     }
 }
@@ -97,7 +109,9 @@ impl<S: Signal> NamedService for OtlpGrpc<S> {
 
 /// Decodes the raw request body of an Export call and stores it.
 pub fn export<S: Signal>(store: &Store, body: &[u8]) -> Result<S::Response, Status> {
-    let request = S::Request::decode(body).map_err(|e| Status::invalid_argument(format!("malformed OTLP protobuf for {}: {e}", S::SERVICE)))?;
+    let request = S::Request::decode(body).map_err(|e| {
+        Status::invalid_argument(format!("malformed OTLP protobuf for {}: {e}", S::SERVICE))
+    })?;
     let rows = S::ingest(store, &request)?;
     tracing::trace!(service = S::SERVICE, rows, "otlp export stored");
     Ok(S::Response::default())
@@ -110,7 +124,8 @@ struct ExportCall<S> {
 
 impl<S: Signal> UnaryService<Bytes> for ExportCall<S> {
     type Response = S::Response;
-    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Response<S::Response>, Status>> + Send>>;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Response<S::Response>, Status>> + Send>>;
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let store = self.store.clone();
@@ -126,7 +141,8 @@ where
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
-    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -137,7 +153,9 @@ where
         let is_export = req.uri().path() == format!("/{}/Export", S::SERVICE);
         Box::pin(async move {
             if !is_export {
-                return Ok(Status::unimplemented(format!("{} has only Export", S::SERVICE)).into_http());
+                return Ok(
+                    Status::unimplemented(format!("{} has only Export", S::SERVICE)).into_http(),
+                );
             }
             let mut grpc = Grpc::new(RawCodec::<S::Response>::default())
                 .accept_compressed(CompressionEncoding::Gzip)
@@ -182,7 +200,8 @@ impl<E: Message> Encoder for ProstEncoder<E> {
     type Error = Status;
 
     fn encode(&mut self, item: E, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(dst).map_err(|e| Status::internal(format!("encoding response: {e}")))
+        item.encode(dst)
+            .map_err(|e| Status::internal(format!("encoding response: {e}")))
     }
 }
 

@@ -14,8 +14,8 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
-use datafusion::parquet::file::properties::WriterProperties;
 use datafusion::parquet::file::metadata::KeyValue;
+use datafusion::parquet::file::properties::WriterProperties;
 
 use crate::schema;
 
@@ -80,10 +80,14 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) a data directory, picking up Parquet files already there.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
-        let dir = dir
-            .canonicalize()
-            .map_err(|source| StoreError::Io { path: dir.to_path_buf(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let dir = dir.canonicalize().map_err(|source| StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         Ok(Store {
             spans: Arc::new(Table::open(&dir, "spans", schema::SPANS.clone())?),
             metrics: Arc::new(Table::open(&dir, "metrics", schema::METRICS.clone())?),
@@ -111,9 +115,15 @@ impl Store {
 impl Table {
     fn open(root: &Path, name: &'static str, schema: SchemaRef) -> Result<Table, StoreError> {
         let dir = root.join(name);
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(|source| StoreError::Io { path: dir.clone(), source })?
+            .map_err(|source| StoreError::Io {
+                path: dir.clone(),
+                source,
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
             .collect();
@@ -167,7 +177,9 @@ impl Table {
             state.seq += 1;
             (state.mem.clone(), state.seq)
         };
-        let millis = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
         let path = self.dir.join(format!("{millis:013}-{seq:06}.parquet"));
         let schema = self.schema.clone();
         let table = self.name.to_string();
@@ -188,13 +200,21 @@ impl Table {
     }
 }
 
-fn write_parquet(path: &Path, schema: &SchemaRef, table: &str, batches: &[RecordBatch]) -> Result<(), StoreError> {
+fn write_parquet(
+    path: &Path,
+    schema: &SchemaRef,
+    table: &str,
+    batches: &[RecordBatch],
+) -> Result<(), StoreError> {
     let batch = concat_batches(schema, batches).map_err(|source| StoreError::Arrow {
         table: table.to_string(),
         source,
     })?;
     let tmp = path.with_extension("parquet.tmp");
-    let file = std::fs::File::create(&tmp).map_err(|source| StoreError::Io { path: tmp.clone(), source })?;
+    let file = std::fs::File::create(&tmp).map_err(|source| StoreError::Io {
+        path: tmp.clone(),
+        source,
+    })?;
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
         .set_key_value_metadata(Some(vec![KeyValue::new(
@@ -202,11 +222,21 @@ fn write_parquet(path: &Path, schema: &SchemaRef, table: &str, batches: &[Record
             schema::SCHEMA_VERSION.to_string(),
         )]))
         .build();
-    let parquet_err = |source| StoreError::Parquet { path: tmp.clone(), source };
-    let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(parquet_err)?;
+    let parquet_err = |source| StoreError::Parquet {
+        path: tmp.clone(),
+        source,
+    };
+    let mut writer =
+        ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(parquet_err)?;
     writer.write(&batch).map_err(parquet_err)?;
     let file = writer.into_inner().map_err(parquet_err)?;
-    file.sync_all().map_err(|source| StoreError::Io { path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, path).map_err(|source| StoreError::Io { path: path.to_path_buf(), source })?;
+    file.sync_all().map_err(|source| StoreError::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(())
 }

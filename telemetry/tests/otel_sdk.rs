@@ -34,7 +34,11 @@ async fn python_sdk_spans_round_trip() {
         .output()
         .await
         .expect("run python");
-    assert!(out.status.success(), "python SDK failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "python SDK failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let trace_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert_eq!(trace_id.len(), 32, "trace id {trace_id:?}");
 
@@ -70,7 +74,10 @@ async fn python_sdk_spans_round_trip() {
     assert_eq!(checkout["env"], "test");
     assert_eq!(checkout["scope_name"], "lumen-conformance");
     assert_eq!(checkout["scope_version"], "0.1");
-    assert!(checkout.get("parent_span_id").is_none_or(|v| v.is_null()), "root has no parent");
+    assert!(
+        checkout.get("parent_span_id").is_none_or(|v| v.is_null()),
+        "root has no parent"
+    );
     assert_eq!(charge["span_name"], "charge card");
     assert_eq!(charge["span_kind"], "client");
     assert_eq!(charge["status_code"], "error");

@@ -73,7 +73,11 @@ pub mod cluster_name {
 
     /// Parses `inbound|<port>||`.
     pub fn parse_inbound(name: &str) -> Option<u16> {
-        name.strip_prefix("inbound|")?.split('|').next()?.parse().ok()
+        name.strip_prefix("inbound|")?
+            .split('|')
+            .next()?
+            .parse()
+            .ok()
     }
 }
 
@@ -87,16 +91,28 @@ mod tests {
             cluster_name::outbound(9080, "v1", "reviews.default.svc.cluster.local"),
             "outbound|9080|v1|reviews.default.svc.cluster.local"
         );
-        assert_eq!(cluster_name::parse_inbound(&cluster_name::inbound(9080)), Some(9080));
+        assert_eq!(
+            cluster_name::parse_inbound(&cluster_name::inbound(9080)),
+            Some(9080)
+        );
         assert_eq!(cluster_name::parse_inbound("outbound|9080||x"), None);
     }
 
     #[test]
     fn type_urls_match_generated_names() {
         use prost::Name;
-        assert_eq!(pb::envoy::config::cluster::v3::Cluster::type_url(), type_url::CLUSTER);
-        assert_eq!(pb::envoy::config::listener::v3::Listener::type_url(), type_url::LISTENER);
-        assert_eq!(pb::envoy::config::route::v3::RouteConfiguration::type_url(), type_url::ROUTE);
+        assert_eq!(
+            pb::envoy::config::cluster::v3::Cluster::type_url(),
+            type_url::CLUSTER
+        );
+        assert_eq!(
+            pb::envoy::config::listener::v3::Listener::type_url(),
+            type_url::LISTENER
+        );
+        assert_eq!(
+            pb::envoy::config::route::v3::RouteConfiguration::type_url(),
+            type_url::ROUTE
+        );
         assert_eq!(
             pb::envoy::config::endpoint::v3::ClusterLoadAssignment::type_url(),
             type_url::ENDPOINT

@@ -9,7 +9,10 @@ pub fn python_with_otel_sdk() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp/lumen-peers/venv/bin/python"));
     let ok = std::process::Command::new(&path)
-        .args(["-c", "import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc"])
+        .args([
+            "-c",
+            "import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc",
+        ])
         .status()
         .is_ok_and(|s| s.success());
     assert!(
