@@ -725,6 +725,50 @@ mod tests {
     }
 
     #[test]
+    fn unsupported_xds_is_rejected_with_a_reason() {
+        use lumen_api::pb::envoy::r#type::matcher::v3::RegexMatcher;
+        let route = xroute::Route {
+            name: "by-regex".into(),
+            r#match: Some(xroute::RouteMatch {
+                path_specifier: Some(xroute::route_match::PathSpecifier::SafeRegex(
+                    RegexMatcher {
+                        regex: "/v[0-9]+".into(),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let err = Route::try_from(route).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("route \"by-regex\": path match"),
+            "{err}"
+        );
+        let cluster = xcluster::Cluster {
+            name: "dns".into(),
+            cluster_discovery_type: Some(xcluster::cluster::ClusterDiscoveryType::Type(
+                xcluster::cluster::DiscoveryType::StrictDns as i32,
+            )),
+            ..Default::default()
+        };
+        let err = Cluster::try_from(cluster).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cluster \"dns\": discovery type StrictDns is not supported"
+        );
+        let any = lumen_api::pb::google::protobuf::Any {
+            type_url: type_url::CLUSTER.into(),
+            value: vec![0xff, 0xff],
+        };
+        assert!(matches!(
+            decode::<xcluster::Cluster>(&any, type_url::CLUSTER),
+            Err(ConfigError::Decode { .. })
+        ));
+    }
+
+    #[test]
     fn endpoints_survive_cluster_updates() {
         let mut cfg = config();
         cfg.apply_clusters(vec![Cluster {
