@@ -1,5 +1,7 @@
 //! The ADS server spoken to by a real xDS client (tonic, envoy-types): first responses, ACK,
 //! NACK, stale nonces, named subscriptions, pushes on configuration change, bad node ids.
+// Test helpers outside #[test] functions unwrap too: a panic is the test report.
+#![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
