@@ -174,6 +174,18 @@ async fn demo_mesh_end_to_end() {
         "{stats}"
     );
 
+    // The sidecars' OTLP metrics reached the metrics table with Istio's labels.
+    let metrics = sql(
+        http,
+        "SELECT count(*) AS n FROM metrics WHERE metric_name = 'istio_requests_total' \
+         AND attributes['reporter'] = 'destination' AND attributes['destination_service_name'] = 'ratings'",
+    )
+    .await;
+    assert!(
+        int(&metrics[0], "n") > 0,
+        "no istio_requests_total points for ratings"
+    );
+
     // An unknown host at the outbound listener is a clear 404, not a hang.
     let resp = reqwest::Client::new()
         .get("http://127.0.77.1:15001/anything")

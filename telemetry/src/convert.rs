@@ -267,30 +267,160 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
     RecordBatch::try_new(schema::SPANS.clone(), columns)
 }
 
-/// The data points of an export request as one record batch of [`schema::METRICS`].
-pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch, ArrowError> {
-    let mut time = TimestampNanosecondBuilder::new().with_timezone("UTC");
-    let mut start = TimestampNanosecondBuilder::new().with_timezone("UTC");
-    let mut service = StringBuilder::new();
-    let mut name = StringBuilder::new();
-    let mut mtype = StringBuilder::new();
-    let mut unit = StringBuilder::new();
-    let mut temporality = StringBuilder::new();
-    let mut monotonic = BooleanBuilder::new();
-    let mut value = Float64Builder::new();
-    let mut count = Int64Builder::new();
-    let mut sum = Float64Builder::new();
-    let mut buckets = ListBuilder::new(Int64Builder::new());
-    let mut bounds = ListBuilder::new(Float64Builder::new());
-    let mut attributes = map_builder();
-    let mut resource_attributes = map_builder();
-    let mut scope_name = StringBuilder::new();
+/// One metric data point, whatever its kind, as the columns of [`schema::METRICS`] see it.
+struct Point<'a> {
+    time: u64,
+    start: u64,
+    kind: &'static str,
+    temporality: Option<&'static str>,
+    monotonic: Option<bool>,
+    attributes: &'a [KeyValue],
+    value: Option<f64>,
+    count: Option<u64>,
+    sum: Option<f64>,
+    buckets: Option<&'a [u64]>,
+    bounds: Option<&'a [f64]>,
+}
 
-    let temporality_name = |t: i32| match t {
+impl<'a> Point<'a> {
+    fn new(kind: &'static str, time: u64, start: u64, attributes: &'a [KeyValue]) -> Point<'a> {
+        Point {
+            time,
+            start,
+            kind,
+            temporality: None,
+            monotonic: None,
+            attributes,
+            value: None,
+            count: None,
+            sum: None,
+            buckets: None,
+            bounds: None,
+        }
+    }
+}
+
+/// Column builders of the `metrics` table.
+struct MetricColumns {
+    time: TimestampNanosecondBuilder,
+    start: TimestampNanosecondBuilder,
+    service: StringBuilder,
+    name: StringBuilder,
+    kind: StringBuilder,
+    unit: StringBuilder,
+    temporality: StringBuilder,
+    monotonic: BooleanBuilder,
+    value: Float64Builder,
+    count: Int64Builder,
+    sum: Float64Builder,
+    buckets: ListBuilder<Int64Builder>,
+    bounds: ListBuilder<Float64Builder>,
+    attributes: MapBuilder<StringBuilder, StringBuilder>,
+    resource_attributes: MapBuilder<StringBuilder, StringBuilder>,
+    scope: StringBuilder,
+}
+
+impl MetricColumns {
+    fn new() -> MetricColumns {
+        MetricColumns {
+            time: TimestampNanosecondBuilder::new().with_timezone("UTC"),
+            start: TimestampNanosecondBuilder::new().with_timezone("UTC"),
+            service: StringBuilder::new(),
+            name: StringBuilder::new(),
+            kind: StringBuilder::new(),
+            unit: StringBuilder::new(),
+            temporality: StringBuilder::new(),
+            monotonic: BooleanBuilder::new(),
+            value: Float64Builder::new(),
+            count: Int64Builder::new(),
+            sum: Float64Builder::new(),
+            buckets: ListBuilder::new(Int64Builder::new()),
+            bounds: ListBuilder::new(Float64Builder::new()),
+            attributes: map_builder(),
+            resource_attributes: map_builder(),
+            scope: StringBuilder::new(),
+        }
+    }
+
+    fn push(
+        &mut self,
+        service: &str,
+        metric: &opentelemetry_proto::tonic::metrics::v1::Metric,
+        resource: &[KeyValue],
+        scope: Option<&str>,
+        p: Point<'_>,
+    ) -> Result<(), ArrowError> {
+        self.time.append_value(nanos(p.time));
+        if p.start == 0 {
+            self.start.append_null();
+        } else {
+            self.start.append_value(nanos(p.start));
+        }
+        self.service.append_value(service);
+        self.name.append_value(&metric.name);
+        self.kind.append_value(p.kind);
+        self.unit
+            .append_option(Some(metric.unit.as_str()).filter(|u| !u.is_empty()));
+        self.temporality.append_option(p.temporality);
+        self.monotonic.append_option(p.monotonic);
+        self.value.append_option(p.value);
+        self.count
+            .append_option(p.count.map(|c| i64::try_from(c).unwrap_or(i64::MAX)));
+        self.sum.append_option(p.sum);
+        self.buckets.append_option(p.buckets.map(|b| {
+            b.iter()
+                .map(|c| Some(i64::try_from(*c).unwrap_or(i64::MAX)))
+        }));
+        self.bounds
+            .append_option(p.bounds.map(|b| b.iter().map(|x| Some(*x))));
+        append_map(&mut self.attributes, p.attributes)?;
+        append_map(&mut self.resource_attributes, resource)?;
+        self.scope.append_option(scope);
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<RecordBatch, ArrowError> {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.time.finish()),
+            Arc::new(self.start.finish()),
+            Arc::new(self.service.finish()),
+            Arc::new(self.name.finish()),
+            Arc::new(self.kind.finish()),
+            Arc::new(self.unit.finish()),
+            Arc::new(self.temporality.finish()),
+            Arc::new(self.monotonic.finish()),
+            Arc::new(self.value.finish()),
+            Arc::new(self.count.finish()),
+            Arc::new(self.sum.finish()),
+            Arc::new(self.buckets.finish()),
+            Arc::new(self.bounds.finish()),
+            Arc::new(self.attributes.finish()),
+            Arc::new(self.resource_attributes.finish()),
+            Arc::new(self.scope.finish()),
+        ];
+        RecordBatch::try_new(schema::METRICS.clone(), columns)
+    }
+}
+
+fn temporality_name(t: i32) -> Option<&'static str> {
+    match t {
         1 => Some("delta"),
         2 => Some("cumulative"),
         _ => None,
-    };
+    }
+}
+
+fn number(p: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint) -> Option<f64> {
+    match p.value {
+        Some(number_data_point::Value::AsDouble(d)) => Some(d),
+        Some(number_data_point::Value::AsInt(i)) => Some(i as f64),
+        None => None,
+    }
+}
+
+/// The data points of an export request as one record batch of [`schema::METRICS`].
+pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch, ArrowError> {
+    let mut cols = MetricColumns::new();
     for rm in &req.resource_metrics {
         let resource = rm
             .resource
@@ -302,124 +432,80 @@ pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch
         for sm in &rm.scope_metrics {
             let scope = sm.scope.as_ref().map(|s| s.name.as_str());
             for m in &sm.metrics {
-                let mut common = |t: u64,
-                                  st: u64,
-                                  kind: &str,
-                                  temp: Option<&str>,
-                                  mono: Option<bool>,
-                                  attrs: &[KeyValue]|
-                 -> Result<(), ArrowError> {
-                    time.append_value(nanos(t));
-                    if st == 0 {
-                        start.append_null();
-                    } else {
-                        start.append_value(nanos(st));
-                    }
-                    service.append_value(&svc);
-                    name.append_value(&m.name);
-                    mtype.append_value(kind);
-                    unit.append_option(Some(m.unit.as_str()).filter(|u| !u.is_empty()));
-                    temporality.append_option(temp);
-                    monotonic.append_option(mono);
-                    append_map(&mut attributes, attrs)?;
-                    append_map(&mut resource_attributes, resource)?;
-                    scope_name.append_option(scope);
-                    Ok(())
-                };
-                let number =
-                    |p: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint| match p.value {
-                        Some(number_data_point::Value::AsDouble(d)) => Some(d),
-                        Some(number_data_point::Value::AsInt(i)) => Some(i as f64),
-                        None => None,
-                    };
+                let mut push = |p: Point<'_>| cols.push(&svc, m, resource, scope, p);
                 match &m.data {
                     Some(metric::Data::Gauge(g)) => {
                         for p in &g.data_points {
-                            common(
-                                p.time_unix_nano,
-                                p.start_time_unix_nano,
-                                "gauge",
-                                None,
-                                None,
-                                &p.attributes,
-                            )?;
-                            value.append_option(number(p));
-                            count.append_null();
-                            sum.append_null();
-                            buckets.append_null();
-                            bounds.append_null();
+                            push(Point {
+                                value: number(p),
+                                ..Point::new(
+                                    "gauge",
+                                    p.time_unix_nano,
+                                    p.start_time_unix_nano,
+                                    &p.attributes,
+                                )
+                            })?;
                         }
                     }
                     Some(metric::Data::Sum(s)) => {
                         for p in &s.data_points {
-                            common(
-                                p.time_unix_nano,
-                                p.start_time_unix_nano,
-                                "sum",
-                                temporality_name(s.aggregation_temporality),
-                                Some(s.is_monotonic),
-                                &p.attributes,
-                            )?;
-                            value.append_option(number(p));
-                            count.append_null();
-                            sum.append_null();
-                            buckets.append_null();
-                            bounds.append_null();
+                            push(Point {
+                                value: number(p),
+                                temporality: temporality_name(s.aggregation_temporality),
+                                monotonic: Some(s.is_monotonic),
+                                ..Point::new(
+                                    "sum",
+                                    p.time_unix_nano,
+                                    p.start_time_unix_nano,
+                                    &p.attributes,
+                                )
+                            })?;
                         }
                     }
                     Some(metric::Data::Histogram(h)) => {
                         for p in &h.data_points {
-                            common(
-                                p.time_unix_nano,
-                                p.start_time_unix_nano,
-                                "histogram",
-                                temporality_name(h.aggregation_temporality),
-                                None,
-                                &p.attributes,
-                            )?;
-                            value.append_null();
-                            count.append_value(i64::try_from(p.count).unwrap_or(i64::MAX));
-                            sum.append_option(p.sum);
-                            buckets.append_value(
-                                p.bucket_counts
-                                    .iter()
-                                    .map(|c| Some(i64::try_from(*c).unwrap_or(i64::MAX))),
-                            );
-                            bounds.append_value(p.explicit_bounds.iter().map(|b| Some(*b)));
+                            push(Point {
+                                temporality: temporality_name(h.aggregation_temporality),
+                                count: Some(p.count),
+                                sum: p.sum,
+                                buckets: Some(&p.bucket_counts),
+                                bounds: Some(&p.explicit_bounds),
+                                ..Point::new(
+                                    "histogram",
+                                    p.time_unix_nano,
+                                    p.start_time_unix_nano,
+                                    &p.attributes,
+                                )
+                            })?;
                         }
                     }
                     Some(metric::Data::ExponentialHistogram(h)) => {
                         for p in &h.data_points {
-                            common(
-                                p.time_unix_nano,
-                                p.start_time_unix_nano,
-                                "exponential_histogram",
-                                temporality_name(h.aggregation_temporality),
-                                None,
-                                &p.attributes,
-                            )?;
-                            value.append_null();
-                            count.append_value(i64::try_from(p.count).unwrap_or(i64::MAX));
-                            sum.append_option(p.sum);
-                            buckets.append_null();
-                            bounds.append_null();
+                            push(Point {
+                                temporality: temporality_name(h.aggregation_temporality),
+                                count: Some(p.count),
+                                sum: p.sum,
+                                ..Point::new(
+                                    "exponential_histogram",
+                                    p.time_unix_nano,
+                                    p.start_time_unix_nano,
+                                    &p.attributes,
+                                )
+                            })?;
                         }
                     }
                     Some(metric::Data::Summary(s)) => {
                         for p in &s.data_points {
-                            common(
-                                p.time_unix_nano,
-                                p.start_time_unix_nano,
-                                "summary",
-                                None,
-                                None,
-                                &p.attributes,
-                            )?;
-                            value.append_null();
-                            count.append_value(i64::try_from(p.count).unwrap_or(i64::MAX));
-                            sum.append_value(p.sum);
-                            buckets.append_null();
-                            bounds.append_null();
+                            push(Point {
+                                count: Some(p.count),
+                                sum: Some(p.sum),
+                                ..Point::new(
+                                    "summary",
+                                    p.time_unix_nano,
+                                    p.start_time_unix_nano,
+                                    &p.attributes,
+                                )
+                            })?;
                         }
                     }
                     None => {}
@@ -427,25 +513,7 @@ pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch
             }
         }
     }
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(time.finish()),
-        Arc::new(start.finish()),
-        Arc::new(service.finish()),
-        Arc::new(name.finish()),
-        Arc::new(mtype.finish()),
-        Arc::new(unit.finish()),
-        Arc::new(temporality.finish()),
-        Arc::new(monotonic.finish()),
-        Arc::new(value.finish()),
-        Arc::new(count.finish()),
-        Arc::new(sum.finish()),
-        Arc::new(buckets.finish()),
-        Arc::new(bounds.finish()),
-        Arc::new(attributes.finish()),
-        Arc::new(resource_attributes.finish()),
-        Arc::new(scope_name.finish()),
-    ];
-    RecordBatch::try_new(schema::METRICS.clone(), columns)
+    cols.finish()
 }
 
 #[cfg(test)]

@@ -1,18 +1,18 @@
 //! Bad input gets a clear error and loses nothing: malformed OTLP protobuf is answered with
 //! InvalidArgument and the service keeps serving; bad SQL and bad JSON bodies get a 400.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use lumen_telemetry::{Telemetry, TelemetryOptions};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
-use tokio_util::sync::CancellationToken;
 
 /// Posts one gRPC frame with `payload` as an Export call; returns (grpc-status, grpc-message).
 async fn raw_export(addr: SocketAddr, payload: &[u8]) -> (String, String) {
@@ -96,20 +96,8 @@ fn one_span(service: &str) -> ExportTraceServiceRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_is_rejected_and_nothing_is_lost() {
-    let data = tempfile::tempdir().expect("tempdir");
-    let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let telemetry = Telemetry::bind(TelemetryOptions {
-        data_dir: data.path().to_path_buf(),
-        otlp_grpc_addr: local,
-        http_addr: local,
-        flush_interval: Duration::from_millis(200),
-    })
-    .await
-    .expect("bind");
-    let grpc = telemetry.otlp_grpc_addr().expect("grpc");
-    let http = telemetry.http_addr().expect("http");
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(telemetry.run(axum::Router::new(), stop.clone()));
+    let telemetry = common::start_telemetry(Duration::from_millis(200)).await;
+    let (grpc, http) = (telemetry.grpc, telemetry.http);
 
     // A good export first.
     let mut client = TraceServiceClient::connect(format!("http://{grpc}"))
@@ -174,6 +162,5 @@ async fn malformed_input_is_rejected_and_nothing_is_lost() {
     let huge = format!(r#"{{"sql": "SELECT '{}'"}}"#, "x".repeat(100 * 1024));
     assert_eq!(sql(&huge).await.expect("sql").status(), 413);
 
-    stop.cancel();
-    server.await.expect("join").expect("clean stop");
+    telemetry.stop().await;
 }

@@ -1,31 +1,15 @@
 //! The real OpenTelemetry Python SDK sends spans to `lumen telemetry` over OTLP/gRPC; they
 //! come back through SQL with their attributes, kinds, status and parent link intact.
 
-mod peers;
+mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
-
-use lumen_telemetry::{Telemetry, TelemetryOptions};
-use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_spans_round_trip() {
-    let python = peers::python_with_otel_sdk();
-    let data = tempfile::tempdir().expect("tempdir");
-    let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let telemetry = Telemetry::bind(TelemetryOptions {
-        data_dir: data.path().to_path_buf(),
-        otlp_grpc_addr: local,
-        http_addr: local,
-        flush_interval: Duration::from_millis(300),
-    })
-    .await
-    .expect("bind");
-    let grpc = telemetry.otlp_grpc_addr().expect("grpc addr");
-    let engine = telemetry.query_engine();
-    let stop = CancellationToken::new();
-    let server = tokio::spawn(telemetry.run(axum::Router::new(), stop.clone()));
+    let python = common::python_with_otel_sdk();
+    let telemetry = common::start_telemetry(Duration::from_millis(300)).await;
+    let (grpc, engine) = (telemetry.grpc, telemetry.engine.clone());
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/otlp_send.py");
     let out = tokio::process::Command::new(&python)
@@ -88,6 +72,5 @@ async fn python_sdk_spans_round_trip() {
     assert_eq!(charge["parent_span_id"], checkout["span_id"]);
     assert!(charge["duration_ns"].as_i64().is_some_and(|d| d >= 0));
 
-    stop.cancel();
-    server.await.expect("join").expect("telemetry ran cleanly");
+    telemetry.stop().await;
 }
