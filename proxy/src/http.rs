@@ -311,7 +311,7 @@ impl DataPath {
             .unwrap_or_else(|| host_only(&authority).to_string());
         let original_dst: Option<SocketAddr> =
             header(peer_headers::ORIGINAL_DST).and_then(|v| v.parse().ok());
-        let mut labels = RequestLabels {
+        let labels = RequestLabels {
             reporter: "destination",
             source_workload: header(peer_headers::WORKLOAD).unwrap_or_else(unknown),
             source_workload_namespace: header(peer_headers::NAMESPACE).unwrap_or_else(unknown),
@@ -363,7 +363,6 @@ impl DataPath {
         };
         let Some(endpoint) = cluster.as_ref().and_then(|c| c.pick().cloned()) else {
             let body = "lumen-proxy: no inbound cluster for the local app (has the control plane sent its configuration?)\n";
-            labels.destination_service_name = labels.destination_service_name.clone();
             return self.local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 flags::NO_CLUSTER,
