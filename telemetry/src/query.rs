@@ -160,13 +160,13 @@ fn column<T: Array + Clone + 'static>(
 impl MeshQuery for QueryEngine {
     async fn overview(&self, window: Duration) -> Result<MeshOverview, QueryError> {
         let since = since_nanos(window);
-        let secs = window.as_secs_f64().max(1.0);
         // Server spans: what each service served.
         let services_sql = format!(
             "SELECT service_name AS service, count(*) AS requests, \
                     sum(CASE WHEN status_code = 'error' THEN 1 ELSE 0 END) AS errors, \
                     approx_percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50, \
-                    approx_percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99 \
+                    approx_percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99, \
+                    CAST(min(start_time) AS BIGINT) AS first_ns \
              FROM spans WHERE span_kind = 'server' AND start_time >= to_timestamp_nanos({since}) \
              GROUP BY service_name ORDER BY service_name"
         );
@@ -185,19 +185,22 @@ impl MeshQuery for QueryEngine {
             window_s: window.as_secs(),
             ..Default::default()
         };
+        let mut first_ns = i64::MAX;
         for batch in self.batches(&services_sql).await? {
             let service: StringArray = column(&batch, "service", &DataType::Utf8)?;
             let requests: Int64Array = column(&batch, "requests", &DataType::Int64)?;
             let errors: Int64Array = column(&batch, "errors", &DataType::Int64)?;
             let p50: Float64Array = column(&batch, "p50", &DataType::Float64)?;
             let p99: Float64Array = column(&batch, "p99", &DataType::Float64)?;
+            let first: Int64Array = column(&batch, "first_ns", &DataType::Int64)?;
             for i in 0..batch.num_rows() {
                 let (n, e) = (requests.value(i), errors.value(i));
+                first_ns = first_ns.min(first.value(i));
                 overview.services.push(ServiceStats {
                     service: service.value(i).to_string(),
                     requests: n,
                     errors: e,
-                    rate_per_s: n as f64 / secs,
+                    rate_per_s: n as f64,
                     success_rate: if n == 0 {
                         1.0
                     } else {
@@ -221,11 +224,26 @@ impl MeshQuery for QueryEngine {
                     destination: destination.value(i).to_string(),
                     requests: n,
                     errors: e,
-                    rate_per_s: n as f64 / secs,
+                    rate_per_s: n as f64,
                     error_rate: if n == 0 { 0.0 } else { e as f64 / n as f64 },
                     p99_ms: p99.value(i) / 1e6,
                 });
             }
+        }
+        // Rates are per second of data actually held: a store that started 12 s ago divides
+        // by 12, not by the whole window.
+        let now = since_nanos(Duration::ZERO);
+        let held_s = if first_ns == i64::MAX {
+            window.as_secs_f64()
+        } else {
+            (now - first_ns) as f64 / 1e9
+        };
+        let secs = held_s.clamp(1.0, window.as_secs_f64().max(1.0));
+        for s in &mut overview.services {
+            s.rate_per_s /= secs;
+        }
+        for e in &mut overview.edges {
+            e.rate_per_s /= secs;
         }
         Ok(overview)
     }
