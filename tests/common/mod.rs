@@ -1,0 +1,104 @@
+//! Shared by the root tests: running the `lumen` binary and finding the external test peers
+//! the test command installs (see `scripts/test-all`).
+// Each test crate uses part of this module.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+/// The Python interpreter with the OpenTelemetry SDK: `LUMEN_PYTHON`, else the venv the test
+/// command creates. Panics with what to do when it is missing: a missing peer fails loudly.
+pub fn python_with_otel_sdk() -> PathBuf {
+    let path = std::env::var_os("LUMEN_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/lumen-peers/venv/bin/python"));
+    let ok = Command::new(&path)
+        .args([
+            "-c",
+            "import opentelemetry.sdk, opentelemetry.exporter.otlp.proto.grpc",
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "peer missing: {} cannot import the OpenTelemetry Python SDK; run scripts/test-all (it installs \
+         the pinned SDK) or set LUMEN_PYTHON to a python with opentelemetry-sdk==1.45.2 and \
+         opentelemetry-exporter-otlp-proto-grpc==1.45.2",
+        path.display()
+    );
+    path
+}
+
+/// A `lumen` process whose stdout lines arrive on a channel (and are echoed to stderr).
+pub struct Lumen {
+    pub child: Child,
+    pub lines: Receiver<String>,
+}
+
+impl Lumen {
+    pub fn spawn(args: &[&str]) -> Lumen {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lumen"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("lumen starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                eprintln!("lumen: {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lumen { child, lines }
+    }
+
+    /// Waits (bounded) for a stdout line starting with `prefix`; returns the rest of it.
+    pub fn wait_for_line(&mut self, prefix: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200))
+                && let Some(rest) = line.strip_prefix(prefix)
+            {
+                return rest.to_string();
+            }
+        }
+        let _ = self.child.kill();
+        panic!("no line starting with {prefix:?} within {limit:?}");
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits (bounded) for the exit; returns how long it took.
+    pub fn interrupt(&mut self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        loop {
+            if let Some(code) = self.child.try_wait().expect("wait") {
+                assert!(code.success(), "exit status {code}");
+                return started.elapsed();
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!("lumen still running {limit:?} after SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Lumen {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
