@@ -159,7 +159,7 @@ impl DataPath {
             .to_string();
         let parent = incoming_parent(&req);
         let ctx = parent.map_or_else(SpanContext::new_root, |p| p.child());
-        let me = self.reporter.identity().clone();
+        let me = self.reporter.identity();
         let mut labels = RequestLabels {
             reporter: "source",
             source_workload: me.workload.clone(),
@@ -299,7 +299,7 @@ impl DataPath {
             .to_string();
         let parent = incoming_parent(&req);
         let ctx = parent.map_or_else(SpanContext::new_root, |p| p.child());
-        let me = self.reporter.identity().clone();
+        let me = self.reporter.identity();
         let header = |name: &str| {
             req.headers()
                 .get(name)
