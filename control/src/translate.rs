@@ -136,7 +136,7 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
         for port in &inbound {
             clusters.push(inbound_cluster(pod, *port));
         }
-        listeners.push(inbound_listener(&inbound));
+        listeners.push(inbound_listener(&pod.ip.to_string(), &inbound));
     }
 
     let mut by_type: HashMap<&'static str, Vec<NamedResource>> = HashMap::new();
@@ -502,10 +502,13 @@ fn http_connection_manager(
     }
 }
 
+/// A per-port outbound listener as Istio's: it carries the port's route configuration and is
+/// not bound itself (`bind_to_port: false`); traffic reaches it through the outbound port.
 fn outbound_listener(port: u16) -> listener::Listener {
     listener::Listener {
         name: format!("0.0.0.0_{port}"),
         address: Some(socket_address("0.0.0.0", port)),
+        bind_to_port: Some(lumen_api::pb::google::protobuf::BoolValue { value: false }),
         filter_chains: vec![listener::FilterChain {
             filters: vec![http_connection_manager(
                 &format!("outbound_0.0.0.0_{port}"),
@@ -551,7 +554,8 @@ fn inbound_cluster(pod: &Pod, port: u16) -> cluster::Cluster {
     }
 }
 
-fn inbound_listener(app_ports: &BTreeSet<u16>) -> listener::Listener {
+/// The sidecar's inbound listener, on the pod's own address (Lumen does not bind 0.0.0.0).
+fn inbound_listener(pod_ip: &str, app_ports: &BTreeSet<u16>) -> listener::Listener {
     let routes = app_ports
         .iter()
         .map(|port| route::Route {
@@ -575,7 +579,7 @@ fn inbound_listener(app_ports: &BTreeSet<u16>) -> listener::Listener {
     };
     listener::Listener {
         name: "virtualInbound".to_string(),
-        address: Some(socket_address("0.0.0.0", ports::PROXY_INBOUND)),
+        address: Some(socket_address(pod_ip, ports::PROXY_INBOUND)),
         filter_chains: vec![listener::FilterChain {
             filters: vec![http_connection_manager(
                 "inbound_0.0.0.0_15006",

