@@ -240,3 +240,75 @@ fn write_parquet(
     })?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::convert::spans_to_batch;
+    use crate::query::QueryEngine;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+
+    fn batch(n: u8) -> RecordBatch {
+        let spans = (0..n)
+            .map(|i| Span {
+                trace_id: vec![i + 1; 16],
+                span_id: vec![i + 1; 8],
+                ..Default::default()
+            })
+            .collect();
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        spans_to_batch(&req).expect("converts")
+    }
+
+    async fn count(store: Arc<Store>) -> i64 {
+        let r = QueryEngine::new(store)
+            .sql("SELECT count(*) AS n FROM spans")
+            .await
+            .expect("query");
+        r.rows[0]["n"].as_i64().expect("n")
+    }
+
+    #[tokio::test]
+    async fn rows_are_seen_once_across_flushes_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path()).expect("open"));
+        assert_eq!(
+            store.spans.flush().await.expect("flush"),
+            None,
+            "nothing to flush"
+        );
+        store.spans.append(batch(3)).expect("append");
+        store.spans.append(batch(2)).expect("append");
+        assert_eq!(count(store.clone()).await, 5, "memtable rows are queryable");
+        let file = store.spans.flush().await.expect("flush").expect("a file");
+        assert!(file.extension().is_some_and(|e| e == "parquet"));
+        let snap = store.spans.snapshot().expect("snapshot");
+        assert_eq!((snap.files.len(), snap.batches.len()), (1, 0));
+        store.spans.append(batch(4)).expect("append");
+        assert_eq!(
+            count(store.clone()).await,
+            9,
+            "file and memtable, no row twice"
+        );
+        store.flush().await.expect("flush");
+        drop(store);
+        let reopened = Arc::new(Store::open(dir.path()).expect("reopen"));
+        assert_eq!(reopened.spans.snapshot().expect("snapshot").files.len(), 2);
+        assert_eq!(count(reopened).await, 9, "everything survives a restart");
+        let leftovers = std::fs::read_dir(dir.path().join("spans"))
+            .expect("dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.path().to_string_lossy().ends_with(".tmp"))
+            .count();
+        assert_eq!(leftovers, 0, "no temporary files left behind");
+    }
+}
