@@ -47,6 +47,7 @@ fn demo_binary_starts_serves_and_stops_on_ctrl_c() {
     assert!(html.contains("Lumen service mesh"));
 
     let took = lumen.interrupt(Duration::from_secs(15));
+    eprintln!("lumen demo exited {:.2} s after SIGINT", took.as_secs_f64());
     assert!(took < Duration::from_secs(10), "stopping took {took:?}");
     let files = std::fs::read_dir(data.path().join("spans"))
         .expect("spans dir")
