@@ -209,8 +209,12 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
             })?;
         let app = Arc::new(App::new(kind, version, config.outbound_addr));
         say(format!(
-            "pod {:<15} app {app_addr}  sidecar outbound {} inbound {} admin {}",
-            pod.meta.name, config.outbound_addr, config.inbound_addr, config.admin_addr
+            "pod {:<15} app {app_addr}  sidecar outbound {} inbound {} admin {} prometheus {}",
+            pod.meta.name,
+            config.outbound_addr,
+            config.inbound_addr,
+            config.admin_addr,
+            config.prometheus_addr
         ));
         {
             let stop = mesh_stop.clone();

@@ -187,7 +187,7 @@ async fn demo_mesh_end_to_end() {
     }
 
     // The sidecars' Istio metrics count the same traffic.
-    let stats = reqwest::get("http://127.0.77.3:15000/stats/prometheus")
+    let stats = reqwest::get("http://127.0.77.3:15090/stats/prometheus")
         .await
         .expect("stats")
         .text()

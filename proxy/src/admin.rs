@@ -54,6 +54,19 @@ impl Admin {
         }
     }
 
+    /// The Prometheus listener: `/stats/prometheus` only.
+    pub async fn prometheus_only(self, req: Request<Incoming>) -> Response<Body> {
+        if req.uri().path() == "/stats/prometheus" {
+            self.handle(req).await
+        } else {
+            reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "try /stats/prometheus\n".to_string(),
+            )
+        }
+    }
+
     fn config_dump(&self) -> String {
         let cfg = self.data.config.borrow().clone();
         let mut clusters: Vec<_> = cfg

@@ -22,6 +22,8 @@ pub struct ProxyConfig {
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Prometheus scrape listener (`/stats/prometheus`), Istio's :15090.
+    pub prometheus_addr: SocketAddr,
     /// `http://host:port` of the ADS server.
     pub xds_endpoint: String,
     /// `http://host:port` of the OTLP/gRPC receiver, if telemetry is exported.
@@ -61,6 +63,7 @@ impl ProxyConfig {
             outbound_addr: SocketAddr::new(ip, ports::PROXY_OUTBOUND),
             inbound_addr: SocketAddr::new(ip, ports::PROXY_INBOUND),
             admin_addr: SocketAddr::new(ip, ports::PROXY_ADMIN),
+            prometheus_addr: SocketAddr::new(ip, ports::PROXY_PROMETHEUS),
             identity,
             xds_endpoint,
             otlp_endpoint,
@@ -70,7 +73,8 @@ impl ProxyConfig {
     /// Reads the subset of an Envoy v3 bootstrap Lumen uses: `node` (id, cluster, Istio's
     /// metadata keys), `admin.address`, `static_resources.clusters` (the ADS cluster named by
     /// `dynamic_resources.ads_config`, and `lumen-telemetry` for OTLP) and the listener ports
-    /// in node metadata `LUMEN_OUTBOUND_PORT` / `LUMEN_INBOUND_PORT` (defaults 15001 / 15006).
+    /// in node metadata `LUMEN_OUTBOUND_PORT` / `LUMEN_INBOUND_PORT` / `LUMEN_PROMETHEUS_PORT`
+    /// (defaults 15001 / 15006 / 15090).
     pub fn from_bootstrap_file(path: &Path) -> Result<ProxyConfig, BootstrapError> {
         let text = std::fs::read_to_string(path).map_err(|source| BootstrapError::Io {
             path: path.display().to_string(),
@@ -149,6 +153,10 @@ impl ProxyConfig {
             outbound_addr: SocketAddr::new(ip, port("LUMEN_OUTBOUND_PORT", ports::PROXY_OUTBOUND)),
             inbound_addr: SocketAddr::new(ip, port("LUMEN_INBOUND_PORT", ports::PROXY_INBOUND)),
             admin_addr: admin,
+            prometheus_addr: SocketAddr::new(
+                ip,
+                port("LUMEN_PROMETHEUS_PORT", ports::PROXY_PROMETHEUS),
+            ),
             identity,
             xds_endpoint: format!("http://{xds}"),
             otlp_endpoint: cluster_addr("lumen-telemetry").map(|a| format!("http://{a}")),

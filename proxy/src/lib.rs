@@ -1,6 +1,6 @@
 //! Lumen's sidecar proxy: carries a workload's HTTP traffic (outbound :15001, inbound :15006),
 //! routes it with configuration from the control plane (ADS), continues the trace, and reports
-//! spans and Istio-standard metrics over OTLP. No datafusion, no kube: it stays small.
+//! spans and Istio-standard metrics over OTLP (and for scraping on :15090, as Istio's sidecars). No datafusion, no kube: it stays small.
 
 #![forbid(unsafe_code)]
 
@@ -46,6 +46,7 @@ pub struct Proxy {
     outbound: TcpListener,
     inbound: TcpListener,
     admin: TcpListener,
+    prometheus: TcpListener,
 }
 
 impl Proxy {
@@ -60,6 +61,7 @@ impl Proxy {
             outbound: bind("outbound", config.outbound_addr).await?,
             inbound: bind("inbound", config.inbound_addr).await?,
             admin: bind("admin", config.admin_addr).await?,
+            prometheus: bind("prometheus", config.prometheus_addr).await?,
             config,
             export,
         })
@@ -75,6 +77,10 @@ impl Proxy {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.local_addr().ok()
+    }
+
+    pub fn prometheus_addr(&self) -> Option<SocketAddr> {
+        self.prometheus.local_addr().ok()
     }
 
     /// Runs until `shutdown`: drains connections, then flushes telemetry.
@@ -123,13 +129,21 @@ impl Proxy {
             ready: ready_rx,
             node_id: self.config.node_id.clone(),
         };
+        let prometheus = {
+            let admin_state = admin_state.clone();
+            server::serve(
+                self.prometheus,
+                move |req| admin_state.clone().prometheus_only(req),
+                shutdown.clone(),
+            )
+        };
         let admin = server::serve(
             self.admin,
             move |req| admin_state.clone().handle(req),
             shutdown.clone(),
         );
         tracing::info!(node = %self.config.node_id, outbound = %self.config.outbound_addr, inbound = %self.config.inbound_addr, "proxy started");
-        tokio::join!(outbound, inbound, admin);
+        tokio::join!(outbound, inbound, admin, prometheus);
         export_stop.cancel();
         let _ = exporter.await;
         let _ = xds.await;
