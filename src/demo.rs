@@ -105,14 +105,7 @@ impl DemoOptions {
 pub fn demo_model(subnet: [u8; 3]) -> Result<Model, DemoError> {
     let mut model = Model::from_yaml("fixtures/demo/bookinfo.yaml", BOOKINFO_YAML)?;
     model.add_yaml("fixtures/demo/routing.yaml", ROUTING_YAML)?;
-    for pod in &mut model.pods {
-        if let IpAddr::V4(v4) = pod.ip {
-            let o = v4.octets();
-            if o[..3] == FIXTURE_SUBNET {
-                pod.ip = IpAddr::V4(Ipv4Addr::new(subnet[0], subnet[1], subnet[2], o[3]));
-            }
-        }
-    }
+    model.move_pods(FIXTURE_SUBNET, subnet);
     Ok(model)
 }
 

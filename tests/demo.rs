@@ -31,6 +31,15 @@ fn int(row: &serde_json::Map<String, Value>, key: &str) -> i64 {
         .unwrap_or_else(|| panic!("{key} in {row:?}"))
 }
 
+async fn page(url: &str) -> String {
+    reqwest::get(url)
+        .await
+        .expect("get")
+        .text()
+        .await
+        .expect("body")
+}
+
 /// The number in `data-rate="..."` of the graph edge between two services.
 fn edge_rate(html: &str, source: &str, destination: &str) -> Option<f64> {
     let marker = format!(r#"data-source="{source}" data-destination="{destination}" data-rate=""#);
@@ -69,12 +78,7 @@ async fn demo_mesh_end_to_end() {
         ("reviews", "ratings"),
     ];
     while launched.elapsed() < Duration::from_secs(40) {
-        let html = reqwest::get(running.dashboard_url())
-            .await
-            .expect("dashboard")
-            .text()
-            .await
-            .expect("html");
+        let html = page(&running.dashboard_url()).await;
         if edges
             .iter()
             .all(|(s, d)| edge_rate(&html, s, d).is_some_and(|r| r > 0.0))
@@ -165,12 +169,7 @@ async fn demo_mesh_end_to_end() {
     );
 
     // The dashboard names every service and every edge, with non-zero rates.
-    let html = reqwest::get(running.dashboard_url())
-        .await
-        .expect("dashboard")
-        .text()
-        .await
-        .expect("html");
+    let html = page(&running.dashboard_url()).await;
     for service in ["productpage", "details", "reviews", "ratings"] {
         let marks = html
             .matches(&format!(r#"data-service="{service}""#))

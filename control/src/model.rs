@@ -374,6 +374,19 @@ impl Model {
         Ok(())
     }
 
+    /// Moves pods whose IPv4 address is in `from` (first three octets) to `to`, keeping the
+    /// last octet: runs the same mesh on another loopback /24 (tests, a second demo).
+    pub fn move_pods(&mut self, from: [u8; 3], to: [u8; 3]) {
+        for pod in &mut self.pods {
+            if let IpAddr::V4(v4) = pod.ip {
+                let o = v4.octets();
+                if o[..3] == from {
+                    pod.ip = IpAddr::V4(std::net::Ipv4Addr::new(to[0], to[1], to[2], o[3]));
+                }
+            }
+        }
+    }
+
     /// Fully qualified name of `host` as written in a resource of `namespace`
     /// (`reviews` in `default` is `reviews.default.svc.cluster.local`).
     pub fn fqdn(host: &str, namespace: &str) -> String {

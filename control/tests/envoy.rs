@@ -4,7 +4,7 @@
 // Test helpers outside #[test] functions unwrap too: a panic is the test report.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,16 +43,7 @@ fn model_on(subnet: [u8; 3]) -> Model {
     model
         .add_yaml("routing", include_str!("../../fixtures/demo/routing.yaml"))
         .unwrap();
-    for pod in &mut model.pods {
-        if let IpAddr::V4(v4) = pod.ip {
-            pod.ip = IpAddr::V4(Ipv4Addr::new(
-                subnet[0],
-                subnet[1],
-                subnet[2],
-                v4.octets()[3],
-            ));
-        }
-    }
+    model.move_pods([127, 0, 10], subnet);
     model
 }
 

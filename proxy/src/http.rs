@@ -184,20 +184,7 @@ impl DataPath {
             start,
             end: start,
             error: false,
-            attributes: vec![
-                (
-                    "http.request.method",
-                    AttrValue::Str(req.method().to_string()),
-                ),
-                (
-                    "url.path",
-                    AttrValue::Str(path.split('?').next().unwrap_or("/").to_string()),
-                ),
-                (
-                    "server.address",
-                    AttrValue::Str(host_only(&authority).to_string()),
-                ),
-            ],
+            attributes: request_attributes(&req, &path, &authority),
         };
         let config = self.config.borrow().clone();
         let decision = match config.route(&authority, &path, req.headers(), rand::random()) {
@@ -345,21 +332,11 @@ impl DataPath {
             start,
             end: start,
             error: false,
-            attributes: vec![
-                (
-                    "http.request.method",
-                    AttrValue::Str(req.method().to_string()),
-                ),
-                (
-                    "url.path",
-                    AttrValue::Str(path.split('?').next().unwrap_or("/").to_string()),
-                ),
-                (
-                    "server.address",
-                    AttrValue::Str(host_only(&authority).to_string()),
-                ),
-                ("peer.service", AttrValue::Str(labels.source_app.clone())),
-            ],
+            attributes: {
+                let mut a = request_attributes(&req, &path, &authority);
+                a.push(("peer.service", AttrValue::Str(labels.source_app.clone())));
+                a
+            },
         };
         let Some(endpoint) = cluster.as_ref().and_then(|c| c.pick().cloned()) else {
             let body = "lumen-proxy: no inbound cluster for the local app (has the control plane sent its configuration?)\n";
@@ -511,6 +488,28 @@ impl DataPath {
 /// OpenTelemetry HTTP conventions: 4xx is an error for clients, only 5xx for servers.
 fn is_error(kind: SpanKind, status: StatusCode) -> bool {
     status.is_server_error() || (kind == SpanKind::Client && status.is_client_error())
+}
+
+/// The request attributes both sides put on their span (OpenTelemetry HTTP conventions).
+fn request_attributes(
+    req: &Request<Incoming>,
+    path: &str,
+    authority: &str,
+) -> Vec<(&'static str, AttrValue)> {
+    vec![
+        (
+            "http.request.method",
+            AttrValue::Str(req.method().to_string()),
+        ),
+        (
+            "url.path",
+            AttrValue::Str(path.split('?').next().unwrap_or("/").to_string()),
+        ),
+        (
+            "server.address",
+            AttrValue::Str(host_only(authority).to_string()),
+        ),
+    ]
 }
 
 fn authority_of(req: &Request<Incoming>) -> String {
