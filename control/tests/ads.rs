@@ -3,6 +3,8 @@
 // Test helpers outside #[test] functions unwrap too: a panic is the test report.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,15 +22,7 @@ use tokio_util::sync::CancellationToken;
 const NODE: &str = "sidecar~127.0.10.1~productpage-v1.default~default.svc.cluster.local";
 
 fn demo_model() -> Model {
-    let mut model = Model::from_yaml(
-        "bookinfo",
-        include_str!("../../fixtures/demo/bookinfo.yaml"),
-    )
-    .unwrap();
-    model
-        .add_yaml("routing", include_str!("../../fixtures/demo/routing.yaml"))
-        .unwrap();
-    model
+    common::demo_model([127, 0, 10])
 }
 
 struct Harness {

@@ -4,12 +4,14 @@
 // Test helpers outside #[test] functions unwrap too: a panic is the test report.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lumen_control::{ConfigSource, Control, ControlOptions, Model};
+use lumen_control::{ConfigSource, Control, ControlOptions};
 use tokio_util::sync::CancellationToken;
 
 /// The Envoy binary: `LUMEN_ENVOY`, else the one `scripts/test-all` installs. Panics with what
@@ -32,19 +34,6 @@ fn envoy() -> PathBuf {
              LUMEN_ENVOY to an Envoy 1.40 binary"
         )
     })
-}
-
-fn model_on(subnet: [u8; 3]) -> Model {
-    let mut model = Model::from_yaml(
-        "bookinfo",
-        include_str!("../../fixtures/demo/bookinfo.yaml"),
-    )
-    .unwrap();
-    model
-        .add_yaml("routing", include_str!("../../fixtures/demo/routing.yaml"))
-        .unwrap();
-    model.move_pods([127, 0, 10], subnet);
-    model
 }
 
 fn bootstrap(node_id: &str, xds: SocketAddr) -> String {
@@ -92,7 +81,7 @@ async fn envoy_accepts_everything_lumen_control_serves() {
     let control = Control::bind(ControlOptions {
         xds_addr: local,
         http_addr: local,
-        source: ConfigSource::Static(model_on([127, 0, 79])),
+        source: ConfigSource::Static(common::demo_model([127, 0, 79])),
     })
     .await
     .unwrap();
