@@ -81,18 +81,20 @@ mod flags {
 struct Finish {
     reporter: Arc<Reporter>,
     labels: RequestLabels,
-    span: SpanRecord,
+    /// Taken (not cloned) when the request is recorded.
+    span: Option<SpanRecord>,
     started: Instant,
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
-        let mut span = self.span.clone();
-        span.end = span.start + elapsed;
         self.reporter
             .request(std::mem::take(&mut self.labels), elapsed);
-        self.reporter.span(span);
+        if let Some(mut span) = self.span.take() {
+            span.end = span.start + elapsed;
+            self.reporter.span(span);
+        }
     }
 }
 
@@ -432,7 +434,7 @@ impl DataPath {
                 let finish = Finish {
                     reporter: self.reporter.clone(),
                     labels,
-                    span,
+                    span: Some(span),
                     started,
                 };
                 Response::from_parts(
@@ -469,7 +471,7 @@ impl DataPath {
         let finish = Finish {
             reporter: self.reporter.clone(),
             labels,
-            span,
+            span: Some(span),
             started,
         };
         drop(finish);
