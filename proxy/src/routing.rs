@@ -140,54 +140,66 @@ impl MeshConfig {
         random: u32,
     ) -> Result<Decision, RouteError> {
         let host = authority.to_ascii_lowercase();
-        let port = host.rsplit_once(':').map(|(_, p)| p.to_string());
+        let port = host.rsplit_once(':').map(|(_, p)| p);
         let no_route = || RouteError::NoRoute {
             host: authority.to_string(),
             path: path.to_string(),
         };
-        let mut candidates: Vec<&Arc<RouteConfig>> = Vec::new();
-        match port.as_deref().and_then(|p| self.routes.get(p)) {
-            Some(rc) => candidates.push(rc),
-            None => {
-                let mut all: Vec<_> = self.routes.values().collect();
-                all.sort_by(|a, b| a.name.cmp(&b.name));
-                candidates.extend(all);
-            }
+        // The common case: the port names the route configuration (no allocation, no sort).
+        if let Some(rc) = port.and_then(|p| self.routes.get(p)) {
+            return self
+                .route_in(rc, &host, port.is_some(), path, headers, random, &no_route)
+                .unwrap_or_else(|| Err(no_route()));
         }
-        let bare = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h);
-        for rc in candidates {
-            let found = rc.virtual_hosts.iter().enumerate().find(|(_, vh)| {
-                vh.domains
-                    .iter()
-                    .any(|d| d == "*" || *d == host || (port.is_none() && d == bare))
-            });
-            let Some((vh_index, vh)) = found else {
-                continue;
-            };
-            let Some((route_index, route)) = vh
-                .routes
+        let mut all: Vec<&Arc<RouteConfig>> = self.routes.values().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all.into_iter()
+            .find_map(|rc| {
+                self.route_in(rc, &host, port.is_some(), path, headers, random, &no_route)
+            })
+            .unwrap_or_else(|| Err(no_route()))
+    }
+
+    /// Routes within one route configuration; `None` when no virtual host takes the host.
+    #[allow(clippy::too_many_arguments)] // one request's facts, passed through once
+    fn route_in(
+        &self,
+        rc: &Arc<RouteConfig>,
+        host: &str,
+        has_port: bool,
+        path: &str,
+        headers: &http::HeaderMap,
+        random: u32,
+        no_route: &dyn Fn() -> RouteError,
+    ) -> Option<Result<Decision, RouteError>> {
+        let bare = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let (vh_index, vh) = rc.virtual_hosts.iter().enumerate().find(|(_, vh)| {
+            vh.domains
                 .iter()
-                .enumerate()
-                .find(|(_, r)| r.matches(path, headers))
-            else {
-                return Err(no_route());
-            };
-            let cluster_name = route.pick_backend(random).ok_or_else(no_route)?;
-            let cluster =
-                self.clusters
-                    .get(cluster_name)
-                    .cloned()
-                    .ok_or_else(|| RouteError::NoCluster {
-                        cluster: cluster_name.to_string(),
-                    })?;
-            return Ok(Decision {
-                route_config: rc.clone(),
-                virtual_host: vh_index,
-                route: route_index,
-                cluster,
-            });
-        }
-        Err(no_route())
+                .any(|d| d == "*" || d == host || (!has_port && d == bare))
+        })?;
+        let Some((route_index, route)) = vh
+            .routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.matches(path, headers))
+        else {
+            return Some(Err(no_route()));
+        };
+        let Some(cluster_name) = route.pick_backend(random) else {
+            return Some(Err(no_route()));
+        };
+        let Some(cluster) = self.clusters.get(cluster_name).cloned() else {
+            return Some(Err(RouteError::NoCluster {
+                cluster: cluster_name.to_string(),
+            }));
+        };
+        Some(Ok(Decision {
+            route_config: rc.clone(),
+            virtual_host: vh_index,
+            route: route_index,
+            cluster,
+        }))
     }
 
     /// The local app's inbound cluster for a port, or the only one there is.
@@ -195,13 +207,11 @@ impl MeshConfig {
         if let Some(c) = port.and_then(|p| self.clusters.get(&cluster_name::inbound(p))) {
             return Some(c.clone());
         }
-        let mut inbound: Vec<_> = self
-            .clusters
+        self.clusters
             .values()
             .filter(|c| cluster_name::parse_inbound(&c.name).is_some())
-            .collect();
-        inbound.sort_by(|a, b| a.name.cmp(&b.name));
-        inbound.first().map(|c| (*c).clone())
+            .min_by(|a, b| a.name.cmp(&b.name))
+            .cloned()
     }
 
     /// Host names the proxy can route, for error messages.

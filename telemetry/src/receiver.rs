@@ -23,17 +23,21 @@ use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
 use crate::convert;
-use crate::store::Store;
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::store::{Store, Table};
 
 /// Largest accepted request (after decompression), as the OpenTelemetry Collector's default.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
-/// One OTLP signal: its gRPC service and how its requests are stored.
+/// One OTLP signal: its gRPC service, how a request becomes rows, and the table they go to.
 pub trait Signal: Send + Sync + 'static {
     const SERVICE: &'static str;
     type Request: Message + Default;
     type Response: Message + Default + Send + 'static;
-    fn ingest(store: &Store, request: &Self::Request) -> Result<usize, Status>;
+    fn to_batch(request: &Self::Request) -> Result<RecordBatch, ArrowError>;
+    fn table(store: &Store) -> &Table;
 }
 
 /// Traces: `opentelemetry.proto.collector.trace.v1.TraceService`.
@@ -49,15 +53,12 @@ impl Signal for Traces {
     type Request = ExportTraceServiceRequest;
     type Response = ExportTraceServiceResponse;
 
-    fn ingest(store: &Store, request: &ExportTraceServiceRequest) -> Result<usize, Status> {
-        let batch = convert::spans_to_batch(request)
-            .map_err(|e| Status::internal(format!("converting spans: {e}")))?;
-        let rows = batch.num_rows();
-        store
-            .spans
-            .append(batch)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(rows)
+    fn to_batch(request: &ExportTraceServiceRequest) -> Result<RecordBatch, ArrowError> {
+        convert::spans_to_batch(request)
+    }
+
+    fn table(store: &Store) -> &Table {
+        &store.spans
     }
 }
 
@@ -66,15 +67,12 @@ impl Signal for Metrics {
     type Request = ExportMetricsServiceRequest;
     type Response = ExportMetricsServiceResponse;
 
-    fn ingest(store: &Store, request: &ExportMetricsServiceRequest) -> Result<usize, Status> {
-        let batch = convert::metrics_to_batch(request)
-            .map_err(|e| Status::internal(format!("converting metrics: {e}")))?;
-        let rows = batch.num_rows();
-        store
-            .metrics
-            .append(batch)
-            .map_err(|e| Status::internal(e.to_string()))?;
-        Ok(rows)
+    fn to_batch(request: &ExportMetricsServiceRequest) -> Result<RecordBatch, ArrowError> {
+        convert::metrics_to_batch(request)
+    }
+
+    fn table(store: &Store) -> &Table {
+        &store.metrics
     }
 }
 
@@ -112,7 +110,13 @@ pub fn export<S: Signal>(store: &Store, body: &[u8]) -> Result<S::Response, Stat
     let request = S::Request::decode(body).map_err(|e| {
         Status::invalid_argument(format!("malformed OTLP protobuf for {}: {e}", S::SERVICE))
     })?;
-    let rows = S::ingest(store, &request)?;
+    let table = S::table(store);
+    let batch = S::to_batch(&request)
+        .map_err(|e| Status::internal(format!("converting {} rows: {e}", table.name)))?;
+    let rows = batch.num_rows();
+    table
+        .append(batch)
+        .map_err(|e| Status::internal(e.to_string()))?;
     tracing::trace!(service = S::SERVICE, rows, "otlp export stored");
     Ok(S::Response::default())
 }

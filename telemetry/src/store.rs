@@ -57,7 +57,6 @@ pub struct Table {
 #[derive(Debug, Default)]
 struct TableState {
     mem: Vec<RecordBatch>,
-    mem_rows: usize,
     files: Vec<PathBuf>,
     seq: u64,
 }
@@ -74,7 +73,6 @@ pub struct Snapshot {
 pub struct Store {
     pub spans: Arc<Table>,
     pub metrics: Arc<Table>,
-    dir: PathBuf,
 }
 
 impl Store {
@@ -91,12 +89,7 @@ impl Store {
         Ok(Store {
             spans: Arc::new(Table::open(&dir, "spans", schema::SPANS.clone())?),
             metrics: Arc::new(Table::open(&dir, "metrics", schema::METRICS.clone())?),
-            dir,
         })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     pub fn tables(&self) -> [&Arc<Table>; 2] {
@@ -147,7 +140,6 @@ impl Table {
             return Ok(());
         }
         let mut state = self.state.lock().map_err(|_| StoreError::Poisoned)?;
-        state.mem_rows += batch.num_rows();
         state.mem.push(batch);
         Ok(())
     }
@@ -158,11 +150,6 @@ impl Table {
             files: state.files.clone(),
             batches: state.mem.clone(),
         })
-    }
-
-    /// Rows waiting in memory.
-    pub fn mem_rows(&self) -> usize {
-        self.state.lock().map_or(0, |s| s.mem_rows)
     }
 
     /// Writes the memtable to a new Parquet file (written aside, then renamed into place)
@@ -193,7 +180,6 @@ impl Table {
             })??;
         let mut state = self.state.lock().map_err(|_| StoreError::Poisoned)?;
         let flushed_rows: usize = state.mem.drain(..n).map(|b| b.num_rows()).sum();
-        state.mem_rows -= flushed_rows;
         state.files.push(path.clone());
         tracing::debug!(table = self.name, rows = flushed_rows, file = %path.display(), "flushed memtable");
         Ok(Some(path))
