@@ -115,10 +115,10 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
     let telemetry_stop = CancellationToken::new();
 
     let telemetry = Telemetry::bind(TelemetryOptions {
-        data_dir: options.data_dir.clone(),
         otlp_grpc_addr: options.otlp_grpc_addr,
         http_addr: options.http_addr,
         flush_interval: options.flush_interval,
+        ..TelemetryOptions::new(options.data_dir.clone())
     })
     .await?;
     let otlp_grpc = telemetry.otlp_grpc_addr().unwrap_or(options.otlp_grpc_addr);

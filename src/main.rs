@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use lumen::demo::{self, DemoOptions};
 use lumen_control::{ConfigSource, Control, ControlOptions};
-use lumen_telemetry::{Telemetry, TelemetryOptions};
+use lumen_telemetry::{QueryLimits, StoreOptions, Telemetry, TelemetryOptions};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -70,6 +70,29 @@ struct TelemetryArgs {
     /// Seconds between memtable flushes to Parquet.
     #[arg(long, default_value_t = 5)]
     flush_interval: u64,
+    /// Host names the HTTP port answers to, besides loopback names and its own address
+    /// (repeat the flag for several).
+    #[arg(long = "allow-host")]
+    allow_host: Vec<String>,
+    /// Seconds a query may run before its plan is cancelled.
+    #[arg(long, default_value_t = 30)]
+    query_timeout: u64,
+    /// MiB of memory all running queries may use together.
+    #[arg(long, default_value_t = 128)]
+    query_memory: usize,
+    /// Rows a query result may hold; longer results are cut and flagged as truncated.
+    #[arg(long, default_value_t = 10_000)]
+    query_max_rows: usize,
+    /// Queries that may run at once.
+    #[arg(long, default_value_t = 4)]
+    query_concurrency: usize,
+    /// MiB of rows held in memory (memtables and requests being converted); past it OTLP
+    /// exports are refused with RESOURCE_EXHAUSTED until a flush frees room.
+    #[arg(long, default_value_t = 192)]
+    max_buffered_mib: usize,
+    /// OTLP export requests handled at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 64)]
+    max_inflight_requests: usize,
 }
 
 #[derive(clap::Args)]
@@ -141,12 +164,36 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => run_demo(args).await,
         Command::Telemetry(args) => {
             let telemetry = Telemetry::bind(TelemetryOptions {
-                data_dir: args.data,
                 otlp_grpc_addr: args.otlp_grpc,
                 http_addr: args.http,
                 flush_interval: Duration::from_secs(args.flush_interval.max(1)),
+                query: QueryLimits {
+                    timeout: Duration::from_secs(args.query_timeout.max(1)),
+                    memory_bytes: args.query_memory.max(1) * 1024 * 1024,
+                    max_rows: args.query_max_rows.max(1),
+                    max_concurrent: args.query_concurrency.max(1),
+                    ..QueryLimits::default()
+                },
+                allowed_hosts: args.allow_host,
+                store: StoreOptions {
+                    max_buffered_bytes: args.max_buffered_mib.max(1) * 1024 * 1024,
+                    ..StoreOptions::default()
+                },
+                max_inflight_requests: args.max_inflight_requests.max(1),
+                ..TelemetryOptions::new(args.data)
             })
             .await?;
+            let store = telemetry.store();
+            let replayed = &store.replayed;
+            println!(
+                "wal: replayed {} records from {} segments, cut {} damaged tails",
+                replayed.records,
+                replayed.segments,
+                replayed.cut.len()
+            );
+            for (file, reason) in &store.quarantined {
+                println!("quarantined: {} ({reason})", file.display());
+            }
             println!(
                 "telemetry: OTLP gRPC {}, dashboard http://{}/",
                 telemetry.otlp_grpc_addr().unwrap_or(args.otlp_grpc),

@@ -1,17 +1,24 @@
-//! The telemetry service's HTTP API: `POST /api/v1/sql`, `/healthz`, `/readyz`.
+//! The telemetry service's HTTP API: `POST /api/v1/sql`, `/healthz`, `/readyz`, and the guard
+//! every route of that port sits behind ([`guard`]): a request must name an allowed Host (so a
+//! DNS-rebinding name cannot reach the API from a browser) and a POST must be
+//! `application/json` (so a web page cannot post to it with a simple form or `text/plain`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::query::{QueryEngine, QueryError};
+use crate::query::QueryEngine;
 
 /// Largest accepted SQL request body.
 pub const MAX_SQL_BODY: usize = 64 * 1024;
@@ -20,6 +27,41 @@ pub const MAX_SQL_BODY: usize = 64 * 1024;
 #[serde(deny_unknown_fields)]
 pub struct SqlRequest {
     pub sql: String,
+}
+
+/// Host names the HTTP port answers to (compared without the port, case-insensitively).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowedHosts(Vec<String>);
+
+impl AllowedHosts {
+    /// Loopback names, the listen address (unless it is a wildcard) and `extra`.
+    pub fn new(listen: SocketAddr, extra: &[String]) -> AllowedHosts {
+        let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if !listen.ip().is_unspecified() {
+            names.push(listen.ip().to_string());
+        }
+        names.extend(extra.iter().map(|h| h.trim().to_ascii_lowercase()));
+        names.sort();
+        names.dedup();
+        AllowedHosts(names)
+    }
+
+    /// Whether a Host header value (`name`, `name:port`, `[v6]:port`) is allowed.
+    pub fn allows(&self, host: &str) -> bool {
+        let host = host.trim().to_ascii_lowercase();
+        let name = if let Some(rest) = host.strip_prefix('[') {
+            rest.split(']').next().unwrap_or_default()
+        } else if host.parse::<IpAddr>().is_ok() {
+            host.as_str()
+        } else {
+            host.rsplit_once(':').map_or(host.as_str(), |(n, _)| n)
+        };
+        let name = name.strip_suffix('.').unwrap_or(name);
+        self.0.iter().any(|allowed| allowed == name)
+    }
 }
 
 /// Routes of the HTTP API (the dashboard is merged in by the binary).
@@ -32,28 +74,136 @@ pub fn router(engine: QueryEngine) -> Router {
         .with_state(engine)
 }
 
-fn error(status: StatusCode, message: String) -> Response {
-    (status, Json(json!({ "error": message }))).into_response()
+/// Puts `app` behind the Host and Content-Type checks.
+pub fn guard(app: Router, hosts: AllowedHosts) -> Router {
+    let hosts = Arc::new(hosts);
+    app.layer(axum::middleware::from_fn(
+        move |req: Request, next: Next| {
+            let hosts = hosts.clone();
+            async move { check(&hosts, req, next).await }
+        },
+    ))
 }
 
-/// Takes the body as JSON whatever its Content-Type says (`curl -d` sends a form type).
+async fn check(hosts: &AllowedHosts, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    match host {
+        Some(h) if hosts.allows(&h) => {}
+        Some(h) => {
+            return error(
+                StatusCode::MISDIRECTED_REQUEST,
+                "host",
+                format!(
+                    "host {h:?} is not one this server answers to; allowed: {} (add names with --allow-host)",
+                    hosts.0.join(", ")
+                ),
+            );
+        }
+        None => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "host",
+                "the request names no Host".to_string(),
+            );
+        }
+    }
+    if matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH) {
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let essence = content_type.split(';').next().unwrap_or_default().trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "content-type",
+                format!(
+                    "POST bodies must be application/json, not {:?}",
+                    if content_type.is_empty() {
+                        "(none)"
+                    } else {
+                        content_type
+                    }
+                ),
+            );
+        }
+    }
+    next.run(req).await
+}
+
+fn error(status: StatusCode, kind: &str, message: String) -> Response {
+    (status, Json(json!({ "error": message, "kind": kind }))).into_response()
+}
+
 async fn sql(State(engine): State<QueryEngine>, body: Result<Bytes, BytesRejection>) -> Response {
     let body = match body {
         Ok(b) => b,
-        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+        Err(rejection) => return error(rejection.status(), "body", rejection.body_text()),
     };
     let req: SqlRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,
+                "body",
                 format!("expected {{\"sql\": \"...\"}}: {e}"),
             );
         }
     };
     match engine.sql(&req.sql).await {
         Ok(result) => Json(result).into_response(),
-        Err(QueryError::Sql(e)) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => {
+            let status =
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            if status.is_server_error() {
+                tracing::error!(error = %e, "query failed");
+            }
+            let mut resp = error(status, e.kind(), e.to_string());
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            resp
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_matched_without_port_and_case() {
+        let listen: SocketAddr = "127.0.0.2:16686".parse().expect("addr");
+        let hosts = AllowedHosts::new(listen, &["Lumen.Example".to_string()]);
+        for ok in [
+            "localhost",
+            "LOCALHOST:16686",
+            "127.0.0.1:80",
+            "127.0.0.2:16686",
+            "[::1]:16686",
+            "::1",
+            "lumen.example",
+            "lumen.example.:8080",
+        ] {
+            assert!(hosts.allows(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "localhost.evil.example",
+            "127.0.0.3",
+            "[::2]:1",
+            "",
+        ] {
+            assert!(!hosts.allows(bad), "{bad}");
+        }
+        let wildcard = AllowedHosts::new("0.0.0.0:1".parse().expect("addr"), &[]);
+        assert!(!wildcard.allows("0.0.0.0"), "a wildcard is not a name");
     }
 }

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod convert;
 pub mod http;
 pub mod query;
@@ -10,6 +11,7 @@ pub mod receiver;
 pub mod schema;
 pub mod store;
 pub mod table;
+pub mod wal;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,8 +22,9 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-pub use query::{EdgeStats, MeshOverview, MeshQuery, QueryEngine, ServiceStats};
-pub use store::Store;
+pub use http::AllowedHosts;
+pub use query::{EdgeStats, MeshOverview, MeshQuery, QueryEngine, QueryLimits, ServiceStats};
+pub use store::{Store, StoreOptions};
 
 /// Why the telemetry service could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,10 @@ pub enum TelemetryError {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
+    #[error("starting the query runtime: {0}")]
+    QueryRuntime(std::io::Error),
+    #[error("final flush failed, the rows stay in the write-ahead log for the next start: {0}")]
+    FinalFlush(store::StoreError),
 }
 
 /// Where the service listens and stores.
@@ -48,6 +55,39 @@ pub struct TelemetryOptions {
     pub otlp_grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub flush_interval: Duration,
+    /// What queries may spend.
+    pub query: QueryLimits,
+    /// Host names the HTTP port answers to besides loopback names and its own address.
+    pub allowed_hosts: Vec<String>,
+    /// Memory and WAL settings of the store.
+    pub store: StoreOptions,
+    /// OTLP export requests handled at once (both signals); more are refused.
+    pub max_inflight_requests: usize,
+    /// OTLP/gRPC streams one connection may open at once.
+    pub max_streams_per_connection: u32,
+    /// Longest an OTLP request may take, body included.
+    pub request_timeout: Duration,
+    /// How long shutdown waits for requests in progress before it flushes.
+    pub drain_timeout: Duration,
+}
+
+impl TelemetryOptions {
+    /// Defaults for everything but where to store.
+    pub fn new(data_dir: PathBuf) -> TelemetryOptions {
+        TelemetryOptions {
+            data_dir,
+            otlp_grpc_addr: SocketAddr::from(([127, 0, 0, 1], 4317)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 16686)),
+            flush_interval: Duration::from_secs(5),
+            query: QueryLimits::default(),
+            allowed_hosts: Vec::new(),
+            store: StoreOptions::default(),
+            max_inflight_requests: 64,
+            max_streams_per_connection: 32,
+            request_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// A bound telemetry service.
@@ -57,22 +97,36 @@ pub struct Telemetry {
     grpc: TcpListener,
     http: TcpListener,
     flush_interval: Duration,
+    engine: QueryEngine,
+    allowed_hosts: AllowedHosts,
+    options: TelemetryOptions,
 }
 
 impl Telemetry {
     /// Opens the store and binds both ports.
     pub async fn bind(options: TelemetryOptions) -> Result<Telemetry, TelemetryError> {
-        let store = Arc::new(Store::open(&options.data_dir)?);
+        let store = Arc::new(Store::open_with(
+            &options.data_dir,
+            options.store,
+            receiver::decode_record,
+        )?);
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await
                 .map_err(|source| TelemetryError::Bind { what, addr, source })
         };
+        let engine = QueryEngine::with_limits(store.clone(), options.query)
+            .map_err(TelemetryError::QueryRuntime)?;
+        let http = bind("HTTP", options.http_addr).await?;
+        let http_addr = http.local_addr().unwrap_or(options.http_addr);
         Ok(Telemetry {
             grpc: bind("OTLP gRPC", options.otlp_grpc_addr).await?,
-            http: bind("HTTP", options.http_addr).await?,
+            http,
             store,
             flush_interval: options.flush_interval,
+            engine,
+            allowed_hosts: AllowedHosts::new(http_addr, &options.allowed_hosts),
+            options,
         })
     }
 
@@ -88,27 +142,38 @@ impl Telemetry {
         self.store.clone()
     }
 
+    /// The engine the HTTP API queries with; the dashboard shares it (and its limits).
     pub fn query_engine(&self) -> QueryEngine {
-        QueryEngine::new(self.store.clone())
+        self.engine.clone()
     }
 
     /// Serves OTLP and HTTP (with `extra` routes merged in, e.g. the dashboard) until
-    /// `shutdown`; flushes every `flush_interval` and once more at the end.
+    /// `shutdown`; flushes every `flush_interval` (sooner when the buffer fills), then at
+    /// shutdown drains requests in progress for at most `drain_timeout` and flushes once
+    /// more. A final flush that fails is an error: its rows stay in the WAL.
     pub async fn run(
         self,
         extra: axum::Router,
         shutdown: CancellationToken,
     ) -> Result<(), TelemetryError> {
-        let app = http::router(self.query_engine()).merge(extra);
+        let options = &self.options;
+        let app = http::guard(
+            http::router(self.query_engine()).merge(extra),
+            self.allowed_hosts.clone(),
+        );
         let http =
             axum::serve(self.http, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let otlp = receiver::Receiver::new(self.store.clone(), options.max_inflight_requests);
         let grpc = tonic::transport::Server::builder()
-            .add_service(receiver::OtlpGrpc::<receiver::Traces>::new(
-                self.store.clone(),
-            ))
-            .add_service(receiver::OtlpGrpc::<receiver::Metrics>::new(
-                self.store.clone(),
-            ))
+            .max_concurrent_streams(options.max_streams_per_connection)
+            .concurrency_limit_per_connection(options.max_streams_per_connection as usize)
+            .timeout(options.request_timeout)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .http2_max_header_list_size(64 * 1024)
+            .add_service(receiver::OtlpGrpc::<receiver::Traces>::new(otlp.clone()))
+            .add_service(receiver::OtlpGrpc::<receiver::Metrics>::new(otlp))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.grpc),
                 shutdown.clone().cancelled_owned(),
@@ -122,19 +187,32 @@ impl Telemetry {
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(interval) => {}
+                        () = store.flush_wanted() => {}
                     }
                     if let Err(e) = store.flush().await {
-                        tracing::error!(error = %e, "flush failed, rows stay in memory and are retried");
+                        tracing::error!(error = %e, "flush failed, rows stay in the WAL and memory and are retried");
                     }
                 }
             }
         };
-        let (http, grpc, ()) = tokio::join!(http, grpc, flusher);
+        let servers = async { tokio::join!(http, grpc, flusher) };
+        let drain_deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(options.drain_timeout).await;
+        };
+        let (http, grpc) = tokio::select! {
+            (http, grpc, ()) = servers => (http.map_err(TelemetryError::Http), grpc.map_err(TelemetryError::Grpc)),
+            () = drain_deadline => {
+                tracing::warn!(timeout = ?options.drain_timeout, "requests still in progress at the drain deadline, closing them");
+                (Ok(()), Ok(()))
+            }
+        };
         // Final flush after both servers stopped taking data.
-        if let Err(e) = self.store.flush().await {
-            tracing::error!(error = %e, "final flush failed");
-        }
-        http.map_err(TelemetryError::Http)?;
+        self.store
+            .flush()
+            .await
+            .map_err(TelemetryError::FinalFlush)?;
+        http?;
         grpc?;
         Ok(())
     }

@@ -1,4 +1,11 @@
 //! SQL over the store (DataFusion), and the questions the dashboard asks of it.
+//!
+//! Only queries run: DDL, DML (`COPY`, `INSERT`) and statements (`SET`) are refused before
+//! planning goes further, no table can be created over a file, URL tables are off and the
+//! disk manager is disabled, so nothing outside the store is read or written. Each query runs
+//! on its own runtime (so a heavy query cannot delay OTLP acknowledgements), under a time
+//! limit that cancels its plan, inside a shared memory pool, with a cap on result rows and on
+//! how many queries run at once.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -6,29 +13,166 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use datafusion::arrow::array::{Array, Float64Array, Int64Array, StringArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::DataFusionError;
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::physical_plan::coop::CooperativeExec;
+use datafusion::physical_plan::{self, ExecutionPlan};
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use serde::Serialize;
+use tokio::sync::Semaphore;
 
 use crate::store::Store;
 use crate::table::SnapshotTable;
 
-/// Errors answering a query.
-#[derive(Debug, thiserror::Error)]
-pub enum QueryError {
-    /// The SQL is wrong (the caller's fault).
-    #[error("{0}")]
-    Sql(DataFusionError),
-    #[error("encoding result: {0}")]
-    Encode(String),
+/// Bounds on what one query, and all of them together, may spend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryLimits {
+    /// Wall time of one query, planning included; past it the plan is cancelled.
+    pub timeout: Duration,
+    /// Bytes the memory pool shared by all running queries may hand out.
+    pub memory_bytes: usize,
+    /// Rows a result may hold; past it the result is cut and flagged as truncated.
+    pub max_rows: usize,
+    /// Queries running at once; more wait up to `queue_wait`, then are refused.
+    pub max_concurrent: usize,
+    /// How long a query waits for a free slot before it is refused.
+    pub queue_wait: Duration,
 }
 
-/// Runs SQL over the `spans` and `metrics` tables.
+impl Default for QueryLimits {
+    fn default() -> Self {
+        QueryLimits {
+            timeout: Duration::from_secs(30),
+            memory_bytes: 128 * 1024 * 1024,
+            max_rows: 10_000,
+            max_concurrent: 4,
+            queue_wait: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Errors answering a query, each saying whose fault it is (see [`QueryError::status`]).
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The SQL does not parse, plan or evaluate (the caller's fault).
+    #[error("{0}")]
+    Sql(DataFusionError),
+    /// The statement is not a query: only SELECT, EXPLAIN, SHOW and WITH run here.
+    #[error("only queries run here: {0}")]
+    Refused(DataFusionError),
+    /// The query ran past its time limit and was cancelled.
+    #[error("query cancelled after {0:?}, its time limit (--query-timeout)")]
+    Timeout(Duration),
+    /// The query needed more memory than the pool holds.
+    #[error(
+        "query needs more memory than the {limit} bytes queries may use (--query-memory): {source}"
+    )]
+    Memory {
+        limit: usize,
+        #[source]
+        source: DataFusionError,
+    },
+    /// Too many queries were already running.
+    #[error("{0} queries already running (--query-concurrency); retry shortly")]
+    Busy(usize),
+    /// The store or the engine failed (the server's fault).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl QueryError {
+    /// The HTTP status that says whose fault this is: 4xx the caller's, 5xx the server's.
+    pub fn status(&self) -> u16 {
+        match self {
+            QueryError::Sql(_) => 400,
+            QueryError::Refused(_) => 403,
+            QueryError::Timeout(_) | QueryError::Memory { .. } => 422,
+            QueryError::Busy(_) => 429,
+            QueryError::Internal(_) => 500,
+        }
+    }
+
+    /// A short machine-readable name of the error class.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            QueryError::Sql(_) => "sql",
+            QueryError::Refused(_) => "refused",
+            QueryError::Timeout(_) => "timeout",
+            QueryError::Memory { .. } => "memory",
+            QueryError::Busy(_) => "busy",
+            QueryError::Internal(_) => "internal",
+        }
+    }
+
+    /// Sorts a DataFusion error by whose fault it is.
+    fn classify(e: DataFusionError, limits: &QueryLimits) -> QueryError {
+        match e.find_root() {
+            DataFusionError::ResourcesExhausted(_) => QueryError::Memory {
+                limit: limits.memory_bytes,
+                source: e,
+            },
+            DataFusionError::SQL(..)
+            | DataFusionError::Plan(_)
+            | DataFusionError::SchemaError(..)
+            | DataFusionError::NotImplemented(_)
+            | DataFusionError::Execution(_) => QueryError::Sql(e),
+            DataFusionError::ArrowError(a, _) if caller_arrow_error(a) => QueryError::Sql(e),
+            _ => QueryError::Internal(e.to_string()),
+        }
+    }
+}
+
+/// Arrow errors that come from evaluating the caller's expressions, not from the store.
+fn caller_arrow_error(e: &ArrowError) -> bool {
+    matches!(
+        e,
+        ArrowError::DivideByZero
+            | ArrowError::CastError(_)
+            | ArrowError::ParseError(_)
+            | ArrowError::ComputeError(_)
+            | ArrowError::InvalidArgumentError(_)
+            | ArrowError::ArithmeticOverflow(_)
+    )
+}
+
+/// Runs SQL over the `spans` and `metrics` tables within [`QueryLimits`].
 #[derive(Debug, Clone)]
 pub struct QueryEngine {
-    store: Arc<Store>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ctx: SessionContext,
+    limits: QueryLimits,
+    slots: Arc<Semaphore>,
+    runtime: QueryRuntime,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryEngine")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The runtime queries run on, apart from the one that serves OTLP. Shut down in the
+/// background when dropped, so dropping it from async code does not panic.
+#[derive(Debug)]
+struct QueryRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for QueryRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// A query result as the HTTP API returns it.
@@ -36,6 +180,17 @@ pub struct QueryEngine {
 pub struct SqlResult {
     pub columns: Vec<String>,
     pub rows: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// True when the result had more rows than `row_limit` and was cut.
+    pub truncated: bool,
+    pub row_limit: usize,
+}
+
+/// Batches of a query, cut at the row cap.
+#[derive(Debug, Clone)]
+pub struct QueryOutput {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    pub truncated: bool,
 }
 
 /// Request rate, success rate and latency of one service (server side).
@@ -78,60 +233,250 @@ pub trait MeshQuery: Send + Sync + 'static {
     ) -> impl Future<Output = Result<MeshOverview, QueryError>> + Send;
 }
 
+/// Aborts the query task when the caller goes away (a client that hung up).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl QueryEngine {
+    /// An engine over `store` with default limits.
     pub fn new(store: Arc<Store>) -> QueryEngine {
-        QueryEngine { store }
+        match QueryEngine::with_limits(store.clone(), QueryLimits::default()) {
+            Ok(engine) => engine,
+            // Building the runtime only fails when the OS refuses threads; fall back to the
+            // caller's runtime rather than refusing every query.
+            Err(e) => {
+                tracing::warn!(error = %e, "query runtime not started, queries share the caller's");
+                QueryEngine::build(store, QueryLimits::default(), None)
+            }
+        }
     }
 
-    fn context(&self) -> Result<SessionContext, DataFusionError> {
-        let config = SessionConfig::new().with_information_schema(true);
-        let ctx = SessionContext::new_with_config(config);
-        ctx.register_table(
-            "spans",
-            Arc::new(SnapshotTable::new(self.store.spans.clone())),
-        )?;
-        ctx.register_table(
-            "metrics",
-            Arc::new(SnapshotTable::new(self.store.metrics.clone())),
-        )?;
-        Ok(ctx)
+    /// An engine over `store` within `limits`, with a runtime of its own for queries.
+    pub fn with_limits(store: Arc<Store>, limits: QueryLimits) -> std::io::Result<QueryEngine> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("lumen-query")
+            .enable_all()
+            .build()?;
+        Ok(QueryEngine::build(store, limits, Some(runtime)))
     }
 
-    /// Runs one SQL statement and returns its batches.
+    fn build(
+        store: Arc<Store>,
+        limits: QueryLimits,
+        runtime: Option<tokio::runtime::Runtime>,
+    ) -> QueryEngine {
+        let ctx = context(&store, &limits);
+        QueryEngine {
+            inner: Arc::new(Inner {
+                ctx,
+                slots: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
+                limits,
+                runtime: QueryRuntime(runtime),
+            }),
+        }
+    }
+
+    pub fn limits(&self) -> &QueryLimits {
+        &self.inner.limits
+    }
+
+    /// Runs one query statement within the limits; the result is cut at `max_rows`.
+    pub async fn query(&self, sql: &str) -> Result<QueryOutput, QueryError> {
+        self.run(sql, Some(self.inner.limits.max_rows)).await
+    }
+
+    /// Runs one query statement within the time and memory limits, keeping every row (for
+    /// the service's own aggregate queries, whose results are small).
     pub async fn batches(&self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
-        let ctx = self.context().map_err(QueryError::Sql)?;
-        let df = ctx.sql(sql).await.map_err(QueryError::Sql)?;
-        df.collect().await.map_err(QueryError::Sql)
+        Ok(self.run(sql, None).await?.batches)
     }
 
-    /// Runs one SQL statement and returns JSON rows.
+    /// Runs one query statement and returns JSON rows (cut at `max_rows`).
     pub async fn sql(&self, sql: &str) -> Result<SqlResult, QueryError> {
-        let ctx = self.context().map_err(QueryError::Sql)?;
-        let df = ctx.sql(sql).await.map_err(QueryError::Sql)?;
-        let columns: Vec<String> = df
-            .schema()
+        let out = self.query(sql).await?;
+        let columns: Vec<String> = out
+            .schema
             .fields()
             .iter()
             .map(|f| f.name().clone())
             .collect();
-        let batches = df.collect().await.map_err(QueryError::Sql)?;
         let mut writer = arrow_json::ArrayWriter::new(Vec::new());
-        for batch in &batches {
+        for batch in &out.batches {
             writer
                 .write(batch)
-                .map_err(|e| QueryError::Encode(e.to_string()))?;
+                .map_err(|e| QueryError::Internal(format!("encoding result: {e}")))?;
         }
         writer
             .finish()
-            .map_err(|e| QueryError::Encode(e.to_string()))?;
+            .map_err(|e| QueryError::Internal(format!("encoding result: {e}")))?;
         let bytes = writer.into_inner();
         let rows: Vec<serde_json::Map<String, serde_json::Value>> = if bytes.is_empty() {
             Vec::new()
         } else {
-            serde_json::from_slice(&bytes).map_err(|e| QueryError::Encode(e.to_string()))?
+            serde_json::from_slice(&bytes)
+                .map_err(|e| QueryError::Internal(format!("encoding result: {e}")))?
         };
-        Ok(SqlResult { columns, rows })
+        Ok(SqlResult {
+            columns,
+            rows,
+            truncated: out.truncated,
+            row_limit: self.inner.limits.max_rows,
+        })
     }
+
+    async fn run(&self, sql: &str, max_rows: Option<usize>) -> Result<QueryOutput, QueryError> {
+        let limits = self.inner.limits;
+        let slot =
+            tokio::time::timeout(limits.queue_wait, self.inner.slots.clone().acquire_owned())
+                .await
+                .map_err(|_| QueryError::Busy(limits.max_concurrent))?
+                .map_err(|_| QueryError::Internal("query engine closed".into()))?;
+        let ctx = self.inner.ctx.clone();
+        let sql = sql.to_string();
+        let work = async move {
+            let _slot = slot;
+            match tokio::time::timeout(limits.timeout, plan_and_collect(&ctx, &sql, max_rows)).await
+            {
+                Ok(result) => result.map_err(|e| match e {
+                    Failure::Refused(e) => QueryError::Refused(e),
+                    Failure::Run(e) => QueryError::classify(e, &limits),
+                }),
+                Err(_) => Err(QueryError::Timeout(limits.timeout)),
+            }
+        };
+        let handle = match &self.inner.runtime.0 {
+            Some(rt) => rt.spawn(work),
+            None => tokio::spawn(work),
+        };
+        let _abort = AbortOnDrop(handle.abort_handle());
+        // The same limit from outside: an operator that runs long between yields (a cross
+        // join emits a whole batch per input row) keeps the task busy past the limit, but
+        // the caller is answered on time; the task is aborted at its next yield and holds
+        // its slot until then, so the concurrency bound stays true.
+        match tokio::time::timeout(limits.timeout + Duration::from_millis(100), handle).await {
+            Ok(joined) => joined.map_err(|e| QueryError::Internal(format!("query task: {e}")))?,
+            Err(_) => Err(QueryError::Timeout(limits.timeout)),
+        }
+    }
+}
+
+/// Why a statement did not produce rows.
+enum Failure {
+    Refused(DataFusionError),
+    Run(DataFusionError),
+}
+
+/// Plans `sql`, refuses anything but a query, then executes with `LIMIT max_rows + 1` on top
+/// so the cap is enforced by the plan and a cut result can be told from an exact fit.
+async fn plan_and_collect(
+    ctx: &SessionContext,
+    sql: &str,
+    max_rows: Option<usize>,
+) -> Result<QueryOutput, Failure> {
+    let plan = ctx
+        .state()
+        .create_logical_plan(sql)
+        .await
+        .map_err(Failure::Run)?;
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+        .verify_plan(&plan)
+        .map_err(Failure::Refused)?;
+    let mut df = ctx.execute_logical_plan(plan).await.map_err(Failure::Run)?;
+    if let Some(cap) = max_rows {
+        df = df
+            .limit(0, Some(cap.saturating_add(1)))
+            .map_err(Failure::Run)?;
+    }
+    let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+    let task = Arc::new(df.task_ctx());
+    let plan = df.create_physical_plan().await.map_err(Failure::Run)?;
+    let batches = physical_plan::collect(cooperative(plan).map_err(Failure::Run)?, task)
+        .await
+        .map_err(Failure::Run)?;
+    let (batches, truncated) = match max_rows {
+        Some(cap) => cut(batches, cap),
+        None => (batches, false),
+    };
+    Ok(QueryOutput {
+        schema,
+        batches,
+        truncated,
+    })
+}
+
+/// Makes every operator of `plan` spend tokio's cooperative budget per batch it emits, not
+/// only the leaves (DataFusion's own rule): an operator that emits many batches per input
+/// batch (a cross join emits one per input row) then still yields often enough for the time
+/// limit to cancel it promptly.
+fn cooperative(plan: Arc<dyn ExecutionPlan>) -> Result<Arc<dyn ExecutionPlan>, DataFusionError> {
+    plan.transform_up(|node| {
+        if node.name() == "CooperativeExec" {
+            return Ok(Transformed::no(node));
+        }
+        Ok(Transformed::yes(
+            Arc::new(CooperativeExec::new(node)) as Arc<dyn ExecutionPlan>
+        ))
+    })
+    .map(|t| t.data)
+}
+
+/// Keeps the first `cap` rows; says whether any were dropped.
+fn cut(batches: Vec<RecordBatch>, cap: usize) -> (Vec<RecordBatch>, bool) {
+    let mut left = cap;
+    let mut kept = Vec::with_capacity(batches.len());
+    let mut truncated = false;
+    for batch in batches {
+        if batch.num_rows() <= left {
+            left -= batch.num_rows();
+            kept.push(batch);
+        } else {
+            truncated = true;
+            if left > 0 {
+                kept.push(batch.slice(0, left));
+                left = 0;
+            }
+        }
+    }
+    (kept, truncated)
+}
+
+/// The session every query clones: the store's tables, no spill files, one memory pool.
+fn context(store: &Arc<Store>, limits: &QueryLimits) -> SessionContext {
+    let config = SessionConfig::new().with_information_schema(true);
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_pool(Arc::new(TrackConsumersPool::new(
+            GreedyMemoryPool::new(limits.memory_bytes),
+            std::num::NonZeroUsize::MIN.saturating_add(2),
+        )))
+        .with_disk_manager_builder(
+            DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled),
+        )
+        .build()
+        .map_or_else(
+            |e| {
+                tracing::warn!(error = %e, "query runtime environment, using defaults");
+                Arc::new(RuntimeEnv::default())
+            },
+            Arc::new,
+        );
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    for table in store.tables() {
+        // Names are distinct, so registering cannot collide.
+        if let Err(e) = ctx.register_table(table.name, Arc::new(SnapshotTable::new(table.clone())))
+        {
+            tracing::error!(table = table.name, error = %e, "registering table");
+        }
+    }
+    ctx
 }
 
 fn since_nanos(window: Duration) -> i64 {
@@ -149,12 +494,12 @@ fn column<T: Array + Clone + 'static>(
 ) -> Result<T, QueryError> {
     let col = batch
         .column_by_name(name)
-        .ok_or_else(|| QueryError::Encode(format!("column {name} missing")))?;
-    let col = cast(col, ty).map_err(|e| QueryError::Encode(e.to_string()))?;
+        .ok_or_else(|| QueryError::Internal(format!("column {name} missing")))?;
+    let col = cast(col, ty).map_err(|e| QueryError::Internal(e.to_string()))?;
     col.as_any()
         .downcast_ref::<T>()
         .cloned()
-        .ok_or_else(|| QueryError::Encode(format!("column {name} has an unexpected type")))
+        .ok_or_else(|| QueryError::Internal(format!("column {name} has an unexpected type")))
 }
 
 impl MeshQuery for QueryEngine {

@@ -4,6 +4,13 @@
 //! bytes, so a malformed protobuf is answered with `InvalidArgument` naming the decode error
 //! (tonic's stock codec would say `Internal`), and the request is rejected whole: nothing of
 //! it is stored, nothing already stored is touched.
+//!
+//! Bounds, in the order a request meets them: a request slot (`max_inflight` at once across
+//! both signals, else RESOURCE_EXHAUSTED before the body is read); the message size; the
+//! decoded request's expanded size, estimated before conversion (resource attributes count
+//! once per row, as they are stored) and reserved from the store's memory budget (else
+//! RESOURCE_EXHAUSTED with a RetryInfo, so exporters back off and retry); then the WAL: the
+//! answer is sent only once the request is fsynced.
 
 use std::convert::Infallible;
 use std::marker::PhantomData;
@@ -22,22 +29,64 @@ use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, En
 use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
-use crate::convert;
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
+use tokio::sync::Semaphore;
 
-use crate::store::{Store, Table};
+use crate::convert;
+use crate::store::Store;
 
 /// Largest accepted request (after decompression), as the OpenTelemetry Collector's default.
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes a stored row costs beyond its attributes (ids, times, names, offsets).
+const ROW_OVERHEAD: usize = 160;
 
 /// One OTLP signal: its gRPC service, how a request becomes rows, and the table they go to.
 pub trait Signal: Send + Sync + 'static {
     const SERVICE: &'static str;
+    /// The id of the table its rows go to (as WAL records name it).
+    const TABLE: u8;
     type Request: Message + Default;
     type Response: Message + Default + Send + 'static;
     fn to_batch(request: &Self::Request) -> Result<RecordBatch, ArrowError>;
-    fn table(store: &Store) -> &Table;
+    /// Bytes the request's rows will take in memory, before converting it.
+    fn estimate(request: &Self::Request) -> usize;
+}
+
+/// Converts a WAL record back into rows: the same decode and conversion as a live export.
+pub fn decode_record(table: u8, payload: &[u8]) -> Result<RecordBatch, String> {
+    fn convert<S: Signal>(payload: &[u8]) -> Result<RecordBatch, String> {
+        let request = S::Request::decode(payload).map_err(|e| e.to_string())?;
+        S::to_batch(&request).map_err(|e| e.to_string())
+    }
+    match table {
+        Traces::TABLE => convert::<Traces>(payload),
+        Metrics::TABLE => convert::<Metrics>(payload),
+        other => Err(format!("no signal writes table {other}")),
+    }
+}
+
+/// What both signals' services share: the store and the request slots.
+#[derive(Debug)]
+pub struct Receiver {
+    store: Arc<Store>,
+    slots: Arc<Semaphore>,
+    max_inflight: usize,
+}
+
+impl Receiver {
+    /// A receiver that lets `max_inflight` requests in at once.
+    pub fn new(store: Arc<Store>, max_inflight: usize) -> Arc<Receiver> {
+        Arc::new(Receiver {
+            store,
+            slots: Arc::new(Semaphore::new(max_inflight.max(1))),
+            max_inflight: max_inflight.max(1),
+        })
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
 }
 
 /// Traces: `opentelemetry.proto.collector.trace.v1.TraceService`.
@@ -50,6 +99,7 @@ pub enum Metrics {}
 
 impl Signal for Traces {
     const SERVICE: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+    const TABLE: u8 = 0;
     type Request = ExportTraceServiceRequest;
     type Response = ExportTraceServiceResponse;
 
@@ -57,13 +107,29 @@ impl Signal for Traces {
         convert::spans_to_batch(request)
     }
 
-    fn table(store: &Store) -> &Table {
-        &store.spans
+    fn estimate(request: &ExportTraceServiceRequest) -> usize {
+        let mut total = 0usize;
+        for rs in &request.resource_spans {
+            let resource = rs.resource.as_ref().map_or(0, Message::encoded_len);
+            for ss in &rs.scope_spans {
+                let scope = ss.scope.as_ref().map_or(0, Message::encoded_len);
+                let own: usize = ss.spans.iter().map(Message::encoded_len).sum();
+                total = total
+                    .saturating_add(
+                        ss.spans
+                            .len()
+                            .saturating_mul(resource + scope + ROW_OVERHEAD),
+                    )
+                    .saturating_add(own.saturating_mul(2));
+            }
+        }
+        total
     }
 }
 
 impl Signal for Metrics {
     const SERVICE: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
+    const TABLE: u8 = 1;
     type Request = ExportMetricsServiceRequest;
     type Response = ExportMetricsServiceResponse;
 
@@ -71,31 +137,53 @@ impl Signal for Metrics {
         convert::metrics_to_batch(request)
     }
 
-    fn table(store: &Store) -> &Table {
-        &store.metrics
+    fn estimate(request: &ExportMetricsServiceRequest) -> usize {
+        use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+        let mut total = 0usize;
+        for rm in &request.resource_metrics {
+            let resource = rm.resource.as_ref().map_or(0, Message::encoded_len);
+            for sm in &rm.scope_metrics {
+                let scope = sm.scope.as_ref().map_or(0, Message::encoded_len);
+                for m in &sm.metrics {
+                    let points = match &m.data {
+                        Some(Data::Gauge(g)) => g.data_points.len(),
+                        Some(Data::Sum(s)) => s.data_points.len(),
+                        Some(Data::Histogram(h)) => h.data_points.len(),
+                        Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+                        Some(Data::Summary(s)) => s.data_points.len(),
+                        None => 0,
+                    };
+                    let per_point = resource + scope + m.name.len() + m.unit.len() + ROW_OVERHEAD;
+                    total = total
+                        .saturating_add(points.saturating_mul(per_point))
+                        .saturating_add(m.encoded_len().saturating_mul(2));
+                }
+            }
+        }
+        total
     }
 }
 
 /// The gRPC service of one signal.
 #[derive(Debug)]
 pub struct OtlpGrpc<S> {
-    store: Arc<Store>,
+    receiver: Arc<Receiver>,
     _signal: PhantomData<fn() -> S>,
 }
 
 impl<S> Clone for OtlpGrpc<S> {
     fn clone(&self) -> Self {
         OtlpGrpc {
-            store: self.store.clone(),
+            receiver: self.receiver.clone(),
             _signal: PhantomData,
         }
     }
 }
 
 impl<S: Signal> OtlpGrpc<S> {
-    pub fn new(store: Arc<Store>) -> Self {
+    pub fn new(receiver: Arc<Receiver>) -> Self {
         OtlpGrpc {
-            store,
+            receiver,
             _signal: PhantomData,
         }
     }
@@ -105,20 +193,86 @@ impl<S: Signal> NamedService for OtlpGrpc<S> {
     const NAME: &'static str = S::SERVICE;
 }
 
-/// Decodes the raw request body of an Export call and stores it.
-pub fn export<S: Signal>(store: &Store, body: &[u8]) -> Result<S::Response, Status> {
-    let request = S::Request::decode(body).map_err(|e| {
+/// Decodes the raw request body of an Export call, budgets and converts it, and returns
+/// once its rows are durable in the WAL.
+pub async fn export<S: Signal>(store: &Store, body: Bytes) -> Result<S::Response, Status> {
+    let request = S::Request::decode(body.as_ref()).map_err(|e| {
         Status::invalid_argument(format!("malformed OTLP protobuf for {}: {e}", S::SERVICE))
     })?;
-    let table = S::table(store);
+    let budget = store.budget();
+    let estimate = S::estimate(&request);
+    if estimate > budget.cap() {
+        return Err(Status::resource_exhausted(format!(
+            "this request expands to about {estimate} bytes of rows, more than the {} bytes the \
+             service buffers in all (--max-buffered-bytes): send smaller batches",
+            budget.cap()
+        )));
+    }
+    let mut reservation = budget
+        .try_reserve(estimate)
+        .ok_or_else(|| buffer_full(estimate, budget.used(), budget.cap()))?;
     let batch = S::to_batch(&request)
-        .map_err(|e| Status::internal(format!("converting {} rows: {e}", table.name)))?;
+        .map_err(|e| Status::internal(format!("converting {} rows: {e}", S::SERVICE)))?;
+    drop(request);
+    let actual = batch.get_array_memory_size();
+    if !reservation.resize(actual) {
+        return Err(buffer_full(actual, budget.used(), budget.cap()));
+    }
     let rows = batch.num_rows();
-    table
-        .append(batch)
-        .map_err(|e| Status::internal(e.to_string()))?;
+    store
+        .ingest(S::TABLE, body, batch, reservation)
+        .await
+        .map_err(|e| Status::unavailable(format!("not stored, retry: {e}")))?;
     tracing::trace!(service = S::SERVICE, rows, "otlp export stored");
     Ok(S::Response::default())
+}
+
+/// RESOURCE_EXHAUSTED with a RetryInfo, which OTLP exporters take as "retry after a delay".
+fn buffer_full(wanted: usize, used: usize, cap: usize) -> Status {
+    retryable(
+        tonic::Code::ResourceExhausted,
+        format!(
+            "telemetry buffer full ({used} of {cap} bytes held, {wanted} more wanted): \
+             flushing is behind, retry later"
+        ),
+    )
+}
+
+/// A status carrying `google.rpc.RetryInfo` (one second) in its details.
+pub fn retryable(code: tonic::Code, message: String) -> Status {
+    let retry = RetryInfo {
+        retry_delay: Some(prost_types::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+    };
+    let details = RpcStatus {
+        code: code as i32,
+        message: message.clone(),
+        details: vec![prost_types::Any {
+            type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+            value: retry.encode_to_vec(),
+        }],
+    };
+    Status::with_details(code, message, Bytes::from(details.encode_to_vec()))
+}
+
+/// `google.rpc.Status`, the form gRPC status details travel in.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<prost_types::Any>,
+}
+
+/// `google.rpc.RetryInfo`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RetryInfo {
+    #[prost(message, optional, tag = "1")]
+    retry_delay: Option<prost_types::Duration>,
 }
 
 struct ExportCall<S> {
@@ -133,7 +287,11 @@ impl<S: Signal> UnaryService<Bytes> for ExportCall<S> {
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         let store = self.store.clone();
-        Box::pin(async move { export::<S>(&store, request.get_ref()).map(Response::new) })
+        Box::pin(async move {
+            export::<S>(&store, request.into_inner())
+                .await
+                .map(Response::new)
+        })
     }
 }
 
@@ -153,7 +311,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let store = self.store.clone();
+        let receiver = self.receiver.clone();
         let is_export = req.uri().path() == format!("/{}/Export", S::SERVICE);
         Box::pin(async move {
             if !is_export {
@@ -161,6 +319,18 @@ where
                     Status::unimplemented(format!("{} has only Export", S::SERVICE)).into_http(),
                 );
             }
+            // Refused before the body is read: a flood of streams costs no memory.
+            let Ok(_slot) = receiver.slots.clone().try_acquire_owned() else {
+                return Ok(retryable(
+                    tonic::Code::ResourceExhausted,
+                    format!(
+                        "{} export requests already in progress (--max-inflight-requests), retry later",
+                        receiver.max_inflight
+                    ),
+                )
+                .into_http());
+            };
+            let store = receiver.store.clone();
             let mut grpc = Grpc::new(RawCodec::<S::Response>::default())
                 .accept_compressed(CompressionEncoding::Gzip)
                 .apply_max_message_size_config(Some(MAX_MESSAGE_BYTES), None);

@@ -9,6 +9,9 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, T
 /// Version of the table layouts, stored in each Parquet file's metadata.
 pub const SCHEMA_VERSION: &str = "1";
 
+/// Layout versions this build reads; files of any other version are quarantined.
+pub const READABLE_VERSIONS: &[&str] = &["1"];
+
 /// The `spans` table: one row per span.
 pub static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![

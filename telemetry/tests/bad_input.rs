@@ -1,5 +1,6 @@
 //! Bad input gets a clear error and loses nothing: malformed OTLP protobuf is answered with
 //! InvalidArgument and the service keeps serving; bad SQL and bad JSON bodies get a 400.
+//! Hostile SQL, foreign Host headers and non-JSON POSTs: see `hostile_sql.rs`.
 
 mod common;
 
@@ -8,11 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 
 /// Posts one gRPC frame with `payload` as an Export call; returns (grpc-status, grpc-message).
 async fn raw_export(addr: SocketAddr, payload: &[u8]) -> (String, String) {
@@ -64,36 +61,6 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn one_span(service: &str) -> ExportTraceServiceRequest {
-    ExportTraceServiceRequest {
-        resource_spans: vec![ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![KeyValue {
-                    key: "service.name".into(),
-                    value: Some(AnyValue {
-                        value: Some(any_value::Value::StringValue(service.into())),
-                    }),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                spans: vec![Span {
-                    trace_id: vec![1; 16],
-                    span_id: vec![2; 8],
-                    name: "op".into(),
-                    kind: 2,
-                    start_time_unix_nano: 1_700_000_000_000_000_000,
-                    end_time_unix_nano: 1_700_000_000_001_000_000,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_is_rejected_and_nothing_is_lost() {
     let telemetry = common::start_telemetry(Duration::from_millis(200)).await;
@@ -104,7 +71,7 @@ async fn malformed_input_is_rejected_and_nothing_is_lost() {
         .await
         .expect("connect");
     client
-        .export(one_span("before"))
+        .export(common::one_span("before"))
         .await
         .expect("good export");
 
@@ -120,13 +87,14 @@ async fn malformed_input_is_rejected_and_nothing_is_lost() {
 
     // The service still works, and both good exports are there (memtable or Parquet).
     client
-        .export(one_span("after"))
+        .export(common::one_span("after"))
         .await
         .expect("export after garbage");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let sql = |q: &str| {
         reqwest::Client::new()
             .post(format!("http://{http}/api/v1/sql"))
+            .header("content-type", "application/json")
             .body(q.to_string())
             .send()
     };

@@ -1,9 +1,15 @@
 //! Shared by the telemetry tests: a telemetry service on ephemeral ports.
+// Each test crate uses part of this module.
+#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use lumen_telemetry::{Telemetry, TelemetryError, TelemetryOptions};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -18,16 +24,20 @@ pub struct Running {
 
 /// Starts `lumen telemetry` in-process on 127.0.0.1 ephemeral ports with a temporary store.
 pub async fn start_telemetry(flush_interval: Duration) -> Running {
+    start_telemetry_with(|o| o.flush_interval = flush_interval).await
+}
+
+/// As [`start_telemetry`], with options changed by `tune`.
+pub async fn start_telemetry_with(tune: impl FnOnce(&mut TelemetryOptions)) -> Running {
     let data = tempfile::tempdir().expect("tempdir");
     let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-    let telemetry = Telemetry::bind(TelemetryOptions {
-        data_dir: data.path().to_path_buf(),
+    let mut options = TelemetryOptions {
         otlp_grpc_addr: local,
         http_addr: local,
-        flush_interval,
-    })
-    .await
-    .expect("bind");
+        ..TelemetryOptions::new(data.path().to_path_buf())
+    };
+    tune(&mut options);
+    let telemetry = Telemetry::bind(options).await.expect("bind");
     let stop = CancellationToken::new();
     Running {
         grpc: telemetry.otlp_grpc_addr().expect("grpc addr"),
@@ -46,5 +56,36 @@ impl Running {
             .await
             .expect("join")
             .expect("telemetry ran cleanly");
+    }
+}
+
+/// An export request of one server span from `service`.
+pub fn one_span(service: &str) -> ExportTraceServiceRequest {
+    ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![KeyValue {
+                    key: "service.name".into(),
+                    value: Some(AnyValue {
+                        value: Some(any_value::Value::StringValue(service.into())),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans: vec![Span {
+                    trace_id: vec![1; 16],
+                    span_id: vec![2; 8],
+                    name: "op".into(),
+                    kind: 2,
+                    start_time_unix_nano: 1_700_000_000_000_000_000,
+                    end_time_unix_nano: 1_700_000_000_001_000_000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
     }
 }
