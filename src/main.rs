@@ -78,7 +78,7 @@ struct TelemetryArgs {
     #[arg(long, default_value_t = 30)]
     query_timeout: u64,
     /// MiB of memory all running queries may use together.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 96)]
     query_memory: usize,
     /// Rows a query result may hold; longer results are cut and flagged as truncated.
     #[arg(long, default_value_t = 10_000)]
@@ -88,11 +88,20 @@ struct TelemetryArgs {
     query_concurrency: usize,
     /// MiB of rows held in memory (memtables and requests being converted); past it OTLP
     /// exports are refused with RESOURCE_EXHAUSTED until a flush frees room.
-    #[arg(long, default_value_t = 192)]
+    #[arg(long, default_value_t = 128)]
     max_buffered_mib: usize,
     /// OTLP export requests handled at once; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 32)]
     max_inflight_requests: usize,
+    /// MiB of the largest OTLP request accepted (after decompression).
+    #[arg(long, default_value_t = 4)]
+    max_message_mib: usize,
+    /// OTLP/gRPC connections open at once; more wait until one closes.
+    #[arg(long, default_value_t = 128)]
+    max_connections: usize,
+    /// Milliseconds each flush waits before writing: a slow disk, for backpressure tests.
+    #[arg(long, default_value_t = 0, hide = true)]
+    debug_flush_delay_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -177,9 +186,12 @@ async fn main() -> anyhow::Result<()> {
                 allowed_hosts: args.allow_host,
                 store: StoreOptions {
                     max_buffered_bytes: args.max_buffered_mib.max(1) * 1024 * 1024,
+                    flush_delay: Duration::from_millis(args.debug_flush_delay_ms),
                     ..StoreOptions::default()
                 },
                 max_inflight_requests: args.max_inflight_requests.max(1),
+                max_message_bytes: args.max_message_mib.max(1) * 1024 * 1024,
+                max_connections: args.max_connections.max(1),
                 ..TelemetryOptions::new(args.data)
             })
             .await?;

@@ -62,24 +62,7 @@ fn telemetry_binary_round_trips_python_sdk_spans() {
     let python = common::python_with_otel_sdk();
     let data = tempfile::tempdir().expect("tempdir");
     let data_dir = data.path().to_string_lossy().to_string();
-    let mut lumen = Lumen::spawn(&[
-        "telemetry",
-        "--data",
-        &data_dir,
-        "--otlp-grpc",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--flush-interval",
-        "1",
-    ]);
-    // "telemetry: OTLP gRPC <addr>, dashboard http://<addr>/"
-    let line = lumen.wait_for_line("telemetry: OTLP gRPC ", Duration::from_secs(30));
-    let (grpc, dashboard) = line.split_once(", dashboard ").expect("address line");
-    let http = dashboard
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
+    let (mut lumen, grpc, http, _wal) = Lumen::telemetry(&data_dir, &["--flush-interval", "1"]);
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/otlp_send.py");
     let out = std::process::Command::new(&python)

@@ -78,29 +78,11 @@ fn export(round: u8, sender: u8, n: u32) -> (ExportTraceServiceRequest, Vec<Stri
     (request, ids)
 }
 
-/// Starts `lumen telemetry`; returns it, its gRPC and HTTP addresses and its WAL report.
 fn start(data: &str) -> (Lumen, String, String, String) {
-    let mut lumen = Lumen::spawn(&[
-        "telemetry",
-        "--data",
+    Lumen::telemetry(
         data,
-        "--otlp-grpc",
-        "127.0.0.1:0",
-        "--http",
-        "127.0.0.1:0",
-        "--flush-interval",
-        "1",
-        "--query-max-rows",
-        "1000000",
-    ]);
-    let wal = lumen.wait_for_line("wal: ", Duration::from_secs(60));
-    let line = lumen.wait_for_line("telemetry: OTLP gRPC ", Duration::from_secs(60));
-    let (grpc, dashboard) = line.split_once(", dashboard ").expect("address line");
-    let http = dashboard
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    (lumen, grpc.to_string(), http, wal)
+        &["--flush-interval", "1", "--query-max-rows", "1000000"],
+    )
 }
 
 /// Sends exports from `SENDERS` clients until the process dies or `limit` passes; returns

@@ -64,6 +64,16 @@ impl Reservation {
         self.bytes
     }
 
+    /// Moves `bytes` of this reservation (at most all of it) into a new one.
+    pub fn split_off(&mut self, bytes: usize) -> Reservation {
+        let moved = bytes.min(self.bytes);
+        self.bytes -= moved;
+        Reservation {
+            budget: self.budget.clone(),
+            bytes: moved,
+        }
+    }
+
     /// Changes the reservation to `bytes`: shrinking always works, growing only under the cap.
     pub fn resize(&mut self, bytes: usize) -> bool {
         if bytes <= self.bytes {
@@ -112,7 +122,11 @@ mod tests {
         assert_eq!(budget.used(), 510);
         assert!(budget.try_reserve(1).is_none());
         drop(forced);
+        let b = a.split_off(4);
+        assert_eq!((a.bytes(), b.bytes(), budget.used()), (6, 4, 10));
         drop(a);
+        assert_eq!(budget.used(), 4);
+        drop(b);
         assert_eq!(budget.used(), 0);
     }
 }

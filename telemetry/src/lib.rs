@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod budget;
+pub mod conn;
 pub mod convert;
 pub mod http;
 pub mod query;
@@ -12,6 +13,7 @@ pub mod schema;
 pub mod store;
 pub mod table;
 pub mod wal;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use http::AllowedHosts;
@@ -65,6 +66,10 @@ pub struct TelemetryOptions {
     pub max_inflight_requests: usize,
     /// OTLP/gRPC streams one connection may open at once.
     pub max_streams_per_connection: u32,
+    /// OTLP/gRPC connections open at once; more wait in the backlog.
+    pub max_connections: usize,
+    /// Largest OTLP request accepted, after decompression.
+    pub max_message_bytes: usize,
     /// Longest an OTLP request may take, body included.
     pub request_timeout: Duration,
     /// How long shutdown waits for requests in progress before it flushes.
@@ -82,8 +87,10 @@ impl TelemetryOptions {
             query: QueryLimits::default(),
             allowed_hosts: Vec::new(),
             store: StoreOptions::default(),
-            max_inflight_requests: 64,
+            max_inflight_requests: 32,
             max_streams_per_connection: 32,
+            max_connections: 128,
+            max_message_bytes: receiver::MAX_MESSAGE_BYTES,
             request_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
         }
@@ -163,7 +170,11 @@ impl Telemetry {
         );
         let http =
             axum::serve(self.http, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let otlp = receiver::Receiver::new(self.store.clone(), options.max_inflight_requests);
+        let otlp = receiver::Receiver::new(
+            self.store.clone(),
+            options.max_inflight_requests,
+            options.max_message_bytes,
+        );
         let grpc = tonic::transport::Server::builder()
             .max_concurrent_streams(options.max_streams_per_connection)
             .concurrency_limit_per_connection(options.max_streams_per_connection as usize)
@@ -172,10 +183,12 @@ impl Telemetry {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .tcp_keepalive(Some(Duration::from_secs(60)))
             .http2_max_header_list_size(64 * 1024)
+            .initial_connection_window_size(512 * 1024)
+            .initial_stream_window_size(256 * 1024)
             .add_service(receiver::OtlpGrpc::<receiver::Traces>::new(otlp.clone()))
             .add_service(receiver::OtlpGrpc::<receiver::Metrics>::new(otlp))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(self.grpc),
+                conn::limited(self.grpc, options.max_connections),
                 shutdown.clone().cancelled_owned(),
             );
         let flusher = {

@@ -49,7 +49,7 @@ impl Default for QueryLimits {
     fn default() -> Self {
         QueryLimits {
             timeout: Duration::from_secs(30),
-            memory_bytes: 128 * 1024 * 1024,
+            memory_bytes: 96 * 1024 * 1024,
             max_rows: 10_000,
             max_concurrent: 4,
             queue_wait: Duration::from_secs(2),

@@ -35,9 +35,11 @@ use tokio::sync::Semaphore;
 
 use crate::convert;
 use crate::store::Store;
+use crate::wire;
 
-/// Largest accepted request (after decompression), as the OpenTelemetry Collector's default.
-pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Largest accepted request (after decompression) by default: gRPC's and the OpenTelemetry
+/// Collector's 4 MiB.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Bytes a stored row costs beyond its attributes (ids, times, names, offsets).
 const ROW_OVERHEAD: usize = 160;
 
@@ -46,6 +48,8 @@ pub trait Signal: Send + Sync + 'static {
     const SERVICE: &'static str;
     /// The id of the table its rows go to (as WAL records name it).
     const TABLE: u8;
+    /// The request's message shape, for the walk that sizes it before decoding.
+    const SHAPE: &'static wire::Shape;
     type Request: Message + Default;
     type Response: Message + Default + Send + 'static;
     fn to_batch(request: &Self::Request) -> Result<RecordBatch, ArrowError>;
@@ -72,15 +76,18 @@ pub struct Receiver {
     store: Arc<Store>,
     slots: Arc<Semaphore>,
     max_inflight: usize,
+    max_message_bytes: usize,
 }
 
 impl Receiver {
-    /// A receiver that lets `max_inflight` requests in at once.
-    pub fn new(store: Arc<Store>, max_inflight: usize) -> Arc<Receiver> {
+    /// A receiver that lets `max_inflight` requests of up to `max_message_bytes` (after
+    /// decompression) in at once.
+    pub fn new(store: Arc<Store>, max_inflight: usize, max_message_bytes: usize) -> Arc<Receiver> {
         Arc::new(Receiver {
             store,
             slots: Arc::new(Semaphore::new(max_inflight.max(1))),
             max_inflight: max_inflight.max(1),
+            max_message_bytes,
         })
     }
 
@@ -100,6 +107,7 @@ pub enum Metrics {}
 impl Signal for Traces {
     const SERVICE: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
     const TABLE: u8 = 0;
+    const SHAPE: &'static wire::Shape = &wire::TRACES;
     type Request = ExportTraceServiceRequest;
     type Response = ExportTraceServiceResponse;
 
@@ -130,6 +138,7 @@ impl Signal for Traces {
 impl Signal for Metrics {
     const SERVICE: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
     const TABLE: u8 = 1;
+    const SHAPE: &'static wire::Shape = &wire::METRICS;
     type Request = ExportMetricsServiceRequest;
     type Response = ExportMetricsServiceResponse;
 
@@ -195,34 +204,55 @@ impl<S: Signal> NamedService for OtlpGrpc<S> {
 
 /// Decodes the raw request body of an Export call, budgets and converts it, and returns
 /// once its rows are durable in the WAL.
+///
+/// Memory is reserved in three steps, each refused with RESOURCE_EXHAUSTED when it does not
+/// fit: the body plus what decoding it will allocate (walked on the wire before decoding),
+/// then the estimated rows on top, then the rows as built, which stay reserved in the
+/// memtable until flushed.
 pub async fn export<S: Signal>(store: &Store, body: Bytes) -> Result<S::Response, Status> {
-    let request = S::Request::decode(body.as_ref()).map_err(|e| {
+    let malformed = |e: &dyn std::fmt::Display| {
         Status::invalid_argument(format!("malformed OTLP protobuf for {}: {e}", S::SERVICE))
-    })?;
+    };
     let budget = store.budget();
-    let estimate = S::estimate(&request);
-    if estimate > budget.cap() {
-        return Err(Status::resource_exhausted(format!(
-            "this request expands to about {estimate} bytes of rows, more than the {} bytes the \
-             service buffers in all (--max-buffered-bytes): send smaller batches",
+    let too_big = |what: &str, bytes: usize| {
+        Status::resource_exhausted(format!(
+            "this request {what} about {bytes} bytes, more than the {} bytes the service \
+             buffers in all (--max-buffered-mib): send smaller batches",
             budget.cap()
-        )));
+        ))
+    };
+    let decoded = wire::decoded_size(&body, S::SHAPE).map_err(|e| malformed(&e))?;
+    let held = body.len().saturating_add(decoded);
+    if held > budget.cap() {
+        return Err(too_big("decodes into", held));
     }
     let mut reservation = budget
-        .try_reserve(estimate)
-        .ok_or_else(|| buffer_full(estimate, budget.used(), budget.cap()))?;
+        .try_reserve(held)
+        .ok_or_else(|| buffer_full(held, budget.used(), budget.cap()))?;
+    let request = S::Request::decode(body.as_ref()).map_err(|e| malformed(&e))?;
+    let estimate = S::estimate(&request);
+    if estimate > budget.cap() {
+        return Err(too_big("expands to", estimate));
+    }
+    if !reservation.resize(held.saturating_add(estimate)) {
+        return Err(buffer_full(estimate, budget.used(), budget.cap()));
+    }
     let batch = S::to_batch(&request)
         .map_err(|e| Status::internal(format!("converting {} rows: {e}", S::SERVICE)))?;
     drop(request);
     let actual = batch.get_array_memory_size();
-    if !reservation.resize(actual) {
+    // The rows keep `actual` bytes until flushed; the body's share is held until the WAL
+    // has written it, then given back.
+    if !reservation.resize(actual.saturating_add(body.len())) {
         return Err(buffer_full(actual, budget.used(), budget.cap()));
     }
+    let rows_reservation = reservation.split_off(actual);
     let rows = batch.num_rows();
     store
-        .ingest(S::TABLE, body, batch, reservation)
+        .ingest(S::TABLE, body, batch, rows_reservation)
         .await
         .map_err(|e| Status::unavailable(format!("not stored, retry: {e}")))?;
+    drop(reservation);
     tracing::trace!(service = S::SERVICE, rows, "otlp export stored");
     Ok(S::Response::default())
 }
@@ -331,9 +361,10 @@ where
                 .into_http());
             };
             let store = receiver.store.clone();
+            let max_message_bytes = receiver.max_message_bytes;
             let mut grpc = Grpc::new(RawCodec::<S::Response>::default())
                 .accept_compressed(CompressionEncoding::Gzip)
-                .apply_max_message_size_config(Some(MAX_MESSAGE_BYTES), None);
+                .apply_max_message_size_config(Some(max_message_bytes), None);
             let call = ExportCall::<S> {
                 store,
                 _signal: PhantomData,

@@ -73,14 +73,17 @@ pub struct StoreOptions {
     pub wal_segment_bytes: u64,
     /// Exports waiting for the WAL writer at most; more wait for room.
     pub wal_queue: usize,
+    /// A pause before each flush writes: a slow disk, for tests of backpressure.
+    pub flush_delay: std::time::Duration,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            max_buffered_bytes: 192 * 1024 * 1024,
+            max_buffered_bytes: 128 * 1024 * 1024,
             wal_segment_bytes: 16 * 1024 * 1024,
             wal_queue: 1024,
+            flush_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -98,6 +101,7 @@ pub struct Table {
     dir: PathBuf,
     state: Mutex<TableState>,
     flush_lock: tokio::sync::Mutex<()>,
+    flush_delay: std::time::Duration,
 }
 
 #[derive(Debug, Default)]
@@ -159,20 +163,14 @@ impl Store {
             source,
         })?;
         let mut quarantined = Vec::new();
-        let spans = Arc::new(Table::open(
-            &dir,
-            "spans",
-            0,
-            schema::SPANS.clone(),
-            &mut quarantined,
-        )?);
-        let metrics = Arc::new(Table::open(
-            &dir,
-            "metrics",
-            1,
-            schema::METRICS.clone(),
-            &mut quarantined,
-        )?);
+        let open = |name, id, schema, quarantined: &mut Vec<_>| {
+            Table::open(&dir, name, id, schema, quarantined).map(|mut t| {
+                t.flush_delay = options.flush_delay;
+                Arc::new(t)
+            })
+        };
+        let spans = open("spans", 0, schema::SPANS.clone(), &mut quarantined)?;
+        let metrics = open("metrics", 1, schema::METRICS.clone(), &mut quarantined)?;
         let budget = Budget::new(options.max_buffered_bytes);
         let tables = [&spans, &metrics];
         let wal_dir = dir.join("wal");
@@ -364,6 +362,7 @@ impl Table {
                 ..Default::default()
             }),
             flush_lock: tokio::sync::Mutex::new(()),
+            flush_delay: std::time::Duration::ZERO,
         })
     }
 
@@ -415,6 +414,9 @@ impl Table {
     /// any rows were written.
     pub async fn flush(&self) -> Result<Option<PathBuf>, StoreError> {
         let _one_at_a_time = self.flush_lock.lock().await;
+        if !self.flush_delay.is_zero() && self.first_buffered_lsn().is_some() {
+            tokio::time::sleep(self.flush_delay).await;
+        }
         let (batches, first_lsn, last_lsn) = {
             let state = self.state.lock().map_err(|_| StoreError::Poisoned)?;
             let (Some(first), Some(last)) = (state.mem.first(), state.mem.last()) else {

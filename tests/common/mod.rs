@@ -60,6 +60,43 @@ impl Lumen {
         Lumen { child, lines }
     }
 
+    /// Starts `lumen telemetry` on `data` with ephemeral loopback ports and `extra` flags;
+    /// returns it with its OTLP/gRPC address, its HTTP address and its WAL report line.
+    pub fn telemetry(data: &str, extra: &[&str]) -> (Lumen, String, String, String) {
+        let mut args = vec![
+            "telemetry",
+            "--data",
+            data,
+            "--otlp-grpc",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let mut lumen = Lumen::spawn(&args);
+        let wal = lumen.wait_for_line("wal: ", Duration::from_secs(60));
+        // "telemetry: OTLP gRPC <addr>, dashboard http://<addr>/"
+        let line = lumen.wait_for_line("telemetry: OTLP gRPC ", Duration::from_secs(60));
+        let (grpc, dashboard) = line.split_once(", dashboard ").expect("address line");
+        let http = dashboard
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        (lumen, grpc.to_string(), http, wal)
+    }
+
+    /// Peak resident memory of the process so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("/proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM")
+            * 1024
+    }
+
     /// Waits (bounded) for a stdout line starting with `prefix`; returns the rest of it.
     pub fn wait_for_line(&mut self, prefix: &str, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
