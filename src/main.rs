@@ -99,6 +99,12 @@ struct TelemetryArgs {
     /// OTLP/gRPC connections open at once; more wait until one closes.
     #[arg(long, default_value_t = 128)]
     max_connections: usize,
+    /// Hours data is kept after it was stored; older files are dropped (0: keep forever).
+    #[arg(long, default_value_t = 168)]
+    retention_hours: u64,
+    /// MiB of Parquet files each table keeps at most; the oldest go first (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    retention_mib: u64,
     /// Milliseconds each flush waits before writing: a slow disk, for backpressure tests.
     #[arg(long, default_value_t = 0, hide = true)]
     debug_flush_delay_ms: u64,
@@ -187,6 +193,10 @@ async fn main() -> anyhow::Result<()> {
                 store: StoreOptions {
                     max_buffered_bytes: args.max_buffered_mib.max(1) * 1024 * 1024,
                     flush_delay: Duration::from_millis(args.debug_flush_delay_ms),
+                    retention_age: (args.retention_hours > 0)
+                        .then(|| Duration::from_secs(args.retention_hours * 3600)),
+                    retention_bytes: (args.retention_mib > 0)
+                        .then(|| args.retention_mib * 1024 * 1024),
                     ..StoreOptions::default()
                 },
                 max_inflight_requests: args.max_inflight_requests.max(1),

@@ -1,4 +1,5 @@
-//! The telemetry service's HTTP API: `POST /api/v1/sql`, `/healthz`, `/readyz`, and the guard
+//! The telemetry service's HTTP API: `POST /api/v1/sql`, `/metrics` (the service's own
+//! health), `/healthz`, `/readyz`, and the guard
 //! every route of that port sits behind ([`guard`]): a request must name an allowed Host (so a
 //! DNS-rebinding name cannot reach the API from a browser) and a POST must be
 //! `application/json` (so a web page cannot post to it with a simple form or `text/plain`).
@@ -19,6 +20,9 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::query::QueryEngine;
+use crate::receiver::Receiver;
+use crate::selfmetrics;
+use crate::store::Store;
 
 /// Largest accepted SQL request body.
 pub const MAX_SQL_BODY: usize = 64 * 1024;
@@ -64,14 +68,35 @@ impl AllowedHosts {
     }
 }
 
+/// What the API's handlers read.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub engine: QueryEngine,
+    pub store: Arc<Store>,
+    pub receiver: Arc<Receiver>,
+}
+
 /// Routes of the HTTP API (the dashboard is merged in by the binary).
-pub fn router(engine: QueryEngine) -> Router {
+pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/sql", post(sql))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ok\n" }))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_SQL_BODY))
-        .with_state(engine)
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let body = selfmetrics::render(&state.store, &state.receiver.stats, state.engine.stats());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// Puts `app` behind the Host and Content-Type checks.
@@ -141,7 +166,8 @@ fn error(status: StatusCode, kind: &str, message: String) -> Response {
     (status, Json(json!({ "error": message, "kind": kind }))).into_response()
 }
 
-async fn sql(State(engine): State<QueryEngine>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn sql(State(state): State<ApiState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let engine = &state.engine;
     let body = match body {
         Ok(b) => b,
         Err(rejection) => return error(rejection.status(), "body", rejection.body_text()),

@@ -7,9 +7,11 @@ pub mod budget;
 pub mod conn;
 pub mod convert;
 pub mod http;
+pub mod manifest;
 pub mod query;
 pub mod receiver;
 pub mod schema;
+pub mod selfmetrics;
 pub mod store;
 pub mod table;
 pub mod wal;
@@ -26,6 +28,13 @@ use tokio_util::sync::CancellationToken;
 pub use http::AllowedHosts;
 pub use query::{EdgeStats, MeshOverview, MeshQuery, QueryEngine, QueryLimits, ServiceStats};
 pub use store::{Store, StoreOptions};
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
 
 /// Why the telemetry service could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +114,7 @@ pub struct Telemetry {
     http: TcpListener,
     flush_interval: Duration,
     engine: QueryEngine,
+    receiver: Arc<receiver::Receiver>,
     allowed_hosts: AllowedHosts,
     options: TelemetryOptions,
 }
@@ -126,8 +136,14 @@ impl Telemetry {
             .map_err(TelemetryError::QueryRuntime)?;
         let http = bind("HTTP", options.http_addr).await?;
         let http_addr = http.local_addr().unwrap_or(options.http_addr);
+        let receiver = receiver::Receiver::new(
+            store.clone(),
+            options.max_inflight_requests,
+            options.max_message_bytes,
+        );
         Ok(Telemetry {
             grpc: bind("OTLP gRPC", options.otlp_grpc_addr).await?,
+            receiver,
             http,
             store,
             flush_interval: options.flush_interval,
@@ -164,17 +180,15 @@ impl Telemetry {
         shutdown: CancellationToken,
     ) -> Result<(), TelemetryError> {
         let options = &self.options;
-        let app = http::guard(
-            http::router(self.query_engine()).merge(extra),
-            self.allowed_hosts.clone(),
-        );
+        let api = http::ApiState {
+            engine: self.query_engine(),
+            store: self.store.clone(),
+            receiver: self.receiver.clone(),
+        };
+        let app = http::guard(http::router(api).merge(extra), self.allowed_hosts.clone());
         let http =
             axum::serve(self.http, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let otlp = receiver::Receiver::new(
-            self.store.clone(),
-            options.max_inflight_requests,
-            options.max_message_bytes,
-        );
+        let otlp = self.receiver.clone();
         let grpc = tonic::transport::Server::builder()
             .max_concurrent_streams(options.max_streams_per_connection)
             .concurrency_limit_per_connection(options.max_streams_per_connection as usize)
@@ -205,6 +219,7 @@ impl Telemetry {
                     if let Err(e) = store.flush().await {
                         tracing::error!(error = %e, "flush failed, rows stay in the WAL and memory and are retried");
                     }
+                    let _ = store.maintain(now_ns()).await;
                 }
             }
         };

@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use datafusion::arrow::array::{Array, Float64Array, Int64Array, StringArray};
@@ -21,6 +22,7 @@ use datafusion::error::DataFusionError;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::coop::CooperativeExec;
 use datafusion::physical_plan::{self, ExecutionPlan};
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
@@ -152,6 +154,51 @@ struct Inner {
     limits: QueryLimits,
     slots: Arc<Semaphore>,
     runtime: QueryRuntime,
+    stats: QueryStats,
+}
+
+/// Counters of answered queries, by outcome.
+#[derive(Debug, Default)]
+pub struct QueryStats {
+    /// ok, then each [`QueryError::kind`] in declaration order.
+    outcomes: [AtomicU64; 7],
+    micros: AtomicU64,
+}
+
+impl QueryStats {
+    const OUTCOMES: [&'static str; 7] = [
+        "ok", "sql", "refused", "timeout", "memory", "busy", "internal",
+    ];
+
+    fn record(&self, result: &Result<QueryOutput, QueryError>, took: Duration) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        };
+        let i = Self::OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(Self::OUTCOMES.len() - 1);
+        self.outcomes[i].fetch_add(1, Ordering::Relaxed);
+        self.micros.fetch_add(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Queries answered, by outcome.
+    pub fn outcomes(&self) -> Vec<(&'static str, u64)> {
+        Self::OUTCOMES
+            .iter()
+            .zip(&self.outcomes)
+            .map(|(o, n)| (*o, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Seconds spent answering them.
+    pub fn seconds(&self) -> f64 {
+        self.micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -278,12 +325,18 @@ impl QueryEngine {
                 slots: Arc::new(Semaphore::new(limits.max_concurrent.max(1))),
                 limits,
                 runtime: QueryRuntime(runtime),
+                stats: QueryStats::default(),
             }),
         }
     }
 
     pub fn limits(&self) -> &QueryLimits {
         &self.inner.limits
+    }
+
+    /// Counters of the queries answered so far.
+    pub fn stats(&self) -> &QueryStats {
+        &self.inner.stats
     }
 
     /// Runs one query statement within the limits; the result is cut at `max_rows`.
@@ -331,6 +384,17 @@ impl QueryEngine {
     }
 
     async fn run(&self, sql: &str, max_rows: Option<usize>) -> Result<QueryOutput, QueryError> {
+        let started = std::time::Instant::now();
+        let result = self.run_unrecorded(sql, max_rows).await;
+        self.inner.stats.record(&result, started.elapsed());
+        result
+    }
+
+    async fn run_unrecorded(
+        &self,
+        sql: &str,
+        max_rows: Option<usize>,
+    ) -> Result<QueryOutput, QueryError> {
         let limits = self.inner.limits;
         let slot =
             tokio::time::timeout(limits.queue_wait, self.inner.slots.clone().acquire_owned())
@@ -390,8 +454,10 @@ async fn plan_and_collect(
         .with_allow_statements(false)
         .verify_plan(&plan)
         .map_err(Failure::Refused)?;
+    // EXPLAIN must stay the root of its plan, and its output is small anyway.
+    let explain = matches!(plan, LogicalPlan::Explain(_) | LogicalPlan::Analyze(_));
     let mut df = ctx.execute_logical_plan(plan).await.map_err(Failure::Run)?;
-    if let Some(cap) = max_rows {
+    if let Some(cap) = max_rows.filter(|_| !explain) {
         df = df
             .limit(0, Some(cap.saturating_add(1)))
             .map_err(Failure::Run)?;

@@ -34,6 +34,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::Semaphore;
 
 use crate::convert;
+use crate::selfmetrics::{IngestStats, Refusal};
 use crate::store::Store;
 use crate::wire;
 
@@ -74,6 +75,8 @@ pub fn decode_record(table: u8, payload: &[u8]) -> Result<RecordBatch, String> {
 #[derive(Debug)]
 pub struct Receiver {
     store: Arc<Store>,
+    /// What it accepted and refused.
+    pub stats: IngestStats,
     slots: Arc<Semaphore>,
     max_inflight: usize,
     max_message_bytes: usize,
@@ -85,6 +88,7 @@ impl Receiver {
     pub fn new(store: Arc<Store>, max_inflight: usize, max_message_bytes: usize) -> Arc<Receiver> {
         Arc::new(Receiver {
             store,
+            stats: IngestStats::default(),
             slots: Arc::new(Semaphore::new(max_inflight.max(1))),
             max_inflight: max_inflight.max(1),
             max_message_bytes,
@@ -209,17 +213,37 @@ impl<S: Signal> NamedService for OtlpGrpc<S> {
 /// fit: the body plus what decoding it will allocate (walked on the wire before decoding),
 /// then the estimated rows on top, then the rows as built, which stay reserved in the
 /// memtable until flushed.
-pub async fn export<S: Signal>(store: &Store, body: Bytes) -> Result<S::Response, Status> {
+pub async fn export<S: Signal>(receiver: &Receiver, body: Bytes) -> Result<S::Response, Status> {
+    let signal = usize::from(S::TABLE);
+    let result = export_unrecorded::<S>(&receiver.store, body).await;
+    match &result {
+        Ok(_) => receiver.stats.accepted(signal),
+        Err((why, _)) => receiver.stats.refused(signal, *why),
+    }
+    result.map_err(|(_, status)| status)
+}
+
+async fn export_unrecorded<S: Signal>(
+    store: &Store,
+    body: Bytes,
+) -> Result<S::Response, (Refusal, Status)> {
     let malformed = |e: &dyn std::fmt::Display| {
-        Status::invalid_argument(format!("malformed OTLP protobuf for {}: {e}", S::SERVICE))
+        (
+            Refusal::Malformed,
+            Status::invalid_argument(format!("malformed OTLP protobuf for {}: {e}", S::SERVICE)),
+        )
     };
+    let full = |status| (Refusal::BufferFull, status);
     let budget = store.budget();
     let too_big = |what: &str, bytes: usize| {
-        Status::resource_exhausted(format!(
-            "this request {what} about {bytes} bytes, more than the {} bytes the service \
+        (
+            Refusal::TooLarge,
+            Status::resource_exhausted(format!(
+                "this request {what} about {bytes} bytes, more than the {} bytes the service \
              buffers in all (--max-buffered-mib): send smaller batches",
-            budget.cap()
-        ))
+                budget.cap()
+            )),
+        )
     };
     let decoded = wire::decoded_size(&body, S::SHAPE).map_err(|e| malformed(&e))?;
     let held = body.len().saturating_add(decoded);
@@ -228,30 +252,39 @@ pub async fn export<S: Signal>(store: &Store, body: Bytes) -> Result<S::Response
     }
     let mut reservation = budget
         .try_reserve(held)
-        .ok_or_else(|| buffer_full(held, budget.used(), budget.cap()))?;
+        .ok_or_else(|| full(buffer_full(held, budget.used(), budget.cap())))?;
     let request = S::Request::decode(body.as_ref()).map_err(|e| malformed(&e))?;
     let estimate = S::estimate(&request);
     if estimate > budget.cap() {
         return Err(too_big("expands to", estimate));
     }
     if !reservation.resize(held.saturating_add(estimate)) {
-        return Err(buffer_full(estimate, budget.used(), budget.cap()));
+        return Err(full(buffer_full(estimate, budget.used(), budget.cap())));
     }
-    let batch = S::to_batch(&request)
-        .map_err(|e| Status::internal(format!("converting {} rows: {e}", S::SERVICE)))?;
+    let batch = S::to_batch(&request).map_err(|e| {
+        (
+            Refusal::Unavailable,
+            Status::internal(format!("converting {} rows: {e}", S::SERVICE)),
+        )
+    })?;
     drop(request);
     let actual = batch.get_array_memory_size();
     // The rows keep `actual` bytes until flushed; the body's share is held until the WAL
     // has written it, then given back.
     if !reservation.resize(actual.saturating_add(body.len())) {
-        return Err(buffer_full(actual, budget.used(), budget.cap()));
+        return Err(full(buffer_full(actual, budget.used(), budget.cap())));
     }
     let rows_reservation = reservation.split_off(actual);
     let rows = batch.num_rows();
     store
         .ingest(S::TABLE, body, batch, rows_reservation)
         .await
-        .map_err(|e| Status::unavailable(format!("not stored, retry: {e}")))?;
+        .map_err(|e| {
+            (
+                Refusal::Unavailable,
+                Status::unavailable(format!("not stored, retry: {e}")),
+            )
+        })?;
     drop(reservation);
     tracing::trace!(service = S::SERVICE, rows, "otlp export stored");
     Ok(S::Response::default())
@@ -306,7 +339,7 @@ struct RetryInfo {
 }
 
 struct ExportCall<S> {
-    store: Arc<Store>,
+    receiver: Arc<Receiver>,
     _signal: PhantomData<fn() -> S>,
 }
 
@@ -316,9 +349,9 @@ impl<S: Signal> UnaryService<Bytes> for ExportCall<S> {
         std::pin::Pin<Box<dyn Future<Output = Result<Response<S::Response>, Status>> + Send>>;
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let store = self.store.clone();
+        let receiver = self.receiver.clone();
         Box::pin(async move {
-            export::<S>(&store, request.into_inner())
+            export::<S>(&receiver, request.into_inner())
                 .await
                 .map(Response::new)
         })
@@ -351,6 +384,7 @@ where
             }
             // Refused before the body is read: a flood of streams costs no memory.
             let Ok(_slot) = receiver.slots.clone().try_acquire_owned() else {
+                receiver.stats.refused(usize::from(S::TABLE), Refusal::Busy);
                 return Ok(retryable(
                     tonic::Code::ResourceExhausted,
                     format!(
@@ -360,13 +394,12 @@ where
                 )
                 .into_http());
             };
-            let store = receiver.store.clone();
             let max_message_bytes = receiver.max_message_bytes;
             let mut grpc = Grpc::new(RawCodec::<S::Response>::default())
                 .accept_compressed(CompressionEncoding::Gzip)
                 .apply_max_message_size_config(Some(max_message_bytes), None);
             let call = ExportCall::<S> {
-                store,
+                receiver: receiver.clone(),
                 _signal: PhantomData,
             };
             Ok(grpc.unary(call, req).await)

@@ -12,28 +12,21 @@
 //! Memory: every buffered batch holds a [`Reservation`] of the shared [`Budget`] until it is
 //! flushed, so the memtables and the requests being converted never exceed the cap together.
 
+mod table;
+
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
-use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::parquet::arrow::ArrowWriter;
-use datafusion::parquet::basic::{Compression, ZstdLevel};
-use datafusion::parquet::file::metadata::KeyValue;
-use datafusion::parquet::file::properties::WriterProperties;
-use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
 use tokio::sync::Notify;
 
+pub use self::table::{Snapshot, Table, TableStats};
 use crate::budget::{Budget, Reservation};
 use crate::schema;
 use crate::wal::{self, ReplayReport, Wal, WalError};
-
-/// Parquet key-value metadata: the highest WAL LSN whose rows the file holds.
-pub const WAL_LSN_KEY: &str = "lumen.wal_lsn";
-/// Parquet key-value metadata: the table layout version the file was written with.
-pub const SCHEMA_VERSION_KEY: &str = "lumen.schema_version";
 
 /// Errors of the store; each names the file or table involved.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +67,19 @@ pub struct StoreOptions {
     /// Exports waiting for the WAL writer at most; more wait for room.
     pub wal_queue: usize,
     /// A pause before each flush writes: a slow disk, for tests of backpressure.
-    pub flush_delay: std::time::Duration,
+    pub flush_delay: Duration,
+    /// Files stored longer ago than this are dropped (`None`: kept forever).
+    pub retention_age: Option<Duration>,
+    /// Past this many bytes of files a table drops its oldest (`None`: no cap).
+    pub retention_bytes: Option<u64>,
+    /// A level is compacted once it holds this many files...
+    pub compact_min_files: usize,
+    /// ...merging at most this many of them...
+    pub compact_max_files: usize,
+    /// ...of at most this many bytes together.
+    pub compact_target_bytes: u64,
+    /// How long a file taken out of the manifest stays on disk for queries still reading it.
+    pub delete_grace: Duration,
 }
 
 impl Default for StoreOptions {
@@ -83,49 +88,19 @@ impl Default for StoreOptions {
             max_buffered_bytes: 128 * 1024 * 1024,
             wal_segment_bytes: 16 * 1024 * 1024,
             wal_queue: 1024,
-            flush_delay: std::time::Duration::ZERO,
+            flush_delay: Duration::ZERO,
+            retention_age: Some(Duration::from_secs(7 * 24 * 3600)),
+            retention_bytes: None,
+            compact_min_files: 8,
+            compact_max_files: 32,
+            compact_target_bytes: 256 * 1024 * 1024,
+            delete_grace: Duration::from_secs(120),
         }
     }
 }
 
 /// Turns a WAL record's payload back into rows of its table (the receiver's conversion).
 pub type Decode = fn(table: u8, payload: &[u8]) -> Result<RecordBatch, String>;
-
-/// One table: schema, directory, memtable and flushed files.
-#[derive(Debug)]
-pub struct Table {
-    pub name: &'static str,
-    /// The id WAL records name this table by (a format contract).
-    pub id: u8,
-    pub schema: SchemaRef,
-    dir: PathBuf,
-    state: Mutex<TableState>,
-    flush_lock: tokio::sync::Mutex<()>,
-    flush_delay: std::time::Duration,
-}
-
-#[derive(Debug, Default)]
-struct TableState {
-    mem: Vec<Buffered>,
-    files: Vec<PathBuf>,
-    /// Every row of this table with a WAL LSN up to this one is in `files`.
-    flushed_lsn: u64,
-}
-
-/// A batch in the memtable: its WAL LSN and the memory it holds.
-#[derive(Debug)]
-struct Buffered {
-    lsn: u64,
-    batch: RecordBatch,
-    _reservation: Reservation,
-}
-
-/// What a query reads: immutable files plus the batches not yet flushed.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub files: Vec<PathBuf>,
-    pub batches: Vec<RecordBatch>,
-}
 
 /// The tables of one data directory and the log in front of them.
 #[derive(Debug)]
@@ -163,14 +138,24 @@ impl Store {
             source,
         })?;
         let mut quarantined = Vec::new();
-        let open = |name, id, schema, quarantined: &mut Vec<_>| {
-            Table::open(&dir, name, id, schema, quarantined).map(|mut t| {
-                t.flush_delay = options.flush_delay;
-                Arc::new(t)
-            })
-        };
-        let spans = open("spans", 0, schema::SPANS.clone(), &mut quarantined)?;
-        let metrics = open("metrics", 1, schema::METRICS.clone(), &mut quarantined)?;
+        let spans = Arc::new(Table::open(
+            &dir,
+            "spans",
+            0,
+            schema::SPANS.clone(),
+            "start_time",
+            options,
+            &mut quarantined,
+        )?);
+        let metrics = Arc::new(Table::open(
+            &dir,
+            "metrics",
+            1,
+            schema::METRICS.clone(),
+            "time",
+            options,
+            &mut quarantined,
+        )?);
         let budget = Budget::new(options.max_buffered_bytes);
         let tables = [&spans, &metrics];
         let wal_dir = dir.join("wal");
@@ -239,6 +224,11 @@ impl Store {
         &self.budget
     }
 
+    /// Bytes of WAL segments on disk.
+    pub fn wal_disk_bytes(&self) -> u64 {
+        self.wal.disk_bytes()
+    }
+
     /// Counters of the WAL.
     pub fn wal_stats(&self) -> &wal::WalStats {
         &self.wal.stats
@@ -260,7 +250,13 @@ impl Store {
             .append(
                 id,
                 payload,
-                Box::new(move |lsn| table.push(lsn, batch, reservation)),
+                Box::new(move |lsn| {
+                    table
+                        .stats
+                        .rows_ingested
+                        .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                    table.push(lsn, batch, reservation);
+                }),
             )
             .await?;
         if self.budget.used() > self.budget.cap() / 2 {
@@ -293,6 +289,33 @@ impl Store {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Background upkeep after a flush: compacts what is due, drops files past retention
+    /// (`now_ns` is the current time) and deletes retired files whose grace is over. Each
+    /// table on its own; returns the first error.
+    pub async fn maintain(&self, now_ns: i64) -> Result<(), StoreError> {
+        let mut first_error = None;
+        for table in self.tables() {
+            // A few rounds at most, so a big backlog does not hold off the next flush long.
+            for _ in 0..4 {
+                match table.compact().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(table = table.name, error = %e, "compaction failed, the files stay as they were");
+                        first_error.get_or_insert(e);
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = table.expire(now_ns).await {
+                tracing::error!(table = table.name, error = %e, "retention failed");
+                first_error.get_or_insert(e);
+            }
+            table.sweep();
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// Every record with an LSN up to this one is in a Parquet file.
     pub fn durable_lsn(&self) -> u64 {
         // Read the applied LSN first: anything applied after it is above it anyway.
@@ -303,208 +326,6 @@ impl Store {
             .min()
             .unwrap_or(applied)
     }
-}
-
-impl Table {
-    fn open(
-        root: &Path,
-        name: &'static str,
-        id: u8,
-        schema: SchemaRef,
-        quarantined: &mut Vec<(PathBuf, String)>,
-    ) -> Result<Table, StoreError> {
-        let dir = root.join(name);
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StoreError::Io { path, source }
-        };
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let mut files = Vec::new();
-        let mut flushed_lsn = 0;
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(io(&dir))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        entries.sort();
-        for path in entries {
-            let file_name = path.to_string_lossy();
-            if file_name.ends_with(".parquet.tmp") {
-                // A flush that died before its rename: its rows are still in the WAL.
-                std::fs::remove_file(&path).map_err(io(&path))?;
-                continue;
-            }
-            if !file_name.ends_with(".parquet") {
-                continue;
-            }
-            match read_footer(&path) {
-                Ok(lsn) => {
-                    flushed_lsn = flushed_lsn.max(lsn);
-                    files.push(path);
-                }
-                Err(reason) => {
-                    let aside = root.join("quarantine").join(name);
-                    std::fs::create_dir_all(&aside).map_err(io(&aside))?;
-                    let target = aside.join(path.file_name().unwrap_or_default());
-                    std::fs::rename(&path, &target).map_err(io(&path))?;
-                    tracing::error!(file = %path.display(), moved_to = %target.display(), reason = %reason, "unreadable Parquet file quarantined");
-                    quarantined.push((target, reason));
-                }
-            }
-        }
-        Ok(Table {
-            name,
-            id,
-            schema,
-            dir,
-            state: Mutex::new(TableState {
-                files,
-                flushed_lsn,
-                ..Default::default()
-            }),
-            flush_lock: tokio::sync::Mutex::new(()),
-            flush_delay: std::time::Duration::ZERO,
-        })
-    }
-
-    /// Adds a durable batch to the memtable; it is queryable at once.
-    fn push(&self, lsn: u64, batch: RecordBatch, reservation: Reservation) {
-        if batch.num_rows() == 0 {
-            return;
-        }
-        // A poisoned lock means a reader panicked mid-clone; the state itself is intact.
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.mem.push(Buffered {
-            lsn,
-            batch,
-            _reservation: reservation,
-        });
-    }
-
-    fn flushed_lsn(&self) -> u64 {
-        self.state.lock().map(|s| s.flushed_lsn).unwrap_or_default()
-    }
-
-    fn first_buffered_lsn(&self) -> Option<u64> {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .mem
-            .first()
-            .map(|b| b.lsn)
-    }
-
-    /// Rows in the memtable.
-    pub fn buffered_rows(&self) -> usize {
-        self.state
-            .lock()
-            .map(|s| s.mem.iter().map(|b| b.batch.num_rows()).sum())
-            .unwrap_or_default()
-    }
-
-    pub fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        let state = self.state.lock().map_err(|_| StoreError::Poisoned)?;
-        Ok(Snapshot {
-            files: state.files.clone(),
-            batches: state.mem.iter().map(|b| b.batch.clone()).collect(),
-        })
-    }
-
-    /// Writes the memtable to a new Parquet file (written aside, fsynced, renamed into place,
-    /// directory fsynced) and swaps the flushed batches for the file. Returns the file, if
-    /// any rows were written.
-    pub async fn flush(&self) -> Result<Option<PathBuf>, StoreError> {
-        let _one_at_a_time = self.flush_lock.lock().await;
-        if !self.flush_delay.is_zero() && self.first_buffered_lsn().is_some() {
-            tokio::time::sleep(self.flush_delay).await;
-        }
-        let (batches, first_lsn, last_lsn) = {
-            let state = self.state.lock().map_err(|_| StoreError::Poisoned)?;
-            let (Some(first), Some(last)) = (state.mem.first(), state.mem.last()) else {
-                return Ok(None);
-            };
-            let batches: Vec<RecordBatch> = state.mem.iter().map(|b| b.batch.clone()).collect();
-            (batches, first.lsn, last.lsn)
-        };
-        let path = self
-            .dir
-            .join(format!("{first_lsn:020}-{last_lsn:020}.parquet"));
-        let schema = self.schema.clone();
-        let write_path = path.clone();
-        let n = batches.len();
-        tokio::task::spawn_blocking(move || {
-            write_parquet(&write_path, &schema, &batches, last_lsn)
-        })
-        .await
-        .map_err(|e| StoreError::Io {
-            path: path.clone(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
-        let mut state = self.state.lock().map_err(|_| StoreError::Poisoned)?;
-        let flushed_rows: usize = state.mem.drain(..n).map(|b| b.batch.num_rows()).sum();
-        state.files.push(path.clone());
-        state.flushed_lsn = state.flushed_lsn.max(last_lsn);
-        tracing::debug!(table = self.name, rows = flushed_rows, file = %path.display(), "flushed memtable");
-        Ok(Some(path))
-    }
-}
-
-/// Reads a Parquet footer: the file's WAL LSN (0 for files from before the WAL). Fails on a
-/// file that is not Parquet or was written by an unknown layout version.
-fn read_footer(path: &Path) -> Result<u64, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let reader = SerializedFileReader::new(file).map_err(|e| e.to_string())?;
-    let kv = reader.metadata().file_metadata().key_value_metadata();
-    let get = |key: &str| {
-        kv.and_then(|kv| kv.iter().find(|e| e.key == key))
-            .and_then(|e| e.value.clone())
-    };
-    match get(SCHEMA_VERSION_KEY) {
-        Some(v) if schema::READABLE_VERSIONS.contains(&v.as_str()) => {}
-        Some(v) => return Err(format!("schema version {v} is unknown to this build")),
-        None => return Err("no lumen.schema_version: not written by Lumen".into()),
-    }
-    Ok(get(WAL_LSN_KEY).and_then(|v| v.parse().ok()).unwrap_or(0))
-}
-
-/// Streams `batches` into one Parquet file, one write per batch (no concatenation).
-fn write_parquet(
-    path: &Path,
-    schema: &SchemaRef,
-    batches: &[RecordBatch],
-    last_lsn: u64,
-) -> Result<(), StoreError> {
-    let tmp = path.with_extension("parquet.tmp");
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| StoreError::Io { path, source }
-    };
-    let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .set_key_value_metadata(Some(vec![
-            KeyValue::new(
-                SCHEMA_VERSION_KEY.to_string(),
-                schema::SCHEMA_VERSION.to_string(),
-            ),
-            KeyValue::new(WAL_LSN_KEY.to_string(), last_lsn.to_string()),
-        ]))
-        .build();
-    let parquet_err = |source| StoreError::Parquet {
-        path: tmp.clone(),
-        source,
-    };
-    let mut writer =
-        ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(parquet_err)?;
-    for batch in batches {
-        writer.write(batch).map_err(parquet_err)?;
-    }
-    let file = writer.into_inner().map_err(parquet_err)?;
-    file.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(dir) = path.parent() {
-        wal::sync_dir(dir)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -577,8 +398,9 @@ mod tests {
         ingest(&store, 2, 2).await;
         assert_eq!(count(store.clone()).await, 5, "memtable rows are queryable");
         let file = store.spans.flush().await.expect("flush").expect("a file");
-        assert!(file.extension().is_some_and(|e| e == "parquet"));
-        let snap = store.spans.snapshot().expect("snapshot");
+        assert!(file.name.ends_with(".parquet"));
+        assert_eq!(file.rows, 5);
+        let snap = store.spans.snapshot();
         assert_eq!((snap.files.len(), snap.batches.len()), (1, 0));
         ingest(&store, 4, 3).await;
         assert_eq!(
@@ -589,7 +411,7 @@ mod tests {
         store.flush().await.expect("flush");
         drop(store);
         let reopened = Arc::new(Store::open(dir.path()).expect("reopen"));
-        assert_eq!(reopened.spans.snapshot().expect("snapshot").files.len(), 2);
+        assert_eq!(reopened.spans.snapshot().files.len(), 2);
         assert_eq!(count(reopened).await, 9, "everything survives a restart");
         assert_eq!(
             files_in(&dir.path().join("spans"), ".tmp"),
@@ -632,20 +454,203 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unreadable_and_unknown_version_files_are_quarantined() {
+    async fn damaged_files_are_quarantined_and_orphans_deleted() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
         ingest(&store, 2, 1).await;
         store.flush().await.expect("flush");
+        ingest(&store, 3, 2).await;
+        let damaged = store.spans.flush().await.expect("flush").expect("file");
         drop(store);
-        std::fs::write(dir.path().join("spans/garbage.parquet"), b"PAR1 nope").expect("write");
-        let reopened = Arc::new(Store::open(dir.path()).expect("reopen despite a bad file"));
+        // A file the manifest does not name (a flush that died before its manifest update)
+        // and a listed file cut short.
+        std::fs::write(dir.path().join("spans/orphan.parquet"), b"PAR1 nope").expect("write");
+        let path = dir.path().join("spans").join(&damaged.name);
+        let bytes = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncate");
+        let reopened = Arc::new(Store::open(dir.path()).expect("reopen despite bad files"));
         assert_eq!(reopened.quarantined.len(), 1, "{:?}", reopened.quarantined);
-        assert!(dir.path().join("quarantine/spans/garbage.parquet").exists());
-        assert_eq!(
-            count(reopened).await,
-            2,
-            "queries go on over the good files"
+        assert!(reopened.quarantined[0].1.contains("manifest says"));
+        assert!(
+            dir.path()
+                .join("quarantine/spans")
+                .join(&damaged.name)
+                .exists()
         );
+        assert!(
+            !dir.path().join("spans/orphan.parquet").exists(),
+            "orphan deleted"
+        );
+        // The damaged file's rows are still in the WAL's open segment: they come back.
+        assert_eq!(reopened.spans.buffered_rows(), 3, "recovered from the WAL");
+        assert_eq!(
+            count(reopened.clone()).await,
+            5,
+            "queries go on, nothing lost"
+        );
+        assert_eq!(
+            reopened.spans.files().len(),
+            1,
+            "the manifest no longer lists it"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_table_from_before_the_manifest_gets_one_from_its_footers() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        ingest(&store, 4, 1).await;
+        store.flush().await.expect("flush");
+        drop(store);
+        std::fs::remove_file(dir.path().join("spans/manifest.json")).expect("remove");
+        std::fs::write(dir.path().join("spans/foreign.parquet"), b"not parquet").expect("write");
+        let reopened = Arc::new(Store::open(dir.path()).expect("reopen"));
+        let files = reopened.spans.files();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].rows, 4);
+        assert!(files[0].min_time_ns <= files[0].max_time_ns);
+        assert_eq!(
+            reopened.quarantined.len(),
+            1,
+            "the foreign file is set aside"
+        );
+        assert!(dir.path().join("spans/manifest.json").exists());
+        assert_eq!(count(reopened).await, 4);
+    }
+
+    /// Spans of one export, all starting at `start_s` seconds.
+    async fn ingest_at(store: &Store, n: u8, seed: u8, start_s: u64) {
+        let mut req = request(n, seed);
+        for s in &mut req.resource_spans[0].scope_spans[0].spans {
+            s.start_time_unix_nano = start_s * 1_000_000_000;
+            s.end_time_unix_nano = start_s * 1_000_000_000 + 1;
+        }
+        let batch = spans_to_batch(&req).expect("converts");
+        let reservation = store.budget().force_reserve(0);
+        store
+            .ingest(0, Bytes::from(req.encode_to_vec()), batch, reservation)
+            .await
+            .expect("ingest");
+    }
+
+    async fn explain(engine: &QueryEngine, sql: &str) -> String {
+        let r = engine
+            .sql(&format!("EXPLAIN {sql}"))
+            .await
+            .expect("explain");
+        r.rows
+            .iter()
+            .filter(|row| row["plan_type"] == "physical_plan")
+            .map(|row| row["plan"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn files_outside_a_time_filter_are_not_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path()).expect("open"));
+        for (i, start) in [1_000u64, 2_000, 3_000].into_iter().enumerate() {
+            ingest_at(&store, 2, i as u8 + 1, start).await;
+            store.flush().await.expect("flush");
+        }
+        let engine = QueryEngine::new(store.clone());
+        let all = explain(&engine, "SELECT span_id FROM spans").await;
+        assert_eq!(all.matches(".parquet").count(), 3, "{all}");
+        let since = 2_500u64 * 1_000_000_000;
+        let recent = explain(
+            &engine,
+            &format!("SELECT span_id FROM spans WHERE start_time >= to_timestamp_nanos({since})"),
+        )
+        .await;
+        assert_eq!(recent.matches(".parquet").count(), 1, "{recent}");
+        let r = engine
+            .sql(&format!(
+                "SELECT count(*) AS n FROM spans WHERE start_time >= to_timestamp_nanos({since})"
+            ))
+            .await
+            .expect("query");
+        assert_eq!(r.rows[0]["n"], 2);
+        let between = explain(
+            &engine,
+            &format!(
+                "SELECT span_id FROM spans WHERE start_time BETWEEN to_timestamp_nanos({}) AND to_timestamp_nanos({})",
+                1_500u64 * 1_000_000_000,
+                2_500u64 * 1_000_000_000
+            ),
+        )
+        .await;
+        assert_eq!(between.matches(".parquet").count(), 1, "{between}");
+    }
+
+    #[tokio::test]
+    async fn compaction_merges_and_retention_drops_without_losing_a_row() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = StoreOptions {
+            compact_min_files: 3,
+            compact_max_files: 3,
+            delete_grace: Duration::ZERO,
+            retention_age: Some(Duration::from_secs(3600)),
+            ..StoreOptions::default()
+        };
+        let store = Arc::new(
+            Store::open_with(dir.path(), options, crate::receiver::decode_record).expect("open"),
+        );
+        // Three files stored before `cutoff`, then four after it.
+        let mut cutoff = 0;
+        for i in 0..7u8 {
+            if i == 3 {
+                cutoff = crate::now_ns();
+            }
+            ingest_at(&store, 5, i + 1, 1_000).await;
+            store.flush().await.expect("flush");
+        }
+        assert_eq!(store.spans.files().len(), 7);
+        assert_eq!(count(store.clone()).await, 35);
+        let merged = store
+            .spans
+            .compact()
+            .await
+            .expect("compact")
+            .expect("merged");
+        assert_eq!((merged.level, merged.rows), (1, 15));
+        assert_eq!(store.spans.files().len(), 5);
+        assert_eq!(
+            count(store.clone()).await,
+            35,
+            "no row lost or doubled by compaction"
+        );
+        let now_ns = cutoff + 3_600_000_000_000;
+        let expired = store.spans.expire(now_ns).await.expect("expire");
+        assert_eq!(
+            expired, 1,
+            "the merged file of rows stored before the cutoff expired"
+        );
+        assert_eq!(count(store.clone()).await, 20);
+        store.spans.sweep();
+        let on_disk = files_in(&dir.path().join("spans"), ".parquet");
+        assert_eq!(on_disk, store.spans.files().len(), "retired files deleted");
+        drop(store);
+        // Byte cap: keep the table under the size of two files.
+        let two = {
+            let s = Store::open(dir.path()).expect("reopen");
+            s.spans.files().iter().take(2).map(|f| f.bytes).sum::<u64>()
+        };
+        let capped = Store::open_with(
+            dir.path(),
+            StoreOptions {
+                retention_bytes: Some(two),
+                retention_age: None,
+                delete_grace: Duration::ZERO,
+                ..StoreOptions::default()
+            },
+            crate::receiver::decode_record,
+        )
+        .expect("reopen");
+        capped.spans.expire(0).await.expect("expire");
+        assert!(capped.spans.files().iter().map(|f| f.bytes).sum::<u64>() <= two);
+        assert_eq!(capped.spans.files().len(), 2);
+        drop(capped);
+        let reopened = Arc::new(Store::open(dir.path()).expect("reopen"));
+        assert_eq!(count(reopened).await, 10, "the manifest survives a restart");
     }
 }

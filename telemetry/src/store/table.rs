@@ -1,0 +1,568 @@
+//! One table of the store: its memtable, its Parquet files as its manifest lists them, and
+//! the maintenance that changes that list (flush, compaction, retention). Every change of
+//! the file list happens under the table's maintenance lock in the same order: write the new
+//! file(s) aside and rename them in, replace the manifest, then swap the in-memory state
+//! under the state lock. Files taken out of the list are deleted only after a grace period,
+//! so a query that took its snapshot before the swap can still read them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::compute;
+use datafusion::arrow::datatypes::{SchemaRef, TimestampNanosecondType};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::metadata::KeyValue;
+use datafusion::parquet::file::properties::WriterProperties;
+
+use super::{StoreError, StoreOptions};
+use crate::budget::Reservation;
+use crate::manifest::{self, DataFile, SCHEMA_VERSION_KEY, WAL_LSN_KEY};
+use crate::schema;
+
+/// One table: schema, directory, memtable and files.
+#[derive(Debug)]
+pub struct Table {
+    pub name: &'static str,
+    /// The id WAL records name this table by (a format contract).
+    pub id: u8,
+    pub schema: SchemaRef,
+    /// The timestamp column files are pruned and retained by.
+    pub time_column: &'static str,
+    dir: PathBuf,
+    state: Mutex<TableState>,
+    /// Held by whatever changes the file list: flush, compaction, retention.
+    maintenance: tokio::sync::Mutex<()>,
+    options: StoreOptions,
+    /// Files out of the manifest, deleted once their grace period is over.
+    obsolete: Mutex<Vec<(PathBuf, Instant)>>,
+    pub stats: TableStats,
+}
+
+/// Counters of a table's maintenance, for the service's own metrics.
+#[derive(Debug, Default)]
+pub struct TableStats {
+    pub rows_ingested: AtomicU64,
+    pub flushes: AtomicU64,
+    pub flush_micros: AtomicU64,
+    pub flush_failures: AtomicU64,
+    pub compactions: AtomicU64,
+    pub compaction_micros: AtomicU64,
+    pub files_expired: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct TableState {
+    mem: Vec<Buffered>,
+    files: Vec<DataFile>,
+    /// Every row of this table with a WAL LSN up to this one is in `files`.
+    flushed_lsn: u64,
+}
+
+/// A batch in the memtable: its WAL LSN and the memory it holds.
+#[derive(Debug)]
+struct Buffered {
+    lsn: u64,
+    batch: RecordBatch,
+    _reservation: Reservation,
+}
+
+/// What a query reads: immutable files plus the batches not yet flushed.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub dir: PathBuf,
+    pub files: Vec<DataFile>,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl Snapshot {
+    pub fn path(&self, file: &DataFile) -> PathBuf {
+        self.dir.join(&file.name)
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Table {
+    /// Opens a table's directory through its manifest: files it names that are missing or
+    /// of the wrong size are quarantined, files it does not name are orphans and deleted. A
+    /// table without a manifest (written before there was one) gets one from its files'
+    /// footers, quarantining those that cannot be read.
+    pub(super) fn open(
+        root: &Path,
+        name: &'static str,
+        id: u8,
+        schema: SchemaRef,
+        time_column: &'static str,
+        options: StoreOptions,
+        quarantined: &mut Vec<(PathBuf, String)>,
+    ) -> Result<Table, StoreError> {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        for entry in std::fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "tmp") {
+                // A flush, compaction or manifest write that died before its rename.
+                std::fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
+            }
+        }
+        let on_disk = manifest::parquet_files(&dir).map_err(io(&dir))?;
+        let mut quarantine = |path: &Path, reason: String| -> Result<(), StoreError> {
+            let aside = root.join("quarantine").join(name);
+            std::fs::create_dir_all(&aside).map_err(io(&aside))?;
+            let target = aside.join(path.file_name().unwrap_or_default());
+            if path.exists() {
+                std::fs::rename(path, &target).map_err(io(path))?;
+            }
+            tracing::error!(file = %path.display(), moved_to = %target.display(), reason = %reason, "Parquet file quarantined, queries go on without it");
+            quarantined.push((target, reason));
+            Ok(())
+        };
+        let listed = manifest::read(&dir, name).unwrap_or_else(|e| {
+            tracing::error!(table = name, error = %e, "manifest unreadable, rebuilding it from the files' footers");
+            None
+        });
+        let mut files = Vec::new();
+        let rewrite;
+        match listed {
+            Some(listed) => {
+                rewrite = listed.len();
+                for file in listed {
+                    let path = dir.join(&file.name);
+                    match std::fs::metadata(&path) {
+                        Ok(m) if m.len() == file.bytes => files.push(file),
+                        Ok(m) => quarantine(
+                            &path,
+                            format!("{} bytes, the manifest says {}", m.len(), file.bytes),
+                        )?,
+                        Err(e) => quarantine(&path, format!("listed in the manifest: {e}"))?,
+                    }
+                }
+                for path in on_disk {
+                    let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+                    if !files.iter().any(|f| Some(&f.name) == file_name.as_ref()) {
+                        match std::fs::remove_file(&path) {
+                            Ok(()) => {
+                                tracing::warn!(file = %path.display(), "orphan Parquet file (not in the manifest) deleted: its rows are in the WAL or in the files it was to replace")
+                            }
+                            // Quarantined above.
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(io(&path)(e)),
+                        }
+                    }
+                }
+            }
+            None => {
+                rewrite = usize::MAX;
+                for path in on_disk {
+                    match manifest::describe(&path, time_column) {
+                        Ok(file) => files.push(file),
+                        Err(reason) => quarantine(&path, reason)?,
+                    }
+                }
+            }
+        }
+        if files.len() != rewrite {
+            manifest::write(&dir, name, &files).map_err(io(&dir))?;
+        }
+        let flushed_lsn = files.iter().map(|f| f.max_lsn).max().unwrap_or(0);
+        Ok(Table {
+            name,
+            id,
+            schema,
+            time_column,
+            dir,
+            state: Mutex::new(TableState {
+                files,
+                flushed_lsn,
+                ..Default::default()
+            }),
+            maintenance: tokio::sync::Mutex::new(()),
+            options,
+            obsolete: Mutex::new(Vec::new()),
+            stats: TableStats::default(),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, TableState> {
+        // A poisoned lock means a reader panicked mid-clone; the state itself is intact.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a durable batch to the memtable; it is queryable at once.
+    pub(super) fn push(&self, lsn: u64, batch: RecordBatch, reservation: Reservation) {
+        if batch.num_rows() == 0 {
+            return;
+        }
+        self.state().mem.push(Buffered {
+            lsn,
+            batch,
+            _reservation: reservation,
+        });
+    }
+
+    pub(super) fn flushed_lsn(&self) -> u64 {
+        self.state().flushed_lsn
+    }
+
+    pub(super) fn first_buffered_lsn(&self) -> Option<u64> {
+        self.state().mem.first().map(|b| b.lsn)
+    }
+
+    /// Rows in the memtable.
+    pub fn buffered_rows(&self) -> usize {
+        self.state().mem.iter().map(|b| b.batch.num_rows()).sum()
+    }
+
+    /// The files the manifest lists.
+    pub fn files(&self) -> Vec<DataFile> {
+        self.state().files.clone()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let state = self.state();
+        Snapshot {
+            dir: self.dir.clone(),
+            files: state.files.clone(),
+            batches: state.mem.iter().map(|b| b.batch.clone()).collect(),
+        }
+    }
+
+    /// Writes the memtable to a new Parquet file, adds it to the manifest and swaps the
+    /// flushed batches for it. Returns the file, if any rows were written.
+    pub async fn flush(&self) -> Result<Option<DataFile>, StoreError> {
+        let _maintenance = self.maintenance.lock().await;
+        if !self.options.flush_delay.is_zero() && self.first_buffered_lsn().is_some() {
+            tokio::time::sleep(self.options.flush_delay).await;
+        }
+        let (batches, first_lsn, last_lsn) = {
+            let state = self.state();
+            let (Some(first), Some(last)) = (state.mem.first(), state.mem.last()) else {
+                return Ok(None);
+            };
+            let batches: Vec<RecordBatch> = state.mem.iter().map(|b| b.batch.clone()).collect();
+            (batches, first.lsn, last.lsn)
+        };
+        let started = Instant::now();
+        let name = format!("{first_lsn:020}-{last_lsn:020}.parquet");
+        let path = self.dir.join(&name);
+        let (schema, time_column) = (self.schema.clone(), self.time_column);
+        let n = batches.len();
+        let written = blocking(&path, move |path| {
+            let (min, max) = time_range(&batches, time_column);
+            let bytes = write_parquet(path, &schema, batches.iter().cloned().map(Ok), last_lsn)?;
+            Ok(DataFile {
+                name,
+                rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+                bytes,
+                min_time_ns: min,
+                max_time_ns: max,
+                max_lsn: last_lsn,
+                created_ns: crate::now_ns(),
+                schema_version: schema::SCHEMA_VERSION.to_string(),
+                level: 0,
+            })
+        })
+        .await;
+        let file = match written {
+            Ok(file) => file,
+            Err(e) => {
+                self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        let mut files = self.files();
+        files.push(file.clone());
+        self.replace_manifest(&files).await?;
+        {
+            let mut state = self.state();
+            state.mem.drain(..n);
+            state.files = files;
+            state.flushed_lsn = state.flushed_lsn.max(last_lsn);
+        }
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .flush_micros
+            .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
+        tracing::debug!(table = self.name, rows = file.rows, file = %file.name, "flushed memtable");
+        Ok(Some(file))
+    }
+
+    /// Merges the oldest files of the lowest level that has `compact_min_files` of them (at
+    /// most `compact_max_files`, at most `compact_target_bytes` together) into one file of
+    /// the next level. Returns the new file, if it made one.
+    pub async fn compact(&self) -> Result<Option<DataFile>, StoreError> {
+        let _maintenance = self.maintenance.lock().await;
+        let files = self.files();
+        let opts = self.options;
+        let Some(inputs) = pick_compaction(&files, &opts) else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let level = inputs[0].level + 1;
+        let max_lsn = inputs.iter().map(|f| f.max_lsn).max().unwrap_or(0);
+        let min_lsn = inputs.iter().map(|f| f.max_lsn).min().unwrap_or(0);
+        let name = format!("L{level}-{min_lsn:020}-{max_lsn:020}.parquet");
+        let path = self.dir.join(&name);
+        let sources: Vec<PathBuf> = inputs.iter().map(|f| self.dir.join(&f.name)).collect();
+        let schema = self.schema.clone();
+        let merged = DataFile {
+            name,
+            rows: inputs.iter().map(|f| f.rows).sum(),
+            bytes: 0,
+            min_time_ns: inputs
+                .iter()
+                .map(|f| f.min_time_ns)
+                .min()
+                .unwrap_or(i64::MIN),
+            max_time_ns: inputs
+                .iter()
+                .map(|f| f.max_time_ns)
+                .max()
+                .unwrap_or(i64::MAX),
+            max_lsn,
+            created_ns: inputs.iter().map(|f| f.created_ns).max().unwrap_or(0),
+            schema_version: schema::SCHEMA_VERSION.to_string(),
+            level,
+        };
+        let bytes = blocking(&path, move |path| {
+            let batches = sources.iter().flat_map(|src| read_parquet(src));
+            write_parquet(path, &schema, batches, max_lsn)
+        })
+        .await?;
+        let merged = DataFile { bytes, ..merged };
+        let names: Vec<&str> = inputs.iter().map(|f| f.name.as_str()).collect();
+        let mut next: Vec<DataFile> = files
+            .iter()
+            .filter(|f| !names.contains(&f.name.as_str()))
+            .cloned()
+            .collect();
+        next.push(merged.clone());
+        self.replace_manifest(&next).await?;
+        self.state().files = next;
+        self.retire(inputs.iter().map(|f| f.name.clone()));
+        self.stats.compactions.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .compaction_micros
+            .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
+        tracing::info!(table = self.name, inputs = inputs.len(), rows = merged.rows, bytes = merged.bytes, file = %merged.name, "compacted");
+        Ok(Some(merged))
+    }
+
+    /// Drops whole files past the retention: those whose rows were all stored longer than
+    /// `retention_age` before `now_ns`, then the oldest until the table fits in
+    /// `retention_bytes`. Returns how many files it dropped.
+    pub async fn expire(&self, now_ns: i64) -> Result<usize, StoreError> {
+        let _maintenance = self.maintenance.lock().await;
+        let mut files = self.files();
+        let before = files.len();
+        let mut dropped = Vec::new();
+        if let Some(age) = self.options.retention_age {
+            let cutoff = now_ns.saturating_sub(i64::try_from(age.as_nanos()).unwrap_or(i64::MAX));
+            files.retain(|f| {
+                let keep = f.created_ns >= cutoff;
+                if !keep {
+                    dropped.push(f.name.clone());
+                }
+                keep
+            });
+        }
+        if let Some(cap) = self.options.retention_bytes {
+            files.sort_by_key(|f| f.created_ns);
+            let mut total: u64 = files.iter().map(|f| f.bytes).sum();
+            while total > cap && !files.is_empty() {
+                let f = files.remove(0);
+                total -= f.bytes;
+                dropped.push(f.name);
+            }
+        }
+        if files.len() == before {
+            return Ok(0);
+        }
+        self.replace_manifest(&files).await?;
+        self.state().files = files;
+        let n = dropped.len();
+        self.retire(dropped.into_iter());
+        self.stats
+            .files_expired
+            .fetch_add(n as u64, Ordering::Relaxed);
+        tracing::info!(table = self.name, files = n, "files past retention dropped");
+        Ok(n)
+    }
+
+    /// Deletes the retired files whose grace period is over.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let due: Vec<PathBuf> = {
+            let mut obsolete = self.obsolete.lock().unwrap_or_else(|p| p.into_inner());
+            let (due, keep): (Vec<_>, Vec<_>) = obsolete.drain(..).partition(|(_, at)| *at <= now);
+            *obsolete = keep;
+            due.into_iter().map(|(p, _)| p).collect()
+        };
+        for path in due {
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(file = %path.display(), error = %e, "deleting a retired file");
+            }
+        }
+    }
+
+    fn retire(&self, names: impl Iterator<Item = String>) {
+        let at = Instant::now() + self.options.delete_grace;
+        let mut obsolete = self.obsolete.lock().unwrap_or_else(|p| p.into_inner());
+        obsolete.extend(names.map(|n| (self.dir.join(n), at)));
+    }
+
+    async fn replace_manifest(&self, files: &[DataFile]) -> Result<(), StoreError> {
+        let (dir, name, files) = (self.dir.clone(), self.name, files.to_vec());
+        let path = dir.join(manifest::MANIFEST_FILE);
+        blocking(&path, move |_| {
+            manifest::write(&dir, name, &files).map_err(|source| StoreError::Io {
+                path: dir.join(manifest::MANIFEST_FILE),
+                source,
+            })
+        })
+        .await
+    }
+}
+
+/// The inputs of the next compaction, if one is due.
+fn pick_compaction(files: &[DataFile], opts: &StoreOptions) -> Option<Vec<DataFile>> {
+    let mut levels: Vec<u32> = files.iter().map(|f| f.level).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    for level in levels {
+        let mut picked = Vec::new();
+        let mut bytes = 0u64;
+        for f in files
+            .iter()
+            .filter(|f| f.level == level && f.schema_version == schema::SCHEMA_VERSION)
+        {
+            if picked.len() >= opts.compact_max_files
+                || (!picked.is_empty() && bytes + f.bytes > opts.compact_target_bytes)
+            {
+                break;
+            }
+            bytes += f.bytes;
+            picked.push(f.clone());
+        }
+        if picked.len() >= opts.compact_min_files.max(2) {
+            return Some(picked);
+        }
+    }
+    None
+}
+
+/// Runs file work off the async threads, naming `path` if the task itself fails.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    work: impl FnOnce(&Path) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || work(&owned))
+        .await
+        .map_err(|e| StoreError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Smallest and largest value of a timestamp column over `batches`.
+fn time_range(batches: &[RecordBatch], column: &str) -> (i64, i64) {
+    let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+    for batch in batches {
+        let Some(col) = batch.column_by_name(column) else {
+            return (i64::MIN, i64::MAX);
+        };
+        let Some(ts) = col.as_primitive_opt::<TimestampNanosecondType>() else {
+            return (i64::MIN, i64::MAX);
+        };
+        if ts.null_count() == ts.len() {
+            continue;
+        }
+        if let (Some(a), Some(b)) = (compute::min(ts), compute::max(ts)) {
+            lo = lo.min(a);
+            hi = hi.max(b);
+        }
+    }
+    (lo, hi)
+}
+
+/// The batches of one Parquet file, read a row group at a time.
+fn read_parquet(path: &Path) -> Box<dyn Iterator<Item = Result<RecordBatch, StoreError>>> {
+    let parquet_err = |source| StoreError::Parquet {
+        path: path.to_path_buf(),
+        source,
+    };
+    let reader = std::fs::File::open(path)
+        .map_err(io(path))
+        .and_then(|f| ParquetRecordBatchReaderBuilder::try_new(f).map_err(parquet_err))
+        .and_then(|b| b.build().map_err(parquet_err));
+    match reader {
+        Ok(reader) => {
+            let path = path.to_path_buf();
+            Box::new(reader.map(move |b| {
+                b.map_err(|source| StoreError::Arrow {
+                    table: path.display().to_string(),
+                    source,
+                })
+            }))
+        }
+        Err(e) => Box::new(std::iter::once(Err(e))),
+    }
+}
+
+/// Streams `batches` into a new Parquet file at `path` (written aside, fsynced, renamed,
+/// directory fsynced), one write per batch. Returns the file's size.
+fn write_parquet(
+    path: &Path,
+    schema: &SchemaRef,
+    batches: impl Iterator<Item = Result<RecordBatch, StoreError>>,
+    last_lsn: u64,
+) -> Result<u64, StoreError> {
+    let tmp = path.with_extension("parquet.tmp");
+    let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        // Trace-by-id lookups skip the row groups whose filter says the id is not there.
+        .set_column_bloom_filter_enabled("trace_id".into(), true)
+        .set_key_value_metadata(Some(vec![
+            KeyValue::new(
+                SCHEMA_VERSION_KEY.to_string(),
+                schema::SCHEMA_VERSION.to_string(),
+            ),
+            KeyValue::new(WAL_LSN_KEY.to_string(), last_lsn.to_string()),
+        ]))
+        .build();
+    let parquet_err = |source| StoreError::Parquet {
+        path: tmp.clone(),
+        source,
+    };
+    let mut writer =
+        ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(parquet_err)?;
+    for batch in batches {
+        writer.write(&batch?).map_err(parquet_err)?;
+    }
+    let file = writer.into_inner().map_err(parquet_err)?;
+    file.sync_all().map_err(io(&tmp))?;
+    let bytes = file.metadata().map_err(io(&tmp))?.len();
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        crate::wal::sync_dir(dir)?;
+    }
+    Ok(bytes)
+}
