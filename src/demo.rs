@@ -33,6 +33,7 @@ pub struct DemoOptions {
     /// First three octets of the pods' loopback addresses (`127.0.10` → 127.0.10.1, ...).
     pub pod_subnet: [u8; 3],
     pub otlp_grpc_addr: SocketAddr,
+    pub otlp_http_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub xds_addr: SocketAddr,
     pub control_http_addr: SocketAddr,
@@ -89,6 +90,7 @@ impl DemoOptions {
         DemoOptions {
             pod_subnet: FIXTURE_SUBNET,
             otlp_grpc_addr: local(4317),
+            otlp_http_addr: local(4318),
             http_addr: local(16686),
             xds_addr: local(ports::CONTROL_XDS),
             control_http_addr: local(ports::CONTROL_HTTP),
@@ -116,6 +118,7 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
 
     let telemetry = Telemetry::bind(TelemetryOptions {
         otlp_grpc_addr: options.otlp_grpc_addr,
+        otlp_http_addr: options.otlp_http_addr,
         http_addr: options.http_addr,
         flush_interval: options.flush_interval,
         ..TelemetryOptions::new(options.data_dir.clone())
@@ -124,7 +127,8 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
     let otlp_grpc = telemetry.otlp_grpc_addr().unwrap_or(options.otlp_grpc_addr);
     let telemetry_http = telemetry.http_addr().unwrap_or(options.http_addr);
     say(format!(
-        "telemetry: OTLP gRPC {otlp_grpc}, HTTP {telemetry_http}, data {}",
+        "telemetry: OTLP gRPC {otlp_grpc}, OTLP HTTP {}, HTTP {telemetry_http}, data {}",
+        telemetry.otlp_http_addr().unwrap_or(options.otlp_http_addr),
         options.data_dir.display()
     ));
     let dashboard = lumen_dashboard::router(Arc::new(telemetry.query_engine()));

@@ -45,6 +45,8 @@ struct DemoArgs {
     pod_subnet: [u8; 3],
     #[arg(long, default_value = "127.0.0.1:4317")]
     otlp_grpc: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:4318")]
+    otlp_http: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:16686")]
     http: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:15010")]
@@ -65,6 +67,8 @@ struct TelemetryArgs {
     data: PathBuf,
     #[arg(long, default_value = "127.0.0.1:4317")]
     otlp_grpc: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:4318")]
+    otlp_http: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:16686")]
     http: SocketAddr,
     /// Seconds between memtable flushes to Parquet.
@@ -180,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Telemetry(args) => {
             let telemetry = Telemetry::bind(TelemetryOptions {
                 otlp_grpc_addr: args.otlp_grpc,
+                otlp_http_addr: args.otlp_http,
                 http_addr: args.http,
                 flush_interval: Duration::from_secs(args.flush_interval.max(1)),
                 query: QueryLimits {
@@ -217,6 +222,10 @@ async fn main() -> anyhow::Result<()> {
                 println!("quarantined: {} ({reason})", file.display());
             }
             println!(
+                "otlp-http: http://{}/v1/",
+                telemetry.otlp_http_addr().unwrap_or(args.otlp_http)
+            );
+            println!(
                 "telemetry: OTLP gRPC {}, dashboard http://{}/",
                 telemetry.otlp_grpc_addr().unwrap_or(args.otlp_grpc),
                 telemetry.http_addr().unwrap_or(args.http)
@@ -251,6 +260,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     let mut options = DemoOptions::standard(args.data);
     options.pod_subnet = args.pod_subnet;
     options.otlp_grpc_addr = args.otlp_grpc;
+    options.otlp_http_addr = args.otlp_http;
     options.http_addr = args.http;
     options.xds_addr = args.xds;
     options.control_http_addr = args.control_http;

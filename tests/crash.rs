@@ -23,7 +23,7 @@ const ROUNDS: u8 = 20;
 const SENDERS: u8 = 4;
 const SPANS_PER_EXPORT: u16 = 25;
 
-/// A span id that says who sent it: round, sender, export, index.
+/// A span id that says who sent it: round, sender, export, index (from 1: never all zero).
 fn span_id(round: u8, sender: u8, export: u32, index: u16) -> [u8; 8] {
     let mut id = [0u8; 8];
     id[0] = round;
@@ -41,7 +41,7 @@ fn export(round: u8, sender: u8, n: u32) -> (ExportTraceServiceRequest, Vec<Stri
     let mut ids = Vec::new();
     let spans = (0..SPANS_PER_EXPORT)
         .map(|i| {
-            let id = span_id(round, sender, n, i);
+            let id = span_id(round, sender, n, i + 1);
             ids.push(hex(&id));
             let mut trace_id = vec![0u8; 8];
             trace_id.extend_from_slice(&id);
@@ -79,10 +79,11 @@ fn export(round: u8, sender: u8, n: u32) -> (ExportTraceServiceRequest, Vec<Stri
 }
 
 fn start(data: &str) -> (Lumen, String, String, String) {
-    Lumen::telemetry(
+    let (lumen, a) = Lumen::telemetry(
         data,
         &["--flush-interval", "1", "--query-max-rows", "1000000"],
-    )
+    );
+    (lumen, a.grpc, a.http, a.wal)
 }
 
 /// Sends exports from `SENDERS` clients until the process dies or `limit` passes; returns
@@ -95,16 +96,46 @@ async fn stream_until_killed(grpc: &str, round: u8, limit: Duration) -> Vec<Stri
         let acked = acked.clone();
         let url = format!("http://{grpc}");
         tasks.push(tokio::spawn(async move {
-            let Ok(mut client) = TraceServiceClient::connect(url).await else {
-                return;
+            let mut client = match TraceServiceClient::connect(url).await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("sender {sender}: connect failed: {e}");
+                    return;
+                }
             };
             let mut n = 0u32;
             while Instant::now() < deadline {
                 let (request, ids) = export(round, sender, n);
                 n += 1;
                 match tokio::time::timeout(Duration::from_secs(5), client.export(request)).await {
-                    Ok(Ok(_)) => acked.lock().expect("lock").extend(ids),
-                    _ => return,
+                    Ok(Ok(response)) => {
+                        let partial = response.into_inner().partial_success;
+                        assert!(
+                            partial.as_ref().is_none_or(|p| p.rejected_spans == 0),
+                            "valid spans rejected: {partial:?}"
+                        );
+                        acked.lock().expect("lock").extend(ids);
+                    }
+                    // Refused with a reason to retry (the buffer is full while replayed
+                    // rows flush): retry, as an OTLP exporter does.
+                    Ok(Err(status))
+                        if matches!(
+                            status.code(),
+                            tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+                        ) =>
+                    {
+                        n -= 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Ok(Err(status)) => {
+                        // Expected once the process is killed: the connection goes away.
+                        eprintln!("sender {sender}: export {n} ended: {status}");
+                        return;
+                    }
+                    Err(_) => {
+                        eprintln!("sender {sender}: export {n} timed out");
+                        return;
+                    }
                 }
             }
         }));

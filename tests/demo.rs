@@ -55,6 +55,7 @@ async fn demo_mesh_end_to_end() {
     let options = DemoOptions {
         pod_subnet: [127, 0, 77],
         otlp_grpc_addr: local,
+        otlp_http_addr: local,
         http_addr: local,
         xds_addr: local,
         control_http_addr: local,

@@ -170,7 +170,7 @@ async fn stored_traces(http: &str) -> HashMap<String, i64> {
 fn hostile_otlp_is_refused_within_the_memory_cap_and_nothing_acked_is_lost() {
     let data = tempfile::tempdir().expect("tempdir");
     let data_dir = data.path().to_string_lossy().to_string();
-    let (mut lumen, grpc, _http, _) = Lumen::telemetry(
+    let (mut lumen, common::Addrs { grpc, .. }) = Lumen::telemetry(
         &data_dir,
         &["--flush-interval", "1", "--debug-flush-delay-ms", "3000"],
     );
@@ -316,7 +316,8 @@ fn hostile_otlp_is_refused_within_the_memory_cap_and_nothing_acked_is_lost() {
     // Nothing acknowledged is lost: a clean stop (final flush), a restart, every span there.
     let took = lumen.interrupt(Duration::from_secs(60));
     eprintln!("stopped {:.1} s after SIGINT", took.as_secs_f64());
-    let (lumen, _grpc, http, _) = Lumen::telemetry(&data_dir, &["--query-max-rows", "1000000"]);
+    let (lumen, common::Addrs { http, .. }) =
+        Lumen::telemetry(&data_dir, &["--query-max-rows", "1000000"]);
     let stored = rt.block_on(stored_traces(&http));
     for (trace, n) in &t.acked {
         assert_eq!(stored.get(trace), Some(n), "trace {trace}");

@@ -5,11 +5,15 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, MapBuilder, StringBuilder,
-    TimestampNanosecondBuilder,
+    ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, ListBuilder, MapBuilder,
+    StringBuilder, TimestampNanosecondBuilder,
 };
+use datafusion::arrow::array::{ListArray, StructArray};
+use datafusion::arrow::buffer::OffsetBuffer;
+use datafusion::arrow::datatypes::{DataType, Field, Fields};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
@@ -107,8 +111,26 @@ fn nanos(t: u64) -> i64 {
     i64::try_from(t).unwrap_or(i64::MAX)
 }
 
-fn map_builder() -> MapBuilder<StringBuilder, StringBuilder> {
-    MapBuilder::new(None, StringBuilder::new(), StringBuilder::new())
+// Builders are sized by the rows they will hold: a batch keeps its builders' allocations
+// until it is flushed, and the default 1,024-row capacity of ~30 columns would make a
+// 25-span batch hold ~190 KB.
+
+fn map_builder(rows: usize) -> MapBuilder<StringBuilder, StringBuilder> {
+    let entries = rows.saturating_mul(4);
+    MapBuilder::with_capacity(
+        None,
+        StringBuilder::with_capacity(entries, entries.saturating_mul(16)),
+        StringBuilder::with_capacity(entries, entries.saturating_mul(16)),
+        rows,
+    )
+}
+
+fn text_builder(rows: usize) -> StringBuilder {
+    StringBuilder::with_capacity(rows, rows.saturating_mul(16))
+}
+
+fn times(rows: usize) -> TimestampNanosecondBuilder {
+    TimestampNanosecondBuilder::with_capacity(rows).with_timezone("UTC")
 }
 
 fn span_kind(kind: i32) -> &'static str {
@@ -130,33 +152,58 @@ fn status_code(code: i32) -> &'static str {
     }
 }
 
-/// The spans of an export request as one record batch of [`schema::SPANS`].
+/// Why a span cannot be stored, if it cannot: OTLP requires a 16-byte trace id and an 8-byte
+/// span id, neither all zeros.
+pub fn span_problem(s: &opentelemetry_proto::tonic::trace::v1::Span) -> Option<&'static str> {
+    if s.trace_id.len() != 16 || s.trace_id.iter().all(|b| *b == 0) {
+        Some("trace id must be 16 bytes, not all zero")
+    } else if s.span_id.len() != 8 || s.span_id.iter().all(|b| *b == 0) {
+        Some("span id must be 8 bytes, not all zero")
+    } else {
+        None
+    }
+}
+
+/// The spans of an export request as one record batch of [`schema::SPANS`]; spans with a
+/// [`span_problem`] are left out (the receiver reports them as rejected).
 pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, ArrowError> {
-    let mut trace_id = StringBuilder::new();
-    let mut span_id = StringBuilder::new();
-    let mut parent = StringBuilder::new();
-    let mut trace_state = StringBuilder::new();
-    let mut service = StringBuilder::new();
-    let mut version = StringBuilder::new();
-    let mut namespace = StringBuilder::new();
-    let mut name = StringBuilder::new();
-    let mut kind = StringBuilder::new();
-    let mut start = TimestampNanosecondBuilder::new().with_timezone("UTC");
-    let mut end = TimestampNanosecondBuilder::new().with_timezone("UTC");
-    let mut duration = Int64Builder::new();
-    let mut status = StringBuilder::new();
-    let mut status_msg = StringBuilder::new();
+    let rows: usize = req
+        .resource_spans
+        .iter()
+        .flat_map(|rs| &rs.scope_spans)
+        .map(|ss| ss.spans.len())
+        .sum();
+    let mut trace_id = text_builder(rows);
+    let mut span_id = text_builder(rows);
+    let mut parent = text_builder(rows);
+    let mut trace_state = text_builder(rows);
+    let mut service = text_builder(rows);
+    let mut version = text_builder(rows);
+    let mut namespace = text_builder(rows);
+    let mut name = text_builder(rows);
+    let mut kind = text_builder(rows);
+    let mut start = times(rows);
+    let mut end = times(rows);
+    let mut duration = Int64Builder::with_capacity(rows);
+    let mut status = text_builder(rows);
+    let mut status_msg = text_builder(rows);
     let mut strings: Vec<StringBuilder> = SPAN_STRING_COLUMNS
         .iter()
-        .map(|_| StringBuilder::new())
+        .map(|_| text_builder(rows))
         .collect();
-    let mut http_status = Int64Builder::new();
-    let mut server_port = Int64Builder::new();
-    let mut grpc_status = Int64Builder::new();
-    let mut scope_name = StringBuilder::new();
-    let mut scope_version = StringBuilder::new();
-    let mut attributes = map_builder();
-    let mut resource_attributes = map_builder();
+    let mut http_status = Int64Builder::with_capacity(rows);
+    let mut server_port = Int64Builder::with_capacity(rows);
+    let mut grpc_status = Int64Builder::with_capacity(rows);
+    let mut scope_name = text_builder(rows);
+    let mut scope_version = text_builder(rows);
+    let mut attributes = map_builder(rows);
+    let mut resource_attributes = map_builder(rows);
+    let mut flags = Int64Builder::with_capacity(rows);
+    let mut dropped = Int64Builder::with_capacity(rows);
+    let mut dropped_events = Int64Builder::with_capacity(rows);
+    let mut dropped_links = Int64Builder::with_capacity(rows);
+    let mut events = EventColumns::default();
+    let mut links = LinkColumns::default();
 
     for rs in &req.resource_spans {
         let resource = rs
@@ -169,7 +216,7 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
         let svc_version = text("service.version");
         let svc_namespace = text("service.namespace");
         for ss in &rs.scope_spans {
-            for s in &ss.spans {
+            for s in ss.spans.iter().filter(|s| span_problem(s).is_none()) {
                 trace_id.append_value(hex(&s.trace_id));
                 span_id.append_value(hex(&s.span_id));
                 if s.parent_span_id.is_empty() {
@@ -211,6 +258,12 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
                 scope_version.append_option(ss.scope.as_ref().map(|s| s.version.as_str()));
                 append_map(&mut attributes, &s.attributes)?;
                 append_map(&mut resource_attributes, resource)?;
+                flags.append_value(i64::from(s.flags));
+                dropped.append_value(i64::from(s.dropped_attributes_count));
+                dropped_events.append_value(i64::from(s.dropped_events_count));
+                dropped_links.append_value(i64::from(s.dropped_links_count));
+                events.push(&s.events)?;
+                links.push(&s.links)?;
             }
         }
     }
@@ -263,8 +316,130 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
         Arc::new(scope_version.finish()),
         Arc::new(attributes.finish()),
         Arc::new(resource_attributes.finish()),
+        Arc::new(flags.finish()),
+        Arc::new(dropped.finish()),
+        Arc::new(dropped_events.finish()),
+        Arc::new(dropped_links.finish()),
+        events.finish()?,
+        links.finish()?,
     ];
     RecordBatch::try_new(schema::SPANS.clone(), columns)
+}
+
+/// The `events` column: a list of event structs per span, built flat and assembled at the end.
+struct EventColumns {
+    time: TimestampNanosecondBuilder,
+    name: StringBuilder,
+    attributes: MapBuilder<StringBuilder, StringBuilder>,
+    dropped: Int64Builder,
+    lengths: Vec<usize>,
+}
+
+impl Default for EventColumns {
+    fn default() -> Self {
+        EventColumns {
+            time: times(0),
+            name: text_builder(0),
+            attributes: map_builder(0),
+            dropped: Int64Builder::new(),
+            lengths: Vec::new(),
+        }
+    }
+}
+
+impl EventColumns {
+    fn push(&mut self, events: &[span::Event]) -> Result<(), ArrowError> {
+        for e in events {
+            self.time.append_value(nanos(e.time_unix_nano));
+            self.name.append_value(&e.name);
+            append_map(&mut self.attributes, &e.attributes)?;
+            self.dropped
+                .append_value(i64::from(e.dropped_attributes_count));
+        }
+        self.lengths.push(events.len());
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<ArrayRef, ArrowError> {
+        let items: Vec<ArrayRef> = vec![
+            Arc::new(self.time.finish()),
+            Arc::new(self.name.finish()),
+            Arc::new(self.attributes.finish()),
+            Arc::new(self.dropped.finish()),
+        ];
+        list_of_structs(schema::EVENT_FIELDS.clone(), items, &self.lengths)
+    }
+}
+
+/// The `links` column, as [`EventColumns`].
+struct LinkColumns {
+    trace_id: StringBuilder,
+    span_id: StringBuilder,
+    trace_state: StringBuilder,
+    attributes: MapBuilder<StringBuilder, StringBuilder>,
+    dropped: Int64Builder,
+    flags: Int64Builder,
+    lengths: Vec<usize>,
+}
+
+impl Default for LinkColumns {
+    fn default() -> Self {
+        LinkColumns {
+            trace_id: text_builder(0),
+            span_id: text_builder(0),
+            trace_state: text_builder(0),
+            attributes: map_builder(0),
+            dropped: Int64Builder::new(),
+            flags: Int64Builder::new(),
+            lengths: Vec::new(),
+        }
+    }
+}
+
+impl LinkColumns {
+    fn push(&mut self, links: &[span::Link]) -> Result<(), ArrowError> {
+        for l in links {
+            self.trace_id.append_value(hex(&l.trace_id));
+            self.span_id.append_value(hex(&l.span_id));
+            self.trace_state
+                .append_option(Some(l.trace_state.as_str()).filter(|t| !t.is_empty()));
+            append_map(&mut self.attributes, &l.attributes)?;
+            self.dropped
+                .append_value(i64::from(l.dropped_attributes_count));
+            self.flags.append_value(i64::from(l.flags));
+        }
+        self.lengths.push(links.len());
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<ArrayRef, ArrowError> {
+        let items: Vec<ArrayRef> = vec![
+            Arc::new(self.trace_id.finish()),
+            Arc::new(self.span_id.finish()),
+            Arc::new(self.trace_state.finish()),
+            Arc::new(self.attributes.finish()),
+            Arc::new(self.dropped.finish()),
+            Arc::new(self.flags.finish()),
+        ];
+        list_of_structs(schema::LINK_FIELDS.clone(), items, &self.lengths)
+    }
+}
+
+/// A `List<Struct>` column from the struct's flat columns and each row's item count.
+fn list_of_structs(
+    fields: Fields,
+    columns: Vec<ArrayRef>,
+    lengths: &[usize],
+) -> Result<ArrayRef, ArrowError> {
+    let items = StructArray::try_new(fields.clone(), columns, None)?;
+    let field = Arc::new(Field::new("item", DataType::Struct(fields), false));
+    let list = ListArray::try_new(
+        field,
+        OffsetBuffer::from_lengths(lengths.iter().copied()),
+        Arc::new(items),
+        None,
+    )?;
+    Ok(Arc::new(list))
 }
 
 /// One metric data point, whatever its kind, as the columns of [`schema::METRICS`] see it.
@@ -321,24 +496,30 @@ struct MetricColumns {
 }
 
 impl MetricColumns {
-    fn new() -> MetricColumns {
+    fn new(rows: usize) -> MetricColumns {
         MetricColumns {
-            time: TimestampNanosecondBuilder::new().with_timezone("UTC"),
-            start: TimestampNanosecondBuilder::new().with_timezone("UTC"),
-            service: StringBuilder::new(),
-            name: StringBuilder::new(),
-            kind: StringBuilder::new(),
-            unit: StringBuilder::new(),
-            temporality: StringBuilder::new(),
-            monotonic: BooleanBuilder::new(),
-            value: Float64Builder::new(),
-            count: Int64Builder::new(),
-            sum: Float64Builder::new(),
-            buckets: ListBuilder::new(Int64Builder::new()),
-            bounds: ListBuilder::new(Float64Builder::new()),
-            attributes: map_builder(),
-            resource_attributes: map_builder(),
-            scope: StringBuilder::new(),
+            time: times(rows),
+            start: times(rows),
+            service: text_builder(rows),
+            name: text_builder(rows),
+            kind: text_builder(rows),
+            unit: text_builder(rows),
+            temporality: text_builder(rows),
+            monotonic: BooleanBuilder::with_capacity(rows),
+            value: Float64Builder::with_capacity(rows),
+            count: Int64Builder::with_capacity(rows),
+            sum: Float64Builder::with_capacity(rows),
+            buckets: ListBuilder::with_capacity(
+                Int64Builder::with_capacity(rows.saturating_mul(16)),
+                rows,
+            ),
+            bounds: ListBuilder::with_capacity(
+                Float64Builder::with_capacity(rows.saturating_mul(16)),
+                rows,
+            ),
+            attributes: map_builder(rows),
+            resource_attributes: map_builder(rows),
+            scope: text_builder(rows),
         }
     }
 
@@ -402,6 +583,107 @@ impl MetricColumns {
     }
 }
 
+/// The log records of an export request as one record batch of [`schema::LOGS`]. A record
+/// with no time takes its observed time (the OTLP data model's rule for ordering).
+pub fn logs_to_batch(req: &ExportLogsServiceRequest) -> Result<RecordBatch, ArrowError> {
+    let rows: usize = req
+        .resource_logs
+        .iter()
+        .flat_map(|rl| &rl.scope_logs)
+        .map(|sl| sl.log_records.len())
+        .sum();
+    let mut time = times(rows);
+    let mut observed = times(rows);
+    let mut service = text_builder(rows);
+    let mut severity = Int32Builder::with_capacity(rows);
+    let mut severity_text = text_builder(rows);
+    let mut body = text_builder(rows);
+    let mut event_name = text_builder(rows);
+    let mut trace_id = text_builder(rows);
+    let mut span_id = text_builder(rows);
+    let mut flags = Int64Builder::with_capacity(rows);
+    let mut dropped = Int64Builder::with_capacity(rows);
+    let mut attributes = map_builder(rows);
+    let mut resource_attributes = map_builder(rows);
+    let mut scope_name = text_builder(rows);
+    let mut scope_version = text_builder(rows);
+    for rl in &req.resource_logs {
+        let resource = rl
+            .resource
+            .as_ref()
+            .map(|r| r.attributes.as_slice())
+            .unwrap_or_default();
+        let svc = find(resource, "service.name")
+            .map(any_value_text)
+            .unwrap_or_else(|| "unknown_service".to_string());
+        for sl in &rl.scope_logs {
+            for r in &sl.log_records {
+                let t = if r.time_unix_nano == 0 {
+                    r.observed_time_unix_nano
+                } else {
+                    r.time_unix_nano
+                };
+                time.append_value(nanos(t));
+                if r.observed_time_unix_nano == 0 {
+                    observed.append_null();
+                } else {
+                    observed.append_value(nanos(r.observed_time_unix_nano));
+                }
+                service.append_value(&svc);
+                severity.append_value(r.severity_number);
+                severity_text
+                    .append_option(Some(r.severity_text.as_str()).filter(|t| !t.is_empty()));
+                body.append_option(r.body.as_ref().map(any_value_text));
+                event_name.append_option(Some(r.event_name.as_str()).filter(|t| !t.is_empty()));
+                trace_id.append_option((!r.trace_id.is_empty()).then(|| hex(&r.trace_id)));
+                span_id.append_option((!r.span_id.is_empty()).then(|| hex(&r.span_id)));
+                flags.append_value(i64::from(r.flags));
+                dropped.append_value(i64::from(r.dropped_attributes_count));
+                append_map(&mut attributes, &r.attributes)?;
+                append_map(&mut resource_attributes, resource)?;
+                scope_name.append_option(sl.scope.as_ref().map(|s| s.name.as_str()));
+                scope_version.append_option(sl.scope.as_ref().map(|s| s.version.as_str()));
+            }
+        }
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(time.finish()),
+        Arc::new(observed.finish()),
+        Arc::new(service.finish()),
+        Arc::new(severity.finish()),
+        Arc::new(severity_text.finish()),
+        Arc::new(body.finish()),
+        Arc::new(event_name.finish()),
+        Arc::new(trace_id.finish()),
+        Arc::new(span_id.finish()),
+        Arc::new(flags.finish()),
+        Arc::new(dropped.finish()),
+        Arc::new(attributes.finish()),
+        Arc::new(resource_attributes.finish()),
+        Arc::new(scope_name.finish()),
+        Arc::new(scope_version.finish()),
+    ];
+    RecordBatch::try_new(schema::LOGS.clone(), columns)
+}
+
+/// Data points in a metrics export request.
+pub fn point_count(req: &ExportMetricsServiceRequest) -> usize {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    req.resource_metrics
+        .iter()
+        .flat_map(|rm| &rm.scope_metrics)
+        .flat_map(|sm| &sm.metrics)
+        .map(|m| match &m.data {
+            Some(Data::Gauge(g)) => g.data_points.len(),
+            Some(Data::Sum(s)) => s.data_points.len(),
+            Some(Data::Histogram(h)) => h.data_points.len(),
+            Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+            Some(Data::Summary(s)) => s.data_points.len(),
+            None => 0,
+        })
+        .sum()
+}
+
 fn temporality_name(t: i32) -> Option<&'static str> {
     match t {
         1 => Some("delta"),
@@ -420,7 +702,7 @@ fn number(p: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint) -> Optio
 
 /// The data points of an export request as one record batch of [`schema::METRICS`].
 pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch, ArrowError> {
-    let mut cols = MetricColumns::new();
+    let mut cols = MetricColumns::new(point_count(req));
     for rm in &req.resource_metrics {
         let resource = rm
             .resource
@@ -519,7 +801,7 @@ pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::array::{Array, AsArray, MapArray};
+    use datafusion::arrow::array::{Array, AsArray, Int64Array, MapArray, StringArray};
     use datafusion::arrow::datatypes::TimestampNanosecondType;
     use opentelemetry_proto::tonic::metrics::v1 as m;
     use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -629,6 +911,114 @@ mod tests {
                 ("retry".to_string(), "true".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn events_links_flags_and_dropped_counts_are_kept() {
+        let span = Span {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            flags: 0x301,
+            dropped_attributes_count: 4,
+            dropped_events_count: 5,
+            events: vec![span::Event {
+                time_unix_nano: 7,
+                name: "retry".into(),
+                attributes: vec![kv("attempt", any_value::Value::IntValue(2))],
+                dropped_attributes_count: 1,
+            }],
+            links: vec![span::Link {
+                trace_id: vec![0xab; 16],
+                span_id: vec![0xcd; 8],
+                trace_state: "k=v".into(),
+                attributes: vec![kv(
+                    "link.kind",
+                    any_value::Value::StringValue("follows".into()),
+                )],
+                flags: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let plain = Span {
+            trace_id: vec![3; 16],
+            span_id: vec![4; 8],
+            ..Default::default()
+        };
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![span, plain],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let batch = spans_to_batch(&req).expect("converts");
+        let int = |name: &str, row: usize| {
+            batch
+                .column_by_name(name)
+                .and_then(|c| {
+                    c.as_any()
+                        .downcast_ref::<Int64Array>()
+                        .map(|a| a.value(row))
+                })
+                .expect(name)
+        };
+        assert_eq!(int("flags", 0), 0x301);
+        assert_eq!(int("dropped_attributes_count", 0), 4);
+        assert_eq!(int("dropped_events_count", 0), 5);
+        let events = batch
+            .column_by_name("events")
+            .and_then(|c| c.as_any().downcast_ref::<ListArray>())
+            .expect("events");
+        assert_eq!(events.value_length(0), 1);
+        assert_eq!(
+            events.value_length(1),
+            0,
+            "a span without events has an empty list"
+        );
+        let first = events.value(0);
+        let event = first
+            .as_any()
+            .downcast_ref::<StructArray>()
+            .expect("struct");
+        let names = event
+            .column(1)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("names");
+        assert_eq!(names.value(0), "retry");
+        let attrs = event
+            .column(2)
+            .as_any()
+            .downcast_ref::<MapArray>()
+            .expect("map");
+        assert_eq!(
+            map_entries(attrs, 0),
+            vec![("attempt".to_string(), "2".to_string())]
+        );
+        let links = batch
+            .column_by_name("links")
+            .and_then(|c| c.as_any().downcast_ref::<ListArray>())
+            .expect("links");
+        let first = links.value(0);
+        let link = first
+            .as_any()
+            .downcast_ref::<StructArray>()
+            .expect("struct");
+        let ids = link
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("ids");
+        assert_eq!(ids.value(0), "ab".repeat(16));
+        let state = link
+            .column(2)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .expect("state");
+        assert_eq!(state.value(0), "k=v");
     }
 
     #[test]

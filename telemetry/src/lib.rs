@@ -8,6 +8,7 @@ pub mod conn;
 pub mod convert;
 pub mod http;
 pub mod manifest;
+pub mod otlp_http;
 pub mod query;
 pub mod receiver;
 pub mod schema;
@@ -63,6 +64,7 @@ pub enum TelemetryError {
 pub struct TelemetryOptions {
     pub data_dir: PathBuf,
     pub otlp_grpc_addr: SocketAddr,
+    pub otlp_http_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub flush_interval: Duration,
     /// What queries may spend.
@@ -91,6 +93,7 @@ impl TelemetryOptions {
         TelemetryOptions {
             data_dir,
             otlp_grpc_addr: SocketAddr::from(([127, 0, 0, 1], 4317)),
+            otlp_http_addr: SocketAddr::from(([127, 0, 0, 1], 4318)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 16686)),
             flush_interval: Duration::from_secs(5),
             query: QueryLimits::default(),
@@ -111,6 +114,7 @@ impl TelemetryOptions {
 pub struct Telemetry {
     store: Arc<Store>,
     grpc: TcpListener,
+    otlp_http: TcpListener,
     http: TcpListener,
     flush_interval: Duration,
     engine: QueryEngine,
@@ -143,6 +147,7 @@ impl Telemetry {
         );
         Ok(Telemetry {
             grpc: bind("OTLP gRPC", options.otlp_grpc_addr).await?,
+            otlp_http: bind("OTLP HTTP", options.otlp_http_addr).await?,
             receiver,
             http,
             store,
@@ -155,6 +160,10 @@ impl Telemetry {
 
     pub fn otlp_grpc_addr(&self) -> Option<SocketAddr> {
         self.grpc.local_addr().ok()
+    }
+
+    pub fn otlp_http_addr(&self) -> Option<SocketAddr> {
+        self.otlp_http.local_addr().ok()
     }
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
@@ -188,6 +197,8 @@ impl Telemetry {
         let app = http::guard(http::router(api).merge(extra), self.allowed_hosts.clone());
         let http =
             axum::serve(self.http, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let otlp_http = axum::serve(self.otlp_http, otlp_http::router(self.receiver.clone()))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let otlp = self.receiver.clone();
         let grpc = tonic::transport::Server::builder()
             .max_concurrent_streams(options.max_streams_per_connection)
@@ -200,7 +211,8 @@ impl Telemetry {
             .initial_connection_window_size(512 * 1024)
             .initial_stream_window_size(256 * 1024)
             .add_service(receiver::OtlpGrpc::<receiver::Traces>::new(otlp.clone()))
-            .add_service(receiver::OtlpGrpc::<receiver::Metrics>::new(otlp))
+            .add_service(receiver::OtlpGrpc::<receiver::Metrics>::new(otlp.clone()))
+            .add_service(receiver::OtlpGrpc::<receiver::Logs>::new(otlp))
             .serve_with_incoming_shutdown(
                 conn::limited(self.grpc, options.max_connections),
                 shutdown.clone().cancelled_owned(),
@@ -223,7 +235,10 @@ impl Telemetry {
                 }
             }
         };
-        let servers = async { tokio::join!(http, grpc, flusher) };
+        let servers = async {
+            let (http, otlp_http, grpc, ()) = tokio::join!(http, otlp_http, grpc, flusher);
+            (http.and(otlp_http), grpc, ())
+        };
         let drain_deadline = async {
             shutdown.cancelled().await;
             tokio::time::sleep(options.drain_timeout).await;

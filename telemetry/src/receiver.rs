@@ -1,4 +1,5 @@
-//! OTLP/gRPC receiver (:4317) for traces and metrics.
+//! OTLP/gRPC receiver (:4317) for traces, metrics and logs, and the export path that
+//! OTLP/HTTP (`otlp_http.rs`) shares.
 //!
 //! The services are written against tonic's generic `Grpc` with a codec that hands over raw
 //! bytes, so a malformed protobuf is answered with `InvalidArgument` naming the decode error
@@ -18,11 +19,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use prost::Message;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -56,6 +60,12 @@ pub trait Signal: Send + Sync + 'static {
     fn to_batch(request: &Self::Request) -> Result<RecordBatch, ArrowError>;
     /// Bytes the request's rows will take in memory, before converting it.
     fn estimate(request: &Self::Request) -> usize;
+    /// Records the conversion leaves out, and why (reported as a partial success).
+    fn rejected(_request: &Self::Request) -> Option<(i64, String)> {
+        None
+    }
+    /// The response saying that `rejected` records were not stored, and why.
+    fn partial(rejected: i64, message: String) -> Self::Response;
 }
 
 /// Converts a WAL record back into rows: the same decode and conversion as a live export.
@@ -67,6 +77,7 @@ pub fn decode_record(table: u8, payload: &[u8]) -> Result<RecordBatch, String> {
     match table {
         Traces::TABLE => convert::<Traces>(payload),
         Metrics::TABLE => convert::<Metrics>(payload),
+        Logs::TABLE => convert::<Logs>(payload),
         other => Err(format!("no signal writes table {other}")),
     }
 }
@@ -98,6 +109,19 @@ impl Receiver {
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }
+
+    /// A request slot, if one is free (held for the whole request).
+    pub fn try_slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
+    pub fn max_inflight(&self) -> usize {
+        self.max_inflight
+    }
+
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
 }
 
 /// Traces: `opentelemetry.proto.collector.trace.v1.TraceService`.
@@ -108,6 +132,10 @@ pub enum Traces {}
 #[derive(Debug)]
 pub enum Metrics {}
 
+/// Logs: `opentelemetry.proto.collector.logs.v1.LogsService`.
+#[derive(Debug)]
+pub enum Logs {}
+
 impl Signal for Traces {
     const SERVICE: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
     const TABLE: u8 = 0;
@@ -117,6 +145,32 @@ impl Signal for Traces {
 
     fn to_batch(request: &ExportTraceServiceRequest) -> Result<RecordBatch, ArrowError> {
         convert::spans_to_batch(request)
+    }
+
+    fn rejected(request: &ExportTraceServiceRequest) -> Option<(i64, String)> {
+        let mut n = 0i64;
+        let mut why = None;
+        for s in request
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+        {
+            if let Some(problem) = convert::span_problem(s) {
+                n += 1;
+                why.get_or_insert(problem);
+            }
+        }
+        why.map(|why| (n, format!("{n} spans rejected: {why}")))
+    }
+
+    fn partial(rejected: i64, message: String) -> ExportTraceServiceResponse {
+        ExportTraceServiceResponse {
+            partial_success: Some(ExportTracePartialSuccess {
+                rejected_spans: rejected,
+                error_message: message,
+            }),
+        }
     }
 
     fn estimate(request: &ExportTraceServiceRequest) -> usize {
@@ -150,6 +204,15 @@ impl Signal for Metrics {
         convert::metrics_to_batch(request)
     }
 
+    fn partial(rejected: i64, message: String) -> ExportMetricsServiceResponse {
+        ExportMetricsServiceResponse {
+            partial_success: Some(ExportMetricsPartialSuccess {
+                rejected_data_points: rejected,
+                error_message: message,
+            }),
+        }
+    }
+
     fn estimate(request: &ExportMetricsServiceRequest) -> usize {
         use opentelemetry_proto::tonic::metrics::v1::metric::Data;
         let mut total = 0usize;
@@ -171,6 +234,46 @@ impl Signal for Metrics {
                         .saturating_add(points.saturating_mul(per_point))
                         .saturating_add(m.encoded_len().saturating_mul(2));
                 }
+            }
+        }
+        total
+    }
+}
+
+impl Signal for Logs {
+    const SERVICE: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
+    const TABLE: u8 = 2;
+    const SHAPE: &'static wire::Shape = &wire::LOGS;
+    type Request = ExportLogsServiceRequest;
+    type Response = ExportLogsServiceResponse;
+
+    fn to_batch(request: &ExportLogsServiceRequest) -> Result<RecordBatch, ArrowError> {
+        convert::logs_to_batch(request)
+    }
+
+    fn partial(rejected: i64, message: String) -> ExportLogsServiceResponse {
+        ExportLogsServiceResponse {
+            partial_success: Some(ExportLogsPartialSuccess {
+                rejected_log_records: rejected,
+                error_message: message,
+            }),
+        }
+    }
+
+    fn estimate(request: &ExportLogsServiceRequest) -> usize {
+        let mut total = 0usize;
+        for rl in &request.resource_logs {
+            let resource = rl.resource.as_ref().map_or(0, Message::encoded_len);
+            for sl in &rl.scope_logs {
+                let scope = sl.scope.as_ref().map_or(0, Message::encoded_len);
+                let own: usize = sl.log_records.iter().map(Message::encoded_len).sum();
+                total = total
+                    .saturating_add(
+                        sl.log_records
+                            .len()
+                            .saturating_mul(resource + scope + ROW_OVERHEAD),
+                    )
+                    .saturating_add(own.saturating_mul(2));
             }
         }
         total
@@ -213,14 +316,17 @@ impl<S: Signal> NamedService for OtlpGrpc<S> {
 /// fit: the body plus what decoding it will allocate (walked on the wire before decoding),
 /// then the estimated rows on top, then the rows as built, which stay reserved in the
 /// memtable until flushed.
-pub async fn export<S: Signal>(receiver: &Receiver, body: Bytes) -> Result<S::Response, Status> {
+pub async fn export<S: Signal>(
+    receiver: &Receiver,
+    body: Bytes,
+) -> Result<S::Response, (Refusal, Status)> {
     let signal = usize::from(S::TABLE);
     let result = export_unrecorded::<S>(&receiver.store, body).await;
     match &result {
         Ok(_) => receiver.stats.accepted(signal),
         Err((why, _)) => receiver.stats.refused(signal, *why),
     }
-    result.map_err(|(_, status)| status)
+    result
 }
 
 async fn export_unrecorded<S: Signal>(
@@ -261,6 +367,7 @@ async fn export_unrecorded<S: Signal>(
     if !reservation.resize(held.saturating_add(estimate)) {
         return Err(full(buffer_full(estimate, budget.used(), budget.cap())));
     }
+    let rejected = S::rejected(&request);
     let batch = S::to_batch(&request).map_err(|e| {
         (
             Refusal::Unavailable,
@@ -287,7 +394,10 @@ async fn export_unrecorded<S: Signal>(
         })?;
     drop(reservation);
     tracing::trace!(service = S::SERVICE, rows, "otlp export stored");
-    Ok(S::Response::default())
+    Ok(match rejected {
+        Some((n, message)) => S::partial(n, message),
+        None => S::Response::default(),
+    })
 }
 
 /// RESOURCE_EXHAUSTED with a RetryInfo, which OTLP exporters take as "retry after a delay".
@@ -318,6 +428,16 @@ pub fn retryable(code: tonic::Code, message: String) -> Status {
         }],
     };
     Status::with_details(code, message, Bytes::from(details.encode_to_vec()))
+}
+
+/// A `google.rpc.Status` message, encoded (the body of an OTLP/HTTP refusal).
+pub fn rpc_status(code: tonic::Code, message: &str) -> Vec<u8> {
+    RpcStatus {
+        code: code as i32,
+        message: message.to_string(),
+        details: Vec::new(),
+    }
+    .encode_to_vec()
 }
 
 /// `google.rpc.Status`, the form gRPC status details travel in.
@@ -354,6 +474,7 @@ impl<S: Signal> UnaryService<Bytes> for ExportCall<S> {
             export::<S>(&receiver, request.into_inner())
                 .await
                 .map(Response::new)
+                .map_err(|(_, status)| status)
         })
     }
 }

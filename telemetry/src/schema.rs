@@ -7,10 +7,12 @@ use std::sync::{Arc, LazyLock};
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 
 /// Version of the table layouts, stored in each Parquet file's metadata.
-pub const SCHEMA_VERSION: &str = "1";
+/// 2: spans gained flags, dropped counts, events and links (appended, nullable).
+pub const SCHEMA_VERSION: &str = "2";
 
-/// Layout versions this build reads; files of any other version are quarantined.
-pub const READABLE_VERSIONS: &[&str] = &["1"];
+/// Layout versions this build reads; files of any other version are quarantined. Files of
+/// an older version are read with the columns they lack as nulls.
+pub const READABLE_VERSIONS: &[&str] = &["1", "2"];
 
 /// The `spans` table: one row per span.
 pub static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -45,8 +47,46 @@ pub static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("scope_version", DataType::Utf8, true),
         Field::new("attributes", string_map(), false),
         Field::new("resource_attributes", string_map(), false),
+        // Version 2.
+        Field::new("flags", DataType::Int64, true),
+        Field::new("dropped_attributes_count", DataType::Int64, true),
+        Field::new("dropped_events_count", DataType::Int64, true),
+        Field::new("dropped_links_count", DataType::Int64, true),
+        Field::new("events", list_of(EVENT_FIELDS.clone()), true),
+        Field::new("links", list_of(LINK_FIELDS.clone()), true),
     ]))
 });
+
+/// One span event: `events[i]['name']` in SQL.
+pub static EVENT_FIELDS: LazyLock<Fields> = LazyLock::new(|| {
+    Fields::from(vec![
+        Field::new("time", timestamp(), false),
+        Field::new("name", DataType::Utf8, false),
+        Field::new("attributes", string_map(), false),
+        Field::new("dropped_attributes_count", DataType::Int64, false),
+    ])
+});
+
+/// One span link: the linked span's ids (hex) and the link's attributes.
+pub static LINK_FIELDS: LazyLock<Fields> = LazyLock::new(|| {
+    Fields::from(vec![
+        Field::new("trace_id", DataType::Utf8, false),
+        Field::new("span_id", DataType::Utf8, false),
+        Field::new("trace_state", DataType::Utf8, true),
+        Field::new("attributes", string_map(), false),
+        Field::new("dropped_attributes_count", DataType::Int64, false),
+        Field::new("flags", DataType::Int64, false),
+    ])
+});
+
+/// `List<Struct<fields>>` with non-null items.
+pub fn list_of(fields: Fields) -> DataType {
+    DataType::List(Arc::new(Field::new(
+        "item",
+        DataType::Struct(fields),
+        false,
+    )))
+}
 
 /// The `metrics` table: one row per data point.
 pub static METRICS: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -75,6 +115,27 @@ pub static METRICS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("attributes", string_map(), false),
         Field::new("resource_attributes", string_map(), false),
         Field::new("scope_name", DataType::Utf8, true),
+    ]))
+});
+
+/// The `logs` table: one row per log record.
+pub static LOGS: LazyLock<SchemaRef> = LazyLock::new(|| {
+    Arc::new(Schema::new(vec![
+        Field::new("time", timestamp(), false),
+        Field::new("observed_time", timestamp(), true),
+        Field::new("service_name", DataType::Utf8, false),
+        Field::new("severity_number", DataType::Int32, false),
+        Field::new("severity_text", DataType::Utf8, true),
+        Field::new("body", DataType::Utf8, true),
+        Field::new("event_name", DataType::Utf8, true),
+        Field::new("trace_id", DataType::Utf8, true),
+        Field::new("span_id", DataType::Utf8, true),
+        Field::new("flags", DataType::Int64, false),
+        Field::new("dropped_attributes_count", DataType::Int64, false),
+        Field::new("attributes", string_map(), false),
+        Field::new("resource_attributes", string_map(), false),
+        Field::new("scope_name", DataType::Utf8, true),
+        Field::new("scope_version", DataType::Utf8, true),
     ]))
 });
 

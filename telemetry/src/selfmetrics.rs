@@ -44,7 +44,7 @@ impl Refusal {
 }
 
 /// OTLP signals, as the `signal` label says them.
-pub const SIGNALS: [&str; 2] = ["traces", "metrics"];
+pub const SIGNALS: [&str; 3] = ["traces", "metrics", "logs"];
 
 /// Counters of the OTLP receiver.
 #[derive(Debug, Default)]

@@ -107,6 +107,7 @@ pub type Decode = fn(table: u8, payload: &[u8]) -> Result<RecordBatch, String>;
 pub struct Store {
     pub spans: Arc<Table>,
     pub metrics: Arc<Table>,
+    pub logs: Arc<Table>,
     wal: Wal,
     budget: Arc<Budget>,
     /// What the WAL replay at start found.
@@ -156,8 +157,17 @@ impl Store {
             options,
             &mut quarantined,
         )?);
+        let logs = Arc::new(Table::open(
+            &dir,
+            "logs",
+            2,
+            schema::LOGS.clone(),
+            "time",
+            options,
+            &mut quarantined,
+        )?);
         let budget = Budget::new(options.max_buffered_bytes);
-        let tables = [&spans, &metrics];
+        let tables = [&spans, &metrics, &logs];
         let wal_dir = dir.join("wal");
         let mut undecodable = 0usize;
         let replayed = wal::replay(&wal_dir, |record| {
@@ -191,6 +201,11 @@ impl Store {
             next_lsn,
             "write-ahead log replayed"
         );
+        let flush_wanted = Notify::new();
+        if buffered > 0 {
+            // Replayed rows are durable already; flush them soon to free memory and the WAL.
+            flush_wanted.notify_one();
+        }
         let wal = Wal::start(
             &wal_dir,
             next_lsn,
@@ -200,16 +215,17 @@ impl Store {
         Ok(Store {
             spans,
             metrics,
+            logs,
             wal,
             budget,
             replayed,
             quarantined,
-            flush_wanted: Notify::new(),
+            flush_wanted,
         })
     }
 
-    pub fn tables(&self) -> [&Arc<Table>; 2] {
-        [&self.spans, &self.metrics]
+    pub fn tables(&self) -> [&Arc<Table>; 3] {
+        [&self.spans, &self.metrics, &self.logs]
     }
 
     pub fn table(&self, id: u8) -> Result<&Arc<Table>, StoreError> {
@@ -652,5 +668,55 @@ mod tests {
         drop(capped);
         let reopened = Arc::new(Store::open(dir.path()).expect("reopen"));
         assert_eq!(count(reopened).await, 10, "the manifest survives a restart");
+    }
+
+    #[tokio::test]
+    async fn files_of_the_first_layout_stay_readable() {
+        use datafusion::arrow::datatypes::Schema;
+        use datafusion::parquet::arrow::ArrowWriter;
+        use datafusion::parquet::file::metadata::KeyValue;
+        use datafusion::parquet::file::properties::WriterProperties;
+
+        // A spans file as version 1 wrote it: the first 30 columns, no manifest yet.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spans_dir = dir.path().join("spans");
+        std::fs::create_dir_all(&spans_dir).expect("dir");
+        let current = spans_to_batch(&request(3, 7)).expect("converts");
+        let v1_fields: Vec<_> = current.schema().fields().iter().take(30).cloned().collect();
+        let v1 = Arc::new(Schema::new(v1_fields));
+        let batch =
+            RecordBatch::try_new(v1.clone(), current.columns()[..30].to_vec()).expect("v1 batch");
+        let file =
+            std::fs::File::create(spans_dir.join("0000000000001-000001.parquet")).expect("create");
+        let props = WriterProperties::builder()
+            .set_key_value_metadata(Some(vec![KeyValue::new(
+                "lumen.schema_version".into(),
+                "1".to_string(),
+            )]))
+            .build();
+        let mut writer = ArrowWriter::try_new(file, v1, Some(props)).expect("writer");
+        writer.write(&batch).expect("write");
+        writer.close().expect("close");
+
+        let store = Arc::new(Store::open(dir.path()).expect("open"));
+        assert!(store.quarantined.is_empty(), "{:?}", store.quarantined);
+        assert_eq!(store.spans.files()[0].schema_version, "1");
+        ingest(&store, 2, 8).await;
+        store.flush().await.expect("flush");
+        let r = QueryEngine::new(store.clone())
+            .sql(
+                "SELECT count(*) AS n, count(events) AS with_events, \
+                        count(DISTINCT trace_id) AS traces FROM spans",
+            )
+            .await
+            .expect("query over old and new files");
+        assert_eq!(r.rows[0]["n"], 5);
+        assert_eq!(
+            r.rows[0]["with_events"], 2,
+            "old rows read with null events"
+        );
+        assert_eq!(r.rows[0]["traces"], 2);
+        let newest = store.spans.files().pop().expect("a file");
+        assert_eq!(newest.schema_version, schema::SCHEMA_VERSION);
     }
 }

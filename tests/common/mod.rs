@@ -32,6 +32,14 @@ pub fn python_with_otel_sdk() -> PathBuf {
     path
 }
 
+/// Where a `lumen telemetry` process listens (host:port), and what its WAL replay said.
+pub struct Addrs {
+    pub grpc: String,
+    pub otlp_http: String,
+    pub http: String,
+    pub wal: String,
+}
+
 /// A `lumen` process whose stdout lines arrive on a channel (and are echoed to stderr).
 pub struct Lumen {
     pub child: Child,
@@ -61,13 +69,15 @@ impl Lumen {
     }
 
     /// Starts `lumen telemetry` on `data` with ephemeral loopback ports and `extra` flags;
-    /// returns it with its OTLP/gRPC address, its HTTP address and its WAL report line.
-    pub fn telemetry(data: &str, extra: &[&str]) -> (Lumen, String, String, String) {
+    /// returns it with its addresses and its WAL report line.
+    pub fn telemetry(data: &str, extra: &[&str]) -> (Lumen, Addrs) {
         let mut args = vec![
             "telemetry",
             "--data",
             data,
             "--otlp-grpc",
+            "127.0.0.1:0",
+            "--otlp-http",
             "127.0.0.1:0",
             "--http",
             "127.0.0.1:0",
@@ -75,6 +85,11 @@ impl Lumen {
         args.extend_from_slice(extra);
         let mut lumen = Lumen::spawn(&args);
         let wal = lumen.wait_for_line("wal: ", Duration::from_secs(60));
+        let otlp_http = lumen.wait_for_line("otlp-http: ", Duration::from_secs(60));
+        let otlp_http = otlp_http
+            .trim_start_matches("http://")
+            .trim_end_matches("/v1/")
+            .to_string();
         // "telemetry: OTLP gRPC <addr>, dashboard http://<addr>/"
         let line = lumen.wait_for_line("telemetry: OTLP gRPC ", Duration::from_secs(60));
         let (grpc, dashboard) = line.split_once(", dashboard ").expect("address line");
@@ -82,7 +97,13 @@ impl Lumen {
             .trim_start_matches("http://")
             .trim_end_matches('/')
             .to_string();
-        (lumen, grpc.to_string(), http, wal)
+        let addrs = Addrs {
+            grpc: grpc.to_string(),
+            otlp_http,
+            http,
+            wal,
+        };
+        (lumen, addrs)
     }
 
     /// Peak resident memory of the process so far (VmHWM), in bytes.

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 /// A running telemetry service; dropped data dir goes with it.
 pub struct Running {
     pub grpc: SocketAddr,
+    pub otlp_http: SocketAddr,
     pub http: SocketAddr,
     pub stop: CancellationToken,
     pub task: JoinHandle<Result<(), TelemetryError>>,
@@ -35,6 +36,7 @@ pub async fn start_telemetry_with(tune: impl FnOnce(&mut TelemetryOptions)) -> R
     let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let mut options = TelemetryOptions {
         otlp_grpc_addr: local,
+        otlp_http_addr: local,
         http_addr: local,
         ..TelemetryOptions::new(data.path().to_path_buf())
     };
@@ -43,6 +45,7 @@ pub async fn start_telemetry_with(tune: impl FnOnce(&mut TelemetryOptions)) -> R
     let stop = CancellationToken::new();
     Running {
         grpc: telemetry.otlp_grpc_addr().expect("grpc addr"),
+        otlp_http: telemetry.otlp_http_addr().expect("otlp http addr"),
         http: telemetry.http_addr().expect("http addr"),
         task: tokio::spawn(telemetry.run(axum::Router::new(), stop.clone())),
         stop,
@@ -140,4 +143,13 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `google.rpc.Status`, the body of an OTLP/HTTP refusal.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
 }
