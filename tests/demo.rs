@@ -1,6 +1,8 @@
 //! End to end: the demo mesh on its own pod subnet and ephemeral ports, checked through SQL,
 //! the dashboard and the sidecars' own endpoints.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -251,8 +253,8 @@ async fn demo_mesh_end_to_end() {
         "stop took {:?}",
         stopping.elapsed()
     );
-    let store = lumen_telemetry::Store::open(data.path()).expect("reopen");
-    let engine = lumen_telemetry::QueryEngine::new(std::sync::Arc::new(store));
+    let store = std::sync::Arc::new(lumen_telemetry::Store::open(data.path()).expect("reopen"));
+    let engine = lumen_telemetry::QueryEngine::new(store.clone());
     let after = engine
         .sql("SELECT count(*) AS n FROM spans")
         .await
@@ -261,6 +263,71 @@ async fn demo_mesh_end_to_end() {
     assert!(
         flushed >= seen_spans,
         "flushed {flushed} < seen {seen_spans}"
+    );
+
+    // DuckDB and pyarrow read the same files on their own and agree with Lumen's SQL.
+    assert_eq!(
+        store.spans.buffered_rows(),
+        0,
+        "a clean stop flushed everything"
+    );
+    let python = common::python_with(&["duckdb", "pyarrow"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/read_parquet.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .arg(data.path())
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "read_parquet.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let readers: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let one = |sql: &str| {
+        let engine = engine.clone();
+        let sql = sql.to_string();
+        async move {
+            let r = engine.sql(&sql).await.expect("query");
+            r.rows[0]["v"].clone()
+        }
+    };
+    let mut by_service = serde_json::Map::new();
+    for row in engine
+        .sql("SELECT service_name, count(*) AS n FROM spans GROUP BY 1 ORDER BY 1")
+        .await
+        .expect("query")
+        .rows
+    {
+        by_service.insert(
+            row["service_name"].as_str().expect("service").to_string(),
+            row["n"].clone(),
+        );
+    }
+    let lumen = json!({
+        "rows": one("SELECT count(*) AS v FROM spans").await,
+        "traces": one("SELECT count(DISTINCT trace_id) AS v FROM spans").await,
+        "errors": one("SELECT count(*) AS v FROM spans WHERE status_code = 'error'").await,
+        "by_service": by_service,
+        "duration_sum": one("SELECT sum(duration_ns) AS v FROM spans").await,
+        "events": one("SELECT coalesce(sum(cardinality(events)), 0) AS v FROM spans").await,
+        "route_attr": one("SELECT count(*) AS v FROM spans WHERE attributes['upstream_cluster'] IS NOT NULL").await,
+    });
+    for reader in ["duckdb", "pyarrow"] {
+        for (key, value) in lumen.as_object().expect("object") {
+            // pyarrow has no map lookup to count an attribute's presence with.
+            if reader == "pyarrow" && key == "route_attr" {
+                continue;
+            }
+            let theirs = readers[reader]
+                .get(key)
+                .unwrap_or_else(|| panic!("{reader} did not report {key}: {readers}"));
+            assert_eq!(theirs, value, "{reader} disagrees with Lumen on {key}");
+        }
+    }
+    assert_eq!(
+        readers["pyarrow"]["schema_versions"],
+        json!([lumen_telemetry::schema::SCHEMA_VERSION])
     );
     assert!(
         tokio::net::TcpStream::connect("127.0.77.1:15001")

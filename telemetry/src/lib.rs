@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod otlp_http;
 pub mod query;
 pub mod receiver;
+pub mod rollup;
 pub mod schema;
 pub mod selfmetrics;
 pub mod store;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use datafusion::arrow::array::{Array, Float64Array, Int64Array, StringArray};
+use datafusion::arrow::array::{Array, AsArray, Int64Array, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::error::ArrowError;
@@ -29,6 +29,7 @@ use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use crate::rollup;
 use crate::store::Store;
 use crate::table::SnapshotTable;
 
@@ -569,93 +570,104 @@ fn column<T: Array + Clone + 'static>(
 }
 
 impl MeshQuery for QueryEngine {
+    /// From the one-minute rollups (files plus the live rollup of the spans memtable): no
+    /// scan of raw spans, no self-join. Services from their server spans, edges from their
+    /// callers' client spans; percentiles from the merged latency histograms; rates per
+    /// second of data actually held in the window.
     async fn overview(&self, window: Duration) -> Result<MeshOverview, QueryError> {
+        let now = since_nanos(Duration::ZERO);
         let since = since_nanos(window);
-        // Server spans: what each service served.
-        let services_sql = format!(
-            "SELECT service_name AS service, count(*) AS requests, \
-                    sum(CASE WHEN status_code = 'error' THEN 1 ELSE 0 END) AS errors, \
-                    approx_percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ns) AS p50, \
-                    approx_percentile_cont(0.99) WITHIN GROUP (ORDER BY duration_ns) AS p99, \
-                    CAST(min(start_time) AS BIGINT) AS first_ns \
-             FROM spans WHERE span_kind = 'server' AND start_time >= to_timestamp_nanos({since}) \
-             GROUP BY service_name ORDER BY service_name"
+        let since_minute = since.div_euclid(60_000_000_000) * 60_000_000_000;
+        let sql = format!(
+            "SELECT kind, coalesce(source, '') AS source, service, requests, errors, \
+                    latency_buckets, first_ns, last_ns \
+             FROM rollups WHERE minute >= to_timestamp_nanos({since_minute}) AND last_ns >= {since}"
         );
-        // Edges: a server span whose parent is a client span of another service.
-        let edges_sql = format!(
-            "SELECT c.service_name AS source, s.service_name AS destination, count(*) AS requests, \
-                    sum(CASE WHEN s.status_code = 'error' THEN 1 ELSE 0 END) AS errors, \
-                    approx_percentile_cont(0.99) WITHIN GROUP (ORDER BY s.duration_ns) AS p99 \
-             FROM spans s JOIN spans c ON s.trace_id = c.trace_id AND s.parent_span_id = c.span_id \
-             WHERE s.span_kind = 'server' AND c.span_kind = 'client' \
-               AND s.start_time >= to_timestamp_nanos({since}) \
-               AND c.start_time >= to_timestamp_nanos({since}) - INTERVAL '60 seconds' \
-             GROUP BY c.service_name, s.service_name ORDER BY source, destination"
-        );
-        let mut overview = MeshOverview {
-            window_s: window.as_secs(),
-            ..Default::default()
-        };
+        #[derive(Default)]
+        struct Acc {
+            requests: i64,
+            errors: i64,
+            buckets: Vec<i64>,
+        }
+        let mut services: std::collections::BTreeMap<String, Acc> = Default::default();
+        let mut edges: std::collections::BTreeMap<(String, String), Acc> = Default::default();
         let mut first_ns = i64::MAX;
-        for batch in self.batches(&services_sql).await? {
+        for batch in self.batches(&sql).await? {
+            let kind: StringArray = column(&batch, "kind", &DataType::Utf8)?;
+            let source: StringArray = column(&batch, "source", &DataType::Utf8)?;
             let service: StringArray = column(&batch, "service", &DataType::Utf8)?;
             let requests: Int64Array = column(&batch, "requests", &DataType::Int64)?;
             let errors: Int64Array = column(&batch, "errors", &DataType::Int64)?;
-            let p50: Float64Array = column(&batch, "p50", &DataType::Float64)?;
-            let p99: Float64Array = column(&batch, "p99", &DataType::Float64)?;
             let first: Int64Array = column(&batch, "first_ns", &DataType::Int64)?;
+            let buckets = batch
+                .column_by_name("latency_buckets")
+                .and_then(|c| c.as_list_opt::<i32>())
+                .ok_or_else(|| QueryError::Internal("latency_buckets missing".into()))?;
             for i in 0..batch.num_rows() {
-                let (n, e) = (requests.value(i), errors.value(i));
+                let acc = if kind.value(i) == "edge" {
+                    edges
+                        .entry((source.value(i).to_string(), service.value(i).to_string()))
+                        .or_default()
+                } else {
+                    services.entry(service.value(i).to_string()).or_default()
+                };
+                acc.requests += requests.value(i);
+                acc.errors += errors.value(i);
+                let row = buckets.value(i);
+                let counts = row
+                    .as_primitive_opt::<datafusion::arrow::datatypes::Int64Type>()
+                    .ok_or_else(|| QueryError::Internal("latency_buckets type".into()))?;
+                if acc.buckets.len() < counts.len() {
+                    acc.buckets.resize(counts.len(), 0);
+                }
+                for (b, c) in acc.buckets.iter_mut().zip(counts.values().iter()) {
+                    *b += c;
+                }
                 first_ns = first_ns.min(first.value(i));
-                overview.services.push(ServiceStats {
-                    service: service.value(i).to_string(),
-                    requests: n,
-                    errors: e,
-                    rate_per_s: n as f64,
-                    success_rate: if n == 0 {
-                        1.0
-                    } else {
-                        (n - e) as f64 / n as f64
-                    },
-                    p50_ms: p50.value(i) / 1e6,
-                    p99_ms: p99.value(i) / 1e6,
-                });
-            }
-        }
-        for batch in self.batches(&edges_sql).await? {
-            let source: StringArray = column(&batch, "source", &DataType::Utf8)?;
-            let destination: StringArray = column(&batch, "destination", &DataType::Utf8)?;
-            let requests: Int64Array = column(&batch, "requests", &DataType::Int64)?;
-            let errors: Int64Array = column(&batch, "errors", &DataType::Int64)?;
-            let p99: Float64Array = column(&batch, "p99", &DataType::Float64)?;
-            for i in 0..batch.num_rows() {
-                let (n, e) = (requests.value(i), errors.value(i));
-                overview.edges.push(EdgeStats {
-                    source: source.value(i).to_string(),
-                    destination: destination.value(i).to_string(),
-                    requests: n,
-                    errors: e,
-                    rate_per_s: n as f64,
-                    error_rate: if n == 0 { 0.0 } else { e as f64 / n as f64 },
-                    p99_ms: p99.value(i) / 1e6,
-                });
             }
         }
         // Rates are per second of data actually held: a store that started 12 s ago divides
         // by 12, not by the whole window.
-        let now = since_nanos(Duration::ZERO);
         let held_s = if first_ns == i64::MAX {
             window.as_secs_f64()
         } else {
-            (now - first_ns) as f64 / 1e9
+            (now - first_ns.max(since)) as f64 / 1e9
         };
         let secs = held_s.clamp(1.0, window.as_secs_f64().max(1.0));
-        for s in &mut overview.services {
-            s.rate_per_s /= secs;
-        }
-        for e in &mut overview.edges {
-            e.rate_per_s /= secs;
-        }
-        Ok(overview)
+        Ok(MeshOverview {
+            window_s: window.as_secs(),
+            services: services
+                .into_iter()
+                .map(|(service, a)| ServiceStats {
+                    service,
+                    requests: a.requests,
+                    errors: a.errors,
+                    rate_per_s: a.requests as f64 / secs,
+                    success_rate: if a.requests == 0 {
+                        1.0
+                    } else {
+                        (a.requests - a.errors) as f64 / a.requests as f64
+                    },
+                    p50_ms: rollup::quantile_ms(&a.buckets, 0.5),
+                    p99_ms: rollup::quantile_ms(&a.buckets, 0.99),
+                })
+                .collect(),
+            edges: edges
+                .into_iter()
+                .map(|((source, destination), a)| EdgeStats {
+                    source,
+                    destination,
+                    requests: a.requests,
+                    errors: a.errors,
+                    rate_per_s: a.requests as f64 / secs,
+                    error_rate: if a.requests == 0 {
+                        0.0
+                    } else {
+                        a.errors as f64 / a.requests as f64
+                    },
+                    p99_ms: rollup::quantile_ms(&a.buckets, 0.99),
+                })
+                .collect(),
+        })
     }
 }

@@ -40,6 +40,23 @@ pub struct Addrs {
     pub wal: String,
 }
 
+/// The test peers' Python (as [`python_with_otel_sdk`]) if it can import every one of
+/// `modules`; panics with what to do otherwise.
+pub fn python_with(modules: &[&str]) -> PathBuf {
+    let path = python_with_otel_sdk();
+    let import = format!("import {}", modules.join(", "));
+    let ok = Command::new(&path)
+        .args(["-c", &import])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "peer missing: {} cannot `{import}`; run scripts/test-all (it installs them)",
+        path.display()
+    );
+    path
+}
+
 /// A `lumen` process whose stdout lines arrive on a channel (and are echoed to stderr).
 pub struct Lumen {
     pub child: Child,

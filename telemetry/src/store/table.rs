@@ -6,8 +6,8 @@
 //! so a query that took its snapshot before the swap can still read them.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, AsArray};
@@ -23,7 +23,7 @@ use datafusion::parquet::file::properties::WriterProperties;
 use super::{StoreError, StoreOptions};
 use crate::budget::Reservation;
 use crate::manifest::{self, DataFile, SCHEMA_VERSION_KEY, WAL_LSN_KEY};
-use crate::schema;
+use crate::{rollup, schema};
 
 /// One table: schema, directory, memtable and files.
 #[derive(Debug)]
@@ -42,6 +42,23 @@ pub struct Table {
     /// Files out of the manifest, deleted once their grace period is over.
     obsolete: Mutex<Vec<(PathBuf, Instant)>>,
     pub stats: TableStats,
+    /// Shared by the tables of a store: a flush that moves rows between two tables' views
+    /// (spans to their rollups) swaps both under the write side; a snapshot that reads two
+    /// tables (rollups and the spans memtable) takes the read side.
+    view: Arc<RwLock<()>>,
+    /// The table this one's flushes derive rows into (spans: rollups).
+    derived: OnceLock<Arc<Table>>,
+    /// The table whose memtable this one's snapshots derive live rows from (rollups: spans).
+    live_source: OnceLock<Weak<Table>>,
+}
+
+/// What a table is: its name (and directory), WAL id, schema and time column.
+#[derive(Debug, Clone)]
+pub struct TableSpec {
+    pub name: &'static str,
+    pub id: u8,
+    pub schema: SchemaRef,
+    pub time_column: &'static str,
 }
 
 /// Counters of a table's maintenance, for the service's own metrics.
@@ -100,13 +117,17 @@ impl Table {
     /// footers, quarantining those that cannot be read.
     pub(super) fn open(
         root: &Path,
-        name: &'static str,
-        id: u8,
-        schema: SchemaRef,
-        time_column: &'static str,
+        spec: TableSpec,
         options: StoreOptions,
+        view: Arc<RwLock<()>>,
         quarantined: &mut Vec<(PathBuf, String)>,
     ) -> Result<Table, StoreError> {
+        let TableSpec {
+            name,
+            id,
+            schema,
+            time_column,
+        } = spec;
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         for entry in std::fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
@@ -190,7 +211,40 @@ impl Table {
             options,
             obsolete: Mutex::new(Vec::new()),
             stats: TableStats::default(),
+            view,
+            derived: OnceLock::new(),
+            live_source: OnceLock::new(),
         })
+    }
+
+    /// Makes `rollups` the rollup table of `spans`: each spans flush writes the rollup of
+    /// what it flushed there, and rollup snapshots add the rollup of the spans memtable.
+    pub(super) fn link_rollups(spans: &Arc<Table>, rollups: &Arc<Table>) {
+        let _ = spans.derived.set(rollups.clone());
+        let _ = rollups.live_source.set(Arc::downgrade(spans));
+    }
+
+    /// Drops the files holding rows derived from WAL records above `lsn`: the source rows
+    /// were not durably flushed, will be replayed and derived again. Returns how many.
+    pub(super) fn drop_above(&self, lsn: u64) -> Result<usize, StoreError> {
+        let files = self.files();
+        let (keep, drop): (Vec<DataFile>, Vec<DataFile>) =
+            files.into_iter().partition(|f| f.max_lsn <= lsn);
+        if drop.is_empty() {
+            return Ok(0);
+        }
+        manifest::write(&self.dir, self.name, &keep).map_err(io(&self.dir))?;
+        for f in &drop {
+            let path = self.dir.join(&f.name);
+            if let Err(e) = std::fs::remove_file(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                return Err(io(&path)(e));
+            }
+            tracing::warn!(table = self.name, file = %f.name, "derived rows of an unfinished flush dropped, they are derived again from the WAL");
+        }
+        self.state().files = keep;
+        Ok(drop.len())
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, TableState> {
@@ -229,11 +283,29 @@ impl Table {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let state = self.state();
+        let (files, mut batches, source_mem) = {
+            let _view = self.view.read().unwrap_or_else(|p| p.into_inner());
+            let state = self.state();
+            let source_mem: Vec<RecordBatch> = self
+                .live_source
+                .get()
+                .and_then(Weak::upgrade)
+                .map(|source| source.state().mem.iter().map(|b| b.batch.clone()).collect())
+                .unwrap_or_default();
+            let mem: Vec<RecordBatch> = state.mem.iter().map(|b| b.batch.clone()).collect();
+            (state.files.clone(), mem, source_mem)
+        };
+        if !source_mem.is_empty() {
+            match rollup::rollup(&source_mem) {
+                Ok(Some(live)) => batches.push(live),
+                Ok(None) => {}
+                Err(e) => tracing::error!(table = self.name, error = %e, "rolling up the memtable"),
+            }
+        }
         Snapshot {
             dir: self.dir.clone(),
-            files: state.files.clone(),
-            batches: state.mem.iter().map(|b| b.batch.clone()).collect(),
+            files,
+            batches,
         }
     }
 
@@ -257,7 +329,86 @@ impl Table {
         let path = self.dir.join(&name);
         let (schema, time_column) = (self.schema.clone(), self.time_column);
         let n = batches.len();
+        let derive = self.derived.get().is_some();
         let written = blocking(&path, move |path| {
+            let (min, max) = time_range(&batches, time_column);
+            let bytes = write_parquet(path, &schema, batches.iter().cloned().map(Ok), last_lsn)?;
+            let derived = if derive {
+                rollup::rollup(&batches).map_err(|source| StoreError::Arrow {
+                    table: "rollups".into(),
+                    source,
+                })?
+            } else {
+                None
+            };
+            let file = DataFile {
+                name,
+                rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+                bytes,
+                min_time_ns: min,
+                max_time_ns: max,
+                max_lsn: last_lsn,
+                created_ns: crate::now_ns(),
+                schema_version: schema::SCHEMA_VERSION.to_string(),
+                level: 0,
+            };
+            Ok((file, derived))
+        })
+        .await;
+        let (file, derived) = match written {
+            Ok(written) => written,
+            Err(e) => {
+                self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
+        // The derived rows' file and manifest go first: a crash before this table's manifest
+        // leaves them above its flushed LSN, and Store::open drops them.
+        let target = self.derived.get().filter(|_| derived.is_some());
+        let _target_maintenance = match target {
+            Some(t) => Some(t.maintenance.lock().await),
+            None => None,
+        };
+        let mut target_files = None;
+        if let (Some(target), Some(batch)) = (target, derived) {
+            let added = target.write_file(vec![batch], first_lsn, last_lsn).await?;
+            let mut list = target.files();
+            list.push(added);
+            target.replace_manifest(&list).await?;
+            target_files = Some(list);
+        }
+        let mut files = self.files();
+        files.push(file.clone());
+        self.replace_manifest(&files).await?;
+        {
+            let _view = self.view.write().unwrap_or_else(|p| p.into_inner());
+            if let (Some(target), Some(list)) = (target, target_files) {
+                target.state().files = list;
+            }
+            let mut state = self.state();
+            state.mem.drain(..n);
+            state.files = files;
+            state.flushed_lsn = state.flushed_lsn.max(last_lsn);
+        }
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .flush_micros
+            .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
+        tracing::debug!(table = self.name, rows = file.rows, file = %file.name, "flushed memtable");
+        Ok(Some(file))
+    }
+
+    /// Writes `batches` as a new level-0 file of this table (not yet in its manifest).
+    async fn write_file(
+        &self,
+        batches: Vec<RecordBatch>,
+        first_lsn: u64,
+        last_lsn: u64,
+    ) -> Result<DataFile, StoreError> {
+        let name = format!("{first_lsn:020}-{last_lsn:020}.parquet");
+        let path = self.dir.join(&name);
+        let (schema, time_column) = (self.schema.clone(), self.time_column);
+        blocking(&path, move |path| {
             let (min, max) = time_range(&batches, time_column);
             let bytes = write_parquet(path, &schema, batches.iter().cloned().map(Ok), last_lsn)?;
             Ok(DataFile {
@@ -272,29 +423,7 @@ impl Table {
                 level: 0,
             })
         })
-        .await;
-        let file = match written {
-            Ok(file) => file,
-            Err(e) => {
-                self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
-                return Err(e);
-            }
-        };
-        let mut files = self.files();
-        files.push(file.clone());
-        self.replace_manifest(&files).await?;
-        {
-            let mut state = self.state();
-            state.mem.drain(..n);
-            state.files = files;
-            state.flushed_lsn = state.flushed_lsn.max(last_lsn);
-        }
-        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .flush_micros
-            .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
-        tracing::debug!(table = self.name, rows = file.rows, file = %file.name, "flushed memtable");
-        Ok(Some(file))
+        .await
     }
 
     /// Merges the oldest files of the lowest level that has `compact_min_files` of them (at
