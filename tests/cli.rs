@@ -63,17 +63,7 @@ fn demo_binary_starts_serves_and_stops_on_ctrl_c() {
 /// Runs SQL against a `lumen telemetry` HTTP address; returns the rows.
 fn sql_rows(http: &str, query: &str) -> Vec<Value> {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let body: Value = rt.block_on(async {
-        let resp = reqwest::Client::new()
-            .post(format!("http://{http}/api/v1/sql"))
-            .json(&json!({ "sql": query }))
-            .send()
-            .await
-            .expect("sql");
-        assert_eq!(resp.status(), 200, "{query}");
-        resp.json().await.expect("json")
-    });
-    body["rows"].as_array().expect("rows").clone()
+    rt.block_on(common::sql_rows(http, query))
 }
 
 #[test]

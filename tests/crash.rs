@@ -17,7 +17,6 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use rand::Rng;
-use serde_json::{Value, json};
 
 const ROUNDS: u8 = 20;
 const SENDERS: u8 = 4;
@@ -147,19 +146,8 @@ async fn stream_until_killed(grpc: &str, round: u8, limit: Duration) -> Vec<Stri
 }
 
 async fn stored_span_ids(http: &str) -> Vec<String> {
-    let resp = reqwest::Client::new()
-        .post(format!("http://{http}/api/v1/sql"))
-        .json(&json!({ "sql": "SELECT span_id FROM spans" }))
-        .send()
+    common::sql_rows(http, "SELECT span_id FROM spans")
         .await
-        .expect("sql");
-    let status = resp.status();
-    let body: Value = resp.json().await.expect("json");
-    assert!(status.is_success(), "{status} {body}");
-    assert_eq!(body["truncated"], false, "raise --query-max-rows");
-    body["rows"]
-        .as_array()
-        .expect("rows")
         .iter()
         .map(|r| r["span_id"].as_str().expect("span_id").to_string())
         .collect()

@@ -17,7 +17,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::Trac
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
-use serde_json::{Value, json};
 use tonic::Code;
 
 /// The resident memory the default limits keep the whole service under.
@@ -143,27 +142,19 @@ async fn connect(grpc: &str) -> TraceServiceClient<tonic::transport::Channel> {
 }
 
 async fn stored_traces(http: &str) -> HashMap<String, i64> {
-    let resp = reqwest::Client::new()
-        .post(format!("http://{http}/api/v1/sql"))
-        .json(&json!({ "sql": "SELECT trace_id, count(*) AS n FROM spans GROUP BY trace_id" }))
-        .send()
-        .await
-        .expect("sql");
-    let status = resp.status();
-    let body: Value = resp.json().await.expect("json");
-    assert!(status.is_success(), "{status} {body}");
-    assert_eq!(body["truncated"], false);
-    body["rows"]
-        .as_array()
-        .expect("rows")
-        .iter()
-        .map(|r| {
-            (
-                r["trace_id"].as_str().expect("trace_id").to_string(),
-                r["n"].as_i64().expect("n"),
-            )
-        })
-        .collect()
+    common::sql_rows(
+        http,
+        "SELECT trace_id, count(*) AS n FROM spans GROUP BY trace_id",
+    )
+    .await
+    .iter()
+    .map(|r| {
+        (
+            r["trace_id"].as_str().expect("trace_id").to_string(),
+            r["n"].as_i64().expect("n"),
+        )
+    })
+    .collect()
 }
 
 #[test]

@@ -668,20 +668,25 @@ pub fn logs_to_batch(req: &ExportLogsServiceRequest) -> Result<RecordBatch, Arro
 
 /// Data points in a metrics export request.
 pub fn point_count(req: &ExportMetricsServiceRequest) -> usize {
-    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
     req.resource_metrics
         .iter()
         .flat_map(|rm| &rm.scope_metrics)
         .flat_map(|sm| &sm.metrics)
-        .map(|m| match &m.data {
-            Some(Data::Gauge(g)) => g.data_points.len(),
-            Some(Data::Sum(s)) => s.data_points.len(),
-            Some(Data::Histogram(h)) => h.data_points.len(),
-            Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
-            Some(Data::Summary(s)) => s.data_points.len(),
-            None => 0,
-        })
+        .map(metric_points)
         .sum()
+}
+
+/// Data points of one metric, whatever its kind.
+pub fn metric_points(m: &opentelemetry_proto::tonic::metrics::v1::Metric) -> usize {
+    use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+    match &m.data {
+        Some(Data::Gauge(g)) => g.data_points.len(),
+        Some(Data::Sum(s)) => s.data_points.len(),
+        Some(Data::Histogram(h)) => h.data_points.len(),
+        Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
+        Some(Data::Summary(s)) => s.data_points.len(),
+        None => 0,
+    }
 }
 
 fn temporality_name(t: i32) -> Option<&'static str> {

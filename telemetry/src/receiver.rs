@@ -214,21 +214,13 @@ impl Signal for Metrics {
     }
 
     fn estimate(request: &ExportMetricsServiceRequest) -> usize {
-        use opentelemetry_proto::tonic::metrics::v1::metric::Data;
         let mut total = 0usize;
         for rm in &request.resource_metrics {
             let resource = rm.resource.as_ref().map_or(0, Message::encoded_len);
             for sm in &rm.scope_metrics {
                 let scope = sm.scope.as_ref().map_or(0, Message::encoded_len);
                 for m in &sm.metrics {
-                    let points = match &m.data {
-                        Some(Data::Gauge(g)) => g.data_points.len(),
-                        Some(Data::Sum(s)) => s.data_points.len(),
-                        Some(Data::Histogram(h)) => h.data_points.len(),
-                        Some(Data::ExponentialHistogram(h)) => h.data_points.len(),
-                        Some(Data::Summary(s)) => s.data_points.len(),
-                        None => 0,
-                    };
+                    let points = convert::metric_points(m);
                     let per_point = resource + scope + m.name.len() + m.unit.len() + ROW_OVERHEAD;
                     total = total
                         .saturating_add(points.saturating_mul(per_point))

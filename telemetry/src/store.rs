@@ -406,7 +406,16 @@ mod tests {
     }
 
     async fn ingest(store: &Store, n: u8, seed: u8) -> u64 {
-        let req = request(n, seed);
+        ingest_with(store, n, seed, |_| {}).await
+    }
+
+    /// Ingests `n` spans of trace `seed`, each changed by `edit` first; returns the LSN.
+    async fn ingest_with(store: &Store, n: u8, seed: u8, edit: impl Fn(&mut Span)) -> u64 {
+        let mut req = request(n, seed);
+        req.resource_spans[0].scope_spans[0]
+            .spans
+            .iter_mut()
+            .for_each(edit);
         let batch = spans_to_batch(&req).expect("converts");
         let reservation = store
             .budget()
@@ -569,17 +578,11 @@ mod tests {
 
     /// Spans of one export, all starting at `start_s` seconds.
     async fn ingest_at(store: &Store, n: u8, seed: u8, start_s: u64) {
-        let mut req = request(n, seed);
-        for s in &mut req.resource_spans[0].scope_spans[0].spans {
+        ingest_with(store, n, seed, |s| {
             s.start_time_unix_nano = start_s * 1_000_000_000;
             s.end_time_unix_nano = start_s * 1_000_000_000 + 1;
-        }
-        let batch = spans_to_batch(&req).expect("converts");
-        let reservation = store.budget().force_reserve(0);
-        store
-            .ingest(0, Bytes::from(req.encode_to_vec()), batch, reservation)
-            .await
-            .expect("ingest");
+        })
+        .await;
     }
 
     async fn explain(engine: &QueryEngine, sql: &str) -> String {
@@ -763,16 +766,7 @@ mod tests {
 
     /// An export of `n` server spans of service "svc".
     async fn ingest_server_spans(store: &Store, n: u8, seed: u8) {
-        let mut req = request(n, seed);
-        for s in &mut req.resource_spans[0].scope_spans[0].spans {
-            s.kind = 2;
-        }
-        let batch = spans_to_batch(&req).expect("converts");
-        let reservation = store.budget().force_reserve(0);
-        store
-            .ingest(0, Bytes::from(req.encode_to_vec()), batch, reservation)
-            .await
-            .expect("ingest");
+        ingest_with(store, n, seed, |s| s.kind = 2).await;
     }
 
     #[tokio::test]

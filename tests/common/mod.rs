@@ -177,3 +177,19 @@ impl Drop for Lumen {
         let _ = self.child.wait();
     }
 }
+
+/// Rows of a query to a `lumen telemetry` HTTP address (`host:port`); the query must
+/// succeed and its result must be whole (not cut at the row cap).
+pub async fn sql_rows(http: &str, query: &str) -> Vec<serde_json::Value> {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{http}/api/v1/sql"))
+        .json(&serde_json::json!({ "sql": query }))
+        .send()
+        .await
+        .expect("sql request");
+    let status = resp.status();
+    let body: serde_json::Value = resp.json().await.expect("sql json");
+    assert!(status.is_success(), "{query}: {status} {body}");
+    assert_eq!(body["truncated"], false, "{query}: raise --query-max-rows");
+    body["rows"].as_array().expect("rows").clone()
+}

@@ -325,42 +325,26 @@ impl Table {
             (batches, first.lsn, last.lsn)
         };
         let started = Instant::now();
-        let name = format!("{first_lsn:020}-{last_lsn:020}.parquet");
-        let path = self.dir.join(&name);
-        let (schema, time_column) = (self.schema.clone(), self.time_column);
         let n = batches.len();
-        let derive = self.derived.get().is_some();
-        let written = blocking(&path, move |path| {
-            let (min, max) = time_range(&batches, time_column);
-            let bytes = write_parquet(path, &schema, batches.iter().cloned().map(Ok), last_lsn)?;
-            let derived = if derive {
-                rollup::rollup(&batches).map_err(|source| StoreError::Arrow {
-                    table: "rollups".into(),
-                    source,
-                })?
-            } else {
-                None
-            };
-            let file = DataFile {
-                name,
-                rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
-                bytes,
-                min_time_ns: min,
-                max_time_ns: max,
-                max_lsn: last_lsn,
-                created_ns: crate::now_ns(),
-                schema_version: schema::SCHEMA_VERSION.to_string(),
-                level: 0,
-            };
-            Ok((file, derived))
-        })
-        .await;
-        let (file, derived) = match written {
-            Ok(written) => written,
+        let derived = self.derived.get().is_some().then(|| batches.clone());
+        let file = match self.write_file(batches, first_lsn, last_lsn).await {
+            Ok(file) => file,
             Err(e) => {
                 self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
                 return Err(e);
             }
+        };
+        let derived = match derived {
+            Some(batches) => {
+                blocking(&self.dir, move |_| {
+                    rollup::rollup(&batches).map_err(|source| StoreError::Arrow {
+                        table: "rollups".into(),
+                        source,
+                    })
+                })
+                .await?
+            }
+            None => None,
         };
         // The derived rows' file and manifest go first: a crash before this table's manifest
         // leaves them above its flushed LSN, and Store::open drops them.
