@@ -37,7 +37,8 @@ use rand::{Rng, SeedableRng};
 const SPANS_PER_BATCH: usize = 1000;
 const SPANS_PER_TRACE: usize = 5;
 const DAY_NS: u64 = 24 * 3600 * 1_000_000_000;
-const T0_NS: u64 = 1_760_000_000_000_000_000;
+/// 2025-10-09T00:00:00Z: the corpus spans that day.
+const T0_NS: u64 = 1_759_968_000_000_000_000;
 
 fn main() {
     let total: usize = std::env::var("LUMEN_BENCH_SPANS")
@@ -103,7 +104,6 @@ fn main() {
     let zstd_bps = zstd_bytes as f64 / zstd_spans as f64;
 
     let trace = corpus.middle_trace_hex();
-    let hour_start = T0_NS + DAY_NS / 2;
     let queries = [
         (
             "trace by id",
@@ -111,13 +111,11 @@ fn main() {
         ),
         (
             "slow spans of one service in one hour",
-            format!(
-                "SELECT trace_id, span_name, duration_ns FROM spans \
-                 WHERE service_name = 'ratings' AND duration_ns > 100000000 \
-                 AND start_time >= to_timestamp_nanos({hour_start}) \
-                 AND start_time < to_timestamp_nanos({})",
-                hour_start + 3_600_000_000_000
-            ),
+            // Noon to one o'clock of the corpus' day, in SQL both engines read the same way.
+            "SELECT trace_id, span_name, duration_ns FROM spans \
+             WHERE service_name = 'ratings' AND duration_ns > 100000000 \
+             AND start_time >= '2025-10-09T12:00:00Z' AND start_time < '2025-10-09T13:00:00Z'"
+                .to_string(),
         ),
     ];
     let engine = QueryEngine::new(store.clone());
@@ -351,9 +349,19 @@ fn duckdb(spans: &Path, runs: usize, statements: &[String]) -> Vec<(f64, f64, us
         .arg(runs.to_string())
         .args(statements)
         .output();
-    let Some(out) = out.ok().filter(|o| o.status.success()) else {
-        eprintln!("DuckDB baseline did not run: install duckdb (scripts/bench-telemetry does)");
-        return Vec::new();
+    let out = match out {
+        Ok(out) if out.status.success() => out,
+        Ok(out) => {
+            eprintln!(
+                "DuckDB baseline failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return Vec::new();
+        }
+        Err(e) => {
+            eprintln!("DuckDB baseline did not run ({e}): scripts/bench-telemetry installs it");
+            return Vec::new();
+        }
     };
     String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -2,7 +2,8 @@
 //! is SIGKILLed at random moments, 20 times, restarted on the same data directory each time;
 //! every span whose export was acknowledged must then be queryable exactly once. Then the
 //! same after the WAL's tail is torn (a half-written record) or corrupt (a bad checksum):
-//! the service starts, reports and cuts the tail, and loses nothing acknowledged.
+//! the service starts, reports and cuts the tail, and loses nothing acknowledged. And a
+//! final flush that fails makes SIGTERM exit non-zero with the rows kept in the WAL.
 
 mod common;
 
@@ -266,5 +267,49 @@ fn acknowledged_spans_survive_sigkill_and_damaged_wal_tails() {
         "corrupt tail not reported: {wal}"
     );
     check_exactly_once(&acked, &rt.block_on(stored_span_ids(&http)), "corrupt tail");
+    drop(lumen);
+}
+
+#[test]
+fn a_failed_final_flush_exits_non_zero_and_keeps_the_rows_in_the_wal() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let data_dir = data.path().to_string_lossy().to_string();
+    let (mut lumen, addrs) = Lumen::telemetry(
+        &data_dir,
+        &["--flush-interval", "3600", "--query-max-rows", "1000000"],
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let acked: HashSet<String> = rt
+        .block_on(async {
+            let mut client = TraceServiceClient::connect(format!("http://{}", addrs.grpc))
+                .await
+                .expect("connect");
+            let mut ids = Vec::new();
+            for n in 0..20 {
+                let (request, span_ids) = export(99, 1, n);
+                client.export(request).await.expect("export");
+                ids.extend(span_ids);
+            }
+            ids
+        })
+        .into_iter()
+        .collect();
+    // The spans directory becomes a file: the final flush cannot write there.
+    let spans = data.path().join("spans");
+    let aside = data.path().join("spans.aside");
+    std::fs::rename(&spans, &aside).expect("move spans aside");
+    std::fs::write(&spans, b"not a directory").expect("file in its place");
+    let code = lumen.signal("-TERM", Duration::from_secs(30));
+    assert!(!code.success(), "a failed final flush exited {code}");
+
+    std::fs::remove_file(&spans).expect("remove");
+    std::fs::rename(&aside, &spans).expect("move back");
+    let (lumen, addrs) = Lumen::telemetry(&data_dir, &["--query-max-rows", "1000000"]);
+    assert!(addrs.wal.contains("replayed 20 records"), "{}", addrs.wal);
+    check_exactly_once(
+        &acked,
+        &rt.block_on(stored_span_ids(&addrs.http)),
+        "after a failed final flush",
+    );
     drop(lumen);
 }

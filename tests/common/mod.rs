@@ -149,22 +149,29 @@ impl Lumen {
         panic!("no line starting with {prefix:?} within {limit:?}");
     }
 
-    /// Sends SIGINT (Ctrl-C) and waits (bounded) for the exit; returns how long it took.
+    /// Sends SIGINT (Ctrl-C) and waits (bounded) for a clean exit; returns how long it took.
     pub fn interrupt(&mut self, limit: Duration) -> Duration {
         let started = Instant::now();
+        let code = self.signal("-INT", limit);
+        assert!(code.success(), "exit status {code}");
+        started.elapsed()
+    }
+
+    /// Sends `signal` (as `kill` spells it) and waits (bounded) for the exit status.
+    pub fn signal(&mut self, signal: &str, limit: Duration) -> std::process::ExitStatus {
+        let started = Instant::now();
         let status = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
+            .args([signal, &self.child.id().to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
         loop {
             if let Some(code) = self.child.try_wait().expect("wait") {
-                assert!(code.success(), "exit status {code}");
-                return started.elapsed();
+                return code;
             }
             if started.elapsed() > limit {
                 let _ = self.child.kill();
-                panic!("lumen still running {limit:?} after SIGINT");
+                panic!("lumen still running {limit:?} after {signal}");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
