@@ -518,7 +518,12 @@ fn cut(batches: Vec<RecordBatch>, cap: usize) -> (Vec<RecordBatch>, bool) {
 
 /// The session every query clones: the store's tables, no spill files, one memory pool.
 fn context(store: &Arc<Store>, limits: &QueryLimits) -> SessionContext {
-    let config = SessionConfig::new().with_information_schema(true);
+    let mut config = SessionConfig::new().with_information_schema(true);
+    // Late materialization: a selective filter (a trace id) is evaluated while decoding, so
+    // the other columns of the rows it rejects (maps, events, links) are never decoded.
+    let parquet = &mut config.options_mut().execution.parquet;
+    parquet.pushdown_filters = true;
+    parquet.reorder_filters = true;
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_pool(Arc::new(TrackConsumersPool::new(
             GreedyMemoryPool::new(limits.memory_bytes),
