@@ -826,4 +826,55 @@ mod tests {
         let store = Arc::new(Store::open(dir.path()).expect("reopen"));
         assert_eq!(rolled_up_requests(store).await, 7, "and after a restart");
     }
+
+    #[tokio::test]
+    async fn a_trace_id_lookup_skips_row_groups_by_bloom_filter() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path()).expect("open"));
+        // Trace ids 01… and 03… in one file: its min/max range covers 02…, only its bloom
+        // filter can tell 02… is not there. 02… in the next file, 05… in a third.
+        for seeds in [&[1u8, 3][..], &[2], &[5]] {
+            for seed in seeds {
+                ingest(&store, 4, *seed).await;
+            }
+            store.flush().await.expect("flush");
+        }
+        let engine = QueryEngine::new(store.clone());
+        let wanted = "02".repeat(16);
+        let r = engine
+            .sql(&format!(
+                "EXPLAIN ANALYZE SELECT span_id FROM spans WHERE trace_id = '{wanted}'"
+            ))
+            .await
+            .expect("explain analyze");
+        let plan: String = r
+            .rows
+            .iter()
+            .map(|row| row["plan"].as_str().unwrap_or_default().to_string())
+            .collect();
+        let metric = |name: &str| {
+            plan.split(&format!("{name}="))
+                .nth(1)
+                .and_then(|rest| rest.split(',').next())
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(
+            metric("row_groups_pruned_statistics"),
+            "3 total \u{2192} 2 matched",
+            "{plan}"
+        );
+        assert_eq!(
+            metric("row_groups_pruned_bloom_filter"),
+            "2 total \u{2192} 1 matched",
+            "{plan}"
+        );
+        let r = engine
+            .sql(&format!(
+                "SELECT count(*) AS n FROM spans WHERE trace_id = '{wanted}'"
+            ))
+            .await
+            .expect("query");
+        assert_eq!(r.rows[0]["n"], 4);
+    }
 }
