@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use datafusion::arrow::array::{Array, AsArray, Int64Array, StringArray};
 use datafusion::arrow::compute::cast;
@@ -551,11 +551,9 @@ fn context(store: &Arc<Store>, limits: &QueryLimits) -> SessionContext {
     ctx
 }
 
+/// Nanoseconds since the epoch, `window` ago.
 fn since_nanos(window: Duration) -> i64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(now.saturating_sub(window).as_nanos()).unwrap_or(i64::MAX)
+    crate::now_ns().saturating_sub(i64::try_from(window.as_nanos()).unwrap_or(i64::MAX))
 }
 
 /// Column `name` of `batch` as strings / i64 / f64 (cast as needed).
@@ -580,7 +578,7 @@ impl MeshQuery for QueryEngine {
     /// callers' client spans; percentiles from the merged latency histograms; rates per
     /// second of data actually held in the window.
     async fn overview(&self, window: Duration) -> Result<MeshOverview, QueryError> {
-        let now = since_nanos(Duration::ZERO);
+        let now = crate::now_ns();
         let since = since_nanos(window);
         let since_minute = since.div_euclid(60_000_000_000) * 60_000_000_000;
         let sql = format!(

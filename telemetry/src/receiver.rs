@@ -60,12 +60,25 @@ pub trait Signal: Send + Sync + 'static {
     fn to_batch(request: &Self::Request) -> Result<RecordBatch, ArrowError>;
     /// Bytes the request's rows will take in memory, before converting it.
     fn estimate(request: &Self::Request) -> usize;
-    /// Records the conversion leaves out, and why (reported as a partial success).
+    /// Records (spans, data points, log records) the request holds.
+    fn records(request: &Self::Request) -> usize;
+    /// Records the conversion leaves out, and why (reported as a partial success). Asked
+    /// only when the conversion made fewer rows than [`Signal::records`].
     fn rejected(_request: &Self::Request) -> Option<(i64, String)> {
         None
     }
     /// The response saying that `rejected` records were not stored, and why.
     fn partial(rejected: i64, message: String) -> Self::Response;
+}
+
+/// Bytes `records` will take as rows: each carries a copy of what it shares (resource and
+/// scope, `shared` bytes encoded) and costs about twice its own encoded size.
+fn rows_cost<M: Message>(shared: usize, records: &[M]) -> usize {
+    let own: usize = records.iter().map(Message::encoded_len).sum();
+    records
+        .len()
+        .saturating_mul(shared + ROW_OVERHEAD)
+        .saturating_add(own.saturating_mul(2))
 }
 
 /// Converts a WAL record back into rows: the same decode and conversion as a live export.
@@ -173,20 +186,22 @@ impl Signal for Traces {
         }
     }
 
+    fn records(request: &ExportTraceServiceRequest) -> usize {
+        request
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .map(|ss| ss.spans.len())
+            .sum()
+    }
+
     fn estimate(request: &ExportTraceServiceRequest) -> usize {
         let mut total = 0usize;
         for rs in &request.resource_spans {
             let resource = rs.resource.as_ref().map_or(0, Message::encoded_len);
             for ss in &rs.scope_spans {
                 let scope = ss.scope.as_ref().map_or(0, Message::encoded_len);
-                let own: usize = ss.spans.iter().map(Message::encoded_len).sum();
-                total = total
-                    .saturating_add(
-                        ss.spans
-                            .len()
-                            .saturating_mul(resource + scope + ROW_OVERHEAD),
-                    )
-                    .saturating_add(own.saturating_mul(2));
+                total = total.saturating_add(rows_cost(resource + scope, &ss.spans));
             }
         }
         total
@@ -211,6 +226,10 @@ impl Signal for Metrics {
                 error_message: message,
             }),
         }
+    }
+
+    fn records(request: &ExportMetricsServiceRequest) -> usize {
+        convert::point_count(request)
     }
 
     fn estimate(request: &ExportMetricsServiceRequest) -> usize {
@@ -252,20 +271,22 @@ impl Signal for Logs {
         }
     }
 
+    fn records(request: &ExportLogsServiceRequest) -> usize {
+        request
+            .resource_logs
+            .iter()
+            .flat_map(|rl| &rl.scope_logs)
+            .map(|sl| sl.log_records.len())
+            .sum()
+    }
+
     fn estimate(request: &ExportLogsServiceRequest) -> usize {
         let mut total = 0usize;
         for rl in &request.resource_logs {
             let resource = rl.resource.as_ref().map_or(0, Message::encoded_len);
             for sl in &rl.scope_logs {
                 let scope = sl.scope.as_ref().map_or(0, Message::encoded_len);
-                let own: usize = sl.log_records.iter().map(Message::encoded_len).sum();
-                total = total
-                    .saturating_add(
-                        sl.log_records
-                            .len()
-                            .saturating_mul(resource + scope + ROW_OVERHEAD),
-                    )
-                    .saturating_add(own.saturating_mul(2));
+                total = total.saturating_add(rows_cost(resource + scope, &sl.log_records));
             }
         }
         total
@@ -359,13 +380,18 @@ async fn export_unrecorded<S: Signal>(
     if !reservation.resize(held.saturating_add(estimate)) {
         return Err(full(buffer_full(estimate, budget.used(), budget.cap())));
     }
-    let rejected = S::rejected(&request);
     let batch = S::to_batch(&request).map_err(|e| {
         (
             Refusal::Unavailable,
             Status::internal(format!("converting {} rows: {e}", S::SERVICE)),
         )
     })?;
+    // Asked only when rows are missing: the common request is not walked a second time.
+    let rejected = if batch.num_rows() < S::records(&request) {
+        S::rejected(&request)
+    } else {
+        None
+    };
     drop(request);
     let actual = batch.get_array_memory_size();
     // The rows keep `actual` bytes until flushed; the body's share is held until the WAL
