@@ -15,7 +15,8 @@
 //! calls over 100 ms, spread over 24 hours. Batches of 1,000 spans over OTLP/gRPC.
 //!
 //! Run with `scripts/bench-telemetry` (it installs DuckDB for the baseline). Knobs:
-//! `LUMEN_BENCH_SPANS` (default 2,000,000), `LUMEN_PYTHON` (a python with duckdb).
+//! `LUMEN_BENCH_SPANS` (default 2,000,000), `LUMEN_PYTHON` (a python with duckdb),
+//! `LUMEN_BENCH_DATA` (keep the store in this directory instead of a temporary one).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -46,10 +47,14 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2_000_000);
     let batches = total.div_ceil(SPANS_PER_BATCH);
-    let data = tempfile::tempdir().expect("tempdir");
+    // LUMEN_BENCH_DATA keeps the store for inspection (an empty directory it may create).
+    let kept = std::env::var_os("LUMEN_BENCH_DATA").map(std::path::PathBuf::from);
+    let temp = tempfile::tempdir().expect("tempdir");
+    let data_dir = kept.unwrap_or_else(|| temp.path().to_path_buf());
+    std::fs::create_dir_all(&data_dir).expect("data dir");
     println!(
         "telemetry benchmark: {batches} batches of {SPANS_PER_BATCH} spans, data in {}",
-        data.path().display()
+        data_dir.display()
     );
 
     // Baseline: a bare prost decode of the same payloads, on this one thread.
@@ -73,7 +78,7 @@ fn main() {
     });
 
     // Lumen: the release binary on core 1, this client on the other.
-    let server = Server::start(data.path());
+    let server = Server::start(data_dir.as_path());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -90,7 +95,7 @@ fn main() {
     let ingest_rate = acked as f64 / cpu;
 
     // Size after compaction, and the queries, over the files the server left.
-    let store = Arc::new(Store::open(data.path()).expect("reopen"));
+    let store = Arc::new(Store::open(data_dir.as_path()).expect("reopen"));
     let files_before = store.spans.files().len();
     rt.block_on(async { while store.spans.compact().await.expect("compact").is_some() {} });
     let files = store.spans.files();
@@ -104,24 +109,28 @@ fn main() {
     let zstd_bps = zstd_bytes as f64 / zstd_spans as f64;
 
     let trace = corpus.middle_trace_hex();
+    // (name, Lumen's SQL, DuckDB's SQL): ids are bytes in the files; Lumen reads a hex
+    // literal compared with an id as its bytes, DuckDB is told with from_hex.
+    let hour = "SELECT trace_id, span_name, duration_ns FROM spans \
+             WHERE service_name = 'ratings' AND duration_ns > 100000000 \
+             AND start_time >= '2025-10-09T12:00:00Z' AND start_time < '2025-10-09T13:00:00Z'";
     let queries = [
         (
             "trace by id",
             format!("SELECT * FROM spans WHERE trace_id = '{trace}'"),
+            format!("SELECT * FROM spans WHERE trace_id = from_hex('{trace}')"),
         ),
         (
             "slow spans of one service in one hour",
             // Noon to one o'clock of the corpus' day, in SQL both engines read the same way.
-            "SELECT trace_id, span_name, duration_ns FROM spans \
-             WHERE service_name = 'ratings' AND duration_ns > 100000000 \
-             AND start_time >= '2025-10-09T12:00:00Z' AND start_time < '2025-10-09T13:00:00Z'"
-                .to_string(),
+            hour.to_string(),
+            hour.to_string(),
         ),
     ];
     let engine = QueryEngine::new(store.clone());
     let runs = 30;
     let mut lumen_q = Vec::new();
-    for (_, sql) in &queries {
+    for (_, sql, _) in &queries {
         let mut times = Vec::new();
         let mut rows = 0;
         for _ in 0..runs {
@@ -137,9 +146,12 @@ fn main() {
         ));
     }
     let duck = duckdb(
-        &data.path().join("spans"),
+        &data_dir.as_path().join("spans"),
         runs,
-        &queries.iter().map(|(_, q)| q.clone()).collect::<Vec<_>>(),
+        &queries
+            .iter()
+            .map(|(_, _, q)| q.clone())
+            .collect::<Vec<_>>(),
     );
 
     println!();
@@ -163,7 +175,7 @@ fn main() {
         peak_rss as f64 / 1048576.0,
         peak_rss as f64 / (512.0 * 1048576.0)
     );
-    for (i, (name, _)) in queries.iter().enumerate() {
+    for (i, (name, _, _)) in queries.iter().enumerate() {
         let (l50, l99, lrows) = lumen_q[i];
         match duck.get(i) {
             Some((d50, d99, drows)) => {

@@ -109,14 +109,15 @@ fn telemetry_binary_round_trips_python_sdk_traces_metrics_and_logs_over_grpc_and
     assert!(manifest.contains(".parquet"), "spans flushed to Parquet");
 }
 
-/// The SDK's spans came through intact: kinds, status, parent link, semconv columns, typed
-/// attributes in the map, resource and scope.
+/// The SDK's spans came through intact: kinds, status, parent link, semconv columns,
+/// attributes in the map of their type, resource and scope.
 fn check_sdk_trace(http: &str, trace_id: &str, service: &str) {
     let query = format!(
         "SELECT span_name, span_kind, service_name, service_version, status_code, status_message, \
                 http_request_method, url_path, http_response_status_code, rpc_system, rpc_service, rpc_method, \
-                attributes['cart.items'] AS items, attributes['cart.total'] AS total, \
-                attributes['cart.gift'] AS gift, attributes['cart.tags'] AS tags, attributes['user.note'] AS note, \
+                attributes_int['cart.items'] AS items, attributes_double['cart.total'] AS total, \
+                attributes_bool['cart.gift'] AS gift, attributes['cart.tags'] AS tags, attributes['user.note'] AS note, \
+                attributes['cart.items'] AS items_as_text, arrow_typeof(attributes_int['cart.items']) AS items_type, \
                 resource_attributes['deployment.environment'] AS env, scope_name, scope_version, \
                 parent_span_id, span_id, duration_ns, events, links, flags \
          FROM spans WHERE trace_id = '{trace_id}' ORDER BY span_name"
@@ -131,9 +132,14 @@ fn check_sdk_trace(http: &str, trace_id: &str, service: &str) {
     assert_eq!(checkout["http_request_method"], "POST");
     assert_eq!(checkout["url_path"], "/checkout");
     assert_eq!(checkout["http_response_status_code"], 200);
-    assert_eq!(checkout["items"], "3");
-    assert_eq!(checkout["total"], "12.5");
-    assert_eq!(checkout["gift"], "true");
+    assert_eq!(checkout["items"], 3);
+    assert_eq!(checkout["items_type"], "Int64");
+    assert!(
+        checkout.get("items_as_text").is_none_or(Value::is_null),
+        "an int attribute is not also in the string map: {checkout}"
+    );
+    assert_eq!(checkout["total"], 12.5);
+    assert_eq!(checkout["gift"], true);
     assert_eq!(checkout["tags"], r#"["a","b"]"#);
     assert_eq!(checkout["note"], "ünïcode ✓");
     assert_eq!(checkout["env"], "test");
@@ -187,7 +193,7 @@ fn check_sdk_metrics_and_logs(http: &str, trace_id: &str, service: &str) {
     let rows = sql_rows(
         http,
         &format!(
-            "SELECT body, severity_text, severity_number, trace_id, attributes['order.id'] AS order_id \
+            "SELECT body, severity_text, severity_number, trace_id, attributes_int['order.id'] AS order_id \
              FROM logs WHERE service_name = '{service}' ORDER BY severity_number"
         ),
     );
@@ -196,7 +202,7 @@ fn check_sdk_metrics_and_logs(http: &str, trace_id: &str, service: &str) {
     assert_eq!(rows[0]["severity_text"], "INFO");
     assert_eq!(rows[0]["severity_number"], 9);
     assert_eq!(rows[0]["trace_id"], trace_id, "logged inside the span");
-    assert_eq!(rows[0]["order_id"], "42");
+    assert_eq!(rows[0]["order_id"], 42);
     assert_eq!(rows[1]["body"], "card declined");
     assert_eq!(rows[1]["severity_text"], "ERROR");
 }

@@ -311,7 +311,7 @@ async fn demo_mesh_end_to_end() {
         "by_service": by_service,
         "duration_sum": one("SELECT sum(duration_ns) AS v FROM spans").await,
         "events": one("SELECT coalesce(sum(cardinality(events)), 0) AS v FROM spans").await,
-        "route_attr": one("SELECT count(*) AS v FROM spans WHERE attributes['upstream_cluster'] IS NOT NULL").await,
+        "route_attr": one("SELECT count(*) AS v FROM spans WHERE upstream_cluster IS NOT NULL").await,
     });
     for reader in ["duckdb", "pyarrow"] {
         for (key, value) in lumen.as_object().expect("object") {

@@ -1,12 +1,15 @@
-//! OTLP requests to Arrow record batches: one row per span and one per metric data point.
-//! Well-known attributes get their own columns; every attribute also stays in the map so
-//! nothing the sender said is lost.
+//! OTLP requests to Arrow record batches: one row per span, per metric data point and per
+//! log record. Well-known span attributes get their own columns (and are then left out of
+//! the maps, unless their type differs from the column's); the others go to the map of
+//! their type (`attributes` for strings, `attributes_int`, `attributes_double`,
+//! `attributes_bool`), so nothing the sender said is lost and types stay distinguishable.
 
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, BooleanBuilder, Float64Builder, Int32Builder, Int64Builder, ListBuilder, MapBuilder,
-    StringBuilder, TimestampNanosecondBuilder,
+    ArrayRef, BooleanBuilder, FixedSizeBinaryArray, FixedSizeBinaryBuilder, Float64Builder,
+    Int32Builder, Int64Builder, ListBuilder, MapBuilder, MapFieldNames, StringBuilder,
+    TimestampNanosecondBuilder,
 };
 use datafusion::arrow::array::{ListArray, StructArray};
 use datafusion::arrow::buffer::OffsetBuffer;
@@ -34,6 +37,41 @@ const SPAN_STRING_COLUMNS: [&str; 9] = [
     "rpc.service",
     "rpc.method",
 ];
+
+/// The attributes a mesh proxy puts on every span (Istio's Envoy and lumen-proxy), each
+/// promoted to its own column: (attribute key, column). In a map, the request id alone would
+/// keep the map's values from dictionary encoding.
+pub const SPAN_MESH_COLUMNS: [(&str, &str); 9] = [
+    ("peer.service", "peer_service"),
+    ("guid:x-request-id", "request_id"),
+    ("upstream_cluster", "upstream_cluster"),
+    ("response_flags", "response_flags"),
+    ("user_agent.original", "user_agent_original"),
+    ("error.type", "error_type"),
+    ("istio.canonical_service", "istio_canonical_service"),
+    ("istio.canonical_revision", "istio_canonical_revision"),
+    ("istio.namespace", "istio_namespace"),
+];
+
+/// Integer span attributes promoted to their own columns, in the order the columns are built.
+const SPAN_INT_COLUMNS: [&str; 3] = [
+    "http.response.status_code",
+    "server.port",
+    "rpc.grpc.status_code",
+];
+
+/// Whether a span attribute is stored in its own column instead of a map: a promoted key
+/// whose value has the column's type.
+fn promoted(kv: &KeyValue) -> bool {
+    match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(_)) => {
+            SPAN_STRING_COLUMNS.contains(&kv.key.as_str())
+                || SPAN_MESH_COLUMNS.iter().any(|(key, _)| *key == kv.key)
+        }
+        Some(any_value::Value::IntValue(_)) => SPAN_INT_COLUMNS.contains(&kv.key.as_str()),
+        _ => false,
+    }
+}
 
 /// Converts an OTLP string / int / bool / double / bytes / array / kvlist to text.
 pub fn any_value_text(v: &AnyValue) -> String {
@@ -74,6 +112,15 @@ fn any_value_json(v: &AnyValue) -> serde_json::Value {
     }
 }
 
+/// A string attribute's value; promoted string columns take only strings (any other type
+/// stays in its typed map, see [`promoted`]).
+fn string_value(v: &AnyValue) -> Option<String> {
+    match &v.value {
+        Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
 fn any_value_int(v: &AnyValue) -> Option<i64> {
     match &v.value {
         Some(any_value::Value::IntValue(i)) => Some(*i),
@@ -103,8 +150,100 @@ fn append_map(
     builder.append(true)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Typed attribute maps: `attributes` (strings, and arrays, maps and bytes as JSON text),
+/// `attributes_int`, `attributes_double`, `attributes_bool`.
+struct TypedAttributes {
+    strings: MapBuilder<StringBuilder, StringBuilder>,
+    ints: MapBuilder<StringBuilder, Int64Builder>,
+    doubles: MapBuilder<StringBuilder, Float64Builder>,
+    bools: MapBuilder<StringBuilder, BooleanBuilder>,
+}
+
+impl TypedAttributes {
+    fn new(rows: usize) -> TypedAttributes {
+        let names = || Some(MapFieldNames::default());
+        let keys = |n: usize| StringBuilder::with_capacity(n, n.saturating_mul(16));
+        TypedAttributes {
+            strings: map_builder(rows),
+            ints: MapBuilder::with_capacity(names(), keys(rows), Int64Builder::new(), rows),
+            doubles: MapBuilder::with_capacity(names(), keys(0), Float64Builder::new(), rows),
+            bools: MapBuilder::with_capacity(names(), keys(0), BooleanBuilder::new(), rows),
+        }
+    }
+
+    /// One row: the attributes `keep` accepts, each in the map of its type.
+    fn push(
+        &mut self,
+        attrs: &[KeyValue],
+        keep: impl Fn(&KeyValue) -> bool,
+    ) -> Result<(), ArrowError> {
+        for kv in attrs.iter().filter(|kv| keep(kv)) {
+            match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(any_value::Value::IntValue(i)) => {
+                    self.ints.keys().append_value(&kv.key);
+                    self.ints.values().append_value(*i);
+                }
+                Some(any_value::Value::DoubleValue(d)) => {
+                    self.doubles.keys().append_value(&kv.key);
+                    self.doubles.values().append_value(*d);
+                }
+                Some(any_value::Value::BoolValue(b)) => {
+                    self.bools.keys().append_value(&kv.key);
+                    self.bools.values().append_value(*b);
+                }
+                _ => {
+                    self.strings.keys().append_value(&kv.key);
+                    self.strings
+                        .values()
+                        .append_value(kv.value.as_ref().map(any_value_text).unwrap_or_default());
+                }
+            }
+        }
+        self.strings.append(true)?;
+        self.ints.append(true)?;
+        self.doubles.append(true)?;
+        self.bools.append(true)
+    }
+
+    /// The four map columns: strings first, then int, double and bool.
+    fn finish(mut self) -> [ArrayRef; 4] {
+        [
+            Arc::new(self.strings.finish()),
+            Arc::new(self.ints.finish()),
+            Arc::new(self.doubles.finish()),
+            Arc::new(self.bools.finish()),
+        ]
+    }
+}
+
+/// An id column's builder and the id width it takes.
+struct Ids {
+    builder: FixedSizeBinaryBuilder,
+    width: usize,
+}
+
+impl Ids {
+    fn new(rows: usize, width: u8) -> Ids {
+        Ids {
+            builder: FixedSizeBinaryBuilder::with_capacity(rows, i32::from(width)),
+            width: usize::from(width),
+        }
+    }
+
+    /// Appends an id, or null when it is empty or of another length (spans' own ids are
+    /// checked before, see [`span_problem`]).
+    fn append(&mut self, id: &[u8]) -> Result<(), ArrowError> {
+        if id.len() == self.width {
+            self.builder.append_value(id)
+        } else {
+            self.builder.append_null();
+            Ok(())
+        }
+    }
+
+    fn finish(&mut self) -> FixedSizeBinaryArray {
+        self.builder.finish()
+    }
 }
 
 fn nanos(t: u64) -> i64 {
@@ -173,9 +312,9 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
         .flat_map(|rs| &rs.scope_spans)
         .map(|ss| ss.spans.len())
         .sum();
-    let mut trace_id = text_builder(rows);
-    let mut span_id = text_builder(rows);
-    let mut parent = text_builder(rows);
+    let mut trace_id = Ids::new(rows, 16);
+    let mut span_id = Ids::new(rows, 8);
+    let mut parent = Ids::new(rows, 8);
     let mut trace_state = text_builder(rows);
     let mut service = text_builder(rows);
     let mut version = text_builder(rows);
@@ -191,12 +330,16 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
         .iter()
         .map(|_| text_builder(rows))
         .collect();
+    let mut mesh: Vec<StringBuilder> = SPAN_MESH_COLUMNS
+        .iter()
+        .map(|_| text_builder(rows))
+        .collect();
     let mut http_status = Int64Builder::with_capacity(rows);
     let mut server_port = Int64Builder::with_capacity(rows);
     let mut grpc_status = Int64Builder::with_capacity(rows);
     let mut scope_name = text_builder(rows);
     let mut scope_version = text_builder(rows);
-    let mut attributes = map_builder(rows);
+    let mut attributes = TypedAttributes::new(rows);
     let mut resource_attributes = map_builder(rows);
     let mut flags = Int64Builder::with_capacity(rows);
     let mut dropped = Int64Builder::with_capacity(rows);
@@ -217,13 +360,9 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
         let svc_namespace = text("service.namespace");
         for ss in &rs.scope_spans {
             for s in ss.spans.iter().filter(|s| span_problem(s).is_none()) {
-                trace_id.append_value(hex(&s.trace_id));
-                span_id.append_value(hex(&s.span_id));
-                if s.parent_span_id.is_empty() {
-                    parent.append_null();
-                } else {
-                    parent.append_value(hex(&s.parent_span_id));
-                }
+                trace_id.append(&s.trace_id)?;
+                span_id.append(&s.span_id)?;
+                parent.append(&s.parent_span_id)?;
                 if s.trace_state.is_empty() {
                     trace_state.append_null();
                 } else {
@@ -244,7 +383,10 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
                 status_msg
                     .append_option(st.map(|st| st.message.as_str()).filter(|m| !m.is_empty()));
                 for (builder, key) in strings.iter_mut().zip(SPAN_STRING_COLUMNS) {
-                    builder.append_option(find(&s.attributes, key).map(any_value_text));
+                    builder.append_option(find(&s.attributes, key).and_then(string_value));
+                }
+                for (builder, (key, _)) in mesh.iter_mut().zip(SPAN_MESH_COLUMNS) {
+                    builder.append_option(find(&s.attributes, key).and_then(string_value));
                 }
                 http_status.append_option(
                     find(&s.attributes, "http.response.status_code").and_then(any_value_int),
@@ -256,7 +398,7 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
                 );
                 scope_name.append_option(ss.scope.as_ref().map(|s| s.name.as_str()));
                 scope_version.append_option(ss.scope.as_ref().map(|s| s.version.as_str()));
-                append_map(&mut attributes, &s.attributes)?;
+                attributes.push(&s.attributes, |kv| !promoted(kv))?;
                 append_map(&mut resource_attributes, resource)?;
                 flags.append_value(i64::from(s.flags));
                 dropped.append_value(i64::from(s.dropped_attributes_count));
@@ -285,7 +427,13 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
         next()?,
         next()?,
     );
-    let columns: Vec<ArrayRef> = vec![
+    let [
+        attributes,
+        attributes_int,
+        attributes_double,
+        attributes_bool,
+    ] = attributes.finish();
+    let mut columns: Vec<ArrayRef> = vec![
         Arc::new(trace_id.finish()),
         Arc::new(span_id.finish()),
         Arc::new(parent.finish()),
@@ -312,9 +460,17 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
         rpc_service,
         rpc_method,
         Arc::new(grpc_status.finish()),
+    ];
+    columns.extend(
+        mesh.into_iter()
+            .map(|mut b| Arc::new(b.finish()) as ArrayRef),
+    );
+    columns.extend::<[ArrayRef; 2]>([
         Arc::new(scope_name.finish()),
         Arc::new(scope_version.finish()),
-        Arc::new(attributes.finish()),
+    ]);
+    columns.extend([
+        attributes,
         Arc::new(resource_attributes.finish()),
         Arc::new(flags.finish()),
         Arc::new(dropped.finish()),
@@ -322,7 +478,10 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
         Arc::new(dropped_links.finish()),
         events.finish()?,
         links.finish()?,
-    ];
+        attributes_int,
+        attributes_double,
+        attributes_bool,
+    ]);
     RecordBatch::try_new(schema::SPANS.clone(), columns)
 }
 
@@ -373,8 +532,8 @@ impl EventColumns {
 
 /// The `links` column, as [`EventColumns`].
 struct LinkColumns {
-    trace_id: StringBuilder,
-    span_id: StringBuilder,
+    trace_id: Ids,
+    span_id: Ids,
     trace_state: StringBuilder,
     attributes: MapBuilder<StringBuilder, StringBuilder>,
     dropped: Int64Builder,
@@ -385,8 +544,8 @@ struct LinkColumns {
 impl Default for LinkColumns {
     fn default() -> Self {
         LinkColumns {
-            trace_id: text_builder(0),
-            span_id: text_builder(0),
+            trace_id: Ids::new(0, 16),
+            span_id: Ids::new(0, 8),
             trace_state: text_builder(0),
             attributes: map_builder(0),
             dropped: Int64Builder::new(),
@@ -398,9 +557,20 @@ impl Default for LinkColumns {
 
 impl LinkColumns {
     fn push(&mut self, links: &[span::Link]) -> Result<(), ArrowError> {
-        for l in links {
-            self.trace_id.append_value(hex(&l.trace_id));
-            self.span_id.append_value(hex(&l.span_id));
+        // A link to a malformed id cannot be stored in the non-null id columns; it is left
+        // out (and counted as dropped by the caller's dropped_links_count, which OTLP
+        // defines as links the sender dropped, so it is logged instead).
+        let valid = |l: &&span::Link| l.trace_id.len() == 16 && l.span_id.len() == 8;
+        let kept = links.iter().filter(valid).count();
+        if kept != links.len() {
+            tracing::debug!(
+                dropped = links.len() - kept,
+                "span links with malformed ids left out"
+            );
+        }
+        for l in links.iter().filter(valid) {
+            self.trace_id.append(&l.trace_id)?;
+            self.span_id.append(&l.span_id)?;
             self.trace_state
                 .append_option(Some(l.trace_state.as_str()).filter(|t| !t.is_empty()));
             append_map(&mut self.attributes, &l.attributes)?;
@@ -408,7 +578,7 @@ impl LinkColumns {
                 .append_value(i64::from(l.dropped_attributes_count));
             self.flags.append_value(i64::from(l.flags));
         }
-        self.lengths.push(links.len());
+        self.lengths.push(kept);
         Ok(())
     }
 
@@ -599,11 +769,11 @@ pub fn logs_to_batch(req: &ExportLogsServiceRequest) -> Result<RecordBatch, Arro
     let mut severity_text = text_builder(rows);
     let mut body = text_builder(rows);
     let mut event_name = text_builder(rows);
-    let mut trace_id = text_builder(rows);
-    let mut span_id = text_builder(rows);
+    let mut trace_id = Ids::new(rows, 16);
+    let mut span_id = Ids::new(rows, 8);
     let mut flags = Int64Builder::with_capacity(rows);
     let mut dropped = Int64Builder::with_capacity(rows);
-    let mut attributes = map_builder(rows);
+    let mut attributes = TypedAttributes::new(rows);
     let mut resource_attributes = map_builder(rows);
     let mut scope_name = text_builder(rows);
     let mut scope_version = text_builder(rows);
@@ -635,17 +805,23 @@ pub fn logs_to_batch(req: &ExportLogsServiceRequest) -> Result<RecordBatch, Arro
                     .append_option(Some(r.severity_text.as_str()).filter(|t| !t.is_empty()));
                 body.append_option(r.body.as_ref().map(any_value_text));
                 event_name.append_option(Some(r.event_name.as_str()).filter(|t| !t.is_empty()));
-                trace_id.append_option((!r.trace_id.is_empty()).then(|| hex(&r.trace_id)));
-                span_id.append_option((!r.span_id.is_empty()).then(|| hex(&r.span_id)));
+                trace_id.append(&r.trace_id)?;
+                span_id.append(&r.span_id)?;
                 flags.append_value(i64::from(r.flags));
                 dropped.append_value(i64::from(r.dropped_attributes_count));
-                append_map(&mut attributes, &r.attributes)?;
+                attributes.push(&r.attributes, |_| true)?;
                 append_map(&mut resource_attributes, resource)?;
                 scope_name.append_option(sl.scope.as_ref().map(|s| s.name.as_str()));
                 scope_version.append_option(sl.scope.as_ref().map(|s| s.version.as_str()));
             }
         }
     }
+    let [
+        attributes,
+        attributes_int,
+        attributes_double,
+        attributes_bool,
+    ] = attributes.finish();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(time.finish()),
         Arc::new(observed.finish()),
@@ -658,10 +834,13 @@ pub fn logs_to_batch(req: &ExportLogsServiceRequest) -> Result<RecordBatch, Arro
         Arc::new(span_id.finish()),
         Arc::new(flags.finish()),
         Arc::new(dropped.finish()),
-        Arc::new(attributes.finish()),
+        attributes,
         Arc::new(resource_attributes.finish()),
         Arc::new(scope_name.finish()),
         Arc::new(scope_version.finish()),
+        attributes_int,
+        attributes_double,
+        attributes_bool,
     ];
     RecordBatch::try_new(schema::LOGS.clone(), columns)
 }
@@ -862,6 +1041,15 @@ mod tests {
                             ),
                             kv("http.response.status_code", any_value::Value::IntValue(503)),
                             kv("retry", any_value::Value::BoolValue(true)),
+                            kv("attempts", any_value::Value::IntValue(3)),
+                            kv("ratio", any_value::Value::DoubleValue(0.5)),
+                            kv("note", any_value::Value::StringValue("canary".into())),
+                            // A promoted key of another type than its column's stays typed.
+                            kv("http.route", any_value::Value::IntValue(7)),
+                            kv(
+                                "guid:x-request-id",
+                                any_value::Value::StringValue("r-1".into()),
+                            ),
                         ],
                         status: Some(Status {
                             code: status::StatusCode::Error as i32,
@@ -884,8 +1072,17 @@ mod tests {
                 .value(0)
                 .to_string()
         };
-        assert_eq!(text("trace_id"), "ab".repeat(16));
-        assert_eq!(text("parent_span_id"), "02".repeat(8));
+        let id = |name: &str| {
+            batch
+                .column_by_name(name)
+                .expect(name)
+                .as_fixed_size_binary()
+                .value(0)
+                .to_vec()
+        };
+        assert_eq!(id("trace_id"), vec![0xab; 16]);
+        assert_eq!(id("span_id"), vec![0x01; 8]);
+        assert_eq!(id("parent_span_id"), vec![0x02; 8]);
         assert_eq!(text("service_name"), "reviews");
         assert_eq!(text("service_version"), "v2");
         assert_eq!(text("span_kind"), "server");
@@ -907,14 +1104,41 @@ mod tests {
             .as_primitive::<TimestampNanosecondType>();
         assert_eq!(start.value(0), 1_000);
         assert!(batch.column_by_name("rpc_system").expect("rpc").is_null(0));
+        assert_eq!(text("request_id"), "r-1");
+        assert!(
+            batch
+                .column_by_name("http_route")
+                .expect("route")
+                .is_null(0)
+        );
+        // Promoted attributes are not repeated in the maps; the rest keep their types.
         let attrs = batch.column_by_name("attributes").expect("attrs").as_map();
         assert_eq!(
             map_entries(attrs, 0),
-            vec![
-                ("http.request.method".to_string(), "GET".to_string()),
-                ("http.response.status_code".to_string(), "503".to_string()),
-                ("retry".to_string(), "true".to_string()),
-            ]
+            vec![("note".to_string(), "canary".to_string())]
+        );
+        let typed = |name: &str| {
+            let map = batch.column_by_name(name).expect(name).as_map();
+            let entries = map.value(0);
+            let keys = entries.column(0).as_string::<i32>();
+            (0..entries.len())
+                .map(|i| keys.value(i).to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(typed("attributes_int"), ["attempts", "http.route"]);
+        assert_eq!(typed("attributes_double"), ["ratio"]);
+        assert_eq!(typed("attributes_bool"), ["retry"]);
+        let ints = batch
+            .column_by_name("attributes_int")
+            .expect("ints")
+            .as_map()
+            .value(0);
+        assert_eq!(
+            ints.column(1)
+                .as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                .values()
+                .to_vec(),
+            [3, 7]
         );
     }
 
@@ -1012,12 +1236,8 @@ mod tests {
             .as_any()
             .downcast_ref::<StructArray>()
             .expect("struct");
-        let ids = link
-            .column(0)
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .expect("ids");
-        assert_eq!(ids.value(0), "ab".repeat(16));
+        assert_eq!(link.column(0).as_fixed_size_binary().value(0), [0xab; 16]);
+        assert_eq!(link.column(1).as_fixed_size_binary().value(0), [0xcd; 8]);
         let state = link
             .column(2)
             .as_any()

@@ -6,6 +6,7 @@
 pub mod budget;
 pub mod conn;
 pub mod convert;
+mod hex_ids;
 pub mod http;
 pub mod manifest;
 pub mod otlp_http;

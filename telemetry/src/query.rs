@@ -19,13 +19,17 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::DataFusionError;
+use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::{GreedyMemoryPool, TrackConsumersPool};
 use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::optimizer::{Analyzer, AnalyzerRule};
 use datafusion::physical_plan::coop::CooperativeExec;
 use datafusion::physical_plan::{self, ExecutionPlan};
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+
+use crate::hex_ids::HexIds;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
@@ -540,7 +544,17 @@ fn context(store: &Arc<Store>, limits: &QueryLimits) -> SessionContext {
             },
             Arc::new,
         );
-    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    // Ids are bytes; a hex literal compared with one is read as its bytes (hex_ids.rs). The
+    // rule runs first, before type coercion would compare the bytes with the text.
+    let mut rules: Vec<Arc<dyn AnalyzerRule + Send + Sync>> = vec![Arc::new(HexIds)];
+    rules.extend(Analyzer::new().rules);
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_default_features()
+        .with_analyzer_rules(rules)
+        .build();
+    let ctx = SessionContext::new_with_state(state);
     for table in store.tables() {
         // Names are distinct, so registering cannot collide.
         if let Err(e) = ctx.register_table(table.name, Arc::new(SnapshotTable::new(table.clone())))

@@ -133,11 +133,15 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
             strings("service_version")?,
             strings("status_code")?,
         );
-        let attributes = col("attributes")?
-            .as_any()
-            .downcast_ref::<MapArray>()
-            .cloned()
-            .ok_or_else(|| ArrowError::SchemaError("attributes".into()))?;
+        let map = |name: &str| -> Result<MapArray, ArrowError> {
+            col(name)?
+                .as_any()
+                .downcast_ref::<MapArray>()
+                .cloned()
+                .ok_or_else(|| ArrowError::SchemaError(format!("{name} is not a map")))
+        };
+        let (attributes, ints) = (map("attributes")?, map("attributes_int")?);
+        let peer = strings("peer_service")?;
         for row in 0..batch.num_rows() {
             let text = |a: &StringArray| (!a.is_null(row)).then(|| a.value(row).to_string());
             let minute = start.value(row).div_euclid(MINUTE_NS) * MINUTE_NS;
@@ -151,7 +155,7 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
                     version: text(&version),
                 },
                 "client" => {
-                    let Some(callee) = attribute(&attributes, row, "peer.service") else {
+                    let Some(callee) = text(&peer) else {
                         continue;
                     };
                     Key {
@@ -173,9 +177,10 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
             acc.errors += i64::from(status.value(row) == "error");
             acc.duration_sum_ns = acc.duration_sum_ns.saturating_add(d);
             acc.buckets[bucket(d)] += 1;
+            // Sizes are ints by the semantic conventions; some senders write them as text.
             let size = |k| {
-                attribute(&attributes, row, k)
-                    .and_then(|v| v.parse::<i64>().ok())
+                int_attribute(&ints, row, k)
+                    .or_else(|| attribute(&attributes, row, k).and_then(|v| v.parse::<i64>().ok()))
                     .unwrap_or(0)
             };
             acc.request_bytes += size("http.request.body.size");
@@ -267,6 +272,20 @@ fn attribute(map: &MapArray, row: usize, key: &str) -> Option<String> {
         .find(|&i| keys.value(i) == key)
         .filter(|&i| !values.is_null(i))
         .map(|i| values.value(i).to_string())
+}
+
+/// The value of int attribute `key` of row `row`, if present.
+fn int_attribute(map: &MapArray, row: usize, key: &str) -> Option<i64> {
+    if map.is_null(row) {
+        return None;
+    }
+    let entries = map.value(row);
+    let keys = entries.column(0).as_string_opt::<i32>()?;
+    let values = entries.column(1).as_primitive_opt::<Int64Type>()?;
+    (0..keys.len())
+        .find(|&i| keys.value(i) == key)
+        .filter(|&i| !values.is_null(i))
+        .map(|i| values.value(i))
 }
 
 /// The `q` quantile (0..1) of a latency histogram, in ms, interpolated linearly inside its

@@ -1,6 +1,7 @@
-//! Arrow schemas of the stored tables. These are a format contract: Parquet files written
-//! with one version are read by the next, so columns are only ever added at the end.
-//! Column names follow OpenTelemetry semantic conventions with `.` written as `_`.
+//! Arrow schemas of the stored tables. These are a format contract: every file records the
+//! layout version it was written with, and files of an older version are rewritten into the
+//! current layout when the store opens (`store::upgrade`), so queries only ever see one
+//! layout. Column names follow OpenTelemetry semantic conventions with `.` written as `_`.
 
 use std::sync::{Arc, LazyLock};
 
@@ -8,18 +9,34 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, T
 
 /// Version of the table layouts, stored in each Parquet file's metadata.
 /// 2: spans gained flags, dropped counts, events and links (appended, nullable).
-pub const SCHEMA_VERSION: &str = "2";
+/// 3: trace and span ids are binary (spans, links, logs); span and log attributes are
+///    typed (`attributes` keeps strings, `attributes_int` / `_double` / `_bool` the rest);
+///    attributes promoted to a column are no longer repeated in the map, and the mesh
+///    proxy's own attributes (`convert::SPAN_MESH_COLUMNS`) are promoted; rows are sorted
+///    by time within a file.
+pub const SCHEMA_VERSION: &str = "3";
 
 /// Layout versions this build reads; files of any other version are quarantined. Files of
-/// an older version are read with the columns they lack as nulls.
-pub const READABLE_VERSIONS: &[&str] = &["1", "2"];
+/// an older version are rewritten into the current layout at open (`store::upgrade`).
+pub const READABLE_VERSIONS: &[&str] = &["1", "2", "3"];
+
+/// A trace id: 16 bytes. SQL shows it as hex, and a hex string literal compared with it is
+/// read as the id's bytes (`query::hex_ids`).
+pub fn trace_id_type() -> DataType {
+    DataType::FixedSizeBinary(16)
+}
+
+/// A span id: 8 bytes.
+pub fn span_id_type() -> DataType {
+    DataType::FixedSizeBinary(8)
+}
 
 /// The `spans` table: one row per span.
 pub static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
     Arc::new(Schema::new(vec![
-        Field::new("trace_id", DataType::Utf8, false),
-        Field::new("span_id", DataType::Utf8, false),
-        Field::new("parent_span_id", DataType::Utf8, true),
+        Field::new("trace_id", trace_id_type(), false),
+        Field::new("span_id", span_id_type(), false),
+        Field::new("parent_span_id", span_id_type(), true),
         Field::new("trace_state", DataType::Utf8, true),
         Field::new("service_name", DataType::Utf8, false),
         Field::new("service_version", DataType::Utf8, true),
@@ -43,8 +60,19 @@ pub static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("rpc_service", DataType::Utf8, true),
         Field::new("rpc_method", DataType::Utf8, true),
         Field::new("rpc_grpc_status_code", DataType::Int64, true),
+        // Version 3: what a mesh proxy (Istio's Envoy, lumen-proxy) puts on every span.
+        Field::new("peer_service", DataType::Utf8, true),
+        Field::new("request_id", DataType::Utf8, true),
+        Field::new("upstream_cluster", DataType::Utf8, true),
+        Field::new("response_flags", DataType::Utf8, true),
+        Field::new("user_agent_original", DataType::Utf8, true),
+        Field::new("error_type", DataType::Utf8, true),
+        Field::new("istio_canonical_service", DataType::Utf8, true),
+        Field::new("istio_canonical_revision", DataType::Utf8, true),
+        Field::new("istio_namespace", DataType::Utf8, true),
         Field::new("scope_name", DataType::Utf8, true),
         Field::new("scope_version", DataType::Utf8, true),
+        // String attributes not promoted to a column above; arrays, maps and bytes as JSON.
         Field::new("attributes", string_map(), false),
         Field::new("resource_attributes", string_map(), false),
         // Version 2.
@@ -54,6 +82,10 @@ pub static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("dropped_links_count", DataType::Int64, true),
         Field::new("events", list_of(EVENT_FIELDS.clone()), true),
         Field::new("links", list_of(LINK_FIELDS.clone()), true),
+        // Version 3.
+        Field::new("attributes_int", typed_map(DataType::Int64), false),
+        Field::new("attributes_double", typed_map(DataType::Float64), false),
+        Field::new("attributes_bool", typed_map(DataType::Boolean), false),
     ]))
 });
 
@@ -70,8 +102,8 @@ pub static EVENT_FIELDS: LazyLock<Fields> = LazyLock::new(|| {
 /// One span link: the linked span's ids (hex) and the link's attributes.
 pub static LINK_FIELDS: LazyLock<Fields> = LazyLock::new(|| {
     Fields::from(vec![
-        Field::new("trace_id", DataType::Utf8, false),
-        Field::new("span_id", DataType::Utf8, false),
+        Field::new("trace_id", trace_id_type(), false),
+        Field::new("span_id", span_id_type(), false),
         Field::new("trace_state", DataType::Utf8, true),
         Field::new("attributes", string_map(), false),
         Field::new("dropped_attributes_count", DataType::Int64, false),
@@ -128,14 +160,18 @@ pub static LOGS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("severity_text", DataType::Utf8, true),
         Field::new("body", DataType::Utf8, true),
         Field::new("event_name", DataType::Utf8, true),
-        Field::new("trace_id", DataType::Utf8, true),
-        Field::new("span_id", DataType::Utf8, true),
+        Field::new("trace_id", trace_id_type(), true),
+        Field::new("span_id", span_id_type(), true),
         Field::new("flags", DataType::Int64, false),
         Field::new("dropped_attributes_count", DataType::Int64, false),
         Field::new("attributes", string_map(), false),
         Field::new("resource_attributes", string_map(), false),
         Field::new("scope_name", DataType::Utf8, true),
         Field::new("scope_version", DataType::Utf8, true),
+        // Version 3.
+        Field::new("attributes_int", typed_map(DataType::Int64), false),
+        Field::new("attributes_double", typed_map(DataType::Float64), false),
+        Field::new("attributes_bool", typed_map(DataType::Boolean), false),
     ]))
 });
 
@@ -146,11 +182,16 @@ pub fn timestamp() -> DataType {
 
 /// `Map<Utf8, Utf8>` in the layout Arrow's `MapBuilder` produces.
 pub fn string_map() -> DataType {
+    typed_map(DataType::Utf8)
+}
+
+/// `Map<Utf8, value>` in the layout Arrow's `MapBuilder` produces.
+pub fn typed_map(value: DataType) -> DataType {
     let entries = Field::new(
         "entries",
         DataType::Struct(Fields::from(vec![
             Field::new("keys", DataType::Utf8, false),
-            Field::new("values", DataType::Utf8, true),
+            Field::new("values", value, true),
         ])),
         false,
     );

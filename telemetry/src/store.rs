@@ -12,7 +12,9 @@
 //! Memory: every buffered batch holds a [`Reservation`] of the shared [`Budget`] until it is
 //! flushed, so the memtables and the requests being converted never exceed the cap together.
 
+mod order;
 mod table;
+mod upgrade;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::Notify;
 
 pub use self::table::{Snapshot, Table, TableSpec, TableStats};
+pub use self::upgrade::decode_hex;
 use crate::budget::{Budget, Reservation};
 use crate::wal::{self, ReplayReport, Wal, WalError};
 use crate::{rollup, schema};
@@ -382,6 +385,7 @@ mod tests {
     use super::*;
     use crate::convert::spans_to_batch;
     use crate::query::QueryEngine;
+    use datafusion::arrow::array::{Array, AsArray};
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
     use prost::Message;
@@ -707,21 +711,95 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn files_of_the_first_layout_stay_readable() {
-        use datafusion::arrow::datatypes::Schema;
+    async fn files_of_the_first_layout_are_rewritten_and_stay_readable() {
+        use datafusion::arrow::array::{ArrayRef, MapBuilder, StringArray, StringBuilder};
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
         use datafusion::parquet::arrow::ArrowWriter;
         use datafusion::parquet::file::metadata::KeyValue;
         use datafusion::parquet::file::properties::WriterProperties;
 
-        // A spans file as version 1 wrote it: the first 30 columns, no manifest yet.
+        // A spans file as version 1 wrote it: 30 columns, ids as hex text, every attribute
+        // as text in the map (the request id among them), no manifest yet.
+        const V1_COLUMNS: [&str; 30] = [
+            "trace_id",
+            "span_id",
+            "parent_span_id",
+            "trace_state",
+            "service_name",
+            "service_version",
+            "service_namespace",
+            "span_name",
+            "span_kind",
+            "start_time",
+            "end_time",
+            "duration_ns",
+            "status_code",
+            "status_message",
+            "http_request_method",
+            "http_response_status_code",
+            "http_route",
+            "url_path",
+            "url_full",
+            "server_address",
+            "server_port",
+            "network_peer_address",
+            "rpc_system",
+            "rpc_service",
+            "rpc_method",
+            "rpc_grpc_status_code",
+            "scope_name",
+            "scope_version",
+            "attributes",
+            "resource_attributes",
+        ];
         let dir = tempfile::tempdir().expect("tempdir");
         let spans_dir = dir.path().join("spans");
         std::fs::create_dir_all(&spans_dir).expect("dir");
         let current = spans_to_batch(&request(3, 7)).expect("converts");
-        let v1_fields: Vec<_> = current.schema().fields().iter().take(30).cloned().collect();
-        let v1 = Arc::new(Schema::new(v1_fields));
-        let batch =
-            RecordBatch::try_new(v1.clone(), current.columns()[..30].to_vec()).expect("v1 batch");
+        let hex = |name: &str| -> ArrayRef {
+            let ids = current
+                .column_by_name(name)
+                .expect(name)
+                .as_fixed_size_binary();
+            Arc::new(StringArray::from_iter((0..ids.len()).map(|i| {
+                ids.is_valid(i).then(|| {
+                    ids.value(i)
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                })
+            })))
+        };
+        let mut attrs = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new());
+        for i in 0..3 {
+            attrs.keys().append_value("guid:x-request-id");
+            attrs.values().append_value(format!("req-{i}"));
+            attrs.append(true).expect("row");
+        }
+        let mut fields = Vec::new();
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        for name in V1_COLUMNS {
+            let (field, column) = match name {
+                "trace_id" | "span_id" => (Field::new(name, DataType::Utf8, false), hex(name)),
+                "parent_span_id" => (Field::new(name, DataType::Utf8, true), hex(name)),
+                "attributes" => (
+                    Field::new(name, schema::string_map(), false),
+                    Arc::new(attrs.finish()) as ArrayRef,
+                ),
+                _ => {
+                    let (i, field) = current
+                        .schema()
+                        .column_with_name(name)
+                        .map(|(i, f)| (i, f.clone()))
+                        .expect(name);
+                    (field, current.column(i).clone())
+                }
+            };
+            fields.push(field);
+            columns.push(column);
+        }
+        let v1 = Arc::new(Schema::new(fields));
+        let batch = RecordBatch::try_new(v1.clone(), columns).expect("v1 batch");
         let file =
             std::fs::File::create(spans_dir.join("0000000000001-000001.parquet")).expect("create");
         let props = WriterProperties::builder()
@@ -736,13 +814,20 @@ mod tests {
 
         let store = Arc::new(Store::open(dir.path()).expect("open"));
         assert!(store.quarantined.is_empty(), "{:?}", store.quarantined);
-        assert_eq!(store.spans.files()[0].schema_version, "1");
+        let upgraded = &store.spans.files()[0];
+        assert_eq!(upgraded.schema_version, schema::SCHEMA_VERSION);
+        assert!(
+            !spans_dir.join("0000000000001-000001.parquet").exists(),
+            "the old file is gone once the manifest names its rewrite"
+        );
         ingest(&store, 2, 8).await;
         store.flush().await.expect("flush");
-        let r = QueryEngine::new(store.clone())
+        let engine = QueryEngine::new(store.clone());
+        let r = engine
             .sql(
                 "SELECT count(*) AS n, count(events) AS with_events, \
-                        count(DISTINCT trace_id) AS traces FROM spans",
+                        count(DISTINCT trace_id) AS traces, count(request_id) AS request_ids \
+                 FROM spans",
             )
             .await
             .expect("query over old and new files");
@@ -752,8 +837,98 @@ mod tests {
             "old rows read with null events"
         );
         assert_eq!(r.rows[0]["traces"], 2);
+        assert_eq!(
+            r.rows[0]["request_ids"], 3,
+            "the request id moved from the old map to its column"
+        );
+        let old = engine
+            .sql(&format!(
+                "SELECT span_id FROM spans WHERE trace_id = '{}' ORDER BY span_id",
+                "07".repeat(16)
+            ))
+            .await
+            .expect("old rows by hex id");
+        assert_eq!(old.rows.len(), 3);
+        assert_eq!(old.rows[0]["span_id"], "01".repeat(8));
         let newest = store.spans.files().pop().expect("a file");
         assert_eq!(newest.schema_version, schema::SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn ids_compare_with_hex_text_and_bad_hex_is_the_callers_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(Store::open(dir.path()).expect("open"));
+        ingest(&store, 3, 0xab).await;
+        ingest(&store, 2, 0xcd).await;
+        let engine = QueryEngine::new(store.clone());
+        let count = |sql: String| {
+            let engine = &engine;
+            async move {
+                engine.sql(&sql).await.expect("query").rows[0]["n"]
+                    .as_i64()
+                    .expect("n")
+            }
+        };
+        let ab = "ab".repeat(16);
+        let cd = "CD".repeat(16);
+        assert_eq!(
+            count(format!(
+                "SELECT count(*) AS n FROM spans WHERE trace_id = '{ab}'"
+            ))
+            .await,
+            3
+        );
+        assert_eq!(
+            count(format!(
+                "SELECT count(*) AS n FROM spans WHERE '{cd}' = trace_id"
+            ))
+            .await,
+            2
+        );
+        assert_eq!(
+            count(format!(
+                "SELECT count(*) AS n FROM spans WHERE trace_id IN ('{ab}', '{cd}')"
+            ))
+            .await,
+            5
+        );
+        assert_eq!(
+            count(format!(
+                "SELECT count(*) AS n FROM spans WHERE trace_id <> '{ab}' AND span_id = '{}'",
+                "01".repeat(8)
+            ))
+            .await,
+            1
+        );
+        let r = engine
+            .sql(&format!(
+                "SELECT trace_id, span_id FROM spans WHERE trace_id = '{cd}' ORDER BY span_id"
+            ))
+            .await
+            .expect("query");
+        assert_eq!(
+            r.rows[0]["trace_id"],
+            "cd".repeat(16),
+            "ids come back as hex"
+        );
+        assert_eq!(r.rows[1]["span_id"], "02".repeat(8));
+        for bad in ["abc", "zz".repeat(16).as_str()] {
+            match engine
+                .sql(&format!(
+                    "SELECT count(*) FROM spans WHERE trace_id = '{bad}'"
+                ))
+                .await
+            {
+                Err(crate::query::QueryError::Sql(e)) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains("trace_id") && msg.contains("32 hex digits"),
+                        "{msg}"
+                    )
+                }
+                other => panic!("expected a SQL error for {bad:?}, got {other:?}"),
+            }
+        }
     }
 
     async fn rolled_up_requests(store: Arc<Store>) -> i64 {

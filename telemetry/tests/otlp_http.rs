@@ -95,7 +95,7 @@ async fn otlp_http_takes_json_and_gzipped_protobuf_and_refuses_clearly() {
     let rows = sql(
         http,
         "SELECT trace_id, span_id, parent_span_id, span_name, span_kind, service_name, \
-                attributes['peer.service'] AS peer FROM spans WHERE service_name = 'telemetrygen'",
+                peer_service AS peer FROM spans WHERE service_name = 'telemetrygen'",
     )
     .await;
     assert_eq!(rows.len(), spans_in_fixture, "{rows:?}");
@@ -164,13 +164,13 @@ async fn otlp_http_takes_json_and_gzipped_protobuf_and_refuses_clearly() {
     assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
     let rows = sql(
         http,
-        "SELECT body, severity_number, trace_id, span_id, attributes['disk'] AS disk FROM logs",
+        "SELECT body, severity_number, trace_id, span_id, attributes_int['disk'] AS disk FROM logs",
     )
     .await;
     assert_eq!(
         rows,
         vec![json!({
-            "body": "disk full", "severity_number": 17, "disk": "3",
+            "body": "disk full", "severity_number": 17, "disk": 3,
             "trace_id": "5b8efff798038103d269b633813fc60c", "span_id": "eee19b7ec3c1b174"
         })]
     );

@@ -39,7 +39,7 @@ def main() -> int:
         "duration_sum": con.execute("SELECT sum(duration_ns) FROM spans").fetchone()[0],
         "events": con.execute("SELECT sum(len(events)) FROM spans").fetchone()[0],
         "route_attr": con.execute(
-            "SELECT count(*) FROM spans WHERE attributes['upstream_cluster'] IS NOT NULL"
+            "SELECT count(*) FROM spans WHERE upstream_cluster IS NOT NULL"
         ).fetchone()[0],
     }
 

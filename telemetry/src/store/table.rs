@@ -20,7 +20,7 @@ use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::WriterProperties;
 
-use super::{StoreError, StoreOptions};
+use super::{StoreError, StoreOptions, order, upgrade};
 use crate::budget::Reservation;
 use crate::manifest::{self, DataFile, SCHEMA_VERSION_KEY, WAL_LSN_KEY};
 use crate::{rollup, schema};
@@ -192,8 +192,60 @@ impl Table {
                 }
             }
         }
-        if files.len() != rewrite {
+        // Files of an older layout are rewritten into the current one, so queries, merges
+        // and the Parquet readers only ever meet one layout. New file in, manifest, then
+        // the old file out: a crash in between leaves an orphan or an old file to redo.
+        let mut upgraded = Vec::new();
+        let mut kept = Vec::with_capacity(files.len());
+        for file in files {
+            if file.schema_version == schema::SCHEMA_VERSION {
+                kept.push(file);
+                continue;
+            }
+            let src = dir.join(&file.name);
+            let stem = file.name.trim_end_matches(".parquet");
+            let new_name = format!("{stem}-v{}.parquet", schema::SCHEMA_VERSION);
+            let promoted = upgrade::promoted(name);
+            let conformed = read_parquet(&src).map(|b| {
+                b.and_then(|b| {
+                    upgrade::conform_batch(&b, &schema, promoted).map_err(|source| {
+                        StoreError::Arrow {
+                            table: name.to_string(),
+                            source,
+                        }
+                    })
+                })
+            });
+            match write_parquet(&dir.join(&new_name), &schema, conformed, file.max_lsn) {
+                Ok(bytes) => {
+                    tracing::info!(table = name, file = %file.name, from = %file.schema_version, to = schema::SCHEMA_VERSION, "file rewritten into the current layout");
+                    upgraded.push(src);
+                    kept.push(DataFile {
+                        name: new_name,
+                        bytes,
+                        schema_version: schema::SCHEMA_VERSION.to_string(),
+                        ..file
+                    });
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(dir.join(&new_name));
+                    quarantine(
+                        &src,
+                        format!(
+                            "rewriting layout {} as {}: {e}",
+                            file.schema_version,
+                            schema::SCHEMA_VERSION
+                        ),
+                    )?;
+                }
+            }
+        }
+        let files = kept;
+        if files.len() != rewrite || !upgraded.is_empty() {
             manifest::write(&dir, name, &files).map_err(io(&dir))?;
+        }
+        for old in upgraded {
+            std::fs::remove_file(&old).map_err(io(&old))?;
         }
         let flushed_lsn = files.iter().map(|f| f.max_lsn).max().unwrap_or(0);
         Ok(Table {
@@ -391,13 +443,19 @@ impl Table {
     ) -> Result<DataFile, StoreError> {
         let name = format!("{first_lsn:020}-{last_lsn:020}.parquet");
         let path = self.dir.join(&name);
-        let (schema, time_column) = (self.schema.clone(), self.time_column);
+        let (schema, time_column, table) = (self.schema.clone(), self.time_column, self.name);
         blocking(&path, move |path| {
             let (min, max) = time_range(&batches, time_column);
-            let bytes = write_parquet(path, &schema, batches.iter().cloned().map(Ok), last_lsn)?;
+            let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+            let arrow = |source| StoreError::Arrow {
+                table: table.to_string(),
+                source,
+            };
+            let sorted = order::sorted(batches, time_column).map_err(arrow)?;
+            let bytes = write_parquet(path, &schema, sorted.map(|b| b.map_err(arrow)), last_lsn)?;
             Ok(DataFile {
                 name,
-                rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+                rows,
                 bytes,
                 min_time_ns: min,
                 max_time_ns: max,
@@ -447,9 +505,21 @@ impl Table {
             schema_version: schema::SCHEMA_VERSION.to_string(),
             level,
         };
+        let (time_column, table) = (self.time_column, self.name);
         let bytes = blocking(&path, move |path| {
-            let batches = sources.iter().flat_map(|src| read_parquet(src));
-            write_parquet(path, &schema, batches, max_lsn)
+            // Each input is sorted by time (files of an older layout may not be; their rows
+            // are merged all the same, only less ordered).
+            let inputs = sources
+                .iter()
+                .map(|src| read_parquet(src).map(|b| b.map_err(external)))
+                .collect();
+            let merged = order::Merge::new(inputs, time_column).map(|b| {
+                b.map_err(|source| StoreError::Arrow {
+                    table: table.to_string(),
+                    source,
+                })
+            });
+            write_parquet(path, &schema, merged, max_lsn)
         })
         .await?;
         let merged = DataFile { bytes, ..merged };
@@ -576,6 +646,11 @@ fn pick_compaction(files: &[DataFile], opts: &StoreOptions) -> Option<Vec<DataFi
     None
 }
 
+/// A store error carried through an Arrow iterator.
+fn external(e: StoreError) -> datafusion::arrow::error::ArrowError {
+    datafusion::arrow::error::ArrowError::ExternalError(Box::new(e))
+}
+
 /// Runs file work off the async threads, naming `path` if the task itself fails.
 async fn blocking<T: Send + 'static>(
     path: &Path,
@@ -639,6 +714,57 @@ fn read_parquet(path: &Path) -> Box<dyn Iterator<Item = Result<RecordBatch, Stor
     }
 }
 
+/// Encodings by column type: timestamps and durations (sorted or nearly, so their deltas
+/// are small) are delta-encoded; ids and request ids (random, so a dictionary never pays)
+/// are stored plain; everything else keeps Parquet's dictionary, which is what makes the
+/// low-cardinality text columns (service, route, status, cluster) nearly free.
+fn column_encodings(
+    mut props: datafusion::parquet::file::properties::WriterPropertiesBuilder,
+    schema: &SchemaRef,
+) -> datafusion::parquet::file::properties::WriterPropertiesBuilder {
+    use datafusion::arrow::datatypes::DataType;
+    use datafusion::parquet::basic::Encoding;
+    use datafusion::parquet::schema::types::ColumnPath;
+    // Leaf paths as the Arrow writer names them (lists' items are `list.item`).
+    fn leaves(
+        prefix: Vec<String>,
+        field: &datafusion::arrow::datatypes::Field,
+        out: &mut Vec<(Vec<String>, DataType, String)>,
+    ) {
+        let mut path = prefix;
+        path.push(field.name().clone());
+        match field.data_type() {
+            DataType::List(item) => {
+                path.push("list".into());
+                leaves(path, item, out);
+            }
+            DataType::Struct(fields) => {
+                for f in fields {
+                    leaves(path.clone(), f, out);
+                }
+            }
+            other => out.push((path, other.clone(), field.name().clone())),
+        }
+    }
+    let mut all = Vec::new();
+    for field in schema.fields() {
+        leaves(Vec::new(), field, &mut all);
+    }
+    for (path, ty, name) in all {
+        let column = ColumnPath::new(path);
+        let delta = matches!(ty, DataType::Timestamp(..)) || name == "duration_ns";
+        let plain = matches!(ty, DataType::FixedSizeBinary(_)) || name == "request_id";
+        if delta {
+            props = props
+                .set_column_dictionary_enabled(column.clone(), false)
+                .set_column_encoding(column, Encoding::DELTA_BINARY_PACKED);
+        } else if plain {
+            props = props.set_column_dictionary_enabled(column, false);
+        }
+    }
+    props
+}
+
 /// Streams `batches` into a new Parquet file at `path` (written aside, fsynced, renamed,
 /// directory fsynced), one write per batch. Returns the file's size.
 fn write_parquet(
@@ -649,18 +775,20 @@ fn write_parquet(
 ) -> Result<u64, StoreError> {
     let tmp = path.with_extension("parquet.tmp");
     let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        // Trace-by-id lookups skip the row groups whose filter says the id is not there.
-        .set_column_bloom_filter_enabled("trace_id".into(), true)
-        .set_key_value_metadata(Some(vec![
-            KeyValue::new(
-                SCHEMA_VERSION_KEY.to_string(),
-                schema::SCHEMA_VERSION.to_string(),
-            ),
-            KeyValue::new(WAL_LSN_KEY.to_string(), last_lsn.to_string()),
-        ]))
-        .build();
+    let props = column_encodings(
+        WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::default())),
+        schema,
+    )
+    // Trace-by-id lookups skip the row groups whose filter says the id is not there.
+    .set_column_bloom_filter_enabled("trace_id".into(), true)
+    .set_key_value_metadata(Some(vec![
+        KeyValue::new(
+            SCHEMA_VERSION_KEY.to_string(),
+            schema::SCHEMA_VERSION.to_string(),
+        ),
+        KeyValue::new(WAL_LSN_KEY.to_string(), last_lsn.to_string()),
+    ]))
+    .build();
     let parquet_err = |source| StoreError::Parquet {
         path: tmp.clone(),
         source,
