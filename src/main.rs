@@ -109,6 +109,16 @@ struct TelemetryArgs {
     /// MiB of Parquet files each table keeps at most; the oldest go first (0: no cap).
     #[arg(long, default_value_t = 0)]
     retention_mib: u64,
+    /// Also publish Parquet files to this bucket and query the other writers' files in it:
+    /// `s3://bucket/prefix` (credentials, region and endpoint from the AWS_* environment
+    /// variables, e.g. AWS_ENDPOINT_URL and AWS_ALLOW_HTTP=true for a local S3) or
+    /// `file:///shared/dir`.
+    #[arg(long)]
+    object_store: Option<String>,
+    /// This process's name in the bucket (default: an id made up at the first start and
+    /// kept in <data>/writer-id).
+    #[arg(long)]
+    writer_id: Option<String>,
     /// Milliseconds each flush waits before writing: a slow disk, for backpressure tests.
     #[arg(long, default_value_t = 0, hide = true)]
     debug_flush_delay_ms: u64,
@@ -207,6 +217,8 @@ async fn main() -> anyhow::Result<()> {
                 max_inflight_requests: args.max_inflight_requests.max(1),
                 max_message_bytes: args.max_message_mib.max(1) * 1024 * 1024,
                 max_connections: args.max_connections.max(1),
+                object_store: args.object_store,
+                writer_id: args.writer_id,
                 ..TelemetryOptions::new(args.data)
             })
             .await?;

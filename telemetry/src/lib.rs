@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod otlp_http;
 pub mod query;
 pub mod receiver;
+pub mod remote;
 pub mod rollup;
 pub mod schema;
 pub mod selfmetrics;
@@ -87,6 +88,11 @@ pub struct TelemetryOptions {
     pub request_timeout: Duration,
     /// How long shutdown waits for requests in progress before it flushes.
     pub drain_timeout: Duration,
+    /// A bucket to publish files to and read other writers' files from (`crate::remote`).
+    pub object_store: Option<String>,
+    /// This process's name in the bucket; by default the id kept in `<data>/writer-id`
+    /// (made up at the first start).
+    pub writer_id: Option<String>,
 }
 
 impl TelemetryOptions {
@@ -107,6 +113,8 @@ impl TelemetryOptions {
             max_message_bytes: receiver::MAX_MESSAGE_BYTES,
             request_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
+            object_store: None,
+            writer_id: None,
         }
     }
 }
@@ -133,6 +141,20 @@ impl Telemetry {
             options.store,
             receiver::decode_record,
         )?);
+        if let Some(url) = &options.object_store {
+            let writer = match &options.writer_id {
+                Some(id) => id.clone(),
+                None => remote::writer_id(&options.data_dir).map_err(|source| {
+                    store::StoreError::Io {
+                        path: options.data_dir.join("writer-id"),
+                        source,
+                    }
+                })?,
+            };
+            let remote = remote::Remote::open(url, &writer).map_err(store::StoreError::Remote)?;
+            tracing::info!(url = %url, writer = %writer, "publishing files to the object store");
+            store.attach_remote(Arc::new(remote)).await?;
+        }
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
                 .await

@@ -71,33 +71,40 @@ pub fn read(dir: &Path, table: &str) -> Result<Option<Vec<DataFile>>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("{}: {e}", path.display())),
     };
-    let manifest: Manifest =
-        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    decode(&bytes, table, &path.display().to_string()).map(Some)
+}
+
+/// A manifest's file list from its bytes; `origin` names it in errors.
+pub fn decode(bytes: &[u8], table: &str, origin: &str) -> Result<Vec<DataFile>, String> {
+    let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| format!("{origin}: {e}"))?;
     if manifest.format != MANIFEST_FORMAT {
         return Err(format!(
-            "{}: manifest format {} is unknown to this build (reads {MANIFEST_FORMAT})",
-            path.display(),
+            "{origin}: manifest format {} is unknown to this build (reads {MANIFEST_FORMAT})",
             manifest.format
         ));
     }
     if manifest.table != table {
         return Err(format!(
-            "{}: manifest of table {:?}, expected {table:?}",
-            path.display(),
+            "{origin}: manifest of table {:?}, expected {table:?}",
             manifest.table
         ));
     }
-    Ok(Some(manifest.files))
+    Ok(manifest.files)
 }
 
-/// Replaces a table's manifest atomically.
-pub fn write(dir: &Path, table: &str, files: &[DataFile]) -> std::io::Result<()> {
+/// A manifest's bytes.
+pub fn encode(table: &str, files: &[DataFile]) -> std::io::Result<Vec<u8>> {
     let manifest = Manifest {
         format: MANIFEST_FORMAT,
         table: table.to_string(),
         files: files.to_vec(),
     };
-    let bytes = serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)?;
+    serde_json::to_vec_pretty(&manifest).map_err(std::io::Error::other)
+}
+
+/// Replaces a table's manifest atomically.
+pub fn write(dir: &Path, table: &str, files: &[DataFile]) -> std::io::Result<()> {
+    let bytes = encode(table, files)?;
     let tmp = dir.join(format!("{MANIFEST_FILE}.tmp"));
     let mut file = std::fs::File::create(&tmp)?;
     file.write_all(&bytes)?;

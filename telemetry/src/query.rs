@@ -554,6 +554,11 @@ fn context(store: &Arc<Store>, limits: &QueryLimits) -> SessionContext {
         .with_default_features()
         .with_analyzer_rules(rules)
         .build();
+    if let Some(remote) = store.remote().filter(|r| r.needs_registration()) {
+        state
+            .runtime_env()
+            .register_object_store(remote.store_url().as_ref(), remote.object_store());
+    }
     let ctx = SessionContext::new_with_state(state);
     for table in store.tables() {
         // Names are distinct, so registering cannot collide.

@@ -6,7 +6,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::query::QueryStats;
-use crate::store::Store;
+use crate::store::{Store, Table};
 
 /// Why an OTLP request was refused, as the `reason` label says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,6 +248,28 @@ pub fn render(store: &Store, ingest: &IngestStats, queries: &QueryStats) -> Stri
     );
     for t in tables {
         f.sample("", &[("table", t.name)], load(&t.stats.files_expired));
+    }
+    for (name, help, counter) in [
+        (
+            "lumen_telemetry_object_store_uploads_total",
+            "Parquet files uploaded to the object store (--object-store), by table.",
+            (|t: &Table| load(&t.stats.remote_uploads)) as fn(&Table) -> f64,
+        ),
+        (
+            "lumen_telemetry_object_store_upload_bytes_total",
+            "Bytes of Parquet files uploaded to the object store, by table.",
+            |t: &Table| load(&t.stats.remote_upload_bytes),
+        ),
+        (
+            "lumen_telemetry_object_store_failures_total",
+            "Object store operations that failed (uploads, manifests, deletions, peer reads), by table.",
+            |t: &Table| load(&t.stats.remote_failures),
+        ),
+    ] {
+        let mut f = Family::new(&mut out, name, "counter", help);
+        for t in tables {
+            f.sample("", &[("table", t.name)], counter(t));
+        }
     }
     let files: Vec<_> = tables.iter().map(|t| (t.name, t.files())).collect();
     let mut f = Family::new(

@@ -54,6 +54,8 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Wal(#[from] WalError),
+    #[error("object store: {0}")]
+    Remote(#[from] crate::remote::RemoteError),
     #[error("no table with id {0}")]
     NoTable(u8),
     #[error("store lock poisoned")]
@@ -123,6 +125,7 @@ pub struct Store {
     /// Parquet files set aside at start because they could not be read.
     pub quarantined: Vec<(PathBuf, String)>,
     flush_wanted: Notify,
+    remote: std::sync::OnceLock<Arc<crate::remote::Remote>>,
 }
 
 impl Store {
@@ -257,7 +260,27 @@ impl Store {
             replayed,
             quarantined,
             flush_wanted,
+            remote: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Publishes every table to `remote` from now on (see `crate::remote`), after bringing
+    /// the bucket in line with the local files, and reads the other writers' manifests.
+    pub async fn attach_remote(
+        &self,
+        remote: Arc<crate::remote::Remote>,
+    ) -> Result<(), StoreError> {
+        for table in self.tables() {
+            table.attach_remote(remote.clone()).await?;
+            table.sync_remote().await?;
+        }
+        let _ = self.remote.set(remote);
+        Ok(())
+    }
+
+    /// The bucket the store publishes to, if any.
+    pub fn remote(&self) -> Option<&Arc<crate::remote::Remote>> {
+        self.remote.get()
     }
 
     pub fn tables(&self) -> [&Arc<Table>; 4] {
@@ -364,6 +387,10 @@ impl Store {
                 first_error.get_or_insert(e);
             }
             table.sweep();
+            if let Err(e) = table.sync_remote().await {
+                tracing::error!(table = table.name, error = %e, "object store upkeep failed, retried at the next maintenance");
+                first_error.get_or_insert(e);
+            }
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -852,6 +879,103 @@ mod tests {
         assert_eq!(old.rows[0]["span_id"], "01".repeat(8));
         let newest = store.spans.files().pop().expect("a file");
         assert_eq!(newest.schema_version, schema::SCHEMA_VERSION);
+    }
+
+    #[tokio::test]
+    async fn two_writers_sharing_a_bucket_each_query_the_others_files_exactly_once() {
+        use crate::remote::Remote;
+        let bucket = tempfile::tempdir().expect("bucket");
+        let url = format!("file://{}/mesh", bucket.path().display());
+        let options = StoreOptions {
+            compact_min_files: 2,
+            delete_grace: Duration::ZERO,
+            ..StoreOptions::default()
+        };
+        let open = |dir: &Path| {
+            Arc::new(Store::open_with(dir, options, crate::receiver::decode_record).expect("open"))
+        };
+        let (dir_a, dir_b) = (
+            tempfile::tempdir().expect("a"),
+            tempfile::tempdir().expect("b"),
+        );
+        let a = open(dir_a.path());
+        let b = open(dir_b.path());
+        // A flushed a file before it had a bucket: attaching uploads it.
+        ingest(&a, 3, 1).await;
+        a.flush().await.expect("flush a");
+        a.attach_remote(Arc::new(Remote::open(&url, "writer-a").expect("remote a")))
+            .await
+            .expect("attach a");
+        b.attach_remote(Arc::new(Remote::open(&url, "writer-b").expect("remote b")))
+            .await
+            .expect("attach b");
+        ingest(&b, 2, 2).await;
+        b.flush().await.expect("flush b");
+        ingest(&a, 4, 3).await;
+        a.flush().await.expect("flush a again");
+        for store in [&a, &b] {
+            store.maintain(crate::now_ns()).await.expect("maintain");
+        }
+        let traces = |store: &Arc<Store>| {
+            let engine = QueryEngine::new(store.clone());
+            async move {
+                let r = engine
+                    .sql("SELECT count(*) AS n, count(DISTINCT trace_id) AS t FROM spans")
+                    .await
+                    .expect("query");
+                (
+                    r.rows[0]["n"].as_i64().expect("n"),
+                    r.rows[0]["t"].as_i64().expect("t"),
+                )
+            }
+        };
+        // A compacted its two files (min 2), B re-read A's manifest after that.
+        assert_eq!(a.spans.files().len(), 1, "{:?}", a.spans.files());
+        b.maintain(crate::now_ns()).await.expect("maintain b");
+        assert_eq!(traces(&a).await, (9, 3), "A sees its own rows and B's");
+        assert_eq!(
+            traces(&b).await,
+            (9, 3),
+            "B sees its own rows and A's, once"
+        );
+        // The bucket holds each writer's manifest and only the files it names (A's
+        // compaction inputs were deleted after their grace, here none).
+        for store in [&a, &b] {
+            store.maintain(crate::now_ns()).await.expect("maintain");
+        }
+        let own = |store: &Arc<Store>| {
+            let remote = store.remote().expect("remote").clone();
+            async move {
+                let mut names = remote.own_files("spans").await.expect("list");
+                names.sort();
+                names
+            }
+        };
+        let listed = |store: &Arc<Store>| {
+            let mut names: Vec<String> = store.spans.files().into_iter().map(|f| f.name).collect();
+            names.sort();
+            names
+        };
+        assert_eq!(own(&a).await, listed(&a));
+        assert_eq!(own(&b).await, listed(&b));
+        assert!(
+            a.remote()
+                .expect("remote")
+                .own_manifest("spans")
+                .await
+                .expect("manifest")
+                .is_some_and(|files| files == a.spans.files())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_writer_id_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().expect("dir");
+        let first = crate::remote::writer_id(dir.path()).expect("id");
+        assert!(crate::remote::valid_writer_id(&first));
+        assert_eq!(crate::remote::writer_id(dir.path()).expect("id"), first);
+        assert!(crate::remote::Remote::open("file:///tmp/x", "../escape").is_err());
+        assert!(crate::remote::Remote::open("ftp://host/x", "w").is_err());
     }
 
     #[tokio::test]

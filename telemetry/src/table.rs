@@ -1,7 +1,8 @@
 //! DataFusion's seam into the store: a `TableProvider` that scans a snapshot of a table, its
 //! Parquet files through a listing table and its memtable through a memory table, unioned.
 //!
-//! Files come from the manifest, never a directory listing, and are pruned by time before
+//! Files come from the manifest (and, with a bucket, the other writers' manifests in it),
+//! never a directory listing, and are pruned by time before
 //! DataFusion sees them: filters on the table's time column (`start_time` of spans, `time`
 //! of metrics) are turned into a range, and files whose manifest range misses it are not
 //! read at all (EXPLAIN lists only the files left). Inside a file, DataFusion prunes row
@@ -71,11 +72,26 @@ impl TableProvider for SnapshotTable {
             .iter()
             .filter(|f| f.overlaps(lo, hi))
             .collect();
-        let mut plans = Vec::with_capacity(2);
-        if !files.is_empty() {
-            let urls = files
+        let mut plans = Vec::with_capacity(3);
+        let local: Vec<String> = files
+            .iter()
+            .map(|f| snapshot.path(f).to_string_lossy().into_owned())
+            .collect();
+        // Other writers' files in the bucket, pruned the same way; one listing table per
+        // object store, as DataFusion resolves the store from the first path.
+        let peers: Vec<String> = snapshot
+            .peer_files
+            .iter()
+            .filter(|p| p.file.overlaps(lo, hi))
+            .map(|p| p.url.clone())
+            .collect();
+        for paths in [local, peers] {
+            if paths.is_empty() {
+                continue;
+            }
+            let urls = paths
                 .iter()
-                .map(|f| ListingTableUrl::parse(snapshot.path(f).to_string_lossy()))
+                .map(ListingTableUrl::parse)
                 .collect::<Result<Vec<_>>>()?;
             let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
                 .with_file_extension(".parquet");

@@ -65,9 +65,15 @@ pub struct Lumen {
 
 impl Lumen {
     pub fn spawn(args: &[&str]) -> Lumen {
+        Lumen::spawn_with_env(args, &[])
+    }
+
+    /// As [`Lumen::spawn`], with extra environment variables.
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Lumen {
         let mut child = Command::new(env!("CARGO_BIN_EXE_lumen"))
             .args(args)
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -88,6 +94,11 @@ impl Lumen {
     /// Starts `lumen telemetry` on `data` with ephemeral loopback ports and `extra` flags;
     /// returns it with its addresses and its WAL report line.
     pub fn telemetry(data: &str, extra: &[&str]) -> (Lumen, Addrs) {
+        Lumen::telemetry_with_env(data, extra, &[])
+    }
+
+    /// As [`Lumen::telemetry`], with extra environment variables.
+    pub fn telemetry_with_env(data: &str, extra: &[&str], env: &[(&str, &str)]) -> (Lumen, Addrs) {
         let mut args = vec![
             "telemetry",
             "--data",
@@ -100,7 +111,7 @@ impl Lumen {
             "127.0.0.1:0",
         ];
         args.extend_from_slice(extra);
-        let mut lumen = Lumen::spawn(&args);
+        let mut lumen = Lumen::spawn_with_env(&args, env);
         let wal = lumen.wait_for_line("wal: ", Duration::from_secs(60));
         let otlp_http = lumen.wait_for_line("otlp-http: ", Duration::from_secs(60));
         let otlp_http = otlp_http

@@ -75,34 +75,58 @@ struct Cursor<I> {
 }
 
 /// Merges inputs that are each sorted by `column` into batches of at most [`CHUNK_ROWS`],
-/// sorted by `column`. Holds one batch per input plus those the current chunk points into.
-pub struct Merge<I> {
+/// sorted by `column`. An input is opened only once the merge reaches its smallest key
+/// (files of consecutive time ranges are then read one after the other, never all at
+/// once: each open Parquet reader holds a row group), and it holds one batch per open
+/// input plus those the current chunk points into.
+pub struct Merge<I, F> {
     column: String,
+    /// Inputs not opened yet, by their smallest key (ascending).
+    pending: std::collections::VecDeque<(i64, F)>,
     cursors: Vec<Cursor<I>>,
     heap: BinaryHeap<Reverse<(i64, usize)>>,
     held: Vec<RecordBatch>,
-    started: bool,
 }
 
-impl<I> Merge<I>
+impl<I, F> Merge<I, F>
 where
     I: Iterator<Item = Result<RecordBatch, ArrowError>>,
+    F: FnOnce() -> I,
 {
-    pub fn new(inputs: Vec<I>, column: &str) -> Merge<I> {
+    /// `inputs`: each input's smallest key (a lower bound is enough) and how to open it.
+    pub fn new(mut inputs: Vec<(i64, F)>, column: &str) -> Merge<I, F> {
+        inputs.sort_by_key(|(min, _)| *min);
         Merge {
             column: column.to_string(),
-            cursors: inputs
-                .into_iter()
-                .map(|input| Cursor {
-                    input,
-                    batch: None,
-                    row: 0,
-                    slot: 0,
-                })
-                .collect(),
+            pending: inputs.into(),
+            cursors: Vec::new(),
             heap: BinaryHeap::new(),
             held: Vec::new(),
-            started: false,
+        }
+    }
+
+    /// Opens the pending inputs whose smallest key is not above the merge's next key.
+    fn open_due(&mut self) -> Result<(), ArrowError> {
+        loop {
+            let next = self.heap.peek().map(|Reverse((k, _))| *k);
+            match self.pending.front() {
+                Some((min, _)) if next.is_none_or(|k| *min <= k) => {
+                    let Some((_, open)) = self.pending.pop_front() else {
+                        return Ok(());
+                    };
+                    let i = self.cursors.len();
+                    self.cursors.push(Cursor {
+                        input: open(),
+                        batch: None,
+                        row: 0,
+                        slot: 0,
+                    });
+                    if self.advance(i)? {
+                        self.push(i)?;
+                    }
+                }
+                _ => return Ok(()),
+            }
         }
     }
 
@@ -140,16 +164,9 @@ where
     }
 
     fn next_chunk(&mut self) -> Result<Option<RecordBatch>, ArrowError> {
-        if !self.started {
-            self.started = true;
-            for i in 0..self.cursors.len() {
-                if self.advance(i)? {
-                    self.push(i)?;
-                }
-            }
-        }
         let mut indices = Vec::with_capacity(CHUNK_ROWS);
         while indices.len() < CHUNK_ROWS {
+            self.open_due()?;
             let Some(Reverse((_, i))) = self.heap.pop() else {
                 break;
             };
@@ -171,21 +188,33 @@ where
             let refs: Vec<&RecordBatch> = self.held.iter().collect();
             interleave_record_batch(&refs, &indices)?
         };
-        // Keep only the batches the cursors are still in, renumbered.
+        // Keep only the batches the cursors are still in, renumbered; finished inputs
+        // (and their readers) are dropped.
         self.held.clear();
-        for cursor in &mut self.cursors {
+        self.cursors.retain(|c| c.batch.is_some());
+        self.heap.clear();
+        for i in 0..self.cursors.len() {
+            let cursor = &mut self.cursors[i];
             if let Some(batch) = &cursor.batch {
                 cursor.slot = self.held.len();
                 self.held.push(batch.clone());
             }
+            self.push(i)?;
         }
         Ok(Some(chunk))
     }
+
+    /// Inputs open at once so far is at most this (for tests).
+    #[cfg(test)]
+    fn open_inputs(&self) -> usize {
+        self.cursors.len()
+    }
 }
 
-impl<I> Iterator for Merge<I>
+impl<I, F> Iterator for Merge<I, F>
 where
     I: Iterator<Item = Result<RecordBatch, ArrowError>>,
+    F: FnOnce() -> I,
 {
     type Item = Result<RecordBatch, ArrowError>;
 
@@ -251,11 +280,14 @@ mod tests {
         let a: Vec<i64> = (0..20_000).map(|i| i * 2).collect();
         let b: Vec<i64> = (0..15_000).map(|i| i * 3).collect();
         let inputs = vec![
-            vec![Ok(batch(&a[..7000])), Ok(batch(&[])), Ok(batch(&a[7000..]))].into_iter(),
-            vec![Ok(batch(&b[..9000])), Ok(batch(&b[9000..]))].into_iter(),
-            Vec::new().into_iter(),
+            (
+                0,
+                vec![Ok(batch(&a[..7000])), Ok(batch(&[])), Ok(batch(&a[7000..]))],
+            ),
+            (0, vec![Ok(batch(&b[..9000])), Ok(batch(&b[9000..]))]),
+            (i64::MAX, Vec::new()),
         ];
-        let merged = collect(Merge::new(inputs, "t"));
+        let merged = collect(Merge::new(lazy(inputs), "t"));
         assert_eq!(merged.len(), 35_000);
         assert!(merged.windows(2).all(|w| w[0].0 <= w[1].0));
         assert!(merged.iter().all(|(t, v)| *v == t * 10));
@@ -264,9 +296,43 @@ mod tests {
     #[test]
     fn a_failing_input_fails_the_merge() {
         let inputs = vec![
-            vec![Ok(batch(&[1, 2]))].into_iter(),
-            vec![Err(ArrowError::ComputeError("disk".into()))].into_iter(),
+            (1, vec![Ok(batch(&[1, 2]))]),
+            (0, vec![Err(ArrowError::ComputeError("disk".into()))]),
         ];
-        assert!(Merge::new(inputs, "t").any(|c| c.is_err()));
+        assert!(Merge::new(lazy(inputs), "t").any(|c| c.is_err()));
+    }
+
+    type Input = std::vec::IntoIter<Result<RecordBatch, ArrowError>>;
+
+    fn lazy(
+        inputs: Vec<(i64, Vec<Result<RecordBatch, ArrowError>>)>,
+    ) -> Vec<(i64, impl FnOnce() -> Input)> {
+        inputs
+            .into_iter()
+            .map(|(min, batches)| (min, move || batches.into_iter()))
+            .collect()
+    }
+
+    #[test]
+    fn inputs_of_consecutive_ranges_are_read_one_after_the_other() {
+        let ranges: Vec<Vec<i64>> = (0..5)
+            .map(|f| (f * 20_000..(f + 1) * 20_000).collect())
+            .collect();
+        let inputs = ranges
+            .iter()
+            .rev()
+            .map(|r| (r[0], vec![Ok(batch(&r[..10_000])), Ok(batch(&r[10_000..]))]))
+            .collect();
+        let mut merge = Merge::new(lazy(inputs), "t");
+        let mut rows = Vec::new();
+        while let Some(chunk) = merge.next() {
+            assert!(
+                merge.open_inputs() <= 2,
+                "one input open, plus the next at a seam"
+            );
+            rows.extend(collect(std::iter::once(chunk)));
+        }
+        assert_eq!(rows.len(), 100_000);
+        assert!(rows.windows(2).all(|w| w[0].0 < w[1].0));
     }
 }

@@ -23,6 +23,7 @@ use datafusion::parquet::file::properties::WriterProperties;
 use super::{StoreError, StoreOptions, order, upgrade};
 use crate::budget::Reservation;
 use crate::manifest::{self, DataFile, SCHEMA_VERSION_KEY, WAL_LSN_KEY};
+use crate::remote::{PeerFile, Remote};
 use crate::{rollup, schema};
 
 /// One table: schema, directory, memtable and files.
@@ -50,6 +51,20 @@ pub struct Table {
     derived: OnceLock<Arc<Table>>,
     /// The table whose memtable this one's snapshots derive live rows from (rollups: spans).
     live_source: OnceLock<Weak<Table>>,
+    /// The bucket this table's files are published to, if any (`crate::remote`).
+    remote: OnceLock<Arc<Remote>>,
+    shared: Mutex<SharedState>,
+}
+
+/// What a table knows of the bucket.
+#[derive(Debug, Default)]
+struct SharedState {
+    /// Other writers' files, as of the last refresh.
+    peers: Vec<PeerFile>,
+    /// The manifest in the bucket is behind the local one (a publish failed).
+    manifest_behind: bool,
+    /// This writer's objects to delete from the bucket once their grace is over.
+    deletions: Vec<(String, Instant)>,
 }
 
 /// What a table is: its name (and directory), WAL id, schema and time column.
@@ -71,6 +86,9 @@ pub struct TableStats {
     pub compactions: AtomicU64,
     pub compaction_micros: AtomicU64,
     pub files_expired: AtomicU64,
+    pub remote_uploads: AtomicU64,
+    pub remote_upload_bytes: AtomicU64,
+    pub remote_failures: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +113,8 @@ pub struct Snapshot {
     pub dir: PathBuf,
     pub files: Vec<DataFile>,
     pub batches: Vec<RecordBatch>,
+    /// Other writers' files in the bucket.
+    pub peer_files: Vec<PeerFile>,
 }
 
 impl Snapshot {
@@ -266,7 +286,118 @@ impl Table {
             view,
             derived: OnceLock::new(),
             live_source: OnceLock::new(),
+            remote: OnceLock::new(),
+            shared: Mutex::new(SharedState::default()),
         })
+    }
+
+    fn shared(&self) -> std::sync::MutexGuard<'_, SharedState> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes this table to `remote` from now on, after bringing the bucket in line
+    /// with the local manifest: local files the bucket lacks are uploaded, the manifest
+    /// published, and this writer's objects the manifest does not name are deleted after
+    /// the grace period (a peer may still be reading them).
+    pub(super) async fn attach_remote(&self, remote: Arc<Remote>) -> Result<(), StoreError> {
+        let _maintenance = self.maintenance.lock().await;
+        let _ = self.remote.set(remote.clone());
+        let there = remote.own_files(self.name).await?;
+        let files = self.files();
+        for f in files.iter().filter(|f| !there.contains(&f.name)) {
+            self.upload(f).await?;
+        }
+        remote.put_manifest(self.name, &files).await?;
+        let at = Instant::now() + self.options.delete_grace;
+        let mut shared = self.shared();
+        for name in there {
+            if !files.iter().any(|f| f.name == name) {
+                shared.deletions.push((name, at));
+            }
+        }
+        Ok(())
+    }
+
+    /// Uploads one of this table's local files to the bucket, if there is one.
+    async fn upload(&self, file: &DataFile) -> Result<(), StoreError> {
+        let Some(remote) = self.remote.get() else {
+            return Ok(());
+        };
+        match remote
+            .upload(self.name, &self.dir.join(&file.name), &file.name)
+            .await
+        {
+            Ok(()) => {
+                self.stats.remote_uploads.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .remote_upload_bytes
+                    .fetch_add(file.bytes, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.remote_failures.fetch_add(1, Ordering::Relaxed);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Publishes the local manifest to the bucket. A failure is logged and retried at the
+    /// next maintenance: the local state has already moved on, and the bucket's manifest
+    /// still names only files that are there (retired ones stay until their grace ends).
+    async fn publish_manifest(&self) {
+        let Some(remote) = self.remote.get() else {
+            return;
+        };
+        let files = self.files();
+        match remote.put_manifest(self.name, &files).await {
+            Ok(()) => self.shared().manifest_behind = false,
+            Err(e) => {
+                self.stats.remote_failures.fetch_add(1, Ordering::Relaxed);
+                self.shared().manifest_behind = true;
+                tracing::error!(table = self.name, error = %e, "publishing the manifest to the bucket failed, retried at the next maintenance");
+            }
+        }
+    }
+
+    /// Bucket upkeep: republishes a manifest that is behind, deletes retired objects whose
+    /// grace is over and re-reads the other writers' manifests.
+    pub(super) async fn sync_remote(&self) -> Result<(), StoreError> {
+        let Some(remote) = self.remote.get() else {
+            return Ok(());
+        };
+        if self.shared().manifest_behind {
+            let _maintenance = self.maintenance.lock().await;
+            self.publish_manifest().await;
+        }
+        let now = Instant::now();
+        let due: Vec<String> = {
+            let mut shared = self.shared();
+            let (due, keep): (Vec<_>, Vec<_>) =
+                shared.deletions.drain(..).partition(|(_, at)| *at <= now);
+            shared.deletions = keep;
+            due.into_iter().map(|(n, _)| n).collect()
+        };
+        for (i, name) in due.iter().enumerate() {
+            if let Err(e) = remote.delete(self.name, name).await {
+                self.stats.remote_failures.fetch_add(1, Ordering::Relaxed);
+                // Try again next time, with the ones not reached.
+                let mut shared = self.shared();
+                shared
+                    .deletions
+                    .extend(due[i..].iter().map(|n| (n.clone(), now)));
+                return Err(e.into());
+            }
+        }
+        match remote.peer_files(self.name).await {
+            Ok(peers) => {
+                self.shared().peers = peers;
+                Ok(())
+            }
+            Err(e) => {
+                self.stats.remote_failures.fetch_add(1, Ordering::Relaxed);
+                Err(e.into())
+            }
+        }
     }
 
     /// Makes `rollups` the rollup table of `spans`: each spans flush writes the rollup of
@@ -358,6 +489,7 @@ impl Table {
             dir: self.dir.clone(),
             files,
             batches,
+            peer_files: self.shared().peers.clone(),
         }
     }
 
@@ -379,7 +511,11 @@ impl Table {
         let started = Instant::now();
         let n = batches.len();
         let derived = self.derived.get().is_some().then(|| batches.clone());
-        let file = match self.write_file(batches, first_lsn, last_lsn).await {
+        let written = match self.write_file(batches, first_lsn, last_lsn).await {
+            Ok(file) => self.upload(&file).await.map(|()| file),
+            Err(e) => Err(e),
+        };
+        let file = match written {
             Ok(file) => file,
             Err(e) => {
                 self.stats.flush_failures.fetch_add(1, Ordering::Relaxed);
@@ -408,6 +544,7 @@ impl Table {
         let mut target_files = None;
         if let (Some(target), Some(batch)) = (target, derived) {
             let added = target.write_file(vec![batch], first_lsn, last_lsn).await?;
+            target.upload(&added).await?;
             let mut list = target.files();
             list.push(added);
             target.replace_manifest(&list).await?;
@@ -426,6 +563,10 @@ impl Table {
             state.files = files;
             state.flushed_lsn = state.flushed_lsn.max(last_lsn);
         }
+        if let Some(target) = target {
+            target.publish_manifest().await;
+        }
+        self.publish_manifest().await;
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .flush_micros
@@ -484,7 +625,10 @@ impl Table {
         let min_lsn = inputs.iter().map(|f| f.max_lsn).min().unwrap_or(0);
         let name = format!("L{level}-{min_lsn:020}-{max_lsn:020}.parquet");
         let path = self.dir.join(&name);
-        let sources: Vec<PathBuf> = inputs.iter().map(|f| self.dir.join(&f.name)).collect();
+        let sources: Vec<(i64, PathBuf)> = inputs
+            .iter()
+            .map(|f| (f.min_time_ns, self.dir.join(&f.name)))
+            .collect();
         let schema = self.schema.clone();
         let merged = DataFile {
             name,
@@ -510,8 +654,8 @@ impl Table {
             // Each input is sorted by time (files of an older layout may not be; their rows
             // are merged all the same, only less ordered).
             let inputs = sources
-                .iter()
-                .map(|src| read_parquet(src).map(|b| b.map_err(external)))
+                .into_iter()
+                .map(|(min, src)| (min, move || read_parquet(&src).map(|b| b.map_err(external))))
                 .collect();
             let merged = order::Merge::new(inputs, time_column).map(|b| {
                 b.map_err(|source| StoreError::Arrow {
@@ -523,6 +667,7 @@ impl Table {
         })
         .await?;
         let merged = DataFile { bytes, ..merged };
+        self.upload(&merged).await?;
         let names: Vec<&str> = inputs.iter().map(|f| f.name.as_str()).collect();
         let mut next: Vec<DataFile> = files
             .iter()
@@ -533,6 +678,7 @@ impl Table {
         self.replace_manifest(&next).await?;
         self.state().files = next;
         self.retire(inputs.iter().map(|f| f.name.clone()));
+        self.publish_manifest().await;
         self.stats.compactions.fetch_add(1, Ordering::Relaxed);
         self.stats
             .compaction_micros
@@ -575,6 +721,7 @@ impl Table {
         self.state().files = files;
         let n = dropped.len();
         self.retire(dropped.into_iter());
+        self.publish_manifest().await;
         self.stats
             .files_expired
             .fetch_add(n as u64, Ordering::Relaxed);
@@ -602,8 +749,14 @@ impl Table {
 
     fn retire(&self, names: impl Iterator<Item = String>) {
         let at = Instant::now() + self.options.delete_grace;
+        let names: Vec<String> = names.collect();
+        if self.remote.get().is_some() {
+            self.shared()
+                .deletions
+                .extend(names.iter().map(|n| (n.clone(), at)));
+        }
         let mut obsolete = self.obsolete.lock().unwrap_or_else(|p| p.into_inner());
-        obsolete.extend(names.map(|n| (self.dir.join(n), at)));
+        obsolete.extend(names.into_iter().map(|n| (self.dir.join(n), at)));
     }
 
     async fn replace_manifest(&self, files: &[DataFile]) -> Result<(), StoreError> {
