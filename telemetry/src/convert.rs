@@ -7,9 +7,9 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, BooleanBuilder, FixedSizeBinaryArray, FixedSizeBinaryBuilder, Float64Builder,
-    Int32Builder, Int64Builder, ListBuilder, MapBuilder, MapFieldNames, StringBuilder,
-    TimestampNanosecondBuilder,
+    ArrayRef, BinaryBuilder, BooleanBuilder, FixedSizeBinaryArray, FixedSizeBinaryBuilder,
+    Float64Builder, Int32Builder, Int64Builder, ListBuilder, MapBuilder, MapFieldNames,
+    StringBuilder, TimestampNanosecondBuilder,
 };
 use datafusion::arrow::array::{ListArray, StructArray};
 use datafusion::arrow::buffer::OffsetBuffer;
@@ -26,7 +26,7 @@ use opentelemetry_proto::tonic::trace::v1::{span, status};
 use crate::schema;
 
 /// String span attributes promoted to their own columns, in the order the columns are built.
-const SPAN_STRING_COLUMNS: [&str; 9] = [
+pub const SPAN_STRING_COLUMNS: [&str; 9] = [
     "http.request.method",
     "http.route",
     "url.path",
@@ -54,7 +54,7 @@ pub const SPAN_MESH_COLUMNS: [(&str, &str); 9] = [
 ];
 
 /// Integer span attributes promoted to their own columns, in the order the columns are built.
-const SPAN_INT_COLUMNS: [&str; 3] = [
+pub const SPAN_INT_COLUMNS: [&str; 3] = [
     "http.response.status_code",
     "server.port",
     "rpc.grpc.status_code",
@@ -150,13 +150,14 @@ fn append_map(
     builder.append(true)
 }
 
-/// Typed attribute maps: `attributes` (strings, and arrays, maps and bytes as JSON text),
-/// `attributes_int`, `attributes_double`, `attributes_bool`.
+/// Typed attribute maps: `attributes` (strings, and arrays and maps as JSON text),
+/// `attributes_int`, `attributes_double`, `attributes_bool`, `attributes_bytes`.
 struct TypedAttributes {
     strings: MapBuilder<StringBuilder, StringBuilder>,
     ints: MapBuilder<StringBuilder, Int64Builder>,
     doubles: MapBuilder<StringBuilder, Float64Builder>,
     bools: MapBuilder<StringBuilder, BooleanBuilder>,
+    bytes: MapBuilder<StringBuilder, BinaryBuilder>,
 }
 
 impl TypedAttributes {
@@ -168,6 +169,7 @@ impl TypedAttributes {
             ints: MapBuilder::with_capacity(names(), keys(rows), Int64Builder::new(), rows),
             doubles: MapBuilder::with_capacity(names(), keys(0), Float64Builder::new(), rows),
             bools: MapBuilder::with_capacity(names(), keys(0), BooleanBuilder::new(), rows),
+            bytes: MapBuilder::with_capacity(names(), keys(0), BinaryBuilder::new(), rows),
         }
     }
 
@@ -191,6 +193,10 @@ impl TypedAttributes {
                     self.bools.keys().append_value(&kv.key);
                     self.bools.values().append_value(*b);
                 }
+                Some(any_value::Value::BytesValue(b)) => {
+                    self.bytes.keys().append_value(&kv.key);
+                    self.bytes.values().append_value(b);
+                }
                 _ => {
                     self.strings.keys().append_value(&kv.key);
                     self.strings
@@ -202,16 +208,18 @@ impl TypedAttributes {
         self.strings.append(true)?;
         self.ints.append(true)?;
         self.doubles.append(true)?;
-        self.bools.append(true)
+        self.bools.append(true)?;
+        self.bytes.append(true)
     }
 
-    /// The four map columns: strings first, then int, double and bool.
-    fn finish(mut self) -> [ArrayRef; 4] {
+    /// The five map columns: strings first, then int, double, bool and bytes.
+    fn finish(mut self) -> [ArrayRef; 5] {
         [
             Arc::new(self.strings.finish()),
             Arc::new(self.ints.finish()),
             Arc::new(self.doubles.finish()),
             Arc::new(self.bools.finish()),
+            Arc::new(self.bytes.finish()),
         ]
     }
 }
@@ -432,6 +440,7 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
         attributes_int,
         attributes_double,
         attributes_bool,
+        attributes_bytes,
     ] = attributes.finish();
     let mut columns: Vec<ArrayRef> = vec![
         Arc::new(trace_id.finish()),
@@ -481,6 +490,7 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
         attributes_int,
         attributes_double,
         attributes_bool,
+        attributes_bytes,
     ]);
     RecordBatch::try_new(schema::SPANS.clone(), columns)
 }
@@ -821,6 +831,7 @@ pub fn logs_to_batch(req: &ExportLogsServiceRequest) -> Result<RecordBatch, Arro
         attributes_int,
         attributes_double,
         attributes_bool,
+        attributes_bytes,
     ] = attributes.finish();
     let columns: Vec<ArrayRef> = vec![
         Arc::new(time.finish()),
@@ -841,6 +852,7 @@ pub fn logs_to_batch(req: &ExportLogsServiceRequest) -> Result<RecordBatch, Arro
         attributes_int,
         attributes_double,
         attributes_bool,
+        attributes_bytes,
     ];
     RecordBatch::try_new(schema::LOGS.clone(), columns)
 }

@@ -1,5 +1,5 @@
-//! The telemetry service's HTTP API: `POST /api/v1/sql`, `/metrics` (the service's own
-//! health), `/healthz`, `/readyz`, and the guard
+//! The telemetry service's HTTP API: `POST /api/v1/sql`, Jaeger's query API (`crate::jaeger`),
+//! `/metrics` (the service's own health), `/healthz`, `/readyz`, and the guard
 //! every route of that port sits behind ([`guard`]): a request must name an allowed Host (so a
 //! DNS-rebinding name cannot reach the API from a browser) and a POST must be
 //! `application/json` (so a web page cannot post to it with a simple form or `text/plain`).
@@ -78,6 +78,7 @@ pub struct ApiState {
 
 /// Routes of the HTTP API (the dashboard is merged in by the binary).
 pub fn router(state: ApiState) -> Router {
+    let jaeger = crate::jaeger::router(state.engine.clone());
     Router::new()
         .route("/api/v1/sql", post(sql))
         .route("/metrics", get(metrics))
@@ -85,6 +86,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(|| async { "ok\n" }))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_SQL_BODY))
         .with_state(state)
+        .merge(jaeger)
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

@@ -27,7 +27,7 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::optimizer::{Analyzer, AnalyzerRule};
 use datafusion::physical_plan::coop::CooperativeExec;
 use datafusion::physical_plan::{self, ExecutionPlan};
-use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 
 use crate::hex_ids::HexIds;
 use serde::Serialize;
@@ -388,16 +388,34 @@ impl QueryEngine {
         })
     }
 
+    /// Runs a plan the caller builds with DataFusion's DataFrame API on the engine's session
+    /// (its tables, memory pool and rules), within the same time, memory and concurrency
+    /// limits as SQL; every row is kept. For Lumen's own APIs: values go in as literals, so
+    /// no parameter can change a query's shape.
+    pub async fn frame<F, Fut>(&self, build: F) -> Result<Vec<RecordBatch>, QueryError>
+    where
+        F: FnOnce(SessionContext) -> Fut + Send + 'static,
+        Fut: Future<Output = datafusion::error::Result<DataFrame>> + Send + 'static,
+    {
+        let build: FrameBuilder = Box::new(move |ctx| Box::pin(build(ctx)));
+        let started = std::time::Instant::now();
+        let result = self.run_unrecorded(Statement::Frame(build), None).await;
+        self.inner.stats.record(&result, started.elapsed());
+        Ok(result?.batches)
+    }
+
     async fn run(&self, sql: &str, max_rows: Option<usize>) -> Result<QueryOutput, QueryError> {
         let started = std::time::Instant::now();
-        let result = self.run_unrecorded(sql, max_rows).await;
+        let result = self
+            .run_unrecorded(Statement::Sql(sql.to_string()), max_rows)
+            .await;
         self.inner.stats.record(&result, started.elapsed());
         result
     }
 
     async fn run_unrecorded(
         &self,
-        sql: &str,
+        statement: Statement,
         max_rows: Option<usize>,
     ) -> Result<QueryOutput, QueryError> {
         let limits = self.inner.limits;
@@ -407,10 +425,10 @@ impl QueryEngine {
                 .map_err(|_| QueryError::Busy(limits.max_concurrent))?
                 .map_err(|_| QueryError::Internal("query engine closed".into()))?;
         let ctx = self.inner.ctx.clone();
-        let sql = sql.to_string();
         let work = async move {
             let _slot = slot;
-            match tokio::time::timeout(limits.timeout, plan_and_collect(&ctx, &sql, max_rows)).await
+            match tokio::time::timeout(limits.timeout, plan_and_collect(&ctx, statement, max_rows))
+                .await
             {
                 Ok(result) => result.map_err(|e| match e {
                     Failure::Refused(e) => QueryError::Refused(e),
@@ -435,6 +453,21 @@ impl QueryEngine {
     }
 }
 
+/// A plan built with the DataFrame API (see [`QueryEngine::frame`]).
+type FrameBuilder = Box<
+    dyn FnOnce(
+            SessionContext,
+        ) -> std::pin::Pin<
+            Box<dyn Future<Output = datafusion::error::Result<DataFrame>> + Send>,
+        > + Send,
+>;
+
+/// What to run: SQL text from a caller (checked to be a query), or a plan Lumen built.
+enum Statement {
+    Sql(String),
+    Frame(FrameBuilder),
+}
+
 /// Why a statement did not produce rows.
 enum Failure {
     Refused(DataFusionError),
@@ -445,23 +478,31 @@ enum Failure {
 /// so the cap is enforced by the plan and a cut result can be told from an exact fit.
 async fn plan_and_collect(
     ctx: &SessionContext,
-    sql: &str,
+    statement: Statement,
     max_rows: Option<usize>,
 ) -> Result<QueryOutput, Failure> {
-    let plan = ctx
-        .state()
-        .create_logical_plan(sql)
-        .await
-        .map_err(Failure::Run)?;
-    SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false)
-        .verify_plan(&plan)
-        .map_err(Failure::Refused)?;
-    // EXPLAIN must stay the root of its plan, and its output is small anyway.
-    let explain = matches!(plan, LogicalPlan::Explain(_) | LogicalPlan::Analyze(_));
-    let mut df = ctx.execute_logical_plan(plan).await.map_err(Failure::Run)?;
+    let (mut df, explain) = match statement {
+        Statement::Sql(sql) => {
+            let plan = ctx
+                .state()
+                .create_logical_plan(&sql)
+                .await
+                .map_err(Failure::Run)?;
+            SQLOptions::new()
+                .with_allow_ddl(false)
+                .with_allow_dml(false)
+                .with_allow_statements(false)
+                .verify_plan(&plan)
+                .map_err(Failure::Refused)?;
+            // EXPLAIN must stay the root of its plan, and its output is small anyway.
+            let explain = matches!(plan, LogicalPlan::Explain(_) | LogicalPlan::Analyze(_));
+            (
+                ctx.execute_logical_plan(plan).await.map_err(Failure::Run)?,
+                explain,
+            )
+        }
+        Statement::Frame(build) => (build(ctx.clone()).await.map_err(Failure::Run)?, false),
+    };
     if let Some(cap) = max_rows.filter(|_| !explain) {
         df = df
             .limit(0, Some(cap.saturating_add(1)))

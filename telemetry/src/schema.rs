@@ -14,11 +14,12 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, T
 ///    attributes promoted to a column are no longer repeated in the map, and the mesh
 ///    proxy's own attributes (`convert::SPAN_MESH_COLUMNS`) are promoted; rows are sorted
 ///    by time within a file.
-pub const SCHEMA_VERSION: &str = "3";
+/// 4: bytes attributes keep their type (`attributes_bytes`, spans and logs).
+pub const SCHEMA_VERSION: &str = "4";
 
 /// Layout versions this build reads; files of any other version are quarantined. Files of
 /// an older version are rewritten into the current layout at open (`store::upgrade`).
-pub const READABLE_VERSIONS: &[&str] = &["1", "2", "3"];
+pub const READABLE_VERSIONS: &[&str] = &["1", "2", "3", "4"];
 
 /// A trace id: 16 bytes. SQL shows it as hex, and a hex string literal compared with it is
 /// read as the id's bytes (`query::hex_ids`).
@@ -72,7 +73,7 @@ pub static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("istio_namespace", DataType::Utf8, true),
         Field::new("scope_name", DataType::Utf8, true),
         Field::new("scope_version", DataType::Utf8, true),
-        // String attributes not promoted to a column above; arrays, maps and bytes as JSON.
+        // String attributes not promoted to a column above; arrays and maps as JSON.
         Field::new("attributes", string_map(), false),
         Field::new("resource_attributes", string_map(), false),
         // Version 2.
@@ -86,6 +87,8 @@ pub static SPANS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("attributes_int", typed_map(DataType::Int64), false),
         Field::new("attributes_double", typed_map(DataType::Float64), false),
         Field::new("attributes_bool", typed_map(DataType::Boolean), false),
+        // Version 4.
+        Field::new("attributes_bytes", typed_map(DataType::Binary), false),
     ]))
 });
 
@@ -172,6 +175,8 @@ pub static LOGS: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new("attributes_int", typed_map(DataType::Int64), false),
         Field::new("attributes_double", typed_map(DataType::Float64), false),
         Field::new("attributes_bool", typed_map(DataType::Boolean), false),
+        // Version 4.
+        Field::new("attributes_bytes", typed_map(DataType::Binary), false),
     ]))
 });
 
