@@ -81,6 +81,7 @@ pub fn router(state: ApiState) -> Router {
     let jaeger = crate::jaeger::router(state.engine.clone());
     Router::new()
         .route("/api/v1/sql", post(sql))
+        .route("/api/v1/tables", get(tables))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(|| async { "ok\n" }))
@@ -168,7 +169,84 @@ fn error(status: StatusCode, kind: &str, message: String) -> Response {
     (status, Json(json!({ "error": message, "kind": kind }))).into_response()
 }
 
-async fn sql(State(state): State<ApiState>, body: Result<Bytes, BytesRejection>) -> Response {
+/// The media type of an Arrow IPC stream, which `POST /api/v1/sql` answers in when the
+/// request's Accept asks for it.
+pub const ARROW_STREAM: &str = "application/vnd.apache.arrow.stream";
+
+/// `GET /api/v1/tables`: every table with its columns, their Arrow types and nullability.
+async fn tables(State(state): State<ApiState>) -> Response {
+    let tables: Vec<serde_json::Value> = state
+        .store
+        .tables()
+        .iter()
+        .map(|t| {
+            let columns: Vec<serde_json::Value> = t
+                .schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    json!({
+                        "name": f.name(),
+                        "type": f.data_type().to_string(),
+                        "nullable": f.is_nullable(),
+                    })
+                })
+                .collect();
+            json!({ "name": t.name, "time_column": t.time_column, "columns": columns })
+        })
+        .collect();
+    Json(json!({ "tables": tables })).into_response()
+}
+
+/// A result as an Arrow IPC stream; `x-lumen-truncated` says whether rows were cut.
+fn arrow_stream(out: &crate::query::QueryOutput) -> Response {
+    use datafusion::arrow::ipc::writer::StreamWriter;
+    let mut buf = Vec::new();
+    let written = StreamWriter::try_new(&mut buf, &out.schema).and_then(|mut w| {
+        for batch in &out.batches {
+            w.write(batch)?;
+        }
+        w.finish()
+    });
+    match written {
+        Ok(()) => (
+            [
+                (header::CONTENT_TYPE, ARROW_STREAM),
+                (
+                    header::HeaderName::from_static("x-lumen-truncated"),
+                    if out.truncated { "true" } else { "false" },
+                ),
+            ],
+            buf,
+        )
+            .into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("encoding the result as Arrow IPC: {e}"),
+        ),
+    }
+}
+
+/// Whether the request's Accept header asks for an Arrow IPC stream.
+fn wants_arrow(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|m| {
+            m.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case(ARROW_STREAM))
+        })
+}
+
+async fn sql(
+    State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let engine = &state.engine;
     let body = match body {
         Ok(b) => b,
@@ -184,8 +262,16 @@ async fn sql(State(state): State<ApiState>, body: Result<Bytes, BytesRejection>)
             );
         }
     };
-    match engine.sql(&req.sql).await {
-        Ok(result) => Json(result).into_response(),
+    let result = if wants_arrow(&headers) {
+        engine.query(&req.sql).await.map(|out| arrow_stream(&out))
+    } else {
+        engine
+            .sql(&req.sql)
+            .await
+            .map(|result| Json(result).into_response())
+    };
+    match result {
+        Ok(response) => response,
         Err(e) => {
             let status =
                 StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -408,3 +408,133 @@ async fn bad_parameters_are_4xx_in_jaegers_envelope_and_the_service_goes_on() {
     assert_eq!(status, 200, "still serving: {ok}");
     svc.stop().await;
 }
+
+/// The span of Jaeger's api_v3 snapshots, as an OTLP export: no resource attributes, no
+/// scope, no times.
+fn snapshot_span() -> Value {
+    json!({ "resourceSpans": [{ "resource": {}, "scopeSpans": [{ "scope": {}, "spans": [{
+        "traceId": "00000000000000000000000000000001", "spanId": "0000000000000002",
+        "name": "foobar", "kind": 2, "status": { "code": 2 }
+    }]}]}]})
+}
+
+/// Whether `ours` has every key of `theirs` with a value of the same JSON type, recursively
+/// (arrays by their first item).
+fn same_shape(ours: &Value, theirs: &Value) -> bool {
+    match (ours, theirs) {
+        (Value::Object(a), Value::Object(b)) => b
+            .iter()
+            .all(|(k, v)| a.get(k).is_some_and(|o| same_shape(o, v))),
+        (Value::Array(a), Value::Array(b)) => match (a.first(), b.first()) {
+            (Some(x), Some(y)) => same_shape(x, y),
+            (_, None) => true,
+            (None, Some(_)) => false,
+        },
+        (Value::String(_), Value::String(_))
+        | (Value::Number(_), Value::Number(_))
+        | (Value::Bool(_), Value::Bool(_))
+        | (Value::Null, Value::Null) => true,
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn api_v3_answers_as_jaegers_snapshots() {
+    let svc = common::start_telemetry(Duration::from_secs(3600)).await;
+    export(svc.otlp_http, &snapshot_span()).await;
+    export(svc.otlp_http, &rich_trace(lumen_telemetry::now_ns())).await;
+
+    let (status, trace) = get(svc.http, "/api/v3/traces/00000000000000000000000000000001").await;
+    assert_eq!(status, 200, "{trace}");
+    assert_eq!(trace, fixture("jaeger/apiv3/GetTrace.json"), "{trace:#}");
+    let (status, found) = get(
+        svc.http,
+        "/api/v3/traces?query.service_name=unknown_service&query.start_time_min=1970-01-01T00:00:00Z\
+         &query.start_time_max=2100-01-01T00:00:00Z&query.search_depth=20",
+    )
+    .await;
+    assert_eq!(status, 200, "{found}");
+    assert_eq!(found, fixture("jaeger/apiv3/FindTraces.json"), "{found:#}");
+
+    let (_, services) = get(svc.http, "/api/v3/services").await;
+    assert!(
+        same_shape(&services, &fixture("jaeger/apiv3/GetServices.json")),
+        "{services}"
+    );
+    assert_eq!(
+        services["services"],
+        json!(["backend", "frontend", "unknown_service"])
+    );
+    let (_, ops) = get(
+        svc.http,
+        "/api/v3/operations?service=frontend&span_kind=server",
+    )
+    .await;
+    assert!(
+        same_shape(&ops, &fixture("jaeger/apiv3/GetOperations.json")),
+        "{ops}"
+    );
+    assert_eq!(
+        ops["operations"],
+        json!([{ "name": "GET /", "spanKind": "server" }])
+    );
+
+    // The rich trace: typed attributes as OTLP JSON values, ids as hex.
+    let (_, rich) = get(svc.http, "/api/v3/traces/0000000000000000000000000000c0de").await;
+    let spans: Vec<Value> = rich["result"]["resourceSpans"]
+        .as_array()
+        .expect("resourceSpans")
+        .iter()
+        .filter_map(|rs| rs["scopeSpans"][0]["spans"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    assert_eq!(spans.len(), 2, "{rich}");
+    let root = spans
+        .iter()
+        .find(|s| s["spanId"] == "0000000000000001")
+        .expect("root");
+    let attr = |key: &str| {
+        root["attributes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|kv| kv["key"] == key))
+            .map(|kv| kv["value"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(
+        attr("http.response.status_code"),
+        json!({ "intValue": "500" })
+    );
+    assert_eq!(attr("retry"), json!({ "boolValue": true }));
+    assert_eq!(attr("temperature"), json!({ "doubleValue": 72.5 }));
+
+    for (path, status) in [
+        ("/api/v3/traces/xyz", 400),
+        ("/api/v3/traces/00000000000000000000000000000bad", 404),
+        ("/api/v3/traces", 400),
+        (
+            "/api/v3/traces?query.service_name=a&query.start_time_min=yesterday",
+            400,
+        ),
+        (
+            "/api/v3/traces?query.service_name=a&query.start_time_min=2020-01-02T00:00:00Z&query.start_time_max=2020-01-01T00:00:00Z",
+            400,
+        ),
+        (
+            "/api/v3/traces?query.service_name=a&query.search_depth=99999999",
+            400,
+        ),
+        ("/api/v3/operations", 400),
+    ] {
+        let (got, body) = get(svc.http, path).await;
+        assert_eq!(got, status, "{path}: {body}");
+        assert_eq!(body["error"]["httpCode"], status, "{path}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{path}"
+        );
+    }
+    svc.stop().await;
+}

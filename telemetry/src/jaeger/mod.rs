@@ -2,13 +2,14 @@
 //! on the telemetry HTTP port (16686, Jaeger's own): `/api/services`,
 //! `/api/services/{service}/operations`, `/api/operations`, `/api/traces`,
 //! `/api/traces/{id}` and `/api/dependencies`, answered in Jaeger's
-//! `{data, total, limit, offset, errors}` envelope. Spans are read back from the store as
+//! `{data, total, limit, offset, errors}` envelope; and api_v3 over HTTP (`v3`). Spans are read back from the store as
 //! OTLP (`crate::readback`) and rendered as Jaeger's UI model (`model`); every query goes
 //! through the [`QueryEngine`] and its limits, built as DataFusion plans (no SQL text, so no
 //! parameter can change a query's shape).
 
 pub mod model;
 pub mod params;
+pub mod v3;
 
 use axum::Router;
 use axum::extract::{Path, RawQuery, State};
@@ -41,7 +42,8 @@ pub fn router(engine: QueryEngine) -> Router {
         .route("/api/traces", get(find_traces))
         .route("/api/traces/{id}", get(get_trace))
         .route("/api/dependencies", get(dependencies))
-        .with_state(engine)
+        .with_state(engine.clone())
+        .merge(v3::router(engine))
 }
 
 /// Jaeger's response envelope.
@@ -244,11 +246,11 @@ fn id_literal(id: &[u8]) -> Expr {
     ))
 }
 
-/// Every span of the given traces, rendered; traces in the order of `ids`.
-async fn load_traces(
+/// Every span of the given traces, read back as OTLP (in start order).
+async fn load_spans(
     engine: &QueryEngine,
     ids: Vec<Vec<u8>>,
-) -> Result<Vec<model::Trace>, QueryError> {
+) -> Result<Vec<opentelemetry_proto::tonic::trace::v1::ResourceSpans>, QueryError> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -261,8 +263,16 @@ async fn load_traces(
                 .sort(vec![col("start_time").sort(true, false)])
         })
         .await?;
-    let otlp = crate::readback::to_otlp(&batches)
-        .map_err(|e| QueryError::Internal(format!("reading spans back: {e}")))?;
+    crate::readback::to_otlp(&batches)
+        .map_err(|e| QueryError::Internal(format!("reading spans back: {e}")))
+}
+
+/// Every span of the given traces, rendered; traces in the order of `ids`.
+async fn load_traces(
+    engine: &QueryEngine,
+    ids: Vec<Vec<u8>>,
+) -> Result<Vec<model::Trace>, QueryError> {
+    let otlp = load_spans(engine, ids.clone()).await?;
     let mut traces = model::traces(&otlp);
     let order = |t: &model::Trace| {
         ids.iter()
