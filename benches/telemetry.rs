@@ -91,6 +91,8 @@ fn main() {
     let wall = started.elapsed().as_secs_f64();
     let cpu = server.cpu_seconds() - cpu_before;
     let peak_rss = server.peak_rss();
+    let flush_s = server.metric_sum("lumen_telemetry_flush_duration_seconds_sum");
+    let compaction_s = server.metric_sum("lumen_telemetry_compaction_duration_seconds_sum");
     server.stop();
     let ingest_rate = acked as f64 / cpu;
 
@@ -156,6 +158,9 @@ fn main() {
 
     println!();
     println!("spans acknowledged: {acked} in {wall:.1} s wall, {cpu:.1} s of server CPU");
+    println!(
+        "of the server's time on its one core: flushes {flush_s:.1} s, compactions {compaction_s:.1} s (wall time of each, as /metrics counts it)"
+    );
     println!(
         "files: {files_before} flushed, {} after compaction",
         files.len()
@@ -275,6 +280,7 @@ async fn export(
 struct Server {
     child: Child,
     grpc: String,
+    http: String,
 }
 
 impl Server {
@@ -301,15 +307,44 @@ impl Server {
             .spawn()
             .expect("taskset lumen telemetry (util-linux taskset)");
         let stdout = child.stdout.take().expect("stdout");
-        let mut grpc = String::new();
+        let (mut grpc, mut http) = (String::new(), String::new());
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            // "telemetry: OTLP gRPC <addr>, dashboard http://<addr>/"
             if let Some(rest) = line.strip_prefix("telemetry: OTLP gRPC ") {
-                grpc = rest.split(',').next().unwrap_or_default().to_string();
+                let (g, h) = rest.split_once(", dashboard ").unwrap_or((rest, ""));
+                grpc = g.to_string();
+                http = h
+                    .trim_start_matches("http://")
+                    .trim_end_matches('/')
+                    .to_string();
                 break;
             }
         }
         assert!(!grpc.is_empty(), "lumen telemetry did not start");
-        Server { child, grpc }
+        Server { child, grpc, http }
+    }
+
+    /// The sum of every sample of `family` on the server's /metrics (0 when absent).
+    fn metric_sum(&self, family: &str) -> f64 {
+        use std::io::{Read, Write};
+        let Ok(mut conn) = std::net::TcpStream::connect(&self.http) else {
+            return 0.0;
+        };
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.http
+        );
+        let mut body = String::new();
+        if conn.write_all(request.as_bytes()).is_err() || conn.read_to_string(&mut body).is_err() {
+            return 0.0;
+        }
+        body.lines()
+            .filter(|l| {
+                l.strip_prefix(family)
+                    .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     }
 
     fn proc_status(&self, key: &str) -> u64 {
