@@ -112,6 +112,47 @@ async fn demo_mesh_end_to_end() {
         started.elapsed()
     );
 
+    // The graph API: exactly the demo's edges, and reviews' two versions as nodes.
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .saturating_sub(600);
+    let graph: Value = reqwest::get(format!("http://{http}/api/v1/graph?start={since}"))
+        .await
+        .expect("graph")
+        .json()
+        .await
+        .expect("graph json");
+    let mut graph_edges: Vec<(String, String)> = graph["edges"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .map(|e| {
+            (
+                e["source"].as_str().unwrap_or_default().to_string(),
+                e["target"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    graph_edges.sort();
+    graph_edges.dedup();
+    assert_eq!(
+        graph_edges,
+        edges
+            .iter()
+            .map(|(s, d)| (s.to_string(), d.to_string()))
+            .collect::<Vec<_>>(),
+        "{graph}"
+    );
+    for id in ["reviews@v1", "reviews@v2", "ratings", "details"] {
+        assert!(
+            graph["nodes"].as_array().is_some_and(|n| n
+                .iter()
+                .any(|n| n["id"] == id && n["requests"].as_i64() > Some(0))),
+            "graph node {id} with requests: {graph}"
+        );
+    }
+
     // Spans from all four services, with service.version as the pods' labels say.
     let rows = sql(http, "SELECT DISTINCT service_name, service_version FROM spans ORDER BY service_name, service_version").await;
     let seen: Vec<(String, String)> = rows

@@ -79,6 +79,7 @@ pub struct ApiState {
 /// Routes of the HTTP API (the dashboard is merged in by the binary).
 pub fn router(state: ApiState) -> Router {
     let jaeger = crate::jaeger::router(state.engine.clone());
+    let graph = crate::graph::router(state.engine.clone());
     Router::new()
         .route("/api/v1/sql", post(sql))
         .route("/api/v1/tables", get(tables))
@@ -88,6 +89,7 @@ pub fn router(state: ApiState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_SQL_BODY))
         .with_state(state)
         .merge(jaeger)
+        .merge(graph)
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

@@ -106,3 +106,137 @@ async fn tables_are_listed_and_results_come_as_arrow_when_asked() {
     );
     svc.stop().await;
 }
+
+/// One span as OTLP JSON: (service, version, kind, peer, start offset ms, duration ms, error).
+fn span(
+    service: &str,
+    version: &str,
+    kind: u8,
+    peer: Option<&str>,
+    start_ns: i64,
+    ms: i64,
+    error: bool,
+    n: u8,
+) -> Value {
+    let mut attributes =
+        vec![json!({ "key": "http.response.body.size", "value": { "intValue": "100" } })];
+    if let Some(p) = peer {
+        attributes.push(json!({ "key": "peer.service", "value": { "stringValue": p } }));
+    }
+    json!({ "resource": { "attributes": [
+            { "key": "service.name", "value": { "stringValue": service } },
+            { "key": "service.version", "value": { "stringValue": version } }
+        ]},
+        "scopeSpans": [{ "spans": [{
+            // n + 1: an all-zero id is not a trace.
+            "traceId": format!("{:032x}", u64::from(n) + 1),
+            "spanId": format!("{:016x}", (u64::from(n) + 1) * 10 + u64::from(kind)),
+            "name": "call", "kind": kind,
+            "startTimeUnixNano": start_ns.to_string(),
+            "endTimeUnixNano": (start_ns + ms * 1_000_000).to_string(),
+            "attributes": attributes,
+            "status": { "code": if error { 2 } else { 0 } }
+        }]}]
+    })
+}
+
+#[tokio::test]
+async fn the_graph_has_versioned_nodes_and_edges_with_their_signals() {
+    let svc = common::start_telemetry(Duration::from_secs(3600)).await;
+    let now = lumen_telemetry::now_ns();
+    let t0 = now - 120_000_000_000;
+    let mut resource_spans = Vec::new();
+    // 10 calls productpage → reviews: 6 served by v1 (one fails), 4 by v2 (slow).
+    for n in 0..10u8 {
+        let start = t0 + i64::from(n) * 1_000_000_000;
+        let (version, ms, error) = if n < 6 {
+            ("v1", 5, n == 0)
+        } else {
+            ("v2", 200, false)
+        };
+        resource_spans.push(span(
+            "productpage",
+            "v1",
+            3,
+            Some("reviews"),
+            start,
+            ms + 1,
+            error,
+            n,
+        ));
+        resource_spans.push(span("reviews", version, 2, None, start, ms, error, n));
+    }
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/traces", svc.otlp_http))
+        .json(&json!({ "resourceSpans": resource_spans }))
+        .send()
+        .await
+        .expect("export");
+    assert_eq!(resp.status(), 200);
+
+    let url = format!(
+        "http://{}/api/v1/graph?start={}&end={}",
+        svc.http,
+        (t0 - 60_000_000_000) / 1_000_000_000,
+        now / 1_000_000_000 + 1
+    );
+    let graph: Value = reqwest::get(&url)
+        .await
+        .expect("graph")
+        .json()
+        .await
+        .expect("json");
+    let ids: Vec<&str> = graph["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["reviews", "reviews@v1", "reviews@v2"], "{graph:#}");
+    let node = |id: &str| {
+        graph["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["id"] == id))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(node("reviews")["requests"], 10);
+    assert_eq!(node("reviews@v1")["requests"], 6);
+    assert_eq!(node("reviews@v1")["errors"], 1);
+    assert_eq!(node("reviews@v2")["requests"], 4);
+    assert!(
+        node("reviews@v2")["p50_ms"]
+            .as_f64()
+            .is_some_and(|p| p > 100.0),
+        "{graph:#}"
+    );
+    assert!(
+        node("reviews@v1")["p99_ms"]
+            .as_f64()
+            .is_some_and(|p| p < 10.0),
+        "{graph:#}"
+    );
+    let edges = graph["edges"].as_array().expect("edges");
+    assert_eq!(edges.len(), 1, "{graph:#}");
+    let e = &edges[0];
+    assert_eq!(
+        (e["source"].as_str(), e["target"].as_str()),
+        (Some("productpage"), Some("reviews"))
+    );
+    assert_eq!(e["requests"], 10);
+    assert_eq!(e["error_share"], 0.1);
+    assert_eq!(e["response_bytes"], 1000);
+    assert!(e["rps"].as_f64().is_some_and(|r| r > 0.0));
+
+    for bad in [
+        "start=200&end=100",
+        "start=later",
+        "start=0&end=99999999999",
+    ] {
+        let resp = reqwest::get(format!("http://{}/api/v1/graph?{bad}", svc.http))
+            .await
+            .expect("graph");
+        assert_eq!(resp.status(), 400, "{bad}");
+    }
+    svc.stop().await;
+}

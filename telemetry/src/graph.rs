@@ -1,0 +1,395 @@
+//! `GET /api/v1/graph?start=&end=`: the service graph of a time window, from the one-minute
+//! rollups (no scan of raw spans, no join). Nodes are services and their workload versions
+//! (reviews and reviews v1 / v2, as Kiali's versioned-app graph draws them); edges are
+//! caller → callee with request rate, error share, latency percentiles and bytes. `start`
+//! and `end` are RFC 3339 times or seconds since the epoch; the window defaults to the last
+//! ten minutes.
+
+use std::collections::BTreeMap;
+
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::datatypes::Int64Type;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::{col, lit};
+use datafusion::prelude::SessionContext;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::query::{QueryEngine, QueryError};
+use crate::rollup::quantile_ms;
+
+const MINUTE_NS: i64 = 60_000_000_000;
+/// The window when the request names none.
+const DEFAULT_WINDOW_NS: i64 = 10 * MINUTE_NS;
+/// The longest window one request may cover (the rollups are kept 90 days).
+const MAX_WINDOW_NS: i64 = 90 * 24 * 60 * MINUTE_NS;
+
+pub fn router(engine: QueryEngine) -> Router {
+    Router::new()
+        .route("/api/v1/graph", get(graph))
+        .with_state(engine)
+}
+
+/// Golden signals of a node or an edge over the window.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Signals {
+    pub requests: i64,
+    pub errors: i64,
+    /// Requests per second of data held in the window.
+    pub rps: f64,
+    /// Errors ÷ requests (0 when there were none).
+    pub error_share: f64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub request_bytes: i64,
+    pub response_bytes: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Node {
+    /// `service` for a service node, `service@version` for a workload version.
+    pub id: String,
+    /// "service" or "workload".
+    pub kind: &'static str,
+    pub service: String,
+    pub version: Option<String>,
+    #[serde(flatten)]
+    pub signals: Signals,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Edge {
+    pub source: String,
+    pub source_version: Option<String>,
+    pub target: String,
+    #[serde(flatten)]
+    pub signals: Signals,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Graph {
+    pub start_ns: i64,
+    pub end_ns: i64,
+    /// Seconds of data the rates are divided by (the window, or less when the store holds
+    /// less of it).
+    pub seconds: f64,
+    pub nodes: Vec<Node>,
+    pub edges: Vec<Edge>,
+}
+
+#[derive(Default)]
+struct Acc {
+    requests: i64,
+    errors: i64,
+    buckets: Vec<i64>,
+    request_bytes: i64,
+    response_bytes: i64,
+}
+
+impl Acc {
+    fn signals(&self, seconds: f64) -> Signals {
+        Signals {
+            requests: self.requests,
+            errors: self.errors,
+            rps: self.requests as f64 / seconds,
+            error_share: if self.requests > 0 {
+                self.errors as f64 / self.requests as f64
+            } else {
+                0.0
+            },
+            p50_ms: quantile_ms(&self.buckets, 0.50),
+            p95_ms: quantile_ms(&self.buckets, 0.95),
+            p99_ms: quantile_ms(&self.buckets, 0.99),
+            request_bytes: self.request_bytes,
+            response_bytes: self.response_bytes,
+        }
+    }
+}
+
+/// A time parameter: RFC 3339, or seconds since the epoch.
+fn time_param(name: &str, text: &str) -> Result<i64, String> {
+    if let Ok(secs) = text.trim().parse::<i64>() {
+        return secs
+            .checked_mul(1_000_000_000)
+            .filter(|ns| *ns >= 0)
+            .ok_or_else(|| format!("{name}: {secs} s is outside 1970 to 2262"));
+    }
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .ok()
+        .and_then(|t| t.timestamp_nanos_opt())
+        .filter(|ns| *ns >= 0)
+        .ok_or_else(|| format!("{name}: {text:?} is neither RFC 3339 nor seconds since the epoch"))
+}
+
+/// The window a request asks for: `[start, end]` in ns.
+fn window(query: Option<&str>, now_ns: i64) -> Result<(i64, i64), String> {
+    let pairs = crate::jaeger::params::pairs(query);
+    let get = |k: &str| {
+        pairs
+            .iter()
+            .rev()
+            .find(|(key, v)| key == k && !v.is_empty())
+            .map(|(_, v)| v.as_str())
+    };
+    let end = get("end")
+        .map(|v| time_param("end", v))
+        .transpose()?
+        .unwrap_or(now_ns);
+    let start = get("start")
+        .map(|v| time_param("start", v))
+        .transpose()?
+        .unwrap_or(end.saturating_sub(DEFAULT_WINDOW_NS));
+    if start >= end {
+        return Err("the window is empty or inverted: start must be before end".into());
+    }
+    if end - start > MAX_WINDOW_NS {
+        return Err("the window is longer than the 90 days rollups are kept".into());
+    }
+    Ok((start, end))
+}
+
+fn timestamp(ns: i64) -> datafusion::logical_expr::Expr {
+    lit(ScalarValue::TimestampNanosecond(
+        Some(ns),
+        Some("UTC".into()),
+    ))
+}
+
+/// The graph of `[start_ns, end_ns]` from the rollups whose minute overlaps it.
+pub async fn graph_of(
+    engine: &QueryEngine,
+    start_ns: i64,
+    end_ns: i64,
+    now_ns: i64,
+) -> Result<Graph, QueryError> {
+    let first_minute = start_ns.div_euclid(MINUTE_NS) * MINUTE_NS;
+    let batches = engine
+        .frame(move |ctx: SessionContext| async move {
+            ctx.table("rollups").await?.filter(
+                col("minute")
+                    .gt_eq(timestamp(first_minute))
+                    .and(col("minute").lt_eq(timestamp(end_ns)))
+                    .and(col("last_ns").gt_eq(lit(start_ns)))
+                    .and(col("first_ns").lt_eq(lit(end_ns))),
+            )
+        })
+        .await?;
+    let mut services: BTreeMap<String, Acc> = BTreeMap::new();
+    let mut workloads: BTreeMap<(String, String), Acc> = BTreeMap::new();
+    let mut edges: BTreeMap<(String, Option<String>, String), Acc> = BTreeMap::new();
+    let mut first_ns = i64::MAX;
+    for batch in &batches {
+        accumulate(
+            batch,
+            &mut services,
+            &mut workloads,
+            &mut edges,
+            &mut first_ns,
+        )?;
+    }
+    let held_end = end_ns.min(now_ns.max(start_ns + 1));
+    let seconds = ((held_end - first_ns.max(start_ns)) as f64 / 1e9)
+        .clamp(1.0, ((end_ns - start_ns) as f64 / 1e9).max(1.0));
+    let mut nodes: Vec<Node> = Vec::new();
+    for (service, acc) in &services {
+        nodes.push(Node {
+            id: service.clone(),
+            kind: "service",
+            service: service.clone(),
+            version: None,
+            signals: acc.signals(seconds),
+        });
+        for ((s, version), acc) in workloads.range((service.clone(), String::new())..) {
+            if s != service {
+                break;
+            }
+            nodes.push(Node {
+                id: format!("{service}@{version}"),
+                kind: "workload",
+                service: service.clone(),
+                version: Some(version.clone()),
+                signals: acc.signals(seconds),
+            });
+        }
+    }
+    // A callee seen only as an edge's target (no server spans of its own) is still a node.
+    for (_, _, target) in edges.keys() {
+        if !services.contains_key(target) && !nodes.iter().any(|n| &n.id == target) {
+            nodes.push(Node {
+                id: target.clone(),
+                kind: "service",
+                service: target.clone(),
+                version: None,
+                signals: Acc::default().signals(seconds),
+            });
+        }
+    }
+    let edges = edges
+        .into_iter()
+        .map(|((source, source_version, target), acc)| Edge {
+            source,
+            source_version,
+            target,
+            signals: acc.signals(seconds),
+        })
+        .collect();
+    Ok(Graph {
+        start_ns,
+        end_ns,
+        seconds,
+        nodes,
+        edges,
+    })
+}
+
+fn accumulate(
+    batch: &RecordBatch,
+    services: &mut BTreeMap<String, Acc>,
+    workloads: &mut BTreeMap<(String, String), Acc>,
+    edges: &mut BTreeMap<(String, Option<String>, String), Acc>,
+    first_ns: &mut i64,
+) -> Result<(), QueryError> {
+    let bad = |name: &str| QueryError::Internal(format!("rollups column {name} missing"));
+    let text = |name: &'static str| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_string_opt::<i32>())
+            .ok_or_else(|| bad(name))
+    };
+    let int = |name: &'static str| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+            .ok_or_else(|| bad(name))
+    };
+    let (kind, source, source_version, service, version) = (
+        text("kind")?,
+        text("source")?,
+        text("source_version")?,
+        text("service")?,
+        text("version")?,
+    );
+    let (requests, errors, req_bytes, resp_bytes, first) = (
+        int("requests")?,
+        int("errors")?,
+        int("request_bytes")?,
+        int("response_bytes")?,
+        int("first_ns")?,
+    );
+    let buckets = batch
+        .column_by_name("latency_buckets")
+        .and_then(|c| c.as_list_opt::<i32>())
+        .ok_or_else(|| bad("latency_buckets"))?;
+    let opt = |a: &datafusion::arrow::array::StringArray, i: usize| {
+        a.is_valid(i).then(|| a.value(i).to_string())
+    };
+    for i in 0..batch.num_rows() {
+        let mut targets: Vec<&mut Acc> = Vec::with_capacity(2);
+        let (mut service_acc, mut workload_acc, mut edge_acc) = (None, None, None);
+        if kind.value(i) == "edge" {
+            let Some(src) = opt(source, i) else { continue };
+            edge_acc = Some(
+                edges
+                    .entry((src, opt(source_version, i), service.value(i).to_string()))
+                    .or_default(),
+            );
+        } else {
+            service_acc = Some(services.entry(service.value(i).to_string()).or_default());
+            if let Some(v) = opt(version, i) {
+                workload_acc = Some(
+                    workloads
+                        .entry((service.value(i).to_string(), v))
+                        .or_default(),
+                );
+            }
+        }
+        targets.extend(service_acc);
+        targets.extend(workload_acc);
+        targets.extend(edge_acc);
+        let row = buckets.value(i);
+        let counts = row
+            .as_primitive_opt::<Int64Type>()
+            .ok_or_else(|| bad("latency_buckets"))?;
+        for acc in targets {
+            acc.requests += requests.value(i);
+            acc.errors += errors.value(i);
+            acc.request_bytes += req_bytes.value(i);
+            acc.response_bytes += resp_bytes.value(i);
+            if acc.buckets.len() < counts.len() {
+                acc.buckets.resize(counts.len(), 0);
+            }
+            for (b, c) in acc.buckets.iter_mut().zip(counts.values().iter()) {
+                *b += c;
+            }
+        }
+        *first_ns = (*first_ns).min(first.value(i));
+    }
+    Ok(())
+}
+
+async fn graph(State(engine): State<QueryEngine>, RawQuery(query): RawQuery) -> Response {
+    let now = crate::now_ns();
+    let (start, end) = match window(query.as_deref(), now) {
+        Ok(w) => w,
+        Err(msg) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({ "error": msg, "kind": "parameter" })),
+            )
+                .into_response();
+        }
+    };
+    match graph_of(&engine, start, end, now).await {
+        Ok(g) => axum::Json(g).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "graph query failed");
+            let status = match &e {
+                QueryError::Sql(_) | QueryError::Refused(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                other => StatusCode::from_u16(other.status())
+                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            };
+            (
+                status,
+                axum::Json(json!({ "error": e.to_string(), "kind": e.kind() })),
+            )
+                .into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_parse_and_refuse() {
+        let now = 1_000 * 60 * 1_000_000_000;
+        assert_eq!(window(None, now), Ok((now - DEFAULT_WINDOW_NS, now)));
+        assert_eq!(
+            window(Some("start=100&end=160"), now),
+            Ok((100_000_000_000, 160_000_000_000))
+        );
+        assert_eq!(
+            window(
+                Some("start=1970-01-01T00:01:40Z&end=1970-01-01T00:02:40%2B00:00"),
+                now
+            ),
+            Ok((100_000_000_000, 160_000_000_000))
+        );
+        for bad in [
+            "start=200&end=100",
+            "start=soon",
+            "start=-5",
+            "start=0&end=99999999999",
+        ] {
+            assert!(window(Some(bad), now).is_err(), "{bad}");
+        }
+    }
+}
