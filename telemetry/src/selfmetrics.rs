@@ -251,9 +251,14 @@ pub fn render(store: &Store, ingest: &IngestStats, queries: &QueryStats) -> Stri
     }
     for (name, help, counter) in [
         (
+            "lumen_telemetry_compactions_spliced_total",
+            "Compactions that copied their inputs' row groups as they were instead of re-encoding every row, by table.",
+            (|t: &Table| load(&t.stats.compactions_spliced)) as fn(&Table) -> f64,
+        ),
+        (
             "lumen_telemetry_object_store_uploads_total",
             "Parquet files uploaded to the object store (--object-store), by table.",
-            (|t: &Table| load(&t.stats.remote_uploads)) as fn(&Table) -> f64,
+            |t: &Table| load(&t.stats.remote_uploads),
         ),
         (
             "lumen_telemetry_object_store_upload_bytes_total",

@@ -13,6 +13,7 @@
 //! flushed, so the memtables and the requests being converted never exceed the cap together.
 
 mod order;
+mod splice;
 mod table;
 mod upgrade;
 
@@ -1124,6 +1125,142 @@ mod tests {
         drop(store);
         let store = Arc::new(Store::open(dir.path()).expect("reopen"));
         assert_eq!(rolled_up_requests(store).await, 7, "and after a restart");
+    }
+
+    /// `n` spans with scattered trace ids, starting at `t0_ns`, 1 µs apart.
+    async fn ingest_bulk(store: &Store, part: u64, n: u64, t0_ns: u64) {
+        for chunk in 0..n.div_ceil(10_000) {
+            let spans: Vec<Span> = (chunk * 10_000..((chunk + 1) * 10_000).min(n))
+                .map(|i| {
+                    // A mixed, never-zero id: row-group min/max cannot rule a lookup out.
+                    let x = (part << 32 | i).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+                    let mut trace_id = x.to_be_bytes().to_vec();
+                    trace_id.extend_from_slice(&x.rotate_left(17).to_be_bytes());
+                    Span {
+                        trace_id,
+                        span_id: (i + 1).to_be_bytes().to_vec(),
+                        name: "op".into(),
+                        start_time_unix_nano: t0_ns + i * 1_000,
+                        end_time_unix_nano: t0_ns + i * 1_000 + 500,
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            let req = ExportTraceServiceRequest {
+                resource_spans: vec![ResourceSpans {
+                    scope_spans: vec![ScopeSpans {
+                        spans,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            };
+            let batch = spans_to_batch(&req).expect("converts");
+            let reservation = store.budget().force_reserve(batch.get_array_memory_size());
+            store
+                .ingest(0, Bytes::from(req.encode_to_vec()), batch, reservation)
+                .await
+                .expect("ingest");
+        }
+    }
+
+    #[tokio::test]
+    async fn big_consecutive_files_compact_by_copying_their_row_groups() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = StoreOptions {
+            compact_min_files: 2,
+            ..StoreOptions::default()
+        };
+        let store = Arc::new(
+            Store::open_with(dir.path(), options, crate::receiver::decode_record).expect("open"),
+        );
+        const N: u64 = 70_000;
+        for part in 0..2 {
+            ingest_bulk(&store, part, N, 1_000_000_000_000 + part * 1_000_000_000).await;
+            store.flush().await.expect("flush");
+        }
+        let merged = store
+            .spans
+            .compact()
+            .await
+            .expect("compact")
+            .expect("a compaction");
+        assert_eq!(merged.rows, 2 * N);
+        assert_eq!(
+            store
+                .spans
+                .stats
+                .compactions_spliced
+                .load(Ordering::Relaxed),
+            1
+        );
+        // The copy is a whole, readable file sorted within each row group (here, of
+        // consecutive ranges, throughout): rows, Arrow types, order, bloom filters.
+        let path = dir.path().join("spans").join(&merged.name);
+        let file = std::fs::File::open(&path).expect("open merged");
+        let reader =
+            datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                file,
+            )
+            .expect("reader");
+        assert_eq!(reader.metadata().num_row_groups(), 2);
+        let mut last = i64::MIN;
+        let mut rows = 0;
+        for batch in reader.build().expect("build") {
+            let batch = batch.expect("batch");
+            let t = batch
+                .column_by_name("start_time")
+                .expect("start")
+                .as_primitive::<datafusion::arrow::datatypes::TimestampNanosecondType>();
+            for v in t.values().iter() {
+                assert!(*v >= last, "sorted");
+                last = *v;
+            }
+            rows += batch.num_rows();
+        }
+        assert_eq!(rows as u64, 2 * N);
+        let engine = QueryEngine::new(store.clone());
+        let r = engine
+            .sql("SELECT count(*) AS n, arrow_typeof(min(start_time)) AS t FROM spans")
+            .await
+            .expect("query");
+        assert_eq!(r.rows[0]["n"], 2 * N);
+        assert_eq!(r.rows[0]["t"], "Timestamp(ns, \"UTC\")");
+        let r = engine
+            .sql(&format!(
+                "EXPLAIN ANALYZE SELECT span_id FROM spans WHERE trace_id = '{}'",
+                "ab".repeat(16)
+            ))
+            .await
+            .expect("explain");
+        let plan: String = r
+            .rows
+            .iter()
+            .map(|row| row["plan"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert!(
+            plan.contains("row_groups_pruned_bloom_filter=2 total \u{2192} 0 matched"),
+            "the copied bloom filters still rule row groups out: {plan}"
+        );
+        // Small files are merged (re-encoded into one row group), not copied.
+        ingest(&store, 3, 7).await;
+        store.flush().await.expect("flush");
+        ingest(&store, 3, 8).await;
+        store.flush().await.expect("flush");
+        let before = store
+            .spans
+            .stats
+            .compactions_spliced
+            .load(Ordering::Relaxed);
+        store.spans.compact().await.expect("compact");
+        assert_eq!(
+            store
+                .spans
+                .stats
+                .compactions_spliced
+                .load(Ordering::Relaxed),
+            before
+        );
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::WriterProperties;
 
-use super::{StoreError, StoreOptions, order, upgrade};
+use super::{StoreError, StoreOptions, order, splice, upgrade};
 use crate::budget::Reservation;
 use crate::manifest::{self, DataFile, SCHEMA_VERSION_KEY, WAL_LSN_KEY};
 use crate::remote::{PeerFile, Remote};
@@ -85,6 +85,8 @@ pub struct TableStats {
     pub flush_failures: AtomicU64,
     pub compactions: AtomicU64,
     pub compaction_micros: AtomicU64,
+    /// Compactions that copied their inputs' row groups instead of re-encoding them.
+    pub compactions_spliced: AtomicU64,
     pub files_expired: AtomicU64,
     pub remote_uploads: AtomicU64,
     pub remote_upload_bytes: AtomicU64,
@@ -650,7 +652,18 @@ impl Table {
             level,
         };
         let (time_column, table) = (self.time_column, self.name);
-        let bytes = blocking(&path, move |path| {
+        let spliceable = splice::current_layout(&inputs);
+        let (bytes, spliced) = blocking(&path, move |path| {
+            // Inputs in big row groups: their row groups are copied as they are (no decode,
+            // no encode), in time order.
+            if spliceable {
+                let paths: Vec<PathBuf> = sources.iter().map(|(_, p)| p.clone()).collect();
+                let firsts: Vec<(PathBuf, i64)> =
+                    sources.iter().map(|(t, p)| (p.clone(), *t)).collect();
+                if let Some(plan) = splice::plan(&paths)? {
+                    return splice::splice(path, plan, &firsts, max_lsn).map(|b| (b, true));
+                }
+            }
             // Each input is sorted by time (files of an older layout may not be; their rows
             // are merged all the same, only less ordered).
             let inputs = sources
@@ -663,9 +676,14 @@ impl Table {
                     source,
                 })
             });
-            write_parquet(path, &schema, merged, max_lsn)
+            write_parquet(path, &schema, merged, max_lsn).map(|b| (b, false))
         })
         .await?;
+        if spliced {
+            self.stats
+                .compactions_spliced
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let merged = DataFile { bytes, ..merged };
         self.upload(&merged).await?;
         let names: Vec<&str> = inputs.iter().map(|f| f.name.as_str()).collect();
@@ -683,7 +701,7 @@ impl Table {
         self.stats
             .compaction_micros
             .fetch_add(micros(started.elapsed()), Ordering::Relaxed);
-        tracing::info!(table = self.name, inputs = inputs.len(), rows = merged.rows, bytes = merged.bytes, file = %merged.name, "compacted");
+        tracing::info!(table = self.name, inputs = inputs.len(), rows = merged.rows, bytes = merged.bytes, file = %merged.name, spliced, "compacted");
         Ok(Some(merged))
     }
 
