@@ -64,9 +64,12 @@ pub struct Node {
     pub signals: Signals,
 }
 
+/// Calls from `source` (one version of it, in `workload_edges`) to `target`, as the caller
+/// saw them.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Edge {
     pub source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub source_version: Option<String>,
     pub target: String,
     #[serde(flatten)]
@@ -81,7 +84,10 @@ pub struct Graph {
     /// less of it).
     pub seconds: f64,
     pub nodes: Vec<Node>,
+    /// Service to service.
     pub edges: Vec<Edge>,
+    /// Caller version to service (reviews@v1 → ratings, reviews@v2 → ratings).
+    pub workload_edges: Vec<Edge>,
 }
 
 #[derive(Default)]
@@ -94,6 +100,19 @@ struct Acc {
 }
 
 impl Acc {
+    fn add(&mut self, other: &Acc) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.request_bytes += other.request_bytes;
+        self.response_bytes += other.response_bytes;
+        if self.buckets.len() < other.buckets.len() {
+            self.buckets.resize(other.buckets.len(), 0);
+        }
+        for (b, c) in self.buckets.iter_mut().zip(&other.buckets) {
+            *b += c;
+        }
+    }
+
     fn signals(&self, seconds: f64) -> Signals {
         Signals {
             requests: self.requests,
@@ -194,6 +213,14 @@ pub async fn graph_of(
             &mut first_ns,
         )?;
     }
+    // Service-level edges: the versioned ones summed over the caller's versions.
+    let mut service_edges: BTreeMap<(String, String), Acc> = BTreeMap::new();
+    for ((source, _, target), acc) in &edges {
+        service_edges
+            .entry((source.clone(), target.clone()))
+            .or_default()
+            .add(acc);
+    }
     let held_end = end_ns.min(now_ns.max(start_ns + 1));
     let seconds = ((held_end - first_ns.max(start_ns)) as f64 / 1e9)
         .clamp(1.0, ((end_ns - start_ns) as f64 / 1e9).max(1.0));
@@ -231,11 +258,20 @@ pub async fn graph_of(
             });
         }
     }
-    let edges = edges
+    let workload_edges = edges
         .into_iter()
         .map(|((source, source_version, target), acc)| Edge {
             source,
             source_version,
+            target,
+            signals: acc.signals(seconds),
+        })
+        .collect();
+    let edges = service_edges
+        .into_iter()
+        .map(|((source, target), acc)| Edge {
+            source,
+            source_version: None,
             target,
             signals: acc.signals(seconds),
         })
@@ -246,6 +282,7 @@ pub async fn graph_of(
         seconds,
         nodes,
         edges,
+        workload_edges,
     })
 }
 

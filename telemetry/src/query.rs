@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use datafusion::arrow::array::{Array, AsArray, Int64Array, StringArray};
-use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{Transformed, TreeNode};
@@ -33,7 +31,6 @@ use crate::hex_ids::HexIds;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::rollup;
 use crate::store::Store;
 use crate::table::SnapshotTable;
 
@@ -616,119 +613,40 @@ fn since_nanos(window: Duration) -> i64 {
     crate::now_ns().saturating_sub(i64::try_from(window.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// Column `name` of `batch` as strings / i64 / f64 (cast as needed).
-fn column<T: Array + Clone + 'static>(
-    batch: &RecordBatch,
-    name: &str,
-    ty: &DataType,
-) -> Result<T, QueryError> {
-    let col = batch
-        .column_by_name(name)
-        .ok_or_else(|| QueryError::Internal(format!("column {name} missing")))?;
-    let col = cast(col, ty).map_err(|e| QueryError::Internal(e.to_string()))?;
-    col.as_any()
-        .downcast_ref::<T>()
-        .cloned()
-        .ok_or_else(|| QueryError::Internal(format!("column {name} has an unexpected type")))
-}
-
 impl MeshQuery for QueryEngine {
-    /// From the one-minute rollups (files plus the live rollup of the spans memtable): no
-    /// scan of raw spans, no self-join. Services from their server spans, edges from their
-    /// callers' client spans; percentiles from the merged latency histograms; rates per
-    /// second of data actually held in the window.
+    /// The graph API's view of the window (`crate::graph`, from the one-minute rollups: no
+    /// scan of raw spans, no self-join): services that served requests, and service-level
+    /// edges; rates per second of data actually held in the window.
     async fn overview(&self, window: Duration) -> Result<MeshOverview, QueryError> {
         let now = crate::now_ns();
-        let since = since_nanos(window);
-        let since_minute = since.div_euclid(60_000_000_000) * 60_000_000_000;
-        let sql = format!(
-            "SELECT kind, coalesce(source, '') AS source, service, requests, errors, \
-                    latency_buckets, first_ns, last_ns \
-             FROM rollups WHERE minute >= to_timestamp_nanos({since_minute}) AND last_ns >= {since}"
-        );
-        #[derive(Default)]
-        struct Acc {
-            requests: i64,
-            errors: i64,
-            buckets: Vec<i64>,
-        }
-        let mut services: std::collections::BTreeMap<String, Acc> = Default::default();
-        let mut edges: std::collections::BTreeMap<(String, String), Acc> = Default::default();
-        let mut first_ns = i64::MAX;
-        for batch in self.batches(&sql).await? {
-            let kind: StringArray = column(&batch, "kind", &DataType::Utf8)?;
-            let source: StringArray = column(&batch, "source", &DataType::Utf8)?;
-            let service: StringArray = column(&batch, "service", &DataType::Utf8)?;
-            let requests: Int64Array = column(&batch, "requests", &DataType::Int64)?;
-            let errors: Int64Array = column(&batch, "errors", &DataType::Int64)?;
-            let first: Int64Array = column(&batch, "first_ns", &DataType::Int64)?;
-            let buckets = batch
-                .column_by_name("latency_buckets")
-                .and_then(|c| c.as_list_opt::<i32>())
-                .ok_or_else(|| QueryError::Internal("latency_buckets missing".into()))?;
-            for i in 0..batch.num_rows() {
-                let acc = if kind.value(i) == "edge" {
-                    edges
-                        .entry((source.value(i).to_string(), service.value(i).to_string()))
-                        .or_default()
-                } else {
-                    services.entry(service.value(i).to_string()).or_default()
-                };
-                acc.requests += requests.value(i);
-                acc.errors += errors.value(i);
-                let row = buckets.value(i);
-                let counts = row
-                    .as_primitive_opt::<datafusion::arrow::datatypes::Int64Type>()
-                    .ok_or_else(|| QueryError::Internal("latency_buckets type".into()))?;
-                if acc.buckets.len() < counts.len() {
-                    acc.buckets.resize(counts.len(), 0);
-                }
-                for (b, c) in acc.buckets.iter_mut().zip(counts.values().iter()) {
-                    *b += c;
-                }
-                first_ns = first_ns.min(first.value(i));
-            }
-        }
-        // Rates are per second of data actually held: a store that started 12 s ago divides
-        // by 12, not by the whole window.
-        let held_s = if first_ns == i64::MAX {
-            window.as_secs_f64()
-        } else {
-            (now - first_ns.max(since)) as f64 / 1e9
-        };
-        let secs = held_s.clamp(1.0, window.as_secs_f64().max(1.0));
+        let graph = crate::graph::graph_of(self, since_nanos(window), now, now).await?;
         Ok(MeshOverview {
             window_s: window.as_secs(),
-            services: services
+            services: graph
+                .nodes
                 .into_iter()
-                .map(|(service, a)| ServiceStats {
-                    service,
-                    requests: a.requests,
-                    errors: a.errors,
-                    rate_per_s: a.requests as f64 / secs,
-                    success_rate: if a.requests == 0 {
-                        1.0
-                    } else {
-                        (a.requests - a.errors) as f64 / a.requests as f64
-                    },
-                    p50_ms: rollup::quantile_ms(&a.buckets, 0.5),
-                    p99_ms: rollup::quantile_ms(&a.buckets, 0.99),
+                .filter(|n| n.kind == "service" && n.signals.requests > 0)
+                .map(|n| ServiceStats {
+                    service: n.service,
+                    requests: n.signals.requests,
+                    errors: n.signals.errors,
+                    rate_per_s: n.signals.rps,
+                    success_rate: 1.0 - n.signals.error_share,
+                    p50_ms: n.signals.p50_ms,
+                    p99_ms: n.signals.p99_ms,
                 })
                 .collect(),
-            edges: edges
+            edges: graph
+                .edges
                 .into_iter()
-                .map(|((source, destination), a)| EdgeStats {
-                    source,
-                    destination,
-                    requests: a.requests,
-                    errors: a.errors,
-                    rate_per_s: a.requests as f64 / secs,
-                    error_rate: if a.requests == 0 {
-                        0.0
-                    } else {
-                        a.errors as f64 / a.requests as f64
-                    },
-                    p99_ms: rollup::quantile_ms(&a.buckets, 0.99),
+                .map(|e| EdgeStats {
+                    source: e.source,
+                    destination: e.target,
+                    requests: e.signals.requests,
+                    errors: e.signals.errors,
+                    rate_per_s: e.signals.rps,
+                    error_rate: e.signals.error_share,
+                    p99_ms: e.signals.p99_ms,
                 })
                 .collect(),
         })

@@ -227,6 +227,11 @@ async fn the_graph_has_versioned_nodes_and_edges_with_their_signals() {
     assert_eq!(e["error_share"], 0.1);
     assert_eq!(e["response_bytes"], 1000);
     assert!(e["rps"].as_f64().is_some_and(|r| r > 0.0));
+    assert_eq!(e.get("source_version"), None, "service-level edge");
+    let w = &graph["workload_edges"];
+    assert_eq!(w.as_array().map(Vec::len), Some(1), "{graph:#}");
+    assert_eq!(w[0]["source_version"], "v1");
+    assert_eq!(w[0]["requests"], 10);
 
     for bad in [
         "start=200&end=100",
