@@ -107,17 +107,30 @@ async fn tables_are_listed_and_results_come_as_arrow_when_asked() {
     svc.stop().await;
 }
 
-/// One span as OTLP JSON: (service, version, kind, peer, start offset ms, duration ms, error).
-fn span(
-    service: &str,
-    version: &str,
+/// One call of the graph test: which trace, who reported it, how it went.
+struct Call<'a> {
+    n: u8,
+    service: &'a str,
+    version: &'a str,
     kind: u8,
-    peer: Option<&str>,
+    peer: Option<&'a str>,
     start_ns: i64,
     ms: i64,
     error: bool,
-    n: u8,
-) -> Value {
+}
+
+/// One span as OTLP JSON.
+fn span(call: Call<'_>) -> Value {
+    let Call {
+        n,
+        service,
+        version,
+        kind,
+        peer,
+        start_ns,
+        ms,
+        error,
+    } = call;
     let mut attributes =
         vec![json!({ "key": "http.response.body.size", "value": { "intValue": "100" } })];
     if let Some(p) = peer {
@@ -154,17 +167,26 @@ async fn the_graph_has_versioned_nodes_and_edges_with_their_signals() {
         } else {
             ("v2", 200, false)
         };
-        resource_spans.push(span(
-            "productpage",
-            "v1",
-            3,
-            Some("reviews"),
-            start,
-            ms + 1,
-            error,
+        resource_spans.push(span(Call {
             n,
-        ));
-        resource_spans.push(span("reviews", version, 2, None, start, ms, error, n));
+            service: "productpage",
+            version: "v1",
+            kind: 3,
+            peer: Some("reviews"),
+            start_ns: start,
+            ms: ms + 1,
+            error,
+        }));
+        resource_spans.push(span(Call {
+            n,
+            service: "reviews",
+            version,
+            kind: 2,
+            peer: None,
+            start_ns: start,
+            ms,
+            error,
+        }));
     }
     let resp = reqwest::Client::new()
         .post(format!("http://{}/v1/traces", svc.otlp_http))
