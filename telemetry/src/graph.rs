@@ -140,23 +140,14 @@ fn time_param(name: &str, text: &str) -> Result<i64, String> {
             .filter(|ns| *ns >= 0)
             .ok_or_else(|| format!("{name}: {secs} s is outside 1970 to 2262"));
     }
-    chrono::DateTime::parse_from_rfc3339(text.trim())
-        .ok()
-        .and_then(|t| t.timestamp_nanos_opt())
-        .filter(|ns| *ns >= 0)
+    crate::jaeger::params::rfc3339_ns(text)
         .ok_or_else(|| format!("{name}: {text:?} is neither RFC 3339 nor seconds since the epoch"))
 }
 
 /// The window a request asks for: `[start, end]` in ns.
 fn window(query: Option<&str>, now_ns: i64) -> Result<(i64, i64), String> {
     let pairs = crate::jaeger::params::pairs(query);
-    let get = |k: &str| {
-        pairs
-            .iter()
-            .rev()
-            .find(|(key, v)| key == k && !v.is_empty())
-            .map(|(_, v)| v.as_str())
-    };
+    let get = |k: &str| crate::jaeger::params::one(&pairs, k);
     let end = get("end")
         .map(|v| time_param("end", v))
         .transpose()?
@@ -387,11 +378,8 @@ async fn graph(State(engine): State<QueryEngine>, RawQuery(query): RawQuery) -> 
         Ok(g) => axum::Json(g).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "graph query failed");
-            let status = match &e {
-                QueryError::Sql(_) | QueryError::Refused(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                other => StatusCode::from_u16(other.status())
-                    .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            };
+            let status = StatusCode::from_u16(e.status_of_own_plan())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             (
                 status,
                 axum::Json(json!({ "error": e.to_string(), "kind": e.kind() })),

@@ -102,6 +102,15 @@ impl QueryError {
         }
     }
 
+    /// The HTTP status for an API whose plans Lumen builds itself (Jaeger's, the graph):
+    /// there, what DataFusion calls a planning or SQL error is the server's fault.
+    pub fn status_of_own_plan(&self) -> u16 {
+        match self {
+            QueryError::Sql(_) | QueryError::Refused(_) => 500,
+            other => other.status(),
+        }
+    }
+
     /// A short machine-readable name of the error class.
     pub fn kind(&self) -> &'static str {
         match self {

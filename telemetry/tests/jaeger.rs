@@ -7,31 +7,12 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-fn conformance(file: &str) -> PathBuf {
-    let dir = std::env::var_os("LUMEN_CONFORMANCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/conformance"
-            ))
-        });
-    let path = dir.join(file);
-    assert!(
-        path.exists(),
-        "conformance fixture missing: {} (set LUMEN_CONFORMANCE_DIR to the shared conformance folder)",
-        path.display()
-    );
-    path
-}
-
 fn fixture(file: &str) -> Value {
-    let text = std::fs::read_to_string(conformance(file)).expect("fixture");
+    let text = std::fs::read_to_string(common::conformance(file)).expect("fixture");
     serde_json::from_str(&text).expect("fixture JSON")
 }
 

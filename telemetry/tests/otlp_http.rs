@@ -7,7 +7,6 @@ mod common;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::trace::v1::{
@@ -15,25 +14,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use prost::Message;
 use serde_json::{Value, json};
-
-/// `../shared/conformance`, or `LUMEN_CONFORMANCE_DIR`.
-fn conformance(file: &str) -> PathBuf {
-    let dir = std::env::var_os("LUMEN_CONFORMANCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/conformance"
-            ))
-        });
-    let path = dir.join(file);
-    assert!(
-        path.exists(),
-        "conformance fixture missing: {} (set LUMEN_CONFORMANCE_DIR to the shared conformance folder)",
-        path.display()
-    );
-    path
-}
 
 async fn post(
     addr: SocketAddr,
@@ -76,7 +56,8 @@ async fn otlp_http_takes_json_and_gzipped_protobuf_and_refuses_clearly() {
     let (otlp, http) = (telemetry.otlp_http, telemetry.http);
 
     // Jaeger's fixture, as OTLP JSON.
-    let fixture = std::fs::read(conformance("jaeger/otlp2jaeger-in.json")).expect("fixture");
+    let fixture =
+        std::fs::read(common::conformance("jaeger/otlp2jaeger-in.json")).expect("fixture");
     let expected: Value = serde_json::from_slice(&fixture).expect("fixture json");
     let spans_in_fixture: usize = expected["resourceSpans"]
         .as_array()

@@ -100,10 +100,8 @@ impl From<BadParam> for Response {
 /// A store or engine failure. The plans are Lumen's own, so even what DataFusion calls a
 /// planning error is the server's fault here.
 fn query_failed(e: QueryError) -> Response {
-    let status = match &e {
-        QueryError::Sql(_) | QueryError::Refused(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        other => StatusCode::from_u16(other.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-    };
+    let status =
+        StatusCode::from_u16(e.status_of_own_plan()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if status.is_server_error() {
         tracing::error!(error = %e, "Jaeger API query failed");
     }
@@ -209,12 +207,7 @@ const SPAN_KINDS: [&str; 5] = ["server", "client", "producer", "consumer", "inte
 
 async fn operations(State(engine): State<QueryEngine>, RawQuery(query): RawQuery) -> Response {
     let pairs = params::pairs(query.as_deref());
-    let get = |k: &str| {
-        pairs
-            .iter()
-            .find(|(key, v)| key == k && !v.is_empty())
-            .map(|(_, v)| v.clone())
-    };
+    let get = |k: &str| params::one(&pairs, k).map(str::to_string);
     let Some(service) = get("service") else {
         return fail(StatusCode::BAD_REQUEST, "parameter 'service' is required");
     };
@@ -431,13 +424,7 @@ async fn find_traces(State(engine): State<QueryEngine>, RawQuery(query): RawQuer
 /// Caller → callee call counts over a window, from the rollups (no scan of raw spans).
 async fn dependencies(State(engine): State<QueryEngine>, RawQuery(query): RawQuery) -> Response {
     let pairs = params::pairs(query.as_deref());
-    let get = |k: &str| {
-        pairs
-            .iter()
-            .rev()
-            .find(|(key, v)| key == k && !v.is_empty())
-            .map(|(_, v)| v.clone())
-    };
+    let get = |k: &str| params::one(&pairs, k).map(str::to_string);
     let end_ns = match get("endTs")
         .map(|v| params::millis_param("endTs", &v))
         .transpose()

@@ -43,7 +43,8 @@ pub fn pairs(query: Option<&str>) -> Vec<(String, String)> {
         .collect()
 }
 
-fn one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+/// The last non-empty value of `key`.
+pub fn one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
     pairs
         .iter()
         .rev()
@@ -87,6 +88,15 @@ pub fn duration_ns(param: &str, text: &str) -> Result<i64, BadParam> {
         return Err(bad(param, format!("{text:?} is out of range")));
     }
     Ok(total as i64)
+}
+
+/// An RFC 3339 time (`2017-01-26T16:46:31.639875Z`) as ns since the epoch, if it is one
+/// between 1970 and 2262.
+pub fn rfc3339_ns(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text.trim())
+        .ok()
+        .and_then(|t| t.timestamp_nanos_opt())
+        .filter(|ns| *ns >= 0)
 }
 
 /// Microseconds since the epoch (Jaeger's `start` / `end`) as ns.

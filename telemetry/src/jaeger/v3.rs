@@ -45,10 +45,8 @@ fn bad(e: BadParam) -> Response {
 }
 
 fn failed(e: QueryError) -> Response {
-    let status = match &e {
-        QueryError::Sql(_) | QueryError::Refused(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        other => StatusCode::from_u16(other.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-    };
+    let status =
+        StatusCode::from_u16(e.status_of_own_plan()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if status.is_server_error() {
         tracing::error!(error = %e, "Jaeger api_v3 query failed");
     }
@@ -96,13 +94,7 @@ async fn services(State(engine): State<QueryEngine>) -> Response {
 
 async fn operations(State(engine): State<QueryEngine>, RawQuery(query): RawQuery) -> Response {
     let pairs = params::pairs(query.as_deref());
-    let get = |k: &str| {
-        pairs
-            .iter()
-            .rev()
-            .find(|(key, v)| key == k && !v.is_empty())
-            .map(|(_, v)| v.clone())
-    };
+    let get = |k: &str| params::one(&pairs, k).map(str::to_string);
     let Some(service) = get("service") else {
         return fail(StatusCode::BAD_REQUEST, "parameter 'service' is required");
     };
@@ -128,26 +120,16 @@ async fn operations(State(engine): State<QueryEngine>, RawQuery(query): RawQuery
 
 /// An RFC 3339 time (`2017-01-26T16:46:31.639875Z`) in ns since the epoch.
 fn rfc3339(param: &str, text: &str) -> Result<i64, BadParam> {
-    chrono::DateTime::parse_from_rfc3339(text)
-        .ok()
-        .and_then(|t| t.timestamp_nanos_opt())
-        .filter(|ns| *ns >= 0)
-        .ok_or_else(|| {
-            BadParam(format!(
-                "malformed parameter {param}: {text:?} is not an RFC 3339 time between 1970 and 2262"
-            ))
-        })
+    params::rfc3339_ns(text).ok_or_else(|| {
+        BadParam(format!(
+            "malformed parameter {param}: {text:?} is not an RFC 3339 time between 1970 and 2262"
+        ))
+    })
 }
 
 /// `query.*` parameters of a v3 search as the v1 [`Search`].
 fn search(pairs: &[(String, String)], now_ns: i64) -> Result<Search, BadParam> {
-    let get = |k: &str| {
-        pairs
-            .iter()
-            .rev()
-            .find(|(key, v)| key == k && !v.is_empty())
-            .map(|(_, v)| v.as_str())
-    };
+    let get = |k: &str| params::one(pairs, k);
     let service = get("query.service_name")
         .ok_or_else(|| BadParam("parameter 'query.service_name' is required".into()))?
         .to_string();

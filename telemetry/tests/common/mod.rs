@@ -15,6 +15,26 @@ use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// A file of the upstream conformance fixtures: `../shared/conformance`, or
+/// `LUMEN_CONFORMANCE_DIR`; a missing one fails the test saying where it was looked for.
+pub fn conformance(file: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("LUMEN_CONFORMANCE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/conformance"
+            ))
+        });
+    let path = dir.join(file);
+    assert!(
+        path.exists(),
+        "conformance fixture missing: {} (set LUMEN_CONFORMANCE_DIR to the shared conformance folder)",
+        path.display()
+    );
+    path
+}
+
 /// A running telemetry service; dropped data dir goes with it.
 pub struct Running {
     pub grpc: SocketAddr,
