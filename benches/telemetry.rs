@@ -7,7 +7,9 @@
 //!   OTLP protobuf compressed with zstd level 3;
 //! - memory: the server's peak resident memory ÷ the 512 MiB its defaults promise;
 //! - query: p50 and p99 of a trace by id and of "spans of one service slower than 100 ms in
-//!   one hour" ÷ DuckDB running the same SQL over the same files.
+//!   one hour" ÷ DuckDB running the same SQL over the same files;
+//! - APIs (issue 6): Jaeger's trace by id, a Jaeger search over one hour and the graph of
+//!   one hour, through their routers, ÷ DuckDB doing the same retrieval over the same files.
 //!
 //! The corpus is the demo mesh's shape: traces of five spans (productpage server and client,
 //! reviews v1 or v2 server and client, ratings server), about 15 attributes a span with a
@@ -147,14 +149,83 @@ fn main() {
             rows,
         ));
     }
-    let duck = duckdb(
-        &data_dir.as_path().join("spans"),
-        runs,
-        &queries
-            .iter()
-            .map(|(_, _, q)| q.clone())
-            .collect::<Vec<_>>(),
-    );
+    // The APIs other tools read (issue 6), in-process through their routers (JSON rendering
+    // included), beside DuckDB doing the same retrieval on the same files: Jaeger's trace by
+    // id, a Jaeger search for one service over one hour (20 traces, every span of each), and
+    // the graph of that hour from the rollups.
+    let noon_us = 1_760_011_200_000_000i64; // 2025-10-09T12:00:00Z
+    let hour_us = 3_600_000_000i64;
+    let apis = [
+        (
+            "Jaeger /api/traces/{id}",
+            format!("/api/traces/{trace}"),
+            format!("SELECT * FROM spans WHERE trace_id = from_hex('{trace}')"),
+        ),
+        (
+            "Jaeger search, one service, one hour, 20 traces",
+            format!(
+                "/api/traces?service=ratings&start={noon_us}&end={}&limit=20",
+                noon_us + hour_us
+            ),
+            "SELECT * FROM spans WHERE trace_id IN (SELECT trace_id FROM spans \
+             WHERE service_name = 'ratings' AND start_time >= '2025-10-09T12:00:00Z' \
+             AND start_time <= '2025-10-09T13:00:00Z' \
+             GROUP BY trace_id ORDER BY max(start_time) DESC LIMIT 20)"
+                .to_string(),
+        ),
+        (
+            "/api/v1/graph, one hour",
+            format!(
+                "/api/v1/graph?start={}&end={}",
+                noon_us / 1_000_000,
+                (noon_us + hour_us) / 1_000_000
+            ),
+            "SELECT kind, source, source_version, service, version, sum(requests), \
+             sum(errors), sum(request_bytes), sum(response_bytes), min(first_ns) \
+             FROM rollups WHERE minute >= '2025-10-09T12:00:00Z' \
+             AND minute <= '2025-10-09T13:00:00Z' AND last_ns >= 1760011200000000000 \
+             GROUP BY ALL"
+                .to_string(),
+        ),
+    ];
+    let router = lumen_telemetry::jaeger::router(engine.clone())
+        .merge(lumen_telemetry::graph::router(engine.clone()));
+    let mut lumen_api = Vec::new();
+    for (name, uri, _) in &apis {
+        let mut times = Vec::new();
+        let mut spans = 0;
+        for _ in 0..runs {
+            let started = Instant::now();
+            let body = rt.block_on(async {
+                use tower::ServiceExt;
+                let req = axum::http::Request::get(uri.as_str())
+                    .body(axum::body::Body::empty())
+                    .expect("request");
+                let resp = router.clone().oneshot(req).await.expect("response");
+                assert_eq!(resp.status(), 200, "{name}");
+                axum::body::to_bytes(resp.into_body(), usize::MAX)
+                    .await
+                    .expect("body")
+            });
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+            spans = v["data"].as_array().map_or(0, |traces| {
+                traces
+                    .iter()
+                    .map(|t| t["spans"].as_array().map_or(0, Vec::len))
+                    .sum()
+            });
+        }
+        lumen_api.push((
+            percentile(&mut times, 0.5),
+            percentile(&mut times, 0.99),
+            spans,
+        ));
+    }
+
+    let mut statements: Vec<String> = queries.iter().map(|(_, _, q)| q.clone()).collect();
+    statements.extend(apis.iter().map(|(_, _, q)| q.clone()));
+    let duck = duckdb(data_dir.as_path(), runs, &statements);
 
     println!();
     println!("spans acknowledged: {acked} in {wall:.1} s wall, {cpu:.1} s of server CPU");
@@ -196,6 +267,29 @@ fn main() {
             }
             None => println!(
                 "| query, {name} | {l50:.2} / {l99:.2} ms | DuckDB did not run | — | ≤ 1.0 |"
+            ),
+        }
+    }
+    for (i, (name, _, _)) in apis.iter().enumerate() {
+        let (l50, l99, lspans) = lumen_api[i];
+        match duck.get(queries.len() + i) {
+            Some((d50, d99, drows)) => {
+                // Jaeger's answers hold spans: as many as DuckDB's rows. The graph's nodes
+                // and edges are not rows of the rollups, so it has no such check.
+                if name.starts_with("Jaeger") {
+                    assert_eq!(lspans, *drows, "{name}: Lumen and DuckDB disagree");
+                }
+                println!(
+                    "| API p50, {name} | {l50:.2} ms | {d50:.2} ms (DuckDB) | {:.2} | ≤ 1.0 |",
+                    l50 / d50
+                );
+                println!(
+                    "| API p99, {name} | {l99:.2} ms | {d99:.2} ms (DuckDB) | {:.2} | ≤ 1.0 |",
+                    l99 / d99
+                );
+            }
+            None => println!(
+                "| API, {name} | {l50:.2} / {l99:.2} ms | DuckDB did not run | — | ≤ 1.0 |"
             ),
         }
     }

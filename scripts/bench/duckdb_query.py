@@ -1,7 +1,8 @@
 """Times SQL over Lumen's Parquet files with DuckDB, the baseline of the telemetry benchmark.
 
-Usage: duckdb_query.py <spans dir> <runs> <sql> [<sql> ...]
-Each statement sees the files as a view named `spans`. Prints one line per statement:
+Usage: duckdb_query.py <data dir> <runs> <sql> [<sql> ...]
+Each statement sees the files of <data dir>/spans and <data dir>/rollups as views named
+`spans` and `rollups`. Prints one line per statement:
 `<p50 ms> <p99 ms> <rows>`. DuckDB gets two threads, as Lumen's query runtime has.
 """
 import statistics
@@ -12,12 +13,14 @@ import duckdb
 
 
 def main() -> int:
-    spans_dir, runs, statements = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+    data_dir, runs, statements = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     con = duckdb.connect()
     con.execute("SET threads TO 2")
-    con.execute(
-        f"CREATE VIEW spans AS SELECT * FROM read_parquet('{spans_dir}/*.parquet', union_by_name = true)"
-    )
+    for table in ("spans", "rollups"):
+        con.execute(
+            f"CREATE VIEW {table} AS SELECT * FROM "
+            f"read_parquet('{data_dir}/{table}/*.parquet', union_by_name = true)"
+        )
     for sql in statements:
         times = []
         rows = 0
