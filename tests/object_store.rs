@@ -135,19 +135,10 @@ async fn two_writers_share_a_bucket_and_each_sees_the_others_files() {
     // A bucket that is not there stops the start with an error, before any port is served.
     let nowhere = tempfile::tempdir().expect("data");
     let mut lumen = Lumen::spawn_with_env(
-        &[
-            "telemetry",
-            "--data",
+        &Lumen::telemetry_args(
             nowhere.path().to_str().expect("utf-8"),
-            "--otlp-grpc",
-            "127.0.0.1:0",
-            "--otlp-http",
-            "127.0.0.1:0",
-            "--http",
-            "127.0.0.1:0",
-            "--object-store",
-            "s3://no-such-bucket/mesh",
-        ],
+            &["--object-store", "s3://no-such-bucket/mesh"],
+        ),
         &env,
     );
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -140,14 +140,14 @@ fn time_param(name: &str, text: &str) -> Result<i64, String> {
             .filter(|ns| *ns >= 0)
             .ok_or_else(|| format!("{name}: {secs} s is outside 1970 to 2262"));
     }
-    crate::jaeger::params::rfc3339_ns(text)
+    crate::query_string::rfc3339_ns(text)
         .ok_or_else(|| format!("{name}: {text:?} is neither RFC 3339 nor seconds since the epoch"))
 }
 
 /// The window a request asks for: `[start, end]` in ns.
 fn window(query: Option<&str>, now_ns: i64) -> Result<(i64, i64), String> {
-    let pairs = crate::jaeger::params::pairs(query);
-    let get = |k: &str| crate::jaeger::params::one(&pairs, k);
+    let pairs = crate::query_string::pairs(query);
+    let get = |k: &str| crate::query_string::one(&pairs, k);
     let end = get("end")
         .map(|v| time_param("end", v))
         .transpose()?

@@ -13,6 +13,7 @@ pub mod jaeger;
 pub mod manifest;
 pub mod otlp_http;
 pub mod query;
+pub mod query_string;
 pub mod readback;
 pub mod receiver;
 pub mod remote;

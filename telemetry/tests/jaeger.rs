@@ -16,16 +16,6 @@ fn fixture(file: &str) -> Value {
     serde_json::from_str(&text).expect("fixture JSON")
 }
 
-async fn export(otlp_http: SocketAddr, body: &Value) {
-    let resp = reqwest::Client::new()
-        .post(format!("http://{otlp_http}/v1/traces"))
-        .json(body)
-        .send()
-        .await
-        .expect("export");
-    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
-}
-
 async fn get(http: SocketAddr, path: &str) -> (u16, Value) {
     let resp = reqwest::get(format!("http://{http}{path}"))
         .await
@@ -89,7 +79,7 @@ fn keys(v: &Value, path: &str, out: &mut std::collections::BTreeSet<String>) {
 #[tokio::test]
 async fn otlp_in_comes_back_as_jaegers_own_expected_output() {
     let svc = common::start_telemetry(Duration::from_secs(3600)).await;
-    export(svc.otlp_http, &fixture("jaeger/otlp2jaeger-in.json")).await;
+    common::export_json(svc.otlp_http, &fixture("jaeger/otlp2jaeger-in.json")).await;
     let (status, mut got) = get(svc.http, "/api/traces/83a9efd15c1c98a977e0711cc93ee28b").await;
     assert_eq!(status, 200, "{got}");
     let mut want = fixture("jaeger/otlp2jaeger-out.json");
@@ -142,8 +132,8 @@ fn rich_trace(now_ns: i64) -> Value {
 async fn search_operations_services_and_the_ui_model_shape() {
     let svc = common::start_telemetry(Duration::from_secs(3600)).await;
     let now_ns = lumen_telemetry::now_ns();
-    export(svc.otlp_http, &rich_trace(now_ns)).await;
-    export(svc.otlp_http, &fixture("jaeger/otlp2jaeger-in.json")).await;
+    common::export_json(svc.otlp_http, &rich_trace(now_ns)).await;
+    common::export_json(svc.otlp_http, &fixture("jaeger/otlp2jaeger-in.json")).await;
 
     let (status, services) = get(svc.http, "/api/services").await;
     assert_eq!(status, 200);
@@ -325,7 +315,7 @@ async fn search_operations_services_and_the_ui_model_shape() {
 #[tokio::test]
 async fn bad_parameters_are_4xx_in_jaegers_envelope_and_the_service_goes_on() {
     let svc = common::start_telemetry(Duration::from_secs(3600)).await;
-    export(svc.otlp_http, &fixture("jaeger/otlp2jaeger-in.json")).await;
+    common::export_json(svc.otlp_http, &fixture("jaeger/otlp2jaeger-in.json")).await;
     for (path, status, needle) in [
         ("/api/traces/not-hex", 400, "traceID"),
         (
@@ -422,8 +412,8 @@ fn same_shape(ours: &Value, theirs: &Value) -> bool {
 #[tokio::test]
 async fn api_v3_answers_as_jaegers_snapshots() {
     let svc = common::start_telemetry(Duration::from_secs(3600)).await;
-    export(svc.otlp_http, &snapshot_span()).await;
-    export(svc.otlp_http, &rich_trace(lumen_telemetry::now_ns())).await;
+    common::export_json(svc.otlp_http, &snapshot_span()).await;
+    common::export_json(svc.otlp_http, &rich_trace(lumen_telemetry::now_ns())).await;
 
     let (status, trace) = get(svc.http, "/api/v3/traces/00000000000000000000000000000001").await;
     assert_eq!(status, 200, "{trace}");

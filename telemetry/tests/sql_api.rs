@@ -188,13 +188,7 @@ async fn the_graph_has_versioned_nodes_and_edges_with_their_signals() {
             error,
         }));
     }
-    let resp = reqwest::Client::new()
-        .post(format!("http://{}/v1/traces", svc.otlp_http))
-        .json(&json!({ "resourceSpans": resource_spans }))
-        .send()
-        .await
-        .expect("export");
-    assert_eq!(resp.status(), 200);
+    common::export_json(svc.otlp_http, &json!({ "resourceSpans": resource_spans })).await;
 
     let url = format!(
         "http://{}/api/v1/graph?start={}&end={}",

@@ -97,8 +97,9 @@ impl Lumen {
         Lumen::telemetry_with_env(data, extra, &[])
     }
 
-    /// As [`Lumen::telemetry`], with extra environment variables.
-    pub fn telemetry_with_env(data: &str, extra: &[&str], env: &[(&str, &str)]) -> (Lumen, Addrs) {
+    /// The arguments of `lumen telemetry` on `data` with ephemeral loopback ports, then
+    /// `extra`.
+    pub fn telemetry_args<'a>(data: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         let mut args = vec![
             "telemetry",
             "--data",
@@ -111,7 +112,12 @@ impl Lumen {
             "127.0.0.1:0",
         ];
         args.extend_from_slice(extra);
-        let mut lumen = Lumen::spawn_with_env(&args, env);
+        args
+    }
+
+    /// As [`Lumen::telemetry`], with extra environment variables.
+    pub fn telemetry_with_env(data: &str, extra: &[&str], env: &[(&str, &str)]) -> (Lumen, Addrs) {
+        let mut lumen = Lumen::spawn_with_env(&Lumen::telemetry_args(data, extra), env);
         let wal = lumen.wait_for_line("wal: ", Duration::from_secs(60));
         let otlp_http = lumen.wait_for_line("otlp-http: ", Duration::from_secs(60));
         let otlp_http = otlp_http

@@ -232,6 +232,8 @@ fn jaeger_span(s: &Span, scope: (&str, &str), process_id: &str) -> JaegerSpan {
 /// its own process table (`p1`, `p2`, ... per distinct resource).
 pub fn traces(resource_spans: &[ResourceSpans]) -> Vec<Trace> {
     let mut out: Vec<(Vec<u8>, Trace, Vec<Process>)> = Vec::new();
+    // Trace id → its place in `out`.
+    let mut index: std::collections::HashMap<Vec<u8>, usize> = std::collections::HashMap::new();
     for rs in resource_spans {
         let attrs = rs
             .resource
@@ -254,9 +256,10 @@ pub fn traces(resource_spans: &[ResourceSpans]) -> Vec<Trace> {
                 .as_ref()
                 .map_or(("", ""), |s| (s.name.as_str(), s.version.as_str()));
             for s in &ss.spans {
-                let at = match out.iter().position(|(id, _, _)| *id == s.trace_id) {
-                    Some(at) => at,
+                let at = match index.get(&s.trace_id) {
+                    Some(at) => *at,
                     None => {
+                        index.insert(s.trace_id.clone(), out.len());
                         out.push((
                             s.trace_id.clone(),
                             Trace {

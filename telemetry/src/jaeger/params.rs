@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+pub use crate::query_string::{one, pairs, rfc3339_ns};
+
 /// A caller's error: a message for Jaeger's error envelope (HTTP 400).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadParam(pub String);
@@ -34,23 +36,6 @@ pub struct Search {
     pub min_duration_ns: Option<i64>,
     pub max_duration_ns: Option<i64>,
     pub limit: usize,
-}
-
-/// The pairs of a query string, in order (repeated keys kept).
-pub fn pairs(query: Option<&str>) -> Vec<(String, String)> {
-    url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
-}
-
-/// The last non-empty value of `key`.
-pub fn one<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    pairs
-        .iter()
-        .rev()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-        .filter(|v| !v.is_empty())
 }
 
 /// A Go-style duration (`1h30m`, `1.5s`, `250ms`, `100us`, `100µs`, `10ns`) in ns.
@@ -88,15 +73,6 @@ pub fn duration_ns(param: &str, text: &str) -> Result<i64, BadParam> {
         return Err(bad(param, format!("{text:?} is out of range")));
     }
     Ok(total as i64)
-}
-
-/// An RFC 3339 time (`2017-01-26T16:46:31.639875Z`) as ns since the epoch, if it is one
-/// between 1970 and 2262.
-pub fn rfc3339_ns(text: &str) -> Option<i64> {
-    chrono::DateTime::parse_from_rfc3339(text.trim())
-        .ok()
-        .and_then(|t| t.timestamp_nanos_opt())
-        .filter(|ns| *ns >= 0)
 }
 
 /// Microseconds since the epoch (Jaeger's `start` / `end`) as ns.
@@ -184,41 +160,9 @@ pub fn search(pairs: &[(String, String)], now_ns: i64) -> Result<Search, BadPara
         (None, Some(l)) => end_ns.saturating_sub(l),
         (None, None) => end_ns.saturating_sub(DEFAULT_LOOKBACK.as_nanos() as i64),
     };
-    if start_ns > end_ns {
-        return Err(BadParam(format!(
-            "the time range is inverted: start ({} us) is after end ({} us)",
-            start_ns / 1_000,
-            end_ns / 1_000
-        )));
-    }
-    let min_duration_ns = one(pairs, "minDuration")
-        .map(|v| duration_ns("minDuration", v))
-        .transpose()?;
-    let max_duration_ns = one(pairs, "maxDuration")
-        .map(|v| duration_ns("maxDuration", v))
-        .transpose()?;
-    if let (Some(lo), Some(hi)) = (min_duration_ns, max_duration_ns)
-        && lo > hi
-    {
-        return Err(BadParam(
-            "minDuration is greater than maxDuration".to_string(),
-        ));
-    }
-    let limit = match one(pairs, "limit") {
-        Some(v) => {
-            let n: usize = v
-                .parse()
-                .map_err(|_| bad("limit", format!("{v:?} is not a count")))?;
-            if n > MAX_LIMIT {
-                return Err(bad(
-                    "limit",
-                    format!("{n} is more than the {MAX_LIMIT} traces one search returns"),
-                ));
-            }
-            if n == 0 { DEFAULT_LIMIT } else { n }
-        }
-        None => DEFAULT_LIMIT,
-    };
+    ordered("start", start_ns, "end", end_ns)?;
+    let (min_duration_ns, max_duration_ns) = durations(pairs, "minDuration", "maxDuration")?;
+    let limit = limit(pairs, &["limit"])?;
     Ok(Search {
         service,
         operation,
@@ -229,6 +173,57 @@ pub fn search(pairs: &[(String, String)], now_ns: i64) -> Result<Search, BadPara
         max_duration_ns,
         limit,
     })
+}
+
+/// Refuses a time range whose start is after its end.
+pub fn ordered(
+    start_name: &str,
+    start_ns: i64,
+    end_name: &str,
+    end_ns: i64,
+) -> Result<(), BadParam> {
+    if start_ns > end_ns {
+        return Err(BadParam(format!(
+            "the time range is inverted: {start_name} ({} us) is after {end_name} ({} us)",
+            start_ns / 1_000,
+            end_ns / 1_000
+        )));
+    }
+    Ok(())
+}
+
+/// The duration bounds named `min` and `max` (Go-style durations), if given, in order.
+pub fn durations(
+    pairs: &[(String, String)],
+    min: &str,
+    max: &str,
+) -> Result<(Option<i64>, Option<i64>), BadParam> {
+    let lo = one(pairs, min).map(|v| duration_ns(min, v)).transpose()?;
+    let hi = one(pairs, max).map(|v| duration_ns(max, v)).transpose()?;
+    if let (Some(lo), Some(hi)) = (lo, hi)
+        && lo > hi
+    {
+        return Err(BadParam(format!("{min} is greater than {max}")));
+    }
+    Ok((lo, hi))
+}
+
+/// How many traces a search returns: the first of `names` given (0 or none: the default),
+/// at most [`MAX_LIMIT`].
+pub fn limit(pairs: &[(String, String)], names: &[&str]) -> Result<usize, BadParam> {
+    let Some((name, v)) = names.iter().find_map(|n| one(pairs, n).map(|v| (*n, v))) else {
+        return Ok(DEFAULT_LIMIT);
+    };
+    let n: usize = v
+        .parse()
+        .map_err(|_| bad(name, format!("{v:?} is not a count")))?;
+    if n > MAX_LIMIT {
+        return Err(bad(
+            name,
+            format!("{n} is more than the {MAX_LIMIT} traces one search returns"),
+        ));
+    }
+    Ok(if n == 0 { DEFAULT_LIMIT } else { n })
 }
 
 /// A trace id as Jaeger writes it: 1 to 32 hex digits (64-bit ids are left-padded).

@@ -141,41 +141,14 @@ fn search(pairs: &[(String, String)], now_ns: i64) -> Result<Search, BadParam> {
         .map(|v| rfc3339("query.start_time_min", v))
         .transpose()?
         .unwrap_or_else(|| end_ns.saturating_sub(params::DEFAULT_LOOKBACK.as_nanos() as i64));
-    if start_ns > end_ns {
-        return Err(BadParam(
-            "the time range is inverted: query.start_time_min is after query.start_time_max".into(),
-        ));
-    }
-    let min = get("query.duration_min")
-        .map(|v| params::duration_ns("query.duration_min", v))
-        .transpose()?;
-    let max = get("query.duration_max")
-        .map(|v| params::duration_ns("query.duration_max", v))
-        .transpose()?;
-    if let (Some(lo), Some(hi)) = (min, max)
-        && lo > hi
-    {
-        return Err(BadParam(
-            "query.duration_min is greater than query.duration_max".into(),
-        ));
-    }
-    let limit = match get("query.search_depth").or_else(|| get("query.num_traces")) {
-        Some(v) => {
-            let n: usize = v.parse().map_err(|_| {
-                BadParam(format!(
-                    "malformed parameter query.search_depth: {v:?} is not a count"
-                ))
-            })?;
-            if n > params::MAX_LIMIT {
-                return Err(BadParam(format!(
-                    "malformed parameter query.search_depth: {n} is more than the {} traces one search returns",
-                    params::MAX_LIMIT
-                )));
-            }
-            if n == 0 { params::DEFAULT_LIMIT } else { n }
-        }
-        None => params::DEFAULT_LIMIT,
-    };
+    params::ordered(
+        "query.start_time_min",
+        start_ns,
+        "query.start_time_max",
+        end_ns,
+    )?;
+    let (min, max) = params::durations(pairs, "query.duration_min", "query.duration_max")?;
+    let limit = params::limit(pairs, &["query.search_depth", "query.num_traces"])?;
     let mut tags = Vec::new();
     for (k, v) in pairs {
         if let Some(key) = k.strip_prefix("query.attributes.") {

@@ -50,8 +50,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// Reads each source's footer and page index; `None` when they cannot be spliced (a row
-/// group under [`MIN_SPLICE_ROW_GROUP`], or schemas that differ).
+/// Reads each source's footer and page index, keeping their order; `None` when they cannot
+/// be spliced (a row group under [`MIN_SPLICE_ROW_GROUP`], or schemas that differ).
 pub fn plan(sources: &[PathBuf]) -> Result<Option<Vec<(PathBuf, ParquetMetaData)>>, StoreError> {
     let mut out: Vec<(PathBuf, ParquetMetaData)> = Vec::with_capacity(sources.len());
     for path in sources {
@@ -78,21 +78,13 @@ pub fn plan(sources: &[PathBuf]) -> Result<Option<Vec<(PathBuf, ParquetMetaData)
     Ok(Some(out))
 }
 
-/// Writes the row groups of `inputs` (sorted by their first time) into `path` (aside, fsync,
-/// rename, directory fsync). Returns the new file's size.
+/// Writes the row groups of `inputs`, in the order given (the caller sorts them by first
+/// time), into `path` (aside, fsync, rename, directory fsync). Returns the new file's size.
 pub fn splice(
     path: &Path,
-    mut inputs: Vec<(PathBuf, ParquetMetaData)>,
-    min_times: &[(PathBuf, i64)],
+    inputs: Vec<(PathBuf, ParquetMetaData)>,
     max_lsn: u64,
 ) -> Result<u64, StoreError> {
-    let first_time = |p: &PathBuf| {
-        min_times
-            .iter()
-            .find(|(q, _)| q == p)
-            .map_or(i64::MIN, |(_, t)| *t)
-    };
-    inputs.sort_by_key(|(p, _)| first_time(p));
     let Some((_, first)) = inputs.first() else {
         return Err(StoreError::Io {
             path: path.to_path_buf(),

@@ -657,11 +657,11 @@ impl Table {
             // Inputs in big row groups: their row groups are copied as they are (no decode,
             // no encode), in time order.
             if spliceable {
-                let paths: Vec<PathBuf> = sources.iter().map(|(_, p)| p.clone()).collect();
-                let firsts: Vec<(PathBuf, i64)> =
-                    sources.iter().map(|(t, p)| (p.clone(), *t)).collect();
+                let mut by_time = sources.clone();
+                by_time.sort_by_key(|(min, _)| *min);
+                let paths: Vec<PathBuf> = by_time.into_iter().map(|(_, p)| p).collect();
                 if let Some(plan) = splice::plan(&paths)? {
-                    return splice::splice(path, plan, &firsts, max_lsn).map(|b| (b, true));
+                    return splice::splice(path, plan, max_lsn).map(|b| (b, true));
                 }
             }
             // Each input is sorted by time (files of an older layout may not be; their rows

@@ -35,6 +35,18 @@ pub fn conformance(file: &str) -> std::path::PathBuf {
     path
 }
 
+/// Exports OTLP/JSON `body` (an ExportTraceServiceRequest) to `/v1/traces`; it must be
+/// accepted whole.
+pub async fn export_json(otlp_http: SocketAddr, body: &serde_json::Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{otlp_http}/v1/traces"))
+        .json(body)
+        .send()
+        .await
+        .expect("export");
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+}
+
 /// A running telemetry service; dropped data dir goes with it.
 pub struct Running {
     pub grpc: SocketAddr,
