@@ -42,6 +42,10 @@ pub struct DemoOptions {
     pub load_duration: Option<Duration>,
     pub flush_interval: Duration,
     pub span_export_interval: Duration,
+    /// How often each sidecar exports its cumulative metrics.
+    pub metric_export_interval: Duration,
+    /// The load stops after this many requests (None: no limit).
+    pub max_requests: Option<u64>,
 }
 
 /// Why the demo could not start.
@@ -99,6 +103,8 @@ impl DemoOptions {
             load_duration: None,
             flush_interval: Duration::from_secs(5),
             span_export_interval: Duration::from_secs(1),
+            metric_export_interval: Duration::from_secs(5),
+            max_requests: None,
         }
     }
 }
@@ -189,6 +195,7 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
         );
         let export = ExportOptions {
             span_interval: options.span_export_interval,
+            metric_interval: options.metric_export_interval,
             ..ExportOptions::default()
         };
         let proxy = Proxy::bind(config.clone(), export).await?;
@@ -243,7 +250,7 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
             path: "/productpage".to_string(),
             rate_per_s: options.rate_per_s,
             duration: options.load_duration,
-            max_requests: None,
+            max_requests: options.max_requests,
         };
         say(format!(
             "load: {} requests/s to productpage via its sidecar {target}",

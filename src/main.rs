@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use lumen::demo::{self, DemoOptions};
 use lumen_control::{ConfigSource, Control, ControlOptions};
+use lumen_telemetry::meshmetrics::MeshMetricsOptions;
 use lumen_telemetry::{QueryLimits, StoreOptions, Telemetry, TelemetryOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -119,6 +120,13 @@ struct TelemetryArgs {
     /// kept in <data>/writer-id).
     #[arg(long)]
     writer_id: Option<String>,
+    /// Series of the mesh's metric families (istio_*) served on /metrics, across all
+    /// proxies; points of new series past it are dropped and counted.
+    #[arg(long, default_value_t = 50_000)]
+    max_metric_series: usize,
+    /// Seconds after which a series no proxy reported any more leaves /metrics.
+    #[arg(long, default_value_t = 300)]
+    metric_series_ttl_secs: u64,
     /// Milliseconds each flush waits before writing: a slow disk, for backpressure tests.
     #[arg(long, default_value_t = 0, hide = true)]
     debug_flush_delay_ms: u64,
@@ -219,6 +227,10 @@ async fn main() -> anyhow::Result<()> {
                 max_connections: args.max_connections.max(1),
                 object_store: args.object_store,
                 writer_id: args.writer_id,
+                mesh_metrics: MeshMetricsOptions {
+                    max_series: args.max_metric_series,
+                    ttl: Duration::from_secs(args.metric_series_ttl_secs.max(1)),
+                },
                 ..TelemetryOptions::new(args.data)
             })
             .await?;

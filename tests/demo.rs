@@ -66,6 +66,8 @@ async fn demo_mesh_end_to_end() {
         load_duration: Some(Duration::from_secs(60)),
         flush_interval: Duration::from_secs(2),
         span_export_interval: Duration::from_millis(500),
+        metric_export_interval: Duration::from_secs(5),
+        max_requests: None,
     };
     let launched = Instant::now();
     let running = demo::start(options, |line| eprintln!("{line}"))

@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -21,7 +22,7 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
 use crate::routing::Endpoint;
 use crate::server::Body;
-use crate::telemetry::{AttrValue, Reporter, RequestLabels, SpanRecord};
+use crate::telemetry::{AttrValue, Reporter, RequestLabels, Sizes, SpanRecord};
 use crate::trace::SpanContext;
 use crate::xds::ConfigRx;
 
@@ -46,6 +47,12 @@ pub mod peer_headers {
     ];
 }
 
+/// Span attributes of Lumen's own (the caller's identity on a server span).
+pub mod span_attributes {
+    pub const SOURCE_WORKLOAD: &str = "lumen.source.workload";
+    pub const SOURCE_VERSION: &str = "lumen.source.version";
+}
+
 const TRACEPARENT: &str = "traceparent";
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(15);
 const HOP_BY_HOP: [&str; 7] = [
@@ -63,7 +70,7 @@ const HOP_BY_HOP: [&str; 7] = [
 pub struct DataPath {
     pub config: ConfigRx,
     pub reporter: Arc<Reporter>,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Counted<Incoming>>,
 }
 
 /// Envoy's response flags for the failures the proxy itself causes or sees.
@@ -84,15 +91,30 @@ struct Finish {
     /// Taken (not cloned) when the request is recorded.
     span: Option<SpanRecord>,
     started: Instant,
+    /// Request body bytes sent upstream (counted by [`Counted`]).
+    request_bytes: Arc<AtomicU64>,
+    /// Response body bytes sent back.
+    response_bytes: u64,
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
+        let sizes = Sizes {
+            request: self.request_bytes.load(Ordering::Relaxed),
+            response: self.response_bytes,
+        };
         self.reporter
-            .request(std::mem::take(&mut self.labels), elapsed);
+            .request(std::mem::take(&mut self.labels), elapsed, sizes);
         if let Some(mut span) = self.span.take() {
             span.end = span.start + elapsed;
+            for (key, n) in [
+                ("http.request.body.size", sizes.request),
+                ("http.response.body.size", sizes.response),
+            ] {
+                span.attributes
+                    .push((key, AttrValue::Int(i64::try_from(n).unwrap_or(i64::MAX))));
+            }
             self.reporter.span(span);
         }
     }
@@ -101,7 +123,7 @@ impl Drop for Finish {
 /// A response body that records the request when it is finished with.
 struct Tracked<B> {
     inner: B,
-    _finish: Finish,
+    finish: Finish,
 }
 
 impl<B> hyper::body::Body for Tracked<B>
@@ -115,7 +137,48 @@ where
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.finish.response_bytes += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body that counts the bytes it passes upstream.
+struct Counted<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -335,8 +398,21 @@ impl DataPath {
             end: start,
             error: false,
             attributes: {
+                // The caller, as its sidecar told: edges of the service graph are counted
+                // here, on the server side, which also knows its own version.
+                // A caller outside the mesh (no sidecar said who it is) makes no edge.
                 let mut a = request_attributes(&req, &path, &authority);
-                a.push(("peer.service", AttrValue::Str(labels.source_app.clone())));
+                if header(peer_headers::APP).is_some() {
+                    a.push(("peer.service", AttrValue::Str(labels.source_app.clone())));
+                    a.push((
+                        span_attributes::SOURCE_WORKLOAD,
+                        AttrValue::Str(labels.source_workload.clone()),
+                    ));
+                    a.push((
+                        span_attributes::SOURCE_VERSION,
+                        AttrValue::Str(labels.source_version.clone()),
+                    ));
+                }
                 a
             },
         };
@@ -391,6 +467,11 @@ impl DataPath {
                 );
             }
         }
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        let req = req.map(|inner| Counted {
+            inner,
+            bytes: request_bytes.clone(),
+        });
         match tokio::time::timeout(UPSTREAM_TIMEOUT, self.client.request(req)).await {
             Err(_) => {
                 let body = format!(
@@ -429,6 +510,8 @@ impl DataPath {
                     "http.response.status_code",
                     AttrValue::Int(i64::from(status.as_u16())),
                 ));
+                span.attributes
+                    .push(("response_flags", AttrValue::Str(flags::NONE.to_string())));
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let finish = Finish {
@@ -436,12 +519,14 @@ impl DataPath {
                     labels,
                     span: Some(span),
                     started,
+                    request_bytes,
+                    response_bytes: 0,
                 };
                 Response::from_parts(
                     parts,
                     Tracked {
                         inner: body,
-                        _finish: finish,
+                        finish,
                     }
                     .boxed(),
                 )
@@ -473,6 +558,8 @@ impl DataPath {
             labels,
             span: Some(span),
             started,
+            request_bytes: Arc::new(AtomicU64::new(0)),
+            response_bytes: body.len() as u64,
         };
         drop(finish);
         let mut resp = Response::new(text_body(body));

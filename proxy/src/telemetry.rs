@@ -28,10 +28,22 @@ pub const DURATION_BUCKETS_MS: [f64; 19] = [
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
 
+/// Istio's default buckets for `istio_request_bytes` and `istio_response_bytes`.
+pub const SIZE_BUCKETS: [f64; 10] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
+
 /// Metric family names (Istio's standard metrics).
 pub mod names {
     pub const REQUESTS_TOTAL: &str = "istio_requests_total";
     pub const REQUEST_DURATION: &str = "istio_request_duration_milliseconds";
+    pub const REQUEST_BYTES: &str = "istio_request_bytes";
+    pub const RESPONSE_BYTES: &str = "istio_response_bytes";
+}
+
+/// Body bytes of one request and its response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sizes {
+    pub request: u64,
+    pub response: u64,
 }
 
 /// Who this proxy speaks for.
@@ -80,15 +92,83 @@ pub struct RequestLabels {
     pub destination_service_namespace: String,
     pub request_protocol: &'static str,
     pub response_code: u16,
+    /// The gRPC status of a gRPC call (empty for any other request, as Istio leaves it).
+    pub grpc_response_status: String,
     pub response_flags: String,
 }
 
-#[derive(Debug, Clone, Default)]
+/// One histogram: per-bucket counts (the last one above every bound) and the sum.
+#[derive(Debug, Clone, PartialEq)]
+struct Hist {
+    bounds: &'static [f64],
+    buckets: Vec<u64>,
+    sum: f64,
+}
+
+impl Hist {
+    fn new(bounds: &'static [f64]) -> Hist {
+        Hist {
+            bounds,
+            buckets: vec![0; bounds.len() + 1],
+            sum: 0.0,
+        }
+    }
+
+    fn observe(&mut self, v: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
+        self.buckets[i] += 1;
+        self.sum += v;
+    }
+}
+
+/// The request metrics of one label set.
+#[derive(Debug, Clone)]
 struct Series {
     count: u64,
-    sum_ms: f64,
-    buckets: [u64; DURATION_BUCKETS_MS.len() + 1],
+    duration_ms: Hist,
+    request_bytes: Hist,
+    response_bytes: Hist,
 }
+
+impl Default for Series {
+    fn default() -> Self {
+        Series {
+            count: 0,
+            duration_ms: Hist::new(&DURATION_BUCKETS_MS),
+            request_bytes: Hist::new(&SIZE_BUCKETS),
+            response_bytes: Hist::new(&SIZE_BUCKETS),
+        }
+    }
+}
+
+/// A histogram family: name, help, OTLP unit, and where a series keeps it.
+type HistogramFamily = (&'static str, &'static str, &'static str, fn(&Series) -> &Hist);
+
+/// The histogram families.
+const HISTOGRAMS: [HistogramFamily; 3] = [
+    (
+        names::REQUEST_DURATION,
+        "Request duration in milliseconds.",
+        "ms",
+        |s| &s.duration_ms,
+    ),
+    (
+        names::REQUEST_BYTES,
+        "Request body size in bytes.",
+        "By",
+        |s| &s.request_bytes,
+    ),
+    (
+        names::RESPONSE_BYTES,
+        "Response body size in bytes.",
+        "By",
+        |s| &s.response_bytes,
+    ),
+];
 
 /// Collects spans and metrics and exports them.
 #[derive(Debug)]
@@ -152,17 +232,14 @@ impl Reporter {
     }
 
     /// Counts one finished request.
-    pub fn request(&self, labels: RequestLabels, duration: Duration) {
+    pub fn request(&self, labels: RequestLabels, duration: Duration, sizes: Sizes) {
         let ms = duration.as_secs_f64() * 1000.0;
-        let bucket = DURATION_BUCKETS_MS
-            .iter()
-            .position(|b| ms <= *b)
-            .unwrap_or(DURATION_BUCKETS_MS.len());
         if let Ok(mut series) = self.series.lock() {
             let s = series.entry(labels).or_default();
             s.count += 1;
-            s.sum_ms += ms;
-            s.buckets[bucket] += 1;
+            s.duration_ms.observe(ms);
+            s.request_bytes.observe(sizes.request as f64);
+            s.response_bytes.observe(sizes.response as f64);
         }
     }
 
@@ -195,45 +272,35 @@ impl Reporter {
                 s.count
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP {} Request duration in milliseconds.",
-            names::REQUEST_DURATION
-        );
-        let _ = writeln!(out, "# TYPE {} histogram", names::REQUEST_DURATION);
-        for (labels, s) in &series {
-            let mut cumulative = 0;
-            for (i, bound) in DURATION_BUCKETS_MS.iter().enumerate() {
-                cumulative += s.buckets[i];
-                let le = format!("{bound}");
+        for (name, help, _, hist) in HISTOGRAMS {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} histogram");
+            for (labels, s) in &series {
+                let h = hist(s);
+                let mut cumulative = 0;
+                for (i, bound) in h.bounds.iter().enumerate() {
+                    cumulative += h.buckets[i];
+                    let le = format!("{bound}");
+                    let _ = writeln!(
+                        out,
+                        "{name}_bucket{{{}}} {cumulative}",
+                        prom_labels(labels, Some(&le))
+                    );
+                }
                 let _ = writeln!(
                     out,
-                    "{}_bucket{{{}}} {cumulative}",
-                    names::REQUEST_DURATION,
-                    prom_labels(labels, Some(&le))
+                    "{name}_bucket{{{}}} {}",
+                    prom_labels(labels, Some("+Inf")),
+                    s.count
+                );
+                let _ = writeln!(out, "{name}_sum{{{}}} {}", prom_labels(labels, None), h.sum);
+                let _ = writeln!(
+                    out,
+                    "{name}_count{{{}}} {}",
+                    prom_labels(labels, None),
+                    s.count
                 );
             }
-            let _ = writeln!(
-                out,
-                "{}_bucket{{{}}} {}",
-                names::REQUEST_DURATION,
-                prom_labels(labels, Some("+Inf")),
-                s.count
-            );
-            let _ = writeln!(
-                out,
-                "{}_sum{{{}}} {}",
-                names::REQUEST_DURATION,
-                prom_labels(labels, None),
-                s.sum_ms
-            );
-            let _ = writeln!(
-                out,
-                "{}_count{{{}}} {}",
-                names::REQUEST_DURATION,
-                prom_labels(labels, None),
-                s.count
-            );
         }
         out
     }
@@ -292,50 +359,52 @@ impl Reporter {
                 ..Default::default()
             })
             .collect();
-        let histograms = series
-            .iter()
-            .map(|(labels, s)| otlp_metrics::HistogramDataPoint {
-                attributes: metric_attributes(labels),
-                start_time_unix_nano: start,
-                time_unix_nano: now,
-                count: s.count,
-                sum: Some(s.sum_ms),
-                bucket_counts: s.buckets.to_vec(),
-                explicit_bounds: DURATION_BUCKETS_MS.to_vec(),
-                ..Default::default()
-            })
-            .collect();
         let cumulative = otlp_metrics::AggregationTemporality::Cumulative as i32;
+        let histograms = HISTOGRAMS.map(|(name, help, unit, hist)| otlp_metrics::Metric {
+            name: name.to_string(),
+            description: help.to_string(),
+            unit: unit.to_string(),
+            data: Some(otlp_metrics::metric::Data::Histogram(
+                otlp_metrics::Histogram {
+                    data_points: series
+                        .iter()
+                        .map(|(labels, s)| {
+                            let h = hist(s);
+                            otlp_metrics::HistogramDataPoint {
+                                attributes: metric_attributes(labels),
+                                start_time_unix_nano: start,
+                                time_unix_nano: now,
+                                count: s.count,
+                                sum: Some(h.sum),
+                                bucket_counts: h.buckets.clone(),
+                                explicit_bounds: h.bounds.to_vec(),
+                                ..Default::default()
+                            }
+                        })
+                        .collect(),
+                    aggregation_temporality: cumulative,
+                },
+            )),
+            ..Default::default()
+        });
         ExportMetricsServiceRequest {
             resource_metrics: vec![otlp_metrics::ResourceMetrics {
                 resource: Some(self.resource()),
                 scope_metrics: vec![otlp_metrics::ScopeMetrics {
                     scope: Some(Self::scope()),
-                    metrics: vec![
-                        otlp_metrics::Metric {
-                            name: names::REQUESTS_TOTAL.to_string(),
-                            description: "Total requests.".to_string(),
-                            unit: "1".to_string(),
-                            data: Some(otlp_metrics::metric::Data::Sum(otlp_metrics::Sum {
-                                data_points: counts,
-                                aggregation_temporality: cumulative,
-                                is_monotonic: true,
-                            })),
-                            ..Default::default()
-                        },
-                        otlp_metrics::Metric {
-                            name: names::REQUEST_DURATION.to_string(),
-                            description: "Request duration in milliseconds.".to_string(),
-                            unit: "ms".to_string(),
-                            data: Some(otlp_metrics::metric::Data::Histogram(
-                                otlp_metrics::Histogram {
-                                    data_points: histograms,
-                                    aggregation_temporality: cumulative,
-                                },
-                            )),
-                            ..Default::default()
-                        },
-                    ],
+                    metrics: std::iter::once(otlp_metrics::Metric {
+                        name: names::REQUESTS_TOTAL.to_string(),
+                        description: "Total requests.".to_string(),
+                        unit: "1".to_string(),
+                        data: Some(otlp_metrics::metric::Data::Sum(otlp_metrics::Sum {
+                            data_points: counts,
+                            aggregation_temporality: cumulative,
+                            is_monotonic: true,
+                        })),
+                        ..Default::default()
+                    })
+                    .chain(histograms)
+                    .collect(),
                     schema_url: String::new(),
                 }],
                 schema_url: String::new(),
@@ -465,48 +534,69 @@ fn to_otlp_span(s: SpanRecord) -> otlp_trace::Span {
     }
 }
 
-fn label_pairs(l: &RequestLabels) -> [(&'static str, String); 15] {
+/// Istio's cluster name when none is configured (`--set values.global.multiCluster.clusterName`).
+const CLUSTER: &str = "Kubernetes";
+/// Principals are SPIFFE ids from mTLS peer certificates; without mTLS Istio says "unknown".
+const NO_PRINCIPAL: &str = "unknown";
+
+/// Every label of Istio's standard request metrics, in Istio's order. Canonical service and
+/// revision are the app and version labels (Istio falls back to them when the
+/// `service.istio.io/canonical-*` labels are absent); principals stay "unknown" and the
+/// connection security policy "unknown" (client side) or "none" (server side) until the
+/// proxies speak mTLS.
+fn label_pairs<'a>(l: &'a RequestLabels, code: &'a str) -> [(&'static str, &'a str); 25] {
+    let security = if l.reporter == "destination" {
+        "none"
+    } else {
+        "unknown"
+    };
     [
-        ("reporter", l.reporter.to_string()),
-        ("source_workload", l.source_workload.clone()),
-        (
-            "source_workload_namespace",
-            l.source_workload_namespace.clone(),
-        ),
-        ("source_app", l.source_app.clone()),
-        ("source_version", l.source_version.clone()),
-        ("destination_workload", l.destination_workload.clone()),
+        ("reporter", l.reporter),
+        ("source_workload", &l.source_workload),
+        ("source_workload_namespace", &l.source_workload_namespace),
+        ("source_principal", NO_PRINCIPAL),
+        ("source_app", &l.source_app),
+        ("source_version", &l.source_version),
+        ("source_canonical_service", &l.source_app),
+        ("source_canonical_revision", &l.source_version),
+        ("source_cluster", CLUSTER),
+        ("destination_workload", &l.destination_workload),
         (
             "destination_workload_namespace",
-            l.destination_workload_namespace.clone(),
+            &l.destination_workload_namespace,
         ),
-        ("destination_app", l.destination_app.clone()),
-        ("destination_version", l.destination_version.clone()),
-        ("destination_service", l.destination_service.clone()),
-        (
-            "destination_service_name",
-            l.destination_service_name.clone(),
-        ),
+        ("destination_principal", NO_PRINCIPAL),
+        ("destination_app", &l.destination_app),
+        ("destination_version", &l.destination_version),
+        ("destination_service", &l.destination_service),
+        ("destination_service_name", &l.destination_service_name),
         (
             "destination_service_namespace",
-            l.destination_service_namespace.clone(),
+            &l.destination_service_namespace,
         ),
-        ("request_protocol", l.request_protocol.to_string()),
-        ("response_code", l.response_code.to_string()),
-        ("response_flags", l.response_flags.clone()),
+        ("destination_canonical_service", &l.destination_app),
+        ("destination_canonical_revision", &l.destination_version),
+        ("destination_cluster", CLUSTER),
+        ("request_protocol", l.request_protocol),
+        ("response_code", code),
+        ("grpc_response_status", &l.grpc_response_status),
+        ("response_flags", &l.response_flags),
+        ("connection_security_policy", security),
     ]
 }
 
 fn metric_attributes(l: &RequestLabels) -> Vec<KeyValue> {
-    label_pairs(l)
+    let code = l.response_code.to_string();
+    label_pairs(l, &code)
         .into_iter()
-        .map(|(k, v)| kv(k, AttrValue::Str(v)))
+        .map(|(k, v)| kv(k, AttrValue::Str(v.to_string())))
         .collect()
 }
 
 fn prom_labels(l: &RequestLabels, le: Option<&str>) -> String {
     let mut out = String::new();
-    for (i, (k, v)) in label_pairs(l).iter().enumerate() {
+    let code = l.response_code.to_string();
+    for (i, (k, v)) in label_pairs(l, &code).iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
@@ -543,9 +633,13 @@ mod tests {
     #[test]
     fn histogram_buckets_and_counts() {
         let (r, _q) = Reporter::new(Identity::default(), 8);
-        r.request(labels(200), Duration::from_micros(300));
-        r.request(labels(200), Duration::from_millis(7));
-        r.request(labels(500), Duration::from_secs(2));
+        let sizes = Sizes {
+            request: 0,
+            response: 250,
+        };
+        r.request(labels(200), Duration::from_micros(300), sizes);
+        r.request(labels(200), Duration::from_millis(7), sizes);
+        r.request(labels(500), Duration::from_secs(2), sizes);
         let req = r.metrics_request();
         let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
         let Some(otlp_metrics::metric::Data::Histogram(h)) = &metrics[1].data else {
@@ -565,6 +659,13 @@ mod tests {
         ));
         assert!(text.contains("response_code=\"500\""));
         assert!(text.contains("le=\"+Inf\"} 2"));
+        // 250-byte responses, in the (100, 1000] bucket of istio_response_bytes.
+        let Some(otlp_metrics::metric::Data::Histogram(h)) = &metrics[3].data else {
+            panic!("response bytes histogram expected");
+        };
+        assert_eq!(metrics[3].name, names::RESPONSE_BYTES);
+        assert_eq!(h.data_points[0].bucket_counts[3], h.data_points[0].count);
+        assert!(text.contains("istio_request_bytes_bucket{"));
     }
 
     #[test]

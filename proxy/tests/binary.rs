@@ -79,7 +79,7 @@ fn proxy_without_control_plane_fails_clearly_and_stops_cleanly() {
         "{scrape}"
     );
     assert!(
-        scrape.contains(r#"response_code="404",response_flags="NR""#),
+        scrape.contains(r#"response_code="404",grpc_response_status="",response_flags="NR""#),
         "{scrape}"
     );
 

@@ -12,13 +12,14 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::exposition::{Format, Writer};
 use crate::query::QueryEngine;
 use crate::receiver::Receiver;
 use crate::selfmetrics;
@@ -92,16 +93,15 @@ pub fn router(state: ApiState) -> Router {
         .merge(graph)
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
-    let body = selfmetrics::render(&state.store, &state.receiver.stats, state.engine.stats());
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
+/// The mesh's families (aggregated across proxies) and the service's own, in the text format
+/// or OpenMetrics as the `Accept` header prefers.
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let mut w = Writer::new(Format::negotiate(accept), 64 * 1024);
+    state.receiver.mesh.render(&mut w);
+    selfmetrics::render(&mut w, &state.store, &state.receiver, state.engine.stats());
+    let format = w.format();
+    ([(header::CONTENT_TYPE, format.content_type())], w.finish()).into_response()
 }
 
 /// Puts `app` behind the Host and Content-Type checks.

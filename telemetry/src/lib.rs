@@ -6,11 +6,13 @@
 pub mod budget;
 pub mod conn;
 pub mod convert;
+pub mod exposition;
 pub mod graph;
 mod hex_ids;
 pub mod http;
 pub mod jaeger;
 pub mod manifest;
+pub mod meshmetrics;
 pub mod otlp_http;
 pub mod query;
 pub mod query_string;
@@ -97,6 +99,8 @@ pub struct TelemetryOptions {
     /// This process's name in the bucket; by default the id kept in `<data>/writer-id`
     /// (made up at the first start).
     pub writer_id: Option<String>,
+    /// Bounds on the mesh's metric families served on `/metrics`.
+    pub mesh_metrics: meshmetrics::MeshMetricsOptions,
 }
 
 impl TelemetryOptions {
@@ -119,6 +123,7 @@ impl TelemetryOptions {
             drain_timeout: Duration::from_secs(10),
             object_store: None,
             writer_id: None,
+            mesh_metrics: meshmetrics::MeshMetricsOptions::default(),
         }
     }
 }
@@ -172,6 +177,7 @@ impl Telemetry {
             store.clone(),
             options.max_inflight_requests,
             options.max_message_bytes,
+            options.mesh_metrics,
         );
         Ok(Telemetry {
             grpc: bind("OTLP gRPC", options.otlp_grpc_addr).await?,

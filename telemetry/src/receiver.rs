@@ -38,6 +38,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::Semaphore;
 
 use crate::convert;
+use crate::meshmetrics::{MeshMetrics, MeshMetricsOptions, Tapped};
 use crate::selfmetrics::{IngestStats, Refusal};
 use crate::store::Store;
 use crate::wire;
@@ -69,6 +70,11 @@ pub trait Signal: Send + Sync + 'static {
     }
     /// The response saying that `rejected` records were not stored, and why.
     fn partial(rejected: i64, message: String) -> Self::Response;
+    /// What the live aggregates (the mesh's Prometheus families) take from the request,
+    /// before it is dropped; applied once its rows are durable.
+    fn tap(_request: &Self::Request) -> Tapped {
+        Tapped::default()
+    }
 }
 
 /// Bytes `records` will take as rows: each carries a copy of what it shares (resource and
@@ -104,14 +110,22 @@ pub struct Receiver {
     slots: Arc<Semaphore>,
     max_inflight: usize,
     max_message_bytes: usize,
+    /// The mesh's metric families, as stored exports report them.
+    pub mesh: MeshMetrics,
 }
 
 impl Receiver {
     /// A receiver that lets `max_inflight` requests of up to `max_message_bytes` (after
     /// decompression) in at once.
-    pub fn new(store: Arc<Store>, max_inflight: usize, max_message_bytes: usize) -> Arc<Receiver> {
+    pub fn new(
+        store: Arc<Store>,
+        max_inflight: usize,
+        max_message_bytes: usize,
+        mesh: MeshMetricsOptions,
+    ) -> Arc<Receiver> {
         Arc::new(Receiver {
             store,
+            mesh: MeshMetrics::new(mesh),
             stats: IngestStats::default(),
             slots: Arc::new(Semaphore::new(max_inflight.max(1))),
             max_inflight: max_inflight.max(1),
@@ -228,6 +242,10 @@ impl Signal for Metrics {
         }
     }
 
+    fn tap(request: &ExportMetricsServiceRequest) -> Tapped {
+        crate::meshmetrics::tap(request)
+    }
+
     fn records(request: &ExportMetricsServiceRequest) -> usize {
         convert::point_count(request)
     }
@@ -334,7 +352,7 @@ pub async fn export<S: Signal>(
     body: Bytes,
 ) -> Result<S::Response, (Refusal, Status)> {
     let signal = usize::from(S::TABLE);
-    let result = export_unrecorded::<S>(&receiver.store, body).await;
+    let result = export_unrecorded::<S>(receiver, body).await;
     match &result {
         Ok(_) => receiver.stats.accepted(signal),
         Err((why, _)) => receiver.stats.refused(signal, *why),
@@ -343,9 +361,10 @@ pub async fn export<S: Signal>(
 }
 
 async fn export_unrecorded<S: Signal>(
-    store: &Store,
+    receiver: &Receiver,
     body: Bytes,
 ) -> Result<S::Response, (Refusal, Status)> {
+    let store = &receiver.store;
     let malformed = |e: &dyn std::fmt::Display| {
         (
             Refusal::Malformed,
@@ -392,6 +411,7 @@ async fn export_unrecorded<S: Signal>(
     } else {
         None
     };
+    let tapped = S::tap(&request);
     drop(request);
     let actual = batch.get_array_memory_size();
     // The rows keep `actual` bytes until flushed; the body's share is held until the WAL
@@ -411,6 +431,9 @@ async fn export_unrecorded<S: Signal>(
             )
         })?;
     drop(reservation);
+    if !tapped.is_empty() {
+        receiver.mesh.apply(tapped);
+    }
     tracing::trace!(service = S::SERVICE, rows, "otlp export stored");
     Ok(match rejected {
         Some((n, message)) => S::partial(n, message),

@@ -1,7 +1,10 @@
 //! One-minute rollups of the mesh's requests: RED per service (from its server spans) and
-//! per caller → callee edge (from the caller's client spans, whose `peer.service` names the
-//! callee, as Istio's `reporter="source"` series do): requests, errors, duration sum, a
-//! latency histogram fine enough for p50/p95/p99, and bytes.
+//! per caller → callee edge: requests, errors, duration sum, a latency histogram fine enough
+//! for p50/p95/p99, and bytes. Each call is counted once, where it is recorded: on the
+//! callee's server span when that names its caller (`peer.service`, as the mesh's sidecars
+//! write it, with the caller's version), else on the caller's client span (`peer.service`
+//! names the callee): a sidecar's local reply, which never reached the callee, or a span from
+//! an app outside the mesh.
 //!
 //! Written when spans are flushed, as the `rollups` table's file for the same WAL range, and
 //! computed live over the spans memtable when queried, so a query sees every span exactly
@@ -30,6 +33,8 @@ pub const LATENCY_BOUNDS_MS: [f64; 19] = [
 ];
 
 const MINUTE_NS: i64 = 60_000_000_000;
+/// The caller's version on a mesh proxy's server span (as `lumen-proxy` writes it).
+pub const SOURCE_VERSION: &str = "lumen.source.version";
 
 /// The `rollups` table: one row per minute and service (`kind = 'service'`) or caller →
 /// callee pair (`kind = 'edge'`).
@@ -66,6 +71,30 @@ struct Key {
     source_version: Option<String>,
     service: String,
     version: Option<String>,
+}
+
+impl Key {
+    /// Rows are written by minute, kind, then names.
+    #[allow(clippy::type_complexity)]
+    fn order(
+        &self,
+    ) -> (
+        i64,
+        &str,
+        &Option<String>,
+        &Option<String>,
+        &str,
+        &Option<String>,
+    ) {
+        (
+            self.minute,
+            self.kind,
+            &self.source,
+            &self.source_version,
+            &self.service,
+            &self.version,
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -142,63 +171,77 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
         };
         let (attributes, ints) = (map("attributes")?, map("attributes_int")?);
         let peer = strings("peer_service")?;
+        let flags = strings("response_flags")?;
         for row in 0..batch.num_rows() {
             let text = |a: &StringArray| (!a.is_null(row)).then(|| a.value(row).to_string());
             let minute = start.value(row).div_euclid(MINUTE_NS) * MINUTE_NS;
-            let key = match kind.value(row) {
-                "server" => Key {
-                    minute,
-                    kind: "service",
-                    source: None,
-                    source_version: None,
-                    service: service.value(row).to_string(),
-                    version: text(&version),
-                },
-                "client" => {
-                    let Some(callee) = text(&peer) else {
-                        continue;
-                    };
-                    Key {
+            let mut keys = [None, None];
+            match kind.value(row) {
+                "server" => {
+                    keys[0] = Some(Key {
                         minute,
-                        kind: "edge",
-                        source: Some(service.value(row).to_string()),
-                        source_version: text(&version),
-                        service: callee,
-                        version: None,
+                        kind: "service",
+                        source: None,
+                        source_version: None,
+                        service: service.value(row).to_string(),
+                        version: text(&version),
+                    });
+                    // A server span that names its caller is the edge's record of the call.
+                    if let Some(caller) = text(&peer) {
+                        keys[1] = Some(Key {
+                            minute,
+                            kind: "edge",
+                            source: Some(caller),
+                            source_version: attribute(&attributes, row, SOURCE_VERSION),
+                            service: service.value(row).to_string(),
+                            version: text(&version),
+                        });
+                    }
+                }
+                // A client span is the record of a call only when no server span will be:
+                // a mesh proxy's local reply (a response flag other than "-": the request
+                // never reached the callee), or a span from outside the mesh (no flags).
+                "client" if flags.is_null(row) || flags.value(row) != "-" => {
+                    if let Some(callee) = text(&peer) {
+                        keys[0] = Some(Key {
+                            minute,
+                            kind: "edge",
+                            source: Some(service.value(row).to_string()),
+                            source_version: text(&version),
+                            service: callee,
+                            version: None,
+                        });
                     }
                 }
                 _ => continue,
-            };
-            let acc = groups.entry(key).or_default();
-            let d = duration.value(row);
-            acc.first_ns = acc.first_ns.min(start.value(row));
-            acc.last_ns = acc.last_ns.max(start.value(row));
-            acc.requests += 1;
-            acc.errors += i64::from(status.value(row) == "error");
-            acc.duration_sum_ns = acc.duration_sum_ns.saturating_add(d);
-            acc.buckets[bucket(d)] += 1;
-            // Sizes are ints by the semantic conventions; some senders write them as text.
-            let size = |k| {
-                int_attribute(&ints, row, k)
-                    .or_else(|| attribute(&attributes, row, k).and_then(|v| v.parse::<i64>().ok()))
-                    .unwrap_or(0)
-            };
-            acc.request_bytes += size("http.request.body.size");
-            acc.response_bytes += size("http.response.body.size");
+            }
+            for key in keys.into_iter().flatten() {
+                let acc = groups.entry(key).or_default();
+                let d = duration.value(row);
+                acc.first_ns = acc.first_ns.min(start.value(row));
+                acc.last_ns = acc.last_ns.max(start.value(row));
+                acc.requests += 1;
+                acc.errors += i64::from(status.value(row) == "error");
+                acc.duration_sum_ns = acc.duration_sum_ns.saturating_add(d);
+                acc.buckets[bucket(d)] += 1;
+                // Sizes are ints by the semantic conventions; some senders write them as text.
+                let size = |k| {
+                    int_attribute(&ints, row, k)
+                        .or_else(|| {
+                            attribute(&attributes, row, k).and_then(|v| v.parse::<i64>().ok())
+                        })
+                        .unwrap_or(0)
+                };
+                acc.request_bytes += size("http.request.body.size");
+                acc.response_bytes += size("http.response.body.size");
+            }
         }
     }
     if groups.is_empty() {
         return Ok(None);
     }
     let mut rows: Vec<(Key, Acc)> = groups.into_iter().collect();
-    rows.sort_by(|a, b| {
-        (a.0.minute, a.0.kind, &a.0.source, &a.0.service).cmp(&(
-            b.0.minute,
-            b.0.kind,
-            &b.0.source,
-            &b.0.service,
-        ))
-    });
+    rows.sort_by(|a, b| a.0.order().cmp(&b.0.order()));
     let n = rows.len();
     let mut minute = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut kind = StringBuilder::with_capacity(n, n * 8);
@@ -398,6 +441,77 @@ mod tests {
         let edge: Vec<i64> = first.as_primitive::<Int64Type>().values().to_vec();
         assert_eq!(edge[bucket(2_000_000)], 1);
         assert_eq!(edge[bucket(700_000_000)], 1);
+    }
+
+    #[test]
+    fn mesh_calls_are_counted_once_on_the_server_span_that_names_its_caller() {
+        let with = |mut s: Span, attrs: &[(&str, &str)]| {
+            s.attributes.extend(attrs.iter().map(|(k, v)| kv(k, v)));
+            s
+        };
+        let side = |service: &str, version: &str, spans: Vec<Span>| ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", service), kv("service.version", version)],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let req = ExportTraceServiceRequest {
+            resource_spans: vec![
+                // reviews v2's sidecar: two calls to ratings, one a local reply (UF).
+                side(
+                    "reviews",
+                    "v2",
+                    vec![
+                        with(
+                            span(1, 3, 60, 3, false, Some("ratings")),
+                            &[("response_flags", "-")],
+                        ),
+                        with(
+                            span(2, 3, 60, 1, true, Some("ratings")),
+                            &[("response_flags", "UF")],
+                        ),
+                    ],
+                ),
+                // ratings' sidecar: the call that arrived, naming its caller.
+                side(
+                    "ratings",
+                    "v1",
+                    vec![with(
+                        span(3, 2, 60, 2, false, Some("reviews")),
+                        &[("response_flags", "-"), (SOURCE_VERSION, "v2")],
+                    )],
+                ),
+            ],
+        };
+        let batch = spans_to_batch(&req).expect("converts");
+        let rolled = rollup(&[batch]).expect("rolls up").expect("rows");
+        let text = |i: usize, row: usize| {
+            let c = rolled.column(i).as_string::<i32>();
+            (!c.is_null(row)).then(|| c.value(row).to_string())
+        };
+        let requests = rolled
+            .column_by_name("requests")
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+            .map(|a| a.values().to_vec())
+            .expect("requests");
+        let edges: Vec<_> = (0..rolled.num_rows())
+            .filter(|&r| text(1, r).as_deref() == Some("edge"))
+            .map(|r| (text(2, r), text(3, r), text(4, r), text(5, r), requests[r]))
+            .collect();
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(
+            edges,
+            vec![
+                (some("reviews"), some("v2"), some("ratings"), None, 1),
+                (some("reviews"), some("v2"), some("ratings"), some("v1"), 1),
+            ],
+            "the local reply from the client side, the call that arrived from the server side"
+        );
     }
 
     #[test]

@@ -1,11 +1,14 @@
-//! The telemetry service's own health on `GET /metrics`, in Prometheus text format 0.0.4:
+//! The telemetry service's own health on `GET /metrics`, in Prometheus' text format or OpenMetrics
+//! (`exposition.rs`):
 //! what it ingested and refused (by reason), its WAL, flushes and compactions, its files,
 //! its buffer and its queries. Every metric name is written here and nowhere else.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::exposition::{Kind, Writer};
+use crate::meshmetrics::Dropped;
 use crate::query::QueryStats;
+use crate::receiver::Receiver;
 use crate::store::{Store, Table};
 
 /// Why an OTLP request was refused, as the `reason` label says it.
@@ -78,61 +81,42 @@ impl IngestStats {
 
 /// One metric family being written: HELP and TYPE once, then its samples.
 struct Family<'a> {
-    out: &'a mut String,
-    name: &'static str,
+    w: &'a mut Writer,
 }
 
 impl<'a> Family<'a> {
-    fn new(out: &'a mut String, name: &'static str, kind: &str, help: &str) -> Family<'a> {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        Family { out, name }
+    fn new(w: &'a mut Writer, name: &'static str, kind: Kind, help: &str) -> Family<'a> {
+        w.family(name, kind, help);
+        Family { w }
     }
 
     fn sample(&mut self, suffix: &str, labels: &[(&str, &str)], value: f64) {
-        let _ = write!(self.out, "{}{suffix}", self.name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.out.push(',');
-                }
-                let _ = write!(self.out, "{k}=\"{}\"", escape(v));
-            }
-            self.out.push('}');
-        }
-        let _ = writeln!(self.out, " {value}");
+        self.w.sample_pairs(suffix, labels, value);
     }
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 fn load(c: &AtomicU64) -> f64 {
     c.load(Ordering::Relaxed) as f64
 }
 
-/// The whole exposition.
-pub fn render(store: &Store, ingest: &IngestStats, queries: &QueryStats) -> String {
-    let mut out = String::with_capacity(8 * 1024);
+/// The service's own families, into `out`.
+pub fn render(out: &mut Writer, store: &Store, receiver: &Receiver, queries: &QueryStats) {
+    let ingest = &receiver.stats;
     let tables = store.tables();
 
     let mut f = Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_otlp_requests_accepted_total",
-        "counter",
+        Kind::Counter,
         "OTLP export requests stored durably and acknowledged.",
     );
     for (i, signal) in SIGNALS.iter().enumerate() {
         f.sample("", &[("signal", signal)], load(&ingest.accepted[i]));
     }
     let mut f = Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_otlp_requests_refused_total",
-        "counter",
+        Kind::Counter,
         "OTLP export requests refused, by reason.",
     );
     for (i, signal) in SIGNALS.iter().enumerate() {
@@ -145,9 +129,9 @@ pub fn render(store: &Store, ingest: &IngestStats, queries: &QueryStats) -> Stri
         }
     }
     let mut f = Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_rows_ingested_total",
-        "counter",
+        Kind::Counter,
         "Rows stored durably, by table.",
     );
     for t in tables {
@@ -156,53 +140,53 @@ pub fn render(store: &Store, ingest: &IngestStats, queries: &QueryStats) -> Stri
 
     let wal = store.wal_stats();
     Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_wal_records_total",
-        "counter",
+        Kind::Counter,
         "Records appended to the write-ahead log.",
     )
     .sample("", &[], load(&wal.records));
     Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_wal_written_bytes_total",
-        "counter",
+        Kind::Counter,
         "Bytes appended to the write-ahead log.",
     )
     .sample("", &[], load(&wal.bytes));
     Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_wal_fsyncs_total",
-        "counter",
+        Kind::Counter,
         "fsyncs of the write-ahead log (one per group commit).",
     )
     .sample("", &[], load(&wal.fsyncs));
     Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_wal_disk_bytes",
-        "gauge",
+        Kind::Gauge,
         "Bytes of write-ahead log segments on disk.",
     )
     .sample("", &[], store.wal_disk_bytes() as f64);
 
     let budget = store.budget();
     Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_buffered_bytes",
-        "gauge",
+        Kind::Gauge,
         "Bytes of rows held in memory (memtables and requests being converted).",
     )
     .sample("", &[], budget.used() as f64);
     Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_buffered_bytes_limit",
-        "gauge",
+        Kind::Gauge,
         "The cap on buffered bytes (--max-buffered-mib).",
     )
     .sample("", &[], budget.cap() as f64);
     let mut f = Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_buffered_rows",
-        "gauge",
+        Kind::Gauge,
         "Rows in the memtable, not yet in Parquet, by table.",
     );
     for t in tables {
@@ -210,9 +194,9 @@ pub fn render(store: &Store, ingest: &IngestStats, queries: &QueryStats) -> Stri
     }
 
     let mut f = Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_flush_duration_seconds",
-        "summary",
+        Kind::Summary,
         "Time spent flushing memtables to Parquet, by table.",
     );
     for t in tables {
@@ -221,18 +205,18 @@ pub fn render(store: &Store, ingest: &IngestStats, queries: &QueryStats) -> Stri
         f.sample("_count", &labels, load(&t.stats.flushes));
     }
     let mut f = Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_flush_failures_total",
-        "counter",
+        Kind::Counter,
         "Flushes that failed (their rows stay in the WAL and memtable), by table.",
     );
     for t in tables {
         f.sample("", &[("table", t.name)], load(&t.stats.flush_failures));
     }
     let mut f = Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_compaction_duration_seconds",
-        "summary",
+        Kind::Summary,
         "Time spent merging files, by table.",
     );
     for t in tables {
@@ -241,9 +225,9 @@ pub fn render(store: &Store, ingest: &IngestStats, queries: &QueryStats) -> Stri
         f.sample("_count", &labels, load(&t.stats.compactions));
     }
     let mut f = Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_files_expired_total",
-        "counter",
+        Kind::Counter,
         "Files dropped by retention, by table.",
     );
     for t in tables {
@@ -271,25 +255,25 @@ pub fn render(store: &Store, ingest: &IngestStats, queries: &QueryStats) -> Stri
             |t: &Table| load(&t.stats.remote_failures),
         ),
     ] {
-        let mut f = Family::new(&mut out, name, "counter", help);
+        let mut f = Family::new(out, name, Kind::Counter, help);
         for t in tables {
             f.sample("", &[("table", t.name)], counter(t));
         }
     }
     let files: Vec<_> = tables.iter().map(|t| (t.name, t.files())).collect();
     let mut f = Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_files",
-        "gauge",
+        Kind::Gauge,
         "Parquet files in the manifest, by table.",
     );
     for (name, list) in &files {
         f.sample("", &[("table", name)], list.len() as f64);
     }
     let mut f = Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_file_bytes",
-        "gauge",
+        Kind::Gauge,
         "Bytes of Parquet files in the manifest, by table.",
     );
     for (name, list) in &files {
@@ -297,9 +281,9 @@ pub fn render(store: &Store, ingest: &IngestStats, queries: &QueryStats) -> Stri
         f.sample("", &[("table", name)], bytes as f64);
     }
     let mut f = Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_file_rows",
-        "gauge",
+        Kind::Gauge,
         "Rows in Parquet files in the manifest, by table.",
     );
     for (name, list) in &files {
@@ -307,34 +291,53 @@ pub fn render(store: &Store, ingest: &IngestStats, queries: &QueryStats) -> Stri
         f.sample("", &[("table", name)], rows as f64);
     }
     Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_files_quarantined",
-        "gauge",
+        Kind::Gauge,
         "Files set aside at start because they could not be read.",
     )
     .sample("", &[], store.quarantined.len() as f64);
 
     let mut f = Family::new(
-        &mut out,
+        out,
         "lumen_telemetry_queries_total",
-        "counter",
+        Kind::Counter,
         "SQL queries answered, by outcome (ok, or the error kind).",
     );
     for (outcome, n) in queries.outcomes() {
         f.sample("", &[("outcome", outcome)], n as f64);
     }
     Family::new(
-        &mut out,
-        "lumen_telemetry_query_duration_seconds",
-        "summary",
-        "Time spent answering SQL queries.",
-    )
-    .sample("_sum", &[], queries.seconds());
-    out.push_str("lumen_telemetry_query_duration_seconds_count ");
-    let _ = writeln!(
         out,
-        "{}",
-        queries.outcomes().iter().map(|(_, n)| n).sum::<u64>()
+        "lumen_telemetry_mesh_series",
+        Kind::Gauge,
+        "Series of the mesh's metric families held for /metrics (at most --max-metric-series).",
+    )
+    .sample("", &[], receiver.mesh.series() as f64);
+    let mut f = Family::new(
+        out,
+        "lumen_telemetry_mesh_points_dropped_total",
+        Kind::Counter,
+        "Data points of the mesh's metric families not aggregated, by reason (series_cap: a new series past --max-metric-series).",
     );
-    out
+    for why in Dropped::ALL {
+        f.sample(
+            "",
+            &[("reason", why.label())],
+            receiver.mesh.dropped(why) as f64,
+        );
+    }
+
+    let mut f = Family::new(
+        out,
+        "lumen_telemetry_query_duration_seconds",
+        Kind::Summary,
+        "Time spent answering SQL queries.",
+    );
+    f.sample("_sum", &[], queries.seconds());
+    f.sample(
+        "_count",
+        &[],
+        queries.outcomes().iter().map(|(_, n)| n).sum::<u64>() as f64,
+    );
 }
