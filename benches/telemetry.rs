@@ -395,6 +395,8 @@ impl Server {
                 "127.0.0.1:0",
                 "--http",
                 "127.0.0.1:0",
+                "--jaeger-grpc",
+                "127.0.0.1:0",
             ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())

@@ -35,6 +35,7 @@ pub struct DemoOptions {
     pub otlp_grpc_addr: SocketAddr,
     pub otlp_http_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub jaeger_grpc_addr: SocketAddr,
     pub xds_addr: SocketAddr,
     pub control_http_addr: SocketAddr,
     pub data_dir: PathBuf,
@@ -96,6 +97,7 @@ impl DemoOptions {
             otlp_grpc_addr: local(4317),
             otlp_http_addr: local(4318),
             http_addr: local(16686),
+            jaeger_grpc_addr: local(16685),
             xds_addr: local(ports::CONTROL_XDS),
             control_http_addr: local(ports::CONTROL_HTTP),
             data_dir,
@@ -126,6 +128,7 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
         otlp_grpc_addr: options.otlp_grpc_addr,
         otlp_http_addr: options.otlp_http_addr,
         http_addr: options.http_addr,
+        jaeger_grpc_addr: options.jaeger_grpc_addr,
         flush_interval: options.flush_interval,
         ..TelemetryOptions::new(options.data_dir.clone())
     })
@@ -133,8 +136,11 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
     let otlp_grpc = telemetry.otlp_grpc_addr().unwrap_or(options.otlp_grpc_addr);
     let telemetry_http = telemetry.http_addr().unwrap_or(options.http_addr);
     say(format!(
-        "telemetry: OTLP gRPC {otlp_grpc}, OTLP HTTP {}, HTTP {telemetry_http}, data {}",
+        "telemetry: OTLP gRPC {otlp_grpc}, OTLP HTTP {}, HTTP {telemetry_http}, Jaeger gRPC {}, data {}",
         telemetry.otlp_http_addr().unwrap_or(options.otlp_http_addr),
+        telemetry
+            .jaeger_grpc_addr()
+            .unwrap_or(options.jaeger_grpc_addr),
         options.data_dir.display()
     ));
     let dashboard = lumen_dashboard::router(Arc::new(telemetry.query_engine()));

@@ -50,6 +50,9 @@ struct DemoArgs {
     otlp_http: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:16686")]
     http: SocketAddr,
+    /// Jaeger's query API v3 over gRPC (jaeger.api_v3.QueryService).
+    #[arg(long, default_value = "127.0.0.1:16685")]
+    jaeger_grpc: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:15010")]
     xds: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:15014")]
@@ -72,6 +75,9 @@ struct TelemetryArgs {
     otlp_http: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:16686")]
     http: SocketAddr,
+    /// Jaeger's query API v3 over gRPC (jaeger.api_v3.QueryService).
+    #[arg(long, default_value = "127.0.0.1:16685")]
+    jaeger_grpc: SocketAddr,
     /// Seconds between memtable flushes to Parquet.
     #[arg(long, default_value_t = 5)]
     flush_interval: u64,
@@ -204,6 +210,7 @@ async fn main() -> anyhow::Result<()> {
                 otlp_grpc_addr: args.otlp_grpc,
                 otlp_http_addr: args.otlp_http,
                 http_addr: args.http,
+                jaeger_grpc_addr: args.jaeger_grpc,
                 flush_interval: Duration::from_secs(args.flush_interval.max(1)),
                 query: QueryLimits {
                     timeout: Duration::from_secs(args.query_timeout.max(1)),
@@ -250,9 +257,10 @@ async fn main() -> anyhow::Result<()> {
                 telemetry.otlp_http_addr().unwrap_or(args.otlp_http)
             );
             println!(
-                "telemetry: OTLP gRPC {}, dashboard http://{}/",
+                "telemetry: OTLP gRPC {}, dashboard http://{}/, Jaeger gRPC {}",
                 telemetry.otlp_grpc_addr().unwrap_or(args.otlp_grpc),
-                telemetry.http_addr().unwrap_or(args.http)
+                telemetry.http_addr().unwrap_or(args.http),
+                telemetry.jaeger_grpc_addr().unwrap_or(args.jaeger_grpc)
             );
             let dashboard = lumen_dashboard::router(Arc::new(telemetry.query_engine()));
             telemetry.run(dashboard, shutdown_on_signal()).await?;
@@ -286,6 +294,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     options.otlp_grpc_addr = args.otlp_grpc;
     options.otlp_http_addr = args.otlp_http;
     options.http_addr = args.http;
+    options.jaeger_grpc_addr = args.jaeger_grpc;
     options.xds_addr = args.xds;
     options.control_http_addr = args.control_http;
     options.rate_per_s = args.rate;

@@ -24,6 +24,8 @@ fn demo_binary_starts_serves_and_stops_on_ctrl_c() {
         "127.0.0.1:0",
         "--http",
         "127.0.0.1:0",
+        "--jaeger-grpc",
+        "127.0.0.1:0",
         "--xds",
         "127.0.0.1:0",
         "--control-http",

@@ -59,6 +59,7 @@ async fn demo_mesh_end_to_end() {
         otlp_grpc_addr: local,
         otlp_http_addr: local,
         http_addr: local,
+        jaeger_grpc_addr: local,
         xds_addr: local,
         control_http_addr: local,
         data_dir: data.path().to_path_buf(),

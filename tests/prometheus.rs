@@ -106,6 +106,7 @@ async fn prometheus_scrapes_the_mesh_and_every_count_agrees() {
         otlp_grpc_addr: local,
         otlp_http_addr: local,
         http_addr: local,
+        jaeger_grpc_addr: local,
         xds_addr: local,
         control_http_addr: local,
         data_dir: data.path().join("lumen"),

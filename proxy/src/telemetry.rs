@@ -146,7 +146,12 @@ impl Default for Series {
 }
 
 /// A histogram family: name, help, OTLP unit, and where a series keeps it.
-type HistogramFamily = (&'static str, &'static str, &'static str, fn(&Series) -> &Hist);
+type HistogramFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Series) -> &Hist,
+);
 
 /// The histogram families.
 const HISTOGRAMS: [HistogramFamily; 3] = [

@@ -75,6 +75,8 @@ pub struct TelemetryOptions {
     pub otlp_grpc_addr: SocketAddr,
     pub otlp_http_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// Jaeger's `jaeger.api_v3.QueryService` over gRPC.
+    pub jaeger_grpc_addr: SocketAddr,
     pub flush_interval: Duration,
     /// What queries may spend.
     pub query: QueryLimits,
@@ -111,6 +113,7 @@ impl TelemetryOptions {
             otlp_grpc_addr: SocketAddr::from(([127, 0, 0, 1], 4317)),
             otlp_http_addr: SocketAddr::from(([127, 0, 0, 1], 4318)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 16686)),
+            jaeger_grpc_addr: SocketAddr::from(([127, 0, 0, 1], 16685)),
             flush_interval: Duration::from_secs(5),
             query: QueryLimits::default(),
             allowed_hosts: Vec::new(),
@@ -135,6 +138,7 @@ pub struct Telemetry {
     grpc: TcpListener,
     otlp_http: TcpListener,
     http: TcpListener,
+    jaeger_grpc: TcpListener,
     flush_interval: Duration,
     engine: QueryEngine,
     receiver: Arc<receiver::Receiver>,
@@ -182,6 +186,7 @@ impl Telemetry {
         Ok(Telemetry {
             grpc: bind("OTLP gRPC", options.otlp_grpc_addr).await?,
             otlp_http: bind("OTLP HTTP", options.otlp_http_addr).await?,
+            jaeger_grpc: bind("Jaeger gRPC", options.jaeger_grpc_addr).await?,
             receiver,
             http,
             store,
@@ -202,6 +207,10 @@ impl Telemetry {
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.local_addr().ok()
+    }
+
+    pub fn jaeger_grpc_addr(&self) -> Option<SocketAddr> {
+        self.jaeger_grpc.local_addr().ok()
     }
 
     pub fn store(&self) -> Arc<Store> {
@@ -251,6 +260,17 @@ impl Telemetry {
                 conn::limited(self.grpc, options.max_connections),
                 shutdown.clone().cancelled_owned(),
             );
+        // Jaeger's query service: queries run on the engine's own runtime, within its limits.
+        let jaeger_grpc = tonic::transport::Server::builder()
+            .max_concurrent_streams(options.max_streams_per_connection)
+            .concurrency_limit_per_connection(options.max_streams_per_connection as usize)
+            .timeout(options.request_timeout)
+            .http2_max_header_list_size(64 * 1024)
+            .add_service(jaeger::grpc::QueryService::new(self.engine.clone()))
+            .serve_with_incoming_shutdown(
+                conn::limited(self.jaeger_grpc, options.max_connections),
+                shutdown.clone().cancelled_owned(),
+            );
         let flusher = {
             let store = self.store.clone();
             let shutdown = shutdown.clone();
@@ -270,8 +290,9 @@ impl Telemetry {
             }
         };
         let servers = async {
-            let (http, otlp_http, grpc, ()) = tokio::join!(http, otlp_http, grpc, flusher);
-            (http.and(otlp_http), grpc, ())
+            let (http, otlp_http, grpc, jaeger_grpc, ()) =
+                tokio::join!(http, otlp_http, grpc, jaeger_grpc, flusher);
+            (http.and(otlp_http), grpc.and(jaeger_grpc), ())
         };
         let drain_deadline = async {
             shutdown.cancelled().await;

@@ -509,3 +509,164 @@ async fn api_v3_answers_as_jaegers_snapshots() {
     }
     svc.stop().await;
 }
+
+/// A gRPC call of `jaeger.api_v3.QueryService`: the messages it streamed back, or its status.
+async fn grpc_call<Req, Resp>(
+    addr: SocketAddr,
+    method: &'static str,
+    request: Req,
+) -> Result<Vec<Resp>, tonic::Status>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connects");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let path = http::uri::PathAndQuery::from_static(method);
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    let mut stream = grpc
+        .server_streaming(tonic::Request::new(request), path, codec)
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(message) = stream.message().await? {
+        out.push(message);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn api_v3_over_grpc_answers_as_jaegers_snapshots() {
+    use lumen_telemetry::jaeger::grpc::pb;
+    use opentelemetry_proto::tonic::trace::v1::TracesData;
+
+    let svc = common::start_telemetry(Duration::from_secs(3600)).await;
+    common::export_json(svc.otlp_http, &snapshot_span()).await;
+    common::export_json(svc.otlp_http, &rich_trace(lumen_telemetry::now_ns())).await;
+    let addr = svc.jaeger_grpc;
+    let as_json = |messages: Vec<TracesData>| {
+        let spans: Vec<_> = messages
+            .into_iter()
+            .flat_map(|t| t.resource_spans)
+            .collect();
+        lumen_telemetry::jaeger::v3::otlp_json(&spans)
+    };
+
+    let trace: Vec<TracesData> = grpc_call(
+        addr,
+        "/jaeger.api_v3.QueryService/GetTrace",
+        pb::GetTraceRequest {
+            trace_id: "00000000000000000000000000000001".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("GetTrace");
+    assert_eq!(trace.len(), 1, "one TracesData per trace");
+    assert_eq!(as_json(trace), fixture("jaeger/apiv3/GetTrace.json"));
+
+    let ts = |seconds| Some(prost_types::Timestamp { seconds, nanos: 0 });
+    let query = pb::TraceQueryParameters {
+        service_name: "unknown_service".into(),
+        start_time_min: ts(0),
+        start_time_max: ts(4_102_444_800),
+        search_depth: 20,
+        ..Default::default()
+    };
+    let found: Vec<TracesData> = grpc_call(
+        addr,
+        "/jaeger.api_v3.QueryService/FindTraces",
+        pb::FindTracesRequest {
+            query: Some(query.clone()),
+        },
+    )
+    .await
+    .expect("FindTraces");
+    assert_eq!(as_json(found), fixture("jaeger/apiv3/FindTraces.json"));
+
+    let services: Vec<pb::GetServicesResponse> = grpc_call(
+        addr,
+        "/jaeger.api_v3.QueryService/GetServices",
+        pb::GetServicesRequest {},
+    )
+    .await
+    .expect("GetServices");
+    assert_eq!(
+        services[0].services,
+        ["backend", "frontend", "unknown_service"]
+    );
+    let ops: Vec<pb::GetOperationsResponse> = grpc_call(
+        addr,
+        "/jaeger.api_v3.QueryService/GetOperations",
+        pb::GetOperationsRequest {
+            service: "frontend".into(),
+            span_kind: "server".into(),
+        },
+    )
+    .await
+    .expect("GetOperations");
+    assert_eq!(
+        ops[0].operations,
+        [pb::Operation {
+            name: "GET /".into(),
+            span_kind: "server".into()
+        }]
+    );
+
+    // Bad requests: each a status that says what is wrong, and the service goes on.
+    let code = |r: Result<Vec<TracesData>, tonic::Status>| r.map(|_| ()).map_err(|s| s.code());
+    let get_trace = |id: &str| {
+        grpc_call::<_, TracesData>(
+            addr,
+            "/jaeger.api_v3.QueryService/GetTrace",
+            pb::GetTraceRequest {
+                trace_id: id.into(),
+                ..Default::default()
+            },
+        )
+    };
+    assert_eq!(
+        code(get_trace("xyz").await),
+        Err(tonic::Code::InvalidArgument)
+    );
+    assert_eq!(
+        code(get_trace("00000000000000000000000000000bad").await),
+        Err(tonic::Code::NotFound)
+    );
+    for bad in [
+        pb::TraceQueryParameters {
+            service_name: String::new(),
+            ..query.clone()
+        },
+        pb::TraceQueryParameters {
+            search_depth: 99_999_999,
+            ..query.clone()
+        },
+        pb::TraceQueryParameters {
+            start_time_min: ts(4_102_444_800),
+            start_time_max: ts(0),
+            ..query.clone()
+        },
+    ] {
+        let r = grpc_call::<_, TracesData>(
+            addr,
+            "/jaeger.api_v3.QueryService/FindTraces",
+            pb::FindTracesRequest { query: Some(bad) },
+        )
+        .await;
+        assert_eq!(code(r), Err(tonic::Code::InvalidArgument));
+    }
+    let r = grpc_call::<_, TracesData>(
+        addr,
+        "/jaeger.api_v3.QueryService/Nothing",
+        pb::GetServicesRequest {},
+    )
+    .await;
+    assert_eq!(code(r), Err(tonic::Code::Unimplemented));
+    svc.stop().await;
+}

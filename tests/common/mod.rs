@@ -110,6 +110,8 @@ impl Lumen {
             "127.0.0.1:0",
             "--http",
             "127.0.0.1:0",
+            "--jaeger-grpc",
+            "127.0.0.1:0",
         ];
         args.extend_from_slice(extra);
         args

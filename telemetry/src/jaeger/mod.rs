@@ -7,6 +7,7 @@
 //! through the [`QueryEngine`] and its limits, built as DataFusion plans (no SQL text, so no
 //! parameter can change a query's shape).
 
+pub mod grpc;
 pub mod model;
 pub mod params;
 pub mod v3;
@@ -127,7 +128,7 @@ fn strings(batches: &[RecordBatch], column: usize) -> Vec<String> {
     out
 }
 
-async fn distinct_services(engine: &QueryEngine) -> Result<Vec<String>, QueryError> {
+pub(crate) async fn distinct_services(engine: &QueryEngine) -> Result<Vec<String>, QueryError> {
     let batches = engine
         .frame(|ctx: SessionContext| async move {
             ctx.table("spans")
@@ -159,7 +160,7 @@ async fn unknown_service(engine: &QueryEngine, service: &str) -> Option<Response
 }
 
 /// Distinct (name, kind) of a service's spans, sorted.
-async fn operations_of(
+pub(crate) async fn operations_of(
     engine: &QueryEngine,
     service: String,
     kind: Option<String>,
@@ -203,7 +204,7 @@ async fn service_operations(
     }
 }
 
-const SPAN_KINDS: [&str; 5] = ["server", "client", "producer", "consumer", "internal"];
+pub(crate) const SPAN_KINDS: [&str; 5] = ["server", "client", "producer", "consumer", "internal"];
 
 async fn operations(State(engine): State<QueryEngine>, RawQuery(query): RawQuery) -> Response {
     let pairs = params::pairs(query.as_deref());
@@ -240,7 +241,7 @@ fn id_literal(id: &[u8]) -> Expr {
 }
 
 /// Every span of the given traces, read back as OTLP (in start order).
-async fn load_spans(
+pub(crate) async fn load_spans(
     engine: &QueryEngine,
     ids: Vec<Vec<u8>>,
 ) -> Result<Vec<opentelemetry_proto::tonic::trace::v1::ResourceSpans>, QueryError> {
@@ -342,7 +343,10 @@ fn timestamp(ns: i64) -> Expr {
 }
 
 /// The trace ids a search matches, most recent first (by their latest matching span).
-async fn search_ids(engine: &QueryEngine, s: Search) -> Result<Vec<Vec<u8>>, QueryError> {
+pub(crate) async fn search_ids(
+    engine: &QueryEngine,
+    s: Search,
+) -> Result<Vec<Vec<u8>>, QueryError> {
     let mut filter = col("service_name")
         .eq(lit(s.service))
         .and(col("start_time").gt_eq(timestamp(s.start_ns)))
@@ -440,7 +444,26 @@ async fn dependencies(State(engine): State<QueryEngine>, RawQuery(query): RawQue
         Err(e) => return e.into(),
     };
     let start_ns = end_ns.saturating_sub(lookback);
-    let result = engine
+    match dependency_counts(&engine, start_ns, end_ns).await {
+        Ok(counts) => ok_untotalled(
+            counts
+                .into_iter()
+                .map(|(parent, child, calls)| {
+                    json!({ "parent": parent, "child": child, "callCount": calls })
+                })
+                .collect(),
+        ),
+        Err(e) => query_failed(e),
+    }
+}
+
+/// (caller, callee, calls) over a window, from the rollups' edges.
+pub(crate) async fn dependency_counts(
+    engine: &QueryEngine,
+    start_ns: i64,
+    end_ns: i64,
+) -> Result<Vec<(String, String, i64)>, QueryError> {
+    let batches = engine
         .frame(move |ctx: SessionContext| async move {
             ctx.table("rollups")
                 .await?
@@ -459,11 +482,7 @@ async fn dependencies(State(engine): State<QueryEngine>, RawQuery(query): RawQue
                     col("service").sort(true, false),
                 ])
         })
-        .await;
-    let batches = match result {
-        Ok(b) => b,
-        Err(e) => return query_failed(e),
-    };
+        .await?;
     let mut deps = Vec::new();
     for b in &batches {
         let (Some(parent), Some(child)) = (
@@ -477,12 +496,12 @@ async fn dependencies(State(engine): State<QueryEngine>, RawQuery(query): RawQue
             if parent.is_null(i) || child.is_null(i) {
                 continue;
             }
-            deps.push(json!({
-                "parent": parent.value(i),
-                "child": child.value(i),
-                "callCount": calls.map_or(0, |c| c.value(i)),
-            }));
+            deps.push((
+                parent.value(i).to_string(),
+                child.value(i).to_string(),
+                calls.map_or(0, |c| c.value(i)),
+            ));
         }
     }
-    ok_untotalled(deps)
+    Ok(deps)
 }

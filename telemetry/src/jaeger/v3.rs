@@ -73,16 +73,22 @@ fn prune(v: &mut Value) {
     }
 }
 
-fn otlp_result(
-    resource_spans: Vec<opentelemetry_proto::tonic::trace::v1::ResourceSpans>,
-) -> Response {
+/// Spans as Jaeger v2's HTTP API v3 answers them: `{"result": {"resourceSpans": [...]}}` in
+/// OTLP JSON, default values left out as protobuf's JSON mapping does.
+pub fn otlp_json(resource_spans: &[opentelemetry_proto::tonic::trace::v1::ResourceSpans]) -> Value {
     let mut body = json!({ "result": { "resourceSpans": resource_spans } });
     prune(&mut body);
     // An empty result still says so.
     if body["result"].get("resourceSpans").is_none() {
         body["result"]["resourceSpans"] = json!([]);
     }
-    json_response(StatusCode::OK, &body)
+    body
+}
+
+fn otlp_result(
+    resource_spans: Vec<opentelemetry_proto::tonic::trace::v1::ResourceSpans>,
+) -> Response {
+    json_response(StatusCode::OK, &otlp_json(&resource_spans))
 }
 
 async fn services(State(engine): State<QueryEngine>) -> Response {

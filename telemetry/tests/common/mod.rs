@@ -52,6 +52,7 @@ pub struct Running {
     pub grpc: SocketAddr,
     pub otlp_http: SocketAddr,
     pub http: SocketAddr,
+    pub jaeger_grpc: SocketAddr,
     pub stop: CancellationToken,
     pub task: JoinHandle<Result<(), TelemetryError>>,
     pub _data: tempfile::TempDir,
@@ -70,6 +71,7 @@ pub async fn start_telemetry_with(tune: impl FnOnce(&mut TelemetryOptions)) -> R
         otlp_grpc_addr: local,
         otlp_http_addr: local,
         http_addr: local,
+        jaeger_grpc_addr: local,
         ..TelemetryOptions::new(data.path().to_path_buf())
     };
     tune(&mut options);
@@ -79,6 +81,7 @@ pub async fn start_telemetry_with(tune: impl FnOnce(&mut TelemetryOptions)) -> R
         grpc: telemetry.otlp_grpc_addr().expect("grpc addr"),
         otlp_http: telemetry.otlp_http_addr().expect("otlp http addr"),
         http: telemetry.http_addr().expect("http addr"),
+        jaeger_grpc: telemetry.jaeger_grpc_addr().expect("jaeger grpc addr"),
         task: tokio::spawn(telemetry.run(axum::Router::new(), stop.clone())),
         stop,
         _data: data,
