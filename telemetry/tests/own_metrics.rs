@@ -156,3 +156,107 @@ async fn own_metrics_count_what_happened_and_promtool_accepts_them() {
     );
     telemetry.stop().await;
 }
+
+/// OTLP/JSON metrics export of `n` `istio_requests_total` series (one per response code) from
+/// one pod, each at `value`.
+fn istio_export(pod: &str, n: usize, value: i64) -> serde_json::Value {
+    let points: Vec<_> = (0..n)
+        .map(|i| {
+            json!({
+                "attributes": [
+                    {"key": "reporter", "value": {"stringValue": "destination"}},
+                    {"key": "response_code", "value": {"stringValue": format!("{}", 100 + i)}}
+                ],
+                "startTimeUnixNano": format!("{}", lumen_telemetry::now_ns()),
+                "timeUnixNano": format!("{}", lumen_telemetry::now_ns()),
+                "asInt": format!("{value}")
+            })
+        })
+        .collect();
+    json!({"resourceMetrics": [{
+        "resource": {"attributes": [{"key": "k8s.pod.name", "value": {"stringValue": pod}}]},
+        "scopeMetrics": [{"metrics": [{
+            "name": "istio_requests_total",
+            "description": "Total requests.",
+            "sum": {"dataPoints": points, "aggregationTemporality": 2, "isMonotonic": true}
+        }]}]
+    }]})
+}
+
+#[tokio::test]
+async fn the_series_cap_holds_against_a_flood_of_label_sets_and_counts_what_it_drops() {
+    let svc = common::start_telemetry_with(|o| {
+        o.mesh_metrics.max_series = 10;
+    })
+    .await;
+    let client = reqwest::Client::new();
+    for pod in ["a", "b"] {
+        let resp = client
+            .post(format!("http://{}/v1/metrics", svc.otlp_http))
+            .json(&istio_export(pod, 1000, 3))
+            .send()
+            .await
+            .expect("export");
+        assert_eq!(
+            resp.status(),
+            200,
+            "the export is stored even when its series are not served"
+        );
+    }
+    let body = get_metrics(svc.http).await;
+    let served = body
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .count();
+    assert_eq!(served, 10, "{body}");
+    assert!(
+        body.lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .all(|l| l.ends_with(" 6")),
+        "two pods' series add up: {body}"
+    );
+    assert_eq!(sample(&body, "lumen_telemetry_mesh_series"), 10.0);
+    assert_eq!(
+        sample(
+            &body,
+            "lumen_telemetry_mesh_points_dropped_total{reason=\"series_cap\"}"
+        ),
+        1980.0
+    );
+    // The rows themselves are all stored.
+    let rows: serde_json::Value = client
+        .post(format!("http://{}/api/v1/sql", svc.http))
+        .json(&json!({"sql": "SELECT count(*) AS n FROM metrics"}))
+        .send()
+        .await
+        .expect("sql")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(rows["rows"][0]["n"], 2000, "{rows}");
+
+    // Prometheus asks for OpenMetrics first; it gets it, ending in # EOF.
+    let resp = client
+        .get(format!("http://{}/metrics", svc.http))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .expect("metrics");
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        ct.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{ct}"
+    );
+    let om = resp.text().await.expect("body");
+    assert!(om.contains("# TYPE istio_requests counter\n"), "{om}");
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    svc.stop().await;
+}
