@@ -405,9 +405,10 @@ impl Server {
         let stdout = child.stdout.take().expect("stdout");
         let (mut grpc, mut http) = (String::new(), String::new());
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            // "telemetry: OTLP gRPC <addr>, dashboard http://<addr>/"
+            // "telemetry: OTLP gRPC <addr>, dashboard http://<addr>/, Jaeger gRPC <addr>"
             if let Some(rest) = line.strip_prefix("telemetry: OTLP gRPC ") {
                 let (g, h) = rest.split_once(", dashboard ").unwrap_or((rest, ""));
+                let h = h.split_once(", Jaeger gRPC ").map_or(h, |(h, _)| h);
                 grpc = g.to_string();
                 http = h
                     .trim_start_matches("http://")

@@ -126,9 +126,10 @@ impl Lumen {
             .trim_start_matches("http://")
             .trim_end_matches("/v1/")
             .to_string();
-        // "telemetry: OTLP gRPC <addr>, dashboard http://<addr>/"
+        // "telemetry: OTLP gRPC <addr>, dashboard http://<addr>/, Jaeger gRPC <addr>"
         let line = lumen.wait_for_line("telemetry: OTLP gRPC ", Duration::from_secs(60));
-        let (grpc, dashboard) = line.split_once(", dashboard ").expect("address line");
+        let (grpc, rest) = line.split_once(", dashboard ").expect("address line");
+        let (dashboard, _jaeger) = rest.split_once(", Jaeger gRPC ").expect("address line");
         let http = dashboard
             .trim_start_matches("http://")
             .trim_end_matches('/')
