@@ -1,0 +1,147 @@
+//! The dashboard in a real browser: headless Chromium driven by playwright-core
+//! (`tests/browser/visit.cjs`) against the running demo. The page loads with no console or
+//! page error, asks no origin but its own, and draws the demo's services and calls.
+//! Screenshots go to the target directory as test artifacts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lumen::demo::{self, DemoOptions};
+use serde_json::{Value, json};
+
+/// node, playwright-core and Chromium, as `scripts/test-all` installs them; a clear failure
+/// when one is missing.
+fn peers() -> (String, PathBuf, String) {
+    let node = std::env::var("LUMEN_NODE").unwrap_or_else(|_| "node".into());
+    let modules = std::env::var_os("LUMEN_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/lumen-peers/node/node_modules"));
+    let chromium = std::env::var("LUMEN_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let node_ok = Command::new(&node)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        node_ok,
+        "peer missing: `{node} --version` failed; install Node.js or set LUMEN_NODE"
+    );
+    assert!(
+        modules.join("playwright-core/package.json").exists(),
+        "peer missing: no playwright-core in {}; run scripts/test-all (it installs \
+         playwright-core@1.65.1 there) or set LUMEN_NODE_MODULES",
+        modules.display()
+    );
+    assert!(
+        std::path::Path::new(&chromium).exists(),
+        "peer missing: no Chromium at {chromium}; run scripts/test-all (it installs Debian's \
+         chromium) or set LUMEN_CHROMIUM"
+    );
+    (node, modules, chromium)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_request() {
+    let (node, modules, chromium) = peers();
+    let data = tempfile::tempdir().expect("tempdir");
+    let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let options = DemoOptions {
+        pod_subnet: [127, 0, 80],
+        otlp_grpc_addr: local,
+        otlp_http_addr: local,
+        http_addr: local,
+        jaeger_grpc_addr: local,
+        xds_addr: local,
+        control_http_addr: local,
+        data_dir: data.path().join("lumen"),
+        rate_per_s: 20.0,
+        load_duration: Some(Duration::from_secs(90)),
+        max_requests: None,
+        flush_interval: Duration::from_secs(2),
+        span_export_interval: Duration::from_millis(500),
+        metric_export_interval: Duration::from_secs(1),
+    };
+    let running = demo::start(options, |line| eprintln!("{line}"))
+        .await
+        .expect("demo starts");
+    let base = format!("http://{}", running.telemetry_http);
+
+    // Wait (bounded) until the page has every call of the demo, as a browser would see it.
+    let calls = [
+        ("productpage", "details"),
+        ("productpage", "reviews"),
+        ("reviews", "ratings"),
+    ];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        let html = reqwest::get(format!("{base}/"))
+            .await
+            .expect("dashboard")
+            .text()
+            .await
+            .unwrap_or_default();
+        if calls
+            .iter()
+            .all(|(s, d)| html.contains(&format!(r#"data-source="{s}" data-destination="{d}""#)))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let screenshots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+    let plan = json!({
+        "base": base,
+        "screenshots": screenshots,
+        "pages": [
+            {"name": "overview-nodes", "path": "/", "select": "svg .node"},
+            {"name": "overview-edges", "path": "/", "select": "svg .edge"}
+        ]
+    });
+    let plan_path = data.path().join("plan.json");
+    std::fs::write(&plan_path, plan.to_string()).expect("plan");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/visit.cjs");
+    let out = tokio::process::Command::new(&node)
+        .arg(script)
+        .arg(&plan_path)
+        .env("LUMEN_NODE_MODULES", &modules)
+        .env("LUMEN_CHROMIUM", &chromium)
+        .output()
+        .await
+        .expect("node runs");
+    assert!(
+        out.status.success(),
+        "the browser run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("the browser's report");
+    let pages = report["pages"].as_array().expect("pages");
+    for page in pages {
+        assert_eq!(page["status"], 200, "{page}");
+        for list in ["console_errors", "page_errors", "foreign_requests"] {
+            assert_eq!(page[list], json!([]), "{list} on {}", page["name"]);
+        }
+    }
+    let mut services: Vec<&str> = pages[0]["matched"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["service"].as_str())
+        .collect();
+    services.sort_unstable();
+    assert_eq!(services, ["details", "productpage", "ratings", "reviews"]);
+    let mut edges: Vec<(&str, &str)> = pages[1]["matched"]
+        .as_array()
+        .expect("edges")
+        .iter()
+        .filter_map(|e| Some((e["source"].as_str()?, e["destination"].as_str()?)))
+        .collect();
+    edges.sort_unstable();
+    assert_eq!(edges, calls);
+    assert!(
+        screenshots.join("overview-nodes.png").exists(),
+        "screenshot written"
+    );
+    running.stop().await;
+}

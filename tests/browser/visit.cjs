@@ -1,0 +1,62 @@
+// Visits pages of Lumen's dashboard in headless Chromium (playwright-core) and reports, as
+// one JSON object on stdout, what a browser test asserts on: for each page its HTTP status,
+// title, the elements a CSS selector matched (their data-* attributes), console errors and
+// page errors, and every request to an origin other than the dashboard's own.
+//
+// usage: node visit.cjs <plan.json>
+//   plan: {"base": "http://127.0.0.1:PORT", "screenshots": "/dir",
+//          "pages": [{"name": "graph", "path": "/", "select": "svg .node"}]}
+// Playwright comes from $LUMEN_NODE_MODULES (default /var/tmp/lumen-peers/node/node_modules);
+// Chromium from $LUMEN_CHROMIUM (default /usr/bin/chromium).
+'use strict';
+const fs = require('fs');
+const path = require('path');
+
+const modules = process.env.LUMEN_NODE_MODULES || '/var/tmp/lumen-peers/node/node_modules';
+const { chromium } = require(path.join(modules, 'playwright-core'));
+
+async function main() {
+  const plan = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
+  const base = new URL(plan.base);
+  const browser = await chromium.launch({
+    executablePath: process.env.LUMEN_CHROMIUM || '/usr/bin/chromium',
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  const report = { pages: [] };
+  try {
+    const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+    for (const p of plan.pages) {
+      const page = await context.newPage();
+      const seen = { console_errors: [], page_errors: [], foreign_requests: [] };
+      page.on('console', (m) => { if (m.type() === 'error') seen.console_errors.push(m.text()); });
+      page.on('pageerror', (e) => seen.page_errors.push(String(e)));
+      page.on('request', (r) => {
+        const u = new URL(r.url());
+        if (u.protocol === 'data:' || u.protocol === 'about:') return;
+        if (u.origin !== base.origin) seen.foreign_requests.push(r.url());
+      });
+      const response = await page.goto(new URL(p.path, base).toString(), { waitUntil: 'load' });
+      const matched = p.select
+        ? await page.$$eval(p.select, (els) => els.map((e) => Object.assign({}, e.dataset)))
+        : [];
+      if (plan.screenshots) {
+        fs.mkdirSync(plan.screenshots, { recursive: true });
+        await page.screenshot({ path: path.join(plan.screenshots, `${p.name}.png`), fullPage: true });
+      }
+      report.pages.push({
+        name: p.name,
+        status: response ? response.status() : 0,
+        title: await page.title(),
+        matched,
+        ...seen,
+      });
+      await page.close();
+    }
+  } finally {
+    await browser.close();
+  }
+  process.stdout.write(JSON.stringify(report) + '\n');
+}
+
+main().catch((e) => { process.stderr.write(String(e && e.stack || e) + '\n'); process.exit(1); });
