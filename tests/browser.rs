@@ -95,8 +95,10 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
         "base": base,
         "screenshots": screenshots,
         "pages": [
-            {"name": "overview-nodes", "path": "/", "select": "svg .node"},
-            {"name": "overview-edges", "path": "/", "select": "svg .edge"}
+            {"name": "overview-nodes", "path": "/?refresh=0", "select": "svg .node"},
+            {"name": "overview-edges", "path": "/?refresh=0", "select": "svg .edge",
+             "click": "svg .node[data-service=ratings]", "read": "#detail"},
+            {"name": "versioned", "path": "/?view=versioned&refresh=0", "select": "svg .node"}
         ]
     });
     let plan_path = data.path().join("plan.json");
@@ -139,8 +141,31 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
         .collect();
     edges.sort_unstable();
     assert_eq!(edges, calls);
+    // A click on a node shows its figures.
+    let detail = pages[1]["read"].as_str().unwrap_or_default();
     assert!(
-        screenshots.join("overview-nodes.png").exists(),
+        detail.contains("ratings") && detail.contains("requests/s"),
+        "detail panel: {detail:?}"
+    );
+    // Kiali's versioned-app graph: reviews v1 and v2 are two nodes of one app.
+    let mut versions: Vec<&str> = pages[2]["matched"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["id"].as_str())
+        .collect();
+    versions.sort_unstable();
+    for id in [
+        "reviews@v1",
+        "reviews@v2",
+        "ratings@v1",
+        "productpage@v1",
+        "details@v1",
+    ] {
+        assert!(versions.contains(&id), "{id} in {versions:?}");
+    }
+    assert!(
+        screenshots.join("versioned.png").exists(),
         "screenshot written"
     );
     running.stop().await;

@@ -64,14 +64,17 @@ pub struct Node {
     pub signals: Signals,
 }
 
-/// Calls from `source` (one version of it, in `workload_edges`) to `target`, as the caller
-/// saw them.
+/// Calls from `source` to `target`; in `workload_edges`, from one version of the caller to
+/// one version of the callee (the callee's version is known when its server span recorded
+/// the call; a call that never reached it has none).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Edge {
     pub source: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source_version: Option<String>,
     pub target: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_version: Option<String>,
     #[serde(flatten)]
     pub signals: Signals,
 }
@@ -86,9 +89,13 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     /// Service to service.
     pub edges: Vec<Edge>,
-    /// Caller version to service (reviews@v1 → ratings, reviews@v2 → ratings).
+    /// Caller version to callee version (productpage@v1 → reviews@v2, reviews@v2 →
+    /// ratings@v1).
     pub workload_edges: Vec<Edge>,
 }
+
+/// (caller, caller's version, callee, callee's version).
+type EdgeKey = (String, Option<String>, String, Option<String>);
 
 #[derive(Default)]
 struct Acc {
@@ -145,7 +152,7 @@ fn time_param(name: &str, text: &str) -> Result<i64, String> {
 }
 
 /// The window a request asks for: `[start, end]` in ns.
-fn window(query: Option<&str>, now_ns: i64) -> Result<(i64, i64), String> {
+pub fn window(query: Option<&str>, now_ns: i64) -> Result<(i64, i64), String> {
     let pairs = crate::query_string::pairs(query);
     let get = |k: &str| crate::query_string::one(&pairs, k);
     let end = get("end")
@@ -193,7 +200,7 @@ pub async fn graph_of(
         .await?;
     let mut services: BTreeMap<String, Acc> = BTreeMap::new();
     let mut workloads: BTreeMap<(String, String), Acc> = BTreeMap::new();
-    let mut edges: BTreeMap<(String, Option<String>, String), Acc> = BTreeMap::new();
+    let mut edges: BTreeMap<EdgeKey, Acc> = BTreeMap::new();
     let mut first_ns = i64::MAX;
     for batch in &batches {
         accumulate(
@@ -206,7 +213,7 @@ pub async fn graph_of(
     }
     // Service-level edges: the versioned ones summed over the caller's versions.
     let mut service_edges: BTreeMap<(String, String), Acc> = BTreeMap::new();
-    for ((source, _, target), acc) in &edges {
+    for ((source, _, target, _), acc) in &edges {
         service_edges
             .entry((source.clone(), target.clone()))
             .or_default()
@@ -238,7 +245,7 @@ pub async fn graph_of(
         }
     }
     // A callee seen only as an edge's target (no server spans of its own) is still a node.
-    for (_, _, target) in edges.keys() {
+    for (_, _, target, _) in edges.keys() {
         if !services.contains_key(target) && !nodes.iter().any(|n| &n.id == target) {
             nodes.push(Node {
                 id: target.clone(),
@@ -251,12 +258,15 @@ pub async fn graph_of(
     }
     let workload_edges = edges
         .into_iter()
-        .map(|((source, source_version, target), acc)| Edge {
-            source,
-            source_version,
-            target,
-            signals: acc.signals(seconds),
-        })
+        .map(
+            |((source, source_version, target, target_version), acc)| Edge {
+                source,
+                source_version,
+                target,
+                target_version,
+                signals: acc.signals(seconds),
+            },
+        )
         .collect();
     let edges = service_edges
         .into_iter()
@@ -264,6 +274,7 @@ pub async fn graph_of(
             source,
             source_version: None,
             target,
+            target_version: None,
             signals: acc.signals(seconds),
         })
         .collect();
@@ -281,7 +292,7 @@ fn accumulate(
     batch: &RecordBatch,
     services: &mut BTreeMap<String, Acc>,
     workloads: &mut BTreeMap<(String, String), Acc>,
-    edges: &mut BTreeMap<(String, Option<String>, String), Acc>,
+    edges: &mut BTreeMap<EdgeKey, Acc>,
     first_ns: &mut i64,
 ) -> Result<(), QueryError> {
     let bad = |name: &str| QueryError::Internal(format!("rollups column {name} missing"));
@@ -325,7 +336,12 @@ fn accumulate(
             let Some(src) = opt(source, i) else { continue };
             edge_acc = Some(
                 edges
-                    .entry((src, opt(source_version, i), service.value(i).to_string()))
+                    .entry((
+                        src,
+                        opt(source_version, i),
+                        service.value(i).to_string(),
+                        opt(version, i),
+                    ))
                     .or_default(),
             );
         } else {

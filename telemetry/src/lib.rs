@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use http::AllowedHosts;
-pub use query::{EdgeStats, MeshOverview, MeshQuery, QueryEngine, QueryLimits, ServiceStats};
+pub use query::{MeshQuery, QueryEngine, QueryLimits};
 pub use store::{Store, StoreOptions};
 
 /// Nanoseconds since the Unix epoch.

@@ -251,44 +251,14 @@ pub struct QueryOutput {
     pub truncated: bool,
 }
 
-/// Request rate, success rate and latency of one service (server side).
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct ServiceStats {
-    pub service: String,
-    pub requests: i64,
-    pub errors: i64,
-    pub rate_per_s: f64,
-    pub success_rate: f64,
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-}
-
-/// Calls from one service to another, as the callee served them.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct EdgeStats {
-    pub source: String,
-    pub destination: String,
-    pub requests: i64,
-    pub errors: i64,
-    pub rate_per_s: f64,
-    pub error_rate: f64,
-    pub p99_ms: f64,
-}
-
-/// The mesh over a recent window.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct MeshOverview {
-    pub window_s: u64,
-    pub services: Vec<ServiceStats>,
-    pub edges: Vec<EdgeStats>,
-}
-
-/// What the dashboard reads; telemetry implements it over SQL.
+/// What the dashboard reads: the same graph `/api/v1/graph` answers with.
 pub trait MeshQuery: Send + Sync + 'static {
-    fn overview(
+    /// The mesh over `[start_ns, end_ns]`.
+    fn graph(
         &self,
-        window: Duration,
-    ) -> impl Future<Output = Result<MeshOverview, QueryError>> + Send;
+        start_ns: i64,
+        end_ns: i64,
+    ) -> impl Future<Output = Result<crate::graph::Graph, QueryError>> + Send;
 }
 
 /// Aborts the query task when the caller goes away (a client that hung up).
@@ -617,47 +587,9 @@ fn context(store: &Arc<Store>, limits: &QueryLimits) -> SessionContext {
     ctx
 }
 
-/// Nanoseconds since the epoch, `window` ago.
-fn since_nanos(window: Duration) -> i64 {
-    crate::now_ns().saturating_sub(i64::try_from(window.as_nanos()).unwrap_or(i64::MAX))
-}
-
 impl MeshQuery for QueryEngine {
-    /// The graph API's view of the window (`crate::graph`, from the one-minute rollups: no
-    /// scan of raw spans, no self-join): services that served requests, and service-level
-    /// edges; rates per second of data actually held in the window.
-    async fn overview(&self, window: Duration) -> Result<MeshOverview, QueryError> {
-        let now = crate::now_ns();
-        let graph = crate::graph::graph_of(self, since_nanos(window), now, now).await?;
-        Ok(MeshOverview {
-            window_s: window.as_secs(),
-            services: graph
-                .nodes
-                .into_iter()
-                .filter(|n| n.kind == "service" && n.signals.requests > 0)
-                .map(|n| ServiceStats {
-                    service: n.service,
-                    requests: n.signals.requests,
-                    errors: n.signals.errors,
-                    rate_per_s: n.signals.rps,
-                    success_rate: 1.0 - n.signals.error_share,
-                    p50_ms: n.signals.p50_ms,
-                    p99_ms: n.signals.p99_ms,
-                })
-                .collect(),
-            edges: graph
-                .edges
-                .into_iter()
-                .map(|e| EdgeStats {
-                    source: e.source,
-                    destination: e.target,
-                    requests: e.signals.requests,
-                    errors: e.signals.errors,
-                    rate_per_s: e.signals.rps,
-                    error_rate: e.signals.error_share,
-                    p99_ms: e.signals.p99_ms,
-                })
-                .collect(),
-        })
+    /// `crate::graph::graph_of`: from the one-minute rollups, no scan of raw spans, no join.
+    async fn graph(&self, start_ns: i64, end_ns: i64) -> Result<crate::graph::Graph, QueryError> {
+        crate::graph::graph_of(self, start_ns, end_ns, crate::now_ns()).await
     }
 }

@@ -5,7 +5,10 @@
 //
 // usage: node visit.cjs <plan.json>
 //   plan: {"base": "http://127.0.0.1:PORT", "screenshots": "/dir",
-//          "pages": [{"name": "graph", "path": "/", "select": "svg .node"}]}
+//          "pages": [{"name": "graph", "path": "/", "select": "svg .node",
+//                     "click": "svg .node", "read": "#detail"}]}
+//   click: the first element matching it is clicked (after the load); read: the text of the
+//   element matching it, afterwards.
 // Playwright comes from $LUMEN_NODE_MODULES (default /var/tmp/lumen-peers/node/node_modules);
 // Chromium from $LUMEN_CHROMIUM (default /usr/bin/chromium).
 'use strict';
@@ -40,6 +43,13 @@ async function main() {
       const matched = p.select
         ? await page.$$eval(p.select, (els) => els.map((e) => Object.assign({}, e.dataset)))
         : [];
+      let read = null;
+      if (p.click) {
+        await page.click(p.click);
+      }
+      if (p.read) {
+        read = await page.$eval(p.read, (el) => (el.hidden ? '' : el.textContent));
+      }
       if (plan.screenshots) {
         fs.mkdirSync(plan.screenshots, { recursive: true });
         await page.screenshot({ path: path.join(plan.screenshots, `${p.name}.png`), fullPage: true });
@@ -49,6 +59,7 @@ async function main() {
         status: response ? response.status() : 0,
         title: await page.title(),
         matched,
+        read,
         ...seen,
       });
       await page.close();

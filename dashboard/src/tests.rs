@@ -1,0 +1,353 @@
+//! Handler tests with `oneshot`: every page and its bad inputs, and the graph's label
+//! placement on meshes of 4, 20 and 100 services.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use lumen_telemetry::graph::{Edge, Graph, Node, Signals};
+use lumen_telemetry::query::QueryError;
+use tower::ServiceExt;
+
+use super::*;
+use crate::layout::Rect;
+
+struct Fake(Result<Graph, fn() -> QueryError>);
+
+impl MeshQuery for Fake {
+    async fn graph(&self, start_ns: i64, end_ns: i64) -> Result<Graph, QueryError> {
+        match &self.0 {
+            Ok(g) => Ok(Graph {
+                start_ns,
+                end_ns,
+                ..g.clone()
+            }),
+            Err(e) => Err(e()),
+        }
+    }
+}
+
+fn signals(requests: i64, errors: i64) -> Signals {
+    Signals {
+        requests,
+        errors,
+        rps: requests as f64 / 60.0,
+        error_share: if requests > 0 {
+            errors as f64 / requests as f64
+        } else {
+            0.0
+        },
+        p50_ms: 3.0,
+        p95_ms: 9.0,
+        p99_ms: 12.0,
+        request_bytes: 0,
+        response_bytes: requests * 120,
+    }
+}
+
+fn service(name: &str, requests: i64, errors: i64) -> Node {
+    Node {
+        id: name.into(),
+        kind: "service",
+        service: name.into(),
+        version: None,
+        signals: signals(requests, errors),
+    }
+}
+
+fn workload(name: &str, version: &str, requests: i64) -> Node {
+    Node {
+        id: format!("{name}@{version}"),
+        kind: "workload",
+        service: name.into(),
+        version: Some(version.into()),
+        signals: signals(requests, 0),
+    }
+}
+
+fn edge(s: &str, sv: Option<&str>, t: &str, tv: Option<&str>, requests: i64, errors: i64) -> Edge {
+    Edge {
+        source: s.into(),
+        source_version: sv.map(Into::into),
+        target: t.into(),
+        target_version: tv.map(Into::into),
+        signals: signals(requests, errors),
+    }
+}
+
+/// The demo's shape: productpage → details, reviews (v1, v2) → ratings (failing 12%).
+fn bookinfo() -> Graph {
+    Graph {
+        start_ns: 0,
+        end_ns: 0,
+        seconds: 60.0,
+        nodes: vec![
+            service("details", 100, 0),
+            workload("details", "v1", 100),
+            service("productpage", 100, 0),
+            workload("productpage", "v1", 100),
+            service("ratings", 100, 12),
+            workload("ratings", "v1", 100),
+            service("reviews", 100, 2),
+            workload("reviews", "v1", 50),
+            workload("reviews", "v2", 50),
+        ],
+        edges: vec![
+            edge("productpage", None, "details", None, 100, 0),
+            edge("productpage", None, "reviews", None, 100, 2),
+            edge("reviews", None, "ratings", None, 100, 12),
+        ],
+        workload_edges: vec![
+            edge("productpage", Some("v1"), "details", Some("v1"), 100, 0),
+            edge("productpage", Some("v1"), "reviews", Some("v1"), 50, 0),
+            edge("productpage", Some("v1"), "reviews", Some("v2"), 50, 2),
+            edge("reviews", Some("v1"), "ratings", Some("v1"), 50, 6),
+            edge("reviews", Some("v2"), "ratings", Some("v1"), 50, 6),
+        ],
+    }
+}
+
+/// `n` services, each called by one or two others.
+fn mesh(n: usize) -> Graph {
+    let names: Vec<String> = (0..n).map(|i| format!("service-{i:03}")).collect();
+    let mut nodes = Vec::new();
+    for name in &names {
+        nodes.push(service(name, 100, 0));
+        nodes.push(workload(name, "v1", 100));
+    }
+    let mut edges = Vec::new();
+    for i in 1..n {
+        edges.push(edge(
+            &names[(i - 1) / 3],
+            None,
+            &names[i],
+            None,
+            100,
+            (i % 7) as i64,
+        ));
+        if i % 4 == 0 {
+            edges.push(edge(&names[i / 2], None, &names[i], None, 40, 0));
+        }
+    }
+    let workload_edges = edges
+        .iter()
+        .map(|e| Edge {
+            source_version: Some("v1".into()),
+            target_version: Some("v1".into()),
+            ..e.clone()
+        })
+        .collect();
+    Graph {
+        start_ns: 0,
+        end_ns: 0,
+        seconds: 60.0,
+        nodes,
+        edges,
+        workload_edges,
+    }
+}
+
+async fn get(q: Fake, uri: &str) -> (StatusCode, String) {
+    let app = router(Arc::new(q));
+    let resp = app
+        .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+        .await
+        .expect("response");
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 16 << 20)
+        .await
+        .expect("body");
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Every `data-box="x y w h"` of elements with `class="<class> ..."`.
+fn boxes(html: &str, class: &str) -> Vec<Rect> {
+    let mut out = Vec::new();
+    for piece in html.split("<g class=\"").skip(1) {
+        if !(piece.starts_with(&format!("{class} ")) || piece.starts_with(&format!("{class}\""))) {
+            continue;
+        }
+        let Some(start) = piece.find("data-box=\"") else {
+            continue;
+        };
+        let rest = &piece[start + 10..];
+        let nums: Vec<f64> = rest[..rest.find('"').unwrap_or(0)]
+            .split(' ')
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if let [x, y, w, h] = nums[..] {
+            out.push(Rect { x, y, w, h });
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_graph_page_draws_services_with_health_from_thresholds() {
+    let (status, html) = get(Fake(Ok(bookinfo())), "/").await;
+    assert_eq!(status, StatusCode::OK);
+    for s in ["productpage", "details", "reviews", "ratings"] {
+        assert!(html.contains(&format!(r#"data-service="{s}""#)), "{s}");
+    }
+    assert!(
+        html.contains(r#"class="node failing""#),
+        "ratings at 12% is failing"
+    );
+    assert!(
+        html.contains(r#"class="node degraded""#),
+        "reviews at 2% is degraded"
+    );
+    assert!(
+        html.contains(r#"data-source="productpage" data-destination="details" data-rate="1.67""#)
+    );
+    assert!(
+        html.contains("p50 3.0 · p95 9.0 · p99 12.0 ms"),
+        "edge labels say the latencies"
+    );
+    assert!(
+        html.contains("0 B in · 120 B out per request"),
+        "and the bytes"
+    );
+    assert!(html.contains(r#"<meta http-equiv="refresh" content="15">"#));
+    // Thresholds come from the URL.
+    let (_, html) = get(Fake(Ok(bookinfo())), "/?degraded=5&failing=50").await;
+    assert!(!html.contains(r#"class="node failing""#));
+    assert!(
+        html.contains(r#"class="node degraded" tabindex="0" role="button" aria-label="ratings"#)
+    );
+    assert!(
+        html.contains(r#"class="node healthy" tabindex="0" role="button" aria-label="reviews"#)
+    );
+    // No auto-refresh when it is off.
+    let (_, html) = get(Fake(Ok(bookinfo())), "/?refresh=0").await;
+    assert!(!html.contains("http-equiv=\"refresh\""));
+}
+
+#[tokio::test]
+async fn versioned_and_workload_views_draw_each_version() {
+    let (status, html) = get(Fake(Ok(bookinfo())), "/?view=versioned").await;
+    assert_eq!(status, StatusCode::OK);
+    for id in ["reviews@v1", "reviews@v2", "ratings@v1", "productpage@v1"] {
+        assert!(html.contains(&format!(r#"data-id="{id}""#)), "{id}");
+    }
+    assert!(html.contains(r#"<g class="group" data-app="reviews" data-box="#));
+    assert!(html.contains(r#"data-source="productpage@v1" data-destination="reviews@v2""#));
+    assert!(html.contains(r#"data-source="reviews@v2" data-destination="ratings@v1""#));
+    let (_, html) = get(Fake(Ok(bookinfo())), "/?view=workload").await;
+    assert!(html.contains(">reviews-v2</text>"));
+    assert!(!html.contains(r#"class="group""#));
+}
+
+#[tokio::test]
+async fn labels_never_overlap_nodes_or_each_other_on_4_20_and_100_services() {
+    for n in [4, 20, 100] {
+        for view in ["service", "versioned"] {
+            let (status, html) = get(Fake(Ok(mesh(n))), &format!("/?view={view}")).await;
+            assert_eq!(status, StatusCode::OK);
+            let nodes = boxes(&html, "node");
+            let labels = boxes(&html, "label");
+            let groups = boxes(&html, "group");
+            assert_eq!(groups.len(), if view == "versioned" { n } else { 0 });
+            for g in &groups {
+                for l in &labels {
+                    assert!(!g.overlaps(l, 0.0), "{n} {view}: label {l:?} in app box {g:?}");
+                }
+            }
+            assert_eq!(nodes.len(), n, "{n} {view}");
+            assert_eq!(labels.len(), mesh(n).edges.len(), "{n} {view}");
+            for (i, a) in labels.iter().enumerate() {
+                for b in &labels[i + 1..] {
+                    assert!(!a.overlaps(b, 0.0), "{n} {view}: labels {a:?} {b:?}");
+                }
+                for node in &nodes {
+                    assert!(
+                        !a.overlaps(node, 0.0),
+                        "{n} {view}: label {a:?} on {node:?}"
+                    );
+                }
+            }
+            for (i, a) in nodes.iter().enumerate() {
+                for b in &nodes[i + 1..] {
+                    assert!(!a.overlaps(b, 0.0), "{n} {view}: nodes {a:?} {b:?}");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_same_data_draws_the_same_picture() {
+    let (_, a) = get(Fake(Ok(bookinfo())), "/?refresh=0").await;
+    let mut shuffled = bookinfo();
+    shuffled.nodes.reverse();
+    shuffled.edges.reverse();
+    let (_, b) = get(Fake(Ok(shuffled)), "/?refresh=0").await;
+    let positions = |h: &str| [boxes(h, "node"), boxes(h, "label")];
+    let (mut pa, mut pb) = (positions(&a), positions(&b));
+    for p in pa.iter_mut().chain(pb.iter_mut()) {
+        p.sort_by(|x, y| {
+            (x.x, x.y)
+                .partial_cmp(&(y.x, y.y))
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+    }
+    assert_eq!(
+        pa, pb,
+        "a refresh with the same data keeps every node and label in place"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_friendly_page_with_the_right_status() {
+    for uri in [
+        "/?view=galaxy",
+        "/?range=3y",
+        "/?refresh=7",
+        "/?degraded=abc",
+        "/?degraded=50&failing=10",
+        "/?failing=101",
+        "/?start=2030-01-01T00:00:00Z&end=2020-01-01T00:00:00Z",
+        "/?start=yesterday",
+        "/?start=0&end=99999999999",
+    ] {
+        let (status, html) = get(Fake(Ok(bookinfo())), uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+        assert!(html.contains("<h1>Bad request"), "{uri}: {html}");
+        assert!(html.contains(r#"<a href="/">"#), "{uri}");
+    }
+    let (status, html) = get(Fake(Ok(bookinfo())), "/no/such/page").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(html.contains("Page not found"));
+    let (status, html) = get(
+        Fake(Err(|| {
+            QueryError::Timeout(std::time::Duration::from_secs(30))
+        })),
+        "/",
+    )
+    .await;
+    assert_eq!(status.as_u16(), 422);
+    assert!(html.contains("time limit"), "{html}");
+    let (status, _) = get(Fake(Err(|| QueryError::Internal("disk gone".into()))), "/").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+#[tokio::test]
+async fn an_empty_mesh_says_so_and_the_assets_are_served() {
+    let empty = Graph {
+        start_ns: 0,
+        end_ns: 0,
+        seconds: 1.0,
+        nodes: Vec::new(),
+        edges: Vec::new(),
+        workload_edges: Vec::new(),
+    };
+    let (status, html) = get(Fake(Ok(empty)), "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("No traffic in this range."));
+    let (status, js) = get(Fake(Ok(bookinfo())), "/dashboard.js").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(js.contains("getElementById('detail')"));
+    let (status, svg) = get(Fake(Ok(bookinfo())), "/favicon.svg").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(svg.starts_with("<svg"));
+}
