@@ -90,6 +90,28 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    // ...and until ratings has failed at least once (it fails 3% of its calls).
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        let body: Value = client
+            .post(format!("{base}/api/v1/sql"))
+            .json(
+                &json!({"sql": "SELECT count(*) AS n FROM spans WHERE service_name = 'ratings' \
+                AND span_kind = 'server' AND status_code = 'error'"}),
+            )
+            .send()
+            .await
+            .expect("sql")
+            .json()
+            .await
+            .unwrap_or_default();
+        if body["rows"][0]["n"].as_i64().unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
     let screenshots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
     let plan = json!({
         "base": base,
@@ -97,7 +119,8 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
         "pages": [
             {"name": "overview-nodes", "path": "/?refresh=0", "select": "svg .node"},
             {"name": "overview-edges", "path": "/?refresh=0", "select": "svg .edge",
-             "click": "svg .node[data-service=ratings]", "read": "#detail"},
+             "click": "svg .node[data-service=ratings]", "read": "#detail",
+             "follow": "#open-service", "then_select": "#failed tr[data-trace]"},
             {"name": "versioned", "path": "/?view=versioned&refresh=0", "select": "svg .node"}
         ]
     });
@@ -146,6 +169,23 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
     assert!(
         detail.contains("ratings") && detail.contains("requests/s"),
         "detail panel: {detail:?}"
+    );
+    // Graph → ratings' own page, which lists its failed requests (the demo's ratings fails
+    // 3% of its calls), each with its trace.
+    let arrived = &pages[1]["arrived"];
+    assert!(
+        arrived["url"]
+            .as_str()
+            .is_some_and(|u| u.contains("/service/ratings?refresh=0")),
+        "{arrived}"
+    );
+    let failed = arrived["matched"].as_array().expect("failed rows");
+    assert!(
+        !failed.is_empty()
+            && failed
+                .iter()
+                .all(|r| r["trace"].as_str().is_some_and(|t| t.len() == 32)),
+        "{arrived}"
     );
     // Kiali's versioned-app graph: reviews v1 and v2 are two nodes of one app.
     let mut versions: Vec<&str> = pages[2]["matched"]

@@ -23,6 +23,17 @@
     Object.keys(names).forEach(function (k) {
       if (d[k] !== undefined && d[k] !== '') { dds[i].textContent = d[k]; i += 1; }
     });
+    // The service's own page, with this page's range and thresholds.
+    var service = d.service || (d.source || '').split('@')[0];
+    if (service) {
+      var link = document.createElement('a');
+      link.href = '/service/' + encodeURIComponent(service) + window.location.search;
+      link.textContent = 'open ' + service;
+      link.id = 'open-service';
+      var p = document.createElement('p');
+      p.appendChild(link);
+      panel.appendChild(p);
+    }
     document.querySelectorAll('.selected').forEach(function (s) { s.classList.remove('selected'); });
     el.classList.add('selected');
     panel.hidden = false;

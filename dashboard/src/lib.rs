@@ -5,7 +5,9 @@
 
 #![forbid(unsafe_code)]
 
+mod chart;
 pub mod layout;
+mod service;
 mod view;
 
 use std::sync::Arc;
@@ -25,6 +27,7 @@ pub use view::{GraphParams, GraphView, Health, Thresholds};
 pub fn router<Q: MeshQuery>(query: Arc<Q>) -> Router {
     Router::new()
         .route("/", get(graph_page::<Q>))
+        .route("/service/{name}", get(service_page::<Q>))
         .route("/favicon.svg", get(favicon))
         .route("/dashboard.js", get(script))
         .fallback(not_found)
@@ -112,12 +115,57 @@ async fn graph_page<Q: MeshQuery>(
     };
     match query.graph(params.start_ns, params.end_ns).await {
         Ok(graph) => render_graph(&GraphView::build(&graph, &params)),
-        Err(e) => {
-            tracing::warn!(error = %e, "dashboard query failed");
-            let status = StatusCode::from_u16(e.status_of_own_plan())
-                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            error_page(status, "The store could not answer", &e.to_string())
-        }
+        Err(e) => query_failed(&e),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "service.html")]
+struct ServicePage<'a> {
+    v: &'a service::ServiceView,
+}
+
+fn query_failed(e: &lumen_telemetry::query::QueryError) -> Response {
+    tracing::warn!(error = %e, "dashboard query failed");
+    let status =
+        StatusCode::from_u16(e.status_of_own_plan()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error_page(status, "The store could not answer", &e.to_string())
+}
+
+async fn service_page<Q: MeshQuery>(
+    State(query): State<Arc<Q>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let now = lumen_telemetry::now_ns();
+    let params = match GraphParams::parse(raw.as_deref(), now) {
+        Ok(p) => p,
+        Err(e) => return error_page(StatusCode::BAD_REQUEST, "Bad request", &e),
+    };
+    let (start, end) = (params.start_ns, params.end_ns);
+    let (graph, minutes, failed) = tokio::join!(
+        query.graph(start, end),
+        query.service_minutes(name.clone(), start, end),
+        query.failed_requests(name.clone(), start, end, service::FAILED_ROWS),
+    );
+    let (graph, minutes, failed) = match (graph, minutes, failed) {
+        (Ok(g), Ok(m), Ok(f)) => (g, m, f),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return query_failed(&e),
+    };
+    let Some(view) = service::ServiceView::build(&name, &graph, &minutes, &failed, &params) else {
+        return error_page(
+            StatusCode::NOT_FOUND,
+            "No such service",
+            &format!("No service named {name:?} reported any request in this time range."),
+        );
+    };
+    match (ServicePage { v: &view }).render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => error_page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The page could not be drawn",
+            &e.to_string(),
+        ),
     }
 }
 

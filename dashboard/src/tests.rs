@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use lumen_telemetry::graph::{Edge, Graph, Node, Signals};
+use lumen_telemetry::detail::FailedRequest;
+use lumen_telemetry::graph::{Edge, Graph, Minute, Node, Signals};
 use lumen_telemetry::query::QueryError;
 use tower::ServiceExt;
 
@@ -24,6 +25,58 @@ impl MeshQuery for Fake {
             }),
             Err(e) => Err(e()),
         }
+    }
+
+    async fn service_minutes(
+        &self,
+        service: String,
+        start_ns: i64,
+        _end_ns: i64,
+    ) -> Result<Vec<Minute>, QueryError> {
+        let known = self
+            .0
+            .as_ref()
+            .is_ok_and(|g| g.nodes.iter().any(|n| n.service == service));
+        if !known {
+            return Ok(Vec::new());
+        }
+        let minute = |i: i64, version: Option<&str>, errors: i64| Minute {
+            minute_ns: start_ns + i * 60_000_000_000,
+            version: version.map(Into::into),
+            signals: signals(60, errors),
+        };
+        Ok((0..5)
+            .flat_map(|i| {
+                [
+                    minute(i, None, 4),
+                    minute(i, Some("v1"), 1),
+                    minute(i, Some("v2"), 3),
+                ]
+            })
+            .collect())
+    }
+
+    async fn failed_requests(
+        &self,
+        service: String,
+        start_ns: i64,
+        _end_ns: i64,
+        limit: usize,
+    ) -> Result<Vec<FailedRequest>, QueryError> {
+        Ok((0..3.min(limit))
+            .map(|i| FailedRequest {
+                trace_id: format!("{:032x}", 0xabc0 + i),
+                span_id: format!("{:016x}", i + 1),
+                start_ns: start_ns + 1_000_000_000 * i as i64,
+                duration_ns: 2_500_000,
+                operation: format!("{service}.default.svc.cluster.local:9080/*"),
+                version: Some("v1".into()),
+                status: Some(500),
+                response_flags: Some("-".into()),
+                message: None,
+                caller: Some("reviews".into()),
+            })
+            .collect())
     }
 }
 
@@ -250,7 +303,10 @@ async fn labels_never_overlap_nodes_or_each_other_on_4_20_and_100_services() {
             assert_eq!(groups.len(), if view == "versioned" { n } else { 0 });
             for g in &groups {
                 for l in &labels {
-                    assert!(!g.overlaps(l, 0.0), "{n} {view}: label {l:?} in app box {g:?}");
+                    assert!(
+                        !g.overlaps(l, 0.0),
+                        "{n} {view}: label {l:?} in app box {g:?}"
+                    );
                 }
             }
             assert_eq!(nodes.len(), n, "{n} {view}");
@@ -350,4 +406,58 @@ async fn an_empty_mesh_says_so_and_the_assets_are_served() {
     let (status, svg) = get(Fake(Ok(bookinfo())), "/favicon.svg").await;
     assert_eq!(status, StatusCode::OK);
     assert!(svg.starts_with("<svg"));
+}
+
+#[tokio::test]
+async fn the_service_page_shows_signals_versions_calls_and_failed_requests() {
+    let mut g = bookinfo();
+    // reviews v2 fails 10% against v1's 0.5%, over enough requests to tell.
+    g.nodes
+        .retain(|n| n.service != "reviews" || n.kind == "service");
+    g.nodes.push(Node {
+        signals: signals(2000, 10),
+        ..workload("reviews", "v1", 0)
+    });
+    g.nodes.push(Node {
+        signals: signals(2000, 200),
+        ..workload("reviews", "v2", 0)
+    });
+    let (status, html) = get(Fake(Ok(g)), "/service/reviews?range=1h&refresh=0").await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    assert_eq!(
+        html.matches("<figure class=\"chart\"").count(),
+        3,
+        "rate, success, latency"
+    );
+    for series in ["all", "v1", "v2", "p50", "p95", "p99"] {
+        assert!(
+            html.contains(&format!(r#"data-series="{series}""#)),
+            "{series}"
+        );
+    }
+    assert!(
+        html.contains(r#"<tr data-version="v2" data-significant="true">"#),
+        "{html}"
+    );
+    assert!(html.contains(r#"<tr data-version="v1" data-significant="false">"#));
+    assert!(html.contains("+9.50 pp"), "v2's error share against v1's");
+    assert!(html.contains(r#"<tr data-peer="productpage"><td><a href="/service/productpage">"#));
+    assert!(html.contains(r#"<tr data-peer="ratings"><td><a href="/service/ratings">"#));
+    assert_eq!(html.matches("<tr data-trace=").count(), 3);
+    assert!(html.contains(r#"<a href="/api/traces/0000000000000000000000000000abc0">"#));
+    let crumbs = html
+        .split("<nav class=\"crumbs\"")
+        .nth(1)
+        .and_then(|s| s.split("</nav>").next())
+        .unwrap_or_default();
+    assert!(
+        crumbs.contains("range=1h") && crumbs.contains("service graph</a>"),
+        "back to the graph, same range: {crumbs}"
+    );
+
+    let (status, html) = get(Fake(Ok(bookinfo())), "/service/nonesuch").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(html.contains("No such service"));
+    let (status, _) = get(Fake(Ok(bookinfo())), "/service/reviews?range=forever").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 }

@@ -234,7 +234,7 @@ pub struct Figures {
 }
 
 impl Figures {
-    fn of(s: &Signals) -> Figures {
+    pub(crate) fn of(s: &Signals) -> Figures {
         let per_request = |total: i64| {
             if s.requests > 0 {
                 human_bytes(total as f64 / s.requests as f64)
@@ -415,6 +415,14 @@ impl GraphView {
             calls,
             seconds: g.seconds,
         }
+    }
+
+    pub fn action(&self) -> String {
+        "/".to_string()
+    }
+
+    pub fn show_view(&self) -> bool {
+        true
     }
 
     pub fn range_label(&self) -> String {

@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use datafusion::arrow::array::{Array, AsArray};
-use datafusion::arrow::datatypes::Int64Type;
+use datafusion::arrow::datatypes::{Int64Type, TimestampNanosecondType};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{col, lit};
@@ -288,13 +288,80 @@ pub async fn graph_of(
     })
 }
 
-fn accumulate(
-    batch: &RecordBatch,
-    services: &mut BTreeMap<String, Acc>,
-    workloads: &mut BTreeMap<(String, String), Acc>,
-    edges: &mut BTreeMap<EdgeKey, Acc>,
-    first_ns: &mut i64,
-) -> Result<(), QueryError> {
+/// One minute of one service (one version of it, or all when `version` is `None`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Minute {
+    pub minute_ns: i64,
+    pub version: Option<String>,
+    /// Per second of the minute.
+    #[serde(flatten)]
+    pub signals: Signals,
+}
+
+/// A service's RED per minute over `[start_ns, end_ns]` from the rollups: all versions
+/// together (`version: None`), then each version, each in time order.
+pub async fn service_minutes(
+    engine: &QueryEngine,
+    service: String,
+    start_ns: i64,
+    end_ns: i64,
+) -> Result<Vec<Minute>, QueryError> {
+    let first_minute = start_ns.div_euclid(MINUTE_NS) * MINUTE_NS;
+    let batches = engine
+        .frame(move |ctx: SessionContext| async move {
+            ctx.table("rollups").await?.filter(
+                col("kind")
+                    .eq(lit("service"))
+                    .and(col("service").eq(lit(service)))
+                    .and(col("minute").gt_eq(timestamp(first_minute)))
+                    .and(col("minute").lt_eq(timestamp(end_ns))),
+            )
+        })
+        .await?;
+    let mut by: BTreeMap<(Option<String>, i64), (Acc, i64)> = BTreeMap::new();
+    for batch in &batches {
+        for row in rows(batch)? {
+            // The all-versions entry, and the row's own version's.
+            for version in std::iter::once(None).chain(row.version.clone().map(Some)) {
+                let e = by
+                    .entry((version, row.minute_ns))
+                    .or_insert_with(|| (Acc::default(), i64::MAX));
+                e.0.add(&row.acc);
+                e.1 = e.1.min(row.first_ns);
+            }
+        }
+    }
+    // A rate per second of the minute actually covered: the current minute is not over, and
+    // the first minute of data may have started late.
+    Ok(by
+        .into_iter()
+        .map(|((version, minute_ns), (acc, first_ns))| {
+            let until = (minute_ns + MINUTE_NS).min(end_ns.max(minute_ns + 1));
+            let from = minute_ns.max(first_ns.min(until - 1));
+            let seconds = ((until - from) as f64 / 1e9).clamp(1.0, 60.0);
+            Minute {
+                minute_ns,
+                version,
+                signals: acc.signals(seconds),
+            }
+        })
+        .collect())
+}
+
+/// One rollup row, read out of its batch.
+struct Row {
+    minute_ns: i64,
+    edge: bool,
+    source: Option<String>,
+    source_version: Option<String>,
+    service: String,
+    version: Option<String>,
+    first_ns: i64,
+    acc: Acc,
+}
+
+/// The rows of a `rollups` batch.
+fn rows(batch: &RecordBatch) -> Result<Vec<Row>, QueryError> {
     let bad = |name: &str| QueryError::Internal(format!("rollups column {name} missing"));
     let text = |name: &'static str| {
         batch
@@ -322,6 +389,10 @@ fn accumulate(
         int("response_bytes")?,
         int("first_ns")?,
     );
+    let minute = batch
+        .column_by_name("minute")
+        .and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>())
+        .ok_or_else(|| bad("minute"))?;
     let buckets = batch
         .column_by_name("latency_buckets")
         .and_then(|c| c.as_list_opt::<i32>())
@@ -329,51 +400,56 @@ fn accumulate(
     let opt = |a: &datafusion::arrow::array::StringArray, i: usize| {
         a.is_valid(i).then(|| a.value(i).to_string())
     };
+    let mut out = Vec::with_capacity(batch.num_rows());
     for i in 0..batch.num_rows() {
-        let mut targets: Vec<&mut Acc> = Vec::with_capacity(2);
-        let (mut service_acc, mut workload_acc, mut edge_acc) = (None, None, None);
-        if kind.value(i) == "edge" {
-            let Some(src) = opt(source, i) else { continue };
-            edge_acc = Some(
-                edges
-                    .entry((
-                        src,
-                        opt(source_version, i),
-                        service.value(i).to_string(),
-                        opt(version, i),
-                    ))
-                    .or_default(),
-            );
-        } else {
-            service_acc = Some(services.entry(service.value(i).to_string()).or_default());
-            if let Some(v) = opt(version, i) {
-                workload_acc = Some(
-                    workloads
-                        .entry((service.value(i).to_string(), v))
-                        .or_default(),
-                );
-            }
-        }
-        targets.extend(service_acc);
-        targets.extend(workload_acc);
-        targets.extend(edge_acc);
         let row = buckets.value(i);
         let counts = row
             .as_primitive_opt::<Int64Type>()
             .ok_or_else(|| bad("latency_buckets"))?;
-        for acc in targets {
-            acc.requests += requests.value(i);
-            acc.errors += errors.value(i);
-            acc.request_bytes += req_bytes.value(i);
-            acc.response_bytes += resp_bytes.value(i);
-            if acc.buckets.len() < counts.len() {
-                acc.buckets.resize(counts.len(), 0);
-            }
-            for (b, c) in acc.buckets.iter_mut().zip(counts.values().iter()) {
-                *b += c;
+        out.push(Row {
+            minute_ns: minute.value(i),
+            edge: kind.value(i) == "edge",
+            source: opt(source, i),
+            source_version: opt(source_version, i),
+            service: service.value(i).to_string(),
+            version: opt(version, i),
+            first_ns: first.value(i),
+            acc: Acc {
+                requests: requests.value(i),
+                errors: errors.value(i),
+                buckets: counts.values().to_vec(),
+                request_bytes: req_bytes.value(i),
+                response_bytes: resp_bytes.value(i),
+            },
+        });
+    }
+    Ok(out)
+}
+
+fn accumulate(
+    batch: &RecordBatch,
+    services: &mut BTreeMap<String, Acc>,
+    workloads: &mut BTreeMap<(String, String), Acc>,
+    edges: &mut BTreeMap<EdgeKey, Acc>,
+    first_ns: &mut i64,
+) -> Result<(), QueryError> {
+    for row in rows(batch)? {
+        *first_ns = (*first_ns).min(row.first_ns);
+        if row.edge {
+            let Some(src) = row.source else { continue };
+            edges
+                .entry((src, row.source_version, row.service, row.version))
+                .or_default()
+                .add(&row.acc);
+        } else {
+            services
+                .entry(row.service.clone())
+                .or_default()
+                .add(&row.acc);
+            if let Some(v) = row.version {
+                workloads.entry((row.service, v)).or_default().add(&row.acc);
             }
         }
-        *first_ns = (*first_ns).min(first.value(i));
     }
     Ok(())
 }

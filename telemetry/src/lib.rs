@@ -6,6 +6,7 @@
 pub mod budget;
 pub mod conn;
 pub mod convert;
+pub mod detail;
 pub mod exposition;
 pub mod graph;
 mod hex_ids;

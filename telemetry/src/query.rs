@@ -251,7 +251,8 @@ pub struct QueryOutput {
     pub truncated: bool,
 }
 
-/// What the dashboard reads: the same graph `/api/v1/graph` answers with.
+/// What the dashboard reads: the same graph `/api/v1/graph` answers with, a service's
+/// minutes from the same rollups, and its failed requests from the spans.
 pub trait MeshQuery: Send + Sync + 'static {
     /// The mesh over `[start_ns, end_ns]`.
     fn graph(
@@ -259,6 +260,23 @@ pub trait MeshQuery: Send + Sync + 'static {
         start_ns: i64,
         end_ns: i64,
     ) -> impl Future<Output = Result<crate::graph::Graph, QueryError>> + Send;
+
+    /// `service`'s RED per minute, all versions and each version.
+    fn service_minutes(
+        &self,
+        service: String,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> impl Future<Output = Result<Vec<crate::graph::Minute>, QueryError>> + Send;
+
+    /// Up to `limit` of `service`'s failed requests, newest first.
+    fn failed_requests(
+        &self,
+        service: String,
+        start_ns: i64,
+        end_ns: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<crate::detail::FailedRequest>, QueryError>> + Send;
 }
 
 /// Aborts the query task when the caller goes away (a client that hung up).
@@ -591,5 +609,24 @@ impl MeshQuery for QueryEngine {
     /// `crate::graph::graph_of`: from the one-minute rollups, no scan of raw spans, no join.
     async fn graph(&self, start_ns: i64, end_ns: i64) -> Result<crate::graph::Graph, QueryError> {
         crate::graph::graph_of(self, start_ns, end_ns, crate::now_ns()).await
+    }
+
+    async fn service_minutes(
+        &self,
+        service: String,
+        start_ns: i64,
+        end_ns: i64,
+    ) -> Result<Vec<crate::graph::Minute>, QueryError> {
+        crate::graph::service_minutes(self, service, start_ns, end_ns).await
+    }
+
+    async fn failed_requests(
+        &self,
+        service: String,
+        start_ns: i64,
+        end_ns: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::detail::FailedRequest>, QueryError> {
+        crate::detail::failed_requests(self, service, start_ns, end_ns, limit).await
     }
 }

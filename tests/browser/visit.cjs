@@ -8,7 +8,8 @@
 //          "pages": [{"name": "graph", "path": "/", "select": "svg .node",
 //                     "click": "svg .node", "read": "#detail"}]}
 //   click: the first element matching it is clicked (after the load); read: the text of the
-//   element matching it, afterwards.
+//   element matching it, afterwards; follow: a link then clicked, whose page is reported as
+//   `arrived` (its URL, title and the data-* of what `then_select` matches there).
 // Playwright comes from $LUMEN_NODE_MODULES (default /var/tmp/lumen-peers/node/node_modules);
 // Chromium from $LUMEN_CHROMIUM (default /usr/bin/chromium).
 'use strict';
@@ -50,6 +51,21 @@ async function main() {
       if (p.read) {
         read = await page.$eval(p.read, (el) => (el.hidden ? '' : el.textContent));
       }
+      // follow: a link to click next; the page it leads to is reported as `arrived`.
+      let arrived = null;
+      if (p.follow) {
+        await Promise.all([page.waitForNavigation({ waitUntil: 'load' }), page.click(p.follow)]);
+        if (plan.screenshots) {
+          await page.screenshot({ path: path.join(plan.screenshots, `${p.name}-arrived.png`), fullPage: true });
+        }
+        arrived = {
+          url: page.url(),
+          title: await page.title(),
+          matched: p.then_select
+            ? await page.$$eval(p.then_select, (els) => els.map((e) => Object.assign({}, e.dataset)))
+            : [],
+        };
+      }
       if (plan.screenshots) {
         fs.mkdirSync(plan.screenshots, { recursive: true });
         await page.screenshot({ path: path.join(plan.screenshots, `${p.name}.png`), fullPage: true });
@@ -60,6 +76,7 @@ async function main() {
         title: await page.title(),
         matched,
         read,
+        arrived,
         ...seen,
       });
       await page.close();

@@ -1,0 +1,126 @@
+//! A service's recent failed requests, for the dashboard's service page: its server spans
+//! with an error status in a window, newest first, each with what the sidecar recorded
+//! (status, response flag, its caller) and the trace it belongs to.
+
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::datatypes::{Int64Type, TimestampNanosecondType};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::{col, lit};
+use datafusion::prelude::SessionContext;
+use serde::Serialize;
+
+use crate::jaeger::model::hex;
+use crate::query::{QueryEngine, QueryError};
+
+/// One failed request as its server span recorded it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FailedRequest {
+    pub trace_id: String,
+    pub span_id: String,
+    pub start_ns: i64,
+    pub duration_ns: i64,
+    pub operation: String,
+    pub version: Option<String>,
+    pub status: Option<i64>,
+    pub response_flags: Option<String>,
+    pub message: Option<String>,
+    /// The caller, when its sidecar said.
+    pub caller: Option<String>,
+}
+
+fn timestamp(ns: i64) -> datafusion::logical_expr::Expr {
+    lit(ScalarValue::TimestampNanosecond(
+        Some(ns),
+        Some("UTC".into()),
+    ))
+}
+
+/// Up to `limit` failed requests `service` served in `[start_ns, end_ns]`, newest first.
+pub async fn failed_requests(
+    engine: &QueryEngine,
+    service: String,
+    start_ns: i64,
+    end_ns: i64,
+    limit: usize,
+) -> Result<Vec<FailedRequest>, QueryError> {
+    let batches = engine
+        .frame(move |ctx: SessionContext| async move {
+            ctx.table("spans")
+                .await?
+                .filter(
+                    col("service_name")
+                        .eq(lit(service))
+                        .and(col("span_kind").eq(lit("server")))
+                        .and(col("status_code").eq(lit("error")))
+                        .and(col("start_time").gt_eq(timestamp(start_ns)))
+                        .and(col("start_time").lt_eq(timestamp(end_ns))),
+                )?
+                .sort(vec![col("start_time").sort(false, true)])?
+                .limit(0, Some(limit))?
+                .select_columns(&[
+                    "trace_id",
+                    "span_id",
+                    "start_time",
+                    "duration_ns",
+                    "span_name",
+                    "service_version",
+                    "http_response_status_code",
+                    "response_flags",
+                    "status_message",
+                    "peer_service",
+                ])
+        })
+        .await?;
+    let mut out = Vec::new();
+    for b in &batches {
+        read(b, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn read(b: &RecordBatch, out: &mut Vec<FailedRequest>) -> Result<(), QueryError> {
+    let bad = |name: &str| QueryError::Internal(format!("spans column {name} missing"));
+    let ids = |i: usize, name: &str| {
+        b.column(i)
+            .as_fixed_size_binary_opt()
+            .ok_or_else(|| bad(name))
+    };
+    let (trace, span) = (ids(0, "trace_id")?, ids(1, "span_id")?);
+    let start = b
+        .column(2)
+        .as_primitive_opt::<TimestampNanosecondType>()
+        .ok_or_else(|| bad("start_time"))?;
+    let int = |i: usize, name: &str| {
+        b.column(i)
+            .as_primitive_opt::<Int64Type>()
+            .ok_or_else(|| bad(name))
+    };
+    let (duration, status) = (int(3, "duration_ns")?, int(6, "http_response_status_code")?);
+    let text = |i: usize, name: &str| b.column(i).as_string_opt::<i32>().ok_or_else(|| bad(name));
+    let (name, version, flags, message, caller) = (
+        text(4, "span_name")?,
+        text(5, "service_version")?,
+        text(7, "response_flags")?,
+        text(8, "status_message")?,
+        text(9, "peer_service")?,
+    );
+    let opt = |a: &datafusion::arrow::array::StringArray, i: usize| {
+        (a.is_valid(i) && !a.value(i).is_empty()).then(|| a.value(i).to_string())
+    };
+    for i in 0..b.num_rows() {
+        out.push(FailedRequest {
+            trace_id: hex(trace.value(i)),
+            span_id: hex(span.value(i)),
+            start_ns: start.value(i),
+            duration_ns: duration.value(i),
+            operation: name.value(i).to_string(),
+            version: opt(version, i),
+            status: status.is_valid(i).then(|| status.value(i)),
+            response_flags: opt(flags, i),
+            message: opt(message, i),
+            caller: opt(caller, i),
+        });
+    }
+    Ok(())
+}
