@@ -120,7 +120,11 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
             {"name": "overview-nodes", "path": "/?refresh=0", "select": "svg .node"},
             {"name": "overview-edges", "path": "/?refresh=0", "select": "svg .edge",
              "click": "svg .node[data-service=ratings]", "read": "#detail",
-             "follow": "#open-service", "then_select": "#failed tr[data-trace]"},
+             "follow": [
+                 {"click": "#open-service", "select": "#failed tr[data-trace]"},
+                 {"click": "#failed tr[data-trace] a", "select": "#waterfall li"}
+             ],
+             "back": 2},
             {"name": "versioned", "path": "/?view=versioned&refresh=0", "select": "svg .node"}
         ]
     });
@@ -172,7 +176,7 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
     );
     // Graph → ratings' own page, which lists its failed requests (the demo's ratings fails
     // 3% of its calls), each with its trace.
-    let arrived = &pages[1]["arrived"];
+    let arrived = &pages[1]["arrived"][0];
     assert!(
         arrived["url"]
             .as_str()
@@ -186,6 +190,45 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
                 .iter()
                 .all(|r| r["trace"].as_str().is_some_and(|t| t.len() == 32)),
         "{arrived}"
+    );
+    // → the failed request's trace: a waterfall with every span of it, the failed ratings
+    // span among them, then back to the graph.
+    let trace = &pages[1]["arrived"][1];
+    assert_eq!(trace["status"], 200, "{trace}");
+    let trace_id = trace["url"]
+        .as_str()
+        .and_then(|u| u.rsplit('/').next())
+        .unwrap_or_default()
+        .to_string();
+    let spans = trace["matched"].as_array().expect("waterfall rows");
+    let stored: Value = client
+        .post(format!("{base}/api/v1/sql"))
+        .json(&json!({
+            "sql": format!("SELECT count(*) AS n FROM spans WHERE trace_id = '{trace_id}'")
+        }))
+        .send()
+        .await
+        .expect("sql")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        spans.len() as i64,
+        stored["rows"][0]["n"].as_i64().unwrap_or(-1),
+        "every span of trace {trace_id}: {trace}"
+    );
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["service"] == "ratings" && s["error"] == "true"),
+        "{trace}"
+    );
+    assert!(
+        pages[1]["back"]
+            .as_str()
+            .is_some_and(|u| u.ends_with("/?refresh=0")),
+        "back on the graph: {}",
+        pages[1]["back"]
     );
     // Kiali's versioned-app graph: reviews v1 and v2 are two nodes of one app.
     let mut versions: Vec<&str> = pages[2]["matched"]

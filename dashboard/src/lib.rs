@@ -8,6 +8,7 @@
 mod chart;
 pub mod layout;
 mod service;
+mod trace;
 mod view;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ pub fn router<Q: MeshQuery>(query: Arc<Q>) -> Router {
     Router::new()
         .route("/", get(graph_page::<Q>))
         .route("/service/{name}", get(service_page::<Q>))
+        .route("/trace/{id}", get(trace_page::<Q>))
         .route("/favicon.svg", get(favicon))
         .route("/dashboard.js", get(script))
         .fallback(not_found)
@@ -160,6 +162,42 @@ async fn service_page<Q: MeshQuery>(
         );
     };
     match (ServicePage { v: &view }).render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => error_page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The page could not be drawn",
+            &e.to_string(),
+        ),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "trace.html")]
+struct TracePage<'a> {
+    v: &'a trace::TraceView,
+}
+
+async fn trace_page<Q: MeshQuery>(
+    State(query): State<Arc<Q>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let bytes = match lumen_telemetry::jaeger::params::trace_id(&id) {
+        Ok(b) => b,
+        Err(e) => return error_page(StatusCode::BAD_REQUEST, "Bad trace id", &e.0),
+    };
+    let spans = match query.trace(bytes).await {
+        Ok(s) => s,
+        Err(e) => return query_failed(&e),
+    };
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let Some(view) = trace::TraceView::build(&hex, &spans) else {
+        return error_page(
+            StatusCode::NOT_FOUND,
+            "No such trace",
+            &format!("The store holds no span of trace {hex}."),
+        );
+    };
+    match (TracePage { v: &view }).render() {
         Ok(html) => Html(html).into_response(),
         Err(e) => error_page(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -56,6 +56,49 @@ impl MeshQuery for Fake {
             .collect())
     }
 
+    async fn trace(
+        &self,
+        id: [u8; 16],
+    ) -> Result<Vec<opentelemetry_proto::tonic::trace::v1::ResourceSpans>, QueryError> {
+        use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+        use opentelemetry_proto::tonic::resource::v1::Resource;
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+        if id[15] != 0xc0 {
+            return Ok(Vec::new());
+        }
+        let span = |sid: u8, parent: u8, name: &str| Span {
+            trace_id: id.to_vec(),
+            span_id: vec![sid; 8],
+            parent_span_id: if parent == 0 {
+                Vec::new()
+            } else {
+                vec![parent; 8]
+            },
+            name: name.into(),
+            kind: 2,
+            start_time_unix_nano: 1_000_000 * u64::from(sid),
+            end_time_unix_nano: 1_000_000 * (20 - u64::from(sid)),
+            ..Default::default()
+        };
+        Ok(vec![ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![KeyValue {
+                    key: "service.name".into(),
+                    value: Some(AnyValue {
+                        value: Some(any_value::Value::StringValue("ratings".into())),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans: vec![span(1, 0, "GET /ratings"), span(2, 1, "db <script>")],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }])
+    }
+
     async fn failed_requests(
         &self,
         service: String,
@@ -444,7 +487,7 @@ async fn the_service_page_shows_signals_versions_calls_and_failed_requests() {
     assert!(html.contains(r#"<tr data-peer="productpage"><td><a href="/service/productpage">"#));
     assert!(html.contains(r#"<tr data-peer="ratings"><td><a href="/service/ratings">"#));
     assert_eq!(html.matches("<tr data-trace=").count(), 3);
-    assert!(html.contains(r#"<a href="/api/traces/0000000000000000000000000000abc0">"#));
+    assert!(html.contains(r#"<a href="/trace/0000000000000000000000000000abc0">"#));
     let crumbs = html
         .split("<nav class=\"crumbs\"")
         .nth(1)
@@ -460,4 +503,36 @@ async fn the_service_page_shows_signals_versions_calls_and_failed_requests() {
     assert!(html.contains("No such service"));
     let (status, _) = get(Fake(Ok(bookinfo())), "/service/reviews?range=forever").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn the_trace_page_draws_the_waterfall_and_refuses_bad_ids() {
+    let (status, html) = get(
+        Fake(Ok(bookinfo())),
+        "/trace/000000000000000000000000000000c0",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    assert_eq!(html.matches("<li class=\"span").count(), 2);
+    assert!(
+        html.contains("db &#60;script&#62;") || html.contains("db &lt;script&gt;"),
+        "escaped"
+    );
+    assert!(html.contains(r#"data-critical="true""#));
+    assert!(html.contains(r#"<a href="/service/ratings">ratings</a>"#));
+    for (uri, status) in [
+        ("/trace/xyz", StatusCode::BAD_REQUEST),
+        (
+            "/trace/0123456789abcdef0123456789abcdef00",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/trace/000000000000000000000000000000c1",
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let (got, html) = get(Fake(Ok(bookinfo())), uri).await;
+        assert_eq!(got, status, "{uri}");
+        assert!(html.contains(r#"<a href="/">"#), "{uri}");
+    }
 }

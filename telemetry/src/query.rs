@@ -269,6 +269,14 @@ pub trait MeshQuery: Send + Sync + 'static {
         end_ns: i64,
     ) -> impl Future<Output = Result<Vec<crate::graph::Minute>, QueryError>> + Send;
 
+    /// Every span of one trace, read back as OTLP (empty when the store has none).
+    fn trace(
+        &self,
+        id: [u8; 16],
+    ) -> impl Future<
+        Output = Result<Vec<opentelemetry_proto::tonic::trace::v1::ResourceSpans>, QueryError>,
+    > + Send;
+
     /// Up to `limit` of `service`'s failed requests, newest first.
     fn failed_requests(
         &self,
@@ -618,6 +626,13 @@ impl MeshQuery for QueryEngine {
         end_ns: i64,
     ) -> Result<Vec<crate::graph::Minute>, QueryError> {
         crate::graph::service_minutes(self, service, start_ns, end_ns).await
+    }
+
+    async fn trace(
+        &self,
+        id: [u8; 16],
+    ) -> Result<Vec<opentelemetry_proto::tonic::trace::v1::ResourceSpans>, QueryError> {
+        crate::jaeger::load_spans(self, vec![id.to_vec()]).await
     }
 
     async fn failed_requests(

@@ -8,8 +8,9 @@
 //          "pages": [{"name": "graph", "path": "/", "select": "svg .node",
 //                     "click": "svg .node", "read": "#detail"}]}
 //   click: the first element matching it is clicked (after the load); read: the text of the
-//   element matching it, afterwards; follow: a link then clicked, whose page is reported as
-//   `arrived` (its URL, title and the data-* of what `then_select` matches there).
+//   element matching it, afterwards; follow: links then clicked in turn, each page reported
+//   in `arrived` (URL, status, title, the data-* of what its `select` matches); back: pages
+//   to go back afterwards (the URL reached is `back`).
 // Playwright comes from $LUMEN_NODE_MODULES (default /var/tmp/lumen-peers/node/node_modules);
 // Chromium from $LUMEN_CHROMIUM (default /usr/bin/chromium).
 'use strict';
@@ -51,20 +52,30 @@ async function main() {
       if (p.read) {
         read = await page.$eval(p.read, (el) => (el.hidden ? '' : el.textContent));
       }
-      // follow: a link to click next; the page it leads to is reported as `arrived`.
-      let arrived = null;
-      if (p.follow) {
-        await Promise.all([page.waitForNavigation({ waitUntil: 'load' }), page.click(p.follow)]);
+      // follow: links to click one after the other ([{"click": sel, "select": sel}]); each
+      // page they lead to is reported in `arrived`; then `back` goes back that many pages.
+      const arrived = [];
+      for (const [k, step] of (p.follow || []).entries()) {
+        const status = await Promise.all([
+          page.waitForNavigation({ waitUntil: 'load' }),
+          page.click(step.click),
+        ]).then(([r]) => (r ? r.status() : 0));
         if (plan.screenshots) {
-          await page.screenshot({ path: path.join(plan.screenshots, `${p.name}-arrived.png`), fullPage: true });
+          await page.screenshot({ path: path.join(plan.screenshots, `${p.name}-${k + 1}.png`), fullPage: true });
         }
-        arrived = {
+        arrived.push({
           url: page.url(),
+          status,
           title: await page.title(),
-          matched: p.then_select
-            ? await page.$$eval(p.then_select, (els) => els.map((e) => Object.assign({}, e.dataset)))
+          matched: step.select
+            ? await page.$$eval(step.select, (els) => els.map((e) => Object.assign({}, e.dataset)))
             : [],
-        };
+        });
+      }
+      let back = null;
+      for (let k = 0; k < (p.back || 0); k += 1) {
+        await page.goBack({ waitUntil: 'load' });
+        back = page.url();
       }
       if (plan.screenshots) {
         fs.mkdirSync(plan.screenshots, { recursive: true });
@@ -77,6 +88,7 @@ async function main() {
         matched,
         read,
         arrived,
+        back,
         ...seen,
       });
       await page.close();
