@@ -125,7 +125,9 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
                  {"click": "#failed tr[data-trace] a", "select": "#waterfall li"}
              ],
              "back": 2},
-            {"name": "versioned", "path": "/?view=versioned&refresh=0", "select": "svg .node"}
+            {"name": "versioned", "path": "/?view=versioned&refresh=0", "select": "svg .node"},
+            {"name": "sql", "select": "details[data-table]", "read": "#result",
+             "path": "/sql?q=SELECT%20service_name%2C%20count(*)%20AS%20n%20FROM%20spans%20GROUP%20BY%20service_name%20ORDER%20BY%20service_name"}
         ]
     });
     let plan_path = data.path().join("plan.json");
@@ -230,6 +232,19 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
         "back on the graph: {}",
         pages[1]["back"]
     );
+    // The SQL console over the same store: a result table, and the tables listed.
+    let result = pages[3]["read"].as_str().unwrap_or_default();
+    for service in ["details", "productpage", "ratings", "reviews"] {
+        assert!(result.contains(service), "{service} in {result:?}");
+    }
+    let mut tables: Vec<&str> = pages[3]["matched"]
+        .as_array()
+        .expect("tables")
+        .iter()
+        .filter_map(|t| t["table"].as_str())
+        .collect();
+    tables.sort_unstable();
+    assert_eq!(tables, ["logs", "metrics", "rollups", "spans"]);
     // Kiali's versioned-app graph: reviews v1 and v2 are two nodes of one app.
     let mut versions: Vec<&str> = pages[2]["matched"]
         .as_array()

@@ -8,6 +8,7 @@
 mod chart;
 pub mod layout;
 mod service;
+mod sql;
 mod trace;
 mod view;
 
@@ -30,6 +31,8 @@ pub fn router<Q: MeshQuery>(query: Arc<Q>) -> Router {
         .route("/", get(graph_page::<Q>))
         .route("/service/{name}", get(service_page::<Q>))
         .route("/trace/{id}", get(trace_page::<Q>))
+        .route("/sql", get(sql_page::<Q>))
+        .route("/sql.csv", get(sql_csv::<Q>))
         .route("/favicon.svg", get(favicon))
         .route("/dashboard.js", get(script))
         .fallback(not_found)
@@ -202,6 +205,92 @@ async fn trace_page<Q: MeshQuery>(
         Err(e) => error_page(
             StatusCode::INTERNAL_SERVER_ERROR,
             "The page could not be drawn",
+            &e.to_string(),
+        ),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "sql.html")]
+struct SqlPage<'a> {
+    v: &'a sql::SqlView,
+}
+
+/// The `q` parameter: the query to run (none: the console with an example).
+fn sql_param(raw: Option<&str>) -> Option<String> {
+    let pairs = lumen_telemetry::query_string::pairs(raw);
+    lumen_telemetry::query_string::one(&pairs, "q")
+        .map(str::trim)
+        .filter(|q| !q.is_empty())
+        .map(str::to_string)
+}
+
+async fn sql_page<Q: MeshQuery>(State(query): State<Arc<Q>>, RawQuery(raw): RawQuery) -> Response {
+    let tables = query.tables().await;
+    let (status, view) = match sql_param(raw.as_deref()) {
+        None => (
+            StatusCode::OK,
+            sql::SqlView {
+                query: sql::EXAMPLE.to_string(),
+                result: None,
+                error: None,
+                tables,
+            },
+        ),
+        Some(q) => match query.sql_table(q.clone()).await {
+            Ok(t) => (
+                StatusCode::OK,
+                sql::SqlView {
+                    query: q,
+                    result: Some(t),
+                    error: None,
+                    tables,
+                },
+            ),
+            Err(e) => (
+                StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+                sql::SqlView {
+                    query: q,
+                    result: None,
+                    error: Some(e.to_string()),
+                    tables,
+                },
+            ),
+        },
+    };
+    match (SqlPage { v: &view }).render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(e) => error_page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The page could not be drawn",
+            &e.to_string(),
+        ),
+    }
+}
+
+async fn sql_csv<Q: MeshQuery>(State(query): State<Arc<Q>>, RawQuery(raw): RawQuery) -> Response {
+    let Some(q) = sql_param(raw.as_deref()) else {
+        return error_page(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "parameter q (the query) is required",
+        );
+    };
+    match query.sql_table(q).await {
+        Ok(t) => (
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"lumen-query.csv\"",
+                ),
+            ],
+            sql::csv(&t),
+        )
+            .into_response(),
+        Err(e) => error_page(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            "The query failed",
             &e.to_string(),
         ),
     }

@@ -99,6 +99,36 @@ impl MeshQuery for Fake {
         }])
     }
 
+    async fn sql_table(&self, sql: String) -> Result<lumen_telemetry::query::SqlTable, QueryError> {
+        use datafusion::error::DataFusionError;
+        if sql.starts_with("COPY") {
+            return Err(QueryError::Refused(DataFusionError::Plan(
+                "COPY is not a query".into(),
+            )));
+        }
+        if !sql.starts_with("SELECT") {
+            return Err(QueryError::Sql(DataFusionError::Plan(format!(
+                "cannot parse {sql:?}"
+            ))));
+        }
+        Ok(lumen_telemetry::query::SqlTable {
+            columns: vec!["service_name".into(), "n".into()],
+            rows: vec![
+                vec!["ratings".into(), "12".into()],
+                vec!["a \"quoted\", name".into(), "3".into()],
+            ],
+            truncated: sql.contains("LIMIT 2"),
+            row_limit: 2,
+        })
+    }
+
+    async fn tables(&self) -> Vec<lumen_telemetry::query::TableInfo> {
+        vec![lumen_telemetry::query::TableInfo {
+            name: "spans".into(),
+            columns: vec![("trace_id".into(), "FixedSizeBinary(16)".into())],
+        }]
+    }
+
     async fn failed_requests(
         &self,
         service: String,
@@ -535,4 +565,44 @@ async fn the_trace_page_draws_the_waterfall_and_refuses_bad_ids() {
         assert_eq!(got, status, "{uri}");
         assert!(html.contains(r#"<a href="/">"#), "{uri}");
     }
+}
+
+#[tokio::test]
+async fn the_sql_console_runs_queries_lists_tables_and_downloads_csv() {
+    let (status, html) = get(Fake(Ok(bookinfo())), "/sql").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("FROM spans"), "an example to start from");
+    assert!(html.contains(r#"<details data-table="spans">"#));
+    let (status, html) = get(
+        Fake(Ok(bookinfo())),
+        "/sql?q=SELECT%20service_name%2C%20count(*)%20AS%20n%20FROM%20spans%20LIMIT%202",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("<td>ratings</td><td>12</td>"), "{html}");
+    assert!(html.contains("cut at the 2-row limit"));
+    assert!(
+        html.contains(r#"href="/sql.csv?q=SELECT%20service_name"#),
+        "{html}"
+    );
+    for (q, status) in [
+        ("COPY%20x%20TO%20%27%2Ftmp%2Fx%27", StatusCode::FORBIDDEN),
+        ("SELEKT", StatusCode::BAD_REQUEST),
+    ] {
+        let (got, html) = get(Fake(Ok(bookinfo())), &format!("/sql?q={q}")).await;
+        assert_eq!(got, status, "{q}");
+        assert!(
+            html.contains(r#"id="sql-error""#),
+            "{q}: the error on the page"
+        );
+        assert!(html.contains("<textarea"), "{q}: with the query to fix");
+    }
+    let (status, csv) = get(Fake(Ok(bookinfo())), "/sql.csv?q=SELECT%201").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        csv,
+        "service_name,n\r\nratings,12\r\n\"a \"\"quoted\"\", name\",3\r\n"
+    );
+    let (status, _) = get(Fake(Ok(bookinfo())), "/sql.csv").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 }

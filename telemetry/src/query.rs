@@ -243,6 +243,23 @@ pub struct SqlResult {
     pub row_limit: usize,
 }
 
+/// A result as text, for a page to show: column names and each value as Arrow displays it
+/// (ids as hex, times as RFC 3339).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqlTable {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+    pub truncated: bool,
+    pub row_limit: usize,
+}
+
+/// A table and its columns (name, type).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableInfo {
+    pub name: String,
+    pub columns: Vec<(String, String)>,
+}
+
 /// Batches of a query, cut at the row cap.
 #[derive(Debug, Clone)]
 pub struct QueryOutput {
@@ -276,6 +293,12 @@ pub trait MeshQuery: Send + Sync + 'static {
     ) -> impl Future<
         Output = Result<Vec<opentelemetry_proto::tonic::trace::v1::ResourceSpans>, QueryError>,
     > + Send;
+
+    /// A read-only query's result as text (the SQL API's engine, limits and refusals).
+    fn sql_table(&self, sql: String) -> impl Future<Output = Result<SqlTable, QueryError>> + Send;
+
+    /// The tables a query can read, with their columns.
+    fn tables(&self) -> impl Future<Output = Vec<TableInfo>> + Send;
 
     /// Up to `limit` of `service`'s failed requests, newest first.
     fn failed_requests(
@@ -633,6 +656,65 @@ impl MeshQuery for QueryEngine {
         id: [u8; 16],
     ) -> Result<Vec<opentelemetry_proto::tonic::trace::v1::ResourceSpans>, QueryError> {
         crate::jaeger::load_spans(self, vec![id.to_vec()]).await
+    }
+
+    async fn sql_table(&self, sql: String) -> Result<SqlTable, QueryError> {
+        use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+        let out = self.query(&sql).await?;
+        let columns = out
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        let options = FormatOptions::default().with_null("NULL");
+        let mut rows = Vec::new();
+        for batch in &out.batches {
+            let formatters = batch
+                .columns()
+                .iter()
+                .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| QueryError::Internal(format!("formatting the result: {e}")))?;
+            for row in 0..batch.num_rows() {
+                rows.push(
+                    formatters
+                        .iter()
+                        .map(|f| f.value(row).to_string())
+                        .collect(),
+                );
+            }
+        }
+        Ok(SqlTable {
+            columns,
+            rows,
+            truncated: out.truncated,
+            row_limit: self.inner.limits.max_rows,
+        })
+    }
+
+    async fn tables(&self) -> Vec<TableInfo> {
+        let ctx = &self.inner.ctx;
+        let mut names: Vec<String> = ctx
+            .catalog("datafusion")
+            .and_then(|c| c.schema("public"))
+            .map(|s| s.table_names())
+            .unwrap_or_default();
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            let Ok(provider) = ctx.table_provider(name.as_str()).await else {
+                continue;
+            };
+            let columns = provider
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| (f.name().clone(), f.data_type().to_string()))
+                .collect();
+            out.push(TableInfo { name, columns });
+        }
+        out
     }
 
     async fn failed_requests(
