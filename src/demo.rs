@@ -143,16 +143,6 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
             .unwrap_or(options.jaeger_grpc_addr),
         options.data_dir.display()
     ));
-    let dashboard = lumen_dashboard::router(Arc::new(telemetry.query_engine()));
-    let telemetry_task = {
-        let stop = telemetry_stop.clone();
-        tokio::spawn(async move {
-            if let Err(e) = telemetry.run(dashboard, stop).await {
-                tracing::error!(error = %e, "telemetry stopped with an error");
-            }
-        })
-    };
-
     let model = demo_model(options.pod_subnet)?;
     let control = Control::bind(ControlOptions {
         xds_addr: options.xds_addr,
@@ -168,6 +158,21 @@ pub async fn start(options: DemoOptions, say: impl Fn(String)) -> Result<Running
         model.pods.len(),
         model.virtual_services.len()
     ));
+    let dashboard = lumen_dashboard::router_with(
+        Arc::new(telemetry.query_engine()),
+        lumen_dashboard::DashboardOptions {
+            control_url: Some(format!("http://{control_http}")),
+        },
+    );
+    let telemetry_task = {
+        let stop = telemetry_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = telemetry.run(dashboard, stop).await {
+                tracing::error!(error = %e, "telemetry stopped with an error");
+            }
+        })
+    };
+
     let mut mesh = JoinSet::new();
     {
         let stop = mesh_stop.clone();

@@ -78,6 +78,10 @@ struct TelemetryArgs {
     /// Jaeger's query API v3 over gRPC (jaeger.api_v3.QueryService).
     #[arg(long, default_value = "127.0.0.1:16685")]
     jaeger_grpc: SocketAddr,
+    /// The control plane's HTTP address (e.g. http://127.0.0.1:15014), for the dashboard's
+    /// proxy status page.
+    #[arg(long)]
+    control_url: Option<String>,
     /// Seconds between memtable flushes to Parquet.
     #[arg(long, default_value_t = 5)]
     flush_interval: u64,
@@ -262,7 +266,12 @@ async fn main() -> anyhow::Result<()> {
                 telemetry.http_addr().unwrap_or(args.http),
                 telemetry.jaeger_grpc_addr().unwrap_or(args.jaeger_grpc)
             );
-            let dashboard = lumen_dashboard::router(Arc::new(telemetry.query_engine()));
+            let dashboard = lumen_dashboard::router_with(
+                Arc::new(telemetry.query_engine()),
+                lumen_dashboard::DashboardOptions {
+                    control_url: args.control_url,
+                },
+            );
             telemetry.run(dashboard, shutdown_on_signal()).await?;
             Ok(())
         }

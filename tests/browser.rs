@@ -126,6 +126,7 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
              ],
              "back": 2},
             {"name": "versioned", "path": "/?view=versioned&refresh=0", "select": "svg .node"},
+            {"name": "proxies", "path": "/proxies", "select": "#proxies tr[data-node]"},
             {"name": "sql", "select": "details[data-table]", "read": "#result",
              "path": "/sql?q=SELECT%20service_name%2C%20count(*)%20AS%20n%20FROM%20spans%20GROUP%20BY%20service_name%20ORDER%20BY%20service_name"}
         ]
@@ -232,12 +233,19 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
         "back on the graph: {}",
         pages[1]["back"]
     );
+    // Every sidecar's configuration, as the control plane sees it: five proxies, synced.
+    let proxies = pages[3]["matched"].as_array().expect("proxies");
+    assert_eq!(proxies.len(), 5, "{proxies:?}");
+    assert!(
+        proxies.iter().all(|p| p["healthy"] == "true"),
+        "{proxies:?}"
+    );
     // The SQL console over the same store: a result table, and the tables listed.
-    let result = pages[3]["read"].as_str().unwrap_or_default();
+    let result = pages[4]["read"].as_str().unwrap_or_default();
     for service in ["details", "productpage", "ratings", "reviews"] {
         assert!(result.contains(service), "{service} in {result:?}");
     }
-    let mut tables: Vec<&str> = pages[3]["matched"]
+    let mut tables: Vec<&str> = pages[4]["matched"]
         .as_array()
         .expect("tables")
         .iter()

@@ -7,6 +7,7 @@
 
 mod chart;
 pub mod layout;
+mod mesh;
 mod service;
 mod sql;
 mod trace;
@@ -24,9 +25,29 @@ use lumen_telemetry::MeshQuery;
 
 pub use view::{GraphParams, GraphView, Health, Thresholds};
 
-/// The dashboard's routes: `/` (the graph), its icon and script; any other path is a
-/// friendly 404 page.
+/// Where the dashboard reads what the store does not hold.
+#[derive(Debug, Clone, Default)]
+pub struct DashboardOptions {
+    /// The control plane's HTTP address, for the proxy status page.
+    pub control_url: Option<String>,
+}
+
+/// The dashboard's routes with no control plane to ask.
 pub fn router<Q: MeshQuery>(query: Arc<Q>) -> Router {
+    router_with(query, DashboardOptions::default())
+}
+
+/// The dashboard's routes: the graph, service, trace, SQL and proxy pages, its icon and
+/// script; any other path is a friendly 404 page.
+pub fn router_with<Q: MeshQuery>(query: Arc<Q>, options: DashboardOptions) -> Router {
+    let control = Arc::new(options);
+    let pages = Router::new().route(
+        "/proxies",
+        get(move || {
+            let control = control.clone();
+            async move { proxies_page(&control).await }
+        }),
+    );
     Router::new()
         .route("/", get(graph_page::<Q>))
         .route("/service/{name}", get(service_page::<Q>))
@@ -37,6 +58,35 @@ pub fn router<Q: MeshQuery>(query: Arc<Q>) -> Router {
         .route("/dashboard.js", get(script))
         .fallback(not_found)
         .with_state(query)
+        .merge(pages)
+}
+
+#[derive(Template)]
+#[template(path = "mesh.html")]
+struct MeshPage<'a> {
+    v: &'a mesh::MeshView,
+}
+
+async fn proxies_page(options: &DashboardOptions) -> Response {
+    let fetched = match &options.control_url {
+        Some(url) => mesh::fetch(url, std::time::Duration::from_secs(3)).await,
+        None => Ok(Vec::new()),
+    };
+    // The control plane not answering is a bad gateway, said on the page itself.
+    let status = if fetched.is_err() {
+        StatusCode::BAD_GATEWAY
+    } else {
+        StatusCode::OK
+    };
+    let view = mesh::MeshView::build(options.control_url.clone(), fetched);
+    match (MeshPage { v: &view }).render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(e) => error_page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The page could not be drawn",
+            &e.to_string(),
+        ),
+    }
 }
 
 /// Lumen's icon, drawn here (no asset copied in); the pages link it, so a browser asks for

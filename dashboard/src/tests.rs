@@ -606,3 +606,61 @@ async fn the_sql_console_runs_queries_lists_tables_and_downloads_csv() {
     let (status, _) = get(Fake(Ok(bookinfo())), "/sql.csv").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn the_proxy_page_reads_the_control_plane_and_says_when_it_cannot() {
+    let get_with = |control: Option<String>| async move {
+        let app = router_with(
+            Arc::new(Fake(Ok(bookinfo()))),
+            DashboardOptions {
+                control_url: control,
+            },
+        );
+        let resp = app
+            .oneshot(
+                Request::get("/proxies")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    };
+    let (status, html) = get_with(None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("No control plane is configured"));
+
+    // A control plane on loopback answering /debug/syncz as lumen control does.
+    let syncz = r#"[{"node_id":"sidecar~127.0.10.3~reviews-v1.default~default.svc.cluster.local","connected_at_unix":1,
+        "types":{"CDS":{"state":"SYNCED","sent_version":"a","acked_version":"a","resources":3,"nack":null},
+                 "EDS":{"state":"SYNCED","sent_version":"b","acked_version":"b","resources":3,"nack":null},
+                 "LDS":{"state":"NACK","sent_version":"c","acked_version":"","resources":1,"nack":"bad route"}}}]"#;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let control = axum::Router::new().route(
+        "/debug/syncz",
+        axum::routing::get(move || async move { ([("content-type", "application/json")], syncz) }),
+    );
+    tokio::spawn(async move { axum::serve(listener, control).await });
+    let (status, html) = get_with(Some(format!("http://{addr}"))).await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    assert!(html.contains(r#"data-healthy="false""#));
+    assert!(html.contains(r#"data-state="NACKED""#) && html.contains("bad route"));
+    assert!(html.contains(r#"data-state="NOT SENT""#), "RDS never sent");
+
+    // Nothing listening there any more: a 502 page that says so.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let gone = closed.local_addr().expect("addr");
+    drop(closed);
+    let (status, html) = get_with(Some(format!("http://{gone}"))).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(html.contains("could not be read"), "{html}");
+}
