@@ -127,6 +127,7 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
              "back": 2},
             {"name": "versioned", "path": "/?view=versioned&refresh=0", "select": "svg .node"},
             {"name": "proxies", "path": "/proxies", "select": "#proxies tr[data-node]"},
+            {"name": "traces", "path": "/traces?service=ratings&lookback=15m", "select": "#found tr[data-trace]"},
             {"name": "sql", "select": "details[data-table]", "read": "#result",
              "path": "/sql?q=SELECT%20service_name%2C%20count(*)%20AS%20n%20FROM%20spans%20GROUP%20BY%20service_name%20ORDER%20BY%20service_name"}
         ]
@@ -240,12 +241,21 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
         proxies.iter().all(|p| p["healthy"] == "true"),
         "{proxies:?}"
     );
+    // The trace search finds ratings' traces, each linking to its waterfall.
+    let found = pages[4]["matched"].as_array().expect("found traces");
+    assert!(
+        !found.is_empty()
+            && found
+                .iter()
+                .all(|t| t["trace"].as_str().is_some_and(|id| id.len() == 32)),
+        "{found:?}"
+    );
     // The SQL console over the same store: a result table, and the tables listed.
-    let result = pages[4]["read"].as_str().unwrap_or_default();
+    let result = pages[5]["read"].as_str().unwrap_or_default();
     for service in ["details", "productpage", "ratings", "reviews"] {
         assert!(result.contains(service), "{service} in {result:?}");
     }
-    let mut tables: Vec<&str> = pages[4]["matched"]
+    let mut tables: Vec<&str> = pages[5]["matched"]
         .as_array()
         .expect("tables")
         .iter()

@@ -11,6 +11,7 @@ mod mesh;
 mod service;
 mod sql;
 mod trace;
+mod traces;
 mod view;
 
 use std::sync::Arc;
@@ -52,6 +53,7 @@ pub fn router_with<Q: MeshQuery>(query: Arc<Q>, options: DashboardOptions) -> Ro
         .route("/", get(graph_page::<Q>))
         .route("/service/{name}", get(service_page::<Q>))
         .route("/trace/{id}", get(trace_page::<Q>))
+        .route("/traces", get(traces_page::<Q>))
         .route("/sql", get(sql_page::<Q>))
         .route("/sql.csv", get(sql_csv::<Q>))
         .route("/favicon.svg", get(favicon))
@@ -251,6 +253,50 @@ async fn trace_page<Q: MeshQuery>(
         );
     };
     match (TracePage { v: &view }).render() {
+        Ok(html) => Html(html).into_response(),
+        Err(e) => error_page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The page could not be drawn",
+            &e.to_string(),
+        ),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "traces.html")]
+struct TracesPage<'a> {
+    v: &'a traces::TracesView,
+}
+
+async fn traces_page<Q: MeshQuery>(
+    State(query): State<Arc<Q>>,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let pairs = lumen_telemetry::query_string::pairs(raw.as_deref());
+    let services = match query.services().await {
+        Ok(s) => s,
+        Err(e) => return query_failed(&e),
+    };
+    let mut view = traces::TracesView::form(&pairs, services);
+    if !view.service.is_empty() {
+        // The form's lookback unless the URL gave start/end (as Jaeger UI links do).
+        let mut search_pairs = pairs.clone();
+        if lumen_telemetry::query_string::one(&pairs, "lookback").is_none() {
+            search_pairs.push(("lookback".into(), view.lookback.clone()));
+        }
+        search_pairs.retain(|(k, v)| !(v.is_empty() && k != "service"));
+        let now = lumen_telemetry::now_ns();
+        let search = match lumen_telemetry::jaeger::params::search(&search_pairs, now) {
+            Ok(s) => s,
+            Err(e) => return error_page(StatusCode::BAD_REQUEST, "Bad search", &e.0),
+        };
+        let (start, end) = (search.start_ns, search.end_ns);
+        match query.find_traces(search).await {
+            Ok(found) => view = view.with_results(&found, start, end),
+            Err(e) => return query_failed(&e),
+        }
+    }
+    match (TracesPage { v: &view }).render() {
         Ok(html) => Html(html).into_response(),
         Err(e) => error_page(
             StatusCode::INTERNAL_SERVER_ERROR,

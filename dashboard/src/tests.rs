@@ -99,6 +99,31 @@ impl MeshQuery for Fake {
         }])
     }
 
+    async fn services(&self) -> Result<Vec<String>, QueryError> {
+        Ok(vec!["productpage".into(), "ratings".into()])
+    }
+
+    async fn find_traces(
+        &self,
+        search: lumen_telemetry::jaeger::params::Search,
+    ) -> Result<Vec<lumen_telemetry::detail::TraceSummary>, QueryError> {
+        if search.service != "ratings" {
+            return Ok(Vec::new());
+        }
+        Ok((0..4)
+            .map(|i| lumen_telemetry::detail::TraceSummary {
+                trace_id: format!("{:032x}", 0xf00 + i),
+                root_service: "productpage".into(),
+                root_operation: "GET /productpage".into(),
+                start_ns: search.start_ns + (i + 1) * 60_000_000_000,
+                duration_ns: 5_000_000 * (i + 1),
+                spans: 5,
+                errors: usize::from(i == 2),
+                services: vec!["productpage".into(), "ratings".into()],
+            })
+            .collect())
+    }
+
     async fn sql_table(&self, sql: String) -> Result<lumen_telemetry::query::SqlTable, QueryError> {
         use datafusion::error::DataFusionError;
         if sql.starts_with("COPY") {
@@ -663,4 +688,43 @@ async fn the_proxy_page_reads_the_control_plane_and_says_when_it_cannot() {
     let (status, html) = get_with(Some(format!("http://{gone}"))).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(html.contains("could not be read"), "{html}");
+}
+
+#[tokio::test]
+async fn the_trace_search_finds_traces_and_draws_their_durations() {
+    let (status, html) = get(Fake(Ok(bookinfo())), "/traces").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("Choose a service"));
+    assert!(html.contains(r#"<option value="ratings">ratings</option>"#));
+    let (status, html) = get(
+        Fake(Ok(bookinfo())),
+        "/traces?service=ratings&operation=&tag=&lookback=1h&minDuration=&maxDuration=&limit=",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{html}");
+    assert_eq!(html.matches("<tr data-trace=").count(), 4);
+    assert_eq!(
+        html.matches("<circle class=").count(),
+        4,
+        "one dot per trace"
+    );
+    assert_eq!(
+        html.matches(r#"<circle class="c4""#).count(),
+        1,
+        "the one with errors in red"
+    );
+    assert!(html.contains(r#"<a href="/trace/00000000000000000000000000000f02">"#));
+    assert!(
+        html.contains(r#"<option value="ratings" selected>"#),
+        "the form keeps its values"
+    );
+    for uri in [
+        "/traces?service=ratings&minDuration=fast",
+        "/traces?service=ratings&lookback=1h&minDuration=2s&maxDuration=1s",
+        "/traces?service=ratings&limit=999999",
+        "/traces?service=ratings&tag=novalue",
+    ] {
+        let (status, html) = get(Fake(Ok(bookinfo())), uri).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {html}");
+    }
 }

@@ -124,3 +124,78 @@ fn read(b: &RecordBatch, out: &mut Vec<FailedRequest>) -> Result<(), QueryError>
     }
     Ok(())
 }
+
+/// One trace a search found, summarised.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TraceSummary {
+    pub trace_id: String,
+    pub root_service: String,
+    pub root_operation: String,
+    pub start_ns: i64,
+    pub duration_ns: i64,
+    pub spans: usize,
+    pub errors: usize,
+    pub services: Vec<String>,
+}
+
+/// The traces a Jaeger-style search finds (latest first), summarised from their spans.
+pub async fn find_traces(
+    engine: &QueryEngine,
+    search: crate::jaeger::params::Search,
+) -> Result<Vec<TraceSummary>, QueryError> {
+    let ids = crate::jaeger::search_ids(engine, search).await?;
+    let spans = crate::jaeger::load_spans(engine, ids.clone()).await?;
+    let mut out: Vec<TraceSummary> = ids
+        .iter()
+        .map(|id| TraceSummary {
+            trace_id: hex(id),
+            root_service: String::new(),
+            root_operation: String::new(),
+            start_ns: i64::MAX,
+            duration_ns: 0,
+            spans: 0,
+            errors: 0,
+            services: Vec::new(),
+        })
+        .collect();
+    let mut ends = vec![i64::MIN; out.len()];
+    for rs in &spans {
+        let service = rs
+            .resource
+            .as_ref()
+            .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s) => {
+                    Some(s.clone())
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        for s in rs.scope_spans.iter().flat_map(|ss| &ss.spans) {
+            let Some(i) = ids.iter().position(|id| *id == s.trace_id) else {
+                continue;
+            };
+            let t = &mut out[i];
+            let start = i64::try_from(s.start_time_unix_nano).unwrap_or(i64::MAX);
+            let end = i64::try_from(s.end_time_unix_nano).unwrap_or(i64::MAX);
+            t.spans += 1;
+            t.errors += usize::from(s.status.as_ref().is_some_and(|st| st.code == 2));
+            if !t.services.contains(&service) {
+                t.services.push(service.clone());
+            }
+            // The root: no parent; else the earliest span.
+            if s.parent_span_id.is_empty() || start < t.start_ns && t.root_operation.is_empty() {
+                t.root_service = service.clone();
+                t.root_operation = s.name.clone();
+            }
+            t.start_ns = t.start_ns.min(start);
+            ends[i] = ends[i].max(end);
+        }
+    }
+    for (t, end) in out.iter_mut().zip(ends) {
+        t.duration_ns = end.saturating_sub(t.start_ns).max(0);
+        t.services.sort();
+    }
+    out.retain(|t| t.spans > 0);
+    Ok(out)
+}

@@ -294,6 +294,15 @@ pub trait MeshQuery: Send + Sync + 'static {
         Output = Result<Vec<opentelemetry_proto::tonic::trace::v1::ResourceSpans>, QueryError>,
     > + Send;
 
+    /// Services that reported spans.
+    fn services(&self) -> impl Future<Output = Result<Vec<String>, QueryError>> + Send;
+
+    /// The traces a Jaeger-style search finds, latest first, summarised.
+    fn find_traces(
+        &self,
+        search: crate::jaeger::params::Search,
+    ) -> impl Future<Output = Result<Vec<crate::detail::TraceSummary>, QueryError>> + Send;
+
     /// A read-only query's result as text (the SQL API's engine, limits and refusals).
     fn sql_table(&self, sql: String) -> impl Future<Output = Result<SqlTable, QueryError>> + Send;
 
@@ -656,6 +665,17 @@ impl MeshQuery for QueryEngine {
         id: [u8; 16],
     ) -> Result<Vec<opentelemetry_proto::tonic::trace::v1::ResourceSpans>, QueryError> {
         crate::jaeger::load_spans(self, vec![id.to_vec()]).await
+    }
+
+    async fn services(&self) -> Result<Vec<String>, QueryError> {
+        crate::jaeger::distinct_services(self).await
+    }
+
+    async fn find_traces(
+        &self,
+        search: crate::jaeger::params::Search,
+    ) -> Result<Vec<crate::detail::TraceSummary>, QueryError> {
+        crate::detail::find_traces(self, search).await
     }
 
     async fn sql_table(&self, sql: String) -> Result<SqlTable, QueryError> {
