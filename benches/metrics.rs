@@ -12,7 +12,6 @@
 //! (default 2,000 timed scrapes of each).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -60,23 +59,15 @@ fn main() {
 /// The demo mesh, run until its sidecars have reported every series, then scraped.
 async fn demo_scrape(scrapes: usize) {
     let data = tempfile::tempdir().expect("tempdir");
-    let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let requests = 400;
     let options = DemoOptions {
-        pod_subnet: [127, 0, 79],
-        otlp_grpc_addr: local,
-        otlp_http_addr: local,
-        http_addr: local,
-        jaeger_grpc_addr: local,
-        xds_addr: local,
-        control_http_addr: local,
-        data_dir: data.path().to_path_buf(),
         rate_per_s: 100.0,
         load_duration: Some(Duration::from_secs(30)),
         max_requests: Some(requests),
         flush_interval: Duration::from_secs(5),
         span_export_interval: Duration::from_secs(1),
         metric_export_interval: Duration::from_secs(1),
+        ..DemoOptions::ephemeral([127, 0, 79], data.path().to_path_buf())
     };
     let running = demo::start(options, |_| {}).await.expect("demo starts");
     let started = Instant::now();

@@ -89,6 +89,22 @@ pub struct RunningDemo {
 }
 
 impl DemoOptions {
+    /// Every port on 127.0.0.1 picked by the OS, pods on `pod_subnet`: for tests and
+    /// benchmarks that run demos side by side.
+    pub fn ephemeral(pod_subnet: [u8; 3], data_dir: PathBuf) -> DemoOptions {
+        let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        DemoOptions {
+            pod_subnet,
+            otlp_grpc_addr: any,
+            otlp_http_addr: any,
+            http_addr: any,
+            jaeger_grpc_addr: any,
+            xds_addr: any,
+            control_http_addr: any,
+            ..DemoOptions::standard(data_dir)
+        }
+    }
+
     /// The standard ports on 127.0.0.1 and pods on 127.0.10.x.
     pub fn standard(data_dir: PathBuf) -> DemoOptions {
         let local = |port| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);

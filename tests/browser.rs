@@ -3,7 +3,6 @@
 //! page error, asks no origin but its own, and draws the demo's services and calls.
 //! Screenshots go to the target directory as test artifacts.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -45,22 +44,14 @@ fn peers() -> (String, PathBuf, String) {
 async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_request() {
     let (node, modules, chromium) = peers();
     let data = tempfile::tempdir().expect("tempdir");
-    let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let options = DemoOptions {
-        pod_subnet: [127, 0, 80],
-        otlp_grpc_addr: local,
-        otlp_http_addr: local,
-        http_addr: local,
-        jaeger_grpc_addr: local,
-        xds_addr: local,
-        control_http_addr: local,
-        data_dir: data.path().join("lumen"),
         rate_per_s: 20.0,
         load_duration: Some(Duration::from_secs(90)),
         max_requests: None,
         flush_interval: Duration::from_secs(2),
         span_export_interval: Duration::from_millis(500),
         metric_export_interval: Duration::from_secs(1),
+        ..DemoOptions::ephemeral([127, 0, 80], data.path().join("lumen"))
     };
     let running = demo::start(options, |line| eprintln!("{line}"))
         .await

@@ -53,22 +53,14 @@ fn edge_rate(html: &str, source: &str, destination: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_mesh_end_to_end() {
     let data = tempfile::tempdir().expect("tempdir");
-    let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let options = DemoOptions {
-        pod_subnet: [127, 0, 77],
-        otlp_grpc_addr: local,
-        otlp_http_addr: local,
-        http_addr: local,
-        jaeger_grpc_addr: local,
-        xds_addr: local,
-        control_http_addr: local,
-        data_dir: data.path().to_path_buf(),
         rate_per_s: 20.0,
         load_duration: Some(Duration::from_secs(60)),
         flush_interval: Duration::from_secs(2),
         span_export_interval: Duration::from_millis(500),
         metric_export_interval: Duration::from_secs(5),
         max_requests: None,
+        ..DemoOptions::ephemeral([127, 0, 77], data.path().to_path_buf())
     };
     let launched = Instant::now();
     let running = demo::start(options, |line| eprintln!("{line}"))

@@ -100,22 +100,14 @@ async fn prometheus_scrapes_the_mesh_and_every_count_agrees() {
     let prometheus = peer("prometheus");
     let promtool = peer("promtool");
     let data = tempfile::tempdir().expect("tempdir");
-    let local: SocketAddr = "127.0.0.1:0".parse().expect("addr");
     let options = DemoOptions {
-        pod_subnet: [127, 0, 78],
-        otlp_grpc_addr: local,
-        otlp_http_addr: local,
-        http_addr: local,
-        jaeger_grpc_addr: local,
-        xds_addr: local,
-        control_http_addr: local,
-        data_dir: data.path().join("lumen"),
         rate_per_s: 40.0,
         load_duration: Some(Duration::from_secs(60)),
         max_requests: Some(REQUESTS),
         flush_interval: Duration::from_secs(2),
         span_export_interval: Duration::from_millis(500),
         metric_export_interval: Duration::from_secs(1),
+        ..DemoOptions::ephemeral([127, 0, 78], data.path().join("lumen"))
     };
     let launched_s = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -81,14 +81,7 @@ async fn proxies_page(options: &DashboardOptions) -> Response {
         StatusCode::OK
     };
     let view = mesh::MeshView::build(options.control_url.clone(), fetched);
-    match (MeshPage { v: &view }).render() {
-        Ok(html) => (status, Html(html)).into_response(),
-        Err(e) => error_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "The page could not be drawn",
-            &e.to_string(),
-        ),
-    }
+    page(status, &MeshPage { v: &view })
 }
 
 /// Lumen's icon, drawn here (no asset copied in); the pages link it, so a browser asks for
@@ -144,6 +137,18 @@ pub fn error_page(status: StatusCode, title: &str, message: &str) -> Response {
     match page.render() {
         Ok(html) => (status, Html(html)).into_response(),
         Err(_) => (status, message.to_string()).into_response(),
+    }
+}
+
+/// A page rendered with `status`, or a 500 page saying why it could not be drawn.
+fn page(status: StatusCode, template: &impl Template) -> Response {
+    match template.render() {
+        Ok(html) => (status, Html(html)).into_response(),
+        Err(e) => error_page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The page could not be drawn",
+            &e.to_string(),
+        ),
     }
 }
 
@@ -216,14 +221,7 @@ async fn service_page<Q: MeshQuery>(
             &format!("No service named {name:?} reported any request in this time range."),
         );
     };
-    match (ServicePage { v: &view }).render() {
-        Ok(html) => Html(html).into_response(),
-        Err(e) => error_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "The page could not be drawn",
-            &e.to_string(),
-        ),
-    }
+    page(StatusCode::OK, &ServicePage { v: &view })
 }
 
 #[derive(Template)]
@@ -252,14 +250,7 @@ async fn trace_page<Q: MeshQuery>(
             &format!("The store holds no span of trace {hex}."),
         );
     };
-    match (TracePage { v: &view }).render() {
-        Ok(html) => Html(html).into_response(),
-        Err(e) => error_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "The page could not be drawn",
-            &e.to_string(),
-        ),
-    }
+    page(StatusCode::OK, &TracePage { v: &view })
 }
 
 #[derive(Template)]
@@ -296,14 +287,7 @@ async fn traces_page<Q: MeshQuery>(
             Err(e) => return query_failed(&e),
         }
     }
-    match (TracesPage { v: &view }).render() {
-        Ok(html) => Html(html).into_response(),
-        Err(e) => error_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "The page could not be drawn",
-            &e.to_string(),
-        ),
-    }
+    page(StatusCode::OK, &TracesPage { v: &view })
 }
 
 #[derive(Template)]
@@ -354,14 +338,7 @@ async fn sql_page<Q: MeshQuery>(State(query): State<Arc<Q>>, RawQuery(raw): RawQ
             ),
         },
     };
-    match (SqlPage { v: &view }).render() {
-        Ok(html) => (status, Html(html)).into_response(),
-        Err(e) => error_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "The page could not be drawn",
-            &e.to_string(),
-        ),
-    }
+    page(status, &SqlPage { v: &view })
 }
 
 async fn sql_csv<Q: MeshQuery>(State(query): State<Arc<Q>>, RawQuery(raw): RawQuery) -> Response {
@@ -394,14 +371,7 @@ async fn sql_csv<Q: MeshQuery>(State(query): State<Arc<Q>>, RawQuery(raw): RawQu
 
 /// The graph page for a built view.
 pub fn render_graph(view: &GraphView) -> Response {
-    match (GraphPage { v: view }).render() {
-        Ok(html) => Html(html).into_response(),
-        Err(e) => error_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "The page could not be drawn",
-            &e.to_string(),
-        ),
-    }
+    page(StatusCode::OK, &GraphPage { v: view })
 }
 
 #[cfg(test)]
