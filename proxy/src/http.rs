@@ -70,7 +70,7 @@ const HOP_BY_HOP: [&str; 7] = [
 pub struct DataPath {
     pub config: ConfigRx,
     pub reporter: Arc<Reporter>,
-    client: Client<HttpConnector, Counted<Incoming>>,
+    client: Client<HttpConnector, Counted<Incoming, Arc<AtomicU64>>>,
 }
 
 /// Envoy's response flags for the failures the proxy itself causes or sees.
@@ -120,15 +120,35 @@ impl Drop for Finish {
     }
 }
 
-/// A response body that records the request when it is finished with.
-struct Tracked<B> {
-    inner: B,
-    finish: Finish,
+/// Where a counted body adds the bytes it passes: a shared counter (the request body, sent
+/// by the client's task), or the request's [`Finish`] itself (the response body, which also
+/// records the request when it is finished with).
+trait CountInto: Unpin {
+    fn add(&mut self, bytes: u64);
 }
 
-impl<B> hyper::body::Body for Tracked<B>
+impl CountInto for Arc<AtomicU64> {
+    fn add(&mut self, bytes: u64) {
+        self.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+impl CountInto for Finish {
+    fn add(&mut self, bytes: u64) {
+        self.response_bytes += bytes;
+    }
+}
+
+/// A body that counts the data bytes it passes into `count`.
+struct Counted<B, C> {
+    inner: B,
+    count: C,
+}
+
+impl<B, C> hyper::body::Body for Counted<B, C>
 where
     B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    C: CountInto,
 {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -141,42 +161,7 @@ where
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
-            self.finish.response_bytes += data.len() as u64;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A request body that counts the bytes it passes upstream.
-struct Counted<B> {
-    inner: B,
-    bytes: Arc<AtomicU64>,
-}
-
-impl<B> hyper::body::Body for Counted<B>
-where
-    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
-{
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+            self.count.add(data.len() as u64);
         }
         polled
     }
@@ -470,7 +455,7 @@ impl DataPath {
         let request_bytes = Arc::new(AtomicU64::new(0));
         let req = req.map(|inner| Counted {
             inner,
-            bytes: request_bytes.clone(),
+            count: request_bytes.clone(),
         });
         match tokio::time::timeout(UPSTREAM_TIMEOUT, self.client.request(req)).await {
             Err(_) => {
@@ -524,9 +509,9 @@ impl DataPath {
                 };
                 Response::from_parts(
                     parts,
-                    Tracked {
+                    Counted {
                         inner: body,
-                        finish,
+                        count: finish,
                     }
                     .boxed(),
                 )

@@ -159,6 +159,8 @@ pub async fn find_traces(
         })
         .collect();
     let mut ends = vec![i64::MIN; out.len()];
+    // (has a parent, start) of each trace's root so far.
+    let mut roots: Vec<Option<(bool, i64)>> = vec![None; out.len()];
     for rs in &spans {
         let service = rs
             .resource
@@ -183,8 +185,10 @@ pub async fn find_traces(
             if !t.services.contains(&service) {
                 t.services.push(service.clone());
             }
-            // The root: no parent; else the earliest span.
-            if s.parent_span_id.is_empty() || start < t.start_ns && t.root_operation.is_empty() {
+            // The root: the earliest span without a parent; failing that, the earliest span.
+            let candidate = (!s.parent_span_id.is_empty(), start);
+            if roots[i].is_none_or(|best| candidate < best) {
+                roots[i] = Some(candidate);
                 t.root_service = service.clone();
                 t.root_operation = s.name.clone();
             }

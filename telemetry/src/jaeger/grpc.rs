@@ -182,56 +182,39 @@ fn search(q: &pb::TraceQueryParameters, now_ns: i64) -> Result<Search, BadParam>
     if q.service_name.is_empty() {
         return Err(BadParam("query.service_name is required".into()));
     }
-    let end_ns = q
-        .start_time_max
-        .as_ref()
-        .map(|t| ns_of(t, "query.start_time_max"))
-        .transpose()?
-        .unwrap_or(now_ns);
-    let start_ns = q
-        .start_time_min
-        .as_ref()
-        .map(|t| ns_of(t, "query.start_time_min"))
-        .transpose()?
-        .unwrap_or_else(|| end_ns.saturating_sub(params::DEFAULT_LOOKBACK.as_nanos() as i64));
-    params::ordered(
-        "query.start_time_min",
-        start_ns,
-        "query.start_time_max",
-        end_ns,
+    let time =
+        |t: &Option<prost_types::Timestamp>, name| t.as_ref().map(|t| ns_of(t, name)).transpose();
+    let (start_ns, end_ns) = params::window(
+        (
+            "query.start_time_min",
+            time(&q.start_time_min, "query.start_time_min")?,
+        ),
+        (
+            "query.start_time_max",
+            time(&q.start_time_max, "query.start_time_max")?,
+        ),
+        now_ns,
     )?;
-    let min = q
-        .duration_min
-        .as_ref()
-        .map(|d| duration_of(d, "query.duration_min"))
-        .transpose()?;
-    let max = q
-        .duration_max
-        .as_ref()
-        .map(|d| duration_of(d, "query.duration_max"))
-        .transpose()?;
-    if let (Some(lo), Some(hi)) = (min, max)
-        && lo > hi
-    {
-        return Err(BadParam(format!(
-            "query.duration_min ({lo} ns) is greater than query.duration_max ({hi} ns)"
-        )));
-    }
-    let depth = q.search_depth.to_string();
-    let limit = params::limit(
-        &[("query.search_depth".to_string(), depth)],
-        &["query.search_depth"],
-    )
-    .map_err(|e| {
-        if q.search_depth < 0 {
-            BadParam(format!(
-                "query.search_depth: {} is not a count",
-                q.search_depth
-            ))
-        } else {
-            e
-        }
+    let duration = |d: &Option<prost_types::Duration>, name| {
+        d.as_ref().map(|d| duration_of(d, name)).transpose()
+    };
+    let (min, max) = params::duration_bounds(
+        (
+            "query.duration_min",
+            duration(&q.duration_min, "query.duration_min")?,
+        ),
+        (
+            "query.duration_max",
+            duration(&q.duration_max, "query.duration_max")?,
+        ),
+    )?;
+    let depth = usize::try_from(q.search_depth).map_err(|_| {
+        BadParam(format!(
+            "query.search_depth: {} is not a count",
+            q.search_depth
+        ))
     })?;
+    let limit = params::limit_of("query.search_depth", depth)?;
     let mut tags: Vec<(String, String)> = q
         .attributes
         .iter()

@@ -175,6 +175,20 @@ pub fn search(pairs: &[(String, String)], now_ns: i64) -> Result<Search, BadPara
     })
 }
 
+/// A search window: `end` (default now), `start` (default the default lookback before
+/// `end`), checked to be in order. Both names are for the error message.
+pub fn window(
+    (start_name, start): (&str, Option<i64>),
+    (end_name, end): (&str, Option<i64>),
+    now_ns: i64,
+) -> Result<(i64, i64), BadParam> {
+    let end_ns = end.unwrap_or(now_ns);
+    let start_ns =
+        start.unwrap_or_else(|| end_ns.saturating_sub(DEFAULT_LOOKBACK.as_nanos() as i64));
+    ordered(start_name, start_ns, end_name, end_ns)?;
+    Ok((start_ns, end_ns))
+}
+
 /// Refuses a time range whose start is after its end.
 pub fn ordered(
     start_name: &str,
@@ -200,6 +214,14 @@ pub fn durations(
 ) -> Result<(Option<i64>, Option<i64>), BadParam> {
     let lo = one(pairs, min).map(|v| duration_ns(min, v)).transpose()?;
     let hi = one(pairs, max).map(|v| duration_ns(max, v)).transpose()?;
+    duration_bounds((min, lo), (max, hi))
+}
+
+/// Duration bounds in ns, refused when the lower is above the upper.
+pub fn duration_bounds(
+    (min, lo): (&str, Option<i64>),
+    (max, hi): (&str, Option<i64>),
+) -> Result<(Option<i64>, Option<i64>), BadParam> {
     if let (Some(lo), Some(hi)) = (lo, hi)
         && lo > hi
     {
@@ -217,6 +239,12 @@ pub fn limit(pairs: &[(String, String)], names: &[&str]) -> Result<usize, BadPar
     let n: usize = v
         .parse()
         .map_err(|_| bad(name, format!("{v:?} is not a count")))?;
+    limit_of(name, n)
+}
+
+/// A count of traces as a search limit: 0 means the default, more than [`MAX_LIMIT`] is
+/// refused.
+pub fn limit_of(name: &str, n: usize) -> Result<usize, BadParam> {
     if n > MAX_LIMIT {
         return Err(bad(
             name,

@@ -139,19 +139,11 @@ fn search(pairs: &[(String, String)], now_ns: i64) -> Result<Search, BadParam> {
     let service = get("query.service_name")
         .ok_or_else(|| BadParam("parameter 'query.service_name' is required".into()))?
         .to_string();
-    let end_ns = get("query.start_time_max")
-        .map(|v| rfc3339("query.start_time_max", v))
-        .transpose()?
-        .unwrap_or(now_ns);
-    let start_ns = get("query.start_time_min")
-        .map(|v| rfc3339("query.start_time_min", v))
-        .transpose()?
-        .unwrap_or_else(|| end_ns.saturating_sub(params::DEFAULT_LOOKBACK.as_nanos() as i64));
-    params::ordered(
-        "query.start_time_min",
-        start_ns,
-        "query.start_time_max",
-        end_ns,
+    let time = |name| get(name).map(|v| rfc3339(name, v)).transpose();
+    let (start_ns, end_ns) = params::window(
+        ("query.start_time_min", time("query.start_time_min")?),
+        ("query.start_time_max", time("query.start_time_max")?),
+        now_ns,
     )?;
     let (min, max) = params::durations(pairs, "query.duration_min", "query.duration_max")?;
     let limit = params::limit(pairs, &["query.search_depth", "query.num_traces"])?;
