@@ -265,6 +265,59 @@ async fn demo_mesh_end_to_end() {
         "{body}"
     );
 
+    // The sidecar recorded why it answered itself, and under which configuration.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reply = loop {
+        let rows = sql(
+            http,
+            "SELECT attributes['lumen.reason'] AS reason, attributes['lumen.config.version'] AS config \
+             FROM spans WHERE response_flags = 'NR'",
+        )
+        .await;
+        if let Some(r) = rows.into_iter().next() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the NR span never arrived");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let reason = reply["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with(r#"no route for host "nosuchservice:9080""#),
+        "{reply:?}"
+    );
+    let config = reply["config"].as_str().unwrap_or_default();
+    assert!(
+        config.len() == 16 && config.bytes().all(|b| b.is_ascii_hexdigit()),
+        "the RDS version the control plane sent: {reply:?}"
+    );
+
+    // The rollups keep both ends' namespaces, and the dashboard filters by them.
+    let ns = sql(
+        http,
+        "SELECT DISTINCT namespace, source_namespace FROM rollups \
+         WHERE kind = 'edge' AND service = 'ratings'",
+    )
+    .await;
+    assert_eq!(ns.len(), 1, "{ns:?}");
+    assert_eq!(ns[0]["namespace"], "default");
+    assert_eq!(ns[0]["source_namespace"], "default");
+    let html = page(&format!("{}?namespace=default", running.dashboard_url())).await;
+    assert!(html.contains(r#"data-service="ratings""#));
+    let html = page(&format!("{}?namespace=elsewhere", running.dashboard_url())).await;
+    assert!(!html.contains(r#"data-service="ratings""#));
+
+    // ratings' failures on its page: the app's own 500s, answered through its sidecar under
+    // the clusters (CDS) version the control plane sent.
+    let html = page(&format!(
+        "{}service/ratings?range=1h",
+        running.dashboard_url()
+    ))
+    .await;
+    assert!(
+        html.contains(r#"<td class="reason">the app answered 500</td><td>its sidecar</td><td>reviews</td><td><code>"#),
+        "{html}"
+    );
+
     // Control plane reports every sidecar in sync.
     let syncz: Value = reqwest::get(format!("http://{}/debug/syncz", running.control_http))
         .await

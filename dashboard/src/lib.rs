@@ -176,7 +176,10 @@ async fn graph_page<Q: MeshQuery>(
         Err(e) => return error_page(StatusCode::BAD_REQUEST, "Bad request", &e),
     };
     match query.graph(params.start_ns, params.end_ns).await {
-        Ok(graph) => render_graph(&GraphView::build(&graph, &params)),
+        Ok(graph) => {
+            let graph = graph.in_namespaces(&params.namespaces);
+            render_graph(&GraphView::build(&graph, &params))
+        }
         Err(e) => query_failed(&e),
     }
 }

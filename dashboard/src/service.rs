@@ -41,6 +41,11 @@ pub struct FailedRow {
     pub operation: String,
     pub message: String,
     pub trace_id: String,
+    /// Whose sidecar answered: the service's own, or the caller's (it never arrived).
+    pub answered_by: String,
+    /// Why, in words: the sidecar's reason for a local reply, else what the app answered.
+    pub reason: String,
+    pub config_version: String,
 }
 
 /// Everything the service page shows.
@@ -169,6 +174,14 @@ impl ServiceView {
         false
     }
 
+    pub fn namespaces(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    pub fn namespace_selected(&self, _ns: &str) -> bool {
+        false
+    }
+
     /// The graph page with this page's range and thresholds.
     pub fn graph_url(&self) -> String {
         self.params.url_with("view", &self.params.view)
@@ -248,6 +261,17 @@ fn failed_row(f: &FailedRequest) -> FailedRow {
         operation: f.operation.clone(),
         message: f.message.clone().unwrap_or_default(),
         trace_id: f.trace_id.clone(),
+        answered_by: if f.side == "client" {
+            format!("{}'s sidecar", f.caller.as_deref().unwrap_or("the caller"))
+        } else {
+            "its sidecar".to_string()
+        },
+        reason: match (&f.reason, f.status) {
+            (Some(r), _) => r.clone(),
+            (None, Some(code)) => format!("the app answered {code}"),
+            (None, None) => f.message.clone().unwrap_or_default(),
+        },
+        config_version: f.config_version.clone().unwrap_or_default(),
     }
 }
 

@@ -169,10 +169,17 @@ impl MeshQuery for Fake {
                 duration_ns: 2_500_000,
                 operation: format!("{service}.default.svc.cluster.local:9080/*"),
                 version: Some("v1".into()),
-                status: Some(500),
-                response_flags: Some("-".into()),
+                // The last one: a local reply of the caller's sidecar.
+                status: Some(if i == 2 { 503 } else { 500 }),
+                response_flags: Some(if i == 2 { "UF" } else { "-" }.into()),
                 message: None,
                 caller: Some("reviews".into()),
+                side: if i == 2 { "client" } else { "server" }.into(),
+                reason: (i == 2).then(|| {
+                    "upstream connect error or disconnect to 10.0.0.7:9080: connection refused"
+                        .into()
+                }),
+                config_version: Some("00000000c0ffee00".into()),
             })
             .collect())
     }
@@ -202,7 +209,21 @@ fn service(name: &str, requests: i64, errors: i64) -> Node {
         kind: "service",
         service: name.into(),
         version: None,
+        namespace: Some(namespace_of(name)),
         signals: signals(requests, errors),
+    }
+}
+
+/// The demo's services live in `default`, but ratings is put in `data` here (and the
+/// generated meshes spread over three namespaces) so the filter has something to do.
+fn namespace_of(service: &str) -> String {
+    match service
+        .strip_prefix("service-")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        Some(i) => format!("team-{}", i % 3),
+        None if service == "ratings" => "data".into(),
+        None => "default".into(),
     }
 }
 
@@ -212,6 +233,7 @@ fn workload(name: &str, version: &str, requests: i64) -> Node {
         kind: "workload",
         service: name.into(),
         version: Some(version.into()),
+        namespace: Some(namespace_of(name)),
         signals: signals(requests, 0),
     }
 }
@@ -255,6 +277,7 @@ fn bookinfo() -> Graph {
             edge("reviews", Some("v1"), "ratings", Some("v1"), 50, 6),
             edge("reviews", Some("v2"), "ratings", Some("v1"), 50, 6),
         ],
+        namespaces: vec!["data".into(), "default".into()],
     }
 }
 
@@ -295,6 +318,7 @@ fn mesh(n: usize) -> Graph {
         nodes,
         edges,
         workload_edges,
+        namespaces: (0..n.min(3)).map(|i| format!("team-{i}")).collect(),
     }
 }
 
@@ -372,6 +396,32 @@ async fn the_graph_page_draws_services_with_health_from_thresholds() {
     // No auto-refresh when it is off.
     let (_, html) = get(Fake(Ok(bookinfo())), "/?refresh=0").await;
     assert!(!html.contains("http-equiv=\"refresh\""));
+}
+
+#[tokio::test]
+async fn the_namespace_filter_keeps_its_services_and_the_edges_that_reach_them() {
+    let (status, html) = get(Fake(Ok(bookinfo())), "/?namespace=data&view=versioned").await;
+    assert_eq!(status, StatusCode::OK);
+    // ratings is in `data`; reviews calls it, so it stays as context; the rest go.
+    for s in ["ratings", "reviews"] {
+        assert!(html.contains(&format!(r#"data-service="{s}""#)), "{s}");
+    }
+    for s in ["productpage", "details"] {
+        assert!(!html.contains(&format!(r#"data-service="{s}""#)), "{s}");
+    }
+    assert!(html.contains(r#"<option value="data" selected>data</option>"#));
+    assert!(html.contains(r#"<option value="default">default</option>"#));
+    // The service page's way back to the graph keeps the filter.
+    let (status, html) = get(Fake(Ok(bookinfo())), "/service/ratings?namespace=data").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("namespace=data"), "{html}");
+    // A namespace with nothing in it is an empty graph, and a bad name a 400.
+    let (status, html) = get(Fake(Ok(bookinfo())), "/?namespace=nowhere").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("No traffic in this range."));
+    let (status, html) = get(Fake(Ok(bookinfo())), "/?namespace=Bad_Name").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(html.contains("not a namespace name"), "{html}");
 }
 
 #[tokio::test]
@@ -494,6 +544,7 @@ async fn an_empty_mesh_says_so_and_the_assets_are_served() {
         nodes: Vec::new(),
         edges: Vec::new(),
         workload_edges: Vec::new(),
+        namespaces: Vec::new(),
     };
     let (status, html) = get(Fake(Ok(empty)), "/").await;
     assert_eq!(status, StatusCode::OK);
@@ -543,6 +594,13 @@ async fn the_service_page_shows_signals_versions_calls_and_failed_requests() {
     assert!(html.contains(r#"<tr data-peer="ratings"><td><a href="/service/ratings">"#));
     assert_eq!(html.matches("<tr data-trace=").count(), 3);
     assert!(html.contains(r#"<a href="/trace/0000000000000000000000000000abc0">"#));
+    // Each says whose sidecar answered, why, and under which configuration.
+    assert!(
+        html.contains(r#"<td class="reason">the app answered 500</td><td>its sidecar</td>"#),
+        "{html}"
+    );
+    assert!(html.contains(r#"<td class="reason">upstream connect error or disconnect to 10.0.0.7:9080: connection refused</td><td>reviews&#39;s sidecar</td>"#), "{html}");
+    assert!(html.contains("<code>00000000c0ffee00</code>"));
     let crumbs = html
         .split("<nav class=\"crumbs\"")
         .nth(1)

@@ -84,6 +84,8 @@ pub struct GraphParams {
     pub end_ns: i64,
     pub refresh_s: u64,
     pub thresholds: Thresholds,
+    /// Namespaces to show (with the services their edges reach); empty: all.
+    pub namespaces: Vec<String>,
 }
 
 impl GraphParams {
@@ -148,6 +150,7 @@ impl GraphParams {
             end_ns,
             refresh_s,
             thresholds,
+            namespaces: lumen_telemetry::graph::namespaces_param(query)?,
         })
     }
 
@@ -159,6 +162,9 @@ impl GraphParams {
             ("degraded".into(), self.thresholds.degraded_pct.to_string()),
             ("failing".into(), self.thresholds.failing_pct.to_string()),
         ];
+        if !self.namespaces.is_empty() {
+            pairs.push(("namespace".into(), self.namespaces.join(",")));
+        }
         if self.range == "custom" {
             pairs.push(("start".into(), (self.start_ns / 1_000_000_000).to_string()));
             pairs.push(("end".into(), (self.end_ns / 1_000_000_000).to_string()));
@@ -286,6 +292,8 @@ pub struct GraphView {
     pub services: Vec<NodeView>,
     pub calls: Vec<EdgeView>,
     pub seconds: f64,
+    /// Every namespace the window holds, for the filter.
+    pub namespace_choices: Vec<String>,
 }
 
 /// Label text size: 11 px font, three lines.
@@ -414,6 +422,7 @@ impl GraphView {
                 .collect(),
             calls,
             seconds: g.seconds,
+            namespace_choices: g.namespaces.clone(),
         }
     }
 
@@ -423,6 +432,19 @@ impl GraphView {
 
     pub fn show_view(&self) -> bool {
         true
+    }
+
+    /// The namespaces to offer: those held, and any the URL asks for.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut all = self.namespace_choices.clone();
+        all.extend(self.params.namespaces.iter().cloned());
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    pub fn namespace_selected(&self, ns: &str) -> bool {
+        self.params.namespaces.iter().any(|n| n == ns)
     }
 
     pub fn range_label(&self) -> String {

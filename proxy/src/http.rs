@@ -51,6 +51,12 @@ pub mod peer_headers {
 pub mod span_attributes {
     pub const SOURCE_WORKLOAD: &str = "lumen.source.workload";
     pub const SOURCE_VERSION: &str = "lumen.source.version";
+    pub const SOURCE_NAMESPACE: &str = "lumen.source.namespace";
+    /// Why the proxy answered itself (a local reply), in words.
+    pub const REASON: &str = "lumen.reason";
+    /// The xDS version of the configuration that handled the request: the route
+    /// configuration's (RDS) outbound, the clusters' (CDS) inbound.
+    pub const CONFIG_VERSION: &str = "lumen.config.version";
 }
 
 const TRACEPARENT: &str = "traceparent";
@@ -237,6 +243,7 @@ impl DataPath {
             attributes: request_attributes(&req, &path, &authority),
         };
         let config = self.config.borrow().clone();
+        push_config_version(&mut span, &config, "RDS");
         let decision = match config.route(&authority, &path, req.headers(), rand::random()) {
             Ok(d) => d,
             Err(e) => {
@@ -374,7 +381,7 @@ impl DataPath {
             .as_ref()
             .and_then(|c| lumen_api::cluster_name::parse_inbound(&c.name))
             .map_or_else(String::new, |p| format!(":{p}"));
-        let span = SpanRecord {
+        let mut span = SpanRecord {
             context: ctx,
             parent,
             name: format!("{service}{port}/*"),
@@ -397,10 +404,15 @@ impl DataPath {
                         span_attributes::SOURCE_VERSION,
                         AttrValue::Str(labels.source_version.clone()),
                     ));
+                    a.push((
+                        span_attributes::SOURCE_NAMESPACE,
+                        AttrValue::Str(labels.source_workload_namespace.clone()),
+                    ));
                 }
                 a
             },
         };
+        push_config_version(&mut span, &config, "CDS");
         let Some(endpoint) = cluster.as_ref().and_then(|c| c.pick().cloned()) else {
             let body = "lumen-proxy: no inbound cluster for the local app (has the control plane sent its configuration?)\n";
             return self.local_reply(
@@ -538,6 +550,9 @@ impl DataPath {
         ));
         span.attributes
             .push(("response_flags", AttrValue::Str(flag.to_string())));
+        let reason = body.trim_end().trim_start_matches("lumen-proxy: ");
+        span.attributes
+            .push((span_attributes::REASON, AttrValue::Str(reason.to_string())));
         let finish = Finish {
             reporter: self.reporter.clone(),
             labels,
@@ -556,6 +571,14 @@ impl DataPath {
         );
         set_header(headers, "x-lumen-response-flags", flag);
         resp
+    }
+}
+
+/// Records which configuration version (of xDS type `ty`) handled the request.
+fn push_config_version(span: &mut SpanRecord, config: &crate::routing::MeshConfig, ty: &str) {
+    if let Some(v) = config.versions.get(ty) {
+        span.attributes
+            .push((span_attributes::CONFIG_VERSION, AttrValue::Str(v.clone())));
     }
 }
 

@@ -1,6 +1,8 @@
-//! A service's recent failed requests, for the dashboard's service page: its server spans
-//! with an error status in a window, newest first, each with what the sidecar recorded
-//! (status, response flag, its caller) and the trace it belongs to.
+//! A service's recent failed requests, for the dashboard's service page, newest first: its
+//! server spans with an error status, and the calls to it its callers' sidecars answered
+//! themselves (a local reply: connect failure, no healthy upstream, timeout), which never
+//! reached it. Each with what the sidecar recorded (status, response flag, its reason in
+//! words, the configuration version that handled it, the caller) and its trace.
 
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::{Int64Type, TimestampNanosecondType};
@@ -27,7 +29,18 @@ pub struct FailedRequest {
     pub message: Option<String>,
     /// The caller, when its sidecar said.
     pub caller: Option<String>,
+    /// `server` (the service's own sidecar answered) or `client` (the caller's sidecar
+    /// answered for it: the request never arrived).
+    pub side: String,
+    /// Why the sidecar answered itself (`lumen.reason`).
+    pub reason: Option<String>,
+    /// The xDS version of the configuration that handled it (`lumen.config.version`).
+    pub config_version: Option<String>,
 }
+
+/// Span attributes the mesh's sidecars write (lumen-proxy's `span_attributes`).
+const REASON: &str = "lumen.reason";
+const CONFIG_VERSION: &str = "lumen.config.version";
 
 fn timestamp(ns: i64) -> datafusion::logical_expr::Expr {
     lit(ScalarValue::TimestampNanosecond(
@@ -49,12 +62,19 @@ pub async fn failed_requests(
             ctx.table("spans")
                 .await?
                 .filter(
-                    col("service_name")
-                        .eq(lit(service))
-                        .and(col("span_kind").eq(lit("server")))
-                        .and(col("status_code").eq(lit("error")))
+                    col("status_code")
+                        .eq(lit("error"))
                         .and(col("start_time").gt_eq(timestamp(start_ns)))
-                        .and(col("start_time").lt_eq(timestamp(end_ns))),
+                        .and(col("start_time").lt_eq(timestamp(end_ns)))
+                        .and(
+                            col("service_name")
+                                .eq(lit(service.clone()))
+                                .and(col("span_kind").eq(lit("server")))
+                                .or(col("peer_service")
+                                    .eq(lit(service))
+                                    .and(col("span_kind").eq(lit("client")))
+                                    .and(col("response_flags").not_eq(lit("-")))),
+                        ),
                 )?
                 .sort(vec![col("start_time").sort(false, true)])?
                 .limit(0, Some(limit))?
@@ -69,6 +89,9 @@ pub async fn failed_requests(
                     "response_flags",
                     "status_message",
                     "peer_service",
+                    "span_kind",
+                    "service_name",
+                    "attributes",
                 ])
         })
         .await?;
@@ -105,21 +128,32 @@ fn read(b: &RecordBatch, out: &mut Vec<FailedRequest>) -> Result<(), QueryError>
         text(8, "status_message")?,
         text(9, "peer_service")?,
     );
+    let (kind, reporter) = (text(10, "span_kind")?, text(11, "service_name")?);
+    let attributes = b.column(12).as_map_opt().ok_or_else(|| bad("attributes"))?;
     let opt = |a: &datafusion::arrow::array::StringArray, i: usize| {
         (a.is_valid(i) && !a.value(i).is_empty()).then(|| a.value(i).to_string())
     };
     for i in 0..b.num_rows() {
+        let server = kind.value(i) == "server";
         out.push(FailedRequest {
             trace_id: hex(trace.value(i)),
             span_id: hex(span.value(i)),
             start_ns: start.value(i),
             duration_ns: duration.value(i),
             operation: name.value(i).to_string(),
-            version: opt(version, i),
             status: status.is_valid(i).then(|| status.value(i)),
             response_flags: opt(flags, i),
             message: opt(message, i),
-            caller: opt(caller, i),
+            // On a client span, the peer is the callee and the reporter the caller.
+            caller: if server {
+                opt(caller, i)
+            } else {
+                opt(reporter, i)
+            },
+            version: if server { opt(version, i) } else { None },
+            side: if server { "server" } else { "client" }.to_string(),
+            reason: crate::rollup::attribute(attributes, i, REASON),
+            config_version: crate::rollup::attribute(attributes, i, CONFIG_VERSION),
         });
     }
     Ok(())

@@ -60,6 +60,8 @@ pub struct Node {
     pub kind: &'static str,
     pub service: String,
     pub version: Option<String>,
+    /// The service's namespace, where its spans or its callers' told it.
+    pub namespace: Option<String>,
     #[serde(flatten)]
     pub signals: Signals,
 }
@@ -92,6 +94,71 @@ pub struct Graph {
     /// Caller version to callee version (productpage@v1 → reviews@v2, reviews@v2 →
     /// ratings@v1).
     pub workload_edges: Vec<Edge>,
+    /// Every namespace seen in the window, sorted (whatever filter was applied).
+    pub namespaces: Vec<String>,
+}
+
+impl Graph {
+    /// The part of the graph that concerns `namespaces` (Kiali's namespace selection): their
+    /// services, every edge into or out of them, and the services at the far end of those
+    /// edges, which stay as context. An empty selection keeps everything.
+    pub fn in_namespaces(mut self, namespaces: &[String]) -> Graph {
+        if namespaces.is_empty() {
+            return self;
+        }
+        let ns_of: BTreeMap<String, Option<String>> = self
+            .nodes
+            .iter()
+            .filter(|n| n.kind == "service")
+            .map(|n| (n.service.clone(), n.namespace.clone()))
+            .collect();
+        let inside = |service: &str| {
+            ns_of
+                .get(service)
+                .and_then(|ns| ns.as_ref())
+                .is_some_and(|ns| namespaces.contains(ns))
+        };
+        let touches = |e: &Edge| inside(&e.source) || inside(&e.target);
+        self.edges.retain(touches);
+        self.workload_edges.retain(touches);
+        let mut keep: std::collections::BTreeSet<String> =
+            ns_of.keys().filter(|s| inside(s)).cloned().collect();
+        for e in &self.edges {
+            keep.insert(e.source.clone());
+            keep.insert(e.target.clone());
+        }
+        self.nodes.retain(|n| keep.contains(&n.service));
+        self
+    }
+}
+
+/// The namespaces a request selects: `namespaces=a,b` (Kiali's spelling) or `namespace=a`,
+/// each a Kubernetes name (DNS-1123 label).
+pub fn namespaces_param(query: Option<&str>) -> Result<Vec<String>, String> {
+    let pairs = crate::query_string::pairs(query);
+    let mut out: Vec<String> = Vec::new();
+    for (k, v) in &pairs {
+        if k != "namespaces" && k != "namespace" {
+            continue;
+        }
+        for ns in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let valid = ns.len() <= 63
+                && ns
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !ns.starts_with('-')
+                && !ns.ends_with('-');
+            if !valid {
+                return Err(format!(
+                    "{k}: {ns:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"
+                ));
+            }
+            if !out.iter().any(|o| o == ns) {
+                out.push(ns.to_string());
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// (caller, caller's version, callee, callee's version).
@@ -201,6 +268,7 @@ pub async fn graph_of(
     let mut services: BTreeMap<String, Acc> = BTreeMap::new();
     let mut workloads: BTreeMap<(String, String), Acc> = BTreeMap::new();
     let mut edges: BTreeMap<EdgeKey, Acc> = BTreeMap::new();
+    let mut ns_of: BTreeMap<String, String> = BTreeMap::new();
     let mut first_ns = i64::MAX;
     for batch in &batches {
         accumulate(
@@ -208,6 +276,7 @@ pub async fn graph_of(
             &mut services,
             &mut workloads,
             &mut edges,
+            &mut ns_of,
             &mut first_ns,
         )?;
     }
@@ -229,6 +298,7 @@ pub async fn graph_of(
             kind: "service",
             service: service.clone(),
             version: None,
+            namespace: ns_of.get(service).cloned(),
             signals: acc.signals(seconds),
         });
         for ((s, version), acc) in workloads.range((service.clone(), String::new())..) {
@@ -240,6 +310,7 @@ pub async fn graph_of(
                 kind: "workload",
                 service: service.clone(),
                 version: Some(version.clone()),
+                namespace: ns_of.get(service).cloned(),
                 signals: acc.signals(seconds),
             });
         }
@@ -252,6 +323,7 @@ pub async fn graph_of(
                 kind: "service",
                 service: target.clone(),
                 version: None,
+                namespace: ns_of.get(target).cloned(),
                 signals: Acc::default().signals(seconds),
             });
         }
@@ -278,6 +350,9 @@ pub async fn graph_of(
             signals: acc.signals(seconds),
         })
         .collect();
+    let mut namespaces: Vec<String> = ns_of.into_values().collect();
+    namespaces.sort();
+    namespaces.dedup();
     Ok(Graph {
         start_ns,
         end_ns,
@@ -285,6 +360,7 @@ pub async fn graph_of(
         nodes,
         edges,
         workload_edges,
+        namespaces,
     })
 }
 
@@ -356,6 +432,8 @@ struct Row {
     source_version: Option<String>,
     service: String,
     version: Option<String>,
+    namespace: Option<String>,
+    source_namespace: Option<String>,
     first_ns: i64,
     acc: Acc,
 }
@@ -382,6 +460,7 @@ fn rows(batch: &RecordBatch) -> Result<Vec<Row>, QueryError> {
         text("service")?,
         text("version")?,
     );
+    let (namespace, source_namespace) = (text("namespace")?, text("source_namespace")?);
     let (requests, errors, req_bytes, resp_bytes, first) = (
         int("requests")?,
         int("errors")?,
@@ -413,6 +492,8 @@ fn rows(batch: &RecordBatch) -> Result<Vec<Row>, QueryError> {
             source_version: opt(source_version, i),
             service: service.value(i).to_string(),
             version: opt(version, i),
+            namespace: opt(namespace, i),
+            source_namespace: opt(source_namespace, i),
             first_ns: first.value(i),
             acc: Acc {
                 requests: requests.value(i),
@@ -431,10 +512,18 @@ fn accumulate(
     services: &mut BTreeMap<String, Acc>,
     workloads: &mut BTreeMap<(String, String), Acc>,
     edges: &mut BTreeMap<EdgeKey, Acc>,
+    ns_of: &mut BTreeMap<String, String>,
     first_ns: &mut i64,
 ) -> Result<(), QueryError> {
     for row in rows(batch)? {
         *first_ns = (*first_ns).min(row.first_ns);
+        // A service's namespace from its own rows, else from what its callers told.
+        if let Some(ns) = row.namespace.clone() {
+            ns_of.insert(row.service.clone(), ns);
+        }
+        if let (Some(src), Some(ns)) = (&row.source, &row.source_namespace) {
+            ns_of.entry(src.clone()).or_insert_with(|| ns.clone());
+        }
         if row.edge {
             let Some(src) = row.source else { continue };
             edges
@@ -466,8 +555,18 @@ async fn graph(State(engine): State<QueryEngine>, RawQuery(query): RawQuery) -> 
                 .into_response();
         }
     };
+    let namespaces = match namespaces_param(query.as_deref()) {
+        Ok(n) => n,
+        Err(msg) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                axum::Json(json!({ "error": msg, "kind": "parameter" })),
+            )
+                .into_response();
+        }
+    };
     match graph_of(&engine, start, end, now).await {
-        Ok(g) => axum::Json(g).into_response(),
+        Ok(g) => axum::Json(g.in_namespaces(&namespaces)).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "graph query failed");
             let status = StatusCode::from_u16(e.status_of_own_plan())
@@ -484,6 +583,80 @@ async fn graph(State(engine): State<QueryEngine>, RawQuery(query): RawQuery) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node(service: &str, namespace: Option<&str>) -> Node {
+        Node {
+            id: service.into(),
+            kind: "service",
+            service: service.into(),
+            version: None,
+            namespace: namespace.map(Into::into),
+            signals: Signals::default(),
+        }
+    }
+
+    fn edge(source: &str, target: &str) -> Edge {
+        Edge {
+            source: source.into(),
+            source_version: None,
+            target: target.into(),
+            target_version: None,
+            signals: Signals::default(),
+        }
+    }
+
+    #[test]
+    fn a_namespace_keeps_its_services_their_edges_and_the_far_ends() {
+        let g = Graph {
+            start_ns: 0,
+            end_ns: 1,
+            seconds: 1.0,
+            nodes: vec![
+                node("web", Some("front")),
+                node("api", Some("back")),
+                node("db", Some("data")),
+                node("cache", Some("data")),
+                node("external", None),
+            ],
+            edges: vec![
+                edge("web", "api"),
+                edge("api", "db"),
+                edge("api", "external"),
+                edge("db", "cache"),
+            ],
+            workload_edges: vec![edge("api", "db")],
+            namespaces: vec!["back".into(), "data".into(), "front".into()],
+        };
+        let back = g.clone().in_namespaces(&["back".into()]);
+        let names: Vec<&str> = back.nodes.iter().map(|n| n.service.as_str()).collect();
+        assert_eq!(names, ["web", "api", "db", "external"]);
+        assert_eq!(back.edges.len(), 3, "web→api, api→db, api→external");
+        assert_eq!(back.workload_edges.len(), 1);
+        assert_eq!(back.namespaces.len(), 3, "the choices stay");
+        let data = g.clone().in_namespaces(&["data".into()]);
+        let names: Vec<&str> = data.nodes.iter().map(|n| n.service.as_str()).collect();
+        assert_eq!(names, ["api", "db", "cache"]);
+        assert_eq!(g.clone().in_namespaces(&[]), g);
+    }
+
+    #[test]
+    fn namespace_parameters_are_kubernetes_names() {
+        assert_eq!(
+            namespaces_param(Some("namespaces=a,b-2&namespace=a")),
+            Ok(vec!["a".to_string(), "b-2".to_string()])
+        );
+        assert_eq!(namespaces_param(Some("namespace=")), Ok(vec![]));
+        for bad in [
+            "namespace=A",
+            "namespace=-a",
+            "namespace=a%2Fb",
+            "namespace=a_b",
+        ] {
+            assert!(namespaces_param(Some(bad)).is_err(), "{bad}");
+        }
+        let long = format!("namespace={}", "a".repeat(64));
+        assert!(namespaces_param(Some(&long)).is_err());
+    }
 
     #[test]
     fn windows_parse_and_refuse() {

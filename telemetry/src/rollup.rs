@@ -35,6 +35,8 @@ pub const LATENCY_BOUNDS_MS: [f64; 19] = [
 const MINUTE_NS: i64 = 60_000_000_000;
 /// The caller's version on a mesh proxy's server span (as `lumen-proxy` writes it).
 pub const SOURCE_VERSION: &str = "lumen.source.version";
+/// The caller's namespace on a mesh proxy's server span.
+pub const SOURCE_NAMESPACE: &str = "lumen.source.namespace";
 
 /// The `rollups` table: one row per minute and service (`kind = 'service'`) or caller →
 /// callee pair (`kind = 'edge'`).
@@ -60,10 +62,15 @@ pub static ROLLUPS: LazyLock<SchemaRef> = LazyLock::new(|| {
         // seconds of data actually held rather than whole minutes.
         Field::new("first_ns", DataType::Int64, false),
         Field::new("last_ns", DataType::Int64, false),
+        // Version 5: the namespaces of the service (the callee) and of the caller, where
+        // the span tells them (a local reply does not know the callee's).
+        Field::new("namespace", DataType::Utf8, true),
+        Field::new("source_namespace", DataType::Utf8, true),
     ]))
 });
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Rows are written in this order: by minute, kind, then names.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct Key {
     minute: i64,
     kind: &'static str,
@@ -71,30 +78,8 @@ struct Key {
     source_version: Option<String>,
     service: String,
     version: Option<String>,
-}
-
-impl Key {
-    /// Rows are written by minute, kind, then names.
-    #[allow(clippy::type_complexity)]
-    fn order(
-        &self,
-    ) -> (
-        i64,
-        &str,
-        &Option<String>,
-        &Option<String>,
-        &str,
-        &Option<String>,
-    ) {
-        (
-            self.minute,
-            self.kind,
-            &self.source,
-            &self.source_version,
-            &self.service,
-            &self.version,
-        )
-    }
+    namespace: Option<String>,
+    source_namespace: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +156,7 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
         };
         let (attributes, ints) = (map("attributes")?, map("attributes_int")?);
         let peer = strings("peer_service")?;
+        let namespace = strings("service_namespace")?;
         let flags = strings("response_flags")?;
         for row in 0..batch.num_rows() {
             let text = |a: &StringArray| (!a.is_null(row)).then(|| a.value(row).to_string());
@@ -185,6 +171,8 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
                         source_version: None,
                         service: service.value(row).to_string(),
                         version: text(&version),
+                        namespace: text(&namespace),
+                        source_namespace: None,
                     });
                     // A server span that names its caller is the edge's record of the call.
                     if let Some(caller) = text(&peer) {
@@ -195,6 +183,8 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
                             source_version: attribute(&attributes, row, SOURCE_VERSION),
                             service: service.value(row).to_string(),
                             version: text(&version),
+                            namespace: text(&namespace),
+                            source_namespace: attribute(&attributes, row, SOURCE_NAMESPACE),
                         });
                     }
                 }
@@ -210,6 +200,8 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
                             source_version: text(&version),
                             service: callee,
                             version: None,
+                            namespace: None,
+                            source_namespace: text(&namespace),
                         });
                     }
                 }
@@ -241,7 +233,7 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
         return Ok(None);
     }
     let mut rows: Vec<(Key, Acc)> = groups.into_iter().collect();
-    rows.sort_by(|a, b| a.0.order().cmp(&b.0.order()));
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
     let n = rows.len();
     let mut minute = TimestampNanosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut kind = StringBuilder::with_capacity(n, n * 8);
@@ -249,6 +241,8 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
     let mut source_version = StringBuilder::with_capacity(n, n * 4);
     let mut service = StringBuilder::with_capacity(n, n * 16);
     let mut version = StringBuilder::with_capacity(n, n * 4);
+    let mut namespace = StringBuilder::with_capacity(n, n * 8);
+    let mut source_namespace = StringBuilder::with_capacity(n, n * 8);
     let mut ints: Vec<Int64Builder> = (0..7).map(|_| Int64Builder::with_capacity(n)).collect();
     let mut buckets = ListBuilder::with_capacity(
         Int64Builder::with_capacity(n * (LATENCY_BOUNDS_MS.len() + 1)),
@@ -261,6 +255,8 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
         source_version.append_option(k.source_version.as_deref());
         service.append_value(&k.service);
         version.append_option(k.version.as_deref());
+        namespace.append_option(k.namespace.as_deref());
+        source_namespace.append_option(k.source_namespace.as_deref());
         for (b, v) in ints.iter_mut().zip([
             a.requests,
             a.errors,
@@ -299,12 +295,14 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
         response_bytes,
         first_ns,
         last_ns,
+        Arc::new(namespace.finish()),
+        Arc::new(source_namespace.finish()),
     ];
     RecordBatch::try_new(ROLLUPS.clone(), columns).map(Some)
 }
 
 /// The text value of attribute `key` of row `row`, if present.
-fn attribute(map: &MapArray, row: usize, key: &str) -> Option<String> {
+pub(crate) fn attribute(map: &MapArray, row: usize, key: &str) -> Option<String> {
     if map.is_null(row) {
         return None;
     }
@@ -451,7 +449,14 @@ mod tests {
         };
         let side = |service: &str, version: &str, spans: Vec<Span>| ResourceSpans {
             resource: Some(Resource {
-                attributes: vec![kv("service.name", service), kv("service.version", version)],
+                attributes: vec![
+                    kv("service.name", service),
+                    kv("service.version", version),
+                    kv(
+                        "service.namespace",
+                        if service == "ratings" { "data" } else { "web" },
+                    ),
+                ],
                 ..Default::default()
             }),
             scope_spans: vec![ScopeSpans {
@@ -483,7 +488,11 @@ mod tests {
                     "v1",
                     vec![with(
                         span(3, 2, 60, 2, false, Some("reviews")),
-                        &[("response_flags", "-"), (SOURCE_VERSION, "v2")],
+                        &[
+                            ("response_flags", "-"),
+                            (SOURCE_VERSION, "v2"),
+                            (SOURCE_NAMESPACE, "web"),
+                        ],
                     )],
                 ),
             ],
@@ -511,6 +520,18 @@ mod tests {
                 (some("reviews"), some("v2"), some("ratings"), some("v1"), 1),
             ],
             "the local reply from the client side, the call that arrived from the server side"
+        );
+        // Namespaces: the callee's where its span says it, the caller's on both records.
+        let ns: Vec<_> = (0..rolled.num_rows())
+            .map(|r| (text(1, r), text(14, r), text(15, r)))
+            .collect();
+        assert_eq!(
+            ns,
+            vec![
+                (some("edge"), None, some("web")),
+                (some("edge"), some("data"), some("web")),
+                (some("service"), some("data"), None),
+            ]
         );
     }
 

@@ -15,11 +15,12 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, T
 ///    proxy's own attributes (`convert::SPAN_MESH_COLUMNS`) are promoted; rows are sorted
 ///    by time within a file.
 /// 4: bytes attributes keep their type (`attributes_bytes`, spans and logs).
-pub const SCHEMA_VERSION: &str = "4";
+/// 5: rollups carry the service's and the caller's namespace (appended, nullable).
+pub const SCHEMA_VERSION: &str = "5";
 
 /// Layout versions this build reads; files of any other version are quarantined. Files of
 /// an older version are rewritten into the current layout at open (`store::upgrade`).
-pub const READABLE_VERSIONS: &[&str] = &["1", "2", "3", "4"];
+pub const READABLE_VERSIONS: &[&str] = &["1", "2", "3", "4", "5"];
 
 /// A trace id: 16 bytes. SQL shows it as hex, and a hex string literal compared with it is
 /// read as the id's bytes (`query::hex_ids`).
