@@ -317,6 +317,10 @@ async fn demo_mesh_end_to_end() {
         html.contains(r#"<td class="reason">the app answered 500</td><td>its sidecar</td><td>reviews</td><td><code>"#),
         "{html}"
     );
+    assert!(
+        html.contains(r#"<tr data-route="GET /ratings/{id}">"#),
+        "per-route RED: {html}"
+    );
 
     // Control plane reports every sidecar in sync.
     let syncz: Value = reqwest::get(format!("http://{}/debug/syncz", running.control_http))

@@ -208,16 +208,21 @@ async fn service_page<Q: MeshQuery>(
         Err(e) => return error_page(StatusCode::BAD_REQUEST, "Bad request", &e),
     };
     let (start, end) = (params.start_ns, params.end_ns);
-    let (graph, minutes, failed) = tokio::join!(
+    let (graph, minutes, failed, routes) = tokio::join!(
         query.graph(start, end),
         query.service_minutes(name.clone(), start, end),
         query.failed_requests(name.clone(), start, end, service::FAILED_ROWS),
+        query.routes(name.clone(), start, end, service::ROUTE_ROWS),
     );
-    let (graph, minutes, failed) = match (graph, minutes, failed) {
-        (Ok(g), Ok(m), Ok(f)) => (g, m, f),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return query_failed(&e),
+    let (graph, minutes, failed, routes) = match (graph, minutes, failed, routes) {
+        (Ok(g), Ok(m), Ok(f), Ok(r)) => (g, m, f, r),
+        (Err(e), ..) | (_, Err(e), ..) | (_, _, Err(e), _) | (.., Err(e)) => {
+            return query_failed(&e);
+        }
     };
-    let Some(view) = service::ServiceView::build(&name, &graph, &minutes, &failed, &params) else {
+    let Some(view) =
+        service::ServiceView::build(&name, &graph, &minutes, &failed, &routes, &params)
+    else {
         return error_page(
             StatusCode::NOT_FOUND,
             "No such service",

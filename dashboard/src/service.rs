@@ -2,8 +2,8 @@
 //! side by side (a canary against its baseline, with whether the difference in errors is
 //! significant), and its recent failed requests, each linking to its trace.
 
-use lumen_telemetry::detail::FailedRequest;
-use lumen_telemetry::graph::{Graph, Minute};
+use lumen_telemetry::detail::{FailedRequest, RouteSignals};
+use lumen_telemetry::graph::{Graph, Minute, Signals};
 
 use crate::chart::{self, Chart, Series};
 use crate::view::{Figures, GraphParams, Health, RANGES};
@@ -15,6 +15,18 @@ pub struct PeerRow {
     pub figures: Figures,
     pub health: Health,
 }
+
+/// One route the service served, with its RED.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteRow {
+    pub method: String,
+    pub route: String,
+    pub figures: Figures,
+    pub health: Health,
+}
+
+/// Routes the page lists (the busiest).
+pub const ROUTE_ROWS: usize = 25;
 
 /// One version beside the baseline (the first version by name).
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +72,7 @@ pub struct ServiceView {
     pub outbound: Vec<PeerRow>,
     pub versions: Vec<VersionRow>,
     pub baseline: String,
+    pub routes: Vec<RouteRow>,
     pub failed: Vec<FailedRow>,
 }
 
@@ -73,6 +86,7 @@ impl ServiceView {
         graph: &Graph,
         minutes: &[Minute],
         failed: &[FailedRequest],
+        routes: &[RouteSignals],
         params: &GraphParams,
     ) -> Option<ServiceView> {
         let t = params.thresholds;
@@ -155,6 +169,32 @@ impl ServiceView {
             outbound: peers(false),
             versions,
             baseline,
+            routes: routes
+                .iter()
+                .map(|r| {
+                    let signals = Signals {
+                        requests: r.requests,
+                        errors: r.errors,
+                        rps: r.requests as f64 / graph.seconds.max(1.0),
+                        error_share: if r.requests > 0 {
+                            r.errors as f64 / r.requests as f64
+                        } else {
+                            0.0
+                        },
+                        p50_ms: r.p50_ms,
+                        p95_ms: r.p95_ms,
+                        p99_ms: r.p99_ms,
+                        request_bytes: 0,
+                        response_bytes: 0,
+                    };
+                    RouteRow {
+                        method: r.method.clone(),
+                        route: r.route.clone(),
+                        figures: Figures::of(&signals),
+                        health: Health::of(&signals, t),
+                    }
+                })
+                .collect(),
             failed: failed.iter().map(failed_row).collect(),
         })
     }

@@ -154,6 +154,32 @@ impl MeshQuery for Fake {
         }]
     }
 
+    async fn routes(
+        &self,
+        service: String,
+        _start_ns: i64,
+        _end_ns: i64,
+        limit: usize,
+    ) -> Result<Vec<lumen_telemetry::detail::RouteSignals>, QueryError> {
+        let route =
+            |method: &str, route: String, requests, errors| lumen_telemetry::detail::RouteSignals {
+                method: method.into(),
+                route,
+                requests,
+                errors,
+                p50_ms: 2.0,
+                p95_ms: 8.0,
+                p99_ms: 11.0,
+            };
+        Ok(vec![
+            route("GET", format!("/{service}/{{id}}"), 90, 9),
+            route("GET", "/health".into(), 10, 0),
+        ]
+        .into_iter()
+        .take(limit)
+        .collect())
+    }
+
     async fn failed_requests(
         &self,
         service: String,
@@ -601,6 +627,12 @@ async fn the_service_page_shows_signals_versions_calls_and_failed_requests() {
     );
     assert!(html.contains(r#"<td class="reason">upstream connect error or disconnect to 10.0.0.7:9080: connection refused</td><td>reviews&#39;s sidecar</td>"#), "{html}");
     assert!(html.contains("<code>00000000c0ffee00</code>"));
+    // Per-route RED, busiest first.
+    assert!(
+        html.contains(r#"<tr data-route="GET /reviews/{id}"><td>GET</td><td><code>/reviews/{id}</code></td><td>1.50</td><td class="failing">10.0%</td><td>2.0</td><td>8.0</td><td>11.0</td><td>90</td></tr>"#),
+        "{html}"
+    );
+    assert!(html.contains(r#"<tr data-route="GET /health">"#));
     let crumbs = html
         .split("<nav class=\"crumbs\"")
         .nth(1)

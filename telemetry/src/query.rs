@@ -317,6 +317,15 @@ pub trait MeshQuery: Send + Sync + 'static {
         end_ns: i64,
         limit: usize,
     ) -> impl Future<Output = Result<Vec<crate::detail::FailedRequest>, QueryError>> + Send;
+
+    /// The `limit` busiest routes `service` served, with their RED.
+    fn routes(
+        &self,
+        service: String,
+        start_ns: i64,
+        end_ns: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<crate::detail::RouteSignals>, QueryError>> + Send;
 }
 
 /// Aborts the query task when the caller goes away (a client that hung up).
@@ -745,5 +754,15 @@ impl MeshQuery for QueryEngine {
         limit: usize,
     ) -> Result<Vec<crate::detail::FailedRequest>, QueryError> {
         crate::detail::failed_requests(self, service, start_ns, end_ns, limit).await
+    }
+
+    async fn routes(
+        &self,
+        service: String,
+        start_ns: i64,
+        end_ns: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::detail::RouteSignals>, QueryError> {
+        crate::detail::routes(self, service, start_ns, end_ns, limit).await
     }
 }
