@@ -120,7 +120,9 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
             {"name": "proxies", "path": "/proxies", "select": "#proxies tr[data-node]"},
             {"name": "traces", "path": "/traces?service=ratings&lookback=15m", "select": "#found tr[data-trace]"},
             {"name": "sql", "select": "details[data-table]", "read": "#result",
-             "path": "/sql?q=SELECT%20service_name%2C%20count(*)%20AS%20n%20FROM%20spans%20GROUP%20BY%20service_name%20ORDER%20BY%20service_name"}
+             "path": "/sql?q=SELECT%20service_name%2C%20count(*)%20AS%20n%20FROM%20spans%20GROUP%20BY%20service_name%20ORDER%20BY%20service_name"},
+            {"name": "mesh-config", "path": "/proxies", "select": "article.service-config",
+             "read": "#svc-reviews"}
         ]
     });
     let plan_path = data.path().join("plan.json");
@@ -232,6 +234,17 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
         proxies.iter().all(|p| p["healthy"] == "true"),
         "{proxies:?}"
     );
+    // The routes and subsets that apply to each service: reviews split 50/50 over v1 and v2.
+    let configs = pages[6]["matched"].as_array().expect("service configs");
+    let names: Vec<&str> = configs
+        .iter()
+        .filter_map(|c| c["service"].as_str())
+        .collect();
+    assert_eq!(names, ["details", "productpage", "ratings", "reviews"]);
+    let reviews = pages[6]["read"].as_str().unwrap_or_default();
+    for words in ["subset v1 50%", "subset v2 50%", "version=v2"] {
+        assert!(reviews.contains(words), "{words} in {reviews:?}");
+    }
     // The trace search finds ratings' traces, each linking to its waterfall.
     let found = pages[4]["matched"].as_array().expect("found traces");
     assert!(

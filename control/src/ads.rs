@@ -91,6 +91,11 @@ impl XdsState {
         })
     }
 
+    /// The model the proxies are being sent.
+    pub fn model(&self) -> Arc<Model> {
+        self.model.borrow().clone()
+    }
+
     /// A copy of every connected proxy's status.
     pub fn proxy_status(&self) -> Vec<ProxyStatus> {
         self.proxies

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ads;
+pub mod debug;
 pub mod model;
 pub mod source;
 pub mod translate;
@@ -123,13 +124,18 @@ impl Control {
     }
 }
 
-/// The control plane's HTTP endpoints: `/debug/syncz`, `/healthz`, `/ready`.
+/// The control plane's HTTP endpoints: `/debug/syncz`, `/debug/config`, `/healthz`, `/ready`.
 pub fn router(state: Arc<XdsState>) -> Router {
     Router::new()
         .route("/debug/syncz", get(syncz))
+        .route("/debug/config", get(config))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(|| async { "ok\n" }))
         .with_state(state)
+}
+
+async fn config(State(state): State<Arc<XdsState>>) -> Json<debug::ConfigDump> {
+    Json(debug::dump(&state.model()))
 }
 
 async fn syncz(State(state): State<Arc<XdsState>>) -> Json<Vec<ProxyStatus>> {

@@ -20,7 +20,9 @@ use lumen_api::pb::envoy::r#type::matcher::v3::{
 use lumen_api::pb::google::protobuf::{Any, Duration, Struct, UInt32Value, Value, value::Kind};
 use lumen_api::{cluster_name, endpoint_meta, pack_any, ports, type_url};
 
-use crate::model::{HttpMatchRequest, Model, Pod, Service, StringMatch, labels_match};
+use crate::model::{
+    HttpMatchRequest, Model, Pod, Service, StringMatch, VirtualService, labels_match,
+};
 
 /// The proxy a configuration is generated for, parsed from its xDS node id
 /// (`sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`, as Istio's).
@@ -173,7 +175,7 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
 }
 
 /// Subsets declared for a service by DestinationRules (host resolved in the rule's namespace).
-fn subsets_of(model: &Model, svc: &Service) -> Vec<(String, BTreeMap<String, String>)> {
+pub(crate) fn subsets_of(model: &Model, svc: &Service) -> Vec<(String, BTreeMap<String, String>)> {
     let fqdn = svc.fqdn();
     model
         .destination_rules
@@ -335,16 +337,25 @@ fn domains(svc: &Service, port: u16, client_ns: &str) -> Vec<String> {
         .collect()
 }
 
-fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> route::VirtualHost {
+/// The VirtualService that routes a service's host for sidecars (no gateways, or `mesh`).
+pub(crate) fn virtual_service_for<'m>(
+    model: &'m Model,
+    svc: &Service,
+) -> Option<&'m VirtualService> {
     let fqdn = svc.fqdn();
-    let vs = model.virtual_services.iter().find(|vs| {
+    model.virtual_services.iter().find(|vs| {
         (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
             && vs
                 .spec
                 .hosts
                 .iter()
                 .any(|h| Model::fqdn(h, &vs.meta.namespace) == fqdn)
-    });
+    })
+}
+
+fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> route::VirtualHost {
+    let fqdn = svc.fqdn();
+    let vs = virtual_service_for(model, svc);
     let default_route = || route::Route {
         name: "default".to_string(),
         r#match: Some(prefix_match("/")),

@@ -70,17 +70,26 @@ struct MeshPage<'a> {
 }
 
 async fn proxies_page(options: &DashboardOptions) -> Response {
-    let fetched = match &options.control_url {
-        Some(url) => mesh::fetch(url, std::time::Duration::from_secs(3)).await,
-        None => Ok(Vec::new()),
+    let timeout = std::time::Duration::from_secs(3);
+    let (fetched, config) = match &options.control_url {
+        Some(url) => tokio::join!(
+            mesh::fetch(url, "/debug/syncz", "proxy status", timeout),
+            mesh::fetch(url, "/debug/config", "mesh configuration", timeout),
+        ),
+        None => (
+            Ok(Vec::new()),
+            Ok(mesh::ConfigDump {
+                services: Vec::new(),
+            }),
+        ),
     };
     // The control plane not answering is a bad gateway, said on the page itself.
-    let status = if fetched.is_err() {
+    let status = if fetched.is_err() || config.is_err() {
         StatusCode::BAD_GATEWAY
     } else {
         StatusCode::OK
     };
-    let view = mesh::MeshView::build(options.control_url.clone(), fetched);
+    let view = mesh::MeshView::build(options.control_url.clone(), fetched, config);
     page(status, &MeshPage { v: &view })
 }
 

@@ -1,7 +1,8 @@
 //! The mesh's configuration as the proxies hold it: per proxy and xDS type, SYNCED, STALE
 //! (sent, not acknowledged yet), NACKED (with the proxy's reason) or NOT SENT, with the
 //! versions sent and acknowledged, read from the control plane's `/debug/syncz` (what
-//! `istioctl proxy-status` shows).
+//! `istioctl proxy-status` shows); and the routes and subsets that apply to each service,
+//! from its `/debug/config`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -34,6 +35,83 @@ pub struct ProxyStatus {
     pub types: BTreeMap<String, TypeStatus>,
 }
 
+/// One service's configuration as `/debug/config` reports it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub namespace: String,
+    pub host: String,
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub endpoints: usize,
+    #[serde(default)]
+    pub virtual_service: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub subsets: Vec<SubsetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(default)]
+    pub matches: Vec<String>,
+    #[serde(default)]
+    pub destinations: Vec<DestinationConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct DestinationConfig {
+    pub host: String,
+    #[serde(default)]
+    pub subset: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    pub weight: u32,
+}
+
+impl DestinationConfig {
+    /// `reviews.default.svc.cluster.local subset v2 :9080 50%`.
+    pub fn words(&self) -> String {
+        let mut w = self.host.clone();
+        if let Some(s) = &self.subset {
+            w.push_str(&format!(" subset {s}"));
+        }
+        if let Some(p) = self.port {
+            w.push_str(&format!(" :{p}"));
+        }
+        w.push_str(&format!(" {}%", self.weight));
+        w
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct SubsetConfig {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub endpoints: usize,
+}
+
+impl SubsetConfig {
+    pub fn label_words(&self) -> String {
+        self.labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct ConfigDump {
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
 /// One cell of the table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cell {
@@ -58,6 +136,8 @@ pub struct MeshView {
     pub control_url: Option<String>,
     pub error: Option<String>,
     pub proxies: Vec<ProxyRow>,
+    pub config_error: Option<String>,
+    pub services: Vec<ServiceConfig>,
 }
 
 fn cell(t: Option<&TypeStatus>) -> Cell {
@@ -95,15 +175,22 @@ impl MeshView {
     pub fn build(
         control_url: Option<String>,
         fetched: Result<Vec<ProxyStatus>, String>,
+        config: Result<ConfigDump, String>,
     ) -> MeshView {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        let (config_error, services) = match config {
+            Ok(c) => (None, c.services),
+            Err(e) => (Some(e), Vec::new()),
+        };
         match fetched {
             Err(e) => MeshView {
                 control_url,
                 error: Some(e),
                 proxies: Vec::new(),
+                config_error,
+                services,
             },
             Ok(mut list) => {
                 list.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -124,6 +211,8 @@ impl MeshView {
                     control_url,
                     error: None,
                     proxies,
+                    config_error,
+                    services,
                 }
             }
         }
@@ -134,12 +223,17 @@ impl MeshView {
     }
 }
 
-/// `GET {base}/debug/syncz`, within `timeout`.
-pub async fn fetch(base: &str, timeout: Duration) -> Result<Vec<ProxyStatus>, String> {
+/// `GET {base}{path}` as JSON of `T` (`what` names it in errors), within `timeout`.
+pub async fn fetch<T: serde::de::DeserializeOwned>(
+    base: &str,
+    path: &str,
+    what: &str,
+    timeout: Duration,
+) -> Result<T, String> {
     use http_body_util::{BodyExt, Empty};
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
-    let url = format!("{}/debug/syncz", base.trim_end_matches('/'));
+    let url = format!("{}{path}", base.trim_end_matches('/'));
     let uri: hyper::Uri = url
         .parse()
         .map_err(|e| format!("control plane URL {url:?}: {e}"))?;
@@ -159,7 +253,7 @@ pub async fn fetch(base: &str, timeout: Duration) -> Result<Vec<ProxyStatus>, St
         if !status.is_success() {
             return Err(format!("{url} answered {status}"));
         }
-        serde_json::from_slice(&body).map_err(|e| format!("{url} is not proxy status JSON: {e}"))
+        serde_json::from_slice(&body).map_err(|e| format!("{url} is not {what} JSON: {e}"))
     };
     tokio::time::timeout(timeout, call)
         .await
@@ -177,7 +271,7 @@ mod tests {
                      "LDS":{"state":"NACK","sent_version":"v2","acked_version":"v1","resources":1,"nack":"unknown filter"},
                      "RDS":{"state":"STALE","sent_version":"r2","acked_version":"r1","resources":1,"nack":null}}}]"#;
         let list: Vec<ProxyStatus> = serde_json::from_str(json).expect("syncz JSON");
-        let v = MeshView::build(Some("http://x".into()), Ok(list));
+        let v = MeshView::build(Some("http://x".into()), Ok(list), Err("gone".into()));
         let states: Vec<&str> = v.proxies[0].cells.iter().map(|c| c.state).collect();
         assert_eq!(states, ["SYNCED", "NOT SENT", "NACKED", "STALE"]);
         assert_eq!(v.proxies[0].cells[2].nack, "unknown filter");

@@ -758,16 +758,53 @@ async fn the_proxy_page_reads_the_control_plane_and_says_when_it_cannot() {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let control = axum::Router::new().route(
-        "/debug/syncz",
-        axum::routing::get(move || async move { ([("content-type", "application/json")], syncz) }),
-    );
+    // And /debug/config from the control plane's own code over the demo's resources.
+    let mut model = lumen_control::model::Model::from_yaml(
+        "bookinfo.yaml",
+        include_str!("../../fixtures/demo/bookinfo.yaml"),
+    )
+    .expect("demo");
+    model
+        .add_yaml(
+            "routing.yaml",
+            include_str!("../../fixtures/demo/routing.yaml"),
+        )
+        .expect("routing");
+    let config = serde_json::to_string(&lumen_control::debug::dump(&model)).expect("json");
+    let control = axum::Router::new()
+        .route(
+            "/debug/syncz",
+            axum::routing::get(
+                move || async move { ([("content-type", "application/json")], syncz) },
+            ),
+        )
+        .route(
+            "/debug/config",
+            axum::routing::get(
+                move || async move { ([("content-type", "application/json")], config) },
+            ),
+        );
     tokio::spawn(async move { axum::serve(listener, control).await });
     let (status, html) = get_with(Some(format!("http://{addr}"))).await;
     assert_eq!(status, StatusCode::OK, "{html}");
     assert!(html.contains(r#"data-healthy="false""#));
     assert!(html.contains(r#"data-state="NACKED""#) && html.contains("bad route"));
     assert!(html.contains(r#"data-state="NOT SENT""#), "RDS never sent");
+    // The routes and subsets that apply to each service.
+    let reviews = html
+        .split(r#"<article class="service-config" id="svc-reviews""#)
+        .nth(1)
+        .and_then(|rest| rest.split("</article>").next())
+        .expect("a reviews section");
+    assert!(
+        reviews.contains("VirtualService default/reviews"),
+        "{reviews}"
+    );
+    assert!(reviews.contains(
+        r#"<span class="destination">reviews.default.svc.cluster.local subset v1 50%</span><br><span class="destination">reviews.default.svc.cluster.local subset v2 50%</span>"#
+    ), "{reviews}");
+    assert!(reviews.contains(r#"<tr data-subset="v2"><td>v2</td><td><code>version=v2</code></td><td class="healthy">1</td></tr>"#), "{reviews}");
+    assert!(html.contains(r#"id="svc-details""#) && html.contains("every request"));
 
     // Nothing listening there any more: a 502 page that says so.
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0")

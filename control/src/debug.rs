@@ -1,0 +1,213 @@
+//! `GET /debug/config`: the configuration that applies to each service, as the translator
+//! reads the model (the same lookups build the xDS): its ports and endpoints, the routes of
+//! the VirtualService that claims its host (matches and weighted destinations, in order),
+//! and the subsets DestinationRules declare for it with the endpoints each selects. What
+//! Kiali shows on a service's "Istio config" tab, from Lumen's own model.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::model::{HttpMatchRequest, Model, Service, StringMatch, labels_match};
+use crate::translate::{subsets_of, virtual_service_for};
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ConfigDump {
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub namespace: String,
+    pub host: String,
+    pub ports: Vec<u16>,
+    /// Pods the service selects.
+    pub endpoints: usize,
+    /// `VirtualService namespace/name`, when one routes this host.
+    pub virtual_service: Option<String>,
+    /// In the order the proxy tries them; without a VirtualService, the one default route.
+    pub routes: Vec<RouteConfig>,
+    pub subsets: Vec<SubsetConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Each match in words (`uri prefix /api`, `header end-user exact jason`); any of them
+    /// selects the route; empty: every request.
+    pub matches: Vec<String>,
+    pub destinations: Vec<DestinationConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DestinationConfig {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<u16>,
+    /// Percent of the route's requests (a lone destination takes all).
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SubsetConfig {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Pods of the service the subset's labels select.
+    pub endpoints: usize,
+}
+
+fn string_match(m: &StringMatch) -> String {
+    match m {
+        StringMatch::Exact(v) => format!("exact {v}"),
+        StringMatch::Prefix(v) => format!("prefix {v}"),
+        StringMatch::Regex(v) => format!("regex {v}"),
+    }
+}
+
+fn match_words(m: &HttpMatchRequest) -> String {
+    let mut parts = Vec::new();
+    if let Some(uri) = &m.uri {
+        parts.push(format!("uri {}", string_match(uri)));
+    }
+    if let Some(method) = &m.method {
+        parts.push(format!("method {}", string_match(method)));
+    }
+    for (name, v) in &m.headers {
+        parts.push(format!("header {name} {}", string_match(v)));
+    }
+    if parts.is_empty() {
+        "every request".to_string()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn service_config(model: &Model, svc: &Service) -> ServiceConfig {
+    let host = svc.fqdn();
+    let selected: Vec<_> = model.pods.iter().filter(|p| svc.selects(p)).collect();
+    let vs = virtual_service_for(model, svc);
+    let routes = match vs {
+        None => vec![RouteConfig {
+            name: "default".to_string(),
+            matches: Vec::new(),
+            destinations: vec![DestinationConfig {
+                host: host.clone(),
+                subset: None,
+                port: None,
+                weight: 100,
+            }],
+        }],
+        Some(vs) => vs
+            .spec
+            .http
+            .iter()
+            .enumerate()
+            .map(|(i, http)| RouteConfig {
+                name: http
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}.{}.{i}", vs.meta.name, vs.meta.namespace)),
+                matches: http.matches.iter().map(match_words).collect(),
+                destinations: http
+                    .route
+                    .iter()
+                    .map(|d| DestinationConfig {
+                        host: Model::fqdn(&d.destination.host, &vs.meta.namespace),
+                        subset: d.destination.subset.clone(),
+                        port: d.destination.port.as_ref().map(|p| p.number),
+                        weight: d
+                            .weight
+                            .unwrap_or(if http.route.len() == 1 { 100 } else { 0 }),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    ServiceConfig {
+        name: svc.meta.name.clone(),
+        namespace: svc.meta.namespace.clone(),
+        host,
+        ports: svc.ports.iter().map(|p| p.port).collect(),
+        endpoints: selected.len(),
+        virtual_service: vs.map(|vs| format!("{}/{}", vs.meta.namespace, vs.meta.name)),
+        routes,
+        subsets: subsets_of(model, svc)
+            .into_iter()
+            .map(|(name, labels)| SubsetConfig {
+                endpoints: selected
+                    .iter()
+                    .filter(|p| labels_match(&labels, &p.meta.labels))
+                    .count(),
+                name,
+                labels,
+            })
+            .collect(),
+    }
+}
+
+/// Every service's configuration, by namespace and name.
+pub fn dump(model: &Model) -> ConfigDump {
+    let mut services: Vec<ServiceConfig> = model
+        .services
+        .iter()
+        .map(|s| service_config(model, s))
+        .collect();
+    services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    ConfigDump { services }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEMO: &str = include_str!("../../fixtures/demo/bookinfo.yaml");
+    const ROUTING: &str = include_str!("../../fixtures/demo/routing.yaml");
+
+    #[test]
+    fn the_demo_reviews_split_and_subsets_are_reported() {
+        let mut model = Model::from_yaml("bookinfo.yaml", DEMO).expect("demo parses");
+        model
+            .add_yaml("routing.yaml", ROUTING)
+            .expect("routing parses");
+        let dump = dump(&model);
+        let names: Vec<&str> = dump.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["details", "productpage", "ratings", "reviews"]);
+        let reviews = &dump.services[3];
+        assert_eq!(reviews.host, "reviews.default.svc.cluster.local");
+        assert_eq!(reviews.ports, [9080]);
+        assert_eq!(reviews.endpoints, 2);
+        assert_eq!(reviews.virtual_service.as_deref(), Some("default/reviews"));
+        let split: Vec<(Option<&str>, u32)> = reviews.routes[0]
+            .destinations
+            .iter()
+            .map(|d| (d.subset.as_deref(), d.weight))
+            .collect();
+        assert_eq!(split, [(Some("v1"), 50), (Some("v2"), 50)]);
+        let subsets: Vec<(&str, usize)> = reviews
+            .subsets
+            .iter()
+            .map(|s| (s.name.as_str(), s.endpoints))
+            .collect();
+        assert_eq!(subsets, [("v1", 1), ("v2", 1)]);
+        // A service nobody routes gets the default route to all its endpoints.
+        let details = &dump.services[0];
+        assert_eq!(details.virtual_service, None);
+        assert_eq!(details.routes[0].name, "default");
+        assert_eq!(details.routes[0].destinations[0].weight, 100);
+    }
+
+    #[test]
+    fn matches_are_written_in_words() {
+        let m = HttpMatchRequest {
+            uri: Some(StringMatch::Prefix("/api".into())),
+            headers: [("end-user".to_string(), StringMatch::Exact("jason".into()))].into(),
+            method: Some(StringMatch::Regex("GET|HEAD".into())),
+        };
+        assert_eq!(
+            match_words(&m),
+            "uri prefix /api, method regex GET|HEAD, header end-user exact jason"
+        );
+        assert_eq!(match_words(&HttpMatchRequest::default()), "every request");
+    }
+}
