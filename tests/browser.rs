@@ -122,7 +122,9 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
             {"name": "sql", "select": "details[data-table]", "read": "#result",
              "path": "/sql?q=SELECT%20service_name%2C%20count(*)%20AS%20n%20FROM%20spans%20GROUP%20BY%20service_name%20ORDER%20BY%20service_name"},
             {"name": "mesh-config", "path": "/proxies", "select": "article.service-config",
-             "read": "#svc-reviews"}
+             "read": "#svc-reviews"},
+            {"name": "keyboard", "path": "/?refresh=0", "select": "svg .node",
+             "keyboard": {"tab_to": "svg .node", "press": "Enter", "read": "#detail", "then": "Escape"}}
         ]
     });
     let plan_path = data.path().join("plan.json");
@@ -245,6 +247,20 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
     for words in ["subset v1 50%", "subset v2 50%", "version=v2"] {
         assert!(reviews.contains(words), "{words} in {reviews:?}");
     }
+    // Keyboard alone: Tab reaches a graph node (past the skip link, the page links and the
+    // controls), Enter opens its figures, Escape closes them and gives the node focus back.
+    let keys = &pages[7]["keyboard"];
+    assert_eq!(keys["reached"], true, "{keys}");
+    let node = keys["focused"]["service"].as_str().unwrap_or_default();
+    assert!(!node.is_empty(), "{keys}");
+    assert!(
+        keys["read"]
+            .as_str()
+            .is_some_and(|t| t.contains("requests/s") && t.contains(node)),
+        "{keys}"
+    );
+    assert_eq!(keys["hidden_after"], true, "{keys}");
+    assert_eq!(keys["focused_after"]["service"], node, "{keys}");
     // The trace search finds ratings' traces, each linking to its waterfall.
     let found = pages[4]["matched"].as_array().expect("found traces");
     assert!(

@@ -1,5 +1,6 @@
-// Lumen dashboard: clicking (or pressing Enter on) a graph node or edge shows its figures in
-// the detail panel; every other state lives in the page's URL. No framework, no other file.
+// Lumen dashboard: clicking (or pressing Enter or Space on) a graph node or edge shows its
+// figures in the detail panel; Escape closes it and returns focus to what opened it. Every
+// other state lives in the page's URL. No framework, no other file.
 (function () {
   'use strict';
   var panel = document.getElementById('detail');
@@ -9,7 +10,14 @@
     requests: 'requests', rps: 'requests/s', errors: 'errors %', p50: 'p50 ms', p95: 'p95 ms',
     p99: 'p99 ms', reqBytes: 'request body', respBytes: 'response body'
   };
+  var opener = null;
+  function hide() {
+    panel.hidden = true;
+    document.querySelectorAll('.selected').forEach(function (s) { s.classList.remove('selected'); });
+    if (opener) { opener.focus(); opener = null; }
+  }
   function show(el) {
+    opener = el;
     var d = el.dataset;
     var rows = [];
     Object.keys(names).forEach(function (k) {
@@ -38,6 +46,9 @@
     el.classList.add('selected');
     panel.hidden = false;
   }
+  document.addEventListener('keydown', function (e) {
+    if (e.key === 'Escape' && !panel.hidden) { e.preventDefault(); hide(); }
+  });
   document.querySelectorAll('svg .node, svg .edge').forEach(function (el) {
     el.addEventListener('click', function () { show(el); });
     el.addEventListener('keydown', function (e) {

@@ -1,6 +1,7 @@
 //! Handler tests with `oneshot`: every page and its bad inputs, and the graph's label
 //! placement on meshes of 4, 20 and 100 services.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -853,5 +854,108 @@ async fn the_trace_search_finds_traces_and_draws_their_durations() {
     ] {
         let (status, html) = get(Fake(Ok(bookinfo())), uri).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {html}");
+    }
+}
+
+/// The theme's custom properties (`--name: #hex`) in a CSS block.
+fn css_colors(block: &str) -> BTreeMap<String, [f64; 3]> {
+    let mut out = BTreeMap::new();
+    for piece in block.split("--").skip(1) {
+        let Some((name, rest)) = piece.split_once(':') else {
+            continue;
+        };
+        let value = rest.trim_start();
+        let Some(hex) = value.strip_prefix('#') else {
+            continue;
+        };
+        let hex: String = hex.chars().take_while(char::is_ascii_hexdigit).collect();
+        let full: String = match hex.len() {
+            3 | 4 => hex.chars().take(3).flat_map(|c| [c, c]).collect(),
+            6 | 8 => hex[..6].to_string(),
+            _ => continue,
+        };
+        let channel =
+            |i: usize| f64::from(u8::from_str_radix(&full[i..i + 2], 16).unwrap_or(0)) / 255.0;
+        out.insert(
+            name.trim().to_string(),
+            [channel(0), channel(2), channel(4)],
+        );
+    }
+    out
+}
+
+/// WCAG 2 contrast ratio of two sRGB colours.
+fn contrast(a: [f64; 3], b: [f64; 3]) -> f64 {
+    let lum = |c: [f64; 3]| {
+        let lin = |x: f64| {
+            if x <= 0.039_28 {
+                x / 12.92
+            } else {
+                ((x + 0.055) / 1.055).powf(2.4)
+            }
+        };
+        0.2126 * lin(c[0]) + 0.7152 * lin(c[1]) + 0.0722 * lin(c[2])
+    };
+    let (la, lb) = (lum(a), lum(b));
+    (la.max(lb) + 0.05) / (la.min(lb) + 0.05)
+}
+
+#[test]
+fn both_themes_have_sufficient_contrast() {
+    let css = include_str!("../templates/base.html");
+    let dark_at = css
+        .find("@media (prefers-color-scheme: dark)")
+        .expect("a dark theme");
+    let light = css_colors(&css[css.find(":root").expect(":root")..dark_at]);
+    let mut dark = light.clone();
+    dark.extend(css_colors(&css[dark_at..]));
+    // Text (WCAG AA, 4.5:1) and what it is drawn on.
+    let text = [
+        ("fg", "bg"),
+        ("fg", "card"),
+        ("fg", "node"),
+        ("fg", "group"),
+        ("fg", "label-bg"),
+        ("fg", "degraded-bg"),
+        ("fg", "failing-bg"),
+        ("muted", "bg"),
+        ("muted", "card"),
+        ("muted", "group"),
+        ("degraded", "card"),
+        ("degraded", "degraded-bg"),
+        ("failing", "card"),
+        ("failing", "failing-bg"),
+        ("link", "card"),
+        ("link", "bg"),
+    ];
+    // Lines, outlines and chart series (non-text contrast, 3:1).
+    let graphics = [
+        ("node-line", "card"),
+        ("edge", "card"),
+        ("idle", "card"),
+        ("focus", "card"),
+        ("focus", "bg"),
+        ("c0", "card"),
+        ("c1", "card"),
+        ("c2", "card"),
+        ("c3", "card"),
+        ("c4", "card"),
+        ("c5", "card"),
+    ];
+    for (theme, colors) in [("light", &light), ("dark", &dark)] {
+        let get = |name: &str| {
+            *colors
+                .get(name)
+                .unwrap_or_else(|| panic!("{theme} theme has no --{name}"))
+        };
+        for (pairs, min) in [(&text[..], 4.5), (&graphics[..], 3.0)] {
+            for (fg, bg) in pairs {
+                let ratio = contrast(get(fg), get(bg));
+                assert!(
+                    ratio >= min,
+                    "{theme}: --{fg} on --{bg} is {ratio:.2}:1, below {min}:1"
+                );
+            }
+        }
     }
 }

@@ -10,7 +10,11 @@
 //   click: the first element matching it is clicked (after the load); read: the text of the
 //   element matching it, afterwards; follow: links then clicked in turn, each page reported
 //   in `arrived` (URL, status, title, the data-* of what its `select` matches); back: pages
-//   to go back afterwards (the URL reached is `back`).
+//   to go back afterwards (the URL reached is `back`). keyboard: {"tab_to": sel, "press": key,
+//   "read": sel, "then": key}: Tab (at most 80 times) until the focused element matches
+//   `tab_to`, press `press`, read `read`, press `then`; reported in `keyboard` (tabs taken,
+//   the focused element's data-*, the text read, and afterwards whether `read` is hidden and
+//   what has focus).
 // Playwright comes from $LUMEN_NODE_MODULES (default /var/tmp/lumen-peers/node/node_modules);
 // Chromium from $LUMEN_CHROMIUM (default /usr/bin/chromium).
 'use strict';
@@ -45,6 +49,28 @@ async function main() {
       const matched = p.select
         ? await page.$$eval(p.select, (els) => els.map((e) => Object.assign({}, e.dataset)))
         : [];
+      let keyboard = null;
+      if (p.keyboard) {
+        const k = p.keyboard;
+        const focusedData = () => page.evaluate(() => Object.assign({}, document.activeElement && document.activeElement.dataset));
+        let tabs = 0;
+        let reached = false;
+        while (tabs < 80 && !reached) {
+          await page.keyboard.press('Tab');
+          tabs += 1;
+          reached = await page.evaluate((sel) => !!document.activeElement && document.activeElement.matches(sel), k.tab_to);
+        }
+        keyboard = { tabs, reached, focused: await focusedData() };
+        if (reached && k.press) {
+          await page.keyboard.press(k.press);
+          keyboard.read = k.read ? await page.$eval(k.read, (el) => (el.hidden ? '' : el.textContent)) : null;
+          if (k.then) {
+            await page.keyboard.press(k.then);
+            keyboard.hidden_after = k.read ? await page.$eval(k.read, (el) => el.hidden) : null;
+            keyboard.focused_after = await focusedData();
+          }
+        }
+      }
       let read = null;
       if (p.click) {
         await page.click(p.click);
@@ -87,6 +113,7 @@ async function main() {
         title: await page.title(),
         matched,
         read,
+        keyboard,
         arrived,
         back,
         ...seen,
