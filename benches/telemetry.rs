@@ -14,7 +14,8 @@
 //! The corpus is the demo mesh's shape: traces of five spans (productpage server and client,
 //! reviews v1 or v2 server and client, ratings server), about 15 attributes a span with a
 //! random request id, HTTP semantic conventions, 20% of spans with an event, 5% of ratings
-//! calls over 100 ms, spread over 24 hours. Batches of 1,000 spans over OTLP/gRPC.
+//! calls over 100 ms, spread over 24 hours; client spans name their callee and server spans
+//! their caller (`peer.service`), as the sidecars write them. Batches of 1,000 spans over OTLP/gRPC.
 //!
 //! Run with `scripts/bench-telemetry` (it installs DuckDB for the baseline). Knobs:
 //! `LUMEN_BENCH_SPANS` (default 2,000,000), `LUMEN_PYTHON` (a python with duckdb),
@@ -630,6 +631,18 @@ impl Corpus {
                 ];
                 if status != 200 {
                     attributes.push(text("error.type", "500"));
+                }
+                // As the mesh's sidecars write them: a client span names its callee, a
+                // server span its caller (with the caller's version and namespace).
+                match (*kind, parent) {
+                    (3, _) => attributes.push(text("peer.service", peer)),
+                    (2, Some(p)) => {
+                        let (caller, caller_version) = (services[shape[*p].0], shape[*p].1);
+                        attributes.push(text("peer.service", caller));
+                        attributes.push(text("lumen.source.version", caller_version));
+                        attributes.push(text("lumen.source.namespace", "default"));
+                    }
+                    _ => {}
                 }
                 let events = if self.rng.random_bool(0.2) {
                     vec![span::Event {

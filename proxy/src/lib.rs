@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod routing;
 pub mod server;
+pub mod stack;
 pub mod telemetry;
 pub mod trace;
 pub mod xds;
@@ -108,22 +109,8 @@ impl Proxy {
             let stop = export_stop.clone();
             tokio::spawn(async move { reporter.export_loop(queue, options, stop).await })
         };
-        let outbound = {
-            let data = data.clone();
-            server::serve(
-                self.outbound,
-                move |req| data.clone().outbound(req),
-                shutdown.clone(),
-            )
-        };
-        let inbound = {
-            let data = data.clone();
-            server::serve(
-                self.inbound,
-                move |req| data.clone().inbound(req),
-                shutdown.clone(),
-            )
-        };
+        let outbound = server::serve_stack(self.outbound, data.outbound(), shutdown.clone());
+        let inbound = server::serve_stack(self.inbound, data.inbound(), shutdown.clone());
         let admin_state = admin::Admin {
             data,
             ready: ready_rx,

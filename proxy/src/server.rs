@@ -21,6 +21,30 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 /// How long in-flight connections get to finish after shutdown is asked for.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Serves HTTP/1.1 on `listener` with a data-path stack until `shutdown`, then drains.
+pub async fn serve_stack(
+    listener: TcpListener,
+    stack: crate::stack::Stack,
+    shutdown: CancellationToken,
+) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    serve(
+        listener,
+        move |req: Request<Incoming>| {
+            let stack = stack.clone();
+            async move {
+                match stack.oneshot(req.map(BodyExt::boxed)).await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
+                }
+            }
+        },
+        shutdown,
+    )
+    .await;
+}
+
 /// Serves HTTP/1.1 on `listener` with `handler` until `shutdown`, then drains connections.
 pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken)
 where

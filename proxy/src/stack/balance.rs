@@ -1,0 +1,99 @@
+//! Load balancing: one endpoint of the routed cluster (round robin), recorded as the
+//! destination workload; to a meshed endpoint, the caller's identity for the next sidecar
+//! (peer headers, as Istio's metadata exchange), after removing any `x-lumen-*` header the
+//! application sent so none can be forged.
+
+use http::{HeaderName, HeaderValue, Request, StatusCode};
+
+use super::error::{Fault, ProxyError, flags};
+use super::observe::Observation;
+use super::route::Target;
+use super::step::Step;
+use crate::http::peer_headers;
+use crate::routing::Endpoint;
+use crate::server::Body;
+use crate::telemetry::{AttrValue, Identity};
+
+#[derive(Debug, Clone)]
+pub struct Balance {
+    me: std::sync::Arc<Identity>,
+}
+
+impl Balance {
+    pub fn new(me: Identity) -> Balance {
+        Balance {
+            me: std::sync::Arc::new(me),
+        }
+    }
+}
+
+/// Removes every `x-lumen-*` header (Lumen's own, set only by its sidecars).
+pub fn strip_lumen_headers(headers: &mut http::HeaderMap) {
+    let ours: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-lumen-"))
+        .cloned()
+        .collect();
+    for k in ours {
+        headers.remove(k);
+    }
+}
+
+fn set(headers: &mut http::HeaderMap, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
+}
+
+impl Step for Balance {
+    fn prepare(&self, req: &mut Request<Body>) -> Result<(), ProxyError> {
+        let target = req
+            .extensions()
+            .get::<Target>()
+            .cloned()
+            .ok_or_else(|| ProxyError::internal("no route chosen before load balancing"))?;
+        let endpoint: Endpoint = target.cluster.pick().cloned().ok_or_else(|| {
+            ProxyError::new(
+                flags::NO_HEALTHY_UPSTREAM,
+                StatusCode::SERVICE_UNAVAILABLE,
+                Fault::Upstream,
+                format!("no healthy upstream in cluster {}", target.cluster.name),
+            )
+        })?;
+        if let Some(o) = req.extensions().get::<Observation>() {
+            o.update(|o| {
+                o.labels.destination_workload = endpoint.workload.clone();
+                o.labels.destination_workload_namespace = endpoint.namespace.clone();
+                o.labels.destination_app = endpoint.app.clone();
+                o.labels.destination_version = endpoint.version.clone();
+                let attrs = &mut o.span.attributes;
+                attrs.push(("peer.service", AttrValue::Str(endpoint.app.clone())));
+                attrs.push((
+                    "network.peer.address",
+                    AttrValue::Str(endpoint.connect_addr.ip().to_string()),
+                ));
+                attrs.push((
+                    "network.peer.port",
+                    AttrValue::Int(i64::from(endpoint.connect_addr.port())),
+                ));
+            });
+        }
+        let headers = req.headers_mut();
+        strip_lumen_headers(headers);
+        if endpoint.meshed {
+            let me = &self.me;
+            set(headers, peer_headers::WORKLOAD, &me.workload);
+            set(headers, peer_headers::NAMESPACE, &me.namespace);
+            set(headers, peer_headers::APP, &me.app);
+            set(headers, peer_headers::VERSION, &me.version);
+            set(headers, peer_headers::DESTINATION_SERVICE, &target.service);
+            set(
+                headers,
+                peer_headers::ORIGINAL_DST,
+                &endpoint.app_addr.to_string(),
+            );
+        }
+        req.extensions_mut().insert(endpoint);
+        Ok(())
+    }
+}

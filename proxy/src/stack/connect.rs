@@ -1,0 +1,185 @@
+//! The upstream connector, innermost: sends the request to the chosen endpoint
+//! ([`Endpoint::connect_addr`]) over a pooled HTTP/1.1 client, with hop-by-hop headers
+//! removed both ways (the fixed list and any header the `Connection` header names), the
+//! request body counted for the record, and connect failures and timeouts as [`ProxyError`]s.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::error::{Fault, ProxyError, flags};
+use super::observe::{Counted, Observation};
+use crate::routing::Endpoint;
+use crate::server::Body;
+
+/// How long an upstream gets to answer (until the response head).
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(15);
+
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "trailer",
+    "upgrade",
+    "transfer-encoding",
+    "proxy-authenticate",
+];
+
+/// Removes hop-by-hop headers: those the `Connection` header lists, then the fixed ones, and
+/// `TE` unless it only says `trailers` (which gRPC needs end to end, as Envoy keeps it).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get(http::header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    if !te_trailers {
+        headers.remove(http::header::TE);
+    }
+}
+
+type Upstream = Client<HttpConnector, Counted<Body, Arc<AtomicU64>>>;
+
+#[derive(Debug, Clone)]
+pub struct Connect {
+    client: Upstream,
+    timeout: Duration,
+}
+
+impl Connect {
+    pub fn new() -> Connect {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(10)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Connect {
+            client,
+            timeout: UPSTREAM_TIMEOUT,
+        }
+    }
+
+    /// The same with another answer timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Connect {
+        self.timeout = timeout;
+        self
+    }
+}
+
+impl Default for Connect {
+    fn default() -> Self {
+        Connect::new()
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+impl tower::Service<Request<Body>> for Connect {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        let Some(endpoint) = req.extensions_mut().remove::<Endpoint>() else {
+            return Box::pin(std::future::ready(Err(ProxyError::internal(
+                "no endpoint chosen before connecting",
+            ))));
+        };
+        let counter = req
+            .extensions()
+            .get::<Observation>()
+            .map_or_else(|| Arc::new(AtomicU64::new(0)), |o| o.request_bytes.clone());
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        match Uri::builder()
+            .scheme("http")
+            .authority(endpoint.connect_addr.to_string())
+            .path_and_query(path)
+            .build()
+        {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(e) => {
+                return Box::pin(std::future::ready(Err(ProxyError::new(
+                    flags::DOWNSTREAM_PROTOCOL_ERROR,
+                    StatusCode::BAD_REQUEST,
+                    Fault::Downstream,
+                    format!("bad request path: {e}"),
+                ))));
+            }
+        }
+        strip_hop_by_hop(req.headers_mut());
+        let req = req.map(|inner| Counted {
+            inner,
+            count: counter,
+        });
+        let (client, timeout) = (self.client.clone(), self.timeout);
+        Box::pin(async move {
+            let addr = endpoint.connect_addr;
+            match tokio::time::timeout(timeout, client.request(req)).await {
+                Err(_) => Err(ProxyError::new(
+                    flags::UPSTREAM_TIMEOUT,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    Fault::Upstream,
+                    format!("upstream {addr} did not answer within {timeout:?}"),
+                )),
+                Ok(Err(e)) => Err(ProxyError::new(
+                    flags::UPSTREAM_CONNECT_FAILURE,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Fault::Upstream,
+                    format!("upstream connect error or disconnect to {addr}: {e}"),
+                )),
+                Ok(Ok(resp)) => {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    Ok(Response::from_parts(parts, body.boxed()))
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret".parse().expect("value"));
+        h.insert("x-secret", "1".parse().expect("value"));
+        h.insert("keep-alive", "timeout=5".parse().expect("value"));
+        h.insert("te", "gzip".parse().expect("value"));
+        h.insert("x-kept", "yes".parse().expect("value"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+        let mut h = HeaderMap::new();
+        h.insert("te", "trailers".parse().expect("value"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h["te"], "trailers", "gRPC's TE: trailers goes through");
+    }
+}

@@ -1,0 +1,108 @@
+//! Inbound: who is calling (as the caller's sidecar said in its peer headers, which are then
+//! removed, with every other `x-lumen-*` header, before the app sees the request) and the
+//! local app's endpoint for the port the caller meant.
+
+use std::net::SocketAddr;
+
+use http::{Request, StatusCode};
+
+use super::balance::strip_lumen_headers;
+use super::error::{Fault, ProxyError, flags};
+use super::observe::Observation;
+use super::step::Step;
+use crate::http::{peer_headers, span_attributes};
+use crate::server::Body;
+use crate::telemetry::AttrValue;
+use crate::xds::ConfigRx;
+
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    config: ConfigRx,
+}
+
+impl Inbound {
+    pub fn new(config: ConfigRx) -> Inbound {
+        Inbound { config }
+    }
+}
+
+impl Step for Inbound {
+    fn prepare(&self, req: &mut Request<Body>) -> Result<(), ProxyError> {
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let original_dst: Option<SocketAddr> =
+            header(peer_headers::ORIGINAL_DST).and_then(|v| v.parse().ok());
+        let service = header(peer_headers::DESTINATION_SERVICE);
+        let caller = header(peer_headers::APP);
+        let (workload, namespace, version) = (
+            header(peer_headers::WORKLOAD),
+            header(peer_headers::NAMESPACE),
+            header(peer_headers::VERSION),
+        );
+        let config = self.config.borrow().clone();
+        let cluster = config.inbound_cluster(original_dst.map(|a| a.port()));
+        let port = cluster
+            .as_ref()
+            .and_then(|c| lumen_api::cluster_name::parse_inbound(&c.name))
+            .map_or_else(String::new, |p| format!(":{p}"));
+        if let Some(o) = req.extensions().get::<Observation>() {
+            o.update(|o| {
+                let l = &mut o.labels;
+                let unknown = || "unknown".to_string();
+                l.source_workload = workload.clone().unwrap_or_else(unknown);
+                l.source_workload_namespace = namespace.clone().unwrap_or_else(unknown);
+                l.source_app = caller.clone().unwrap_or_else(unknown);
+                l.source_version = version.clone().unwrap_or_else(unknown);
+                if let Some(s) = &service {
+                    l.destination_service = s.clone();
+                }
+                let svc = l.destination_service.clone();
+                let mut parts = svc.split('.');
+                l.destination_service_name = parts.next().unwrap_or_default().to_string();
+                if let Some(ns) = parts.next() {
+                    l.destination_service_namespace = ns.to_string();
+                }
+                o.span.name = format!("{svc}{port}/*");
+                // The caller, as its sidecar told: edges of the service graph are counted
+                // here, on the server side, which also knows its own version. A caller
+                // outside the mesh (no sidecar said who it is) makes no edge.
+                if caller.is_some() {
+                    let a = &mut o.span.attributes;
+                    a.push(("peer.service", AttrValue::Str(l.source_app.clone())));
+                    a.push((
+                        span_attributes::SOURCE_WORKLOAD,
+                        AttrValue::Str(l.source_workload.clone()),
+                    ));
+                    a.push((
+                        span_attributes::SOURCE_VERSION,
+                        AttrValue::Str(l.source_version.clone()),
+                    ));
+                    a.push((
+                        span_attributes::SOURCE_NAMESPACE,
+                        AttrValue::Str(l.source_workload_namespace.clone()),
+                    ));
+                }
+                if let Some(v) = config.versions.get("CDS") {
+                    o.span
+                        .attributes
+                        .push((span_attributes::CONFIG_VERSION, AttrValue::Str(v.clone())));
+                }
+            });
+        }
+        strip_lumen_headers(req.headers_mut());
+        let endpoint = cluster.as_ref().and_then(|c| c.pick().cloned()).ok_or_else(|| {
+            ProxyError::new(
+                flags::NO_CLUSTER,
+                StatusCode::SERVICE_UNAVAILABLE,
+                Fault::Proxy,
+                "no inbound cluster for the local app (has the control plane sent its configuration?)",
+            )
+        })?;
+        req.extensions_mut().insert(endpoint);
+        Ok(())
+    }
+}

@@ -1,0 +1,61 @@
+//! The data path as tower stacks, one per direction, each assembled here and nowhere else.
+//! Outside in:
+//!
+//! - outbound (the local app calling out): [`local_reply`] → [`observe`] (a client span and
+//!   `reporter="source"` metrics) → [`trace_context`] → [`route`] → [`balance`] → [`connect`];
+//! - inbound (a caller reaching the local app): [`local_reply`] → [`observe`] (a server span,
+//!   `reporter="destination"`) → [`trace_context`] → [`inbound`] (the caller's identity, the
+//!   local endpoint) → [`connect`].
+//!
+//! Every layer fails with one [`error::ProxyError`]; the outermost layer turns it into the
+//! proxy's own reply. A new concern (retries, timeouts, faults, authorization) is one more
+//! layer here. Accepting connections and draining them is `crate::server`'s.
+
+pub mod balance;
+pub mod connect;
+pub mod error;
+pub mod inbound;
+pub mod local_reply;
+pub mod observe;
+pub mod route;
+pub mod step;
+pub mod trace_context;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use tower::util::BoxCloneSyncService;
+
+use crate::server::Body;
+use crate::telemetry::Reporter;
+use crate::xds::ConfigRx;
+use observe::Direction;
+use step::StepLayer;
+
+/// A whole stack: never fails (failures are replies).
+pub type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
+
+/// The local app calling out.
+pub fn outbound(config: ConfigRx, reporter: Arc<Reporter>, connect: connect::Connect) -> Stack {
+    let me = reporter.identity().clone();
+    let stack = tower::ServiceBuilder::new()
+        .layer(local_reply::LocalReplyLayer)
+        .layer(observe::ObserveLayer::new(reporter, Direction::Outbound))
+        .layer(StepLayer(trace_context::TraceContext))
+        .layer(StepLayer(route::Route::new(config)))
+        .layer(StepLayer(balance::Balance::new(me)))
+        .service(connect);
+    BoxCloneSyncService::new(stack)
+}
+
+/// A caller reaching the local app.
+pub fn inbound(config: ConfigRx, reporter: Arc<Reporter>, connect: connect::Connect) -> Stack {
+    let stack = tower::ServiceBuilder::new()
+        .layer(local_reply::LocalReplyLayer)
+        .layer(observe::ObserveLayer::new(reporter, Direction::Inbound))
+        .layer(StepLayer(trace_context::TraceContext))
+        .layer(StepLayer(inbound::Inbound::new(config)))
+        .service(connect);
+    BoxCloneSyncService::new(stack)
+}

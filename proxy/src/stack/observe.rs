@@ -1,0 +1,387 @@
+//! Request telemetry: one span and one metrics sample per request, whatever happens to it.
+//! The layer starts the record (Istio's labels with this proxy's side filled in, the span
+//! with the request's HTTP attributes) and puts an [`Observation`] in the request's
+//! extensions; the layers inside fill in what they learn (the trace context, the route, the
+//! endpoint, the caller). When the response body is done (or dropped), or when an inner layer
+//! fails, the record is finished with the status, the response flag, the sizes and, for a
+//! failure, the reason.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+
+use super::error::{ProxyError, flags};
+use crate::http::{host_only, span_attributes};
+use crate::server::Body;
+use crate::telemetry::{AttrValue, Reporter, RequestLabels, Sizes, SpanRecord};
+use crate::trace::SpanContext;
+
+/// Which side of the pod a stack serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The local app calling out (a client span, `reporter="source"`).
+    Outbound,
+    /// A caller reaching the local app (a server span, `reporter="destination"`).
+    Inbound,
+}
+
+/// What one request's record holds while it is being served.
+#[derive(Debug)]
+pub struct Observed {
+    pub labels: RequestLabels,
+    pub span: SpanRecord,
+}
+
+/// The request's record, shared by the layers that fill it in (in the request's extensions).
+#[derive(Debug, Clone)]
+pub struct Observation {
+    record: Arc<Mutex<Option<Observed>>>,
+    /// Request body bytes sent upstream (counted by the connector).
+    pub request_bytes: Arc<AtomicU64>,
+}
+
+impl Observation {
+    /// Changes the record (nothing once it is finished).
+    pub fn update(&self, f: impl FnOnce(&mut Observed)) {
+        if let Ok(mut guard) = self.record.lock()
+            && let Some(o) = guard.as_mut()
+        {
+            f(o);
+        }
+    }
+
+    fn take(&self) -> Option<Observed> {
+        self.record.lock().ok().and_then(|mut g| g.take())
+    }
+
+    /// A record for a layer tested on its own.
+    pub fn for_test(direction: Direction) -> Observation {
+        let start = SystemTime::now();
+        Observation {
+            record: Arc::new(Mutex::new(Some(Observed {
+                labels: RequestLabels::default(),
+                span: SpanRecord {
+                    context: UNSET,
+                    parent: None,
+                    name: String::new(),
+                    kind: kind_of(direction),
+                    start,
+                    end: start,
+                    error: false,
+                    attributes: Vec::new(),
+                },
+            }))),
+            request_bytes: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The record as it stands (for tests).
+    pub fn snapshot(&self) -> Option<(RequestLabels, Vec<(&'static str, AttrValue)>)> {
+        self.record.lock().ok().and_then(|g| {
+            g.as_ref()
+                .map(|o| (o.labels.clone(), o.span.attributes.clone()))
+        })
+    }
+}
+
+/// The span context before the trace layer sets it.
+const UNSET: SpanContext = SpanContext {
+    trace_id: [0; 16],
+    span_id: [0; 8],
+    sampled: false,
+};
+
+fn kind_of(direction: Direction) -> SpanKind {
+    match direction {
+        Direction::Outbound => SpanKind::Client,
+        Direction::Inbound => SpanKind::Server,
+    }
+}
+
+/// OpenTelemetry HTTP conventions: 4xx is an error for clients, only 5xx for servers.
+pub fn is_error(kind: SpanKind, status: StatusCode) -> bool {
+    status.is_server_error() || (kind == SpanKind::Client && status.is_client_error())
+}
+
+#[derive(Debug, Clone)]
+pub struct ObserveLayer {
+    reporter: Arc<Reporter>,
+    direction: Direction,
+}
+
+impl ObserveLayer {
+    pub fn new(reporter: Arc<Reporter>, direction: Direction) -> ObserveLayer {
+        ObserveLayer {
+            reporter,
+            direction,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            reporter: self.reporter.clone(),
+            direction: self.direction,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+    reporter: Arc<Reporter>,
+    direction: Direction,
+}
+
+/// The `Host` (or the URI's authority).
+pub fn authority_of<B>(req: &Request<B>) -> String {
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default()
+}
+
+impl<S> Observe<S> {
+    fn start<B>(&self, req: &Request<B>) -> Observed {
+        let start = SystemTime::now();
+        let authority = authority_of(req);
+        let path = req.uri().path();
+        let me = self.reporter.identity();
+        let unknown = || "unknown".to_string();
+        let labels = match self.direction {
+            Direction::Outbound => RequestLabels {
+                reporter: "source",
+                source_workload: me.workload.clone(),
+                source_workload_namespace: me.namespace.clone(),
+                source_app: me.app.clone(),
+                source_version: me.version.clone(),
+                request_protocol: "http",
+                destination_service: host_only(&authority).to_string(),
+                destination_service_name: unknown(),
+                destination_service_namespace: unknown(),
+                destination_workload: unknown(),
+                destination_workload_namespace: unknown(),
+                destination_app: unknown(),
+                destination_version: unknown(),
+                ..Default::default()
+            },
+            Direction::Inbound => RequestLabels {
+                reporter: "destination",
+                source_workload: unknown(),
+                source_workload_namespace: unknown(),
+                source_app: unknown(),
+                source_version: unknown(),
+                destination_workload: me.workload.clone(),
+                destination_workload_namespace: me.namespace.clone(),
+                destination_app: me.app.clone(),
+                destination_version: me.version.clone(),
+                destination_service: host_only(&authority).to_string(),
+                destination_service_name: unknown(),
+                destination_service_namespace: me.namespace.clone(),
+                request_protocol: "http",
+                ..Default::default()
+            },
+        };
+        let span = SpanRecord {
+            context: UNSET,
+            parent: None,
+            name: format!("{authority}/*"),
+            kind: kind_of(self.direction),
+            start,
+            end: start,
+            error: false,
+            attributes: vec![
+                (
+                    "http.request.method",
+                    AttrValue::Str(req.method().to_string()),
+                ),
+                ("url.path", AttrValue::Str(path.to_string())),
+                (
+                    "server.address",
+                    AttrValue::Str(host_only(&authority).to_string()),
+                ),
+            ],
+        };
+        Observed { labels, span }
+    }
+}
+
+impl<S> tower::Service<Request<Body>> for Observe<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        let started = Instant::now();
+        let observation = Observation {
+            record: Arc::new(Mutex::new(Some(self.start(&req)))),
+            request_bytes: Arc::new(AtomicU64::new(0)),
+        };
+        req.extensions_mut().insert(observation.clone());
+        let fut = self.inner.call(req);
+        let reporter = self.reporter.clone();
+        Box::pin(async move {
+            let result = fut.await;
+            let Some(Observed {
+                mut labels,
+                mut span,
+            }) = observation.take()
+            else {
+                return result;
+            };
+            let (status, flag) = match &result {
+                Ok(resp) => (resp.status(), flags::NONE),
+                Err(e) => (e.status, e.flag),
+            };
+            labels.response_code = status.as_u16();
+            labels.response_flags = flag.to_string();
+            span.error = is_error(span.kind, status);
+            span.attributes.push((
+                "http.response.status_code",
+                AttrValue::Int(i64::from(status.as_u16())),
+            ));
+            span.attributes
+                .push(("response_flags", AttrValue::Str(flag.to_string())));
+            let mut finish = Finish {
+                reporter,
+                labels,
+                span: Some(span),
+                started,
+                request_bytes: observation.request_bytes,
+                response_bytes: 0,
+            };
+            match result {
+                Ok(resp) => Ok(resp.map(|inner| {
+                    Counted {
+                        inner,
+                        count: finish,
+                    }
+                    .boxed()
+                })),
+                Err(e) => {
+                    // The local reply: its body is what the client gets.
+                    finish.response_bytes = e.body().len() as u64;
+                    if let Some(span) = finish.span.as_mut() {
+                        span.attributes
+                            .push((span_attributes::REASON, AttrValue::Str(e.reason.clone())));
+                    }
+                    drop(finish);
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+/// Everything to record once the response is done; recorded on drop so a response the
+/// client abandons is still counted.
+struct Finish {
+    reporter: Arc<Reporter>,
+    labels: RequestLabels,
+    /// Taken (not cloned) when the request is recorded.
+    span: Option<SpanRecord>,
+    started: Instant,
+    request_bytes: Arc<AtomicU64>,
+    /// Response body bytes sent back.
+    response_bytes: u64,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let sizes = Sizes {
+            request: self.request_bytes.load(Ordering::Relaxed),
+            response: self.response_bytes,
+        };
+        self.reporter
+            .request(std::mem::take(&mut self.labels), elapsed, sizes);
+        if let Some(mut span) = self.span.take() {
+            span.end = span.start + elapsed;
+            for (key, n) in [
+                ("http.request.body.size", sizes.request),
+                ("http.response.body.size", sizes.response),
+            ] {
+                span.attributes
+                    .push((key, AttrValue::Int(i64::try_from(n).unwrap_or(i64::MAX))));
+            }
+            self.reporter.span(span);
+        }
+    }
+}
+
+/// Where a counted body adds the bytes it passes: a shared counter (the request body, sent
+/// by the client's task), or the request's [`Finish`] itself (the response body, which also
+/// records the request when it is finished with).
+pub trait CountInto: Unpin {
+    fn add(&mut self, bytes: u64);
+}
+
+impl CountInto for Arc<AtomicU64> {
+    fn add(&mut self, bytes: u64) {
+        self.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+impl CountInto for Finish {
+    fn add(&mut self, bytes: u64) {
+        self.response_bytes += bytes;
+    }
+}
+
+/// A body that counts the data bytes it passes into `count`.
+pub struct Counted<B, C> {
+    pub inner: B,
+    pub count: C,
+}
+
+impl<B, C> hyper::body::Body for Counted<B, C>
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin,
+    C: CountInto,
+{
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.count.add(data.len() as u64);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}

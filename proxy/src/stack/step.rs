@@ -1,0 +1,64 @@
+//! The shape most layers of the stack share: look at the request, learn or decide something,
+//! write it into the request (headers, extensions, the [`Observation`]) or fail with a
+//! [`ProxyError`], then hand the request on. A [`Step`] is that decision; [`StepLayer`] makes
+//! it a tower layer, so each concern stays a small type in its own file, tested on its own.
+//!
+//! [`Observation`]: super::observe::Observation
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+
+use super::error::ProxyError;
+use crate::server::Body;
+
+/// One decision on the way in.
+pub trait Step: Clone + Send + Sync + 'static {
+    fn prepare(&self, req: &mut Request<Body>) -> Result<(), ProxyError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct StepLayer<T>(pub T);
+
+impl<T: Step, S> tower::Layer<S> for StepLayer<T> {
+    type Service = StepService<T, S>;
+
+    fn layer(&self, inner: S) -> StepService<T, S> {
+        StepService {
+            step: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StepService<T, S> {
+    step: T,
+    inner: S,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+impl<T, S> tower::Service<Request<Body>> for StepService<T, S>
+where
+    T: Step,
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+        match self.step.prepare(&mut req) {
+            Ok(()) => Box::pin(self.inner.call(req)),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+}
