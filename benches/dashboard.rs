@@ -103,7 +103,7 @@ async fn bench_store(dir: std::path::PathBuf, runs: usize) {
     let body: Value = reqwest::Client::new()
         .post(format!("{base}/api/v1/sql"))
         .json(&json!({"sql": format!(
-            "SELECT trace_id FROM spans WHERE service_name = 'ratings' AND status_code = 'error' \
+            "SELECT trace_id FROM spans WHERE service_name = 'ratings' AND http_response_status_code = 500 \
              AND start_time >= to_timestamp({noon}) AND start_time < to_timestamp({one}) LIMIT 1"
         )}))
         .send()
@@ -114,7 +114,7 @@ async fn bench_store(dir: std::path::PathBuf, runs: usize) {
         .expect("json");
     let trace = body["rows"][0]["trace_id"]
         .as_str()
-        .unwrap_or_else(|| panic!("no failed ratings request at noon: {body}"))
+        .unwrap_or_else(|| panic!("no ratings request that answered 500 at noon: {body}"))
         .to_string();
     let (us0, us1) = (noon * 1_000_000, one * 1_000_000);
     let plan = json!({

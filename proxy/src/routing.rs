@@ -308,6 +308,15 @@ impl Route {
 }
 
 impl Cluster {
+    /// A cluster with these endpoints (inline, not from EDS).
+    pub fn new(name: impl Into<String>, endpoints: Vec<Endpoint>) -> Cluster {
+        Cluster {
+            name: name.into(),
+            endpoints,
+            ..Default::default()
+        }
+    }
+
     /// Round-robin choice of an endpoint.
     pub fn pick(&self) -> Option<&Endpoint> {
         if self.endpoints.is_empty() {
@@ -591,10 +600,10 @@ impl TryFrom<xroute::Route> for Route {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn endpoint(ip: &str, workload: &str) -> Endpoint {
+    pub(crate) fn endpoint(ip: &str, workload: &str) -> Endpoint {
         let app_addr: SocketAddr = format!("{ip}:9080").parse().expect("addr");
         Endpoint {
             app_addr,
@@ -607,7 +616,9 @@ mod tests {
         }
     }
 
-    fn config() -> MeshConfig {
+    /// reviews on 9080: `end-user: jason` to v2, the rest split 50/50 over v1 (two
+    /// endpoints) and v2 (one).
+    pub(crate) fn config() -> MeshConfig {
         let mut cfg = MeshConfig::default();
         cfg.routes.insert(
             "9080".into(),

@@ -189,6 +189,14 @@ pub struct Reporter {
 #[derive(Debug)]
 pub struct SpanQueue(mpsc::Receiver<SpanRecord>);
 
+impl SpanQueue {
+    /// The next queued span, if one is waiting (for tests and tools; the exporter drains
+    /// the queue itself).
+    pub fn try_recv(&mut self) -> Option<SpanRecord> {
+        self.0.try_recv().ok()
+    }
+}
+
 /// How the exporter batches.
 #[derive(Debug, Clone)]
 pub struct ExportOptions {

@@ -21,6 +21,9 @@ pub mod route;
 pub mod step;
 pub mod trace_context;
 
+#[cfg(test)]
+mod tests;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 

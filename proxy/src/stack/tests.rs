@@ -1,0 +1,445 @@
+//! Each layer on its own with `oneshot` (the layers inside it replaced by a closure that
+//! shows what reached it), then both stacks whole against a real upstream.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::watch;
+use tower::{Layer, ServiceExt};
+
+use super::error::{Fault, ProxyError, flags};
+use super::observe::{Direction, Observation, ObserveLayer};
+use super::step::StepLayer;
+use super::*;
+use crate::http::{peer_headers, text_body};
+use crate::routing::{Endpoint, MeshConfig};
+use crate::server::Body;
+use crate::telemetry::{AttrValue, Identity, SpanQueue};
+
+fn identity(app: &str, version: &str) -> Identity {
+    Identity {
+        workload: format!("{app}-{version}"),
+        namespace: "default".into(),
+        app: app.into(),
+        version: version.into(),
+        pod: format!("{app}-{version}-0"),
+    }
+}
+
+fn reporter(app: &str) -> (Arc<Reporter>, SpanQueue) {
+    let (r, q) = Reporter::new(identity(app, "v1"), 64);
+    (Arc::new(r), q)
+}
+
+fn config_rx(cfg: MeshConfig) -> crate::xds::ConfigRx {
+    let (tx, rx) = watch::channel(Arc::new(cfg));
+    // The sender may go: the receiver keeps the last value.
+    drop(tx);
+    rx
+}
+
+fn get(host: &str, path: &str) -> Request<Body> {
+    Request::builder()
+        .uri(path)
+        .header("host", host)
+        .body(text_body(""))
+        .expect("request")
+}
+
+/// What [`capture`] saw.
+type Seen = Arc<Mutex<Option<Request<Body>>>>;
+
+/// A closure service that keeps the request it was given and answers 200 "ok".
+#[allow(clippy::type_complexity)]
+fn capture() -> (
+    impl tower::Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = ProxyError,
+        Future = impl Send + 'static,
+    > + Clone,
+    Seen,
+) {
+    let seen: Arc<Mutex<Option<Request<Body>>>> = Arc::new(Mutex::new(None));
+    let keep = seen.clone();
+    let svc = tower::service_fn(move |req: Request<Body>| {
+        let keep = keep.clone();
+        async move {
+            if let Ok(mut k) = keep.lock() {
+                *k = Some(req);
+            }
+            Ok::<_, ProxyError>(Response::new(text_body("ok")))
+        }
+    });
+    (svc, seen)
+}
+
+fn attr<'a>(attrs: &'a [(&'static str, AttrValue)], key: &str) -> Option<&'a AttrValue> {
+    attrs.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+}
+
+#[tokio::test]
+async fn observe_records_a_span_and_a_sample_when_the_body_is_done() {
+    let (reporter, mut queue) = reporter("productpage");
+    let ok = tower::service_fn(|req: Request<Body>| async move {
+        // Inner layers fill in what they learn.
+        let o = req
+            .extensions()
+            .get::<Observation>()
+            .cloned()
+            .expect("observation");
+        o.update(|o| o.labels.destination_app = "reviews".into());
+        Ok::<_, ProxyError>(Response::new(text_body("hello")))
+    });
+    let svc = ObserveLayer::new(reporter.clone(), Direction::Outbound).layer(ok);
+    let resp = svc
+        .oneshot(get("reviews:9080", "/reviews/1"))
+        .await
+        .expect("ok");
+    assert!(
+        queue.try_recv().is_none(),
+        "nothing recorded before the body is sent"
+    );
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(body, "hello");
+    let span = queue.try_recv().expect("a span once the body is done");
+    assert_eq!(
+        attr(&span.attributes, "http.response.status_code"),
+        Some(&AttrValue::Int(200))
+    );
+    assert_eq!(
+        attr(&span.attributes, "http.response.body.size"),
+        Some(&AttrValue::Int(5))
+    );
+    assert_eq!(
+        attr(&span.attributes, "url.path"),
+        Some(&AttrValue::Str("/reviews/1".into()))
+    );
+    assert!(!span.error);
+    let text = reporter.prometheus_text();
+    assert!(
+        text.contains(r#"reporter="source",source_workload="productpage-v1""#)
+            && text.contains(r#"destination_app="reviews""#)
+            && text.contains(r#"response_code="200""#),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn observe_records_a_failure_with_its_flag_and_reason_and_passes_it_on() {
+    let (reporter, mut queue) = reporter("productpage");
+    let failing = tower::service_fn(|_: Request<Body>| async {
+        Err::<Response<Body>, _>(ProxyError::new(
+            flags::UPSTREAM_TIMEOUT,
+            StatusCode::GATEWAY_TIMEOUT,
+            Fault::Upstream,
+            "upstream 127.0.0.9:9080 did not answer within 15s",
+        ))
+    });
+    let svc = ObserveLayer::new(reporter.clone(), Direction::Outbound).layer(failing);
+    let err = svc.oneshot(get("reviews", "/")).await.expect_err("fails");
+    assert_eq!(err.flag, "UT");
+    let span = queue.try_recv().expect("recorded at once");
+    assert!(span.error);
+    assert_eq!(
+        attr(&span.attributes, "response_flags"),
+        Some(&AttrValue::Str("UT".into()))
+    );
+    assert_eq!(
+        attr(&span.attributes, "lumen.reason"),
+        Some(&AttrValue::Str(
+            "upstream 127.0.0.9:9080 did not answer within 15s".into()
+        ))
+    );
+    assert!(
+        reporter
+            .prometheus_text()
+            .contains(r#"response_flags="UT""#)
+    );
+}
+
+#[tokio::test]
+async fn route_picks_the_cluster_and_names_the_service_or_fails_with_nr() {
+    let (inner, seen) = capture();
+    let route = StepLayer(route::Route::new(
+        config_rx(crate::routing::tests::config()),
+    ));
+    let o = Observation::for_test(Direction::Outbound);
+    let mut req = get("reviews:9080", "/reviews/0");
+    req.headers_mut()
+        .insert("end-user", "jason".parse().expect("value"));
+    req.extensions_mut().insert(o.clone());
+    route
+        .layer(inner.clone())
+        .oneshot(req)
+        .await
+        .expect("routed");
+    let reached = seen.lock().expect("lock").take().expect("reached inside");
+    let target = reached
+        .extensions()
+        .get::<route::Target>()
+        .expect("a target");
+    assert_eq!(target.cluster.name, "v2", "jason goes to v2");
+    assert_eq!(target.service, "reviews.default.svc.cluster.local");
+    let (labels, attrs) = o.snapshot().expect("record");
+    assert_eq!(labels.destination_service_name, "reviews");
+    assert_eq!(labels.destination_service_namespace, "default");
+    assert_eq!(
+        attr(&attrs, "upstream_cluster"),
+        Some(&AttrValue::Str("v2".into()))
+    );
+
+    let err = route
+        .layer(inner)
+        .oneshot(get("nosuch:9080", "/"))
+        .await
+        .expect_err("no route");
+    assert_eq!(
+        (err.flag, err.status, err.fault),
+        ("NR", StatusCode::NOT_FOUND, Fault::Downstream)
+    );
+    assert!(
+        err.reason.contains("reviews.default.svc.cluster.local"),
+        "{}",
+        err.reason
+    );
+}
+
+#[tokio::test]
+async fn balance_picks_an_endpoint_sets_peer_headers_and_drops_forged_ones() {
+    let cfg = crate::routing::tests::config();
+    let cluster = cfg.clusters.get("v2").cloned().expect("v2");
+    let (inner, seen) = capture();
+    let balance = StepLayer(balance::Balance::new(identity("productpage", "v1")));
+    let mut req = get("reviews:9080", "/");
+    req.headers_mut()
+        .insert(peer_headers::APP, "forged".parse().expect("value"));
+    req.headers_mut()
+        .insert("x-lumen-anything", "forged".parse().expect("value"));
+    req.extensions_mut().insert(route::Target {
+        cluster,
+        service: "reviews.default.svc.cluster.local".into(),
+    });
+    balance
+        .layer(inner.clone())
+        .oneshot(req)
+        .await
+        .expect("balanced");
+    let reached = seen.lock().expect("lock").take().expect("reached");
+    let endpoint = reached.extensions().get::<Endpoint>().expect("an endpoint");
+    assert_eq!(endpoint.workload, "reviews-v2");
+    let h = reached.headers();
+    assert_eq!(h[peer_headers::APP], "productpage", "ours, not the app's");
+    assert_eq!(h[peer_headers::ORIGINAL_DST], "127.0.10.4:9080");
+    assert!(h.get("x-lumen-anything").is_none());
+
+    // A cluster with no endpoint: UH, the upstream's fault.
+    let empty = Arc::new(crate::routing::Cluster::new("empty", Vec::new()));
+    let mut req = get("reviews:9080", "/");
+    req.extensions_mut().insert(route::Target {
+        cluster: empty,
+        service: "reviews".into(),
+    });
+    let err = balance
+        .layer(inner)
+        .oneshot(req)
+        .await
+        .expect_err("no endpoint");
+    assert_eq!((err.flag, err.fault), ("UH", Fault::Upstream));
+}
+
+#[tokio::test]
+async fn inbound_reads_the_callers_identity_then_removes_it() {
+    let mut cfg = MeshConfig::default();
+    cfg.apply_clusters(vec![crate::routing::Cluster::new(
+        "inbound|9080||",
+        vec![crate::routing::tests::endpoint("127.0.0.1", "ratings-v1")],
+    )]);
+    cfg.versions.insert("CDS", "00000000000000c5".into());
+    let (inner, seen) = capture();
+    let layer = StepLayer(inbound::Inbound::new(config_rx(cfg)));
+    let o = Observation::for_test(Direction::Inbound);
+    let mut req = get("ratings:9080", "/ratings/0");
+    for (name, value) in [
+        (peer_headers::APP, "reviews"),
+        (peer_headers::VERSION, "v2"),
+        (peer_headers::WORKLOAD, "reviews-v2"),
+        (peer_headers::NAMESPACE, "default"),
+        (
+            peer_headers::DESTINATION_SERVICE,
+            "ratings.default.svc.cluster.local",
+        ),
+        (peer_headers::ORIGINAL_DST, "127.0.0.1:9080"),
+    ] {
+        req.headers_mut()
+            .insert(name, value.parse().expect("value"));
+    }
+    req.extensions_mut().insert(o.clone());
+    layer
+        .layer(inner.clone())
+        .oneshot(req)
+        .await
+        .expect("forwarded");
+    let reached = seen.lock().expect("lock").take().expect("reached");
+    assert!(
+        reached
+            .headers()
+            .keys()
+            .all(|k| !k.as_str().starts_with("x-lumen-")),
+        "the app sees no peer header"
+    );
+    assert!(reached.extensions().get::<Endpoint>().is_some());
+    let (labels, attrs) = o.snapshot().expect("record");
+    assert_eq!(
+        (labels.source_app.as_str(), labels.source_version.as_str()),
+        ("reviews", "v2")
+    );
+    assert_eq!(labels.destination_service_name, "ratings");
+    assert_eq!(
+        attr(&attrs, "peer.service"),
+        Some(&AttrValue::Str("reviews".into()))
+    );
+    assert_eq!(
+        attr(&attrs, "lumen.config.version"),
+        Some(&AttrValue::Str("00000000000000c5".into()))
+    );
+
+    // No configuration yet: NC, the proxy's fault.
+    let layer = StepLayer(inbound::Inbound::new(config_rx(MeshConfig::default())));
+    let err = layer
+        .layer(inner)
+        .oneshot(get("ratings", "/"))
+        .await
+        .expect_err("no cluster");
+    assert_eq!((err.flag, err.fault), ("NC", Fault::Proxy));
+}
+
+#[tokio::test]
+async fn connect_reports_a_refused_upstream_as_uf() {
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = closed.local_addr().expect("addr");
+    drop(closed);
+    let mut req = get("ratings", "/");
+    req.extensions_mut().insert(Endpoint {
+        app_addr: addr,
+        connect_addr: addr,
+        meshed: false,
+        workload: "ratings-v1".into(),
+        namespace: "default".into(),
+        app: "ratings".into(),
+        version: "v1".into(),
+    });
+    let err = connect::Connect::new()
+        .oneshot(req)
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        (err.flag, err.status, err.fault),
+        ("UF", StatusCode::SERVICE_UNAVAILABLE, Fault::Upstream)
+    );
+}
+
+/// An upstream that echoes the request's headers (name: value lines) after a moment.
+async fn echo_upstream(delay: std::time::Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::server::serve(
+        listener,
+        move |req: Request<hyper::body::Incoming>| async move {
+            tokio::time::sleep(delay).await;
+            let mut lines: Vec<String> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+                .collect();
+            lines.sort();
+            let mut resp = Response::new(text_body(lines.join("\n")));
+            resp.headers_mut()
+                .insert("connection", "x-upstream-secret".parse().expect("value"));
+            resp.headers_mut()
+                .insert("x-upstream-secret", "1".parse().expect("value"));
+            resp
+        },
+        stop,
+    ));
+    addr
+}
+
+#[tokio::test]
+async fn the_outbound_stack_carries_a_request_end_to_end_and_replies_for_failures() {
+    let upstream = echo_upstream(std::time::Duration::ZERO).await;
+    let mut cfg = crate::routing::tests::config();
+    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "reviews-v2");
+    endpoint.app_addr = upstream;
+    endpoint.connect_addr = upstream;
+    cfg.apply_endpoints(vec![("v2".into(), vec![endpoint])]);
+    cfg.versions.insert("RDS", "00000000000000r1".into());
+    let (reporter, mut queue) = reporter("productpage");
+    let stack = outbound(config_rx(cfg), reporter, connect::Connect::new());
+
+    let mut req = get("reviews:9080", "/reviews/0");
+    req.headers_mut()
+        .insert("end-user", "jason".parse().expect("value"));
+    req.headers_mut()
+        .insert("connection", "x-hop".parse().expect("value"));
+    req.headers_mut()
+        .insert("x-hop", "1".parse().expect("value"));
+    let resp = stack.clone().oneshot(req).await.expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers().get("x-upstream-secret").is_none(),
+        "hop-by-hop both ways"
+    );
+    let echoed = resp.into_body().collect().await.expect("body").to_bytes();
+    let echoed = String::from_utf8_lossy(&echoed);
+    assert!(echoed.contains("traceparent: 00-"), "{echoed}");
+    assert!(echoed.contains("x-lumen-peer-app: productpage"), "{echoed}");
+    assert!(!echoed.contains("x-hop"), "{echoed}");
+    let span = queue.try_recv().expect("span");
+    assert_eq!(
+        attr(&span.attributes, "lumen.config.version"),
+        Some(&AttrValue::Str("00000000000000r1".into()))
+    );
+    assert_ne!(span.context.trace_id, [0; 16], "the trace layer placed it");
+
+    // No route: the reply says so, with the flag and whose fault.
+    let resp = stack
+        .oneshot(get("nosuch:9080", "/"))
+        .await
+        .expect("infallible");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(resp.headers()["x-lumen-response-flags"], "NR");
+    assert_eq!(resp.headers()["x-lumen-fault"], "downstream");
+}
+
+#[tokio::test]
+async fn an_upstream_that_does_not_answer_in_time_is_ut() {
+    let upstream = echo_upstream(std::time::Duration::from_secs(5)).await;
+    let mut cfg = MeshConfig::default();
+    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "ratings-v1");
+    endpoint.connect_addr = upstream;
+    endpoint.app_addr = upstream;
+    cfg.apply_clusters(vec![crate::routing::Cluster::new(
+        "inbound|9080||",
+        vec![endpoint],
+    )]);
+    let (reporter, _queue) = reporter("ratings");
+    let stack = inbound(
+        config_rx(cfg),
+        reporter,
+        connect::Connect::new().with_timeout(std::time::Duration::from_millis(100)),
+    );
+    let resp = stack
+        .oneshot(get("ratings:9080", "/"))
+        .await
+        .expect("infallible");
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(resp.headers()["x-lumen-response-flags"], "UT");
+}
