@@ -11,7 +11,6 @@ use lumen::demo::{self, DemoOptions};
 use lumen_control::{ConfigSource, Control, ControlOptions};
 use lumen_telemetry::meshmetrics::MeshMetricsOptions;
 use lumen_telemetry::{QueryLimits, StoreOptions, Telemetry, TelemetryOptions};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -166,35 +165,6 @@ fn parse_subnet(s: &str) -> Result<[u8; 3], String> {
     }
 }
 
-/// A token cancelled on Ctrl-C or SIGTERM.
-fn shutdown_on_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let ctrl_c = tokio::signal::ctrl_c();
-        #[cfg(unix)]
-        {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(_) => {
-                        let _ = ctrl_c.await;
-                        t.cancel();
-                        return;
-                    }
-                };
-            tokio::select! {
-                _ = ctrl_c => {}
-                _ = term.recv() => {}
-            }
-        }
-        #[cfg(not(unix))]
-        let _ = ctrl_c.await;
-        t.cancel();
-    });
-    token
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -272,7 +242,9 @@ async fn main() -> anyhow::Result<()> {
                     control_url: args.control_url,
                 },
             );
-            telemetry.run(dashboard, shutdown_on_signal()).await?;
+            telemetry
+                .run(dashboard, lumen_proxy::shutdown_on_signal())
+                .await?;
             Ok(())
         }
         Command::Control(args) => {
@@ -287,7 +259,7 @@ async fn main() -> anyhow::Result<()> {
                 control.xds_addr().unwrap_or(args.xds),
                 control.http_addr().unwrap_or(args.http)
             );
-            control.run(shutdown_on_signal()).await?;
+            control.run(lumen_proxy::shutdown_on_signal()).await?;
             Ok(())
         }
         Command::Version => {
@@ -308,7 +280,7 @@ async fn run_demo(args: DemoArgs) -> anyhow::Result<()> {
     options.control_http_addr = args.control_http;
     options.rate_per_s = args.rate;
     options.load_duration = args.duration.map(Duration::from_secs);
-    let shutdown = shutdown_on_signal();
+    let shutdown = lumen_proxy::shutdown_on_signal();
     let running = demo::start(options, |line| println!("{line}")).await?;
     println!("dashboard: {}", running.dashboard_url());
     shutdown.cancelled().await;

@@ -9,6 +9,7 @@ pub mod config;
 pub mod http;
 pub mod routing;
 pub mod server;
+pub mod signal;
 pub mod stack;
 pub mod telemetry;
 pub mod trace;
@@ -25,6 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ProxyConfig;
+pub use signal::shutdown_on_signal;
 pub use telemetry::{ExportOptions, Identity};
 
 /// Why the proxy could not start.

@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use lumen_proxy::{ExportOptions, Proxy, ProxyConfig};
-use tokio_util::sync::CancellationToken;
+use lumen_proxy::{ExportOptions, Proxy, ProxyConfig, shutdown_on_signal};
 
 /// Lumen sidecar proxy.
 #[derive(Parser)]
@@ -25,12 +24,6 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let config = ProxyConfig::from_bootstrap_file(&args.config)?;
     let proxy = Proxy::bind(config, ExportOptions::default()).await?;
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        stop.cancel();
-    });
-    proxy.run(shutdown).await;
+    proxy.run(shutdown_on_signal()).await;
     Ok(())
 }

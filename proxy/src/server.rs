@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 /// The body type every proxy response uses.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// How long in-flight connections get to finish after shutdown is asked for.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long in-flight connections get to finish after shutdown is asked for (Istio's
+/// default `terminationDrainDuration`).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves HTTP/1.1 on `listener` with a data-path stack until `shutdown`, then drains.
 pub async fn serve_stack(
