@@ -9,12 +9,20 @@ use tokio::sync::watch;
 
 use crate::http::{DataPath, text_body};
 use crate::routing::{PathMatch, RouteConfig};
-use crate::server::Body;
+use crate::server::{Body, ConnStats};
+
+/// Connection counters of the data-path listeners.
+#[derive(Debug, Clone, Default)]
+pub struct Conns {
+    pub outbound: Arc<ConnStats>,
+    pub inbound: Arc<ConnStats>,
+}
 
 /// State the admin endpoints read.
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub data: Arc<DataPath>,
+    pub conns: Conns,
     pub ready: watch::Receiver<bool>,
     pub node_id: String,
 }
@@ -44,6 +52,8 @@ impl Admin {
                     "lumen_proxy_dropped_spans_total {}\n",
                     self.data.reporter.dropped_spans()
                 ));
+                self.conns.outbound.prometheus("outbound", &mut text);
+                self.conns.inbound.prometheus("inbound", &mut text);
                 reply(StatusCode::OK, "text/plain; version=0.0.4", text)
             }
             _ => reply(

@@ -28,6 +28,8 @@ pub struct ProxyConfig {
     pub xds_endpoint: String,
     /// `http://host:port` of the OTLP/gRPC receiver, if telemetry is exported.
     pub otlp_endpoint: Option<String>,
+    /// What the outbound and inbound listeners allow a client.
+    pub limits: crate::server::Limits,
 }
 
 /// Errors reading a bootstrap file.
@@ -67,6 +69,7 @@ impl ProxyConfig {
             identity,
             xds_endpoint,
             otlp_endpoint,
+            limits: crate::server::Limits::default(),
         }
     }
 
@@ -160,6 +163,7 @@ impl ProxyConfig {
             identity,
             xds_endpoint: format!("http://{xds}"),
             otlp_endpoint: cluster_addr("lumen-telemetry").map(|a| format!("http://{a}")),
+            limits: crate::server::Limits::default(),
         })
     }
 }

@@ -111,10 +111,24 @@ impl Proxy {
             let stop = export_stop.clone();
             tokio::spawn(async move { reporter.export_loop(queue, options, stop).await })
         };
-        let outbound = server::serve_stack(self.outbound, data.outbound(), shutdown.clone());
-        let inbound = server::serve_stack(self.inbound, data.inbound(), shutdown.clone());
+        let conns = admin::Conns::default();
+        let outbound = server::serve_stack(
+            self.outbound,
+            data.outbound(),
+            self.config.limits,
+            conns.outbound.clone(),
+            shutdown.clone(),
+        );
+        let inbound = server::serve_stack(
+            self.inbound,
+            data.inbound(),
+            self.config.limits,
+            conns.inbound.clone(),
+            shutdown.clone(),
+        );
         let admin_state = admin::Admin {
             data,
+            conns,
             ready: ready_rx,
             node_id: self.config.node_id.clone(),
         };

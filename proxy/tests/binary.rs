@@ -78,6 +78,14 @@ fn proxy_without_control_plane_fails_clearly_and_stops_cleanly() {
         scrape.contains(r#"istio_requests_total{reporter="source""#),
         "{scrape}"
     );
+    // The listeners' connection counters: one outbound and one inbound connection so far.
+    for line in [
+        r#"lumen_proxy_connections_accepted_total{listener="outbound"} 1"#,
+        r#"lumen_proxy_connections_accepted_total{listener="inbound"} 1"#,
+        r#"lumen_proxy_connections_rejected_total{listener="outbound"} 0"#,
+    ] {
+        assert!(scrape.contains(line), "{line} in {scrape}");
+    }
     assert!(
         scrape.contains(r#"response_code="404",grpc_response_status="",response_flags="NR""#),
         "{scrape}"
