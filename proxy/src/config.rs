@@ -34,6 +34,9 @@ pub struct ProxyConfig {
     /// clusters are the whole configuration, no control plane is asked, and the sidecar's
     /// outbound and inbound listeners are not opened.
     pub statics: Option<crate::bootstrap::StaticConfig>,
+    /// What the proxy records: node metadata `LUMEN_TRACE_SAMPLING` (percent of new traces,
+    /// Istio's `sampling`; 0 turns spans off) and `LUMEN_METRICS` (`false` turns them off).
+    pub switches: crate::telemetry::Switches,
 }
 
 /// Errors reading a bootstrap file.
@@ -75,6 +78,7 @@ impl ProxyConfig {
             otlp_endpoint,
             limits: crate::server::Limits::default(),
             statics: None,
+            switches: crate::telemetry::Switches::default(),
         }
     }
 
@@ -156,6 +160,30 @@ impl ProxyConfig {
             sa.socket_addr("").ok()
         };
         let otlp_endpoint = cluster_addr("lumen-telemetry").map(|a| format!("http://{a}"));
+        let switches = crate::telemetry::Switches {
+            span_ratio: match meta_str("LUMEN_TRACE_SAMPLING") {
+                None => 1.0,
+                Some(v) => v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|p| (0.0..=100.0).contains(p))
+                    .map(|p| p / 100.0)
+                    .ok_or_else(|| {
+                        BootstrapError::Invalid(format!(
+                            "node.metadata.LUMEN_TRACE_SAMPLING: {v:?} is not a percentage from 0 to 100"
+                        ))
+                    })?,
+            },
+            metrics: match meta_str("LUMEN_METRICS").as_deref() {
+                None | Some("true") => true,
+                Some("false") => false,
+                Some(v) => {
+                    return Err(BootstrapError::Invalid(format!(
+                        "node.metadata.LUMEN_METRICS: {v:?} is neither true nor false"
+                    )));
+                }
+            },
+        };
         let port = |k: &str, d: u16| meta_str(k).and_then(|p| p.parse().ok()).unwrap_or(d);
         let Some(ads_cluster) = ads_cluster else {
             // Standalone: the node is whatever the file says; the process listens where its
@@ -184,6 +212,7 @@ impl ProxyConfig {
                 otlp_endpoint,
                 limits: crate::server::Limits::default(),
                 statics: Some(statics),
+                switches,
             });
         };
         let mut parts = node.id.split('~');
@@ -222,6 +251,7 @@ impl ProxyConfig {
             otlp_endpoint,
             limits: crate::server::Limits::default(),
             statics: None,
+            switches,
         })
     }
 }

@@ -117,7 +117,11 @@ impl Proxy {
     pub async fn run(self, shutdown: CancellationToken) {
         let (config_tx, config_rx) = watch::channel(Arc::new(routing::MeshConfig::default()));
         let (ready_tx, ready_rx) = watch::channel(false);
-        let (reporter, queue) = telemetry::Reporter::new(self.config.identity.clone(), 8192);
+        let (reporter, queue) = telemetry::Reporter::with_switches(
+            self.config.identity.clone(),
+            8192,
+            self.config.switches,
+        );
         let reporter = Arc::new(reporter);
         let data = Arc::new(http::DataPath::new(config_rx, reporter.clone()));
 

@@ -179,10 +179,31 @@ const HISTOGRAMS: [HistogramFamily; 3] = [
 #[derive(Debug)]
 pub struct Reporter {
     identity: Identity,
+    switches: Switches,
     spans: mpsc::Sender<SpanRecord>,
     series: Mutex<HashMap<RequestLabels, Series>>,
     start: SystemTime,
     dropped_spans: AtomicU64,
+}
+
+/// What the proxy records: spans for a share of new traces (a caller's sampling decision is
+/// kept as it came), and the Istio metrics, each of which can be off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Switches {
+    /// Share of the traces this proxy starts that it samples, 0 to 1 (Istio's `sampling`,
+    /// as a fraction); 0 turns span export off.
+    pub span_ratio: f64,
+    /// Istio's request metrics.
+    pub metrics: bool,
+}
+
+impl Default for Switches {
+    fn default() -> Self {
+        Switches {
+            span_ratio: 1.0,
+            metrics: true,
+        }
+    }
 }
 
 /// The receiving end of the span channel, consumed by [`Reporter::export_loop`].
@@ -220,10 +241,20 @@ impl Default for ExportOptions {
 
 impl Reporter {
     pub fn new(identity: Identity, queue_size: usize) -> (Reporter, SpanQueue) {
+        Reporter::with_switches(identity, queue_size, Switches::default())
+    }
+
+    /// A reporter recording only what `switches` allow.
+    pub fn with_switches(
+        identity: Identity,
+        queue_size: usize,
+        switches: Switches,
+    ) -> (Reporter, SpanQueue) {
         let (tx, rx) = mpsc::channel(queue_size);
         (
             Reporter {
                 identity,
+                switches,
                 spans: tx,
                 series: Mutex::new(HashMap::new()),
                 start: SystemTime::now(),
@@ -237,8 +268,21 @@ impl Reporter {
         &self.identity
     }
 
-    /// Queues a span; drops it (and counts the drop) when the exporter is behind.
+    pub fn switches(&self) -> Switches {
+        self.switches
+    }
+
+    /// Whether anything of a request is recorded at all.
+    pub fn records(&self) -> bool {
+        self.switches.metrics || self.switches.span_ratio > 0.0
+    }
+
+    /// Queues a span; drops it (and counts the drop) when the exporter is behind. An
+    /// unsampled span is not recorded.
     pub fn span(&self, span: SpanRecord) {
+        if !span.context.sampled || self.switches.span_ratio <= 0.0 {
+            return;
+        }
         if self.spans.try_send(span).is_err() {
             self.dropped_spans.fetch_add(1, Ordering::Relaxed);
         }
@@ -246,6 +290,9 @@ impl Reporter {
 
     /// Counts one finished request.
     pub fn request(&self, labels: RequestLabels, duration: Duration, sizes: Sizes) {
+        if !self.switches.metrics {
+            return;
+        }
         let ms = duration.as_secs_f64() * 1000.0;
         if let Ok(mut series) = self.series.lock() {
             let s = series.entry(labels).or_default();

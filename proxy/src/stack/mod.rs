@@ -42,10 +42,11 @@ pub type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
 /// The local app calling out.
 pub fn outbound(config: ConfigRx, reporter: Arc<Reporter>, connect: connect::Connect) -> Stack {
     let me = reporter.identity().clone();
+    let ratio = reporter.switches().span_ratio;
     let stack = tower::ServiceBuilder::new()
         .layer(local_reply::LocalReplyLayer)
         .layer(observe::ObserveLayer::new(reporter, Direction::Outbound))
-        .layer(StepLayer(trace_context::TraceContext))
+        .layer(StepLayer(trace_context::TraceContext { ratio }))
         .layer(StepLayer(route::Route::new(config)))
         .layer(StepLayer(balance::Balance::new(me)))
         .service(connect);
@@ -54,10 +55,11 @@ pub fn outbound(config: ConfigRx, reporter: Arc<Reporter>, connect: connect::Con
 
 /// A caller reaching the local app.
 pub fn inbound(config: ConfigRx, reporter: Arc<Reporter>, connect: connect::Connect) -> Stack {
+    let ratio = reporter.switches().span_ratio;
     let stack = tower::ServiceBuilder::new()
         .layer(local_reply::LocalReplyLayer)
         .layer(observe::ObserveLayer::new(reporter, Direction::Inbound))
-        .layer(StepLayer(trace_context::TraceContext))
+        .layer(StepLayer(trace_context::TraceContext { ratio }))
         .layer(StepLayer(inbound::Inbound::new(config)))
         .service(connect);
     BoxCloneSyncService::new(stack)

@@ -234,6 +234,10 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        // Telemetry off: nothing to record, nothing to fill in.
+        if !self.reporter.records() {
+            return Box::pin(self.inner.call(req));
+        }
         let started = Instant::now();
         let observation = Observation {
             record: Arc::new(Mutex::new(Some(self.start(&req)))),

@@ -93,7 +93,9 @@ async fn observe_records_a_span_and_a_sample_when_the_body_is_done() {
         o.update(|o| o.labels.destination_app = "reviews".into());
         Ok::<_, ProxyError>(Response::new(text_body("hello")))
     });
-    let svc = ObserveLayer::new(reporter.clone(), Direction::Outbound).layer(ok);
+    // With the trace layer inside, which gives the span its place (and sampling) in a trace.
+    let svc = ObserveLayer::new(reporter.clone(), Direction::Outbound)
+        .layer(StepLayer(trace_context::TraceContext::default()).layer(ok));
     let resp = svc
         .oneshot(get("reviews:9080", "/reviews/1"))
         .await
@@ -138,7 +140,8 @@ async fn observe_records_a_failure_with_its_flag_and_reason_and_passes_it_on() {
             "upstream 127.0.0.9:9080 did not answer within 15s",
         ))
     });
-    let svc = ObserveLayer::new(reporter.clone(), Direction::Outbound).layer(failing);
+    let svc = ObserveLayer::new(reporter.clone(), Direction::Outbound)
+        .layer(StepLayer(trace_context::TraceContext::default()).layer(failing));
     let err = svc.oneshot(get("reviews", "/")).await.expect_err("fails");
     assert_eq!(err.flag, "UT");
     let span = queue.try_recv().expect("recorded at once");
@@ -442,4 +445,53 @@ async fn an_upstream_that_does_not_answer_in_time_is_ut() {
         .expect("infallible");
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(resp.headers()["x-lumen-response-flags"], "UT");
+}
+
+#[tokio::test]
+async fn telemetry_switches_and_the_callers_sampling_decision_are_kept() {
+    let upstream = echo_upstream(std::time::Duration::ZERO).await;
+    let mut cfg = MeshConfig::default();
+    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "ratings-v1");
+    endpoint.connect_addr = upstream;
+    endpoint.app_addr = upstream;
+    cfg.apply_clusters(vec![crate::routing::Cluster::new(
+        "inbound|9080||",
+        vec![endpoint],
+    )]);
+    let run = |switches: crate::telemetry::Switches, traceparent: Option<&'static str>| {
+        let cfg = cfg.clone();
+        async move {
+            let (r, q) = Reporter::with_switches(identity("ratings", "v1"), 16, switches);
+            let r = Arc::new(r);
+            let stack = inbound(config_rx(cfg), r.clone(), connect::Connect::new());
+            let mut req = get("ratings:9080", "/");
+            if let Some(tp) = traceparent {
+                req.headers_mut()
+                    .insert(trace_context::TRACEPARENT, tp.parse().expect("value"));
+            }
+            let resp = stack.oneshot(req).await.expect("infallible");
+            let echoed = resp.into_body().collect().await.expect("body").to_bytes();
+            (r, q, String::from_utf8_lossy(&echoed).into_owned())
+        }
+    };
+    // The caller did not sample: no span here either, and the next hop is told so; the
+    // metrics still count the request.
+    let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    let (r, mut q, echoed) = run(Default::default(), Some(unsampled)).await;
+    assert!(q.try_recv().is_none());
+    assert!(echoed.contains("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+    assert!(
+        echoed.contains("-00\n") || echoed.ends_with("-00"),
+        "{echoed}"
+    );
+    assert!(r.prometheus_text().contains("istio_requests_total{"));
+    // Everything off: nothing recorded, the request still served.
+    let off = crate::telemetry::Switches {
+        span_ratio: 0.0,
+        metrics: false,
+    };
+    let (r, mut q, echoed) = run(off, None).await;
+    assert!(!echoed.is_empty());
+    assert!(q.try_recv().is_none());
+    assert!(!r.prometheus_text().contains("istio_requests_total{"));
 }

@@ -11,8 +11,17 @@ use crate::trace::SpanContext;
 
 pub const TRACEPARENT: &str = "traceparent";
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TraceContext;
+/// Continues or starts the trace; a trace it starts is sampled with probability `ratio`.
+#[derive(Debug, Clone, Copy)]
+pub struct TraceContext {
+    pub ratio: f64,
+}
+
+impl Default for TraceContext {
+    fn default() -> Self {
+        TraceContext { ratio: 1.0 }
+    }
+}
 
 impl Step for TraceContext {
     fn prepare(&self, req: &mut Request<Body>) -> Result<(), ProxyError> {
@@ -21,7 +30,14 @@ impl Step for TraceContext {
             .get(TRACEPARENT)
             .and_then(|v| v.to_str().ok())
             .and_then(SpanContext::parse_traceparent);
-        let ctx = parent.map_or_else(SpanContext::new_root, |p| p.child());
+        // The caller's decision stands; a new trace is sampled at this proxy's ratio.
+        let ctx = parent.map_or_else(
+            || SpanContext {
+                sampled: self.ratio >= 1.0 || rand::random::<f64>() < self.ratio,
+                ..SpanContext::new_root()
+            },
+            |p| p.child(),
+        );
         if let Some(o) = req.extensions().get::<Observation>() {
             o.update(|o| {
                 o.span.context = ctx;
@@ -48,7 +64,7 @@ mod tests {
             .insert(TRACEPARENT, http::HeaderValue::from_static(parent));
         let o = Observation::for_test(Direction::Inbound);
         req.extensions_mut().insert(o.clone());
-        TraceContext.prepare(&mut req).expect("prepared");
+        TraceContext::default().prepare(&mut req).expect("prepared");
         let sent = req.headers()[TRACEPARENT]
             .to_str()
             .expect("text")
@@ -71,7 +87,7 @@ mod tests {
         let mut req = Request::new(crate::http::text_body(""));
         req.headers_mut()
             .insert(TRACEPARENT, http::HeaderValue::from_static("00-zz-bad"));
-        TraceContext.prepare(&mut req).expect("prepared");
+        TraceContext::default().prepare(&mut req).expect("prepared");
         let sent = req.headers()[TRACEPARENT].to_str().expect("text");
         assert!(SpanContext::parse_traceparent(sent).is_some(), "{sent}");
     }
