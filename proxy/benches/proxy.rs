@@ -1,0 +1,436 @@
+//! The data plane's ratios (issue 8), lumen-proxy beside Envoy 1.40 in one run, both from the
+//! same static bootstrap (`fixtures/proxy/static.yaml`, standalone: no control plane):
+//!
+//! - added latency through one proxy at a fixed rate (oha `-q`, latency correction), p50
+//!   and p99 minus the direct path's, lumen ÷ Envoy;
+//! - the same through a sidecar pair (one proxy in front of another);
+//! - the closed-loop ceiling on one core (oha without a rate), lumen ÷ Envoy;
+//! - CPU seconds per 1,000 requests at the fixed rate, lumen ÷ Envoy;
+//! - resident memory idle and after a run with 100 connections, lumen ÷ Envoy;
+//! - the telemetry tax: lumen's CPU per request with every span exported (to an OTLP sink in
+//!   this process) and metrics on, ÷ with both off;
+//! - HTTP/2 (h2c, oha `--http2`): the added-latency ratio again.
+//!
+//! The proxies run on core 1 (`taskset`, Envoy with `--concurrency 1`); nginx (the upstream),
+//! oha and the sink on core 0. Run with `scripts/bench-proxy` (installs oha and nginx).
+//! Knobs: `LUMEN_BENCH_RATE` (default 2000), `LUMEN_BENCH_SECONDS` (per run, default 10),
+//! `LUMEN_OHA`, `LUMEN_NGINX`, `LUMEN_ENVOY`.
+
+#[path = "../../tests/peers/envoy.rs"]
+mod envoy_peer;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use serde_json::Value;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn peer(var: &str, default: &str, what: &str) -> PathBuf {
+    let p = std::env::var_os(var).map_or_else(|| PathBuf::from(default), PathBuf::from);
+    assert!(
+        p.exists(),
+        "peer missing: {what} at {} (run scripts/bench-proxy, or set {var})",
+        p.display()
+    );
+    p
+}
+
+/// A process pinned to `core`, killed when dropped; its stderr goes to a file beside.
+struct Pinned(Child, PathBuf);
+
+impl Pinned {
+    fn start(core: u32, program: &Path, args: &[&str]) -> Pinned {
+        let log = std::env::temp_dir().join(format!(
+            "lumen-bench-{}-{}.log",
+            std::process::id(),
+            free_port()
+        ));
+        let err = std::fs::File::create(&log).expect("log file");
+        let child = Command::new("taskset")
+            .arg("-c")
+            .arg(core.to_string())
+            .arg(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        Pinned(child, log)
+    }
+
+    /// Waits until `port` is served, or panics with what the process said.
+    fn wait_for(&mut self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let exited = self.0.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                panic!(
+                    "nothing listens on {port} ({exited:?}): {}",
+                    std::fs::read_to_string(&self.1).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// utime + stime, seconds.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// A `/proc/<pid>/status` figure in KiB (VmRSS, VmHWM).
+    fn status_kib(&self, key: &str) -> f64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+/// One oha run's figures.
+#[derive(Debug, Clone, Copy, Default)]
+struct Run {
+    p50_ms: f64,
+    p99_ms: f64,
+    rps: f64,
+    ok: f64,
+}
+
+fn oha(oha: &Path, port: u16, args: &[&str]) -> Run {
+    let out = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(oha)
+        .args(["--no-tui", "--output-format", "json"])
+        .args(args)
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .expect("oha runs");
+    assert!(
+        out.status.success(),
+        "oha failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("oha json");
+    let pct = |k: &str| v["latencyPercentiles"][k].as_f64().unwrap_or(f64::NAN) * 1000.0;
+    Run {
+        p50_ms: pct("p50"),
+        p99_ms: pct("p99"),
+        rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0),
+        ok: v["summary"]["successRate"].as_f64().unwrap_or(0.0),
+    }
+}
+
+/// The static bootstrap: listener on `listen`, admin on `admin`, both clusters to `to`, and
+/// node metadata: a Prometheus port of its own, and `extra` (`KEY: "value"` entries).
+fn bootstrap(dir: &Path, name: &str, listen: u16, admin: u16, to: u16, extra: &str) -> PathBuf {
+    let meta = format!(
+        "  metadata: {{LUMEN_PROMETHEUS_PORT: \"{}\"{}{extra}}}\n",
+        free_port(),
+        if extra.is_empty() { "" } else { ", " }
+    );
+    let yaml = include_str!("../../fixtures/proxy/static.yaml")
+        .replace("port_value: 10000", &format!("port_value: {listen}"))
+        .replace("port_value: 19000", &format!("port_value: {admin}"))
+        .replace("port_value: 18081", &format!("port_value: {to}"))
+        .replace("port_value: 18082", &format!("port_value: {to}"))
+        .replace("  cluster: bench\n", &format!("  cluster: bench\n{meta}"));
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).expect("write bootstrap");
+    path
+}
+
+#[derive(Default)]
+struct Sink {
+    spans: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Sink {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let n: usize = req
+            .get_ref()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.spans.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+#[derive(Default)]
+struct MetricsSink;
+
+#[tonic::async_trait]
+impl MetricsService for MetricsSink {
+    async fn export(
+        &self,
+        _req: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+fn main() {
+    let rate: u32 = std::env::var("LUMEN_BENCH_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let secs: u32 = std::env::var("LUMEN_BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let oha_bin = peer("LUMEN_OHA", "/var/tmp/lumen-peers/oha/bin/oha", "oha");
+    let nginx_bin = peer("LUMEN_NGINX", "/usr/sbin/nginx", "nginx");
+    let envoy_bin = envoy_peer::envoy();
+    let lumen_bin = PathBuf::from(env!("CARGO_BIN_EXE_lumen-proxy"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+
+    // The upstream: nginx, one worker, answering a small body.
+    let nginx_port = free_port();
+    let conf = d.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 1; daemon off; pid {pid}; error_log {err} error;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{ access_log off; keepalive_requests 1000000;\n\
+               client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+               server {{ listen 127.0.0.1:{nginx_port}; location / {{ return 200 \"hello from nginx\\n\"; }} }} }}\n",
+            pid = d.join("nginx.pid").display(),
+            err = d.join("nginx.err").display(),
+            d = d.display(),
+        ),
+    )
+    .expect("nginx.conf");
+    let conf_s = conf.display().to_string();
+    let prefix = format!("{}/", d.display());
+    let mut nginx = Pinned::start(0, &nginx_bin, &["-p", &prefix, "-c", &conf_s]);
+    nginx.wait_for(nginx_port);
+
+    // The OTLP sink for the telemetry tax, on core 0 in this process.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sink_port = free_port();
+    let exported = Arc::new(AtomicU64::new(0));
+    {
+        let spans = exported.clone();
+        rt.spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Sink { spans }))
+                .add_service(MetricsServiceServer::new(MetricsSink))
+                .serve(([127, 0, 0, 1], sink_port).into())
+                .await;
+        });
+    }
+
+    let rate_s = rate.to_string();
+    let dur = format!("{secs}s");
+    let fixed = ["-q", rate_s.as_str(), "-z", dur.as_str(), "-c", "32", "--latency-correction"];
+    let run_fixed = |port: u16| oha(&oha_bin, port, &fixed);
+
+    let direct = run_fixed(nginx_port);
+
+    // One proxy of each, alone on core 1 in turn.
+    let start_proxy = |kind: &str, name: &str, listen: u16, to: u16, extra: &str| -> Pinned {
+        let admin = free_port();
+        let path = bootstrap(d, name, listen, admin, to, extra);
+        let p = path.display().to_string();
+        let mut proc = if kind == "envoy" {
+            let base_id = (listen % 60000).to_string();
+            Pinned::start(
+                1,
+                &envoy_bin,
+                &["-c", &p, "--concurrency", "1", "--base-id", &base_id, "--log-level", "error"],
+            )
+        } else {
+            Pinned::start(1, &lumen_bin, &["-c", &p])
+        };
+        proc.wait_for(listen);
+        proc
+    };
+    let no_telemetry = "LUMEN_TRACE_SAMPLING: \"0\", LUMEN_METRICS: \"false\"";
+    let single = |kind: &str| {
+        let listen = free_port();
+        let p = start_proxy(kind, &format!("{kind}-single"), listen, nginx_port, "");
+        let _ = oha(&oha_bin, listen, &["-n", "2000", "-c", "8"]); // warm-up
+        let idle_kib = p.status_kib("VmRSS:");
+        let cpu0 = p.cpu_seconds();
+        let r = run_fixed(listen);
+        let cpu = p.cpu_seconds() - cpu0;
+        let sent = r.rps * f64::from(secs);
+        let h2 = oha(
+            &oha_bin,
+            listen,
+            &["-q", rate_s.as_str(), "-z", dur.as_str(), "-c", "32", "--latency-correction", "--http2"],
+        );
+        let _ = oha(&oha_bin, listen, &["-q", rate_s.as_str(), "-z", dur.as_str(), "-c", "100", "--latency-correction"]);
+        let loaded_kib = p.status_kib("VmHWM:");
+        let ceiling = oha(&oha_bin, listen, &["-z", dur.as_str(), "-c", "64"]);
+        (r, h2, cpu * 1000.0 / sent.max(1.0), idle_kib, loaded_kib, ceiling)
+    };
+    let lumen = single("lumen");
+    let envoy = single("envoy");
+    let direct_h2 = direct; // nginx here speaks HTTP/1.1: the added latency is against it
+    let added = |r: Run, base: Run| (r.p50_ms - base.p50_ms, r.p99_ms - base.p99_ms);
+
+    // Sidecar pairs: front → back → nginx, both on core 1.
+    let pair = |kind: &str| {
+        let (front, back) = (free_port(), free_port());
+        let _b = start_proxy(kind, &format!("{kind}-back"), back, nginx_port, "");
+        let _f = start_proxy(kind, &format!("{kind}-front"), front, back, "");
+        let _ = oha(&oha_bin, front, &["-n", "2000", "-c", "8"]);
+        run_fixed(front)
+    };
+    let lumen_pair = pair("lumen");
+    let envoy_pair = pair("envoy");
+
+    // The telemetry tax: lumen with every span exported and metrics on, against both off.
+    let tax = |extra: &str| {
+        let listen = free_port();
+        let p = start_proxy("lumen", "lumen-tax", listen, nginx_port, extra);
+        let _ = oha(&oha_bin, listen, &["-n", "2000", "-c", "8"]);
+        let cpu0 = p.cpu_seconds();
+        let r = run_fixed(listen);
+        (p.cpu_seconds() - cpu0) / (r.rps * f64::from(secs)).max(1.0)
+    };
+    let full = "LUMEN_TRACE_SAMPLING: \"100\", LUMEN_METRICS: \"true\"";
+    let spans_before = exported.load(Ordering::Relaxed);
+    let tax_on = {
+        let listen = free_port();
+        let admin = free_port();
+        let path = bootstrap(d, "lumen-tax-on", listen, admin, nginx_port, full);
+        // The sink as the `lumen-telemetry` cluster, after the others.
+        let mut yaml = std::fs::read_to_string(&path).expect("read");
+        yaml.push_str(&format!(
+            "  - name: lumen-telemetry\n    type: STATIC\n    load_assignment:\n      cluster_name: lumen-telemetry\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{address: 127.0.0.1, port_value: {sink_port}}}\n"
+        ));
+        std::fs::write(&path, yaml).expect("write");
+        let mut p = Pinned::start(1, &lumen_bin, &["-c", &path.display().to_string()]);
+        p.wait_for(listen);
+        let _ = oha(&oha_bin, listen, &["-n", "2000", "-c", "8"]);
+        let cpu0 = p.cpu_seconds();
+        let r = run_fixed(listen);
+        let cpu = p.cpu_seconds() - cpu0;
+        std::thread::sleep(Duration::from_secs(2)); // the last batch
+        cpu / (r.rps * f64::from(secs)).max(1.0)
+    };
+    let spans_exported = exported.load(Ordering::Relaxed) - spans_before;
+    let tax_off = tax(no_telemetry);
+
+    let (l50, l99) = added(lumen.0, direct);
+    let (e50, e99) = added(envoy.0, direct);
+    let (lp50, lp99) = added(lumen_pair, direct);
+    let (ep50, ep99) = added(envoy_pair, direct);
+    let (lh50, lh99) = added(lumen.1, direct_h2);
+    let (eh50, eh99) = added(envoy.1, direct_h2);
+    println!(
+        "proxy benchmark: {rate} requests/s for {secs} s a run, proxies on core 1, nginx and oha on core 0"
+    );
+    println!(
+        "direct to nginx: p50 {:.3} ms, p99 {:.3} ms ({:.0} requests/s, {:.1}% ok)",
+        direct.p50_ms,
+        direct.p99_ms,
+        direct.rps,
+        direct.ok * 100.0
+    );
+    println!("| measure | lumen-proxy | Envoy 1.40 | ratio | goal |");
+    println!("|---|---|---|---|---|");
+    let row = |name: &str, l: f64, e: f64, unit: &str, goal: &str, lower_better: bool| {
+        let ratio = l / e;
+        let reached = if goal.is_empty() {
+            ""
+        } else if (lower_better && ratio <= goal_value(goal)) || (!lower_better && ratio >= goal_value(goal)) {
+            " (reached)"
+        } else {
+            " (not reached)"
+        };
+        println!("| {name} | {l:.3} {unit} | {e:.3} {unit} | {ratio:.2} | {goal}{reached} |");
+    };
+    row("added latency p50, one proxy", l50, e50, "ms", "≤ 0.5", true);
+    row("added latency p99, one proxy", l99, e99, "ms", "≤ 0.5", true);
+    row("added latency p50, sidecar pair", lp50, ep50, "ms", "≤ 0.5", true);
+    row("added latency p99, sidecar pair", lp99, ep99, "ms", "≤ 0.5", true);
+    row("closed-loop ceiling, one core", lumen.5.rps, envoy.5.rps, "req/s", "≥ 2.0", false);
+    row("CPU per 1,000 requests", lumen.2, envoy.2, "s", "≤ 0.5", true);
+    row("resident memory, idle", lumen.3 / 1024.0, envoy.3 / 1024.0, "MiB", "≤ 0.1", true);
+    row("resident memory, peak with 100 connections", lumen.4 / 1024.0, envoy.4 / 1024.0, "MiB", "≤ 0.1", true);
+    row("added latency p50, h2c", lh50, eh50, "ms", "≤ 0.5", true);
+    row("added latency p99, h2c", lh99, eh99, "ms", "≤ 0.5", true);
+    println!(
+        "| telemetry tax: CPU per request, every span exported and metrics on ÷ both off | {:.2} µs | {:.2} µs (lumen, off) | {:.2} | ≤ 1.2{} |",
+        tax_on * 1e6,
+        tax_off * 1e6,
+        tax_on / tax_off,
+        if tax_on / tax_off <= 1.2 { " (reached)" } else { " (not reached)" }
+    );
+    println!("spans the sink received during the telemetry-on run: {spans_exported}");
+    for (name, r) in [
+        ("lumen one proxy", lumen.0),
+        ("envoy one proxy", envoy.0),
+        ("lumen pair", lumen_pair),
+        ("envoy pair", envoy_pair),
+    ] {
+        println!(
+            "{name}: p50 {:.3} ms, p99 {:.3} ms, {:.0} requests/s, {:.1}% ok",
+            r.p50_ms,
+            r.p99_ms,
+            r.rps,
+            r.ok * 100.0
+        );
+    }
+    drop(rt);
+}
+
+fn goal_value(goal: &str) -> f64 {
+    goal.trim_start_matches(['≤', '≥', ' '])
+        .parse()
+        .unwrap_or(f64::NAN)
+}
