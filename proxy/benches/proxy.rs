@@ -100,7 +100,8 @@ impl Pinned {
 
     /// utime + stime, seconds.
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
         let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
         let f: Vec<&str> = after.split_whitespace().collect();
         let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
@@ -273,7 +274,15 @@ fn main() {
 
     let rate_s = rate.to_string();
     let dur = format!("{secs}s");
-    let fixed = ["-q", rate_s.as_str(), "-z", dur.as_str(), "-c", "32", "--latency-correction"];
+    let fixed = [
+        "-q",
+        rate_s.as_str(),
+        "-z",
+        dur.as_str(),
+        "-c",
+        "32",
+        "--latency-correction",
+    ];
     let run_fixed = |port: u16| oha(&oha_bin, port, &fixed);
 
     let direct = run_fixed(nginx_port);
@@ -288,7 +297,16 @@ fn main() {
             Pinned::start(
                 1,
                 &envoy_bin,
-                &["-c", &p, "--concurrency", "1", "--base-id", &base_id, "--log-level", "error"],
+                &[
+                    "-c",
+                    &p,
+                    "--concurrency",
+                    "1",
+                    "--base-id",
+                    &base_id,
+                    "--log-level",
+                    "error",
+                ],
             )
         } else {
             Pinned::start(1, &lumen_bin, &["-c", &p])
@@ -309,12 +327,40 @@ fn main() {
         let h2 = oha(
             &oha_bin,
             listen,
-            &["-q", rate_s.as_str(), "-z", dur.as_str(), "-c", "32", "--latency-correction", "--http2"],
+            &[
+                "-q",
+                rate_s.as_str(),
+                "-z",
+                dur.as_str(),
+                "-c",
+                "32",
+                "--latency-correction",
+                "--http2",
+            ],
         );
-        let _ = oha(&oha_bin, listen, &["-q", rate_s.as_str(), "-z", dur.as_str(), "-c", "100", "--latency-correction"]);
+        let _ = oha(
+            &oha_bin,
+            listen,
+            &[
+                "-q",
+                rate_s.as_str(),
+                "-z",
+                dur.as_str(),
+                "-c",
+                "100",
+                "--latency-correction",
+            ],
+        );
         let loaded_kib = p.status_kib("VmHWM:");
         let ceiling = oha(&oha_bin, listen, &["-z", dur.as_str(), "-c", "64"]);
-        (r, h2, cpu * 1000.0 / sent.max(1.0), idle_kib, loaded_kib, ceiling)
+        (
+            r,
+            h2,
+            cpu * 1000.0 / sent.max(1.0),
+            idle_kib,
+            loaded_kib,
+            ceiling,
+        )
     };
     let lumen = single("lumen");
     let envoy = single("envoy");
@@ -387,21 +433,79 @@ fn main() {
         let ratio = l / e;
         let reached = if goal.is_empty() {
             ""
-        } else if (lower_better && ratio <= goal_value(goal)) || (!lower_better && ratio >= goal_value(goal)) {
+        } else if (lower_better && ratio <= goal_value(goal))
+            || (!lower_better && ratio >= goal_value(goal))
+        {
             " (reached)"
         } else {
             " (not reached)"
         };
         println!("| {name} | {l:.3} {unit} | {e:.3} {unit} | {ratio:.2} | {goal}{reached} |");
     };
-    row("added latency p50, one proxy", l50, e50, "ms", "≤ 0.5", true);
-    row("added latency p99, one proxy", l99, e99, "ms", "≤ 0.5", true);
-    row("added latency p50, sidecar pair", lp50, ep50, "ms", "≤ 0.5", true);
-    row("added latency p99, sidecar pair", lp99, ep99, "ms", "≤ 0.5", true);
-    row("closed-loop ceiling, one core", lumen.5.rps, envoy.5.rps, "req/s", "≥ 2.0", false);
-    row("CPU per 1,000 requests", lumen.2, envoy.2, "s", "≤ 0.5", true);
-    row("resident memory, idle", lumen.3 / 1024.0, envoy.3 / 1024.0, "MiB", "≤ 0.1", true);
-    row("resident memory, peak with 100 connections", lumen.4 / 1024.0, envoy.4 / 1024.0, "MiB", "≤ 0.1", true);
+    row(
+        "added latency p50, one proxy",
+        l50,
+        e50,
+        "ms",
+        "≤ 0.5",
+        true,
+    );
+    row(
+        "added latency p99, one proxy",
+        l99,
+        e99,
+        "ms",
+        "≤ 0.5",
+        true,
+    );
+    row(
+        "added latency p50, sidecar pair",
+        lp50,
+        ep50,
+        "ms",
+        "≤ 0.5",
+        true,
+    );
+    row(
+        "added latency p99, sidecar pair",
+        lp99,
+        ep99,
+        "ms",
+        "≤ 0.5",
+        true,
+    );
+    row(
+        "closed-loop ceiling, one core",
+        lumen.5.rps,
+        envoy.5.rps,
+        "req/s",
+        "≥ 2.0",
+        false,
+    );
+    row(
+        "CPU per 1,000 requests",
+        lumen.2,
+        envoy.2,
+        "s",
+        "≤ 0.5",
+        true,
+    );
+    row(
+        "resident memory, idle",
+        lumen.3 / 1024.0,
+        envoy.3 / 1024.0,
+        "MiB",
+        "≤ 0.1",
+        true,
+    );
+    row(
+        "resident memory, peak with 100 connections",
+        lumen.4 / 1024.0,
+        envoy.4 / 1024.0,
+        "MiB",
+        "≤ 0.1",
+        true,
+    );
     row("added latency p50, h2c", lh50, eh50, "ms", "≤ 0.5", true);
     row("added latency p99, h2c", lh99, eh99, "ms", "≤ 0.5", true);
     println!(
@@ -409,7 +513,11 @@ fn main() {
         tax_on * 1e6,
         tax_off * 1e6,
         tax_on / tax_off,
-        if tax_on / tax_off <= 1.2 { " (reached)" } else { " (not reached)" }
+        if tax_on / tax_off <= 1.2 {
+            " (reached)"
+        } else {
+            " (not reached)"
+        }
     );
     println!("spans the sink received during the telemetry-on run: {spans_exported}");
     for (name, r) in [

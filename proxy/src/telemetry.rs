@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
@@ -128,6 +128,8 @@ impl Hist {
 /// The request metrics of one label set.
 #[derive(Debug, Clone)]
 struct Series {
+    /// When a request last counted here (for idle eviction).
+    touched: std::time::Instant,
     count: u64,
     duration_ms: Hist,
     request_bytes: Hist,
@@ -137,6 +139,7 @@ struct Series {
 impl Default for Series {
     fn default() -> Self {
         Series {
+            touched: std::time::Instant::now(),
             count: 0,
             duration_ms: Hist::new(&DURATION_BUCKETS_MS),
             request_bytes: Hist::new(&SIZE_BUCKETS),
@@ -180,10 +183,55 @@ const HISTOGRAMS: [HistogramFamily; 3] = [
 pub struct Reporter {
     identity: Identity,
     switches: Switches,
-    spans: mpsc::Sender<SpanRecord>,
+    /// Bytes of spans in the queue, and the most it may hold.
+    queued_bytes: Arc<AtomicUsize>,
+    max_queued_bytes: usize,
+    limits: SeriesLimits,
+    /// Requests not counted because the series map was full (new series only).
+    dropped_series: AtomicU64,
+    /// When the map, full, may next be swept for idle series (ms since `born`): at most one
+    /// sweep a second, so a flood of new label values cannot make every request scan it.
+    next_sweep_ms: AtomicU64,
+    born: std::time::Instant,
+    spans: mpsc::Sender<(SpanRecord, usize)>,
     series: Mutex<HashMap<RequestLabels, Series>>,
     start: SystemTime,
     dropped_spans: AtomicU64,
+}
+
+/// Bounds on the metric series a proxy keeps: label values come from requests (the Host, a
+/// caller's peer headers), so their number and size are bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeriesLimits {
+    /// Series kept at once; a request of a new series past it is not counted (and the drop
+    /// is), after series idle for `idle` are evicted to make room.
+    pub max_series: usize,
+    /// A series no request has counted for this long is evicted (its counters restart if
+    /// it comes back, which Prometheus and OTLP consumers read as a reset).
+    pub idle: Duration,
+    /// Longest label value, bytes; longer values are cut (at a character boundary).
+    pub max_label_bytes: usize,
+}
+
+impl Default for SeriesLimits {
+    fn default() -> Self {
+        SeriesLimits {
+            max_series: 10_000,
+            idle: Duration::from_secs(600),
+            max_label_bytes: 128,
+        }
+    }
+}
+
+/// `v` cut to at most `max` bytes at a character boundary.
+fn bound(v: &mut String, max: usize) {
+    if v.len() > max {
+        let mut end = max;
+        while !v.is_char_boundary(end) {
+            end -= 1;
+        }
+        v.truncate(end);
+    }
 }
 
 /// What the proxy records: spans for a share of new traces (a caller's sampling decision is
@@ -208,14 +256,45 @@ impl Default for Switches {
 
 /// The receiving end of the span channel, consumed by [`Reporter::export_loop`].
 #[derive(Debug)]
-pub struct SpanQueue(mpsc::Receiver<SpanRecord>);
+pub struct SpanQueue {
+    rx: mpsc::Receiver<(SpanRecord, usize)>,
+    bytes: Arc<AtomicUsize>,
+}
 
 impl SpanQueue {
     /// The next queued span, if one is waiting (for tests and tools; the exporter drains
     /// the queue itself).
     pub fn try_recv(&mut self) -> Option<SpanRecord> {
-        self.0.try_recv().ok()
+        let (span, size) = self.rx.try_recv().ok()?;
+        self.bytes.fetch_sub(size, Ordering::Relaxed);
+        Some(span)
     }
+
+    async fn recv(&mut self) -> Option<SpanRecord> {
+        let (span, size) = self.rx.recv().await?;
+        self.bytes.fetch_sub(size, Ordering::Relaxed);
+        Some(span)
+    }
+}
+
+/// Most bytes of spans waiting for the exporter, by default (besides the count bound).
+pub const SPAN_QUEUE_BYTES: usize = 8 << 20;
+
+/// About how many bytes a queued span holds.
+fn span_bytes(s: &SpanRecord) -> usize {
+    std::mem::size_of::<SpanRecord>()
+        + s.name.len()
+        + s.attributes
+            .iter()
+            .map(|(k, v)| {
+                std::mem::size_of::<(&str, AttrValue)>()
+                    + k.len()
+                    + match v {
+                        AttrValue::Str(t) => t.len(),
+                        AttrValue::Int(_) => 0,
+                    }
+            })
+            .sum::<usize>()
 }
 
 /// How the exporter batches.
@@ -251,16 +330,26 @@ impl Reporter {
         switches: Switches,
     ) -> (Reporter, SpanQueue) {
         let (tx, rx) = mpsc::channel(queue_size);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         (
             Reporter {
                 identity,
                 switches,
+                queued_bytes: queued_bytes.clone(),
+                max_queued_bytes: SPAN_QUEUE_BYTES,
+                limits: SeriesLimits::default(),
+                dropped_series: AtomicU64::new(0),
+                next_sweep_ms: AtomicU64::new(0),
+                born: std::time::Instant::now(),
                 spans: tx,
                 series: Mutex::new(HashMap::new()),
                 start: SystemTime::now(),
                 dropped_spans: AtomicU64::new(0),
             },
-            SpanQueue(rx),
+            SpanQueue {
+                rx,
+                bytes: queued_bytes,
+            },
         )
     }
 
@@ -270,6 +359,43 @@ impl Reporter {
 
     pub fn switches(&self) -> Switches {
         self.switches
+    }
+
+    /// The same reporter with another bound on queued span bytes (before it is shared).
+    pub fn with_span_queue_bytes(mut self, max: usize) -> Reporter {
+        self.max_queued_bytes = max;
+        self
+    }
+
+    /// Bytes of spans waiting for the exporter.
+    pub fn queued_span_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The same reporter with other series bounds (before it is shared).
+    pub fn with_series_limits(mut self, limits: SeriesLimits) -> Reporter {
+        self.limits = limits;
+        self
+    }
+
+    /// Series kept now.
+    pub fn series_count(&self) -> usize {
+        self.series.lock().map_or(0, |s| s.len())
+    }
+
+    /// Requests of new series not counted because the map was full.
+    pub fn dropped_series(&self) -> u64 {
+        self.dropped_series.load(Ordering::Relaxed)
+    }
+
+    /// Evicts the series idle for longer than the limit; returns how many went.
+    pub fn evict_idle(&self) -> usize {
+        let idle = self.limits.idle;
+        self.series.lock().map_or(0, |mut series| {
+            let before = series.len();
+            series.retain(|_, s| s.touched.elapsed() < idle);
+            before - series.len()
+        })
     }
 
     /// Whether anything of a request is recorded at all.
@@ -283,19 +409,53 @@ impl Reporter {
         if !span.context.sampled || self.switches.span_ratio <= 0.0 {
             return;
         }
-        if self.spans.try_send(span).is_err() {
+        let size = span_bytes(&span);
+        let queued = self.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        if queued + size > self.max_queued_bytes || self.spans.try_send((span, size)).is_err() {
+            self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
             self.dropped_spans.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Counts one finished request.
-    pub fn request(&self, labels: RequestLabels, duration: Duration, sizes: Sizes) {
+    pub fn request(&self, mut labels: RequestLabels, duration: Duration, sizes: Sizes) {
         if !self.switches.metrics {
             return;
         }
+        let max = self.limits.max_label_bytes;
+        for v in [
+            &mut labels.source_workload,
+            &mut labels.source_workload_namespace,
+            &mut labels.source_app,
+            &mut labels.source_version,
+            &mut labels.destination_workload,
+            &mut labels.destination_workload_namespace,
+            &mut labels.destination_app,
+            &mut labels.destination_version,
+            &mut labels.destination_service,
+            &mut labels.destination_service_name,
+            &mut labels.destination_service_namespace,
+            &mut labels.grpc_response_status,
+            &mut labels.response_flags,
+        ] {
+            bound(v, max);
+        }
         let ms = duration.as_secs_f64() * 1000.0;
         if let Ok(mut series) = self.series.lock() {
+            if !series.contains_key(&labels) && series.len() >= self.limits.max_series {
+                let now_ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+                if now_ms >= self.next_sweep_ms.load(Ordering::Relaxed) {
+                    self.next_sweep_ms.store(now_ms + 1000, Ordering::Relaxed);
+                    let idle = self.limits.idle;
+                    series.retain(|_, s| s.touched.elapsed() < idle);
+                }
+                if series.len() >= self.limits.max_series {
+                    self.dropped_series.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
             let s = series.entry(labels).or_default();
+            s.touched = std::time::Instant::now();
             s.count += 1;
             s.duration_ms.observe(ms);
             s.request_bytes.observe(sizes.request as f64);
@@ -332,6 +492,16 @@ impl Reporter {
                 s.count
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP lumen_proxy_metric_series Request metric series kept.\n# TYPE lumen_proxy_metric_series gauge\nlumen_proxy_metric_series {}",
+            series.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP lumen_proxy_metric_series_dropped_total Requests not counted because the series map was full.\n# TYPE lumen_proxy_metric_series_dropped_total counter\nlumen_proxy_metric_series_dropped_total {}",
+            self.dropped_series()
+        );
         for (name, help, _, hist) in HISTOGRAMS {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} histogram");
@@ -496,7 +666,7 @@ impl Reporter {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                span = queue.0.recv() => match span {
+                span = queue.recv() => match span {
                     Some(span) => {
                         batch.push(span);
                         if batch.len() >= options.max_batch {
@@ -510,10 +680,13 @@ impl Reporter {
                         self.export_spans(&mut traces, std::mem::take(&mut batch)).await;
                     }
                 }
-                _ = metric_tick.tick() => self.export_metrics(&mut metrics).await,
+                _ = metric_tick.tick() => {
+                    self.evict_idle();
+                    self.export_metrics(&mut metrics).await;
+                }
             }
         }
-        while let Ok(span) = queue.0.try_recv() {
+        while let Some(span) = queue.try_recv() {
             batch.push(span);
         }
         let flush = async {
@@ -744,5 +917,31 @@ mod tests {
         r.span(span.clone());
         r.span(span);
         assert_eq!(r.dropped_spans(), 1);
+    }
+
+    #[test]
+    fn the_span_queue_is_bounded_in_bytes_and_frees_what_the_exporter_takes() {
+        let big = SpanRecord {
+            context: SpanContext::new_root(),
+            parent: None,
+            name: "x".into(),
+            kind: otlp_trace::span::SpanKind::Server,
+            start: SystemTime::now(),
+            end: SystemTime::now(),
+            error: false,
+            attributes: vec![("url.path", AttrValue::Str("p".repeat(10_000)))],
+        };
+        // Room for a thousand by count, for two by bytes.
+        let (r, mut q) = Reporter::new(Identity::default(), 1000);
+        let r = r.with_span_queue_bytes(25_000);
+        for _ in 0..10 {
+            r.span(big.clone());
+        }
+        assert_eq!(r.dropped_spans(), 8);
+        assert!(r.queued_span_bytes() <= 25_000);
+        assert!(q.try_recv().is_some() && q.try_recv().is_some() && q.try_recv().is_none());
+        assert_eq!(r.queued_span_bytes(), 0, "taken spans free their bytes");
+        r.span(big);
+        assert_eq!(r.dropped_spans(), 8, "room again");
     }
 }

@@ -495,3 +495,64 @@ async fn telemetry_switches_and_the_callers_sampling_decision_are_kept() {
     assert!(q.try_recv().is_none());
     assert!(!r.prometheus_text().contains("istio_requests_total{"));
 }
+
+#[tokio::test]
+async fn a_hundred_thousand_hosts_cannot_grow_the_series_past_the_cap() {
+    // No route for any of them: each a local reply whose series names its Host.
+    let (r, _q) = Reporter::new(identity("productpage", "v1"), 16);
+    let limits = crate::telemetry::SeriesLimits {
+        max_series: 1_000,
+        idle: std::time::Duration::from_secs(3600),
+        max_label_bytes: 64,
+    };
+    let r = Arc::new(r.with_series_limits(limits));
+    let stack = outbound(
+        config_rx(MeshConfig::default()),
+        r.clone(),
+        connect::Connect::new(),
+    );
+    let baseline = r.series_count();
+    for i in 0..100_000u32 {
+        let host = format!("h{i}-{}.example:80", "x".repeat(200));
+        let resp = stack
+            .clone()
+            .oneshot(get(&host, "/"))
+            .await
+            .expect("infallible");
+        assert_eq!(resp.headers()["x-lumen-response-flags"], "NR");
+    }
+    assert_eq!(r.series_count(), 1_000, "at the cap, no further");
+    assert_eq!(
+        r.dropped_series(),
+        99_000,
+        "every request past it counted as dropped"
+    );
+    let text = r.prometheus_text();
+    assert!(text.contains("lumen_proxy_metric_series_dropped_total 99000"));
+    // Label values are cut to 64 bytes.
+    assert!(
+        text.lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .all(|l| !l.contains(&"x".repeat(65))),
+        "a label value longer than the bound"
+    );
+    // Idle series go, and the count returns to its baseline.
+    let r2 = Arc::new(
+        Reporter::new(identity("productpage", "v1"), 16)
+            .0
+            .with_series_limits(crate::telemetry::SeriesLimits {
+                idle: std::time::Duration::ZERO,
+                ..limits
+            }),
+    );
+    let stack = outbound(
+        config_rx(MeshConfig::default()),
+        r2.clone(),
+        connect::Connect::new(),
+    );
+    for i in 0..50u32 {
+        let _ = stack.clone().oneshot(get(&format!("h{i}:80"), "/")).await;
+    }
+    assert_eq!(r2.evict_idle(), 50);
+    assert_eq!(r2.series_count(), baseline);
+}
