@@ -76,6 +76,78 @@ impl SpanContext {
     }
 }
 
+/// A B3 trace or span id: 16 or 32 lowercase hex digits (a 64-bit trace id is the low half of
+/// a 128-bit one, zero-padded as the B3 spec says).
+fn b3_id<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let mut out = [0u8; N];
+    let text = text.trim().to_ascii_lowercase();
+    let digits = text.len();
+    if digits == N * 2 {
+        decode_hex(&text, &mut out)?;
+    } else if N == 16 && digits == 16 {
+        decode_hex(&text, &mut out[8..])?;
+    } else {
+        return None;
+    }
+    (out != [0; N]).then_some(out)
+}
+
+/// B3's sampling state: `1`/`true` or `d` (debug) sample, `0`/`false` does not.
+fn b3_sampled(text: &str) -> Option<bool> {
+    match text.trim() {
+        "1" | "true" | "d" => Some(true),
+        "0" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+impl SpanContext {
+    /// Parses B3's single header (`{trace}-{span}[-{sampled}[-{parent}]]`); a bare
+    /// sampling decision (`0`) carries no context and is `None`. Unspecified sampling is
+    /// sampled.
+    pub fn parse_b3_single(value: &str) -> Option<SpanContext> {
+        let mut parts = value.trim().split('-');
+        let trace_id = b3_id::<16>(parts.next()?)?;
+        let span_id = b3_id::<8>(parts.next()?)?;
+        let sampled = match parts.next() {
+            None => true,
+            Some(s) => b3_sampled(s)?,
+        };
+        Some(SpanContext {
+            trace_id,
+            span_id,
+            sampled,
+        })
+    }
+
+    /// Parses B3's multiple headers, given a lookup of each (`X-B3-TraceId`, `X-B3-SpanId`,
+    /// `X-B3-Sampled`, `X-B3-Flags`).
+    pub fn parse_b3_multi<'a>(header: impl Fn(&str) -> Option<&'a str>) -> Option<SpanContext> {
+        let trace_id = b3_id::<16>(header("x-b3-traceid")?)?;
+        let span_id = b3_id::<8>(header("x-b3-spanid")?)?;
+        let debug = header("x-b3-flags").is_some_and(|f| f.trim() == "1");
+        let sampled = debug
+            || header("x-b3-sampled")
+                .map(b3_sampled)
+                .unwrap_or(Some(true))?;
+        Some(SpanContext {
+            trace_id,
+            span_id,
+            sampled,
+        })
+    }
+
+    /// The B3 single header naming this span (the next hop's parent).
+    pub fn b3_single(&self) -> String {
+        format!(
+            "{}-{}-{}",
+            hex(&self.trace_id),
+            hex(&self.span_id),
+            u8::from(self.sampled)
+        )
+    }
+}
+
 impl fmt::Display for SpanContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.traceparent())
@@ -155,6 +227,43 @@ mod tests {
         }
         // A future version may carry more fields.
         assert!(SpanContext::parse_traceparent(&format!("01{}-more", &EXAMPLE[2..])).is_some());
+    }
+
+    #[test]
+    fn b3_single_and_multi_are_read_as_the_spec_writes_them() {
+        let ctx = SpanContext::parse_b3_single(
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90",
+        )
+        .expect("valid");
+        assert_eq!(hex(&ctx.span_id), "e457b5a2e4d86bd1");
+        assert!(ctx.sampled);
+        // A 64-bit trace id is the low half.
+        let short =
+            SpanContext::parse_b3_single("a3ce929d0e0e4736-00f067aa0ba902b7-0").expect("valid");
+        assert_eq!(hex(&short.trace_id), "0000000000000000a3ce929d0e0e4736");
+        assert!(!short.sampled);
+        for bad in [
+            "0",
+            "d",
+            "zz-00f067aa0ba902b7",
+            "a3ce929d0e0e4736-00f067aa0ba902b7-x",
+        ] {
+            assert_eq!(SpanContext::parse_b3_single(bad), None, "{bad}");
+        }
+        let headers = [
+            ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "0"),
+            ("x-b3-flags", "1"),
+        ];
+        let multi =
+            SpanContext::parse_b3_multi(|k| headers.iter().find(|(h, _)| *h == k).map(|(_, v)| *v))
+                .expect("valid");
+        assert!(multi.sampled, "debug means sampled");
+        assert_eq!(
+            multi.b3_single(),
+            "463ac35c9f6413ad48485a3953bb6124-a2fb4a1d1a96d312-1"
+        );
     }
 
     #[test]

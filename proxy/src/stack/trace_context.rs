@@ -1,5 +1,8 @@
-//! Trace context: continue the caller's W3C trace (`traceparent`) or start one, give this
-//! proxy's span its place in it, and tell the next hop this span is its parent.
+//! Trace context: continue the caller's trace (W3C `traceparent`, else B3 single `b3` or
+//! multi `X-B3-*`) or start one, give this proxy's span its place in it, and tell the next
+//! hop this span is its parent: always in `traceparent`, and in B3 too when the caller spoke
+//! B3 (in the same form). `tracestate` goes through untouched; the caller's sampling
+//! decision is kept.
 
 use http::Request;
 
@@ -10,6 +13,7 @@ use crate::server::Body;
 use crate::trace::SpanContext;
 
 pub const TRACEPARENT: &str = "traceparent";
+pub const B3: &str = "b3";
 
 /// Continues or starts the trace; a trace it starts is sampled with probability `ratio`.
 #[derive(Debug, Clone, Copy)]
@@ -25,11 +29,12 @@ impl Default for TraceContext {
 
 impl Step for TraceContext {
     fn prepare(&self, req: &mut Request<Body>) -> Result<(), ProxyError> {
-        let parent = req
-            .headers()
-            .get(TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(SpanContext::parse_traceparent);
+        let headers = req.headers();
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let w3c = text(TRACEPARENT).and_then(SpanContext::parse_traceparent);
+        let b3_single = text(B3).and_then(SpanContext::parse_b3_single);
+        let b3_multi = SpanContext::parse_b3_multi(|k| text(k));
+        let parent = w3c.or(b3_single).or(b3_multi);
         // The caller's decision stands; a new trace is sampled at this proxy's ratio.
         let ctx = parent.map_or_else(
             || SpanContext {
@@ -44,8 +49,30 @@ impl Step for TraceContext {
                 o.span.parent = parent;
             });
         }
+        let (spoke_single, spoke_multi) = (b3_single.is_some(), b3_multi.is_some());
+        let headers = req.headers_mut();
         if let Ok(v) = http::HeaderValue::from_str(&ctx.traceparent()) {
-            req.headers_mut().insert(TRACEPARENT, v);
+            headers.insert(TRACEPARENT, v);
+        }
+        if spoke_single && let Ok(v) = http::HeaderValue::from_str(&ctx.b3_single()) {
+            headers.insert(B3, v);
+        }
+        if spoke_multi {
+            let hex = crate::trace::hex;
+            for (name, value) in [
+                ("x-b3-traceid", hex(&ctx.trace_id)),
+                ("x-b3-spanid", hex(&ctx.span_id)),
+                ("x-b3-sampled", u8::from(ctx.sampled).to_string()),
+            ] {
+                if let Ok(v) = http::HeaderValue::from_str(&value) {
+                    headers.insert(name, v);
+                }
+            }
+            if let Some(p) = parent.filter(|_| w3c.is_none() && !spoke_single)
+                && let Ok(v) = http::HeaderValue::from_str(&hex(&p.span_id))
+            {
+                headers.insert("x-b3-parentspanid", v);
+            }
         }
         Ok(())
     }
@@ -55,6 +82,49 @@ impl Step for TraceContext {
 mod tests {
     use super::*;
     use crate::stack::observe::Direction;
+
+    #[test]
+    fn a_b3_caller_is_continued_in_b3_and_w3c() {
+        let mut req = Request::new(crate::http::text_body(""));
+        req.headers_mut().insert(
+            B3,
+            http::HeaderValue::from_static("80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-0"),
+        );
+        req.headers_mut().insert(
+            "tracestate",
+            http::HeaderValue::from_static("vendor=opaque"),
+        );
+        TraceContext::default().prepare(&mut req).expect("prepared");
+        let h = req.headers();
+        let b3 = h[B3].to_str().expect("text");
+        assert!(
+            b3.starts_with("80f198ee56343ba864fe8b2a57d3eff7-") && b3.ends_with("-0"),
+            "{b3}"
+        );
+        assert!(!b3.contains("e457b5a2e4d86bd1"), "a new span id");
+        let tp = h[TRACEPARENT].to_str().expect("text");
+        assert!(
+            tp.starts_with("00-80f198ee56343ba864fe8b2a57d3eff7-") && tp.ends_with("-00"),
+            "{tp}"
+        );
+        assert_eq!(h["tracestate"], "vendor=opaque");
+
+        let mut req = Request::new(crate::http::text_body(""));
+        for (k, v) in [
+            ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+            ("x-b3-spanid", "a2fb4a1d1a96d312"),
+            ("x-b3-sampled", "1"),
+        ] {
+            req.headers_mut()
+                .insert(k, http::HeaderValue::from_static(v));
+        }
+        TraceContext::default().prepare(&mut req).expect("prepared");
+        let h = req.headers();
+        assert_eq!(h["x-b3-traceid"], "463ac35c9f6413ad48485a3953bb6124");
+        assert_eq!(h["x-b3-parentspanid"], "a2fb4a1d1a96d312");
+        assert_ne!(h["x-b3-spanid"], "a2fb4a1d1a96d312");
+        assert_eq!(h["x-b3-sampled"], "1");
+    }
 
     #[test]
     fn a_caller_trace_is_continued_and_a_missing_one_started() {
