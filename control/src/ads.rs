@@ -32,6 +32,9 @@ use crate::translate::{ProxyNode, ProxyResources, translate};
 #[derive(Debug)]
 pub struct XdsState {
     model: watch::Receiver<Arc<Model>>,
+    /// Cancelled when the control plane stops: every ADS stream then ends (UNAVAILABLE), so
+    /// proxies reconnect elsewhere instead of holding a stream to a server going away.
+    pub closing: tokio_util::sync::CancellationToken,
     proxies: std::sync::Mutex<BTreeMap<u64, ProxyStatus>>,
     next_stream: AtomicU64,
     next_nonce: AtomicU64,
@@ -85,6 +88,7 @@ impl XdsState {
     pub fn new(model: watch::Receiver<Arc<Model>>) -> Arc<XdsState> {
         Arc::new(XdsState {
             model,
+            closing: tokio_util::sync::CancellationToken::new(),
             proxies: std::sync::Mutex::new(BTreeMap::new()),
             next_stream: AtomicU64::new(1),
             next_nonce: AtomicU64::new(1),
@@ -205,6 +209,10 @@ async fn run_stream(
     let mut subs: HashMap<&'static str, Subscription> = HashMap::new();
     loop {
         tokio::select! {
+            () = state.closing.cancelled() => {
+                let _ = tx.send(Err(Status::unavailable("the control plane is shutting down"))).await;
+                break;
+            }
             msg = requests.message() => {
                 let req = match msg {
                     Ok(Some(req)) => req,

@@ -106,6 +106,14 @@ impl Control {
                 .clone()
                 .watch(self.model_tx.clone(), shutdown.clone()),
         );
+        let closing = {
+            let state = self.state.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                state.closing.cancel();
+            })
+        };
         let http = axum::serve(self.http, router(self.state.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let grpc = tonic::transport::Server::builder()
@@ -118,6 +126,7 @@ impl Control {
             );
         let (http, grpc) = tokio::join!(http, grpc);
         watcher.abort();
+        closing.abort();
         http.map_err(ControlError::Http)?;
         grpc?;
         Ok(())

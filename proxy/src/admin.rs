@@ -23,6 +23,8 @@ pub struct Conns {
 pub struct Admin {
     pub data: Arc<DataPath>,
     pub conns: Conns,
+    /// The control plane connection (none in standalone mode).
+    pub xds: Option<Arc<crate::xds::XdsHealth>>,
     pub ready: watch::Receiver<bool>,
     pub node_id: String,
 }
@@ -32,7 +34,15 @@ impl Admin {
         match (req.method(), req.uri().path()) {
             (&http::Method::GET, "/ready") => {
                 if *self.ready.borrow() {
-                    reply(StatusCode::OK, "text/plain", "LIVE\n".to_string())
+                    // Ready stays ready without the control plane: the last good
+                    // configuration keeps serving, and the body says so.
+                    let body = match self.xds.as_ref().and_then(|x| x.away_secs()) {
+                        Some(away) => format!(
+                            "LIVE: control plane unreachable for {away} s; serving the last good configuration\n"
+                        ),
+                        None => "LIVE\n".to_string(),
+                    };
+                    reply(StatusCode::OK, "text/plain", body)
                 } else {
                     reply(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -52,6 +62,9 @@ impl Admin {
                     "lumen_proxy_dropped_spans_total {}\n",
                     self.data.reporter.dropped_spans()
                 ));
+                if let Some(x) = &self.xds {
+                    x.prometheus(&mut text);
+                }
                 self.conns.outbound.prometheus("outbound", &mut text);
                 self.conns.inbound.prometheus("inbound", &mut text);
                 reply(StatusCode::OK, "text/plain; version=0.0.4", text)

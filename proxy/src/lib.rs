@@ -125,12 +125,14 @@ impl Proxy {
         let reporter = Arc::new(reporter);
         let data = Arc::new(http::DataPath::new(config_rx, reporter.clone()));
 
+        let xds_health = Arc::new(xds::XdsHealth::default());
         let xds = match &self.config.statics {
             None => Some(tokio::spawn(xds::run(
                 self.config.xds_endpoint.clone(),
                 node(&self.config),
                 config_tx,
                 ready_tx,
+                xds_health.clone(),
                 shutdown.clone(),
             ))),
             Some(st) => {
@@ -185,6 +187,7 @@ impl Proxy {
         let admin_state = admin::Admin {
             data,
             conns,
+            xds: self.config.statics.is_none().then_some(xds_health),
             ready: ready_rx,
             node_id: self.config.node_id.clone(),
         };

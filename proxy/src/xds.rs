@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use lumen_api::pb::envoy::config::cluster::v3 as xcluster;
@@ -24,33 +25,119 @@ use crate::routing::{self, Cluster, ConfigError, MeshConfig, RouteConfig};
 /// What the proxy has accepted so far, published to the data path.
 pub type ConfigRx = watch::Receiver<Arc<MeshConfig>>;
 
-/// Runs the ADS client until shutdown, reconnecting with backoff.
+/// The control plane connection as `/ready` and `/stats/prometheus` report it.
+#[derive(Debug, Default)]
+pub struct XdsHealth {
+    /// An ADS stream is open now.
+    pub connected: AtomicBool,
+    /// Streams that ended (closed, failed or never opened) since the start.
+    pub disconnects: AtomicU64,
+    /// When the stream last went away (seconds since the epoch; 0: never).
+    pub lost_at_unix: AtomicU64,
+    /// When a response was last accepted (seconds since the epoch; 0: never).
+    pub updated_at_unix: AtomicU64,
+}
+
+impl XdsHealth {
+    /// Seconds the control plane has been away (`None` while a stream is open).
+    pub fn away_secs(&self) -> Option<u64> {
+        if self.connected.load(Ordering::Relaxed) {
+            return None;
+        }
+        let lost = self.lost_at_unix.load(Ordering::Relaxed);
+        Some(if lost == 0 {
+            0
+        } else {
+            unix_now().saturating_sub(lost)
+        })
+    }
+
+    /// The connection in Prometheus text.
+    pub fn prometheus(&self, out: &mut String) {
+        let updated = self.updated_at_unix.load(Ordering::Relaxed);
+        for (name, help, kind, v) in [
+            (
+                "lumen_proxy_xds_connected",
+                "1 while an ADS stream to the control plane is open.",
+                "gauge",
+                u64::from(self.connected.load(Ordering::Relaxed)),
+            ),
+            (
+                "lumen_proxy_xds_disconnects_total",
+                "ADS streams that ended or could not be opened.",
+                "counter",
+                self.disconnects.load(Ordering::Relaxed),
+            ),
+            (
+                "lumen_proxy_xds_config_age_seconds",
+                "Seconds since the configuration in force was last updated (0: never updated).",
+                "gauge",
+                if updated == 0 {
+                    0
+                } else {
+                    unix_now().saturating_sub(updated)
+                },
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
+            ));
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Runs the ADS client until shutdown, reconnecting with jittered exponential backoff, which
+/// starts over after a session that delivered configuration. The last good configuration
+/// stays in force while the control plane is away.
 pub async fn run(
     endpoint: String,
     node: Node,
     tx: watch::Sender<Arc<MeshConfig>>,
     ready: watch::Sender<bool>,
+    health: Arc<XdsHealth>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = BACKOFF_START;
     loop {
+        let mut delivered = false;
         let result = tokio::select! {
             () = shutdown.cancelled() => return,
-            r = session(&endpoint, &node, &tx, &ready) => r,
+            r = session(&endpoint, &node, &tx, &ready, &health, &mut delivered) => r,
         };
+        // When the control plane went away: the end of a working stream, or the first try.
+        if health.connected.swap(false, Ordering::Relaxed)
+            || health.lost_at_unix.load(Ordering::Relaxed) == 0
+        {
+            health.lost_at_unix.store(unix_now(), Ordering::Relaxed);
+        }
+        health.disconnects.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(()) => {
-                tracing::warn!(endpoint = %endpoint, "xds stream closed by the control plane, reconnecting")
+                tracing::warn!(endpoint = %endpoint, "xds stream closed by the control plane, reconnecting; the last good configuration stays in force")
             }
             Err(e) => {
-                tracing::warn!(endpoint = %endpoint, error = %e, "xds stream failed, reconnecting")
+                tracing::warn!(endpoint = %endpoint, error = %e, "xds stream failed, reconnecting; the last good configuration stays in force")
             }
         }
+        if delivered {
+            backoff = BACKOFF_START;
+        }
+        // Full jitter, so proxies cut off together do not come back together.
+        let wait = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(BACKOFF_MAX);
     }
 }
 
@@ -69,10 +156,16 @@ async fn session(
     node: &Node,
     tx: &watch::Sender<Arc<MeshConfig>>,
     ready: &watch::Sender<bool>,
+    health: &XdsHealth,
+    delivered: &mut bool,
 ) -> Result<(), tonic::Status> {
+    // HTTP/2 pings find a control plane that vanished without closing the connection.
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| tonic::Status::invalid_argument(format!("xds endpoint {endpoint:?}: {e}")))?
         .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("connecting to {endpoint}: {e}")))?;
@@ -82,6 +175,7 @@ async fn session(
         .stream_aggregated_resources(ReceiverStream::new(req_rx))
         .await?
         .into_inner();
+    health.connected.store(true, Ordering::Relaxed);
 
     let mut config: MeshConfig = (**tx.borrow()).clone();
     let mut state: HashMap<&'static str, TypeState> = HashMap::new();
@@ -132,6 +226,8 @@ async fn session(
                 next.versions
                     .insert(type_url::short(ty), resp.version_info.clone());
                 config = next;
+                *delivered = true;
+                health.updated_at_unix.store(unix_now(), Ordering::Relaxed);
                 tracing::debug!(type_url = type_url::short(ty), version = %resp.version_info, resources = resp.resources.len(), "xds update accepted");
                 send(&req_tx, request(ty, st, None)).await?;
                 tx.send_replace(Arc::new(config.clone()));
