@@ -54,6 +54,23 @@ pub struct ServicePort {
     pub target_port: Option<TargetPort>,
     #[serde(default)]
     pub protocol: Option<String>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+impl ServicePort {
+    /// Whether the port speaks HTTP/2 (gRPC included), by Istio's protocol selection: its
+    /// `appProtocol`, else its name's prefix (`grpc`, `grpc-web`, `http2`, `grpc-api`...).
+    pub fn http2(&self) -> bool {
+        let by_name = |p: &str| {
+            let p = p.to_ascii_lowercase();
+            p == "grpc" || p == "grpc-web" || p == "http2" || p == "h2c" || p == "kubernetes.io/h2c"
+        };
+        match &self.app_protocol {
+            Some(p) => by_name(p),
+            None => by_name(self.name.split('-').next().unwrap_or_default()),
+        }
+    }
 }
 
 /// `targetPort` is either a number or the name of a container port.

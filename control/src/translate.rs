@@ -101,7 +101,7 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
                 std::iter::once((String::new(), BTreeMap::new())).chain(subsets.clone())
             {
                 let name = cluster_name::outbound(port.port, &subset, &fqdn);
-                clusters.push(eds_cluster(&name));
+                clusters.push(eds_cluster(&name, port.http2()));
                 endpoints.push(load_assignment(model, svc, port.port, &labels, &name));
             }
             route_hosts
@@ -136,7 +136,13 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
             .map(|p| p.container_port)
             .collect();
         for port in &inbound {
-            clusters.push(inbound_cluster(pod, *port));
+            // HTTP/2 to the app when a service port that targets this one speaks it.
+            let http2 = model.services.iter().filter(|s| s.selects(pod)).any(|s| {
+                s.ports
+                    .iter()
+                    .any(|sp| sp.http2() && pod.target_port(sp) == Some(*port))
+            });
+            clusters.push(inbound_cluster(pod, *port, http2));
         }
         listeners.push(inbound_listener(&pod.ip.to_string(), &inbound));
     }
@@ -200,9 +206,37 @@ fn ads_source() -> core::ConfigSource {
     }
 }
 
-fn eds_cluster(name: &str) -> cluster::Cluster {
+/// HTTP/2 to the upstream (Envoy's `HttpProtocolOptions` with an explicit HTTP/2 config),
+/// for a port that speaks it.
+fn http2_options(http2: bool) -> HashMap<String, Any> {
+    use lumen_api::pb::envoy::config::core::v3::Http2ProtocolOptions;
+    use lumen_api::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    use lumen_api::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+    };
+    if !http2 {
+        return HashMap::new();
+    }
+    let options = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                    Http2ProtocolOptions::default(),
+                )),
+            },
+        )),
+        ..Default::default()
+    };
+    HashMap::from([(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+        pack_any(options),
+    )])
+}
+
+fn eds_cluster(name: &str, http2: bool) -> cluster::Cluster {
     cluster::Cluster {
         name: name.to_string(),
+        typed_extension_protocol_options: http2_options(http2),
         connect_timeout: Some(Duration {
             seconds: 10,
             nanos: 0,
@@ -534,10 +568,11 @@ fn outbound_listener(port: u16) -> listener::Listener {
     }
 }
 
-fn inbound_cluster(pod: &Pod, port: u16) -> cluster::Cluster {
+fn inbound_cluster(pod: &Pod, port: u16, http2: bool) -> cluster::Cluster {
     let name = cluster_name::inbound(port);
     cluster::Cluster {
         name: name.clone(),
+        typed_extension_protocol_options: http2_options(http2),
         connect_timeout: Some(Duration {
             seconds: 10,
             nanos: 0,
@@ -633,6 +668,49 @@ mod tests {
         );
         assert!(ProxyNode::parse("router~1.2.3.4~x.y~y.svc.cluster.local").is_err());
         assert!(ProxyNode::parse("sidecar~1.2.3.4~nonamespace~z").is_err());
+    }
+
+    #[test]
+    fn grpc_ports_get_http2_upstream_clusters_on_both_sides() {
+        let mut model = demo_model();
+        for svc in &mut model.services {
+            if svc.meta.name == "reviews" {
+                svc.ports[0].name = "grpc-reviews".into();
+            }
+        }
+        // reviews-v1's sidecar: its inbound cluster goes HTTP/2 too.
+        let reviews =
+            ProxyNode::parse("sidecar~127.0.10.3~reviews-v1.default~default.svc.cluster.local")
+                .expect("node id parses");
+        let res = translate(&model, &reviews);
+        let h2 = |name: &str| {
+            res.of_type(type_url::CLUSTER)
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| {
+                    cluster::Cluster::decode(r.resource.value.as_slice())
+                        .expect("cluster")
+                        .typed_extension_protocol_options
+                        .contains_key("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+                })
+                .unwrap_or_else(|| panic!("no {name}"))
+        };
+        assert!(h2("outbound|9080|v1|reviews.default.svc.cluster.local"));
+        assert!(h2("inbound|9080||"));
+        assert!(!h2("outbound|9080||ratings.default.svc.cluster.local"));
+        let port = |name: &str, app: Option<&str>| crate::model::ServicePort {
+            name: name.into(),
+            port: 1,
+            target_port: None,
+            protocol: None,
+            app_protocol: app.map(Into::into),
+        };
+        assert!(port("grpc", None).http2());
+        assert!(port("http2-api", None).http2());
+        assert!(!port("http", None).http2());
+        assert!(!port("grpcish", None).http2());
+        assert!(port("web", Some("kubernetes.io/h2c")).http2());
+        assert!(!port("grpc", Some("http")).http2(), "appProtocol wins");
     }
 
     #[test]

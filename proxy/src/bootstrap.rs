@@ -27,11 +27,18 @@ pub struct StaticListener {
     pub routes: Arc<RouteConfig>,
 }
 
-/// Static listeners and clusters (endpoints by cluster name).
+/// One static cluster: its endpoints and whether it speaks HTTP/2 upstream.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StaticCluster {
+    pub endpoints: Vec<Endpoint>,
+    pub http2: bool,
+}
+
+/// Static listeners and clusters (by name).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StaticConfig {
     pub listeners: Vec<StaticListener>,
-    pub clusters: BTreeMap<String, Vec<Endpoint>>,
+    pub clusters: BTreeMap<String, StaticCluster>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -250,6 +257,39 @@ impl SocketAddressCfg {
 }
 
 impl ClusterCfg {
+    /// HTTP/2 upstream, as `typed_extension_protocol_options` says it (Envoy's
+    /// `HttpProtocolOptions` with `explicit_http_config`).
+    fn http2(&self, at: &str) -> Result<bool, String> {
+        const KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+        let Some(options) = &self.typed_extension_protocol_options else {
+            return Ok(false);
+        };
+        let Some(map) = options.as_mapping() else {
+            return Err(format!("{at}.typed_extension_protocol_options: not a map"));
+        };
+        if let Some(key) = map.keys().find(|k| k.as_str() != Some(KEY)) {
+            return Err(format!(
+                "{at}.typed_extension_protocol_options: {key:?} is not supported ({KEY} only)"
+            ));
+        }
+        let Some(value) = map.get(KEY) else {
+            return Ok(false);
+        };
+        let explicit = value.get("explicit_http_config");
+        let h2 = explicit
+            .and_then(|e| e.get("http2_protocol_options"))
+            .is_some();
+        let h1 = explicit
+            .and_then(|e| e.get("http_protocol_options"))
+            .is_some();
+        if !h2 && !h1 {
+            return Err(format!(
+                "{at}.typed_extension_protocol_options.{KEY}: only explicit_http_config with http2_protocol_options or http_protocol_options is supported"
+            ));
+        }
+        Ok(h2)
+    }
+
     /// The cluster's endpoints; only STATIC clusters with ROUND_ROBIN are supported.
     fn endpoints(&self, at: &str) -> Result<Vec<Endpoint>, String> {
         if let Some(k) = self.kind.as_deref().filter(|k| *k != "STATIC") {
@@ -290,8 +330,11 @@ impl StaticResources {
         let mut clusters = BTreeMap::new();
         for (i, c) in self.clusters.iter().enumerate() {
             let at = format!("static_resources.clusters[{i}] ({})", c.name);
-            let _ = &c.typed_extension_protocol_options;
-            if clusters.insert(c.name.clone(), c.endpoints(&at)?).is_some() {
+            let cluster = StaticCluster {
+                endpoints: c.endpoints(&at)?,
+                http2: c.http2(&at)?,
+            };
+            if clusters.insert(c.name.clone(), cluster).is_some() {
                 return Err(format!("{at}: a second cluster named {:?}", c.name));
             }
         }

@@ -364,7 +364,7 @@ mod tests {
             .collect();
         assert_eq!(weights, [("web", 90), ("api", 10)]);
         assert_eq!(
-            st.clusters["api"][0].connect_addr.to_string(),
+            st.clusters["api"].endpoints[0].connect_addr.to_string(),
             "127.0.0.1:18082"
         );
         assert_eq!(cfg.admin_addr.to_string(), "127.0.0.1:19000");

@@ -231,7 +231,9 @@ fn static_config(
     cfg.apply_clusters(
         st.clusters
             .iter()
-            .map(|(name, endpoints)| routing::Cluster::new(name.clone(), endpoints.clone()))
+            .map(|(name, c)| {
+                routing::Cluster::new(name.clone(), c.endpoints.clone()).with_http2(c.http2)
+            })
             .collect(),
     );
     cfg.versions.insert("static", "bootstrap".to_string());

@@ -94,6 +94,8 @@ pub struct WeightedBackend {
 pub struct Cluster {
     pub name: String,
     pub eds: bool,
+    /// HTTP/2 to the upstream (Envoy's explicit HTTP/2 protocol options); HTTP/1.1 otherwise.
+    pub http2: bool,
     pub endpoints: Vec<Endpoint>,
     next: AtomicUsize,
 }
@@ -244,6 +246,7 @@ impl MeshConfig {
                 let updated = Cluster {
                     name: c.name.clone(),
                     eds: c.eds,
+                    http2: c.http2,
                     endpoints,
                     next: AtomicUsize::new(c.next.load(Ordering::Relaxed)),
                 };
@@ -308,13 +311,19 @@ impl Route {
 }
 
 impl Cluster {
-    /// A cluster with these endpoints (inline, not from EDS).
+    /// A cluster with these endpoints (inline, not from EDS), HTTP/1.1 upstream.
     pub fn new(name: impl Into<String>, endpoints: Vec<Endpoint>) -> Cluster {
         Cluster {
             name: name.into(),
             endpoints,
             ..Default::default()
         }
+    }
+
+    /// The same cluster speaking HTTP/2 upstream (or not).
+    pub fn with_http2(mut self, http2: bool) -> Cluster {
+        self.http2 = http2;
+        self
     }
 
     /// Round-robin choice of an endpoint.
@@ -400,6 +409,32 @@ pub fn listener_rds_names(l: &xlistener::Listener) -> Result<Vec<String>, Config
     Ok(names)
 }
 
+/// Whether a cluster's `HttpProtocolOptions` ask for HTTP/2 upstream.
+fn upstream_http2(
+    cluster: &str,
+    options: &std::collections::HashMap<String, lumen_api::pb::google::protobuf::Any>,
+) -> Result<bool, ConfigError> {
+    use lumen_api::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    use lumen_api::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+        UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+    };
+    const KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+    let Some(any) = options.get(KEY) else {
+        return Ok(false);
+    };
+    let o = HttpProtocolOptions::decode(any.value.as_slice())
+        .map_err(|e| unsupported("cluster", cluster, format!("{KEY} does not decode: {e}")))?;
+    Ok(match o.upstream_protocol_options {
+        Some(UpstreamProtocolOptions::ExplicitHttpConfig(c)) => {
+            matches!(
+                c.protocol_config,
+                Some(ProtocolConfig::Http2ProtocolOptions(_))
+            )
+        }
+        _ => false,
+    })
+}
+
 impl TryFrom<xcluster::Cluster> for Cluster {
     type Error = ConfigError;
 
@@ -433,9 +468,11 @@ impl TryFrom<xcluster::Cluster> for Cluster {
             Some(cla) if !eds => endpoints_from(&cla)?,
             _ => Vec::new(),
         };
+        let http2 = upstream_http2(&c.name, &c.typed_extension_protocol_options)?;
         Ok(Cluster {
             name: c.name,
             eds,
+            http2,
             endpoints,
             next: AtomicUsize::new(0),
         })

@@ -94,6 +94,8 @@ impl Step for Balance {
             );
         }
         req.extensions_mut().insert(endpoint);
+        req.extensions_mut()
+            .insert(super::connect::UpstreamHttp2(target.cluster.http2));
         Ok(())
     }
 }

@@ -60,9 +60,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 type Upstream = Client<HttpConnector, Counted<Body, Arc<AtomicU64>>>;
 
+/// Which protocol the chosen cluster speaks upstream (set by the layer that picked it):
+/// HTTP/2 with prior knowledge when true, HTTP/1.1 otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UpstreamHttp2(pub bool);
+
 #[derive(Debug, Clone)]
 pub struct Connect {
-    client: Upstream,
+    http1: Upstream,
+    /// One multiplexed connection per upstream carries every request.
+    http2: Upstream,
     timeout: Duration,
 }
 
@@ -71,11 +78,19 @@ impl Connect {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
-        let client = Client::builder(TokioExecutor::new())
+        let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .timer(hyper_util::rt::TokioTimer::new())
             .build(connector);
         Connect {
-            client,
+            http1,
+            http2,
             timeout: UPSTREAM_TIMEOUT,
         }
     }
@@ -114,6 +129,14 @@ impl tower::Service<Request<Body>> for Connect {
             .extensions()
             .get::<Observation>()
             .map_or_else(|| Arc::new(AtomicU64::new(0)), |o| o.request_bytes.clone());
+        // An HTTP/2 request names its authority in the URI only: keep it as the Host the
+        // upstream sees (and that HTTP/1.1 needs) before the URI names the endpoint.
+        if !req.headers().contains_key(http::header::HOST)
+            && let Some(a) = req.uri().authority().cloned()
+            && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+        {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         match Uri::builder()
             .scheme("http")
@@ -132,11 +155,19 @@ impl tower::Service<Request<Body>> for Connect {
             }
         }
         strip_hop_by_hop(req.headers_mut());
-        let req = req.map(|inner| Counted {
+        let mut req = req.map(|inner| Counted {
             inner,
             count: counter,
         });
-        let (client, timeout) = (self.client.clone(), self.timeout);
+        let http2 = req.extensions().get::<UpstreamHttp2>().is_some_and(|h| h.0);
+        let client = if http2 {
+            *req.version_mut() = http::Version::HTTP_2;
+            self.http2.clone()
+        } else {
+            *req.version_mut() = http::Version::HTTP_11;
+            self.http1.clone()
+        };
+        let timeout = self.timeout;
         Box::pin(async move {
             let addr = endpoint.connect_addr;
             match tokio::time::timeout(timeout, client.request(req)).await {

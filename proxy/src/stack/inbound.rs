@@ -103,6 +103,9 @@ impl Step for Inbound {
             )
         })?;
         req.extensions_mut().insert(endpoint);
+        let http2 = cluster.as_ref().is_some_and(|c| c.http2);
+        req.extensions_mut()
+            .insert(super::connect::UpstreamHttp2(http2));
         Ok(())
     }
 }

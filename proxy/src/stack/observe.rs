@@ -216,8 +216,38 @@ impl<S> Observe<S> {
                 ),
             ],
         };
-        Observed { labels, span }
+        let mut o = Observed { labels, span };
+        // gRPC: Istio's request_protocol, and the RPC's conventions on the span.
+        if is_grpc(req) {
+            o.labels.request_protocol = "grpc";
+            o.span
+                .attributes
+                .push(("rpc.system", AttrValue::Str("grpc".into())));
+            let mut parts = path.trim_start_matches('/').splitn(2, '/');
+            if let (Some(service), Some(method)) = (parts.next(), parts.next()) {
+                o.span
+                    .attributes
+                    .push(("rpc.service", AttrValue::Str(service.to_string())));
+                o.span
+                    .attributes
+                    .push(("rpc.method", AttrValue::Str(method.to_string())));
+            }
+        }
+        o
     }
+}
+
+/// Whether a request is a gRPC call (`content-type: application/grpc[+proto|...]`).
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The status codes that make a gRPC server span an error (OpenTelemetry's RPC conventions);
+/// for a client every non-OK status is.
+fn grpc_server_error(code: i64) -> bool {
+    matches!(code, 2 | 4 | 12 | 13 | 14 | 15)
 }
 
 impl<S> tower::Service<Request<Body>> for Observe<S>
@@ -268,6 +298,7 @@ where
             ));
             span.attributes
                 .push(("response_flags", AttrValue::Str(flag.to_string())));
+            let grpc = labels.request_protocol == "grpc";
             let mut finish = Finish {
                 reporter,
                 labels,
@@ -275,9 +306,17 @@ where
                 started,
                 request_bytes: observation.request_bytes,
                 response_bytes: 0,
+                grpc,
             };
             match result {
-                Ok(resp) => Ok(resp.map(|inner| {
+                Ok(resp) => Ok({
+                    // A trailers-only gRPC response carries its status in the headers.
+                    if grpc {
+                        finish.grpc_status(resp.headers());
+                    }
+                    resp
+                }
+                .map(|inner| {
                     Counted {
                         inner,
                         count: finish,
@@ -310,6 +349,31 @@ struct Finish {
     request_bytes: Arc<AtomicU64>,
     /// Response body bytes sent back.
     response_bytes: u64,
+    /// A gRPC call: its status comes in the trailers (or a trailers-only response's head).
+    grpc: bool,
+}
+
+impl Finish {
+    /// Records `grpc-status` when `headers` carry it.
+    fn grpc_status(&mut self, headers: &http::HeaderMap) {
+        let Some(code) = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<i64>().ok())
+        else {
+            return;
+        };
+        self.labels.grpc_response_status = code.to_string();
+        if let Some(span) = self.span.as_mut() {
+            span.attributes
+                .push(("rpc.grpc.status_code", AttrValue::Int(code)));
+            let failed = match span.kind {
+                SpanKind::Server => grpc_server_error(code),
+                _ => code != 0,
+            };
+            span.error |= failed;
+        }
+    }
 }
 
 impl Drop for Finish {
@@ -340,6 +404,9 @@ impl Drop for Finish {
 /// records the request when it is finished with).
 pub trait CountInto: Unpin {
     fn add(&mut self, bytes: u64);
+
+    /// The body's trailers went by.
+    fn trailers(&mut self, _trailers: &http::HeaderMap) {}
 }
 
 impl CountInto for Arc<AtomicU64> {
@@ -351,6 +418,12 @@ impl CountInto for Arc<AtomicU64> {
 impl CountInto for Finish {
     fn add(&mut self, bytes: u64) {
         self.response_bytes += bytes;
+    }
+
+    fn trailers(&mut self, trailers: &http::HeaderMap) {
+        if self.grpc {
+            self.grpc_status(trailers);
+        }
     }
 }
 
@@ -373,10 +446,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            self.count.add(data.len() as u64);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.count.add(data.len() as u64);
+            } else if let Some(trailers) = frame.trailers_ref() {
+                self.count.trailers(trailers);
+            }
         }
         polled
     }
