@@ -60,6 +60,38 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 type Upstream = Client<HttpConnector, Counted<Body, Arc<AtomicU64>>>;
 
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` and `Upgrade`).
+fn upgrade_of(headers: &HeaderMap) -> Option<http::HeaderValue> {
+    let asks = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(http::header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Joins an upgraded downstream connection to the upgraded upstream one until either ends.
+async fn tunnel(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    addr: std::net::SocketAddr,
+) {
+    match tokio::try_join!(downstream, upstream) {
+        Ok((d, u)) => {
+            let (mut d, mut u) = (
+                hyper_util::rt::TokioIo::new(d),
+                hyper_util::rt::TokioIo::new(u),
+            );
+            if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                tracing::debug!(%addr, error = %e, "upgraded connection ended");
+            }
+        }
+        Err(e) => tracing::debug!(%addr, error = %e, "upgrade did not complete"),
+    }
+}
+
 /// Which protocol the chosen cluster speaks upstream (set by the layer that picked it):
 /// HTTP/2 with prior knowledge when true, HTTP/1.1 otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -154,12 +186,27 @@ impl tower::Service<Request<Body>> for Connect {
                 ))));
             }
         }
+        // An upgrade (WebSocket and the like) keeps its Upgrade and Connection headers, goes
+        // over HTTP/1.1, and once both sides agree (101) the two connections are joined.
+        let upgrade = upgrade_of(req.headers());
+        let downstream = upgrade
+            .as_ref()
+            .and_then(|_| req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>());
         strip_hop_by_hop(req.headers_mut());
+        if let Some(protocol) = &upgrade {
+            req.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("upgrade"),
+            );
+            req.headers_mut()
+                .insert(http::header::UPGRADE, protocol.clone());
+        }
         let mut req = req.map(|inner| Counted {
             inner,
             count: counter,
         });
-        let http2 = req.extensions().get::<UpstreamHttp2>().is_some_and(|h| h.0);
+        let http2 =
+            upgrade.is_none() && req.extensions().get::<UpstreamHttp2>().is_some_and(|h| h.0);
         let client = if http2 {
             *req.version_mut() = http::Version::HTTP_2;
             self.http2.clone()
@@ -183,7 +230,21 @@ impl tower::Service<Request<Body>> for Connect {
                     Fault::Upstream,
                     format!("upstream connect error or disconnect to {addr}: {e}"),
                 )),
-                Ok(Ok(resp)) => {
+                Ok(Ok(mut resp)) => {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && let (Some(protocol), Some(downstream)) = (upgrade, downstream)
+                    {
+                        let upstream = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(tunnel(downstream, upstream, addr));
+                        let (mut parts, body) = resp.into_parts();
+                        strip_hop_by_hop(&mut parts.headers);
+                        parts.headers.insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("upgrade"),
+                        );
+                        parts.headers.insert(http::header::UPGRADE, protocol);
+                        return Ok(Response::from_parts(parts, body.boxed()));
+                    }
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     Ok(Response::from_parts(parts, body.boxed()))

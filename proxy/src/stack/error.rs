@@ -31,6 +31,8 @@ pub mod flags {
     pub const NO_HEALTHY_UPSTREAM: &str = "UH";
     pub const UPSTREAM_CONNECT_FAILURE: &str = "UF";
     pub const UPSTREAM_TIMEOUT: &str = "UT";
+    /// The upstream reset the connection (here: broke off a response after its head).
+    pub const UPSTREAM_RESET: &str = "UR";
     pub const NO_CLUSTER: &str = "NC";
     /// A request the proxy could not make sense of (Envoy's downstream protocol error).
     pub const DOWNSTREAM_PROTOCOL_ERROR: &str = "DPE";

@@ -407,6 +407,9 @@ pub trait CountInto: Unpin {
 
     /// The body's trailers went by.
     fn trailers(&mut self, _trailers: &http::HeaderMap) {}
+
+    /// The body failed: the upstream reset or broke off the response.
+    fn failed(&mut self, _error: &hyper::Error) {}
 }
 
 impl CountInto for Arc<AtomicU64> {
@@ -423,6 +426,26 @@ impl CountInto for Finish {
     fn trailers(&mut self, trailers: &http::HeaderMap) {
         if self.grpc {
             self.grpc_status(trailers);
+        }
+    }
+
+    /// A response cut off after its head: Envoy's UR (upstream reset), an error.
+    fn failed(&mut self, error: &hyper::Error) {
+        self.labels.response_flags = flags::UPSTREAM_RESET.to_string();
+        if let Some(span) = self.span.as_mut() {
+            span.error = true;
+            for (k, v) in span.attributes.iter_mut() {
+                if *k == "response_flags" {
+                    *v = AttrValue::Str(flags::UPSTREAM_RESET.to_string());
+                }
+            }
+            span.attributes.push((
+                span_attributes::REASON,
+                AttrValue::Str(format!(
+                    "upstream reset the response after {} body bytes: {error}",
+                    self.response_bytes
+                )),
+            ));
         }
     }
 }
@@ -446,12 +469,16 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                self.count.add(data.len() as u64);
-            } else if let Some(trailers) = frame.trailers_ref() {
-                self.count.trailers(trailers);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.count.add(data.len() as u64);
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    self.count.trailers(trailers);
+                }
             }
+            Poll::Ready(Some(Err(e))) => self.count.failed(e),
+            _ => {}
         }
         polled
     }

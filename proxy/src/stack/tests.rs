@@ -556,3 +556,183 @@ async fn a_hundred_thousand_hosts_cannot_grow_the_series_past_the_cap() {
     assert_eq!(r2.evict_idle(), 50);
     assert_eq!(r2.series_count(), baseline);
 }
+
+/// RFC 6455's own handshake example: this key must be answered with this accept value.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// A WebSocket echo server on raw TCP: answers the handshake, then echoes each small text
+/// frame it gets (unmasked, as a server sends).
+async fn websocket_echo() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read_exact(&mut byte).await.is_err() {
+                return;
+            }
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        if !head.contains("upgrade: websocket") || !head.contains(&WS_KEY.to_ascii_lowercase()) {
+            let _ = s
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+            return;
+        }
+        let _ = s
+            .write_all(
+                format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {WS_ACCEPT}\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await;
+        loop {
+            let mut h = [0u8; 2];
+            if s.read_exact(&mut h).await.is_err() {
+                return;
+            }
+            let len = usize::from(h[1] & 0x7f);
+            let mut mask = [0u8; 4];
+            let mut payload = vec![0u8; len];
+            if s.read_exact(&mut mask).await.is_err() || s.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= mask[i % 4];
+            }
+            let mut frame = vec![0x81, u8::try_from(len).unwrap_or(0)];
+            frame.extend_from_slice(&payload);
+            if s.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_websocket_is_carried_through_the_outbound_stack() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = websocket_echo().await;
+    let mut cfg = crate::routing::tests::config();
+    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "reviews-v1");
+    endpoint.app_addr = upstream;
+    endpoint.connect_addr = upstream;
+    endpoint.meshed = false;
+    cfg.apply_endpoints(vec![
+        ("v1".into(), vec![endpoint.clone()]),
+        ("v2".into(), vec![endpoint]),
+    ]);
+    let (reporter, _q) = reporter("productpage");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let proxy = listener.local_addr().expect("addr");
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::server::serve_stack(
+        listener,
+        outbound(config_rx(cfg), reporter, connect::Connect::new()),
+        crate::server::Limits::default(),
+        Arc::new(crate::server::ConnStats::default()),
+        stop.clone(),
+    ));
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    s.write_all(
+        format!(
+            "GET /chat HTTP/1.1\r\nHost: reviews:9080\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("handshake");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.expect("response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("upgrade: websocket") && head.contains(&WS_ACCEPT.to_ascii_lowercase()),
+        "{head}"
+    );
+    for text in ["hello", "through lumen"] {
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        let mut frame = vec![0x81, 0x80 | u8::try_from(text.len()).expect("small")];
+        frame.extend_from_slice(&mask);
+        frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        s.write_all(&frame).await.expect("frame");
+        let mut echoed = vec![0u8; 2 + text.len()];
+        s.read_exact(&mut echoed).await.expect("echo");
+        assert_eq!(&echoed[2..], text.as_bytes());
+    }
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn an_upstream_that_breaks_off_mid_response_is_recorded_as_ur() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        // A head promising 100 bytes, 4 of them, then the connection is gone.
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhalf")
+            .await;
+        let _ = s.set_linger(Some(std::time::Duration::ZERO));
+    });
+    let mut cfg = MeshConfig::default();
+    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "ratings-v1");
+    endpoint.app_addr = upstream;
+    endpoint.connect_addr = upstream;
+    cfg.apply_clusters(vec![crate::routing::Cluster::new(
+        "inbound|9080||",
+        vec![endpoint],
+    )]);
+    let (reporter, mut queue) = reporter("ratings");
+    let stack = inbound(config_rx(cfg), reporter.clone(), connect::Connect::new());
+    let resp = stack
+        .oneshot(get("ratings:9080", "/"))
+        .await
+        .expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK, "the head came");
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "the body did not"
+    );
+    let span = queue.try_recv().expect("span");
+    assert!(span.error);
+    assert_eq!(
+        attr(&span.attributes, "response_flags"),
+        Some(&AttrValue::Str("UR".into()))
+    );
+    assert!(matches!(
+        attr(&span.attributes, "lumen.reason"),
+        Some(AttrValue::Str(r)) if r.starts_with("upstream reset the response after 4 body bytes")
+    ));
+    assert!(
+        reporter
+            .prometheus_text()
+            .contains(r#"response_flags="UR""#)
+    );
+}
