@@ -736,3 +736,80 @@ async fn an_upstream_that_breaks_off_mid_response_is_recorded_as_ur() {
             .contains(r#"response_flags="UR""#)
     );
 }
+
+#[tokio::test]
+async fn expect_100_continue_and_chunked_bodies_go_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The upstream answers with the length of the body it got.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream = listener.local_addr().expect("addr");
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::server::serve(
+        listener,
+        |req: Request<hyper::body::Incoming>| async move {
+            let n = req
+                .into_body()
+                .collect()
+                .await
+                .map_or(0, |b| b.to_bytes().len());
+            Response::new(text_body(format!("got {n} bytes")))
+        },
+        stop.clone(),
+    ));
+    let mut cfg = MeshConfig::default();
+    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "ratings-v1");
+    endpoint.app_addr = upstream;
+    endpoint.connect_addr = upstream;
+    cfg.apply_clusters(vec![crate::routing::Cluster::new(
+        "inbound|9080||",
+        vec![endpoint],
+    )]);
+    let (reporter, _q) = reporter("ratings");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let proxy = listener.local_addr().expect("addr");
+    tokio::spawn(crate::server::serve_stack(
+        listener,
+        inbound(config_rx(cfg), reporter, connect::Connect::new()),
+        crate::server::Limits::default(),
+        Arc::new(crate::server::ConnStats::default()),
+        stop.clone(),
+    ));
+    let mut s = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: ratings\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .expect("head");
+    let mut interim = [0u8; 25];
+    s.read_exact(&mut interim).await.expect("interim response");
+    assert_eq!(
+        &interim,
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    s.write_all(b"hello world").await.expect("body");
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.expect("response");
+    let resp = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.ends_with("got 11 bytes"),
+        "{resp}"
+    );
+    // A chunked body on a kept-alive connection.
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: ratings\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        .await
+        .expect("chunked");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.expect("response");
+    let resp = String::from_utf8_lossy(&rest);
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.ends_with("got 11 bytes"),
+        "{resp}"
+    );
+    stop.cancel();
+}
