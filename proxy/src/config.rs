@@ -160,6 +160,25 @@ impl ProxyConfig {
             sa.socket_addr("").ok()
         };
         let otlp_endpoint = cluster_addr("lumen-telemetry").map(|a| format!("http://{a}"));
+        // Listener limits from node metadata (as Istio's proxy metadata tunes its sidecars).
+        let mut limits = crate::server::Limits::default();
+        let number = |k: &str| -> Result<Option<u64>, BootstrapError> {
+            meta_str(k)
+                .map(|v| {
+                    v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        BootstrapError::Invalid(format!(
+                            "node.metadata.{k}: {v:?} is not a positive whole number"
+                        ))
+                    })
+                })
+                .transpose()
+        };
+        if let Some(n) = number("LUMEN_MAX_CONNECTIONS")? {
+            limits.max_connections = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(ms) = number("LUMEN_HEADER_READ_TIMEOUT_MS")? {
+            limits.header_read_timeout = std::time::Duration::from_millis(ms);
+        }
         let switches = crate::telemetry::Switches {
             span_ratio: match meta_str("LUMEN_TRACE_SAMPLING") {
                 None => 1.0,
@@ -210,7 +229,7 @@ impl ProxyConfig {
                 identity,
                 xds_endpoint: String::new(),
                 otlp_endpoint,
-                limits: crate::server::Limits::default(),
+                limits,
                 statics: Some(statics),
                 switches,
             });
@@ -249,7 +268,7 @@ impl ProxyConfig {
             identity,
             xds_endpoint: format!("http://{xds}"),
             otlp_endpoint,
-            limits: crate::server::Limits::default(),
+            limits,
             statics: None,
             switches,
         })

@@ -205,14 +205,23 @@ pub async fn serve_with<H, F>(
             async move { Ok::<_, Infallible>(handler(req).await) }
         });
         let builder = builder.clone();
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
         let stats = stats.clone();
+        let watcher = graceful.watcher();
+        let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with error");
+            // Telling HTTP/1 from HTTP/2 reads the first bytes, which hyper's own header
+            // timeout does not cover: a client that sends nothing gets the same time.
+            let mut first = [0u8; 1];
+            let arrived = tokio::time::timeout(header_read_timeout, stream.peek(&mut first)).await;
+            if matches!(arrived, Ok(Ok(n)) if n > 0) {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(%peer, error = %e, "connection ended with error");
+                }
+            } else {
+                tracing::debug!(%peer, "no request within the header-read time: closed");
             }
             stats.active.fetch_sub(1, Ordering::Relaxed);
             drop(slot);

@@ -1,0 +1,99 @@
+//! 10,000 idle connections to the `lumen-proxy` binary: past its connection limit they are
+//! closed on arrival and counted, the rest are closed when the header-read time runs out, and
+//! the connection counts return to their baseline while requests keep being served.
+
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn metric(text: &str, line_start: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{line_start} in {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_connections_are_bounded_and_cleared() {
+    let (listen, admin, prom) = (free_port(), free_port(), free_port());
+    let yaml = include_str!("../../fixtures/proxy/static.yaml")
+        .replace("port_value: 10000", &format!("port_value: {listen}"))
+        .replace("port_value: 19000", &format!("port_value: {admin}"))
+        .replace(
+            "  cluster: bench\n",
+            &format!(
+                "  cluster: bench\n  metadata: {{LUMEN_PROMETHEUS_PORT: \"{prom}\", LUMEN_MAX_CONNECTIONS: \"4000\", LUMEN_HEADER_READ_TIMEOUT_MS: \"2000\"}}\n"
+            ),
+        );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("static.yaml");
+    std::fs::write(&path, yaml).expect("write");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lumen-proxy"))
+        .arg("-c")
+        .arg(&path)
+        .env("RUST_LOG", "error")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("lumen-proxy starts");
+    let stats_url = format!("http://127.0.0.1:{admin}/stats/prometheus");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stats = || async { reqwest::get(&stats_url).await.ok()?.text().await.ok() };
+    while stats().await.is_none() {
+        assert!(Instant::now() < deadline, "never up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // 10,000 connections that never send a byte.
+    let mut idle = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        match tokio::net::TcpStream::connect(("127.0.0.1", listen)).await {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connect {}: {e}", idle.len()),
+        }
+    }
+    let accepted_line = r#"lumen_proxy_connections_accepted_total{listener="outbound"} "#;
+    let rejected_line = r#"lumen_proxy_connections_rejected_total{listener="outbound"} "#;
+    let active_line = r#"lumen_proxy_connections_active{listener="outbound"} "#;
+    // Every one was accepted or closed on arrival; at most 4,000 open at once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = stats().await.unwrap_or_default();
+        if !text.is_empty() {
+            let (a, r) = (metric(&text, accepted_line), metric(&text, rejected_line));
+            assert!(metric(&text, active_line) <= 4_000, "{text}");
+            if a + r >= 10_000 {
+                assert!(r >= 6_000, "past the limit closed on arrival: {r}");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "not every connection was seen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The idle ones go when the header-read time runs out; the count returns to baseline.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = stats().await.unwrap_or_default();
+        if !text.is_empty() && metric(&text, active_line) == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "idle connections still open: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(idle);
+    // And it still serves: a request gets its answer (the upstreams are down: a 503 UF).
+    let resp = reqwest::get(format!("http://127.0.0.1:{listen}/api"))
+        .await
+        .expect("answers");
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["x-lumen-response-flags"], "UF");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
