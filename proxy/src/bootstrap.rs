@@ -18,13 +18,18 @@ use crate::routing::{
 /// The HTTP connection manager's and the router's type URLs, the only filters supported.
 const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
+const TCP_PROXY: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 
 /// One static listener: where it listens and the routes it serves.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StaticListener {
     pub name: String,
     pub address: SocketAddr,
+    /// An HTTP listener's routes (none for a TCP listener).
     pub routes: Arc<RouteConfig>,
+    /// A TCP listener's cluster: the connection's bytes go there as they are.
+    pub tcp_cluster: Option<String>,
 }
 
 /// One static cluster: its endpoints and whether it speaks HTTP/2 upstream.
@@ -85,13 +90,28 @@ struct FilterChainCfg {
 #[serde(deny_unknown_fields)]
 struct NetworkFilterCfg {
     name: String,
-    typed_config: HcmCfg,
+    /// The HTTP connection manager or the TCP proxy, told apart by `@type`.
+    typed_config: serde_yaml::Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TcpProxyCfg {
+    #[serde(rename = "@type")]
+    #[allow(dead_code)]
+    type_url: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    stat_prefix: Option<String>,
+    cluster: String,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HcmCfg {
+    /// Checked before this is read (the HTTP connection manager's).
     #[serde(rename = "@type")]
+    #[allow(dead_code)]
     type_url: String,
     #[serde(default)]
     stat_prefix: Option<String>,
@@ -353,17 +373,43 @@ impl StaticResources {
             };
             let [filter] = chain.filters.as_slice() else {
                 return Err(format!(
-                    "{at}.filter_chains[0].filters: exactly one filter (the HTTP connection manager) is supported"
+                    "{at}.filter_chains[0].filters: exactly one filter (the HTTP connection manager or the TCP proxy) is supported"
                 ));
             };
-            let hcm = &filter.typed_config;
             let at_hcm = format!("{at}.filter_chains[0].filters[0] ({})", filter.name);
-            if hcm.type_url != HCM {
+            let type_url = filter
+                .typed_config
+                .get("@type")
+                .and_then(|t| t.as_str())
+                .unwrap_or_default();
+            if type_url == TCP_PROXY {
+                let tcp: TcpProxyCfg = serde_yaml::from_value(filter.typed_config.clone())
+                    .map_err(|e| format!("{at_hcm}.typed_config: {e}"))?;
+                if !clusters.contains_key(&tcp.cluster) {
+                    return Err(format!(
+                        "{at_hcm}.typed_config.cluster: {:?} is not in static_resources.clusters",
+                        tcp.cluster
+                    ));
+                }
+                listeners.push(StaticListener {
+                    name: l.name.clone(),
+                    address,
+                    routes: Arc::new(RouteConfig {
+                        name: l.name.clone(),
+                        virtual_hosts: Vec::new(),
+                    }),
+                    tcp_cluster: Some(tcp.cluster),
+                });
+                continue;
+            }
+            if type_url != HCM {
                 return Err(format!(
-                    "{at_hcm}.typed_config: {} is not supported (the HTTP connection manager only)",
-                    hcm.type_url
+                    "{at_hcm}.typed_config: {type_url:?} is not supported (the HTTP connection manager or the TCP proxy)"
                 ));
             }
+            let hcm: HcmCfg = serde_yaml::from_value(filter.typed_config.clone())
+                .map_err(|e| format!("{at_hcm}.typed_config: {e}"))?;
+            let hcm = &hcm;
             let _ = (&hcm.stat_prefix, &hcm.codec_type);
             for (k, f) in hcm.http_filters.iter().enumerate() {
                 let url = f.typed_config.as_ref().map(|t| t.type_url.as_str());
@@ -452,6 +498,7 @@ impl StaticResources {
                     name: rc.name.clone().unwrap_or_else(|| l.name.clone()),
                     virtual_hosts,
                 }),
+                tcp_cluster: None,
             });
         }
         Ok(StaticConfig {

@@ -12,6 +12,7 @@ pub mod routing;
 pub mod server;
 pub mod signal;
 pub mod stack;
+pub mod tcp;
 pub mod telemetry;
 pub mod trace;
 pub mod xds;
@@ -172,6 +173,24 @@ impl Proxy {
         }
         if let Some(st) = &self.config.statics {
             for (listener, socket) in self.statics {
+                if let Some(name) = &listener.tcp_cluster {
+                    let cluster = static_config(st, None)
+                        .clusters
+                        .get(name)
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            Arc::new(routing::Cluster::new(name.clone(), Vec::new()))
+                        });
+                    data_path.spawn(tcp::serve(
+                        socket,
+                        cluster,
+                        reporter.clone(),
+                        self.config.limits,
+                        conns.outbound.clone(),
+                        shutdown.clone(),
+                    ));
+                    continue;
+                }
                 // Each listener routes with its own route configuration.
                 let (_keep, rx) = watch::channel(Arc::new(static_config(st, Some(&listener))));
                 let stack = stack::outbound(rx, reporter.clone(), stack::connect::Connect::new());

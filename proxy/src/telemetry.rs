@@ -148,6 +148,44 @@ impl Default for Series {
     }
 }
 
+/// Istio's TCP metrics of one series.
+#[derive(Debug, Clone, Copy, Default)]
+struct TcpSeries {
+    opened: u64,
+    closed: u64,
+    /// Bytes sent to the client (`istio_tcp_sent_bytes_total`).
+    sent: u64,
+    /// Bytes received from the client (`istio_tcp_received_bytes_total`).
+    received: u64,
+}
+
+/// A TCP family: name, help, and where a series keeps it.
+type TcpFamily = (&'static str, &'static str, fn(&TcpSeries) -> u64);
+
+/// Istio's TCP families.
+const TCP_FAMILIES: [TcpFamily; 4] = [
+    (
+        "istio_tcp_connections_opened_total",
+        "TCP connections opened.",
+        |s| s.opened,
+    ),
+    (
+        "istio_tcp_connections_closed_total",
+        "TCP connections closed.",
+        |s| s.closed,
+    ),
+    (
+        "istio_tcp_sent_bytes_total",
+        "Bytes sent to the client over TCP connections.",
+        |s| s.sent,
+    ),
+    (
+        "istio_tcp_received_bytes_total",
+        "Bytes received from the client over TCP connections.",
+        |s| s.received,
+    ),
+];
+
 /// A histogram family: name, help, OTLP unit, and where a series keeps it.
 type HistogramFamily = (
     &'static str,
@@ -194,6 +232,8 @@ pub struct Reporter {
     next_sweep_ms: AtomicU64,
     born: std::time::Instant,
     spans: mpsc::Sender<(SpanRecord, usize)>,
+    /// Opaque TCP connections by Istio's labels (`request_protocol="tcp"`).
+    tcp: Mutex<HashMap<RequestLabels, TcpSeries>>,
     series: Mutex<HashMap<RequestLabels, Series>>,
     start: SystemTime,
     dropped_spans: AtomicU64,
@@ -342,6 +382,7 @@ impl Reporter {
                 next_sweep_ms: AtomicU64::new(0),
                 born: std::time::Instant::now(),
                 spans: tx,
+                tcp: Mutex::new(HashMap::new()),
                 series: Mutex::new(HashMap::new()),
                 start: SystemTime::now(),
                 dropped_spans: AtomicU64::new(0),
@@ -414,6 +455,28 @@ impl Reporter {
         if queued + size > self.max_queued_bytes || self.spans.try_send((span, size)).is_err() {
             self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
             self.dropped_spans.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a TCP connection opened (`closed: None`) or closed with its byte counts.
+    pub fn tcp(&self, labels: &RequestLabels, closed: Option<(u64, u64)>) {
+        if !self.switches.metrics {
+            return;
+        }
+        if let Ok(mut tcp) = self.tcp.lock() {
+            if !tcp.contains_key(labels) && tcp.len() >= self.limits.max_series {
+                self.dropped_series.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            let s = tcp.entry(labels.clone()).or_default();
+            match closed {
+                None => s.opened += 1,
+                Some((sent, received)) => {
+                    s.closed += 1;
+                    s.sent += sent;
+                    s.received += received;
+                }
+            }
         }
     }
 
@@ -502,6 +565,19 @@ impl Reporter {
             "# HELP lumen_proxy_metric_series_dropped_total Requests not counted because the series map was full.\n# TYPE lumen_proxy_metric_series_dropped_total counter\nlumen_proxy_metric_series_dropped_total {}",
             self.dropped_series()
         );
+        let tcp: Vec<(RequestLabels, TcpSeries)> = self
+            .tcp
+            .lock()
+            .map(|t| t.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default();
+        if !tcp.is_empty() {
+            for (name, help, value) in TCP_FAMILIES {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+                for (labels, s) in &tcp {
+                    let _ = writeln!(out, "{name}{{{}}} {}", prom_labels(labels, None), value(s));
+                }
+            }
+        }
         for (name, help, _, hist) in HISTOGRAMS {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} histogram");
