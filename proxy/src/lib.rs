@@ -163,11 +163,13 @@ impl Proxy {
                 conns.outbound.clone(),
                 shutdown.clone(),
             ));
-            data_path.spawn(server::serve_stack(
+            // The inbound port serves HTTP/1, HTTP/2 and opaque TCP alike.
+            data_path.spawn(server::serve_stack_detecting(
                 inbound,
                 data.inbound(),
                 self.config.limits,
                 conns.inbound.clone(),
+                tcp::inbound_opaque(data.config.clone(), reporter.clone()),
                 shutdown.clone(),
             ));
         }

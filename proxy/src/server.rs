@@ -132,6 +132,36 @@ pub async fn serve_stack(
     .await;
 }
 
+/// [`serve_stack`] on a port that also takes opaque TCP (see [`serve_detecting`]).
+pub async fn serve_stack_detecting(
+    listener: TcpListener,
+    stack: crate::stack::Stack,
+    limits: Limits,
+    stats: Arc<ConnStats>,
+    opaque: Opaque,
+    shutdown: CancellationToken,
+) {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    serve_detecting(
+        listener,
+        move |req: Request<Incoming>| {
+            let stack = stack.clone();
+            async move {
+                match stack.oneshot(req.map(BodyExt::boxed)).await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
+                }
+            }
+        },
+        limits,
+        stats,
+        Some(opaque),
+        shutdown,
+    )
+    .await;
+}
+
 /// Serves `handler` on `listener` with the default [`Limits`] until `shutdown`.
 pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken)
 where
@@ -148,6 +178,68 @@ where
     .await;
 }
 
+/// What serves a connection that is not HTTP (opaque TCP on a port that detects it).
+pub type Opaque = Arc<
+    dyn Fn(tokio::net::TcpStream) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// How long a detecting port waits for a client's first bytes before it takes the connection
+/// for opaque TCP (a protocol where the server speaks first), as Istio's sniffing does.
+pub const DETECT_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// What the first bytes of a connection say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniffed {
+    Http,
+    Opaque,
+    Closed,
+}
+
+/// Whether `head` starts like HTTP/1 (an upper-case method and a space) or HTTP/2's preface.
+pub fn looks_like_http(head: &[u8]) -> bool {
+    if head.starts_with(b"PRI * HTTP/2.0") {
+        return true;
+    }
+    let method_len = head.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    (3..=7).contains(&method_len) && head.get(method_len) == Some(&b' ')
+}
+
+/// Peeks at a connection's first bytes (up to 16, for at most `wait`) and tells HTTP from
+/// opaque bytes; a client that sent nothing in time is opaque, one that closed is closed.
+pub async fn sniff(stream: &tokio::net::TcpStream, wait: Duration) -> Sniffed {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut head = [0u8; 16];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.peek(&mut head)).await {
+            Err(_) => return Sniffed::Opaque,
+            Ok(Err(_)) | Ok(Ok(0)) => return Sniffed::Closed,
+            Ok(Ok(n)) => {
+                let method_len = head[..n]
+                    .iter()
+                    .take_while(|b| b.is_ascii_uppercase())
+                    .count();
+                // Enough to decide: a full method and its space, or a byte no method has.
+                if looks_like_http(&head[..n]) {
+                    return Sniffed::Http;
+                }
+                if method_len < n || n == head.len() {
+                    return Sniffed::Opaque;
+                }
+                // Only capitals so far: wait for more.
+                if tokio::time::timeout_at(deadline, stream.readable())
+                    .await
+                    .is_err()
+                {
+                    return Sniffed::Opaque;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
 /// Serves `handler` on `listener` within `limits` until `shutdown`, then drains connections
 /// for at most [`DRAIN_TIMEOUT`].
 pub async fn serve_with<H, F>(
@@ -155,6 +247,23 @@ pub async fn serve_with<H, F>(
     handler: H,
     limits: Limits,
     stats: Arc<ConnStats>,
+    shutdown: CancellationToken,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve_detecting(listener, handler, limits, stats, None, shutdown).await;
+}
+
+/// [`serve_with`], and with `opaque` given, a port that serves HTTP/1, HTTP/2 and opaque TCP
+/// alike: a connection whose first bytes are not HTTP (or that sends nothing within
+/// [`DETECT_TIMEOUT`]) goes to `opaque`.
+pub async fn serve_detecting<H, F>(
+    listener: TcpListener,
+    handler: H,
+    limits: Limits,
+    stats: Arc<ConnStats>,
+    opaque: Option<Opaque>,
     shutdown: CancellationToken,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -208,7 +317,24 @@ pub async fn serve_with<H, F>(
         let stats = stats.clone();
         let watcher = graceful.watcher();
         let header_read_timeout = limits.header_read_timeout;
+        let opaque = opaque.clone();
         tokio::spawn(async move {
+            if let Some(opaque) = opaque {
+                match sniff(&stream, DETECT_TIMEOUT).await {
+                    Sniffed::Opaque => {
+                        opaque(stream).await;
+                        stats.active.fetch_sub(1, Ordering::Relaxed);
+                        drop(slot);
+                        return;
+                    }
+                    Sniffed::Closed => {
+                        stats.active.fetch_sub(1, Ordering::Relaxed);
+                        drop(slot);
+                        return;
+                    }
+                    Sniffed::Http => {}
+                }
+            }
             // Telling HTTP/1 from HTTP/2 reads the first bytes, which hyper's own header
             // timeout does not cover: a client that sends nothing gets the same time.
             let mut first = [0u8; 1];

@@ -813,3 +813,109 @@ async fn expect_100_continue_and_chunked_bodies_go_through() {
     );
     stop.cancel();
 }
+
+#[test]
+fn http_is_told_from_opaque_bytes() {
+    use crate::server::looks_like_http;
+    for http in [
+        &b"GET / HTTP/1.1\r\n"[..],
+        b"OPTIONS * HTTP/1.1",
+        b"PRI * HTTP/2.0\r\n\r\nSM",
+    ] {
+        assert!(looks_like_http(http), "{:?}", String::from_utf8_lossy(http));
+    }
+    for opaque in [
+        &b"\x16\x03\x01\x02\x00"[..],
+        b"get / HTTP/1.1",
+        b"SSH-2.0-OpenSSH",
+        b"GETTING",
+    ] {
+        assert!(
+            !looks_like_http(opaque),
+            "{:?}",
+            String::from_utf8_lossy(opaque)
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_inbound_port_serves_http_and_opaque_tcp_alike() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The local app: echoes whatever bytes it gets.
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let app_addr = app.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let mut cfg = MeshConfig::default();
+    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "ratings-v1");
+    endpoint.app_addr = app_addr;
+    endpoint.connect_addr = app_addr;
+    cfg.apply_clusters(vec![crate::routing::Cluster::new(
+        "inbound|9080||",
+        vec![endpoint],
+    )]);
+    let rx = config_rx(cfg);
+    let (reporter, _q) = reporter("ratings");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr");
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::server::serve_stack_detecting(
+        listener,
+        inbound(rx.clone(), reporter.clone(), connect::Connect::new()),
+        crate::server::Limits::default(),
+        Arc::new(crate::server::ConnStats::default()),
+        crate::tcp::inbound_opaque(rx, reporter.clone()),
+        stop.clone(),
+    ));
+    // Opaque bytes (a TLS ClientHello's start) are carried as they are.
+    let mut s = tokio::net::TcpStream::connect(port).await.expect("connect");
+    let hello = b"\x16\x03\x01\x00\x05hello";
+    s.write_all(hello).await.expect("write");
+    let mut back = [0u8; 10];
+    s.read_exact(&mut back).await.expect("echo");
+    assert_eq!(&back, hello);
+    drop(s);
+    // A client that says nothing first (a server-speaks-first protocol) is TCP too.
+    let mut s = tokio::net::TcpStream::connect(port).await.expect("connect");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    s.write_all(b"late").await.expect("write");
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.expect("echo");
+    assert_eq!(&back, b"late");
+    drop(s);
+    // HTTP on the same port goes through the HTTP stack (the echoing app is no HTTP server,
+    // so the proxy says what went wrong in its own reply).
+    let mut s = tokio::net::TcpStream::connect(port).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: ratings\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut resp = Vec::new();
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(20), s.read_to_end(&mut resp)).await;
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 "), "{resp}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let text = reporter.prometheus_text();
+        if text.contains("istio_tcp_connections_closed_total{reporter=\"destination\"")
+            && text
+                .lines()
+                .any(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.ends_with(" 2"))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+}
