@@ -693,6 +693,46 @@ impl Reporter {
             )),
             ..Default::default()
         });
+        // Istio's TCP families, as cumulative sums (only when there were TCP connections).
+        let tcp: Vec<(RequestLabels, TcpSeries)> = self
+            .tcp
+            .lock()
+            .map(|t| t.iter().map(|(k, v)| (k.clone(), *v)).collect())
+            .unwrap_or_default();
+        let tcp_metrics: Vec<otlp_metrics::Metric> = if tcp.is_empty() {
+            Vec::new()
+        } else {
+            TCP_FAMILIES
+                .iter()
+                .map(|(name, help, value)| otlp_metrics::Metric {
+                    name: name.to_string(),
+                    description: help.to_string(),
+                    unit: if name.ends_with("bytes_total") {
+                        "By"
+                    } else {
+                        "1"
+                    }
+                    .to_string(),
+                    data: Some(otlp_metrics::metric::Data::Sum(otlp_metrics::Sum {
+                        data_points: tcp
+                            .iter()
+                            .map(|(labels, s)| otlp_metrics::NumberDataPoint {
+                                attributes: metric_attributes(labels),
+                                start_time_unix_nano: start,
+                                time_unix_nano: now,
+                                value: Some(otlp_metrics::number_data_point::Value::AsInt(
+                                    i64::try_from(value(s)).unwrap_or(i64::MAX),
+                                )),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        aggregation_temporality: cumulative,
+                        is_monotonic: true,
+                    })),
+                    ..Default::default()
+                })
+                .collect()
+        };
         ExportMetricsServiceRequest {
             resource_metrics: vec![otlp_metrics::ResourceMetrics {
                 resource: Some(self.resource()),
@@ -710,6 +750,7 @@ impl Reporter {
                         ..Default::default()
                     })
                     .chain(histograms)
+                    .chain(tcp_metrics)
                     .collect(),
                     schema_url: String::new(),
                 }],
@@ -1019,5 +1060,43 @@ mod tests {
         assert_eq!(r.queued_span_bytes(), 0, "taken spans free their bytes");
         r.span(big);
         assert_eq!(r.dropped_spans(), 8, "room again");
+    }
+}
+
+#[cfg(test)]
+mod tcp_tests {
+    use super::*;
+
+    #[test]
+    fn tcp_connections_are_exported_over_otlp_as_istio_families() {
+        let (r, _q) = Reporter::new(Identity::default(), 4);
+        let labels = RequestLabels {
+            reporter: "destination",
+            request_protocol: "tcp",
+            response_flags: "-".into(),
+            ..Default::default()
+        };
+        r.tcp(&labels, None);
+        r.tcp(&labels, Some((120, 80)));
+        let req = r.metrics_request();
+        let metrics = &req.resource_metrics[0].scope_metrics[0].metrics;
+        let value = |name: &str| {
+            metrics
+                .iter()
+                .find(|m| m.name == name)
+                .and_then(|m| match &m.data {
+                    Some(otlp_metrics::metric::Data::Sum(s)) => s.data_points.first().cloned(),
+                    _ => None,
+                })
+                .and_then(|p| match p.value {
+                    Some(otlp_metrics::number_data_point::Value::AsInt(v)) => Some(v),
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("{name}"))
+        };
+        assert_eq!(value("istio_tcp_connections_opened_total"), 1);
+        assert_eq!(value("istio_tcp_connections_closed_total"), 1);
+        assert_eq!(value("istio_tcp_sent_bytes_total"), 120);
+        assert_eq!(value("istio_tcp_received_bytes_total"), 80);
     }
 }
