@@ -59,10 +59,18 @@ static_resources:
 async fn envoy_accepts_everything_lumen_control_serves() {
     let envoy = envoy();
     let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    // ratings speaks gRPC here (Istio's port naming): its clusters carry HTTP/2 options,
+    // which Envoy must take too.
+    let mut model = common::demo_model([127, 0, 79]);
+    for svc in &mut model.services {
+        if svc.meta.name == "ratings" {
+            svc.ports[0].name = "grpc-ratings".into();
+        }
+    }
     let control = Control::bind(ControlOptions {
         xds_addr: local,
         http_addr: local,
-        source: ConfigSource::Static(common::demo_model([127, 0, 79])),
+        source: ConfigSource::Static(model),
     })
     .await
     .unwrap();
@@ -136,6 +144,10 @@ async fn envoy_accepts_everything_lumen_control_serves() {
         .text()
         .await
         .unwrap();
+    assert!(
+        dump.contains("http2_protocol_options"),
+        "ratings' HTTP/2 clusters in Envoy's dump"
+    );
     for needle in [
         "outbound|9080|v1|reviews.default.svc.cluster.local",
         "outbound|9080|v2|reviews.default.svc.cluster.local",
