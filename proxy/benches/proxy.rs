@@ -215,7 +215,66 @@ impl MetricsService for MetricsSink {
     }
 }
 
+/// The bare forwarder the memory goal is measured against: hyper's server and pooled client
+/// with nothing between them (no routing, no telemetry, no limits), on the same runtime as
+/// lumen-proxy. This benchmark runs itself as one (`--bare-forwarder LISTEN UPSTREAM`).
+fn bare_forwarder(listen: u16, upstream: u16) {
+    use http_body_util::BodyExt;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", listen))
+            .await
+            .expect("bind");
+        let client: Client<_, hyper::body::Incoming> =
+            Client::builder(TokioExecutor::new()).build_http();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let client = client.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |mut req: http::Request<hyper::body::Incoming>| {
+                        let client = client.clone();
+                        async move {
+                            let path = req
+                                .uri()
+                                .path_and_query()
+                                .map_or("/", |p| p.as_str())
+                                .to_string();
+                            *req.uri_mut() = format!("http://127.0.0.1:{upstream}{path}")
+                                .parse()
+                                .expect("uri");
+                            let resp = client.request(req).await?;
+                            Ok::<_, hyper_util::client::legacy::Error>(resp.map(|b| b.boxed()))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--bare-forwarder") {
+        let port = |k: usize| -> u16 {
+            args.get(i + k)
+                .and_then(|v| v.parse().ok())
+                .expect("--bare-forwarder LISTEN UPSTREAM")
+        };
+        bare_forwarder(port(1), port(2));
+        return;
+    }
     let rate: u32 = std::env::var("LUMEN_BENCH_RATE")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -364,6 +423,32 @@ fn main() {
     };
     let lumen = single("lumen");
     let envoy = single("envoy");
+    // The bare forwarder: its memory idle and after 100 connections, beside lumen's.
+    let bare = {
+        let listen = free_port();
+        let me = std::env::current_exe().expect("this benchmark");
+        let l = listen.to_string();
+        let n = nginx_port.to_string();
+        let mut p = Pinned::start(1, &me, &["--bare-forwarder", &l, &n]);
+        p.wait_for(listen);
+        let _ = oha(&oha_bin, listen, &["-n", "2000", "-c", "8"]);
+        let idle_kib = p.status_kib("VmRSS:");
+        let r = run_fixed(listen);
+        let _ = oha(
+            &oha_bin,
+            listen,
+            &[
+                "-q",
+                rate_s.as_str(),
+                "-z",
+                dur.as_str(),
+                "-c",
+                "100",
+                "--latency-correction",
+            ],
+        );
+        (r, idle_kib, p.status_kib("VmHWM:"))
+    };
     let direct_h2 = direct; // nginx here speaks HTTP/1.1: the added latency is against it
     let added = |r: Run, base: Run| (r.p50_ms - base.p50_ms, r.p99_ms - base.p99_ms);
 
@@ -508,6 +593,32 @@ fn main() {
     );
     row("added latency p50, h2c", lh50, eh50, "ms", "≤ 0.5", true);
     row("added latency p99, h2c", lh99, eh99, "ms", "≤ 0.5", true);
+    println!(
+        "| resident memory idle, lumen-proxy ÷ bare forwarder | {:.3} MiB | {:.3} MiB (bare) | {:.2} | ≤ 1.5{} |",
+        lumen.3 / 1024.0,
+        bare.1 / 1024.0,
+        lumen.3 / bare.1,
+        if lumen.3 / bare.1 <= 1.5 {
+            " (reached)"
+        } else {
+            " (not reached)"
+        }
+    );
+    println!(
+        "| resident memory peak with 100 connections, lumen-proxy ÷ bare forwarder | {:.3} MiB | {:.3} MiB (bare) | {:.2} | ≤ 1.5{} |",
+        lumen.4 / 1024.0,
+        bare.2 / 1024.0,
+        lumen.4 / bare.2,
+        if lumen.4 / bare.2 <= 1.5 {
+            " (reached)"
+        } else {
+            " (not reached)"
+        }
+    );
+    let (b50, b99) = added(bare.0, direct);
+    println!(
+        "bare forwarder: added p50 {b50:.3} ms, p99 {b99:.3} ms (lumen-proxy: {l50:.3} / {l99:.3})"
+    );
     println!(
         "| telemetry tax: CPU per request, every span exported and metrics on ÷ both off | {:.2} µs | {:.2} µs (lumen, off) | {:.2} | ≤ 1.2{} |",
         tax_on * 1e6,
