@@ -112,24 +112,7 @@ pub async fn serve_stack(
     stats: Arc<ConnStats>,
     shutdown: CancellationToken,
 ) {
-    use http_body_util::BodyExt;
-    use tower::ServiceExt;
-    serve_with(
-        listener,
-        move |req: Request<Incoming>| {
-            let stack = stack.clone();
-            async move {
-                match stack.oneshot(req.map(BodyExt::boxed)).await {
-                    Ok(resp) => resp,
-                    Err(never) => match never {},
-                }
-            }
-        },
-        limits,
-        stats,
-        shutdown,
-    )
-    .await;
+    serve_stack_with(listener, stack, limits, stats, None, shutdown).await;
 }
 
 /// [`serve_stack`] on a port that also takes opaque TCP (see [`serve_detecting`]).
@@ -139,6 +122,18 @@ pub async fn serve_stack_detecting(
     limits: Limits,
     stats: Arc<ConnStats>,
     opaque: Opaque,
+    shutdown: CancellationToken,
+) {
+    serve_stack_with(listener, stack, limits, stats, Some(opaque), shutdown).await;
+}
+
+/// A stack as the handler: each request's body boxed, the stack's answer (it never fails).
+async fn serve_stack_with(
+    listener: TcpListener,
+    stack: crate::stack::Stack,
+    limits: Limits,
+    stats: Arc<ConnStats>,
+    opaque: Option<Opaque>,
     shutdown: CancellationToken,
 ) {
     use http_body_util::BodyExt;
@@ -156,7 +151,7 @@ pub async fn serve_stack_detecting(
         },
         limits,
         stats,
-        Some(opaque),
+        opaque,
         shutdown,
     )
     .await;

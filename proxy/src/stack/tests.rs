@@ -33,6 +33,19 @@ fn reporter(app: &str) -> (Arc<Reporter>, SpanQueue) {
     (Arc::new(r), q)
 }
 
+/// The local app (ratings) at `addr`, as the inbound cluster.
+fn local_app(addr: SocketAddr) -> MeshConfig {
+    let mut cfg = MeshConfig::default();
+    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "ratings-v1");
+    endpoint.app_addr = addr;
+    endpoint.connect_addr = addr;
+    cfg.apply_clusters(vec![crate::routing::Cluster::new(
+        "inbound|9080||",
+        vec![endpoint],
+    )]);
+    cfg
+}
+
 fn config_rx(cfg: MeshConfig) -> crate::xds::ConfigRx {
     let (tx, rx) = watch::channel(Arc::new(cfg));
     // The sender may go: the receiver keeps the last value.
@@ -425,14 +438,7 @@ async fn the_outbound_stack_carries_a_request_end_to_end_and_replies_for_failure
 #[tokio::test]
 async fn an_upstream_that_does_not_answer_in_time_is_ut() {
     let upstream = echo_upstream(std::time::Duration::from_secs(5)).await;
-    let mut cfg = MeshConfig::default();
-    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "ratings-v1");
-    endpoint.connect_addr = upstream;
-    endpoint.app_addr = upstream;
-    cfg.apply_clusters(vec![crate::routing::Cluster::new(
-        "inbound|9080||",
-        vec![endpoint],
-    )]);
+    let cfg = local_app(upstream);
     let (reporter, _queue) = reporter("ratings");
     let stack = inbound(
         config_rx(cfg),
@@ -450,14 +456,7 @@ async fn an_upstream_that_does_not_answer_in_time_is_ut() {
 #[tokio::test]
 async fn telemetry_switches_and_the_callers_sampling_decision_are_kept() {
     let upstream = echo_upstream(std::time::Duration::ZERO).await;
-    let mut cfg = MeshConfig::default();
-    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "ratings-v1");
-    endpoint.connect_addr = upstream;
-    endpoint.app_addr = upstream;
-    cfg.apply_clusters(vec![crate::routing::Cluster::new(
-        "inbound|9080||",
-        vec![endpoint],
-    )]);
+    let cfg = local_app(upstream);
     let run = |switches: crate::telemetry::Switches, traceparent: Option<&'static str>| {
         let cfg = cfg.clone();
         async move {
@@ -701,14 +700,7 @@ async fn an_upstream_that_breaks_off_mid_response_is_recorded_as_ur() {
             .await;
         drop(s);
     });
-    let mut cfg = MeshConfig::default();
-    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "ratings-v1");
-    endpoint.app_addr = upstream;
-    endpoint.connect_addr = upstream;
-    cfg.apply_clusters(vec![crate::routing::Cluster::new(
-        "inbound|9080||",
-        vec![endpoint],
-    )]);
+    let cfg = local_app(upstream);
     let (reporter, mut queue) = reporter("ratings");
     let stack = inbound(config_rx(cfg), reporter.clone(), connect::Connect::new());
     let resp = stack
@@ -758,14 +750,7 @@ async fn expect_100_continue_and_chunked_bodies_go_through() {
         },
         stop.clone(),
     ));
-    let mut cfg = MeshConfig::default();
-    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "ratings-v1");
-    endpoint.app_addr = upstream;
-    endpoint.connect_addr = upstream;
-    cfg.apply_clusters(vec![crate::routing::Cluster::new(
-        "inbound|9080||",
-        vec![endpoint],
-    )]);
+    let cfg = local_app(upstream);
     let (reporter, _q) = reporter("ratings");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -854,14 +839,7 @@ async fn the_inbound_port_serves_http_and_opaque_tcp_alike() {
             });
         }
     });
-    let mut cfg = MeshConfig::default();
-    let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "ratings-v1");
-    endpoint.app_addr = app_addr;
-    endpoint.connect_addr = app_addr;
-    cfg.apply_clusters(vec![crate::routing::Cluster::new(
-        "inbound|9080||",
-        vec![endpoint],
-    )]);
+    let cfg = local_app(app_addr);
     let rx = config_rx(cfg);
     let (reporter, _q) = reporter("ratings");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
