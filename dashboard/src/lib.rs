@@ -259,7 +259,7 @@ async fn trace_page<Q: MeshQuery>(
         Ok(s) => s,
         Err(e) => return query_failed(&e),
     };
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = lumen_telemetry::jaeger::model::hex(&bytes);
     let Some(view) = trace::TraceView::build(&hex, &spans) else {
         return error_page(
             StatusCode::NOT_FOUND,

@@ -16,6 +16,8 @@
 //! Knobs: `LUMEN_BENCH_RATE` (default 2000), `LUMEN_BENCH_SECONDS` (per run, default 10),
 //! `LUMEN_OHA`, `LUMEN_NGINX`, `LUMEN_ENVOY`.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
 #[path = "../../tests/peers/envoy.rs"]
 mod envoy_peer;
 
@@ -39,12 +41,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use serde_json::Value;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use common::free_port;
 
 fn peer(var: &str, default: &str, what: &str) -> PathBuf {
     let p = std::env::var_os(var).map_or_else(|| PathBuf::from(default), PathBuf::from);
@@ -160,9 +157,18 @@ fn oha(oha: &Path, port: u16, args: &[&str]) -> Run {
     }
 }
 
-/// The static bootstrap: listener on `listen`, admin on `admin`, both clusters to `to`, and
-/// node metadata: a Prometheus port of its own, and `extra` (`KEY: "value"` entries).
-fn bootstrap(dir: &Path, name: &str, listen: u16, admin: u16, to: u16, extra: &str) -> PathBuf {
+/// The static bootstrap: listener on `listen`, admin on `admin`, both clusters to `to`, node
+/// metadata (a Prometheus port of its own, and `extra`: `KEY: "value"` entries), and with
+/// `sink`, the `lumen-telemetry` cluster spans and metrics are exported to.
+fn bootstrap(
+    dir: &Path,
+    name: &str,
+    listen: u16,
+    admin: u16,
+    to: u16,
+    extra: &str,
+    sink: Option<u16>,
+) -> PathBuf {
     let meta = format!(
         "  metadata: {{LUMEN_PROMETHEUS_PORT: \"{}\"{}{extra}}}\n",
         free_port(),
@@ -174,6 +180,14 @@ fn bootstrap(dir: &Path, name: &str, listen: u16, admin: u16, to: u16, extra: &s
         .replace("port_value: 18081", &format!("port_value: {to}"))
         .replace("port_value: 18082", &format!("port_value: {to}"))
         .replace("  cluster: bench\n", &format!("  cluster: bench\n{meta}"));
+    let yaml = match sink {
+        None => yaml,
+        Some(port) => {
+            yaml + &format!(
+                "  - name: lumen-telemetry\n    type: STATIC\n    load_assignment:\n      cluster_name: lumen-telemetry\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{address: 127.0.0.1, port_value: {port}}}\n"
+            )
+        }
+    };
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, yaml).expect("write bootstrap");
     path
@@ -343,41 +357,68 @@ fn main() {
         "--latency-correction",
     ];
     let run_fixed = |port: u16| oha(&oha_bin, port, &fixed);
+    let warm_up = |port: u16| {
+        let _ = oha(&oha_bin, port, &["-n", "2000", "-c", "8"]);
+    };
+    // The fixed rate over 100 connections (what the loaded memory figure is read after).
+    let run_100 = |port: u16| {
+        let _ = oha(
+            &oha_bin,
+            port,
+            &[
+                "-q",
+                rate_s.as_str(),
+                "-z",
+                dur.as_str(),
+                "-c",
+                "100",
+                "--latency-correction",
+            ],
+        );
+    };
 
     let direct = run_fixed(nginx_port);
 
     // One proxy of each, alone on core 1 in turn.
-    let start_proxy = |kind: &str, name: &str, listen: u16, to: u16, extra: &str| -> Pinned {
-        let admin = free_port();
-        let path = bootstrap(d, name, listen, admin, to, extra);
-        let p = path.display().to_string();
-        let mut proc = if kind == "envoy" {
-            let base_id = (listen % 60000).to_string();
-            Pinned::start(
-                1,
-                &envoy_bin,
-                &[
-                    "-c",
-                    &p,
-                    "--concurrency",
-                    "1",
-                    "--base-id",
-                    &base_id,
-                    "--log-level",
-                    "error",
-                ],
-            )
-        } else {
-            Pinned::start(1, &lumen_bin, &["-c", &p])
+    let start_proxy =
+        |kind: &str, name: &str, listen: u16, to: u16, extra: &str, sink: Option<u16>| -> Pinned {
+            let admin = free_port();
+            let path = bootstrap(d, name, listen, admin, to, extra, sink);
+            let p = path.display().to_string();
+            let mut proc = if kind == "envoy" {
+                let base_id = (listen % 60000).to_string();
+                Pinned::start(
+                    1,
+                    &envoy_bin,
+                    &[
+                        "-c",
+                        &p,
+                        "--concurrency",
+                        "1",
+                        "--base-id",
+                        &base_id,
+                        "--log-level",
+                        "error",
+                    ],
+                )
+            } else {
+                Pinned::start(1, &lumen_bin, &["-c", &p])
+            };
+            proc.wait_for(listen);
+            proc
         };
-        proc.wait_for(listen);
-        proc
-    };
     let no_telemetry = "LUMEN_TRACE_SAMPLING: \"0\", LUMEN_METRICS: \"false\"";
     let single = |kind: &str| {
         let listen = free_port();
-        let p = start_proxy(kind, &format!("{kind}-single"), listen, nginx_port, "");
-        let _ = oha(&oha_bin, listen, &["-n", "2000", "-c", "8"]); // warm-up
+        let p = start_proxy(
+            kind,
+            &format!("{kind}-single"),
+            listen,
+            nginx_port,
+            "",
+            None,
+        );
+        warm_up(listen);
         let idle_kib = p.status_kib("VmRSS:");
         let cpu0 = p.cpu_seconds();
         let r = run_fixed(listen);
@@ -397,19 +438,7 @@ fn main() {
                 "--http2",
             ],
         );
-        let _ = oha(
-            &oha_bin,
-            listen,
-            &[
-                "-q",
-                rate_s.as_str(),
-                "-z",
-                dur.as_str(),
-                "-c",
-                "100",
-                "--latency-correction",
-            ],
-        );
+        run_100(listen);
         let loaded_kib = p.status_kib("VmHWM:");
         let ceiling = oha(&oha_bin, listen, &["-z", dur.as_str(), "-c", "64"]);
         (
@@ -431,77 +460,50 @@ fn main() {
         let n = nginx_port.to_string();
         let mut p = Pinned::start(1, &me, &["--bare-forwarder", &l, &n]);
         p.wait_for(listen);
-        let _ = oha(&oha_bin, listen, &["-n", "2000", "-c", "8"]);
+        warm_up(listen);
         let idle_kib = p.status_kib("VmRSS:");
         let r = run_fixed(listen);
-        let _ = oha(
-            &oha_bin,
-            listen,
-            &[
-                "-q",
-                rate_s.as_str(),
-                "-z",
-                dur.as_str(),
-                "-c",
-                "100",
-                "--latency-correction",
-            ],
-        );
+        run_100(listen);
         (r, idle_kib, p.status_kib("VmHWM:"))
     };
-    let direct_h2 = direct; // nginx here speaks HTTP/1.1: the added latency is against it
     let added = |r: Run, base: Run| (r.p50_ms - base.p50_ms, r.p99_ms - base.p99_ms);
 
     // Sidecar pairs: front → back → nginx, both on core 1.
     let pair = |kind: &str| {
         let (front, back) = (free_port(), free_port());
-        let _b = start_proxy(kind, &format!("{kind}-back"), back, nginx_port, "");
-        let _f = start_proxy(kind, &format!("{kind}-front"), front, back, "");
-        let _ = oha(&oha_bin, front, &["-n", "2000", "-c", "8"]);
+        let _b = start_proxy(kind, &format!("{kind}-back"), back, nginx_port, "", None);
+        let _f = start_proxy(kind, &format!("{kind}-front"), front, back, "", None);
+        warm_up(front);
         run_fixed(front)
     };
     let lumen_pair = pair("lumen");
     let envoy_pair = pair("envoy");
 
-    // The telemetry tax: lumen with every span exported and metrics on, against both off.
-    let tax = |extra: &str| {
+    // The telemetry tax: lumen with every span exported (to the sink) and metrics on, against
+    // both off: CPU seconds per request at the fixed rate.
+    let tax = |name: &str, extra: &str, sink: Option<u16>| {
         let listen = free_port();
-        let p = start_proxy("lumen", "lumen-tax", listen, nginx_port, extra);
-        let _ = oha(&oha_bin, listen, &["-n", "2000", "-c", "8"]);
-        let cpu0 = p.cpu_seconds();
-        let r = run_fixed(listen);
-        (p.cpu_seconds() - cpu0) / (r.rps * f64::from(secs)).max(1.0)
-    };
-    let full = "LUMEN_TRACE_SAMPLING: \"100\", LUMEN_METRICS: \"true\"";
-    let spans_before = exported.load(Ordering::Relaxed);
-    let tax_on = {
-        let listen = free_port();
-        let admin = free_port();
-        let path = bootstrap(d, "lumen-tax-on", listen, admin, nginx_port, full);
-        // The sink as the `lumen-telemetry` cluster, after the others.
-        let mut yaml = std::fs::read_to_string(&path).expect("read");
-        yaml.push_str(&format!(
-            "  - name: lumen-telemetry\n    type: STATIC\n    load_assignment:\n      cluster_name: lumen-telemetry\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              socket_address: {{address: 127.0.0.1, port_value: {sink_port}}}\n"
-        ));
-        std::fs::write(&path, yaml).expect("write");
-        let mut p = Pinned::start(1, &lumen_bin, &["-c", &path.display().to_string()]);
-        p.wait_for(listen);
-        let _ = oha(&oha_bin, listen, &["-n", "2000", "-c", "8"]);
+        let p = start_proxy("lumen", name, listen, nginx_port, extra, sink);
+        warm_up(listen);
         let cpu0 = p.cpu_seconds();
         let r = run_fixed(listen);
         let cpu = p.cpu_seconds() - cpu0;
-        std::thread::sleep(Duration::from_secs(2)); // the last batch
+        std::thread::sleep(Duration::from_secs(2)); // the last span batch
         cpu / (r.rps * f64::from(secs)).max(1.0)
     };
+    let full = "LUMEN_TRACE_SAMPLING: \"100\", LUMEN_METRICS: \"true\"";
+    let spans_before = exported.load(Ordering::Relaxed);
+    let tax_on = tax("lumen-tax-on", full, Some(sink_port));
     let spans_exported = exported.load(Ordering::Relaxed) - spans_before;
-    let tax_off = tax(no_telemetry);
+    let tax_off = tax("lumen-tax-off", no_telemetry, None);
 
     let (l50, l99) = added(lumen.0, direct);
     let (e50, e99) = added(envoy.0, direct);
     let (lp50, lp99) = added(lumen_pair, direct);
     let (ep50, ep99) = added(envoy_pair, direct);
-    let (lh50, lh99) = added(lumen.1, direct_h2);
-    let (eh50, eh99) = added(envoy.1, direct_h2);
+    // nginx speaks HTTP/1.1 here: h2c's added latency is against the same direct path.
+    let (lh50, lh99) = added(lumen.1, direct);
+    let (eh50, eh99) = added(envoy.1, direct);
     println!(
         "proxy benchmark: {rate} requests/s for {secs} s a run, proxies on core 1, nginx and oha on core 0"
     );

@@ -149,14 +149,52 @@ impl Default for Series {
 }
 
 /// Istio's TCP metrics of one series.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct TcpSeries {
+    /// When a connection last counted here (for idle eviction).
+    touched: std::time::Instant,
     opened: u64,
     closed: u64,
     /// Bytes sent to the client (`istio_tcp_sent_bytes_total`).
     sent: u64,
     /// Bytes received from the client (`istio_tcp_received_bytes_total`).
     received: u64,
+}
+
+impl Default for TcpSeries {
+    fn default() -> Self {
+        TcpSeries {
+            touched: std::time::Instant::now(),
+            opened: 0,
+            closed: 0,
+            sent: 0,
+            received: 0,
+        }
+    }
+}
+
+/// A series kept in one of the reporter's maps: evicted when idle.
+trait Touched: Default {
+    fn touch(&mut self);
+    fn idle_for(&self) -> Duration;
+}
+
+impl Touched for Series {
+    fn touch(&mut self) {
+        self.touched = std::time::Instant::now();
+    }
+    fn idle_for(&self) -> Duration {
+        self.touched.elapsed()
+    }
+}
+
+impl Touched for TcpSeries {
+    fn touch(&mut self) {
+        self.touched = std::time::Instant::now();
+    }
+    fn idle_for(&self) -> Duration {
+        self.touched.elapsed()
+    }
 }
 
 /// A TCP family: name, help, and where a series keeps it.
@@ -431,12 +469,14 @@ impl Reporter {
 
     /// Evicts the series idle for longer than the limit; returns how many went.
     pub fn evict_idle(&self) -> usize {
-        let idle = self.limits.idle;
-        self.series.lock().map_or(0, |mut series| {
-            let before = series.len();
-            series.retain(|_, s| s.touched.elapsed() < idle);
-            before - series.len()
-        })
+        fn sweep<V: Touched>(map: &Mutex<HashMap<RequestLabels, V>>, idle: Duration) -> usize {
+            map.lock().map_or(0, |mut m| {
+                let before = m.len();
+                m.retain(|_, s| s.idle_for() < idle);
+                before - m.len()
+            })
+        }
+        sweep(&self.series, self.limits.idle) + sweep(&self.tcp, self.limits.idle)
     }
 
     /// Whether anything of a request is recorded at all.
@@ -463,12 +503,9 @@ impl Reporter {
         if !self.switches.metrics {
             return;
         }
-        if let Ok(mut tcp) = self.tcp.lock() {
-            if !tcp.contains_key(labels) && tcp.len() >= self.limits.max_series {
-                self.dropped_series.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            let s = tcp.entry(labels.clone()).or_default();
+        if let Ok(mut tcp) = self.tcp.lock()
+            && let Some(s) = self.admit(&mut tcp, labels.clone())
+        {
             match closed {
                 None => s.opened += 1,
                 Some((sent, received)) => {
@@ -480,11 +517,14 @@ impl Reporter {
         }
     }
 
-    /// Counts one finished request.
-    pub fn request(&self, mut labels: RequestLabels, duration: Duration, sizes: Sizes) {
-        if !self.switches.metrics {
-            return;
-        }
+    /// The series of `labels` in `map` (their values cut to the bound), made if there is
+    /// room: a full map is swept for idle series at most once a second, and a request that
+    /// still finds no room is counted as dropped.
+    fn admit<'m, V: Touched>(
+        &self,
+        map: &'m mut HashMap<RequestLabels, V>,
+        mut labels: RequestLabels,
+    ) -> Option<&'m mut V> {
         let max = self.limits.max_label_bytes;
         for v in [
             &mut labels.source_workload,
@@ -503,22 +543,32 @@ impl Reporter {
         ] {
             bound(v, max);
         }
-        let ms = duration.as_secs_f64() * 1000.0;
-        if let Ok(mut series) = self.series.lock() {
-            if !series.contains_key(&labels) && series.len() >= self.limits.max_series {
-                let now_ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-                if now_ms >= self.next_sweep_ms.load(Ordering::Relaxed) {
-                    self.next_sweep_ms.store(now_ms + 1000, Ordering::Relaxed);
-                    let idle = self.limits.idle;
-                    series.retain(|_, s| s.touched.elapsed() < idle);
-                }
-                if series.len() >= self.limits.max_series {
-                    self.dropped_series.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
+        if !map.contains_key(&labels) && map.len() >= self.limits.max_series {
+            let now_ms = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+            if now_ms >= self.next_sweep_ms.load(Ordering::Relaxed) {
+                self.next_sweep_ms.store(now_ms + 1000, Ordering::Relaxed);
+                let idle = self.limits.idle;
+                map.retain(|_, s| s.idle_for() < idle);
             }
-            let s = series.entry(labels).or_default();
-            s.touched = std::time::Instant::now();
+            if map.len() >= self.limits.max_series {
+                self.dropped_series.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+        }
+        let s = map.entry(labels).or_default();
+        s.touch();
+        Some(s)
+    }
+
+    /// Counts one finished request.
+    pub fn request(&self, labels: RequestLabels, duration: Duration, sizes: Sizes) {
+        if !self.switches.metrics {
+            return;
+        }
+        let ms = duration.as_secs_f64() * 1000.0;
+        if let Ok(mut series) = self.series.lock()
+            && let Some(s) = self.admit(&mut series, labels)
+        {
             s.count += 1;
             s.duration_ms.observe(ms);
             s.request_bytes.observe(sizes.request as f64);

@@ -2,6 +2,10 @@
 //! unary call to a tonic OTLP server, whose `grpc-status` reaches the metrics, and a stream
 //! both ways to lumen control's ADS server, from tonic clients speaking h2c to the proxy.
 
+mod common;
+
+use common::free_port;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -21,13 +25,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
 use tokio_util::sync::CancellationToken;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// Answers OK, or UNAVAILABLE when the first span is named "fail".
 struct Otlp;
@@ -152,15 +149,7 @@ static_resources:
         cluster("ads", ads_port)
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("grpc.yaml");
-    std::fs::write(&path, yaml).expect("write");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lumen-proxy"))
-        .arg("-c")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("lumen-proxy starts");
+    let mut child = common::start_proxy(dir.path(), "grpc.yaml", &yaml, "warn");
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(("127.0.0.1", listen))
         .await

@@ -2,14 +2,11 @@
 //! closed on arrival and counted, the rest are closed when the header-read time runs out, and
 //! the connection counts return to their baseline while requests keep being served.
 
-use std::time::{Duration, Instant};
+mod common;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use common::free_port;
+
+use std::time::{Duration, Instant};
 
 fn metric(text: &str, line_start: &str) -> u64 {
     text.lines()
@@ -31,15 +28,7 @@ async fn ten_thousand_idle_connections_are_bounded_and_cleared() {
             ),
         );
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("static.yaml");
-    std::fs::write(&path, yaml).expect("write");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lumen-proxy"))
-        .arg("-c")
-        .arg(&path)
-        .env("RUST_LOG", "error")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("lumen-proxy starts");
+    let mut child = common::start_proxy(dir.path(), "static.yaml", &yaml, "error");
     let stats_url = format!("http://127.0.0.1:{admin}/stats/prometheus");
     let deadline = Instant::now() + Duration::from_secs(20);
     let stats = || async { reqwest::get(&stats_url).await.ok()?.text().await.ok() };

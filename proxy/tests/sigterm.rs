@@ -4,6 +4,8 @@
 //! full response back through the proxy, the proxy exits 0 within its drain period, and the
 //! span of every completed request reaches the telemetry service.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -108,15 +110,7 @@ async fn sigterm_drains_requests_in_flight_and_flushes_their_spans() {
         .replace("port_value: 15010", &format!("port_value: {}", xds.port()))
         .replace("port_value: 4317", &format!("port_value: {}", otlp.port()));
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("bootstrap.yaml");
-    std::fs::write(&path, bootstrap).expect("write");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lumen-proxy"))
-        .arg("-c")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("lumen-proxy starts");
+    let mut child = common::start_proxy(dir.path(), "bootstrap.yaml", &bootstrap, "warn");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ready = reqwest::get(format!("http://{POD}:15000/ready")).await;

@@ -1,6 +1,10 @@
 //! Standalone mode: the `lumen-proxy` binary runs from a static Envoy bootstrap (no control
 //! plane) and routes as it says, and a real Envoy 1.40 accepts the very same file.
 
+mod common;
+
+use common::free_port;
+
 #[path = "../../tests/peers/envoy.rs"]
 mod envoy_peer;
 
@@ -10,11 +14,6 @@ use std::time::{Duration, Instant};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
 
 /// An upstream answering its own name.
 async fn upstream(name: &'static str, stop: CancellationToken) -> SocketAddr {
@@ -66,13 +65,7 @@ async fn the_binary_routes_as_a_static_bootstrap_says_and_envoy_accepts_the_same
         String::from_utf8_lossy(&validated.stderr)
     );
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lumen-proxy"))
-        .arg("-c")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("lumen-proxy starts");
+    let mut child = common::start_proxy(dir.path(), "static.yaml", &yaml, "warn");
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

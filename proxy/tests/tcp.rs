@@ -2,19 +2,16 @@
 //! to its cluster as they are, and counts Istio's TCP metrics. A real Envoy validates the
 //! same bootstrap.
 
+mod common;
+
+use common::free_port;
+
 #[path = "../../tests/peers/envoy.rs"]
 mod envoy_peer;
 
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn tcp_listener(name: &str, port: u16, cluster: &str) -> String {
     format!(
@@ -95,13 +92,7 @@ async fn a_tcp_listener_carries_bytes_and_counts_them() {
         "Envoy rejects it: {}",
         String::from_utf8_lossy(&validated.stderr)
     );
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_lumen-proxy"))
-        .arg("-c")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("starts");
+    let mut child = common::start_proxy(dir.path(), "tcp.yaml", &yaml, "warn");
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut s = loop {
         if let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", tcp_port)).await {

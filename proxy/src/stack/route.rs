@@ -37,13 +37,8 @@ impl Step for Route {
     fn prepare(&self, req: &mut Request<Body>) -> Result<(), ProxyError> {
         let config = self.config.borrow().clone();
         let observation = req.extensions().get::<Observation>().cloned();
-        let observe = |f: &mut dyn FnMut(&mut super::observe::Observed)| {
-            if let Some(o) = &observation {
-                o.update(|r| f(r));
-            }
-        };
-        if let Some(v) = config.versions.get("RDS") {
-            observe(&mut |o| {
+        if let (Some(o), Some(v)) = (&observation, config.versions.get("RDS")) {
+            o.update(|o| {
                 o.span
                     .attributes
                     .push((span_attributes::CONFIG_VERSION, AttrValue::Str(v.clone())));
@@ -81,19 +76,21 @@ impl Step for Route {
             .map(|v| v.name.clone())
             .unwrap_or_default();
         let service = host_only(&vhost).to_string();
-        observe(&mut |o| {
-            o.labels.destination_service = service.clone();
-            if let Some((name, rest)) = service.split_once('.') {
-                o.labels.destination_service_name = name.to_string();
-                o.labels.destination_service_namespace =
-                    rest.split('.').next().unwrap_or_default().to_string();
-            }
-            o.span.name = format!("{vhost}/*");
-            o.span.attributes.push((
-                "upstream_cluster",
-                AttrValue::Str(decision.cluster.name.clone()),
-            ));
-        });
+        if let Some(o) = &observation {
+            o.update(|o| {
+                o.labels.destination_service = service.clone();
+                if let Some((name, rest)) = service.split_once('.') {
+                    o.labels.destination_service_name = name.to_string();
+                    o.labels.destination_service_namespace =
+                        rest.split('.').next().unwrap_or_default().to_string();
+                }
+                o.span.name = format!("{vhost}/*");
+                o.span.attributes.push((
+                    "upstream_cluster",
+                    AttrValue::Str(decision.cluster.name.clone()),
+                ));
+            });
+        }
         req.extensions_mut().insert(Target {
             cluster: decision.cluster,
             service,
