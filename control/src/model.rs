@@ -42,6 +42,9 @@ pub struct Service {
     pub meta: ObjectMeta,
     pub selector: BTreeMap<String, String>,
     pub ports: Vec<ServicePort>,
+    /// `spec.clusterIP`, when the Service has one (not headless): a captured connection to
+    /// it on a TCP port goes to this service.
+    pub cluster_ip: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -62,14 +65,28 @@ impl ServicePort {
     /// Whether the port speaks HTTP/2 (gRPC included), by Istio's protocol selection: its
     /// `appProtocol`, else its name's prefix (`grpc`, `grpc-web`, `http2`, `grpc-api`...).
     pub fn http2(&self) -> bool {
-        let by_name = |p: &str| {
-            let p = p.to_ascii_lowercase();
-            p == "grpc" || p == "grpc-web" || p == "http2" || p == "h2c" || p == "kubernetes.io/h2c"
+        self.protocol_is(&["grpc", "grpc-web", "http2", "h2c", "kubernetes.io/h2c"])
+    }
+
+    /// Whether the port carries opaque TCP, by Istio's protocol selection (`appProtocol`, else
+    /// the name's prefix): `tcp`, `tls`, and those Istio proxies as TCP (`mongo`, `mysql`,
+    /// `redis`). Any other port is HTTP, as before.
+    pub fn tcp(&self) -> bool {
+        self.protocol_is(&["tcp", "tls", "mongo", "mysql", "redis"])
+    }
+
+    /// `appProtocol` (or, without one, the name's prefix before `-`) is one of `names`.
+    fn protocol_is(&self, names: &[&str]) -> bool {
+        let p = match &self.app_protocol {
+            Some(p) => p.to_ascii_lowercase(),
+            None => self
+                .name
+                .split('-')
+                .next()
+                .unwrap_or_default()
+                .to_ascii_lowercase(),
         };
-        match &self.app_protocol {
-            Some(p) => by_name(p),
-            None => by_name(self.name.split('-').next().unwrap_or_default()),
-        }
+        names.contains(&p.as_str())
     }
 }
 
@@ -237,6 +254,8 @@ struct RawServiceSpec {
     selector: BTreeMap<String, String>,
     #[serde(default)]
     ports: Vec<ServicePort>,
+    #[serde(default, rename = "clusterIP")]
+    cluster_ip: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -332,10 +351,18 @@ impl Model {
         match (group, raw.kind.as_str()) {
             ("v1", "Service") => {
                 let spec: RawServiceSpec = spec_of(&raw.spec).map_err(invalid)?;
+                let cluster_ip = match spec.cluster_ip.as_deref() {
+                    None | Some("" | "None") => None,
+                    Some(ip) => Some(
+                        ip.parse::<IpAddr>()
+                            .map_err(|e| invalid(format!("spec.clusterIP {ip:?}: {e}")))?,
+                    ),
+                };
                 self.services.push(Service {
                     meta: raw.metadata.clone(),
                     selector: spec.selector,
                     ports: spec.ports,
+                    cluster_ip,
                 });
             }
             ("v1", "Pod") => {

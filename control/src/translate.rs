@@ -92,6 +92,8 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
     let mut clusters = Vec::new();
     let mut endpoints = Vec::new();
     let mut route_hosts: BTreeMap<u16, Vec<route::VirtualHost>> = BTreeMap::new();
+    // TCP ports: listener name → (address, cluster), the first service to claim a name kept.
+    let mut tcp_listeners: BTreeMap<String, (String, u16, String)> = BTreeMap::new();
 
     for svc in &model.services {
         let fqdn = svc.fqdn();
@@ -104,6 +106,26 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
                 clusters.push(eds_cluster(&name, port.http2()));
                 endpoints.push(load_assignment(model, svc, port.port, &labels, &name));
             }
+            if port.tcp() {
+                // Opaque TCP: a captured connection to the service's cluster IP (or, without
+                // one, to any address on the port) goes to its cluster, as Istio's
+                // `<clusterIP>_<port>` listeners.
+                let ip = svc
+                    .cluster_ip
+                    .map_or_else(|| "0.0.0.0".to_string(), |ip| ip.to_string());
+                let listener = format!("{ip}_{}", port.port);
+                let cluster = cluster_name::outbound(port.port, "", &fqdn);
+                match tcp_listeners.get(&listener) {
+                    Some((_, _, first)) => tracing::warn!(
+                        %listener, kept = %first, dropped = %cluster,
+                        "two TCP services claim one listener: give them cluster IPs"
+                    ),
+                    None => {
+                        tcp_listeners.insert(listener, (ip, port.port, cluster));
+                    }
+                }
+                continue;
+            }
             route_hosts
                 .entry(port.port)
                 .or_default()
@@ -115,6 +137,13 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
         .keys()
         .map(|port| outbound_listener(*port))
         .collect();
+    for (name, (ip, port, cluster)) in tcp_listeners {
+        if listeners.iter().any(|l| l.name == name) {
+            tracing::warn!(listener = %name, %cluster, "an HTTP port and a TCP port share one listener: the HTTP one is kept");
+            continue;
+        }
+        listeners.push(tcp_listener(&name, &ip, port, &cluster));
+    }
     let routes: Vec<route::RouteConfiguration> = route_hosts
         .into_iter()
         .map(|(port, virtual_hosts)| route::RouteConfiguration {
@@ -562,6 +591,31 @@ fn outbound_listener(port: u16) -> listener::Listener {
                     route_config_name: port.to_string(),
                 }),
             )],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// An outbound TCP listener: Envoy's TCP proxy to one cluster, not bound itself.
+fn tcp_listener(name: &str, ip: &str, port: u16, cluster: &str) -> listener::Listener {
+    use lumen_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+        TcpProxy, tcp_proxy::ClusterSpecifier,
+    };
+    let proxy = TcpProxy {
+        stat_prefix: cluster.to_string(),
+        cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.to_string())),
+        ..Default::default()
+    };
+    listener::Listener {
+        name: name.to_string(),
+        address: Some(socket_address(ip, port)),
+        bind_to_port: Some(lumen_api::pb::google::protobuf::BoolValue { value: false }),
+        filter_chains: vec![listener::FilterChain {
+            filters: vec![listener::Filter {
+                name: "envoy.filters.network.tcp_proxy".to_string(),
+                config_type: Some(listener::filter::ConfigType::TypedConfig(pack_any(proxy))),
+            }],
             ..Default::default()
         }],
         ..Default::default()

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lumen_control::model::Model;
 use lumen_control::{ConfigSource, Control, ControlOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +68,14 @@ async fn envoy_accepts_everything_lumen_control_serves() {
             svc.ports[0].name = "grpc-ratings".into();
         }
     }
+    // Two opaque TCP services (Istio's port naming), one with a cluster IP and one without:
+    // TCP proxy listeners, which Envoy must take too.
+    let tcp = Model::from_yaml(
+        "tcp.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: default}\nspec:\n  clusterIP: 10.96.0.20\n  selector: {app: db}\n  ports: [{name: tcp-postgres, port: 5432}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: cache, namespace: default}\nspec:\n  selector: {app: cache}\n  ports: [{name: redis, port: 6379}]\n",
+    )
+    .unwrap();
+    model.services.extend(tcp.services);
     let control = Control::bind(ControlOptions {
         xds_addr: local,
         http_addr: local,
@@ -154,6 +163,10 @@ async fn envoy_accepts_everything_lumen_control_serves() {
         "inbound|9080||",
         "virtualInbound",
         "127.0.79.4",
+        "10.96.0.20_5432",
+        "0.0.0.0_6379",
+        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "outbound|5432||db.default.svc.cluster.local",
     ] {
         assert!(dump.contains(needle), "envoy config dump lacks {needle}");
     }

@@ -15,11 +15,8 @@ use crate::routing::{
     Endpoint, HeaderMatch, PathMatch, Route, RouteConfig, ValueMatch, VirtualHost, WeightedBackend,
 };
 
-/// The HTTP connection manager's and the router's type URLs, the only filters supported.
-const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
-const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
-const TCP_PROXY: &str =
-    "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+/// The filters supported: the HTTP connection manager with the router, and the TCP proxy.
+use lumen_api::type_url::{HTTP_CONNECTION_MANAGER as HCM, ROUTER, TCP_PROXY};
 
 /// One static listener: where it listens and the routes it serves.
 #[derive(Debug, Clone, PartialEq)]

@@ -37,6 +37,24 @@ pub struct ProxyConfig {
     /// What the proxy records: node metadata `LUMEN_TRACE_SAMPLING` (percent of new traces,
     /// Istio's `sampling`; 0 turns spans off) and `LUMEN_METRICS` (`false` turns them off).
     pub switches: crate::telemetry::Switches,
+    /// How the app's traffic reaches the sidecar: node metadata `INTERCEPTION_MODE` (Istio's
+    /// key) `REDIRECT` for iptables capture, `NONE` (the default here) for explicit use.
+    pub capture: Capture,
+}
+
+/// How traffic reaches the sidecar's outbound and inbound listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Capture {
+    /// The app sends to the sidecar explicitly (the demo): the outbound listener routes by
+    /// `Host`, and a caller's sidecar names the app port it meant in a peer header.
+    #[default]
+    Explicit,
+    /// iptables REDIRECTs the pod's traffic to the sidecar, as Istio's init container sets it
+    /// up (outbound to :15001, inbound to :15006, the proxy's own uid excluded). The listeners
+    /// bind every address, each connection's original destination is read back
+    /// (`SO_ORIGINAL_DST`), and the local app is reached from 127.0.0.6, which the rules let
+    /// through, as Istio's inbound passthrough does.
+    Redirect,
 }
 
 /// Errors reading a bootstrap file.
@@ -79,6 +97,7 @@ impl ProxyConfig {
             limits: crate::server::Limits::default(),
             statics: None,
             switches: crate::telemetry::Switches::default(),
+            capture: Capture::Explicit,
         }
     }
 
@@ -204,7 +223,21 @@ impl ProxyConfig {
             },
         };
         let port = |k: &str, d: u16| meta_str(k).and_then(|p| p.parse().ok()).unwrap_or(d);
+        let capture = match meta_str("INTERCEPTION_MODE").as_deref() {
+            None | Some("NONE") => Capture::Explicit,
+            Some("REDIRECT") => Capture::Redirect,
+            Some(other) => {
+                return Err(BootstrapError::Invalid(format!(
+                    "node.metadata.INTERCEPTION_MODE: {other:?} is not supported (REDIRECT or NONE; TPROXY is not implemented)"
+                )));
+            }
+        };
         let Some(ads_cluster) = ads_cluster else {
+            if capture != Capture::Explicit {
+                return Err(invalid(
+                    "node.metadata.INTERCEPTION_MODE: capture needs the sidecar's listeners, which standalone mode (no dynamic_resources) does not open",
+                ));
+            }
             // Standalone: the node is whatever the file says; the process listens where its
             // static listeners say, and serves Prometheus beside its admin port.
             let id = node.id.clone();
@@ -232,6 +265,7 @@ impl ProxyConfig {
                 limits,
                 statics: Some(statics),
                 switches,
+                capture,
             });
         };
         let mut parts = node.id.split('~');
@@ -250,6 +284,12 @@ impl ProxyConfig {
             version: labels.get("version").cloned().unwrap_or_default(),
             pod: meta_str("NAME").unwrap_or(pod),
         };
+        // Captured traffic arrives at 127.0.0.1 (outbound) or the interface's address
+        // (inbound): the listeners take every address, as Istio's do.
+        let listen_ip = match capture {
+            Capture::Explicit => ip,
+            Capture::Redirect => IpAddr::from([0, 0, 0, 0]),
+        };
         let xds = cluster_addr(&ads_cluster).ok_or_else(|| {
             BootstrapError::Invalid(format!(
                 "static cluster {ads_cluster:?} with a socket address is missing"
@@ -258,8 +298,14 @@ impl ProxyConfig {
         Ok(ProxyConfig {
             node_id: node.id.clone(),
             node_cluster: node.cluster,
-            outbound_addr: SocketAddr::new(ip, port("LUMEN_OUTBOUND_PORT", ports::PROXY_OUTBOUND)),
-            inbound_addr: SocketAddr::new(ip, port("LUMEN_INBOUND_PORT", ports::PROXY_INBOUND)),
+            outbound_addr: SocketAddr::new(
+                listen_ip,
+                port("LUMEN_OUTBOUND_PORT", ports::PROXY_OUTBOUND),
+            ),
+            inbound_addr: SocketAddr::new(
+                listen_ip,
+                port("LUMEN_INBOUND_PORT", ports::PROXY_INBOUND),
+            ),
             admin_addr: admin,
             prometheus_addr: SocketAddr::new(
                 ip,
@@ -271,6 +317,7 @@ impl ProxyConfig {
             limits,
             statics: None,
             switches,
+            capture,
         })
     }
 }
@@ -362,6 +409,27 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("ads_config"), "{err}");
+    }
+
+    #[test]
+    fn interception_mode_redirect_captures_on_every_address() {
+        let fixture = include_str!("../../fixtures/proxy/bootstrap.yaml");
+        let with = |mode: &str| {
+            ProxyConfig::from_bootstrap_yaml(&fixture.replace(
+                "NAME: reviews-v1",
+                &format!("NAME: reviews-v1\n    INTERCEPTION_MODE: {mode}"),
+            ))
+        };
+        let explicit = ProxyConfig::from_bootstrap_yaml(fixture).expect("parses");
+        assert_eq!(explicit.capture, Capture::Explicit);
+        assert_eq!(explicit.outbound_addr.to_string(), "127.0.10.3:15001");
+        let captured = with("REDIRECT").expect("parses");
+        assert_eq!(captured.capture, Capture::Redirect);
+        assert_eq!(captured.outbound_addr.to_string(), "0.0.0.0:15001");
+        assert_eq!(captured.inbound_addr.to_string(), "0.0.0.0:15006");
+        assert_eq!(with("NONE").expect("parses").capture, Capture::Explicit);
+        let err = with("TPROXY").unwrap_err().to_string();
+        assert!(err.contains("INTERCEPTION_MODE") && err.contains("TPROXY"), "{err}");
     }
 
     const STATIC: &str = include_str!("../../fixtures/proxy/static.yaml");

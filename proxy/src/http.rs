@@ -44,16 +44,33 @@ pub mod span_attributes {
     pub const CONFIG_VERSION: &str = "lumen.config.version";
 }
 
+/// The address a capturing sidecar reaches its local app from: the capture rules let it
+/// through (Istio's `InboundPassthroughBindIpv4`).
+pub const INBOUND_SOURCE: std::net::IpAddr =
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6));
+
 /// State shared by every request of one proxy, and its two stacks.
 #[derive(Debug)]
 pub struct DataPath {
     pub config: ConfigRx,
     pub reporter: Arc<Reporter>,
+    /// Where connections to the local app come from (under capture, [`INBOUND_SOURCE`]).
+    pub inbound_source: Option<std::net::IpAddr>,
 }
 
 impl DataPath {
     pub fn new(config: ConfigRx, reporter: Arc<Reporter>) -> DataPath {
-        DataPath { config, reporter }
+        DataPath {
+            config,
+            reporter,
+            inbound_source: None,
+        }
+    }
+
+    /// The same, reaching the local app from `source`.
+    pub fn with_inbound_source(mut self, source: Option<std::net::IpAddr>) -> DataPath {
+        self.inbound_source = source;
+        self
     }
 
     /// The stack for requests the local app sends out.
@@ -70,7 +87,7 @@ impl DataPath {
         stack::inbound(
             self.config.clone(),
             self.reporter.clone(),
-            stack::connect::Connect::new(),
+            stack::connect::Connect::from_source(self.inbound_source),
         )
     }
 }

@@ -27,7 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use config::ProxyConfig;
+pub use config::{Capture, ProxyConfig};
 pub use signal::shutdown_on_signal;
 pub use telemetry::{ExportOptions, Identity};
 
@@ -124,7 +124,11 @@ impl Proxy {
             self.config.switches,
         );
         let reporter = Arc::new(reporter);
-        let data = Arc::new(http::DataPath::new(config_rx, reporter.clone()));
+        let captured = self.config.capture == Capture::Redirect;
+        let data = Arc::new(
+            http::DataPath::new(config_rx, reporter.clone())
+                .with_inbound_source(captured.then_some(http::INBOUND_SOURCE)),
+        );
 
         let xds_health = Arc::new(xds::XdsHealth::default());
         let xds = match &self.config.statics {
@@ -156,20 +160,38 @@ impl Proxy {
         let conns = admin::Conns::default();
         let mut data_path = tokio::task::JoinSet::new();
         if let Some((outbound, inbound)) = self.sidecar {
-            data_path.spawn(server::serve_stack(
-                outbound,
-                data.outbound(),
-                self.config.limits,
-                conns.outbound.clone(),
-                shutdown.clone(),
-            ));
+            if captured {
+                // Captured: the outbound port takes whatever the app connects to, HTTP or not.
+                data_path.spawn(server::serve_stack_detecting(
+                    outbound,
+                    data.outbound(),
+                    self.config.limits,
+                    conns.outbound.clone(),
+                    tcp::outbound_detect(data.config.clone(), reporter.clone()),
+                    shutdown.clone(),
+                ));
+            } else {
+                data_path.spawn(server::serve_stack(
+                    outbound,
+                    data.outbound(),
+                    self.config.limits,
+                    conns.outbound.clone(),
+                    shutdown.clone(),
+                ));
+            }
             // The inbound port serves HTTP/1, HTTP/2 and opaque TCP alike.
+            let mut detect = server::Detect::opaque(tcp::inbound_opaque(
+                data.config.clone(),
+                reporter.clone(),
+                data.inbound_source,
+            ));
+            detect.original_dst = captured;
             data_path.spawn(server::serve_stack_detecting(
                 inbound,
                 data.inbound(),
                 self.config.limits,
                 conns.inbound.clone(),
-                tcp::inbound_opaque(data.config.clone(), reporter.clone()),
+                detect,
                 shutdown.clone(),
             ));
         }

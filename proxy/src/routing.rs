@@ -39,8 +39,19 @@ pub struct MeshConfig {
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// Route configuration names the listeners refer to (what to ask RDS for).
     pub rds_names: Vec<String>,
+    /// Outbound TCP listeners (Envoy's TCP proxy), for captured connections.
+    pub tcp_routes: Vec<TcpRoute>,
     /// Versions of each type as last accepted, for `/config_dump`.
     pub versions: HashMap<&'static str, String>,
+}
+
+/// An outbound listener of opaque TCP: a captured connection to `address` (a service's
+/// cluster IP, or `0.0.0.0` for any address on the port) goes to `cluster` as bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpRoute {
+    pub listener: String,
+    pub address: SocketAddr,
+    pub cluster: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -202,6 +213,19 @@ impl MeshConfig {
             route: route_index,
             cluster,
         }))
+    }
+
+    /// The TCP listener for a captured connection's original destination: the one on its
+    /// exact address first, then the one for any address on its port.
+    pub fn tcp_route(&self, dst: SocketAddr) -> Option<&TcpRoute> {
+        self.tcp_routes
+            .iter()
+            .find(|t| t.address == dst)
+            .or_else(|| {
+                self.tcp_routes
+                    .iter()
+                    .find(|t| t.address.port() == dst.port() && t.address.ip().is_unspecified())
+            })
     }
 
     /// The local app's inbound cluster for a port, or the only one there is.
@@ -386,27 +410,55 @@ fn socket_addr(
     Ok(SocketAddr::new(ip, port))
 }
 
-/// Route configuration names an LDS listener's HTTP connection manager refers to.
-pub fn listener_rds_names(l: &xlistener::Listener) -> Result<Vec<String>, ConfigError> {
-    let mut names = Vec::new();
+/// What an LDS listener asks of the proxy: the route configurations its HTTP connection
+/// manager refers to, or the cluster its TCP proxy forwards to.
+#[derive(Debug, Default, PartialEq)]
+pub struct ListenerUse {
+    pub rds_names: Vec<String>,
+    pub tcp: Option<TcpRoute>,
+}
+
+/// Reads one LDS listener.
+pub fn listener_use(l: &xlistener::Listener) -> Result<ListenerUse, ConfigError> {
+    use lumen_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+        TcpProxy, tcp_proxy::ClusterSpecifier,
+    };
+    let mut out = ListenerUse::default();
     for chain in &l.filter_chains {
         for filter in &chain.filters {
             let Some(xlistener::filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
                 continue;
             };
-            if any.type_url != type_url::HTTP_CONNECTION_MANAGER {
-                continue;
-            }
-            let manager: xhcm::HttpConnectionManager =
-                decode(any, type_url::HTTP_CONNECTION_MANAGER)?;
-            if let Some(xhcm::http_connection_manager::RouteSpecifier::Rds(rds)) =
-                manager.route_specifier
-            {
-                names.push(rds.route_config_name);
+            match any.type_url.as_str() {
+                type_url::HTTP_CONNECTION_MANAGER => {
+                    let manager: xhcm::HttpConnectionManager =
+                        decode(any, type_url::HTTP_CONNECTION_MANAGER)?;
+                    if let Some(xhcm::http_connection_manager::RouteSpecifier::Rds(rds)) =
+                        manager.route_specifier
+                    {
+                        out.rds_names.push(rds.route_config_name);
+                    }
+                }
+                type_url::TCP_PROXY => {
+                    let tcp: TcpProxy = decode(any, type_url::TCP_PROXY)?;
+                    let Some(ClusterSpecifier::Cluster(cluster)) = tcp.cluster_specifier else {
+                        return Err(unsupported(
+                            "listener",
+                            &l.name,
+                            "a TCP proxy needs one cluster (weighted_clusters is not supported)",
+                        ));
+                    };
+                    out.tcp = Some(TcpRoute {
+                        listener: l.name.clone(),
+                        address: socket_addr(l.address.as_ref(), "listener", &l.name)?,
+                        cluster,
+                    });
+                }
+                _ => {}
             }
         }
     }
-    Ok(names)
+    Ok(out)
 }
 
 /// Whether a cluster's `HttpProtocolOptions` ask for HTTP/2 upstream.
@@ -639,6 +691,29 @@ impl TryFrom<xroute::Route> for Route {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_tcp_listener_on_the_exact_address_wins_over_the_one_for_any_address() {
+        let route = |listener: &str, address: &str, cluster: &str| TcpRoute {
+            listener: listener.into(),
+            address: address.parse().expect("addr"),
+            cluster: cluster.into(),
+        };
+        let cfg = MeshConfig {
+            tcp_routes: vec![
+                route("0.0.0.0_5432", "0.0.0.0:5432", "outbound|5432||any"),
+                route("10.96.0.20_5432", "10.96.0.20:5432", "outbound|5432||db"),
+            ],
+            ..MeshConfig::default()
+        };
+        let at = |a: &str| {
+            cfg.tcp_route(a.parse().expect("addr"))
+                .map(|t| t.cluster.as_str())
+        };
+        assert_eq!(at("10.96.0.20:5432"), Some("outbound|5432||db"));
+        assert_eq!(at("10.96.0.99:5432"), Some("outbound|5432||any"));
+        assert_eq!(at("10.96.0.20:5433"), None);
+    }
 
     pub(crate) fn endpoint(ip: &str, workload: &str) -> Endpoint {
         let app_addr: SocketAddr = format!("{ip}:9080").parse().expect("addr");

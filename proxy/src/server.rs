@@ -4,6 +4,8 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,7 +18,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -121,10 +123,10 @@ pub async fn serve_stack_detecting(
     stack: crate::stack::Stack,
     limits: Limits,
     stats: Arc<ConnStats>,
-    opaque: Opaque,
+    detect: Detect,
     shutdown: CancellationToken,
 ) {
-    serve_stack_with(listener, stack, limits, stats, Some(opaque), shutdown).await;
+    serve_stack_with(listener, stack, limits, stats, Some(detect), shutdown).await;
 }
 
 /// A stack as the handler: each request's body boxed, the stack's answer (it never fails).
@@ -133,7 +135,7 @@ async fn serve_stack_with(
     stack: crate::stack::Stack,
     limits: Limits,
     stats: Arc<ConnStats>,
-    opaque: Option<Opaque>,
+    detect: Option<Detect>,
     shutdown: CancellationToken,
 ) {
     use http_body_util::BodyExt;
@@ -151,7 +153,7 @@ async fn serve_stack_with(
         },
         limits,
         stats,
-        opaque,
+        detect,
         shutdown,
     )
     .await;
@@ -173,12 +175,64 @@ where
     .await;
 }
 
-/// What serves a connection that is not HTTP (opaque TCP on a port that detects it).
-pub type Opaque = Arc<
-    dyn Fn(tokio::net::TcpStream) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>
-        + Send
-        + Sync,
->;
+/// What the accept loop knows of a connection. On a listener that reads original
+/// destinations it is in every request's extensions, and opaque TCP gets it too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    pub peer: SocketAddr,
+    /// Where the client meant to connect, when iptables redirected the connection here
+    /// (`SO_ORIGINAL_DST`); `None` for a connection made to the listener itself.
+    pub original_dst: Option<SocketAddr>,
+}
+
+/// The destination a REDIRECTed connection had before NAT, or `None` when it was made to
+/// this socket's own address (or the kernel keeps no NAT state for it).
+pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let local = stream.local_addr().ok()?;
+    let sock = socket2::SockRef::from(stream);
+    let original = match local {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    }
+    .ok()?
+    .as_socket()?;
+    (original != local).then_some(original)
+}
+
+/// Serves a connection that is not HTTP.
+pub type OpaqueFn =
+    Arc<dyn Fn(TcpStream, Accepted) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// How a port that detects protocols treats connections that are not HTTP.
+#[derive(Clone)]
+pub struct Detect {
+    /// Serves opaque TCP.
+    pub opaque: OpaqueFn,
+    /// Connections taken for opaque TCP without waiting for their first bytes (ports the
+    /// configuration declares TCP: their servers may speak first).
+    pub declared_tcp: Arc<dyn Fn(&Accepted) -> bool + Send + Sync>,
+    /// Read each connection's original destination (the listener takes captured traffic).
+    pub original_dst: bool,
+}
+
+impl Detect {
+    /// Every connection that is not HTTP goes to `opaque`; none is declared TCP up front.
+    pub fn opaque(opaque: OpaqueFn) -> Detect {
+        Detect {
+            opaque,
+            declared_tcp: Arc::new(|_| false),
+            original_dst: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for Detect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detect")
+            .field("original_dst", &self.original_dst)
+            .finish_non_exhaustive()
+    }
+}
 
 /// How long a detecting port waits for a client's first bytes before it takes the connection
 /// for opaque TCP (a protocol where the server speaks first), as Istio's sniffing does.
@@ -250,15 +304,15 @@ pub async fn serve_with<H, F>(
     serve_detecting(listener, handler, limits, stats, None, shutdown).await;
 }
 
-/// [`serve_with`], and with `opaque` given, a port that serves HTTP/1, HTTP/2 and opaque TCP
+/// [`serve_with`], and with `detect` given, a port that serves HTTP/1, HTTP/2 and opaque TCP
 /// alike: a connection whose first bytes are not HTTP (or that sends nothing within
-/// [`DETECT_TIMEOUT`]) goes to `opaque`.
+/// [`DETECT_TIMEOUT`]) goes to `detect.opaque`.
 pub async fn serve_detecting<H, F>(
     listener: TcpListener,
     handler: H,
     limits: Limits,
     stats: Arc<ConnStats>,
-    opaque: Option<Opaque>,
+    detect: Option<Detect>,
     shutdown: CancellationToken,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -303,8 +357,19 @@ pub async fn serve_detecting<H, F>(
         stats.accepted.fetch_add(1, Ordering::Relaxed);
         stats.active.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
+        let accepted = Accepted {
+            peer,
+            original_dst: detect
+                .as_ref()
+                .filter(|d| d.original_dst)
+                .and_then(|_| original_dst(&stream)),
+        };
         let handler = handler.clone();
-        let service = service_fn(move |req| {
+        let tag = detect.as_ref().is_some_and(|d| d.original_dst);
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            if tag {
+                req.extensions_mut().insert(accepted);
+            }
             let handler = handler.clone();
             async move { Ok::<_, Infallible>(handler(req).await) }
         });
@@ -312,12 +377,17 @@ pub async fn serve_detecting<H, F>(
         let stats = stats.clone();
         let watcher = graceful.watcher();
         let header_read_timeout = limits.header_read_timeout;
-        let opaque = opaque.clone();
+        let detect = detect.clone();
         tokio::spawn(async move {
-            if let Some(opaque) = opaque {
-                match sniff(&stream, DETECT_TIMEOUT).await {
+            if let Some(detect) = detect {
+                let sniffed = if (detect.declared_tcp)(&accepted) {
+                    Sniffed::Opaque
+                } else {
+                    sniff(&stream, DETECT_TIMEOUT).await
+                };
+                match sniffed {
                     Sniffed::Opaque => {
-                        opaque(stream).await;
+                        (detect.opaque)(stream, accepted).await;
                         stats.active.fetch_sub(1, Ordering::Relaxed);
                         drop(slot);
                         return;

@@ -3,16 +3,18 @@
 //! Istio's TCP metrics (connections opened and closed, bytes sent and received) under the
 //! listener's connection limits.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use lumen_api::cluster_name;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::routing::Cluster;
-use crate::server::{ConnStats, Limits};
+use crate::routing::{Cluster, Endpoint};
+use crate::server::{Accepted, ConnStats, Detect, Limits};
 use crate::stack::error::flags;
 use crate::telemetry::{Reporter, RequestLabels};
 
@@ -37,26 +39,48 @@ fn labels(reporter: &Reporter, cluster: &Cluster, app: &str, flag: &str) -> Requ
     }
 }
 
+/// Connects to `to` within [`CONNECT_TIMEOUT`], from `source` when given (the address the
+/// capture rules let through, for connections to the local app).
+pub async fn connect(to: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let attempt = async {
+        match source {
+            None => TcpStream::connect(to).await,
+            Some(ip) => {
+                let socket = match to {
+                    SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => TcpSocket::new_v6()?,
+                };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(to).await
+            }
+        }
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
 /// Carries one connection's bytes to `endpoint` both ways until either side closes, counting
 /// it under `base` (its flag set: `-`, or UH without an endpoint, UF when none answers).
 pub async fn forward(
     downstream: &mut TcpStream,
-    peer: std::net::SocketAddr,
-    endpoint: Option<crate::routing::Endpoint>,
+    peer: SocketAddr,
+    endpoint: Option<Endpoint>,
+    source: Option<IpAddr>,
     reporter: &Reporter,
     mut base: RequestLabels,
 ) {
     let connected = match &endpoint {
         None => None,
-        Some(e) => tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(e.connect_addr))
-            .await
-            .ok()
-            .and_then(Result::ok),
+        Some(e) => connect(e.connect_addr, source).await.ok(),
     };
     if let Some(e) = &endpoint
-        && base.destination_app.is_empty()
+        && base.destination_workload.is_empty()
     {
+        base.destination_workload = e.workload.clone();
+        base.destination_workload_namespace = e.namespace.clone();
         base.destination_app = e.app.clone();
+        base.destination_version = e.version.clone();
     }
     match connected {
         Some(mut upstream) => {
@@ -86,22 +110,49 @@ pub async fn forward(
     }
 }
 
+/// Where a captured connection goes when no configuration claims its destination: to that
+/// destination as it is (Istio's `PassthroughCluster` outbound, `InboundPassthroughCluster`
+/// inbound).
+pub fn passthrough(to: SocketAddr) -> Endpoint {
+    Endpoint {
+        app_addr: to,
+        connect_addr: to,
+        meshed: false,
+        workload: "unknown".into(),
+        namespace: "unknown".into(),
+        app: "unknown".into(),
+        version: "unknown".into(),
+    }
+}
+
+/// Istio's name for the outbound passthrough, as its metrics and Kiali show it.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+
 /// The inbound port's opaque TCP: a connection that is not HTTP goes to the local app's
-/// endpoint (the inbound cluster), counted with `reporter="destination"`.
+/// endpoint (the inbound cluster of the port it was meant for, when capture says), counted
+/// with `reporter="destination"`. A captured connection to a port no inbound cluster names
+/// goes to that port of the app as it is; `source` is the address the proxy connects from.
 pub fn inbound_opaque(
     config: crate::xds::ConfigRx,
     reporter: Arc<Reporter>,
-) -> crate::server::Opaque {
-    Arc::new(move |mut stream: TcpStream| {
+    source: Option<IpAddr>,
+) -> crate::server::OpaqueFn {
+    Arc::new(move |mut stream: TcpStream, accepted: Accepted| {
         let (config, reporter) = (config.clone(), reporter.clone());
         Box::pin(async move {
-            let peer = stream
-                .peer_addr()
-                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-            let endpoint = config
-                .borrow()
-                .inbound_cluster(None)
-                .and_then(|c| c.pick().cloned());
+            let endpoint = {
+                let config = config.borrow();
+                match accepted.original_dst {
+                    Some(dst) => Some(
+                        config
+                            .clusters
+                            .get(&cluster_name::inbound(dst.port()))
+                            .and_then(|c| c.pick().cloned())
+                            .unwrap_or_else(|| passthrough(dst)),
+                    ),
+                    None => config.inbound_cluster(None).and_then(|c| c.pick().cloned()),
+                }
+            };
             let me = reporter.identity();
             let base = RequestLabels {
                 reporter: "destination",
@@ -119,9 +170,79 @@ pub fn inbound_opaque(
                 request_protocol: "tcp",
                 ..Default::default()
             };
-            forward(&mut stream, peer, endpoint, &reporter, base).await;
+            forward(
+                &mut stream,
+                accepted.peer,
+                endpoint,
+                source,
+                &reporter,
+                base,
+            )
+            .await;
         })
     })
+}
+
+/// The outbound port under capture: a connection to a destination the configuration declares
+/// TCP goes to that listener's cluster without waiting for its first bytes; any other that is
+/// not HTTP goes to its original destination as it is (Istio's default `ALLOW_ANY`).
+pub fn outbound_detect(config: crate::xds::ConfigRx, reporter: Arc<Reporter>) -> Detect {
+    let declared = {
+        let config = config.clone();
+        Arc::new(move |a: &Accepted| {
+            a.original_dst
+                .is_some_and(|dst| config.borrow().tcp_route(dst).is_some())
+        })
+    };
+    let opaque: crate::server::OpaqueFn = Arc::new(move |mut stream, accepted: Accepted| {
+        let (config, reporter) = (config.clone(), reporter.clone());
+        Box::pin(async move {
+            let (cluster, endpoint) = {
+                let config = config.borrow();
+                match accepted.original_dst {
+                    None => (None, None),
+                    Some(dst) => match config.tcp_route(dst) {
+                        Some(route) => {
+                            let cluster = config.clusters.get(&route.cluster).cloned();
+                            let endpoint = cluster.as_ref().and_then(|c| c.pick().cloned());
+                            (cluster, endpoint)
+                        }
+                        None => (None, Some(passthrough(dst))),
+                    },
+                }
+            };
+            let mut base = match &cluster {
+                Some(c) => labels(&reporter, c, "", flags::NONE),
+                None => labels(
+                    &reporter,
+                    &Cluster::new(PASSTHROUGH_CLUSTER, Vec::new()),
+                    "",
+                    flags::NONE,
+                ),
+            };
+            if let Some(c) = &cluster
+                && let Some(fqdn) = c.name.rsplit('|').next().filter(|f| !f.is_empty())
+            {
+                base.destination_service = fqdn.to_string();
+                let mut parts = fqdn.split('.');
+                base.destination_service_name = parts.next().unwrap_or_default().to_string();
+                base.destination_service_namespace = parts.next().unwrap_or_default().to_string();
+            }
+            if accepted.original_dst.is_none() {
+                // Made to the listener itself and not HTTP: nowhere to send it.
+                base.response_flags = flags::NO_ROUTE.to_string();
+                reporter.tcp(&base, None);
+                reporter.tcp(&base, Some((0, 0)));
+                return;
+            }
+            forward(&mut stream, accepted.peer, endpoint, None, &reporter, base).await;
+        })
+    });
+    Detect {
+        opaque,
+        declared_tcp: declared,
+        original_dst: true,
+    }
 }
 
 /// Forwards every connection `listener` accepts to `cluster` until `shutdown`; connections
@@ -157,7 +278,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let endpoint = cluster.pick().cloned();
             let base = labels(&reporter, &cluster, "", flags::NONE);
-            forward(&mut downstream, peer, endpoint, &reporter, base).await;
+            forward(&mut downstream, peer, endpoint, None, &reporter, base).await;
             stats.active.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
         });

@@ -307,13 +307,18 @@ fn apply(
         }
         type_url::LISTENER => {
             let mut names = Vec::new();
+            let mut tcp = Vec::new();
             for any in &resp.resources {
                 let listener = routing::decode::<xlistener::Listener>(any, ty)?;
-                names.extend(routing::listener_rds_names(&listener)?);
+                let used = routing::listener_use(&listener)?;
+                names.extend(used.rds_names);
+                tcp.extend(used.tcp);
             }
             names.sort();
             names.dedup();
+            tcp.sort_by(|a, b| a.listener.cmp(&b.listener));
             config.rds_names = names;
+            config.tcp_routes = tcp;
         }
         type_url::ROUTE => {
             let mut routes = HashMap::new();

@@ -107,7 +107,14 @@ pub struct Connect {
 
 impl Connect {
     pub fn new() -> Connect {
+        Connect::from_source(None)
+    }
+
+    /// Connections made from `source` (under capture, the inbound side reaches the app from
+    /// an address the capture rules let through).
+    pub fn from_source(source: Option<std::net::IpAddr>) -> Connect {
         let mut connector = HttpConnector::new();
+        connector.set_local_address(source);
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(10)));
         let http1 = Client::builder(TokioExecutor::new())

@@ -3,6 +3,7 @@
 //! local app's endpoint for the port the caller meant.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::{Request, StatusCode};
 
@@ -11,9 +12,14 @@ use super::error::{Fault, ProxyError, flags};
 use super::observe::Observation;
 use super::step::Step;
 use crate::http::{peer_headers, span_attributes};
-use crate::server::Body;
+use crate::routing::Cluster;
+use crate::server::{Accepted, Body};
+use crate::tcp::passthrough;
 use crate::telemetry::AttrValue;
 use crate::xds::ConfigRx;
+
+/// Istio's name for the inbound passthrough.
+const INBOUND_PASSTHROUGH: &str = "InboundPassthroughCluster";
 
 #[derive(Debug, Clone)]
 pub struct Inbound {
@@ -34,8 +40,14 @@ impl Step for Inbound {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
+        // The port the caller meant: from the connection when it was captured, else as the
+        // caller's sidecar said (explicit mode).
+        let captured = req
+            .extensions()
+            .get::<Accepted>()
+            .and_then(|a| a.original_dst);
         let original_dst: Option<SocketAddr> =
-            header(peer_headers::ORIGINAL_DST).and_then(|v| v.parse().ok());
+            captured.or_else(|| header(peer_headers::ORIGINAL_DST).and_then(|v| v.parse().ok()));
         let service = header(peer_headers::DESTINATION_SERVICE);
         let caller = header(peer_headers::APP);
         let (workload, namespace, version) = (
@@ -44,7 +56,20 @@ impl Step for Inbound {
             header(peer_headers::VERSION),
         );
         let config = self.config.borrow().clone();
-        let cluster = config.inbound_cluster(original_dst.map(|a| a.port()));
+        let cluster = match captured {
+            // Captured for a port no inbound cluster names: that port of the app, as it is.
+            Some(dst) => config
+                .clusters
+                .get(&lumen_api::cluster_name::inbound(dst.port()))
+                .cloned()
+                .or_else(|| {
+                    Some(Arc::new(Cluster::new(
+                        INBOUND_PASSTHROUGH,
+                        vec![passthrough(dst)],
+                    )))
+                }),
+            None => config.inbound_cluster(original_dst.map(|a| a.port())),
+        };
         let port = cluster
             .as_ref()
             .and_then(|c| lumen_api::cluster_name::parse_inbound(&c.name))

@@ -11,7 +11,8 @@ use super::observe::{Observation, authority_of};
 use super::step::Step;
 use crate::http::{host_only, span_attributes};
 use crate::routing::{Cluster, RouteError};
-use crate::server::Body;
+use crate::server::{Accepted, Body};
+use crate::tcp::{PASSTHROUGH_CLUSTER, passthrough};
 use crate::telemetry::AttrValue;
 use crate::xds::ConfigRx;
 
@@ -33,6 +34,18 @@ impl Route {
     }
 }
 
+/// Whether an authority carries a port (`host:port`, `[v6]:port`).
+fn has_port(authority: &str) -> bool {
+    match authority.rsplit_once(':') {
+        Some((host, port)) => {
+            !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!host.contains(':') || host.ends_with(']'))
+        }
+        None => false,
+    }
+}
+
 impl Step for Route {
     fn prepare(&self, req: &mut Request<Body>) -> Result<(), ProxyError> {
         let config = self.config.borrow().clone();
@@ -44,32 +57,63 @@ impl Step for Route {
                     .push((span_attributes::CONFIG_VERSION, AttrValue::Str(v.clone())));
             });
         }
-        let authority = authority_of(req);
+        let mut authority = authority_of(req);
+        // Captured: the port the app connected to picks the route configuration when the
+        // Host header names none (as the listener for that port does in Envoy).
+        let original_dst = req
+            .extensions()
+            .get::<Accepted>()
+            .and_then(|a| a.original_dst);
+        if let Some(dst) = original_dst
+            && !has_port(&authority)
+        {
+            authority = format!("{authority}:{}", dst.port());
+        }
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let decision = config
-            .route(&authority, path, req.headers(), rand::random())
-            .map_err(|e| {
-                let known = config.known_hosts();
-                let reason = format!(
-                    "{e}; this proxy knows {} service host(s): {}",
-                    known.len(),
-                    known.join(", ")
-                );
-                match e {
-                    RouteError::NoRoute { .. } => ProxyError::new(
-                        flags::NO_ROUTE,
-                        StatusCode::NOT_FOUND,
-                        Fault::Downstream,
-                        reason,
-                    ),
-                    RouteError::NoCluster { .. } => ProxyError::new(
-                        flags::NO_CLUSTER,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Fault::Proxy,
-                        reason,
-                    ),
-                }
-            })?;
+        let routed = config.route(&authority, path, req.headers(), rand::random());
+        // Captured and for a host the mesh does not know: on to where the app was going, as
+        // Istio's default outbound policy (ALLOW_ANY) does.
+        if let (Err(RouteError::NoRoute { .. }), Some(dst)) = (&routed, original_dst) {
+            let service = host_only(&authority).to_string();
+            if let Some(o) = &observation {
+                o.update(|o| {
+                    o.labels.destination_service = PASSTHROUGH_CLUSTER.to_string();
+                    o.labels.destination_service_name = PASSTHROUGH_CLUSTER.to_string();
+                    o.span.name = format!("{service}/*");
+                    o.span.attributes.push((
+                        "upstream_cluster",
+                        AttrValue::Str(PASSTHROUGH_CLUSTER.to_string()),
+                    ));
+                });
+            }
+            req.extensions_mut().insert(Target {
+                cluster: Arc::new(Cluster::new(PASSTHROUGH_CLUSTER, vec![passthrough(dst)])),
+                service,
+            });
+            return Ok(());
+        }
+        let decision = routed.map_err(|e| {
+            let known = config.known_hosts();
+            let reason = format!(
+                "{e}; this proxy knows {} service host(s): {}",
+                known.len(),
+                known.join(", ")
+            );
+            match e {
+                RouteError::NoRoute { .. } => ProxyError::new(
+                    flags::NO_ROUTE,
+                    StatusCode::NOT_FOUND,
+                    Fault::Downstream,
+                    reason,
+                ),
+                RouteError::NoCluster { .. } => ProxyError::new(
+                    flags::NO_CLUSTER,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Fault::Proxy,
+                    reason,
+                ),
+            }
+        })?;
         let vhost = decision
             .route_config
             .virtual_host(decision.virtual_host)
@@ -96,5 +140,19 @@ impl Step for Route {
             service,
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::has_port;
+
+    #[test]
+    fn authorities_with_and_without_ports() {
+        assert!(has_port("reviews:9080"));
+        assert!(has_port("[::1]:80"));
+        assert!(!has_port("reviews"));
+        assert!(!has_port("[::1]"));
+        assert!(!has_port("reviews:"));
     }
 }

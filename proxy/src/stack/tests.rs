@@ -852,7 +852,7 @@ async fn the_inbound_port_serves_http_and_opaque_tcp_alike() {
         inbound(rx.clone(), reporter.clone(), connect::Connect::new()),
         crate::server::Limits::default(),
         Arc::new(crate::server::ConnStats::default()),
-        crate::tcp::inbound_opaque(rx, reporter.clone()),
+        crate::server::Detect::opaque(crate::tcp::inbound_opaque(rx, reporter.clone(), None)),
         stop.clone(),
     ));
     // Opaque bytes (a TLS ClientHello's start) are carried as they are.
