@@ -429,7 +429,10 @@ mod tests {
         assert_eq!(captured.inbound_addr.to_string(), "0.0.0.0:15006");
         assert_eq!(with("NONE").expect("parses").capture, Capture::Explicit);
         let err = with("TPROXY").unwrap_err().to_string();
-        assert!(err.contains("INTERCEPTION_MODE") && err.contains("TPROXY"), "{err}");
+        assert!(
+            err.contains("INTERCEPTION_MODE") && err.contains("TPROXY"),
+            "{err}"
+        );
     }
 
     const STATIC: &str = include_str!("../../fixtures/proxy/static.yaml");
