@@ -4,10 +4,12 @@
 #![forbid(unsafe_code)]
 
 pub mod ads;
+pub mod crd;
 pub mod debug;
 pub mod model;
 pub mod source;
 pub mod translate;
+pub mod validate;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -199,6 +199,17 @@ pub struct DestinationRuleSpec {
     pub host: String,
     #[serde(default)]
     pub subsets: Vec<Subset>,
+    /// `trafficPolicy.loadBalancer.simple`, for every subset and port.
+    #[serde(skip)]
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+/// How the proxies pick an endpoint of the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadBalancer {
+    #[default]
+    RoundRobin,
+    Random,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -328,18 +339,32 @@ impl Model {
             if value.is_null() {
                 continue;
             }
+            // Istio's and Gateway API's kinds are read strictly, with field paths in errors.
+            let doc = crate::crd::parse_document(&value).map_err(|e| ModelError::Invalid {
+                origin: origin.to_string(),
+                kind: e.kind,
+                namespace: e.namespace,
+                name: e.name,
+                message: format!("{}: {}", e.path, e.message),
+            })?;
             let raw: RawObject =
                 serde_yaml::from_value(value).map_err(|source| ModelError::Yaml {
                     origin: origin.to_string(),
                     index,
                     source,
                 })?;
-            self.add_object(origin, raw)?;
+            self.add_object(origin, raw, doc)?;
         }
         Ok(())
     }
 
-    fn add_object(&mut self, origin: &str, raw: RawObject) -> Result<(), ModelError> {
+    fn add_object(
+        &mut self,
+        origin: &str,
+        raw: RawObject,
+        doc: crate::crd::Document,
+    ) -> Result<(), ModelError> {
+        use crate::crd::Document;
         let invalid = |message: String| ModelError::Invalid {
             origin: origin.to_string(),
             kind: raw.kind.clone(),
@@ -390,26 +415,43 @@ impl Model {
                 });
             }
             ("networking.istio.io", "VirtualService") => {
-                let spec: VirtualServiceSpec = spec_of(&raw.spec).map_err(invalid)?;
-                if spec.hosts.is_empty() {
-                    return Err(invalid("spec.hosts is empty".to_string()));
-                }
-                for (i, route) in spec.http.iter().enumerate() {
-                    if route.route.is_empty() {
-                        return Err(invalid(format!("spec.http[{i}].route is empty")));
-                    }
-                }
+                let Document::VirtualService(vs) = doc else {
+                    return Err(invalid("not read as a VirtualService".to_string()));
+                };
+                let spec = crate::validate::virtual_service(&vs.spec)
+                    .map_err(|e| invalid(e.to_string()))?;
                 self.virtual_services.push(VirtualService {
                     meta: raw.metadata.clone(),
                     spec,
                 });
             }
             ("networking.istio.io", "DestinationRule") => {
-                let spec: DestinationRuleSpec = spec_of(&raw.spec).map_err(invalid)?;
+                let Document::DestinationRule(dr) = doc else {
+                    return Err(invalid("not read as a DestinationRule".to_string()));
+                };
+                let spec = crate::validate::destination_rule(&dr.spec)
+                    .map_err(|e| invalid(e.to_string()))?;
                 self.destination_rules.push(DestinationRule {
                     meta: raw.metadata.clone(),
                     spec,
                 });
+            }
+            ("gateway.networking.k8s.io", "HTTPRoute" | "GRPCRoute") => {
+                return Err(invalid(
+                    "Gateway API routes are read (every field checked) but not translated by lumen control yet: the route is refused rather than ignored".to_string(),
+                ));
+            }
+            ("networking.istio.io" | "security.istio.io" | "gateway.networking.k8s.io", kind) => {
+                let why = match kind {
+                    "Gateway" | "ServiceEntry" | "WorkloadEntry" | "WorkloadGroup" => {
+                        "ingress, egress and workloads outside Kubernetes are out of lumen's scope"
+                    }
+                    "PeerAuthentication" | "AuthorizationPolicy" | "RequestAuthentication" => {
+                        "mTLS and authorization are not carried out by lumen yet"
+                    }
+                    _ => "lumen does not read this kind",
+                };
+                return Err(invalid(format!("{kind} is not supported: {why}")));
             }
             _ => {
                 tracing::debug!(origin, kind = %raw.kind, name = %raw.metadata.name, "skipping kind lumen does not model");

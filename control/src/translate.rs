@@ -21,7 +21,7 @@ use lumen_api::pb::google::protobuf::{Any, Duration, Struct, UInt32Value, Value,
 use lumen_api::{cluster_name, endpoint_meta, pack_any, ports, type_url};
 
 use crate::model::{
-    HttpMatchRequest, Model, Pod, Service, StringMatch, VirtualService, labels_match,
+    HttpMatchRequest, LoadBalancer, Model, Pod, Service, StringMatch, VirtualService, labels_match,
 };
 
 /// The proxy a configuration is generated for, parsed from its xDS node id
@@ -103,7 +103,11 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
                 std::iter::once((String::new(), BTreeMap::new())).chain(subsets.clone())
             {
                 let name = cluster_name::outbound(port.port, &subset, &fqdn);
-                clusters.push(eds_cluster(&name, port.http2()));
+                clusters.push(eds_cluster(
+                    &name,
+                    port.http2(),
+                    load_balancer_of(model, svc),
+                ));
                 endpoints.push(load_assignment(model, svc, port.port, &labels, &name));
             }
             if port.tcp() {
@@ -262,7 +266,18 @@ fn http2_options(http2: bool) -> HashMap<String, Any> {
     )])
 }
 
-fn eds_cluster(name: &str, http2: bool) -> cluster::Cluster {
+/// The load balancer a DestinationRule for the service chose (round robin without one).
+fn load_balancer_of(model: &Model, svc: &Service) -> LoadBalancer {
+    let fqdn = svc.fqdn();
+    model
+        .destination_rules
+        .iter()
+        .filter(|dr| Model::fqdn(&dr.spec.host, &dr.meta.namespace) == fqdn)
+        .find_map(|dr| dr.spec.load_balancer)
+        .unwrap_or_default()
+}
+
+fn eds_cluster(name: &str, http2: bool, lb: LoadBalancer) -> cluster::Cluster {
     cluster::Cluster {
         name: name.to_string(),
         typed_extension_protocol_options: http2_options(http2),
@@ -270,7 +285,10 @@ fn eds_cluster(name: &str, http2: bool) -> cluster::Cluster {
             seconds: 10,
             nanos: 0,
         }),
-        lb_policy: cluster::cluster::LbPolicy::RoundRobin as i32,
+        lb_policy: match lb {
+            LoadBalancer::RoundRobin => cluster::cluster::LbPolicy::RoundRobin,
+            LoadBalancer::Random => cluster::cluster::LbPolicy::Random,
+        } as i32,
         cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
             cluster::cluster::DiscoveryType::Eds as i32,
         )),
@@ -765,6 +783,38 @@ mod tests {
         assert!(!port("grpcish", None).http2());
         assert!(port("web", Some("kubernetes.io/h2c")).http2());
         assert!(!port("grpc", Some("http")).http2(), "appProtocol wins");
+    }
+
+    #[test]
+    fn a_destination_rule_s_simple_load_balancer_reaches_every_cluster_of_its_service() {
+        let mut model = demo_model();
+        model
+            .add_yaml(
+                "lb.yaml",
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: ratings}\nspec:\n  host: ratings\n  trafficPolicy: {loadBalancer: {simple: RANDOM}}\n",
+            )
+            .expect("a DestinationRule with RANDOM");
+        let res = translate(&model, &node());
+        let lb = |name: &str| {
+            res.of_type(type_url::CLUSTER)
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| {
+                    cluster::Cluster::decode(r.resource.value.as_slice())
+                        .expect("cluster")
+                        .lb_policy
+                })
+        };
+        let random = cluster::cluster::LbPolicy::Random as i32;
+        let round_robin = cluster::cluster::LbPolicy::RoundRobin as i32;
+        assert_eq!(
+            lb("outbound|9080||ratings.default.svc.cluster.local"),
+            Some(random)
+        );
+        assert_eq!(
+            lb("outbound|9080||reviews.default.svc.cluster.local"),
+            Some(round_robin)
+        );
     }
 
     #[test]

@@ -229,66 +229,7 @@ impl MetricsService for MetricsSink {
     }
 }
 
-/// The bare forwarder the memory goal is measured against: hyper's server and pooled client
-/// with nothing between them (no routing, no telemetry, no limits), on the same runtime as
-/// lumen-proxy. This benchmark runs itself as one (`--bare-forwarder LISTEN UPSTREAM`).
-fn bare_forwarder(listen: u16, upstream: u16) {
-    use http_body_util::BodyExt;
-    use hyper_util::client::legacy::Client;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", listen))
-            .await
-            .expect("bind");
-        let client: Client<_, hyper::body::Incoming> =
-            Client::builder(TokioExecutor::new()).build_http();
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let client = client.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |mut req: http::Request<hyper::body::Incoming>| {
-                        let client = client.clone();
-                        async move {
-                            let path = req
-                                .uri()
-                                .path_and_query()
-                                .map_or("/", |p| p.as_str())
-                                .to_string();
-                            *req.uri_mut() = format!("http://127.0.0.1:{upstream}{path}")
-                                .parse()
-                                .expect("uri");
-                            let resp = client.request(req).await?;
-                            Ok::<_, hyper_util::client::legacy::Error>(resp.map(|b| b.boxed()))
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-}
-
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(i) = args.iter().position(|a| a == "--bare-forwarder") {
-        let port = |k: usize| -> u16 {
-            args.get(i + k)
-                .and_then(|v| v.parse().ok())
-                .expect("--bare-forwarder LISTEN UPSTREAM")
-        };
-        bare_forwarder(port(1), port(2));
-        return;
-    }
     let rate: u32 = std::env::var("LUMEN_BENCH_RATE")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -300,7 +241,15 @@ fn main() {
     let oha_bin = peer("LUMEN_OHA", "/var/tmp/lumen-peers/oha/bin/oha", "oha");
     let nginx_bin = peer("LUMEN_NGINX", "/usr/sbin/nginx", "nginx");
     let envoy_bin = envoy_peer::envoy();
-    let lumen_bin = PathBuf::from(env!("CARGO_BIN_EXE_lumen-proxy"));
+    // Both built with the `proxy` profile (fat LTO, one codegen unit) by scripts/bench-proxy,
+    // as a sidecar is built for deployment.
+    let lumen_bin = std::env::var_os("LUMEN_PROXY_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_lumen-proxy")),
+        PathBuf::from,
+    );
+    let bare_bin = PathBuf::from(std::env::var_os("LUMEN_BARE_FORWARDER").expect(
+        "LUMEN_BARE_FORWARDER: the bare forwarder (proxy/bare-forwarder); run scripts/bench-proxy, which builds it",
+    ));
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
 
@@ -455,10 +404,9 @@ fn main() {
     // The bare forwarder: its memory idle and after 100 connections, beside lumen's.
     let bare = {
         let listen = free_port();
-        let me = std::env::current_exe().expect("this benchmark");
         let l = listen.to_string();
         let n = nginx_port.to_string();
-        let mut p = Pinned::start(1, &me, &["--bare-forwarder", &l, &n]);
+        let mut p = Pinned::start(1, &bare_bin, &[&l, &n]);
         p.wait_for(listen);
         warm_up(listen);
         let idle_kib = p.status_kib("VmRSS:");

@@ -100,15 +100,25 @@ pub struct WeightedBackend {
     pub weight: u32,
 }
 
-/// A cluster: endpoints (from EDS or inline) and a round-robin cursor.
+/// A cluster: endpoints (from EDS or inline), how one is chosen, and a round-robin cursor.
 #[derive(Debug, Default)]
 pub struct Cluster {
     pub name: String,
     pub eds: bool,
     /// HTTP/2 to the upstream (Envoy's explicit HTTP/2 protocol options); HTTP/1.1 otherwise.
     pub http2: bool,
+    pub lb: LbPolicy,
     pub endpoints: Vec<Endpoint>,
     next: AtomicUsize,
+}
+
+/// How a cluster picks an endpoint (Envoy's `lb_policy`; DestinationRule's
+/// `loadBalancer.simple`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    Random,
 }
 
 /// One upstream host with what the control plane told about its workload.
@@ -271,6 +281,7 @@ impl MeshConfig {
                     name: c.name.clone(),
                     eds: c.eds,
                     http2: c.http2,
+                    lb: c.lb,
                     endpoints,
                     next: AtomicUsize::new(c.next.load(Ordering::Relaxed)),
                 };
@@ -350,12 +361,15 @@ impl Cluster {
         self
     }
 
-    /// Round-robin choice of an endpoint.
+    /// An endpoint, chosen by the cluster's policy.
     pub fn pick(&self) -> Option<&Endpoint> {
         if self.endpoints.is_empty() {
             return None;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let i = match self.lb {
+            LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed),
+            LbPolicy::Random => rand::random::<u32>() as usize,
+        };
         self.endpoints.get(i % self.endpoints.len())
     }
 }
@@ -521,10 +535,30 @@ impl TryFrom<xcluster::Cluster> for Cluster {
             _ => Vec::new(),
         };
         let http2 = upstream_http2(&c.name, &c.typed_extension_protocol_options)?;
+        use xcluster::cluster::LbPolicy as X;
+        let lb = match X::try_from(c.lb_policy) {
+            Ok(X::RoundRobin) => LbPolicy::RoundRobin,
+            Ok(X::Random) => LbPolicy::Random,
+            Ok(other) => {
+                return Err(unsupported(
+                    "cluster",
+                    &c.name,
+                    format!("lb_policy {other:?} is not supported (ROUND_ROBIN, RANDOM)"),
+                ));
+            }
+            Err(_) => {
+                return Err(unsupported(
+                    "cluster",
+                    &c.name,
+                    format!("lb_policy {} is unknown", c.lb_policy),
+                ));
+            }
+        };
         Ok(Cluster {
             name: c.name,
             eds,
             http2,
+            lb,
             endpoints,
             next: AtomicUsize::new(0),
         })
@@ -899,6 +933,39 @@ pub(crate) mod tests {
             decode::<xcluster::Cluster>(&any, type_url::CLUSTER),
             Err(ConfigError::Decode { .. })
         ));
+    }
+
+    #[test]
+    fn the_load_balancer_comes_from_the_cluster_and_random_reaches_every_endpoint() {
+        let with = |policy: xcluster::cluster::LbPolicy| {
+            Cluster::try_from(xcluster::Cluster {
+                name: "c".into(),
+                lb_policy: policy as i32,
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            with(xcluster::cluster::LbPolicy::RoundRobin).map(|c| c.lb),
+            Ok(LbPolicy::RoundRobin)
+        );
+        assert_eq!(
+            with(xcluster::cluster::LbPolicy::Random).map(|c| c.lb),
+            Ok(LbPolicy::Random)
+        );
+        let err = with(xcluster::cluster::LbPolicy::RingHash).expect_err("NACKed");
+        assert!(err.to_string().contains("RingHash"), "{err}");
+        let mut random = Cluster::new(
+            "c",
+            vec![endpoint("127.0.0.1", "a"), endpoint("127.0.0.2", "b")],
+        );
+        random.lb = LbPolicy::Random;
+        let mut seen = std::collections::HashMap::new();
+        for _ in 0..1000 {
+            let e = random.pick().expect("an endpoint");
+            *seen.entry(e.workload.clone()).or_insert(0) += 1;
+        }
+        // Each of two endpoints, 1,000 fair draws: fewer than 350 happens once in ~10^21.
+        assert!(seen.values().all(|n| *n > 350), "{seen:?}");
     }
 
     #[test]

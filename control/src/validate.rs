@@ -1,0 +1,342 @@
+//! From the resources users write (`crate::crd`, read strictly) to the model the translator
+//! uses (`crate::model`), checking what the types alone cannot: one of `exact`, `prefix`,
+//! `regex` in a string match, weights that add up, subsets named once, and the features
+//! lumen does not carry out yet, each refused by its field path rather than ignored.
+
+use std::collections::BTreeSet;
+
+use crate::crd::istio as crd;
+use crate::model::{
+    Destination, DestinationRuleSpec, HttpMatchRequest, HttpRoute, HttpRouteDestination,
+    LoadBalancer, PortSelector, StringMatch, Subset, VirtualServiceSpec,
+};
+
+/// What is wrong, and where (`spec.http[0].route[1].weight`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+fn at(path: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// A field lumen reads but does not carry out yet: refused, so that nobody relies on a
+/// policy that is not applied.
+fn not_yet(path: String, what: &str) -> FieldError {
+    at(
+        path,
+        format!(
+            "{what} is not supported by lumen yet; the resource is refused rather than applied without it"
+        ),
+    )
+}
+
+fn string_match(m: &crd::StringMatch, path: &str) -> Result<StringMatch, FieldError> {
+    match (&m.exact, &m.prefix, &m.regex) {
+        (Some(v), None, None) => Ok(StringMatch::Exact(v.clone())),
+        (None, Some(v), None) => Ok(StringMatch::Prefix(v.clone())),
+        (None, None, Some(v)) => Ok(StringMatch::Regex(v.clone())),
+        (None, None, None) => Err(at(
+            path,
+            "names none of exact, prefix, regex (a match on presence alone is not supported yet)",
+        )),
+        _ => Err(at(path, "names more than one of exact, prefix, regex")),
+    }
+}
+
+fn destination(d: &crd::Destination, path: &str) -> Result<Destination, FieldError> {
+    if d.host.is_empty() {
+        return Err(at(format!("{path}.host"), "is empty"));
+    }
+    let port = match &d.port {
+        None => None,
+        Some(p) => Some(PortSelector {
+            number: u16::try_from(p.number)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    at(
+                        format!("{path}.port.number"),
+                        format!("{} is not a port", p.number),
+                    )
+                })?,
+        }),
+    };
+    Ok(Destination {
+        host: d.host.clone(),
+        subset: d.subset.clone(),
+        port,
+    })
+}
+
+fn match_request(m: &crd::HttpMatchRequest, path: &str) -> Result<HttpMatchRequest, FieldError> {
+    let unsupported = [
+        ("scheme", m.scheme.is_some()),
+        ("authority", m.authority.is_some()),
+        ("port", m.port.is_some()),
+        ("sourceLabels", !m.source_labels.is_empty()),
+        ("gateways", !m.gateways.is_empty()),
+        ("queryParams", !m.query_params.is_empty()),
+        ("ignoreUriCase", m.ignore_uri_case.is_some()),
+        ("withoutHeaders", !m.without_headers.is_empty()),
+        ("sourceNamespace", m.source_namespace.is_some()),
+    ];
+    if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+        return Err(not_yet(
+            format!("{path}.{field}"),
+            &format!("matching on {field}"),
+        ));
+    }
+    Ok(HttpMatchRequest {
+        uri: m
+            .uri
+            .as_ref()
+            .map(|u| string_match(u, &format!("{path}.uri")))
+            .transpose()?,
+        headers: m
+            .headers
+            .iter()
+            .map(|(name, v)| {
+                Ok((
+                    name.clone(),
+                    string_match(v, &format!("{path}.headers.{name}"))?,
+                ))
+            })
+            .collect::<Result<_, FieldError>>()?,
+        method: m
+            .method
+            .as_ref()
+            .map(|v| string_match(v, &format!("{path}.method")))
+            .transpose()?,
+    })
+}
+
+fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
+    let unsupported = [
+        ("redirect", r.redirect.is_some()),
+        ("directResponse", r.direct_response.is_some()),
+        ("rewrite", r.rewrite.is_some()),
+        ("timeout", r.timeout.is_some()),
+        ("retries", r.retries.is_some()),
+        ("fault", r.fault.is_some()),
+        ("mirror", r.mirror.is_some()),
+        ("mirrors", !r.mirrors.is_empty()),
+        ("mirrorPercentage", r.mirror_percentage.is_some()),
+        ("corsPolicy", r.cors_policy.is_some()),
+        ("headers", r.headers.is_some()),
+    ];
+    if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+        return Err(not_yet(format!("{path}.{field}"), field));
+    }
+    if r.route.is_empty() {
+        return Err(at(
+            format!("{path}.route"),
+            "is empty: a route needs a destination",
+        ));
+    }
+    let mut route = Vec::new();
+    for (j, d) in r.route.iter().enumerate() {
+        let p = format!("{path}.route[{j}]");
+        if d.headers.is_some() {
+            return Err(not_yet(format!("{p}.headers"), "headers"));
+        }
+        let weight = match d.weight {
+            None => None,
+            Some(w) => Some(
+                u32::try_from(w)
+                    .map_err(|_| at(format!("{p}.weight"), format!("{w} is negative")))?,
+            ),
+        };
+        route.push(HttpRouteDestination {
+            destination: destination(&d.destination, &format!("{p}.destination"))?,
+            weight,
+        });
+    }
+    if route.len() > 1 {
+        let total: u64 = route.iter().map(|d| u64::from(d.weight.unwrap_or(0))).sum();
+        if total != 100 {
+            return Err(at(
+                format!("{path}.route"),
+                format!("the weights add up to {total}, not 100"),
+            ));
+        }
+    }
+    Ok(HttpRoute {
+        name: r.name.clone(),
+        matches: r
+            .matches
+            .iter()
+            .enumerate()
+            .map(|(k, m)| match_request(m, &format!("{path}.match[{k}]")))
+            .collect::<Result<_, _>>()?,
+        route,
+    })
+}
+
+/// A VirtualService's spec as the translator takes it.
+pub fn virtual_service(spec: &crd::VirtualServiceSpec) -> Result<VirtualServiceSpec, FieldError> {
+    if spec.hosts.is_empty() {
+        return Err(at("spec.hosts", "is empty: name at least one host"));
+    }
+    if !spec.gateways.is_empty() && !spec.gateways.iter().any(|g| g == "mesh") {
+        return Err(at(
+            "spec.gateways",
+            format!(
+                "{:?} are ingress or egress gateways, which lumen does not serve (only `mesh`, the sidecars, is supported)",
+                spec.gateways
+            ),
+        ));
+    }
+    Ok(VirtualServiceSpec {
+        hosts: spec.hosts.clone(),
+        gateways: spec.gateways.clone(),
+        http: spec
+            .http
+            .iter()
+            .enumerate()
+            .map(|(i, r)| http_route(r, &format!("spec.http[{i}]")))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// `loadBalancer`: the simple policies the proxies carry out.
+fn load_balancer(lb: &crd::LoadBalancerSettings, path: &str) -> Result<LoadBalancer, FieldError> {
+    if lb.consistent_hash.is_some() {
+        return Err(not_yet(format!("{path}.consistentHash"), "consistentHash"));
+    }
+    if lb.warmup_duration_secs.is_some() {
+        return Err(not_yet(
+            format!("{path}.warmupDurationSecs"),
+            "warmupDurationSecs",
+        ));
+    }
+    match lb.simple {
+        None | Some(crd::SimpleLb::Unspecified | crd::SimpleLb::RoundRobin) => {
+            Ok(LoadBalancer::RoundRobin)
+        }
+        Some(crd::SimpleLb::Random) => Ok(LoadBalancer::Random),
+        Some(other) => Err(not_yet(format!("{path}.simple"), &format!("{other:?}"))),
+    }
+}
+
+/// A traffic policy: its load balancer (top level only), the rest refused until carried out.
+fn traffic_policy(
+    p: &crd::TrafficPolicy,
+    path: &str,
+    top: bool,
+) -> Result<Option<LoadBalancer>, FieldError> {
+    let lb = match (&p.load_balancer, top) {
+        (None, _) => None,
+        (Some(lb), true) => Some(load_balancer(lb, &format!("{path}.loadBalancer"))?),
+        (Some(_), false) => {
+            return Err(not_yet(
+                format!("{path}.loadBalancer"),
+                "a subset's own loadBalancer",
+            ));
+        }
+    };
+    let unsupported = [
+        ("connectionPool", p.connection_pool.is_some()),
+        ("outlierDetection", p.outlier_detection.is_some()),
+        ("portLevelSettings", !p.port_level_settings.is_empty()),
+    ];
+    if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+        return Err(not_yet(format!("{path}.{field}"), field));
+    }
+    if let Some(tls) = &p.tls {
+        // Read, not yet carried out: the mesh's traffic stays plaintext until mTLS lands.
+        tracing::warn!(path, mode = ?tls.mode, "TLS settings are read but not carried out yet: traffic stays plaintext");
+    }
+    Ok(lb)
+}
+
+/// A DestinationRule's spec as the translator takes it.
+pub fn destination_rule(
+    spec: &crd::DestinationRuleSpec,
+) -> Result<DestinationRuleSpec, FieldError> {
+    if spec.host.is_empty() {
+        return Err(at("spec.host", "is empty"));
+    }
+    let load_balancer = match &spec.traffic_policy {
+        Some(p) => traffic_policy(p, "spec.trafficPolicy", true)?,
+        None => None,
+    };
+    let mut names = BTreeSet::new();
+    let mut subsets = Vec::new();
+    for (i, s) in spec.subsets.iter().enumerate() {
+        let path = format!("spec.subsets[{i}]");
+        if s.name.is_empty() {
+            return Err(at(format!("{path}.name"), "is empty"));
+        }
+        if !names.insert(s.name.as_str()) {
+            return Err(at(
+                format!("{path}.name"),
+                format!("subset {:?} is defined twice", s.name),
+            ));
+        }
+        if let Some(p) = &s.traffic_policy {
+            traffic_policy(p, &format!("{path}.trafficPolicy"), false)?;
+        }
+        subsets.push(Subset {
+            name: s.name.clone(),
+            labels: s.labels.clone(),
+        });
+    }
+    Ok(DestinationRuleSpec {
+        host: spec.host.clone(),
+        subsets,
+        load_balancer,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vs(yaml: &str) -> Result<VirtualServiceSpec, FieldError> {
+        virtual_service(&serde_yaml::from_str(yaml).expect("spec"))
+    }
+
+    #[test]
+    fn string_matches_weights_and_unsupported_fields_are_named() {
+        let e = vs("hosts: [r]\nhttp:\n- match: [{uri: {exact: /a, prefix: /b}}]\n  route: [{destination: {host: r}}]\n")
+            .expect_err("two kinds of match");
+        assert_eq!(e.path, "spec.http[0].match[0].uri");
+        let e = vs("hosts: [r]\nhttp:\n- route:\n  - {destination: {host: r, subset: a}, weight: 80}\n  - {destination: {host: r, subset: b}, weight: 30}\n")
+            .expect_err("110");
+        assert_eq!(
+            (e.path.as_str(), e.message.as_str()),
+            ("spec.http[0].route", "the weights add up to 110, not 100")
+        );
+        let e = vs("hosts: [r]\nhttp:\n- fault: {abort: {httpStatus: 500, percentage: {value: 10}}}\n  route: [{destination: {host: r}}]\n")
+            .expect_err("not yet");
+        assert_eq!(e.path, "spec.http[0].fault");
+        assert!(e.message.contains("not supported by lumen yet"), "{e}");
+        let e = vs("hosts: ['*']\ngateways: [bookinfo-gateway]\nhttp:\n- route: [{destination: {host: r}}]\n")
+            .expect_err("ingress");
+        assert_eq!(e.path, "spec.gateways");
+        let ok = vs("hosts: [r]\nhttp:\n- match: [{headers: {end-user: {exact: jason}}}]\n  route: [{destination: {host: r, subset: v2}}]\n- route: [{destination: {host: r, subset: v1}}]\n")
+            .expect("reviews-test-v2");
+        assert_eq!(ok.http.len(), 2);
+        assert_eq!(
+            ok.http[0].matches[0].headers["end-user"],
+            StringMatch::Exact("jason".into())
+        );
+    }
+
+    #[test]
+    fn subsets_are_named_once() {
+        let spec: crd::DestinationRuleSpec = serde_yaml::from_str(
+            "host: r\nsubsets: [{name: v1, labels: {version: v1}}, {name: v1}]\n",
+        )
+        .expect("spec");
+        let e = destination_rule(&spec).expect_err("twice");
+        assert_eq!(e.path, "spec.subsets[1].name");
+    }
+}
