@@ -14,6 +14,8 @@ use crate::translate::{subsets_of, virtual_service_for};
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ConfigDump {
     pub services: Vec<ServiceConfig>,
+    /// Resources refused, with the field path and why; the rest applies without them.
+    pub rejected: Vec<crate::model::Rejection>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -154,7 +156,10 @@ pub fn dump(model: &Model) -> ConfigDump {
         .map(|s| service_config(model, s))
         .collect();
     services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    ConfigDump { services }
+    ConfigDump {
+        services,
+        rejected: model.rejected.clone(),
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,29 @@ pub struct Model {
     pub pods: Vec<Pod>,
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
+    /// Resources refused, each with why: they are not in the model, and the rest of the
+    /// configuration applies without them.
+    pub rejected: Vec<Rejection>,
+}
+
+/// A resource refused: where it came from, which it is, and why (with the field path).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rejection {
+    pub origin: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} {}/{}: {}",
+            self.origin, self.kind, self.namespace, self.name, self.reason
+        )
+    }
 }
 
 /// Where an object came from and who it is, for error messages.
@@ -29,6 +52,9 @@ pub struct ObjectMeta {
     pub annotations: BTreeMap<String, String>,
     #[serde(default)]
     pub owner_references: Vec<OwnerReference>,
+    /// The file (or text) the object was read from, for messages about it.
+    #[serde(skip)]
+    pub origin: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -316,6 +342,7 @@ impl Model {
             })?;
             model.add_yaml(&path.display().to_string(), &text)?;
         }
+        model.check();
         Ok(model)
     }
 
@@ -340,20 +367,52 @@ impl Model {
                 continue;
             }
             // Istio's and Gateway API's kinds are read strictly, with field paths in errors.
-            let doc = crate::crd::parse_document(&value).map_err(|e| ModelError::Invalid {
-                origin: origin.to_string(),
-                kind: e.kind,
-                namespace: e.namespace,
-                name: e.name,
-                message: format!("{}: {}", e.path, e.message),
-            })?;
-            let raw: RawObject =
-                serde_yaml::from_value(value).map_err(|source| ModelError::Yaml {
+            let added = crate::crd::parse_document(&value)
+                .map_err(|e| ModelError::Invalid {
                     origin: origin.to_string(),
+                    kind: e.kind,
+                    namespace: e.namespace,
+                    name: e.name,
+                    message: format!("{}: {}", e.path, e.message),
+                })
+                .and_then(|doc| {
+                    let raw: RawObject =
+                        serde_yaml::from_value(value).map_err(|source| ModelError::Yaml {
+                            origin: origin.to_string(),
+                            index,
+                            source,
+                        })?;
+                    self.add_object(origin, raw, doc)
+                });
+            // One bad resource is refused alone; the others apply.
+            match added {
+                Ok(()) => {}
+                Err(ModelError::Invalid {
+                    origin,
+                    kind,
+                    namespace,
+                    name,
+                    message,
+                }) => self.reject(Rejection {
+                    origin,
+                    kind,
+                    namespace,
+                    name,
+                    reason: message,
+                }),
+                Err(ModelError::Yaml {
+                    origin,
                     index,
                     source,
-                })?;
-            self.add_object(origin, raw, doc)?;
+                }) => self.reject(Rejection {
+                    origin,
+                    kind: "?".to_string(),
+                    namespace: String::new(),
+                    name: format!("document {index}"),
+                    reason: source.to_string(),
+                }),
+                Err(other) => return Err(other),
+            }
         }
         Ok(())
     }
@@ -365,6 +424,8 @@ impl Model {
         doc: crate::crd::Document,
     ) -> Result<(), ModelError> {
         use crate::crd::Document;
+        let mut raw = raw;
+        raw.metadata.origin = origin.to_string();
         let invalid = |message: String| ModelError::Invalid {
             origin: origin.to_string(),
             kind: raw.kind.clone(),
@@ -458,6 +519,119 @@ impl Model {
             }
         }
         Ok(())
+    }
+
+    fn reject(&mut self, r: Rejection) {
+        tracing::warn!(rejected = %r, "resource refused; the rest of the configuration applies");
+        self.rejected.push(r);
+    }
+
+    /// What only the whole configuration shows, once every file is read: a Service, a
+    /// VirtualService or a DestinationRule defined twice, two VirtualServices for one host, two
+    /// DestinationRules for one host, a route to a subset no DestinationRule defines. The
+    /// later resource (in file order) is refused; the rest applies. Idempotent.
+    pub fn check(&mut self) {
+        let mut rejected = Vec::new();
+        let origin_of = |kind: &str, meta: &ObjectMeta, reason: String| Rejection {
+            origin: meta.origin.clone(),
+            kind: kind.to_string(),
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            reason,
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        self.services.retain(|s| {
+            let fresh = seen.insert((s.meta.namespace.clone(), s.meta.name.clone()));
+            if !fresh {
+                rejected.push(origin_of(
+                    "Service",
+                    &s.meta,
+                    "is defined twice: the first one applies".into(),
+                ));
+            }
+            fresh
+        });
+        let mut hosts: BTreeMap<String, String> = BTreeMap::new();
+        let mut names = std::collections::BTreeSet::new();
+        self.destination_rules.retain(|dr| {
+            let host = Model::fqdn(&dr.spec.host, &dr.meta.namespace);
+            let id = format!("{}/{}", dr.meta.namespace, dr.meta.name);
+            let reason = if !names.insert(id.clone()) {
+                Some("is defined twice: the first one applies".to_string())
+            } else {
+                hosts.get(&host).map(|first| {
+                    format!(
+                        "spec.host: {host} already has DestinationRule {first}: one rule per host"
+                    )
+                })
+            };
+            match reason {
+                Some(r) => {
+                    rejected.push(origin_of("DestinationRule", &dr.meta, r));
+                    false
+                }
+                None => {
+                    hosts.insert(host, id);
+                    true
+                }
+            }
+        });
+        let subsets: BTreeMap<String, std::collections::BTreeSet<String>> = self
+            .destination_rules
+            .iter()
+            .map(|dr| {
+                (
+                    Model::fqdn(&dr.spec.host, &dr.meta.namespace),
+                    dr.spec.subsets.iter().map(|s| s.name.clone()).collect(),
+                )
+            })
+            .collect();
+        let mut routed: BTreeMap<String, String> = BTreeMap::new();
+        let mut names = std::collections::BTreeSet::new();
+        self.virtual_services.retain(|vs| {
+            let ns = &vs.meta.namespace;
+            let id = format!("{ns}/{}", vs.meta.name);
+            let mut reason = (!names.insert(id.clone()))
+                .then(|| "is defined twice: the first one applies".to_string());
+            for (i, host) in vs.spec.hosts.iter().enumerate() {
+                let fqdn = Model::fqdn(host, ns);
+                if reason.is_none()
+                    && let Some(first) = routed.get(&fqdn)
+                {
+                    reason = Some(format!(
+                        "spec.hosts[{i}]: {fqdn} is already routed by VirtualService {first}: one VirtualService per host"
+                    ));
+                }
+            }
+            for (i, http) in vs.spec.http.iter().enumerate() {
+                for (j, d) in http.route.iter().enumerate() {
+                    let Some(subset) = &d.destination.subset else {
+                        continue;
+                    };
+                    let fqdn = Model::fqdn(&d.destination.host, ns);
+                    if reason.is_none() && !subsets.get(&fqdn).is_some_and(|s| s.contains(subset)) {
+                        reason = Some(format!(
+                            "spec.http[{i}].route[{j}].destination.subset: no DestinationRule defines subset {subset:?} of {fqdn}"
+                        ));
+                    }
+                }
+            }
+            match reason {
+                Some(r) => {
+                    rejected.push(origin_of("VirtualService", &vs.meta, r));
+                    false
+                }
+                None => {
+                    for host in &vs.spec.hosts {
+                        routed.insert(Model::fqdn(host, ns), id.clone());
+                    }
+                    true
+                }
+            }
+        });
+        for r in rejected {
+            self.reject(r);
+        }
     }
 
     /// Moves pods whose IPv4 address is in `from` (first three octets) to `to`, keeping the
@@ -588,11 +762,62 @@ mod tests {
     #[test]
     fn pod_without_ip_is_rejected_with_its_name() {
         let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: ns}\nspec: {}\n";
-        let err = Model::from_yaml("pods.yaml", text).unwrap_err();
+        let model = Model::from_yaml("pods.yaml", text).expect("read");
+        assert!(model.pods.is_empty());
         assert_eq!(
-            err.to_string(),
+            model.rejected[0].to_string(),
             "pods.yaml: Pod ns/p: status.podIP is missing"
         );
+    }
+
+    #[test]
+    fn a_bad_resource_is_refused_alone_and_conflicts_refuse_the_later_one() {
+        let mut model = Model::from_yaml("bookinfo.yaml", DEMO).expect("demo");
+        model
+            .add_yaml(
+                "extra.yaml",
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews-again}\nspec: {host: reviews.default.svc.cluster.local}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: typo}\nspec:\n  hosts: [ratings]\n  http: [{route: [{destination: {hots: ratings}}]}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http: [{route: [{destination: {host: reviews, subset: v2}}]}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews-too}\nspec:\n  hosts: [reviews.default.svc.cluster.local]\n  http: [{route: [{destination: {host: reviews, subset: v1}}]}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: details}\nspec:\n  hosts: [details]\n  http: [{route: [{destination: {host: details, subset: v9}}]}]\n",
+            )
+            .expect("read");
+        model.check();
+        let names =
+            |v: &[VirtualService]| v.iter().map(|v| v.meta.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&model.virtual_services), ["reviews"]);
+        assert_eq!(model.destination_rules.len(), 1);
+        let reasons: Vec<String> = model.rejected.iter().map(ToString::to_string).collect();
+        let has = |needle: &str| reasons.iter().any(|r| r.contains(needle));
+        assert!(
+            has(
+                "VirtualService default/typo: spec.http[0].route[0].destination.hots: unknown field `hots`"
+            ),
+            "{reasons:#?}"
+        );
+        assert!(
+            has(
+                "DestinationRule default/reviews-again: spec.host: reviews.default.svc.cluster.local already has DestinationRule default/reviews"
+            ),
+            "{reasons:#?}"
+        );
+        assert!(
+            has(
+                "VirtualService default/reviews-too: spec.hosts[0]: reviews.default.svc.cluster.local is already routed by VirtualService default/reviews"
+            ),
+            "{reasons:#?}"
+        );
+        assert!(
+            has(
+                "VirtualService default/details: spec.http[0].route[0].destination.subset: no DestinationRule defines subset \"v9\""
+            ),
+            "{reasons:#?}"
+        );
+        assert!(
+            reasons.iter().all(|r| r.starts_with("extra.yaml: ")),
+            "{reasons:#?}"
+        );
+        // Checking again changes nothing.
+        let before = model.rejected.len();
+        model.check();
+        assert_eq!(model.rejected.len(), before);
     }
 
     #[test]

@@ -29,7 +29,11 @@ impl ConfigSource {
     pub fn load(&self) -> Result<Model, ModelError> {
         match self {
             ConfigSource::Dir(dir) => Model::load_dir(dir),
-            ConfigSource::Static(model) => Ok(model.clone()),
+            ConfigSource::Static(model) => {
+                let mut model = model.clone();
+                model.check();
+                Ok(model)
+            }
         }
     }
 

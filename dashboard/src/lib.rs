@@ -80,6 +80,7 @@ async fn proxies_page(options: &DashboardOptions) -> Response {
             Ok(Vec::new()),
             Ok(mesh::ConfigDump {
                 services: Vec::new(),
+                rejected: Vec::new(),
             }),
         ),
     };

@@ -110,6 +110,18 @@ impl SubsetConfig {
 pub struct ConfigDump {
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    #[serde(default)]
+    pub rejected: Vec<Rejection>,
+}
+
+/// A resource the control plane refused, and why (`/debug/config`'s `rejected`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Rejection {
+    pub origin: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub reason: String,
 }
 
 /// One cell of the table.
@@ -138,6 +150,7 @@ pub struct MeshView {
     pub proxies: Vec<ProxyRow>,
     pub config_error: Option<String>,
     pub services: Vec<ServiceConfig>,
+    pub rejected: Vec<Rejection>,
 }
 
 fn cell(t: Option<&TypeStatus>) -> Cell {
@@ -180,9 +193,9 @@ impl MeshView {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let (config_error, services) = match config {
-            Ok(c) => (None, c.services),
-            Err(e) => (Some(e), Vec::new()),
+        let (config_error, services, rejected) = match config {
+            Ok(c) => (None, c.services, c.rejected),
+            Err(e) => (Some(e), Vec::new(), Vec::new()),
         };
         match fetched {
             Err(e) => MeshView {
@@ -191,6 +204,7 @@ impl MeshView {
                 proxies: Vec::new(),
                 config_error,
                 services,
+                rejected,
             },
             Ok(mut list) => {
                 list.sort_by(|a, b| a.node_id.cmp(&b.node_id));
@@ -213,6 +227,7 @@ impl MeshView {
                     proxies,
                     config_error,
                     services,
+                    rejected,
                 }
             }
         }

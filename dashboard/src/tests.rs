@@ -771,6 +771,13 @@ async fn the_proxy_page_reads_the_control_plane_and_says_when_it_cannot() {
             include_str!("../../fixtures/demo/routing.yaml"),
         )
         .expect("routing");
+    // And one resource refused: the page says which and why.
+    model
+        .add_yaml(
+            "typo.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec: {hosts: [ratings], http: [{route: [{destination: {hots: ratings}}]}]}\n",
+        )
+        .expect("read");
     let config = serde_json::to_string(&lumen_control::debug::dump(&model)).expect("json");
     let control = axum::Router::new()
         .route(
@@ -806,6 +813,11 @@ async fn the_proxy_page_reads_the_control_plane_and_says_when_it_cannot() {
     ), "{reviews}");
     assert!(reviews.contains(r#"<tr data-subset="v2"><td>v2</td><td><code>version=v2</code></td><td class="healthy">1</td></tr>"#), "{reviews}");
     assert!(html.contains(r#"id="svc-details""#) && html.contains("every request"));
+    assert!(html.contains("1 resource refused"), "{html}");
+    assert!(
+        html.contains(r#"<tr data-rejected="VirtualService/default/ratings"><td>VirtualService default/ratings</td><td><code>typo.yaml</code></td><td>spec.http[0].route[0].destination.hots: unknown field `hots`"#),
+        "{html}"
+    );
 
     // Nothing listening there any more: a 502 page that says so.
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
