@@ -6,6 +6,7 @@
 pub mod ads;
 pub mod crd;
 pub mod debug;
+pub mod duration;
 pub mod model;
 pub mod source;
 pub mod translate;

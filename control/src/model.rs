@@ -162,6 +162,9 @@ pub struct VirtualServiceSpec {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRoute {
+    /// Fault injection on this route.
+    #[serde(skip)]
+    pub fault: Option<FaultPolicy>,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default, rename = "match")]
@@ -179,6 +182,14 @@ pub struct HttpMatchRequest {
     pub headers: BTreeMap<String, StringMatch>,
     #[serde(default)]
     pub method: Option<StringMatch>,
+}
+
+/// A route's fault injection (Istio's `HTTPFaultInjection`): a fixed delay and an abort
+/// status, each for a percentage of requests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FaultPolicy {
+    pub delay: Option<(std::time::Duration, f64)>,
+    pub abort: Option<(u16, f64)>,
 }
 
 /// Istio's `StringMatch`: exactly one of exact, prefix, regex.

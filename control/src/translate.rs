@@ -21,7 +21,8 @@ use lumen_api::pb::google::protobuf::{Any, Duration, Struct, UInt32Value, Value,
 use lumen_api::{cluster_name, endpoint_meta, pack_any, ports, type_url};
 
 use crate::model::{
-    HttpMatchRequest, LoadBalancer, Model, Pod, Service, StringMatch, VirtualService, labels_match,
+    FaultPolicy, HttpMatchRequest, LoadBalancer, Model, Pod, Service, StringMatch, VirtualService,
+    labels_match,
 };
 
 /// The proxy a configuration is generated for, parsed from its xDS node id
@@ -493,11 +494,18 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
                 } else {
                     http.matches.iter().map(route_match).collect()
                 };
+                let per_filter: HashMap<String, Any> = http
+                    .fault
+                    .as_ref()
+                    .map(|f| (FAULT_FILTER.to_string(), pack_any(http_fault(f))))
+                    .into_iter()
+                    .collect();
                 for m in matches {
                     routes.push(route::Route {
                         name: name.clone(),
                         r#match: Some(m),
                         action: Some(route::route::Action::Route(route_action(specifier.clone()))),
+                        typed_per_filter_config: per_filter.clone(),
                         ..Default::default()
                     });
                 }
@@ -509,6 +517,45 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
         name: format!("{fqdn}:{port}"),
         domains: domains(svc, port, &node.namespace),
         routes,
+        ..Default::default()
+    }
+}
+
+/// The per-route configuration key of Envoy's fault filter, and the filter itself, which every
+/// outbound connection manager carries before the router (as Istio's do).
+const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+/// A share of requests as Envoy takes it: parts per million.
+fn fractional(percent: f64) -> lumen_api::pb::envoy::r#type::v3::FractionalPercent {
+    use lumen_api::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
+    lumen_api::pb::envoy::r#type::v3::FractionalPercent {
+        // At most 100% × 10,000: the cast cannot overflow.
+        numerator: (percent.clamp(0.0, 100.0) * 10_000.0).round() as u32,
+        denominator: DenominatorType::Million as i32,
+    }
+}
+
+/// A route's fault injection as Envoy's fault filter's per-route configuration.
+fn http_fault(
+    f: &FaultPolicy,
+) -> lumen_api::pb::envoy::extensions::filters::http::fault::v3::HttpFault {
+    use lumen_api::pb::envoy::extensions::filters::common::fault::v3 as common;
+    use lumen_api::pb::envoy::extensions::filters::http::fault::v3 as fault;
+    fault::HttpFault {
+        delay: f.delay.map(|(d, percent)| common::FaultDelay {
+            fault_delay_secifier: Some(common::fault_delay::FaultDelaySecifier::FixedDelay(
+                Duration {
+                    seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                    nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+                },
+            )),
+            percentage: Some(fractional(percent)),
+        }),
+        abort: f.abort.map(|(status, percent)| fault::FaultAbort {
+            error_type: Some(fault::fault_abort::ErrorType::HttpStatus(u32::from(status))),
+            percentage: Some(fractional(percent)),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -579,13 +626,24 @@ fn http_connection_manager(
     let manager = hcm::HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         route_specifier: Some(routes),
-        http_filters: vec![hcm::HttpFilter {
-            name: "envoy.filters.http.router".to_string(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
-                Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters: vec![
+            // Configured per route (`typed_per_filter_config`); empty here.
+            hcm::HttpFilter {
+                name: FAULT_FILTER.to_string(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
+                    lumen_api::pb::envoy::extensions::filters::http::fault::v3::HttpFault::default(
+                    ),
+                ))),
+                ..Default::default()
+            },
+            hcm::HttpFilter {
+                name: "envoy.filters.http.router".to_string(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
+                    Router::default(),
+                ))),
+                ..Default::default()
+            },
+        ],
         ..Default::default()
     };
     listener::Filter {

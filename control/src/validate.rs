@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 
 use crate::crd::istio as crd;
 use crate::model::{
-    Destination, DestinationRuleSpec, HttpMatchRequest, HttpRoute, HttpRouteDestination,
-    LoadBalancer, PortSelector, StringMatch, Subset, VirtualServiceSpec,
+    Destination, DestinationRuleSpec, FaultPolicy, HttpMatchRequest, HttpRoute,
+    HttpRouteDestination, LoadBalancer, PortSelector, StringMatch, Subset, VirtualServiceSpec,
 };
 
 /// What is wrong, and where (`spec.http[0].route[1].weight`).
@@ -117,6 +117,71 @@ fn match_request(m: &crd::HttpMatchRequest, path: &str) -> Result<HttpMatchReque
     })
 }
 
+/// A percentage of requests: `percentage.value`, the deprecated whole `percent`, or all.
+fn percent(
+    p: Option<&crd::Percent>,
+    deprecated: Option<i32>,
+    path: &str,
+) -> Result<f64, FieldError> {
+    let value = match (p, deprecated) {
+        (Some(p), _) => p.value,
+        (None, Some(n)) => f64::from(n),
+        (None, None) => 100.0,
+    };
+    if !(0.0..=100.0).contains(&value) {
+        return Err(at(
+            format!("{path}.percentage.value"),
+            format!("{value} is not a percentage from 0 to 100"),
+        ));
+    }
+    Ok(value)
+}
+
+fn fault(f: &crd::HttpFaultInjection, path: &str) -> Result<FaultPolicy, FieldError> {
+    let delay = match &f.delay {
+        None => None,
+        Some(d) => {
+            let p = format!("{path}.delay");
+            let fixed = d
+                .fixed_delay
+                .as_deref()
+                .ok_or_else(|| at(format!("{p}.fixedDelay"), "is missing"))?;
+            let duration =
+                crate::duration::parse(fixed).map_err(|e| at(format!("{p}.fixedDelay"), e))?;
+            if duration < std::time::Duration::from_millis(1) {
+                return Err(at(format!("{p}.fixedDelay"), "must be at least 1ms"));
+            }
+            Some((duration, percent(d.percentage.as_ref(), d.percent, &p)?))
+        }
+    };
+    let abort = match &f.abort {
+        None => None,
+        Some(a) => {
+            let p = format!("{path}.abort");
+            if a.grpc_status.is_some() {
+                return Err(not_yet(format!("{p}.grpcStatus"), "a gRPC status abort"));
+            }
+            let status = a
+                .http_status
+                .ok_or_else(|| at(format!("{p}.httpStatus"), "is missing"))?;
+            let status = u16::try_from(status)
+                .ok()
+                .filter(|s| (200..=599).contains(s))
+                .ok_or_else(|| {
+                    at(
+                        format!("{p}.httpStatus"),
+                        format!("{status} is not an HTTP status from 200 to 599"),
+                    )
+                })?;
+            Some((status, percent(a.percentage.as_ref(), None, &p)?))
+        }
+    };
+    if delay.is_none() && abort.is_none() {
+        return Err(at(path, "names neither delay nor abort"));
+    }
+    Ok(FaultPolicy { delay, abort })
+}
+
 fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
     let unsupported = [
         ("redirect", r.redirect.is_some()),
@@ -124,7 +189,6 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         ("rewrite", r.rewrite.is_some()),
         ("timeout", r.timeout.is_some()),
         ("retries", r.retries.is_some()),
-        ("fault", r.fault.is_some()),
         ("mirror", r.mirror.is_some()),
         ("mirrors", !r.mirrors.is_empty()),
         ("mirrorPercentage", r.mirror_percentage.is_some()),
@@ -168,6 +232,11 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         }
     }
     Ok(HttpRoute {
+        fault: r
+            .fault
+            .as_ref()
+            .map(|f| fault(f, &format!("{path}.fault")))
+            .transpose()?,
         name: r.name.clone(),
         matches: r
             .matches
@@ -314,9 +383,11 @@ mod tests {
             (e.path.as_str(), e.message.as_str()),
             ("spec.http[0].route", "the weights add up to 110, not 100")
         );
-        let e = vs("hosts: [r]\nhttp:\n- fault: {abort: {httpStatus: 500, percentage: {value: 10}}}\n  route: [{destination: {host: r}}]\n")
-            .expect_err("not yet");
-        assert_eq!(e.path, "spec.http[0].fault");
+        let e = vs(
+            "hosts: [r]\nhttp:\n- retries: {attempts: 3}\n  route: [{destination: {host: r}}]\n",
+        )
+        .expect_err("not yet");
+        assert_eq!(e.path, "spec.http[0].retries");
         assert!(e.message.contains("not supported by lumen yet"), "{e}");
         let e = vs("hosts: ['*']\ngateways: [bookinfo-gateway]\nhttp:\n- route: [{destination: {host: r}}]\n")
             .expect_err("ingress");
@@ -328,6 +399,28 @@ mod tests {
             ok.http[0].matches[0].headers["end-user"],
             StringMatch::Exact("jason".into())
         );
+    }
+
+    #[test]
+    fn faults_read_with_their_shares_and_bad_ones_are_named() {
+        let ok = vs("hosts: [r]\nhttp:\n- fault: {delay: {fixedDelay: 7s, percentage: {value: 100.0}}, abort: {httpStatus: 500, percentage: {value: 10}}}\n  route: [{destination: {host: r}}]\n")
+            .expect("delay and abort");
+        assert_eq!(
+            ok.http[0].fault,
+            Some(FaultPolicy {
+                delay: Some((std::time::Duration::from_secs(7), 100.0)),
+                abort: Some((500, 10.0)),
+            })
+        );
+        let e = vs("hosts: [r]\nhttp:\n- fault: {delay: {fixedDelay: 7}}\n  route: [{destination: {host: r}}]\n")
+            .expect_err("no unit");
+        assert_eq!(e.path, "spec.http[0].fault.delay.fixedDelay");
+        let e = vs("hosts: [r]\nhttp:\n- fault: {abort: {httpStatus: 700}}\n  route: [{destination: {host: r}}]\n")
+            .expect_err("no such status");
+        assert_eq!(e.path, "spec.http[0].fault.abort.httpStatus");
+        let e = vs("hosts: [r]\nhttp:\n- fault: {abort: {httpStatus: 503, percentage: {value: 150}}}\n  route: [{destination: {host: r}}]\n")
+            .expect_err("150%");
+        assert_eq!(e.path, "spec.http[0].fault.abort.percentage.value");
     }
 
     #[test]

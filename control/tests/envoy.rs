@@ -76,6 +76,16 @@ async fn envoy_accepts_everything_lumen_control_serves() {
     )
     .unwrap();
     model.services.extend(tcp.services);
+    // Fault injection on a route: the fault filter's per-route configuration, which Envoy
+    // must take too.
+    model
+        .add_yaml(
+            "fault.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings, namespace: default}\nspec:\n  hosts: [ratings]\n  http:\n  - match: [{headers: {end-user: {exact: jason}}}]\n    fault: {delay: {fixedDelay: 7s, percentage: {value: 100}}, abort: {httpStatus: 500, percentage: {value: 10}}}\n    route: [{destination: {host: ratings}}]\n  - route: [{destination: {host: ratings}}]\n",
+        )
+        .unwrap();
+    model.check();
+    assert!(model.rejected.is_empty(), "{:?}", model.rejected);
     let control = Control::bind(ControlOptions {
         xds_addr: local,
         http_addr: local,
@@ -167,6 +177,8 @@ async fn envoy_accepts_everything_lumen_control_serves() {
         "0.0.0.0_6379",
         "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
         "outbound|5432||db.default.svc.cluster.local",
+        "envoy.extensions.filters.http.fault.v3.HTTPFault",
+        "fixed_delay",
     ] {
         assert!(dump.contains(needle), "envoy config dump lacks {needle}");
     }

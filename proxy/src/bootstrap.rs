@@ -480,6 +480,7 @@ impl StaticResources {
                         path,
                         headers,
                         backends,
+                        fault: None,
                     });
                 }
                 virtual_hosts.push(VirtualHost {

@@ -73,6 +73,117 @@ pub struct Route {
     pub path: PathMatch,
     pub headers: Vec<HeaderMatch>,
     pub backends: Vec<WeightedBackend>,
+    /// The route's fault injection (Envoy's fault filter, configured per route).
+    pub fault: Option<Arc<RouteFault>>,
+}
+
+/// Faults to inject on a route: a fixed delay and an abort status, each for a share of
+/// requests in parts per million.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteFault {
+    pub delay: Option<(std::time::Duration, u32)>,
+    pub abort: Option<(http::StatusCode, u32)>,
+}
+
+/// The per-route configuration key of Envoy's fault filter.
+pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+/// A `FractionalPercent` in parts per million.
+fn per_million(p: Option<&lumen_api::pb::envoy::r#type::v3::FractionalPercent>) -> u32 {
+    use lumen_api::pb::envoy::r#type::v3::fractional_percent::DenominatorType as D;
+    let Some(p) = p else {
+        // Envoy's default for a fault without a percentage: every request.
+        return 1_000_000;
+    };
+    let scale = match D::try_from(p.denominator) {
+        Ok(D::Hundred) => 10_000,
+        Ok(D::TenThousand) => 100,
+        _ => 1,
+    };
+    p.numerator.saturating_mul(scale).min(1_000_000)
+}
+
+/// Reads a route's fault filter configuration; what lumen-proxy does not carry out is a NACK.
+fn route_fault(
+    route: &str,
+    config: &std::collections::HashMap<String, lumen_api::pb::google::protobuf::Any>,
+) -> Result<Option<Arc<RouteFault>>, ConfigError> {
+    use lumen_api::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier;
+    use lumen_api::pb::envoy::extensions::filters::http::fault::v3::{
+        HttpFault, fault_abort::ErrorType,
+    };
+    let Some(any) = config.get(FAULT_FILTER) else {
+        return Ok(None);
+    };
+    let f = HttpFault::decode(any.value.as_slice()).map_err(|e| {
+        unsupported(
+            "route",
+            route,
+            format!("{FAULT_FILTER} does not decode: {e}"),
+        )
+    })?;
+    if !f.headers.is_empty() || !f.downstream_nodes.is_empty() || !f.upstream_cluster.is_empty() {
+        return Err(unsupported(
+            "route",
+            route,
+            "fault injection limited to headers, nodes or an upstream cluster is not supported",
+        ));
+    }
+    let delay = match f.delay {
+        None => None,
+        Some(d) => match d.fault_delay_secifier {
+            Some(FaultDelaySecifier::FixedDelay(fixed)) => {
+                let ms = fixed.seconds.saturating_mul(1000) + i64::from(fixed.nanos / 1_000_000);
+                let ms = u64::try_from(ms)
+                    .map_err(|_| unsupported("route", route, "a negative fault delay"))?;
+                Some((
+                    std::time::Duration::from_millis(ms),
+                    per_million(d.percentage.as_ref()),
+                ))
+            }
+            _ => {
+                return Err(unsupported(
+                    "route",
+                    route,
+                    "only a fixed fault delay is supported",
+                ));
+            }
+        },
+    };
+    let abort = match f.abort {
+        None => None,
+        Some(a) if !a.response_body.is_empty() => {
+            return Err(unsupported(
+                "route",
+                route,
+                "a fault abort's own response body is not supported",
+            ));
+        }
+        Some(a) => match a.error_type {
+            Some(ErrorType::HttpStatus(code)) => {
+                let status = u16::try_from(code)
+                    .ok()
+                    .and_then(|c| http::StatusCode::from_u16(c).ok())
+                    .filter(|s| s.as_u16() >= 200)
+                    .ok_or_else(|| {
+                        unsupported(
+                            "route",
+                            route,
+                            format!("abort status {code} is not an HTTP status"),
+                        )
+                    })?;
+                Some((status, per_million(a.percentage.as_ref())))
+            }
+            _ => {
+                return Err(unsupported(
+                    "route",
+                    route,
+                    "only an HTTP status abort is supported (not gRPC or header-driven)",
+                ));
+            }
+        },
+    };
+    Ok(Some(Arc::new(RouteFault { delay, abort })))
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -713,11 +824,13 @@ impl TryFrom<xroute::Route> for Route {
                 ));
             }
         };
+        let fault = route_fault(&r.name, &r.typed_per_filter_config)?;
         Ok(Route {
             name: r.name,
             path,
             headers,
             backends,
+            fault,
         })
     }
 }
@@ -785,6 +898,7 @@ pub(crate) mod tests {
                                 cluster: "v2".into(),
                                 weight: 100,
                             }],
+                            fault: None,
                         },
                         Route {
                             name: "split".into(),
@@ -800,6 +914,7 @@ pub(crate) mod tests {
                                     weight: 50,
                                 },
                             ],
+                            fault: None,
                         },
                     ],
                 }],
@@ -966,6 +1081,71 @@ pub(crate) mod tests {
         }
         // Each of two endpoints, 1,000 fair draws: fewer than 350 happens once in ~10^21.
         assert!(seen.values().all(|n| *n > 350), "{seen:?}");
+    }
+
+    #[test]
+    fn a_route_s_fault_filter_configuration_is_read_or_nacked() {
+        use lumen_api::pb::envoy::extensions::filters::common::fault::v3 as common;
+        use lumen_api::pb::envoy::extensions::filters::http::fault::v3 as fault;
+        use lumen_api::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
+        let route_with = |f: fault::HttpFault| {
+            Route::try_from(xroute::Route {
+                name: "ratings".into(),
+                action: Some(xroute::route::Action::Route(xroute::RouteAction {
+                    cluster_specifier: Some(xroute::route_action::ClusterSpecifier::Cluster(
+                        "c".into(),
+                    )),
+                    ..Default::default()
+                })),
+                typed_per_filter_config: [(FAULT_FILTER.to_string(), lumen_api::pack_any(f))]
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            })
+        };
+        let percent = |numerator, d: fractional_percent::DenominatorType| FractionalPercent {
+            numerator,
+            denominator: d as i32,
+        };
+        let r = route_with(fault::HttpFault {
+            delay: Some(common::FaultDelay {
+                fault_delay_secifier: Some(common::fault_delay::FaultDelaySecifier::FixedDelay(
+                    lumen_api::pb::google::protobuf::Duration {
+                        seconds: 7,
+                        nanos: 500_000_000,
+                    },
+                )),
+                percentage: Some(percent(100, fractional_percent::DenominatorType::Hundred)),
+            }),
+            abort: Some(fault::FaultAbort {
+                error_type: Some(fault::fault_abort::ErrorType::HttpStatus(555)),
+                percentage: Some(percent(
+                    100_000,
+                    fractional_percent::DenominatorType::Million,
+                )),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .expect("read");
+        let f = r.fault.expect("a fault");
+        assert_eq!(
+            f.delay,
+            Some((std::time::Duration::from_millis(7500), 1_000_000))
+        );
+        assert_eq!(f.abort.map(|(s, p)| (s.as_u16(), p)), Some((555, 100_000)));
+        let err = route_with(fault::HttpFault {
+            abort: Some(fault::FaultAbort {
+                error_type: Some(fault::fault_abort::ErrorType::GrpcStatus(14)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .expect_err("NACKed");
+        assert!(
+            err.to_string().contains("only an HTTP status abort"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub mod flags {
     pub const NO_CLUSTER: &str = "NC";
     /// A request the proxy could not make sense of (Envoy's downstream protocol error).
     pub const DOWNSTREAM_PROTOCOL_ERROR: &str = "DPE";
+    /// The route's fault injection delayed the request.
+    pub const DELAY_INJECTED: &str = "DI";
+    /// The route's fault injection answered the request itself.
+    pub const FAULT_INJECTED: &str = "FI";
     pub const NONE: &str = "-";
 }
 

@@ -290,6 +290,14 @@ where
                 Err(e) => (e.status, e.flag),
             };
             labels.response_code = status.as_u16();
+            // A flag an inner layer set on the way (DI) stays, joined with the failure's own
+            // as Envoy writes several ("DI,FI").
+            let flag = match (labels.response_flags.as_str(), flag) {
+                ("" | "-", f) => f.to_string(),
+                (set, flags::NONE) => set.to_string(),
+                (set, f) => format!("{set},{f}"),
+            };
+            let flag = flag.as_str();
             labels.response_flags = flag.to_string();
             span.error = is_error(span.kind, status);
             span.attributes.push((

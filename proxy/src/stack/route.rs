@@ -135,6 +135,14 @@ impl Step for Route {
                 ));
             });
         }
+        if let Some(fault) = decision
+            .route_config
+            .virtual_host(decision.virtual_host)
+            .and_then(|vh| vh.routes.get(decision.route))
+            .and_then(|r| r.fault.as_deref())
+        {
+            req.extensions_mut().insert(fault.clone());
+        }
         req.extensions_mut().insert(Target {
             cluster: decision.cluster,
             service,

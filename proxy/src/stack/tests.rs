@@ -897,3 +897,58 @@ async fn the_inbound_port_serves_http_and_opaque_tcp_alike() {
     }
     stop.cancel();
 }
+
+#[tokio::test]
+async fn fault_delays_or_aborts_the_share_its_route_names() {
+    use crate::routing::RouteFault;
+    use fault::FaultLayer;
+    use tower::Layer;
+    let every = 1_000_000;
+    // An abort for every request: answered at once with its status (FI), never passed on.
+    let (inner, seen) = capture();
+    let mut req = get("details", "/");
+    req.extensions_mut().insert(RouteFault {
+        delay: None,
+        abort: Some((StatusCode::from_u16(555).expect("status"), every)),
+    });
+    let err = FaultLayer
+        .layer(inner)
+        .oneshot(req)
+        .await
+        .expect_err("aborted");
+    assert_eq!((err.flag, err.status.as_u16()), ("FI", 555));
+    assert!(
+        seen.lock().expect("lock").is_none(),
+        "the abort reached the upstream"
+    );
+    // A delay for every request: passed on after it, flagged DI in the record.
+    let (inner, seen) = capture();
+    let observation = Observation::for_test(Direction::Outbound);
+    let mut req = get("ratings", "/");
+    req.extensions_mut().insert(observation.clone());
+    req.extensions_mut().insert(RouteFault {
+        delay: Some((std::time::Duration::from_millis(50), every)),
+        abort: None,
+    });
+    let started = std::time::Instant::now();
+    let resp = FaultLayer.layer(inner).oneshot(req).await.expect("delayed");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+    assert!(seen.lock().expect("lock").is_some());
+    let (labels, _) = observation.snapshot().expect("record");
+    assert_eq!(labels.response_flags, "DI");
+    // A share of none: nothing happens.
+    let (inner, seen) = capture();
+    let mut req = get("details", "/");
+    req.extensions_mut().insert(RouteFault {
+        delay: None,
+        abort: Some((StatusCode::SERVICE_UNAVAILABLE, 0)),
+    });
+    let resp = FaultLayer
+        .layer(inner)
+        .oneshot(req)
+        .await
+        .expect("passed on");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(seen.lock().expect("lock").is_some());
+}

@@ -1,0 +1,110 @@
+//! Fault injection, as Envoy's HTTP fault filter does it for the route that matched (Istio's
+//! `fault` on a VirtualService route): a share of requests is delayed by a fixed time (flag
+//! DI), a share is answered at once with a status (flag FI) and never reaches an upstream.
+//! The route layer puts the route's [`RouteFault`] in the request's extensions; without one
+//! this layer does nothing.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+
+use super::error::{Fault, ProxyError, flags};
+use super::observe::Observation;
+use crate::routing::RouteFault;
+use crate::server::Body;
+
+/// Envoy's percentages are parts per million here (`FractionalPercent` brought to MILLION).
+pub const MILLION: u32 = 1_000_000;
+
+/// Whether a request falls in a share of `per_million`, drawing `roll` uniformly in
+/// `0..MILLION`.
+fn selected(per_million: u32, roll: u32) -> bool {
+    roll < per_million
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FaultLayer;
+
+impl<S> tower::Layer<S> for FaultLayer {
+    type Service = FaultService<S>;
+
+    fn layer(&self, inner: S) -> FaultService<S> {
+        FaultService { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FaultService<S> {
+    inner: S,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+/// Adds a response flag to the request's record (Envoy joins several with commas).
+fn flag(req: &Request<Body>, f: &str) {
+    if let Some(o) = req.extensions().get::<Observation>() {
+        o.update(|o| {
+            let flags = &mut o.labels.response_flags;
+            if flags.is_empty() || flags == flags::NONE {
+                *flags = f.to_string();
+            } else {
+                flags.push(',');
+                flags.push_str(f);
+            }
+        });
+    }
+}
+
+impl<S> tower::Service<Request<Body>> for FaultService<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+        let Some(fault) = req.extensions().get::<RouteFault>().cloned() else {
+            return Box::pin(self.inner.call(req));
+        };
+        let delay = fault
+            .delay
+            .filter(|(_, share)| selected(*share, rand::random::<u32>() % MILLION))
+            .map(|(d, _)| d);
+        let abort = fault
+            .abort
+            .filter(|(_, share)| selected(*share, rand::random::<u32>() % MILLION))
+            .map(|(status, _)| status);
+        if delay.is_none() && abort.is_none() {
+            return Box::pin(self.inner.call(req));
+        }
+        // The inner service was made ready for this call; a clone takes it after the delay.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            if let Some(d) = delay {
+                flag(&req, flags::DELAY_INJECTED);
+                tokio::time::sleep(d).await;
+            }
+            if let Some(status) = abort {
+                return Err(ProxyError::new(
+                    flags::FAULT_INJECTED,
+                    status,
+                    Fault::Proxy,
+                    "fault filter abort",
+                ));
+            }
+            inner.call(req).await
+        })
+    }
+}
