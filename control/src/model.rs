@@ -165,6 +165,9 @@ pub struct HttpRoute {
     /// Fault injection on this route.
     #[serde(skip)]
     pub fault: Option<FaultPolicy>,
+    /// How long the upstream gets to answer (zero: no limit).
+    #[serde(skip)]
+    pub timeout: Option<std::time::Duration>,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default, rename = "match")]

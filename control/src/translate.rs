@@ -500,11 +500,16 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
                     .map(|f| (FAULT_FILTER.to_string(), pack_any(http_fault(f))))
                     .into_iter()
                     .collect();
+                let mut action = route_action(specifier);
+                action.timeout = http.timeout.map(|t| Duration {
+                    seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+                    nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
+                });
                 for m in matches {
                     routes.push(route::Route {
                         name: name.clone(),
                         r#match: Some(m),
-                        action: Some(route::route::Action::Route(route_action(specifier.clone()))),
+                        action: Some(route::route::Action::Route(action.clone())),
                         typed_per_filter_config: per_filter.clone(),
                         ..Default::default()
                     });
@@ -872,6 +877,40 @@ mod tests {
         assert_eq!(
             lb("outbound|9080||reviews.default.svc.cluster.local"),
             Some(round_robin)
+        );
+    }
+
+    #[test]
+    fn a_route_s_timeout_reaches_its_route_action() {
+        let mut model = demo_model();
+        model
+            .add_yaml(
+                "timeout.yaml",
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec:\n  hosts: [ratings]\n  http: [{timeout: 1.5s, route: [{destination: {host: ratings}}]}]\n",
+            )
+            .expect("a VirtualService with a timeout");
+        let res = translate(&model, &node());
+        let rc = res
+            .of_type(type_url::ROUTE)
+            .iter()
+            .find(|r| r.name == "9080")
+            .map(|r| route::RouteConfiguration::decode(r.resource.value.as_slice()).expect("rds"))
+            .expect("9080");
+        let timeout = rc
+            .virtual_hosts
+            .iter()
+            .find(|vh| vh.name.starts_with("ratings."))
+            .and_then(|vh| vh.routes.first())
+            .and_then(|r| match &r.action {
+                Some(route::route::Action::Route(a)) => a.timeout,
+                _ => None,
+            });
+        assert_eq!(
+            timeout,
+            Some(Duration {
+                seconds: 1,
+                nanos: 500_000_000
+            })
         );
     }
 

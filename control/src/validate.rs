@@ -187,7 +187,6 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         ("redirect", r.redirect.is_some()),
         ("directResponse", r.direct_response.is_some()),
         ("rewrite", r.rewrite.is_some()),
-        ("timeout", r.timeout.is_some()),
         ("retries", r.retries.is_some()),
         ("mirror", r.mirror.is_some()),
         ("mirrors", !r.mirrors.is_empty()),
@@ -231,7 +230,13 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
             ));
         }
     }
+    let timeout = r
+        .timeout
+        .as_deref()
+        .map(|t| crate::duration::parse(t).map_err(|e| at(format!("{path}.timeout"), e)))
+        .transpose()?;
     Ok(HttpRoute {
+        timeout,
         fault: r
             .fault
             .as_ref()
@@ -421,6 +426,19 @@ mod tests {
         let e = vs("hosts: [r]\nhttp:\n- fault: {abort: {httpStatus: 503, percentage: {value: 150}}}\n  route: [{destination: {host: r}}]\n")
             .expect_err("150%");
         assert_eq!(e.path, "spec.http[0].fault.abort.percentage.value");
+    }
+
+    #[test]
+    fn route_timeouts_read_as_durations() {
+        let ok = vs("hosts: [r]\nhttp:\n- timeout: 0.5s\n  route: [{destination: {host: r}}]\n")
+            .expect("timeout");
+        assert_eq!(
+            ok.http[0].timeout,
+            Some(std::time::Duration::from_millis(500))
+        );
+        let e = vs("hosts: [r]\nhttp:\n- timeout: soon\n  route: [{destination: {host: r}}]\n")
+            .expect_err("not a duration");
+        assert_eq!(e.path, "spec.http[0].timeout");
     }
 
     #[test]

@@ -481,6 +481,7 @@ impl StaticResources {
                         headers,
                         backends,
                         fault: None,
+                        timeout: None,
                     });
                 }
                 virtual_hosts.push(VirtualHost {

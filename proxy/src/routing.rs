@@ -75,6 +75,9 @@ pub struct Route {
     pub backends: Vec<WeightedBackend>,
     /// The route's fault injection (Envoy's fault filter, configured per route).
     pub fault: Option<Arc<RouteFault>>,
+    /// How long the upstream gets to answer (`RouteAction.timeout`; zero: no limit); the
+    /// connector's default (15 s, Envoy's) when unset.
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// Faults to inject on a route: a fixed delay and an abort status, each for a share of
@@ -825,12 +828,23 @@ impl TryFrom<xroute::Route> for Route {
             }
         };
         let fault = route_fault(&r.name, &r.typed_per_filter_config)?;
+        let timeout = match action.timeout {
+            None => None,
+            Some(d) => Some(
+                u64::try_from(d.seconds)
+                    .ok()
+                    .zip(u32::try_from(d.nanos).ok())
+                    .map(|(s, n)| std::time::Duration::new(s, n))
+                    .ok_or_else(|| unsupported("route", &r.name, "a negative timeout"))?,
+            ),
+        };
         Ok(Route {
             name: r.name,
             path,
             headers,
             backends,
             fault,
+            timeout,
         })
     }
 }
@@ -899,6 +913,7 @@ pub(crate) mod tests {
                                 weight: 100,
                             }],
                             fault: None,
+                            timeout: None,
                         },
                         Route {
                             name: "split".into(),
@@ -915,6 +930,7 @@ pub(crate) mod tests {
                                 },
                             ],
                             fault: None,
+                            timeout: None,
                         },
                     ],
                 }],

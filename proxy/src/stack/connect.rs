@@ -92,6 +92,11 @@ async fn tunnel(
     }
 }
 
+/// The matched route's timeout for the upstream's answer (Envoy's `RouteAction.timeout`;
+/// zero: none), overriding the connector's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteTimeout(pub Duration);
+
 /// Which protocol the chosen cluster speaks upstream (set by the layer that picked it):
 /// HTTP/2 with prior knowledge when true, HTTP/1.1 otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -221,10 +226,19 @@ impl tower::Service<Request<Body>> for Connect {
             *req.version_mut() = http::Version::HTTP_11;
             self.http1.clone()
         };
-        let timeout = self.timeout;
+        let timeout = req
+            .extensions()
+            .get::<RouteTimeout>()
+            .map_or(self.timeout, |t| t.0);
         Box::pin(async move {
             let addr = endpoint.connect_addr;
-            match tokio::time::timeout(timeout, client.request(req)).await {
+            // A zero timeout is none, as Envoy's.
+            let limit = if timeout.is_zero() {
+                Duration::MAX
+            } else {
+                timeout
+            };
+            match tokio::time::timeout(limit, client.request(req)).await {
                 Err(_) => Err(ProxyError::new(
                     flags::UPSTREAM_TIMEOUT,
                     StatusCode::GATEWAY_TIMEOUT,

@@ -135,13 +135,17 @@ impl Step for Route {
                 ));
             });
         }
-        if let Some(fault) = decision
+        if let Some(route) = decision
             .route_config
             .virtual_host(decision.virtual_host)
             .and_then(|vh| vh.routes.get(decision.route))
-            .and_then(|r| r.fault.as_deref())
         {
-            req.extensions_mut().insert(fault.clone());
+            if let Some(fault) = route.fault.as_deref() {
+                req.extensions_mut().insert(fault.clone());
+            }
+            if let Some(t) = route.timeout {
+                req.extensions_mut().insert(super::connect::RouteTimeout(t));
+            }
         }
         req.extensions_mut().insert(Target {
             cluster: decision.cluster,

@@ -454,6 +454,32 @@ async fn an_upstream_that_does_not_answer_in_time_is_ut() {
 }
 
 #[tokio::test]
+async fn the_route_s_timeout_overrides_the_connector_s() {
+    let upstream = echo_upstream(std::time::Duration::from_secs(5)).await;
+    let endpoint = Endpoint {
+        app_addr: upstream,
+        connect_addr: upstream,
+        meshed: false,
+        workload: "ratings-v1".into(),
+        namespace: "default".into(),
+        app: "ratings".into(),
+        version: "v1".into(),
+    };
+    let mut req = get("ratings", "/");
+    req.extensions_mut().insert(endpoint);
+    req.extensions_mut()
+        .insert(connect::RouteTimeout(std::time::Duration::from_millis(100)));
+    // The connector's own limit would let the upstream's 5 s pass.
+    let err = connect::Connect::new()
+        .with_timeout(std::time::Duration::from_secs(60))
+        .oneshot(req)
+        .await
+        .expect_err("timed out");
+    assert_eq!((err.flag, err.status), ("UT", StatusCode::GATEWAY_TIMEOUT));
+    assert!(err.reason.contains("100ms"), "{}", err.reason);
+}
+
+#[tokio::test]
 async fn telemetry_switches_and_the_callers_sampling_decision_are_kept() {
     let upstream = echo_upstream(std::time::Duration::ZERO).await;
     let cfg = local_app(upstream);
