@@ -168,6 +168,8 @@ pub struct HttpRoute {
     /// How long the upstream gets to answer (zero: no limit).
     #[serde(skip)]
     pub timeout: Option<std::time::Duration>,
+    #[serde(skip)]
+    pub retries: Option<RetrySettings>,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default, rename = "match")]
@@ -185,6 +187,16 @@ pub struct HttpMatchRequest {
     pub headers: BTreeMap<String, StringMatch>,
     #[serde(default)]
     pub method: Option<StringMatch>,
+}
+
+/// A route's retries (Istio's `HTTPRetry`): how many after the first try, each try's time,
+/// and on what (Envoy's `retry_on` conditions, and status codes).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RetrySettings {
+    pub attempts: u32,
+    pub per_try_timeout: Option<std::time::Duration>,
+    pub retry_on: Vec<String>,
+    pub status_codes: Vec<u16>,
 }
 
 /// A route's fault injection (Istio's `HTTPFaultInjection`): a fixed delay and an abort

@@ -501,6 +501,16 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
                     .into_iter()
                     .collect();
                 let mut action = route_action(specifier);
+                action.retry_policy = http.retries.as_ref().map(|r| route::RetryPolicy {
+                    retry_on: r.retry_on.join(","),
+                    num_retries: Some(UInt32Value { value: r.attempts }),
+                    per_try_timeout: r.per_try_timeout.map(|t| Duration {
+                        seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+                        nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
+                    }),
+                    retriable_status_codes: r.status_codes.iter().map(|c| u32::from(*c)).collect(),
+                    ..Default::default()
+                });
                 action.timeout = http.timeout.map(|t| Duration {
                     seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
                     nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),

@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use crate::crd::istio as crd;
 use crate::model::{
     Destination, DestinationRuleSpec, FaultPolicy, HttpMatchRequest, HttpRoute,
-    HttpRouteDestination, LoadBalancer, PortSelector, StringMatch, Subset, VirtualServiceSpec,
+    HttpRouteDestination, LoadBalancer, PortSelector, RetrySettings, StringMatch, Subset,
+    VirtualServiceSpec,
 };
 
 /// What is wrong, and where (`spec.http[0].route[1].weight`).
@@ -117,6 +118,71 @@ fn match_request(m: &crd::HttpMatchRequest, path: &str) -> Result<HttpMatchReque
     })
 }
 
+/// Istio's retry conditions when a route names none, and the status it retries on.
+const DEFAULT_RETRY_ON: &str =
+    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes,503";
+
+/// A route's retries; none when `attempts` is 0 (retries off).
+fn retries(r: &crd::HttpRetry, path: &str) -> Result<Option<RetrySettings>, FieldError> {
+    let attempts = u32::try_from(r.attempts).map_err(|_| {
+        at(
+            format!("{path}.attempts"),
+            format!("{} is negative", r.attempts),
+        )
+    })?;
+    if attempts == 0 {
+        return Ok(None);
+    }
+    if r.retry_remote_localities == Some(true) {
+        return Err(not_yet(
+            format!("{path}.retryRemoteLocalities"),
+            "retryRemoteLocalities",
+        ));
+    }
+    let per_try_timeout = r
+        .per_try_timeout
+        .as_deref()
+        .map(|t| crate::duration::parse(t).map_err(|e| at(format!("{path}.perTryTimeout"), e)))
+        .transpose()?;
+    let on = r
+        .retry_on
+        .as_deref()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or(DEFAULT_RETRY_ON);
+    let mut retry_on = Vec::new();
+    let mut status_codes = Vec::new();
+    for c in on.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+        if let Ok(code) = c.parse::<u16>() {
+            if !(100..=599).contains(&code) {
+                return Err(at(
+                    format!("{path}.retryOn"),
+                    format!("{code} is not an HTTP status"),
+                ));
+            }
+            status_codes.push(code);
+        } else if lumen_api::RETRY_ON.contains(&c) {
+            retry_on.push(c.to_string());
+        } else {
+            return Err(at(
+                format!("{path}.retryOn"),
+                format!(
+                    "{c:?} is not a retry condition lumen carries out ({})",
+                    lumen_api::RETRY_ON.join(", ")
+                ),
+            ));
+        }
+    }
+    if !status_codes.is_empty() && !retry_on.iter().any(|c| c == "retriable-status-codes") {
+        retry_on.push("retriable-status-codes".to_string());
+    }
+    Ok(Some(RetrySettings {
+        attempts,
+        per_try_timeout,
+        retry_on,
+        status_codes,
+    }))
+}
+
 /// A percentage of requests: `percentage.value`, the deprecated whole `percent`, or all.
 fn percent(
     p: Option<&crd::Percent>,
@@ -187,7 +253,6 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         ("redirect", r.redirect.is_some()),
         ("directResponse", r.direct_response.is_some()),
         ("rewrite", r.rewrite.is_some()),
-        ("retries", r.retries.is_some()),
         ("mirror", r.mirror.is_some()),
         ("mirrors", !r.mirrors.is_empty()),
         ("mirrorPercentage", r.mirror_percentage.is_some()),
@@ -235,7 +300,14 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         .as_deref()
         .map(|t| crate::duration::parse(t).map_err(|e| at(format!("{path}.timeout"), e)))
         .transpose()?;
+    let retries = r
+        .retries
+        .as_ref()
+        .map(|x| retries(x, &format!("{path}.retries")))
+        .transpose()?
+        .flatten();
     Ok(HttpRoute {
+        retries,
         timeout,
         fault: r
             .fault
@@ -388,11 +460,9 @@ mod tests {
             (e.path.as_str(), e.message.as_str()),
             ("spec.http[0].route", "the weights add up to 110, not 100")
         );
-        let e = vs(
-            "hosts: [r]\nhttp:\n- retries: {attempts: 3}\n  route: [{destination: {host: r}}]\n",
-        )
-        .expect_err("not yet");
-        assert_eq!(e.path, "spec.http[0].retries");
+        let e = vs("hosts: [r]\nhttp:\n- mirror: {host: r}\n  route: [{destination: {host: r}}]\n")
+            .expect_err("not yet");
+        assert_eq!(e.path, "spec.http[0].mirror");
         assert!(e.message.contains("not supported by lumen yet"), "{e}");
         let e = vs("hosts: ['*']\ngateways: [bookinfo-gateway]\nhttp:\n- route: [{destination: {host: r}}]\n")
             .expect_err("ingress");
@@ -426,6 +496,39 @@ mod tests {
         let e = vs("hosts: [r]\nhttp:\n- fault: {abort: {httpStatus: 503, percentage: {value: 150}}}\n  route: [{destination: {host: r}}]\n")
             .expect_err("150%");
         assert_eq!(e.path, "spec.http[0].fault.abort.percentage.value");
+    }
+
+    #[test]
+    fn retries_read_with_istio_s_defaults_and_bad_conditions_are_named() {
+        let ok = vs("hosts: [r]\nhttp:\n- retries: {attempts: 3, perTryTimeout: 2s, retryOn: 'gateway-error,connect-failure,503'}\n  route: [{destination: {host: r}}]\n")
+            .expect("retries");
+        assert_eq!(
+            ok.http[0].retries,
+            Some(RetrySettings {
+                attempts: 3,
+                per_try_timeout: Some(std::time::Duration::from_secs(2)),
+                retry_on: vec![
+                    "gateway-error".into(),
+                    "connect-failure".into(),
+                    "retriable-status-codes".into()
+                ],
+                status_codes: vec![503],
+            })
+        );
+        let default = vs(
+            "hosts: [r]\nhttp:\n- retries: {attempts: 2}\n  route: [{destination: {host: r}}]\n",
+        )
+        .expect("Istio's default conditions");
+        let d = default.http[0].retries.clone().expect("retries");
+        assert!(d.retry_on.contains(&"connect-failure".to_string()) && d.status_codes == [503]);
+        let off = vs(
+            "hosts: [r]\nhttp:\n- retries: {attempts: 0}\n  route: [{destination: {host: r}}]\n",
+        )
+        .expect("off");
+        assert_eq!(off.http[0].retries, None);
+        let e = vs("hosts: [r]\nhttp:\n- retries: {attempts: 2, retryOn: 'sometimes'}\n  route: [{destination: {host: r}}]\n")
+            .expect_err("unknown condition");
+        assert_eq!(e.path, "spec.http[0].retries.retryOn");
     }
 
     #[test]

@@ -76,12 +76,12 @@ async fn envoy_accepts_everything_lumen_control_serves() {
     )
     .unwrap();
     model.services.extend(tcp.services);
-    // Fault injection on a route: the fault filter's per-route configuration, which Envoy
-    // must take too.
+    // Fault injection, a timeout and retries on routes: the fault filter's per-route
+    // configuration and the route action's policies, which Envoy must take too.
     model
         .add_yaml(
             "fault.yaml",
-            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings, namespace: default}\nspec:\n  hosts: [ratings]\n  http:\n  - match: [{headers: {end-user: {exact: jason}}}]\n    fault: {delay: {fixedDelay: 7s, percentage: {value: 100}}, abort: {httpStatus: 500, percentage: {value: 10}}}\n    route: [{destination: {host: ratings}}]\n  - route: [{destination: {host: ratings}}]\n",
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings, namespace: default}\nspec:\n  hosts: [ratings]\n  http:\n  - match: [{headers: {end-user: {exact: jason}}}]\n    fault: {delay: {fixedDelay: 7s, percentage: {value: 100}}, abort: {httpStatus: 500, percentage: {value: 10}}}\n    route: [{destination: {host: ratings}}]\n  - route: [{destination: {host: ratings}}]\n    timeout: 3s\n    retries: {attempts: 2, perTryTimeout: 1s, retryOn: 'gateway-error,503'}\n",
         )
         .unwrap();
     model.check();
@@ -179,6 +179,9 @@ async fn envoy_accepts_everything_lumen_control_serves() {
         "outbound|5432||db.default.svc.cluster.local",
         "envoy.extensions.filters.http.fault.v3.HTTPFault",
         "fixed_delay",
+        "retry_policy",
+        "retriable_status_codes",
+        "per_try_timeout",
     ] {
         assert!(dump.contains(needle), "envoy config dump lacks {needle}");
     }

@@ -482,6 +482,7 @@ impl StaticResources {
                         backends,
                         fault: None,
                         timeout: None,
+                        retry: None,
                     });
                 }
                 virtual_hosts.push(VirtualHost {

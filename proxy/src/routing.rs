@@ -78,6 +78,71 @@ pub struct Route {
     /// How long the upstream gets to answer (`RouteAction.timeout`; zero: no limit); the
     /// connector's default (15 s, Envoy's) when unset.
     pub timeout: Option<std::time::Duration>,
+    /// The route's retry policy (`RouteAction.retry_policy`).
+    pub retry: Option<Arc<RetryPolicy>>,
+}
+
+/// When and how often a route's requests are tried again.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    pub per_try_timeout: Option<std::time::Duration>,
+    /// Envoy's `retry_on` conditions (`5xx`, `gateway-error`, `connect-failure`, `reset`,
+    /// `refused-stream`, `retriable-4xx`, `retriable-status-codes`, and gRPC's `cancelled`,
+    /// `deadline-exceeded`, `internal`, `resource-exhausted`, `unavailable`).
+    pub retry_on: Vec<String>,
+    pub status_codes: Vec<u16>,
+}
+
+fn retry_policy(route: &str, p: xroute::RetryPolicy) -> Result<RetryPolicy, ConfigError> {
+    if !p.retry_host_predicate.is_empty()
+        || p.retry_priority.is_some()
+        || !p.retriable_headers.is_empty()
+        || !p.retriable_request_headers.is_empty()
+        || p.rate_limited_retry_back_off.is_some()
+    {
+        return Err(unsupported(
+            "route",
+            route,
+            "retry host predicates, priorities, header conditions and rate-limited back-off are not supported",
+        ));
+    }
+    let retry_on: Vec<String> = p
+        .retry_on
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+        .collect();
+    if let Some(c) = retry_on
+        .iter()
+        .find(|c| !lumen_api::RETRY_ON.contains(&c.as_str()))
+    {
+        return Err(unsupported(
+            "route",
+            route,
+            format!("retry_on condition {c:?} is not supported"),
+        ));
+    }
+    let duration = |d: lumen_api::pb::google::protobuf::Duration| {
+        u64::try_from(d.seconds)
+            .ok()
+            .zip(u32::try_from(d.nanos).ok())
+            .map(|(s, n)| std::time::Duration::new(s, n))
+            .ok_or_else(|| unsupported("route", route, "a negative per-try timeout"))
+    };
+    Ok(RetryPolicy {
+        // Envoy's default is one retry.
+        attempts: p.num_retries.map_or(1, |n| n.value),
+        per_try_timeout: p.per_try_timeout.map(duration).transpose()?,
+        retry_on,
+        status_codes: p
+            .retriable_status_codes
+            .iter()
+            .filter_map(|c| u16::try_from(*c).ok())
+            .collect(),
+    })
 }
 
 /// Faults to inject on a route: a fixed delay and an abort status, each for a share of
@@ -838,6 +903,10 @@ impl TryFrom<xroute::Route> for Route {
                     .ok_or_else(|| unsupported("route", &r.name, "a negative timeout"))?,
             ),
         };
+        let retry = action
+            .retry_policy
+            .map(|p| retry_policy(&r.name, p).map(Arc::new))
+            .transpose()?;
         Ok(Route {
             name: r.name,
             path,
@@ -845,6 +914,7 @@ impl TryFrom<xroute::Route> for Route {
             backends,
             fault,
             timeout,
+            retry,
         })
     }
 }
@@ -914,6 +984,7 @@ pub(crate) mod tests {
                             }],
                             fault: None,
                             timeout: None,
+                            retry: None,
                         },
                         Route {
                             name: "split".into(),
@@ -931,6 +1002,7 @@ pub(crate) mod tests {
                             ],
                             fault: None,
                             timeout: None,
+                            retry: None,
                         },
                     ],
                 }],

@@ -51,6 +51,22 @@ pub mod endpoint_meta {
     pub const INBOUND_PORT: &str = "inbound_port";
 }
 
+/// Envoy's `retry_on` conditions lumen-proxy carries out (the control plane refuses others).
+pub const RETRY_ON: [&str; 12] = [
+    "5xx",
+    "gateway-error",
+    "connect-failure",
+    "reset",
+    "refused-stream",
+    "retriable-4xx",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
 /// Well-known ports (DESIGN.md), shared so both sides agree.
 pub mod ports {
     pub const PROXY_OUTBOUND: u16 = 15001;

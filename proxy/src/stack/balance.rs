@@ -6,7 +6,7 @@
 use http::{HeaderName, HeaderValue, Request, StatusCode};
 
 use super::error::{Fault, ProxyError, flags};
-use super::observe::Observation;
+use super::observe::{Observation, set_attribute};
 use super::route::Target;
 use super::step::Step;
 use crate::http::peer_headers;
@@ -66,16 +66,19 @@ impl Step for Balance {
                 o.labels.destination_workload_namespace = endpoint.namespace.clone();
                 o.labels.destination_app = endpoint.app.clone();
                 o.labels.destination_version = endpoint.version.clone();
+                // Set, not pushed: a retry passes here again with another endpoint.
                 let attrs = &mut o.span.attributes;
-                attrs.push(("peer.service", AttrValue::Str(endpoint.app.clone())));
-                attrs.push((
+                set_attribute(attrs, "peer.service", AttrValue::Str(endpoint.app.clone()));
+                set_attribute(
+                    attrs,
                     "network.peer.address",
                     AttrValue::Str(endpoint.connect_addr.ip().to_string()),
-                ));
-                attrs.push((
+                );
+                set_attribute(
+                    attrs,
                     "network.peer.port",
                     AttrValue::Int(i64::from(endpoint.connect_addr.port())),
-                ));
+                );
             });
         }
         let headers = req.headers_mut();

@@ -36,6 +36,8 @@ pub mod flags {
     pub const NO_CLUSTER: &str = "NC";
     /// A request the proxy could not make sense of (Envoy's downstream protocol error).
     pub const DOWNSTREAM_PROTOCOL_ERROR: &str = "DPE";
+    /// The route's retries ran out (the last attempt's failure is the answer).
+    pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: &str = "URX";
     /// The route's fault injection delayed the request.
     pub const DELAY_INJECTED: &str = "DI";
     /// The route's fault injection answered the request itself.

@@ -92,6 +92,19 @@ impl Observation {
     }
 }
 
+/// Sets a span attribute, replacing the one of that key a layer set before (a retried request
+/// passes the same layers again).
+pub fn set_attribute(
+    attributes: &mut Vec<(&'static str, AttrValue)>,
+    key: &'static str,
+    value: AttrValue,
+) {
+    match attributes.iter_mut().find(|(k, _)| *k == key) {
+        Some(slot) => slot.1 = value,
+        None => attributes.push((key, value)),
+    }
+}
+
 /// The span context before the trace layer sets it.
 const UNSET: SpanContext = SpanContext {
     trace_id: [0; 16],

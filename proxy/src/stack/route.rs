@@ -143,6 +143,9 @@ impl Step for Route {
             if let Some(fault) = route.fault.as_deref() {
                 req.extensions_mut().insert(fault.clone());
             }
+            if let Some(retry) = &route.retry {
+                req.extensions_mut().insert(retry.clone());
+            }
             if let Some(t) = route.timeout {
                 req.extensions_mut().insert(super::connect::RouteTimeout(t));
             }

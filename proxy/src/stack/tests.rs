@@ -978,3 +978,98 @@ async fn fault_delays_or_aborts_the_share_its_route_names() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(seen.lock().expect("lock").is_some());
 }
+
+#[tokio::test]
+async fn retries_follow_the_route_s_policy_and_replay_the_body() {
+    use crate::routing::RetryPolicy;
+    use retry::RetryLayer;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::Layer;
+    // An upstream path that refuses `failures` times, then answers with the body it got.
+    let flaky = |failures: usize| {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = calls.clone();
+        let svc = tower::service_fn(move |req: Request<Body>| {
+            let n = seen.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < failures {
+                    return Err(ProxyError::new(
+                        "UF",
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Fault::Upstream,
+                        "refused",
+                    ));
+                }
+                let body = req.into_body().collect().await.expect("body").to_bytes();
+                Ok(Response::new(text_body(body)))
+            }
+        });
+        (svc, calls)
+    };
+    let post = |policy: RetryPolicy| {
+        let mut req = Request::post("http://ratings/")
+            .body(text_body("the body"))
+            .expect("request");
+        req.extensions_mut().insert(Arc::new(policy));
+        req
+    };
+    let policy = |attempts, on: &str| RetryPolicy {
+        attempts,
+        per_try_timeout: None,
+        retry_on: on.split(',').map(str::to_string).collect(),
+        status_codes: Vec::new(),
+    };
+    // Two refusals, three retries allowed: the third attempt answers, with the whole body.
+    let (svc, calls) = flaky(2);
+    let resp = RetryLayer::default()
+        .layer(svc)
+        .oneshot(post(policy(3, "connect-failure")))
+        .await
+        .expect("answered");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(
+        (calls.load(Ordering::SeqCst), &body[..]),
+        (3, &b"the body"[..])
+    );
+    // One retry allowed: out of retries, the last failure as URX.
+    let (svc, calls) = flaky(5);
+    let err = RetryLayer::default()
+        .layer(svc)
+        .oneshot(post(policy(1, "5xx")))
+        .await
+        .expect_err("out of retries");
+    assert_eq!((calls.load(Ordering::SeqCst), err.flag), (2, "URX"));
+    // A condition the policy does not name: no retry.
+    let (svc, calls) = flaky(5);
+    let err = RetryLayer::default()
+        .layer(svc)
+        .oneshot(post(policy(3, "retriable-4xx")))
+        .await
+        .expect_err("not retried");
+    assert_eq!((calls.load(Ordering::SeqCst), err.flag), (1, "UF"));
+    // A response the policy names (503 under gateway-error) is retried too.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let unavailable = tower::service_fn(move |_req: Request<Body>| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let status = if n == 0 {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            let mut resp = Response::new(text_body(""));
+            *resp.status_mut() = status;
+            Ok::<_, ProxyError>(resp)
+        }
+    });
+    let resp = RetryLayer::default()
+        .layer(unavailable)
+        .oneshot(post(policy(2, "gateway-error")))
+        .await
+        .expect("answered");
+    assert_eq!(
+        (calls.load(Ordering::SeqCst), resp.status()),
+        (2, StatusCode::OK)
+    );
+}

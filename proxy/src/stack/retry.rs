@@ -1,0 +1,247 @@
+//! Retries, as Envoy's router does them for the route that matched (Istio's `retries`): a
+//! failed attempt whose failure the route's `retry_on` names is tried again, on an endpoint
+//! picked again, after an exponential back-off with full jitter (25 ms doubling to 250 ms,
+//! Envoy's defaults), each attempt within the per-try timeout, all of them within the route's
+//! timeout, while a budget allows (retries in flight at most a fifth of requests in flight,
+//! and at least three, Envoy's retry budget defaults). The last failure is answered with its
+//! own flag, or URX when the retries ran out. A request is retried only if its body is known
+//! and small enough to keep ([`MAX_REPLAY_BODY`]); others get one attempt.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Body as _;
+
+use super::connect::RouteTimeout;
+use super::error::{Fault, ProxyError, flags};
+use super::observe::Observation;
+use crate::routing::RetryPolicy;
+use crate::server::Body;
+
+/// Largest request body kept for a retry (Envoy keeps up to its buffer limit).
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+
+/// Envoy's default back-off: 25 ms base, ten times that at most.
+const BACKOFF_BASE: Duration = Duration::from_millis(25);
+const BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// Requests and retries in flight through one stack, for the retry budget.
+#[derive(Debug, Default)]
+pub struct Budget {
+    requests: AtomicUsize,
+    retries: AtomicUsize,
+}
+
+impl Budget {
+    /// Whether one more retry fits: at most 20% of the requests in flight, at least 3.
+    fn allows(&self) -> bool {
+        let requests = self.requests.load(Ordering::Relaxed);
+        let retries = self.retries.load(Ordering::Relaxed);
+        retries < (requests / 5).max(3)
+    }
+}
+
+/// Counts one in-flight request (or retry) for as long as it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicUsize) -> InFlight<'a> {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RetryLayer {
+    budget: Arc<Budget>,
+}
+
+impl<S> tower::Layer<S> for RetryLayer {
+    type Service = RetryService<S>;
+
+    fn layer(&self, inner: S) -> RetryService<S> {
+        RetryService {
+            inner,
+            budget: self.budget.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RetryService<S> {
+    inner: S,
+    budget: Arc<Budget>,
+}
+
+/// Whether an attempt's outcome is one `policy` retries.
+pub fn retriable(policy: &RetryPolicy, outcome: &Result<Response<Body>, ProxyError>) -> bool {
+    let on = |c: &str| policy.retry_on.iter().any(|r| r == c);
+    match outcome {
+        Err(e) => match e.flag {
+            flags::UPSTREAM_CONNECT_FAILURE => {
+                on("connect-failure") || on("5xx") || on("gateway-error")
+            }
+            flags::UPSTREAM_RESET => on("reset") || on("5xx") || on("refused-stream"),
+            flags::UPSTREAM_TIMEOUT => on("5xx") || on("gateway-error"),
+            _ => false,
+        },
+        Ok(resp) => {
+            let status = resp.status();
+            let grpc = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u16>().ok());
+            let grpc_on = match grpc {
+                Some(1) => on("cancelled"),
+                Some(4) => on("deadline-exceeded"),
+                Some(8) => on("resource-exhausted"),
+                Some(13) => on("internal"),
+                Some(14) => on("unavailable"),
+                _ => false,
+            };
+            grpc_on
+                || (status.is_server_error() && on("5xx"))
+                || (matches!(status.as_u16(), 502..=504) && on("gateway-error"))
+                || (status == StatusCode::CONFLICT && on("retriable-4xx"))
+                || (on("retriable-status-codes") && policy.status_codes.contains(&status.as_u16()))
+        }
+    }
+}
+
+/// A full-jitter exponential back-off before retry `n` (1-based).
+fn backoff(n: u32) -> Duration {
+    let cap = BACKOFF_BASE
+        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+        .min(BACKOFF_MAX);
+    let millis = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX).max(1);
+    Duration::from_millis(rand::random::<u64>() % millis)
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+fn replay_body(bytes: &Bytes) -> Body {
+    Full::new(bytes.clone())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+impl<S> tower::Service<Request<Body>> for RetryService<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+        let policy = req.extensions().get::<Arc<RetryPolicy>>().cloned();
+        // No retries asked for, an upgrade, or a body too big or unknown to keep: one try.
+        let keepable = req
+            .body()
+            .size_hint()
+            .upper()
+            .is_some_and(|n| n <= MAX_REPLAY_BODY);
+        let upgrade = req.headers().contains_key(http::header::UPGRADE);
+        let Some(policy) = policy.filter(|p| p.attempts > 0 && keepable && !upgrade) else {
+            return Box::pin(self.inner.call(req));
+        };
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let budget = self.budget.clone();
+        Box::pin(async move {
+            let _request = InFlight::new(&budget.requests);
+            let (parts, body) = req.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| {
+                    ProxyError::new(
+                        flags::DOWNSTREAM_PROTOCOL_ERROR,
+                        StatusCode::BAD_REQUEST,
+                        Fault::Downstream,
+                        format!("reading the request body to keep for retries: {e}"),
+                    )
+                })?
+                .to_bytes();
+            let overall = parts.extensions.get::<RouteTimeout>().map(|t| t.0);
+            let budget = budget.clone();
+            let attempts = async move {
+                let mut n = 0u32;
+                loop {
+                    let mut attempt = Request::new(replay_body(&body));
+                    *attempt.method_mut() = parts.method.clone();
+                    *attempt.uri_mut() = parts.uri.clone();
+                    *attempt.version_mut() = parts.version;
+                    *attempt.headers_mut() = parts.headers.clone();
+                    *attempt.extensions_mut() = parts.extensions.clone();
+                    if let Some(per_try) = policy.per_try_timeout {
+                        attempt.extensions_mut().insert(RouteTimeout(per_try));
+                    }
+                    let outcome = {
+                        let _retry = (n > 0).then(|| InFlight::new(&budget.retries));
+                        tower::ServiceExt::oneshot(inner.clone(), attempt).await
+                    };
+                    if !retriable(&policy, &outcome) {
+                        return outcome;
+                    }
+                    if n >= policy.attempts || !budget.allows() {
+                        // Out of retries: the last failure, marked as such.
+                        if let Some(o) = parts.extensions.get::<Observation>() {
+                            o.update(|o| {
+                                o.span.attributes.push((
+                                    "lumen.retries",
+                                    crate::telemetry::AttrValue::Int(i64::from(n)),
+                                ));
+                            });
+                        }
+                        return match outcome {
+                            Err(mut e) => {
+                                e.flag = flags::UPSTREAM_RETRY_LIMIT_EXCEEDED;
+                                e.reason = format!("{} (after {n} retries)", e.reason);
+                                Err(e)
+                            }
+                            ok => ok,
+                        };
+                    }
+                    n += 1;
+                    tokio::time::sleep(backoff(n)).await;
+                }
+            };
+            match overall.filter(|t| !t.is_zero()) {
+                None => attempts.await,
+                Some(limit) => tokio::time::timeout(limit, attempts)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ProxyError::new(
+                            flags::UPSTREAM_TIMEOUT,
+                            StatusCode::GATEWAY_TIMEOUT,
+                            Fault::Upstream,
+                            format!("no answer within the route's {limit:?}, retries included"),
+                        ))
+                    }),
+            }
+        })
+    }
+}
