@@ -26,7 +26,8 @@ pub struct ServiceConfig {
     pub ports: Vec<u16>,
     /// Pods the service selects.
     pub endpoints: usize,
-    /// `VirtualService namespace/name`, when one routes this host.
+    /// `VirtualService namespace/name` (or `HTTPRoute namespace/name`), when one routes this
+    /// host.
     pub virtual_service: Option<String>,
     /// In the order the proxy tries them; without a VirtualService, the one default route.
     pub routes: Vec<RouteConfig>,
@@ -64,6 +65,7 @@ fn string_match(m: &StringMatch) -> String {
         StringMatch::Exact(v) => format!("exact {v}"),
         StringMatch::Prefix(v) => format!("prefix {v}"),
         StringMatch::Regex(v) => format!("regex {v}"),
+        StringMatch::PathPrefix(v) => format!("path prefix {v}"),
     }
 }
 
@@ -88,7 +90,7 @@ fn match_words(m: &HttpMatchRequest) -> String {
 fn service_config(model: &Model, svc: &Service) -> ServiceConfig {
     let host = svc.fqdn();
     let selected: Vec<_> = model.pods.iter().filter(|p| svc.selects(p)).collect();
-    let vs = virtual_service_for(model, svc);
+    let vs = virtual_service_for(model, svc, None);
     let routes = match vs {
         None => vec![RouteConfig {
             name: "default".to_string(),
@@ -132,7 +134,7 @@ fn service_config(model: &Model, svc: &Service) -> ServiceConfig {
         host,
         ports: svc.ports.iter().map(|p| p.port).collect(),
         endpoints: selected.len(),
-        virtual_service: vs.map(|vs| format!("{}/{}", vs.meta.namespace, vs.meta.name)),
+        virtual_service: vs.map(|vs| format!("{} {}/{}", vs.kind, vs.meta.namespace, vs.meta.name)),
         routes,
         subsets: subsets_of(model, svc)
             .into_iter()
@@ -182,7 +184,10 @@ mod tests {
         assert_eq!(reviews.host, "reviews.default.svc.cluster.local");
         assert_eq!(reviews.ports, [9080]);
         assert_eq!(reviews.endpoints, 2);
-        assert_eq!(reviews.virtual_service.as_deref(), Some("default/reviews"));
+        assert_eq!(
+            reviews.virtual_service.as_deref(),
+            Some("VirtualService default/reviews")
+        );
         let split: Vec<(Option<&str>, u32)> = reviews.routes[0]
             .destinations
             .iter()

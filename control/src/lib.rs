@@ -7,6 +7,7 @@ pub mod ads;
 pub mod crd;
 pub mod debug;
 pub mod duration;
+pub mod gamma;
 pub mod model;
 pub mod source;
 pub mod translate;

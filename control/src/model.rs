@@ -146,6 +146,8 @@ pub struct ContainerPort {
 pub struct VirtualService {
     pub meta: ObjectMeta,
     pub spec: VirtualServiceSpec,
+    /// What the user wrote: `VirtualService`, or `HTTPRoute` (Gateway API in the mesh).
+    pub kind: &'static str,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -157,6 +159,9 @@ pub struct VirtualServiceSpec {
     pub gateways: Vec<String>,
     #[serde(default)]
     pub http: Vec<HttpRoute>,
+    /// The service ports the routes apply to; empty: every port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -214,6 +219,8 @@ pub enum StringMatch {
     Exact(String),
     Prefix(String),
     Regex(String),
+    /// A path and what is below it, segment-wise (Gateway API's `PathPrefix`).
+    PathPrefix(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -510,6 +517,7 @@ impl Model {
                 self.virtual_services.push(VirtualService {
                     meta: raw.metadata.clone(),
                     spec,
+                    kind: "VirtualService",
                 });
             }
             ("networking.istio.io", "DestinationRule") => {
@@ -523,9 +531,21 @@ impl Model {
                     spec,
                 });
             }
-            ("gateway.networking.k8s.io", "HTTPRoute" | "GRPCRoute") => {
+            ("gateway.networking.k8s.io", "HTTPRoute") => {
+                let Document::HttpRoute(route) = doc else {
+                    return Err(invalid("not read as an HTTPRoute".to_string()));
+                };
+                let spec = crate::gamma::http_route(&route.spec, &raw.metadata.namespace)
+                    .map_err(|e| invalid(e.to_string()))?;
+                self.virtual_services.push(VirtualService {
+                    meta: raw.metadata.clone(),
+                    spec,
+                    kind: "HTTPRoute",
+                });
+            }
+            ("gateway.networking.k8s.io", "GRPCRoute") => {
                 return Err(invalid(
-                    "Gateway API routes are read (every field checked) but not translated by lumen control yet: the route is refused rather than ignored".to_string(),
+                    "GRPCRoute is read (every field checked) but not translated by lumen control yet: the route is refused rather than ignored".to_string(),
                 ));
             }
             ("networking.istio.io" | "security.istio.io" | "gateway.networking.k8s.io", kind) => {
@@ -612,20 +632,30 @@ impl Model {
                 )
             })
             .collect();
-        let mut routed: BTreeMap<String, String> = BTreeMap::new();
+        // Host → the routes claiming it: who, and on which ports (empty: all).
+        let mut routed: BTreeMap<String, Vec<(String, Vec<u16>)>> = BTreeMap::new();
         let mut names = std::collections::BTreeSet::new();
         self.virtual_services.retain(|vs| {
             let ns = &vs.meta.namespace;
-            let id = format!("{ns}/{}", vs.meta.name);
+            let id = format!("{} {ns}/{}", vs.kind, vs.meta.name);
             let mut reason = (!names.insert(id.clone()))
                 .then(|| "is defined twice: the first one applies".to_string());
+            let overlaps = |ports: &[u16]| {
+                ports.is_empty()
+                    || vs.spec.ports.is_empty()
+                    || ports.iter().any(|p| vs.spec.ports.contains(p))
+            };
             for (i, host) in vs.spec.hosts.iter().enumerate() {
                 let fqdn = Model::fqdn(host, ns);
+                let first = routed
+                    .get(&fqdn)
+                    .and_then(|claims| claims.iter().find(|(_, ports)| overlaps(ports)));
                 if reason.is_none()
-                    && let Some(first) = routed.get(&fqdn)
+                    && let Some((first, _)) = first
                 {
+                    let field = if vs.kind == "HTTPRoute" { "spec.parentRefs" } else { "spec.hosts" };
                     reason = Some(format!(
-                        "spec.hosts[{i}]: {fqdn} is already routed by VirtualService {first}: one VirtualService per host"
+                        "{field}[{i}]: {fqdn} is already routed by {first}: one route resource per host and port"
                     ));
                 }
             }
@@ -644,12 +674,15 @@ impl Model {
             }
             match reason {
                 Some(r) => {
-                    rejected.push(origin_of("VirtualService", &vs.meta, r));
+                    rejected.push(origin_of(vs.kind, &vs.meta, r));
                     false
                 }
                 None => {
                     for host in &vs.spec.hosts {
-                        routed.insert(Model::fqdn(host, ns), id.clone());
+                        routed
+                            .entry(Model::fqdn(host, ns))
+                            .or_default()
+                            .push((id.clone(), vs.spec.ports.clone()));
                     }
                     true
                 }

@@ -423,10 +423,12 @@ fn domains(svc: &Service, port: u16, client_ns: &str) -> Vec<String> {
 pub(crate) fn virtual_service_for<'m>(
     model: &'m Model,
     svc: &Service,
+    port: Option<u16>,
 ) -> Option<&'m VirtualService> {
     let fqdn = svc.fqdn();
     model.virtual_services.iter().find(|vs| {
         (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
+            && (vs.spec.ports.is_empty() || port.is_none_or(|p| vs.spec.ports.contains(&p)))
             && vs
                 .spec
                 .hosts
@@ -437,7 +439,7 @@ pub(crate) fn virtual_service_for<'m>(
 
 fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> route::VirtualHost {
     let fqdn = svc.fqdn();
-    let vs = virtual_service_for(model, svc);
+    let vs = virtual_service_for(model, svc, Some(port));
     let default_route = || route::Route {
         name: "default".to_string(),
         r#match: Some(prefix_match("/")),
@@ -606,13 +608,16 @@ fn route_match(m: &HttpMatchRequest) -> route::RouteMatch {
         Some(StringMatch::Exact(p)) => P::Path(p.clone()),
         Some(StringMatch::Prefix(p)) => P::Prefix(p.clone()),
         Some(StringMatch::Regex(r)) => P::SafeRegex(regex(r)),
+        Some(StringMatch::PathPrefix(p)) => P::PathSeparatedPrefix(p.clone()),
     });
     let header = |name: &str, sm: &StringMatch| route::HeaderMatcher {
         name: name.to_string(),
         header_match_specifier: Some(H::StringMatch(StringMatcher {
             match_pattern: Some(match sm {
                 StringMatch::Exact(v) => MatchPattern::Exact(v.clone()),
-                StringMatch::Prefix(v) => MatchPattern::Prefix(v.clone()),
+                StringMatch::Prefix(v) | StringMatch::PathPrefix(v) => {
+                    MatchPattern::Prefix(v.clone())
+                }
                 StringMatch::Regex(v) => MatchPattern::SafeRegex(regex(v)),
             }),
             ..Default::default()
@@ -922,6 +927,46 @@ mod tests {
                 nanos: 500_000_000
             })
         );
+    }
+
+    #[test]
+    fn an_httproute_for_a_service_becomes_its_routes_with_segment_prefixes() {
+        let mut model = demo_model();
+        model
+            .add_yaml(
+                "route.yaml",
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: ratings-split}\nspec:\n  parentRefs: [{group: '', kind: Service, name: ratings, port: 9080}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /v2}, method: POST}]\n    backendRefs: [{name: details, port: 9080}]\n  - backendRefs: [{name: ratings, port: 9080}]\n",
+            )
+            .expect("an HTTPRoute");
+        model.check();
+        assert!(model.rejected.is_empty(), "{:?}", model.rejected);
+        let res = translate(&model, &node());
+        let rc = res
+            .of_type(type_url::ROUTE)
+            .iter()
+            .find(|r| r.name == "9080")
+            .map(|r| route::RouteConfiguration::decode(r.resource.value.as_slice()).expect("rds"))
+            .expect("9080");
+        let ratings = rc
+            .virtual_hosts
+            .iter()
+            .find(|vh| vh.name.starts_with("ratings."))
+            .expect("ratings");
+        let first = ratings.routes[0].r#match.clone().expect("match");
+        assert_eq!(
+            first.path_specifier,
+            Some(route::route_match::PathSpecifier::PathSeparatedPrefix(
+                "/v2".into()
+            ))
+        );
+        assert_eq!(first.headers[0].name, ":method");
+        assert!(matches!(
+            &ratings.routes[0].action,
+            Some(route::route::Action::Route(a)) if a.cluster_specifier
+                == Some(route::route_action::ClusterSpecifier::Cluster(
+                    "outbound|9080||details.default.svc.cluster.local".into()
+                ))
+        ));
     }
 
     #[test]

@@ -38,11 +38,21 @@ fn not_yet(path: String, what: &str) -> FieldError {
     )
 }
 
+/// A regular expression as the proxies will compile it (RE2 syntax, whole value, bounded).
+pub fn regex(source: &str, path: &str) -> Result<String, FieldError> {
+    regex::RegexBuilder::new(&format!("^(?:{source})$"))
+        .size_limit(lumen_api::MAX_REGEX_PROGRAM)
+        .dfa_size_limit(lumen_api::MAX_REGEX_PROGRAM)
+        .build()
+        .map(|_| source.to_string())
+        .map_err(|e| at(path, format!("regex {source:?} does not compile: {e}")))
+}
+
 fn string_match(m: &crd::StringMatch, path: &str) -> Result<StringMatch, FieldError> {
     match (&m.exact, &m.prefix, &m.regex) {
         (Some(v), None, None) => Ok(StringMatch::Exact(v.clone())),
         (None, Some(v), None) => Ok(StringMatch::Prefix(v.clone())),
-        (None, None, Some(v)) => Ok(StringMatch::Regex(v.clone())),
+        (None, None, Some(v)) => Ok(StringMatch::Regex(regex(v, &format!("{path}.regex"))?)),
         (None, None, None) => Err(at(
             path,
             "names none of exact, prefix, regex (a match on presence alone is not supported yet)",
@@ -348,6 +358,7 @@ pub fn virtual_service(spec: &crd::VirtualServiceSpec) -> Result<VirtualServiceS
             .enumerate()
             .map(|(i, r)| http_route(r, &format!("spec.http[{i}]")))
             .collect::<Result<_, _>>()?,
+        ports: Vec::new(),
     })
 }
 
@@ -529,6 +540,14 @@ mod tests {
         let e = vs("hosts: [r]\nhttp:\n- retries: {attempts: 2, retryOn: 'sometimes'}\n  route: [{destination: {host: r}}]\n")
             .expect_err("unknown condition");
         assert_eq!(e.path, "spec.http[0].retries.retryOn");
+    }
+
+    #[test]
+    fn a_regex_that_does_not_compile_is_named() {
+        let e = vs("hosts: [r]\nhttp:\n- match: [{uri: {regex: '/reviews/([0-9'}}]\n  route: [{destination: {host: r}}]\n")
+            .expect_err("bad regex");
+        assert_eq!(e.path, "spec.http[0].match[0].uri.regex");
+        assert!(e.message.contains("does not compile"), "{e}");
     }
 
     #[test]

@@ -189,3 +189,118 @@ fn bookinfo_samples_are_accepted_or_refused_by_name() {
     }
     assert!(accepted >= 18, "{accepted} accepted");
 }
+
+/// Each Gateway API mesh sample through the model beside the suite's own Services
+/// (`manifests.yaml`): accepted with nothing refused, or refused with the field and the
+/// reason, pinned per file. A feature that lands moves its sample to the accepted side.
+#[test]
+fn gateway_api_mesh_samples_are_accepted_or_refused_by_name() {
+    let dir = conformance("gateway-api/mesh");
+    let refused: BTreeMap<&str, &str> = [
+        (
+            "grpcroute-request-header-modifier.yaml",
+            "GRPCRoute is read (every field checked) but not translated",
+        ),
+        (
+            "grpcroute-weight.yaml",
+            "GRPCRoute is read (every field checked) but not translated",
+        ),
+        (
+            "httproute-303-redirect.yaml",
+            "the RequestRedirect filter is not supported by lumen yet",
+        ),
+        (
+            "httproute-307-redirect.yaml",
+            "the RequestRedirect filter is not supported by lumen yet",
+        ),
+        (
+            "httproute-308-redirect.yaml",
+            "the RequestRedirect filter is not supported by lumen yet",
+        ),
+        (
+            "httproute-redirect-host-and-status.yaml",
+            "the RequestRedirect filter is not supported by lumen yet",
+        ),
+        (
+            "httproute-redirect-path.yaml",
+            "the RequestRedirect filter is not supported by lumen yet",
+        ),
+        (
+            "httproute-redirect-port.yaml",
+            "the RequestRedirect filter is not supported by lumen yet",
+        ),
+        (
+            "httproute-redirect-scheme.yaml",
+            "the RequestRedirect filter is not supported by lumen yet",
+        ),
+        (
+            "httproute-request-header-modifier.yaml",
+            "the RequestHeaderModifier filter is not supported by lumen yet",
+        ),
+        (
+            "httproute-request-header-modifier-backend.yaml",
+            "a backend's own filters is not supported by lumen yet",
+        ),
+        (
+            "httproute-rewrite-path.yaml",
+            "the URLRewrite filter is not supported by lumen yet",
+        ),
+        (
+            "httproute-query-param-matching.yaml",
+            "matching on query parameters is not supported by lumen yet",
+        ),
+        (
+            "mesh-consumer-route.yaml",
+            "the ResponseHeaderModifier filter is not supported by lumen yet",
+        ),
+        (
+            "mesh-frontend.yaml",
+            "the ResponseHeaderModifier filter is not supported by lumen yet",
+        ),
+        (
+            "mesh-ports.yaml",
+            "the ResponseHeaderModifier filter is not supported by lumen yet",
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let services = std::fs::read_to_string(dir.join("manifests.yaml")).expect("read");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("read")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n != "manifests.yaml"))
+        .collect();
+    files.sort();
+    let mut accepted = Vec::new();
+    for file in files {
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let text = std::fs::read_to_string(&file).expect("read");
+        let mut model =
+            lumen_control::Model::from_yaml("manifests.yaml", &services).expect("services");
+        model
+            .add_yaml(&name, &text)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        model.check();
+        let reasons: Vec<String> = model.rejected.iter().map(ToString::to_string).collect();
+        match refused.get(name.as_str()) {
+            None => {
+                assert!(reasons.is_empty(), "{name} was refused: {reasons:#?}");
+                assert!(
+                    model.virtual_services.iter().any(|v| v.kind == "HTTPRoute"),
+                    "{name}: no route read"
+                );
+                accepted.push(name);
+            }
+            Some(why) => assert!(
+                reasons
+                    .iter()
+                    .any(|r| r.starts_with(&format!("{name}: ")) && r.contains(why)),
+                "{name}: expected refused with {why:?}, got {reasons:#?}"
+            ),
+        }
+    }
+    assert!(accepted.len() >= 5, "accepted: {accepted:?}");
+}

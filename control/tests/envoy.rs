@@ -84,6 +84,14 @@ async fn envoy_accepts_everything_lumen_control_serves() {
             "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings, namespace: default}\nspec:\n  hosts: [ratings]\n  http:\n  - match: [{headers: {end-user: {exact: jason}}}]\n    fault: {delay: {fixedDelay: 7s, percentage: {value: 100}}, abort: {httpStatus: 500, percentage: {value: 10}}}\n    route: [{destination: {host: ratings}}]\n  - route: [{destination: {host: ratings}}]\n    timeout: 3s\n    retries: {attempts: 2, perTryTimeout: 1s, retryOn: 'gateway-error,503'}\n",
         )
         .unwrap();
+    // A Gateway API route for a Service: segment-wise prefixes, methods and regexes, which
+    // Envoy must take too.
+    model
+        .add_yaml(
+            "httproute.yaml",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: details, namespace: default}\nspec:\n  parentRefs: [{group: '', kind: Service, name: details}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /v2}, method: POST}, {path: {type: RegularExpression, value: '/d/[0-9]+'}}]\n    backendRefs: [{name: details, port: 9080}]\n    timeouts: {request: 2s}\n",
+        )
+        .unwrap();
     model.check();
     assert!(model.rejected.is_empty(), "{:?}", model.rejected);
     let control = Control::bind(ControlOptions {
@@ -180,6 +188,8 @@ async fn envoy_accepts_everything_lumen_control_serves() {
         "envoy.extensions.filters.http.fault.v3.HTTPFault",
         "fixed_delay",
         "retry_policy",
+        "path_separated_prefix",
+        "safe_regex",
         "retriable_status_codes",
         "per_try_timeout",
     ] {

@@ -122,7 +122,12 @@ impl Admin {
                         "domains": vh.domains,
                         "routes": vh.routes.iter().map(|r| json!({
                             "name": r.name,
-                            "match": match &r.path { PathMatch::Prefix(p) => json!({"prefix": p}), PathMatch::Exact(p) => json!({"path": p}) },
+                            "match": match &r.path {
+                                PathMatch::Prefix(p) => json!({"prefix": p}),
+                                PathMatch::Exact(p) => json!({"path": p}),
+                                PathMatch::SeparatedPrefix(p) => json!({"path_separated_prefix": p}),
+                                PathMatch::Regex(p) => json!({"safe_regex": {"regex": p.source()}}),
+                            },
                             "clusters": r.backends.iter().map(|b| json!({"name": b.cluster, "weight": b.weight})).collect::<Vec<_>>(),
                         })).collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),

@@ -258,6 +258,47 @@ fn route_fault(
 pub enum PathMatch {
     Prefix(String),
     Exact(String),
+    /// The path is this or goes on below it (`/v2` takes `/v2` and `/v2/x`, not `/v2x`):
+    /// Envoy's `path_separated_prefix`, Gateway API's `PathPrefix`.
+    SeparatedPrefix(String),
+    Regex(Pattern),
+}
+
+/// A regular expression matched against a whole value (Envoy's `safe_regex`: RE2 syntax,
+/// full match), compiled within [`lumen_api::MAX_REGEX_PROGRAM`].
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    source: String,
+    regex: regex::Regex,
+}
+
+impl Pattern {
+    pub fn new(source: &str) -> Result<Pattern, String> {
+        let regex = regex::RegexBuilder::new(&format!("^(?:{source})$"))
+            .size_limit(lumen_api::MAX_REGEX_PROGRAM)
+            .dfa_size_limit(lumen_api::MAX_REGEX_PROGRAM)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Pattern {
+            source: source.to_string(),
+            regex,
+        })
+    }
+
+    pub fn is_match(&self, value: &str) -> bool {
+        self.regex.is_match(value)
+    }
+
+    /// The expression as configured.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Pattern) -> bool {
+        self.source == other.source
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -271,6 +312,7 @@ pub enum ValueMatch {
     Exact(String),
     Prefix(String),
     Present(bool),
+    Regex(Pattern),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -337,6 +379,7 @@ impl MeshConfig {
     pub fn route(
         &self,
         authority: &str,
+        method: &http::Method,
         path: &str,
         headers: &http::HeaderMap,
         random: u32,
@@ -350,27 +393,39 @@ impl MeshConfig {
         // The common case: the port names the route configuration (no allocation, no sort).
         if let Some(rc) = port.and_then(|p| self.routes.get(p)) {
             return self
-                .route_in(rc, &host, port.is_some(), path, headers, random, &no_route)
+                .route_in(
+                    rc,
+                    &host,
+                    port.is_some(),
+                    (method, path, headers),
+                    random,
+                    &no_route,
+                )
                 .unwrap_or_else(|| Err(no_route()));
         }
         let mut all: Vec<&Arc<RouteConfig>> = self.routes.values().collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all.into_iter()
             .find_map(|rc| {
-                self.route_in(rc, &host, port.is_some(), path, headers, random, &no_route)
+                self.route_in(
+                    rc,
+                    &host,
+                    port.is_some(),
+                    (method, path, headers),
+                    random,
+                    &no_route,
+                )
             })
             .unwrap_or_else(|| Err(no_route()))
     }
 
     /// Routes within one route configuration; `None` when no virtual host takes the host.
-    #[allow(clippy::too_many_arguments)] // one request's facts, passed through once
     fn route_in(
         &self,
         rc: &Arc<RouteConfig>,
         host: &str,
         has_port: bool,
-        path: &str,
-        headers: &http::HeaderMap,
+        (method, path, headers): (&http::Method, &str, &http::HeaderMap),
         random: u32,
         no_route: &dyn Fn() -> RouteError,
     ) -> Option<Result<Decision, RouteError>> {
@@ -384,7 +439,7 @@ impl MeshConfig {
             .routes
             .iter()
             .enumerate()
-            .find(|(_, r)| r.matches(path, headers))
+            .find(|(_, r)| r.matches(method, path, headers))
         else {
             return Some(Err(no_route()));
         };
@@ -489,19 +544,29 @@ impl RouteConfig {
 }
 
 impl Route {
-    fn matches(&self, path: &str, headers: &http::HeaderMap) -> bool {
+    fn matches(&self, method: &http::Method, path: &str, headers: &http::HeaderMap) -> bool {
         let path_only = path.split('?').next().unwrap_or(path);
         let path_ok = match &self.path {
             PathMatch::Prefix(p) => path_only.starts_with(p.as_str()),
             PathMatch::Exact(p) => path_only == p,
+            PathMatch::SeparatedPrefix(p) => path_only
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+            PathMatch::Regex(re) => re.is_match(path_only),
         };
         path_ok
             && self.headers.iter().all(|h| {
-                let value = headers.get(h.name.as_str()).and_then(|v| v.to_str().ok());
+                // HTTP/2's pseudo-headers, as Envoy matches them: `:method` is the method.
+                let value = if h.name == ":method" {
+                    Some(method.as_str())
+                } else {
+                    headers.get(h.name.as_str()).and_then(|v| v.to_str().ok())
+                };
                 match (&h.value, value) {
                     (ValueMatch::Present(want), v) => v.is_some() == *want,
                     (ValueMatch::Exact(want), Some(v)) => v == want,
                     (ValueMatch::Prefix(want), Some(v)) => v.starts_with(want.as_str()),
+                    (ValueMatch::Regex(re), Some(v)) => re.is_match(v),
                     (_, None) => false,
                 }
             })
@@ -827,6 +892,10 @@ impl TryFrom<xroute::Route> for Route {
         let path = match m.path_specifier {
             Some(P::Prefix(p)) => PathMatch::Prefix(p),
             Some(P::Path(p)) => PathMatch::Exact(p),
+            Some(P::PathSeparatedPrefix(p)) => PathMatch::SeparatedPrefix(p),
+            Some(P::SafeRegex(m)) => PathMatch::Regex(Pattern::new(&m.regex).map_err(|e| {
+                unsupported("route", &r.name, format!("path regex {:?}: {e}", m.regex))
+            })?),
             None => PathMatch::Prefix("/".to_string()),
             Some(other) => {
                 return Err(unsupported(
@@ -850,6 +919,16 @@ impl TryFrom<xroute::Route> for Route {
                         ignore_case: false,
                     })) => ValueMatch::Prefix(v),
                     Some(H::PresentMatch(p)) => ValueMatch::Present(p),
+                    Some(H::StringMatch(StringMatcher {
+                        match_pattern: Some(MatchPattern::SafeRegex(m)),
+                        ignore_case: false,
+                    })) => ValueMatch::Regex(Pattern::new(&m.regex).map_err(|e| {
+                        unsupported(
+                            "route",
+                            &r.name,
+                            format!("header {:?} regex {:?}: {e}", h.name, m.regex),
+                        )
+                    })?),
                     other => {
                         return Err(unsupported(
                             "route",
@@ -1038,18 +1117,32 @@ pub(crate) mod tests {
         let cfg = config();
         let mut headers = http::HeaderMap::new();
         let d = cfg
-            .route("reviews:9080", "/reviews/0", &headers, 0)
+            .route(
+                "reviews:9080",
+                &http::Method::GET,
+                "/reviews/0",
+                &headers,
+                0,
+            )
             .expect("routed");
         assert_eq!(d.cluster.name, "v1");
         let d = cfg
-            .route("reviews:9080", "/reviews/0", &headers, u32::MAX)
+            .route(
+                "reviews:9080",
+                &http::Method::GET,
+                "/reviews/0",
+                &headers,
+                u32::MAX,
+            )
             .expect("routed");
         assert_eq!(d.cluster.name, "v2");
         headers.insert("end-user", http::HeaderValue::from_static("jason"));
-        let d = cfg.route("reviews:9080", "/", &headers, 0).expect("routed");
+        let d = cfg
+            .route("reviews:9080", &http::Method::GET, "/", &headers, 0)
+            .expect("routed");
         assert_eq!((d.cluster.name.as_str(), d.route), ("v2", 0));
         let d = cfg
-            .route("REVIEWS", "/", &headers, 0)
+            .route("REVIEWS", &http::Method::GET, "/", &headers, 0)
             .expect("host without port");
         assert_eq!(d.cluster.name, "v2");
     }
@@ -1057,7 +1150,13 @@ pub(crate) mod tests {
     #[test]
     fn unknown_host_is_no_route() {
         let err = config()
-            .route("nope:9080", "/x", &http::HeaderMap::new(), 0)
+            .route(
+                "nope:9080",
+                &http::Method::GET,
+                "/x",
+                &http::HeaderMap::new(),
+                0,
+            )
             .unwrap_err();
         assert_eq!(
             err,
@@ -1097,12 +1196,13 @@ pub(crate) mod tests {
     #[test]
     fn unsupported_xds_is_rejected_with_a_reason() {
         use lumen_api::pb::envoy::r#type::matcher::v3::RegexMatcher;
+        // A regex the proxy would not compile (unbalanced) is a NACK naming it.
         let route = xroute::Route {
             name: "by-regex".into(),
             r#match: Some(xroute::RouteMatch {
                 path_specifier: Some(xroute::route_match::PathSpecifier::SafeRegex(
                     RegexMatcher {
-                        regex: "/v[0-9]+".into(),
+                        regex: "/v([0-9]+".into(),
                         ..Default::default()
                     },
                 )),
@@ -1113,7 +1213,7 @@ pub(crate) mod tests {
         let err = Route::try_from(route).unwrap_err();
         assert!(
             err.to_string()
-                .starts_with("route \"by-regex\": path match"),
+                .starts_with("route \"by-regex\": path regex \"/v([0-9]+\""),
             "{err}"
         );
         let cluster = xcluster::Cluster {
@@ -1234,6 +1334,56 @@ pub(crate) mod tests {
             err.to_string().contains("only an HTTP status abort"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn regex_method_and_separated_prefix_matches() {
+        let route = |path: PathMatch, headers: Vec<HeaderMatch>| Route {
+            name: "r".into(),
+            path,
+            headers,
+            backends: vec![],
+            fault: None,
+            timeout: None,
+            retry: None,
+        };
+        let get = http::Method::GET;
+        let none = http::HeaderMap::new();
+        let re = route(
+            PathMatch::Regex(Pattern::new("/reviews/[0-9]+").expect("regex")),
+            vec![],
+        );
+        assert!(re.matches(&get, "/reviews/12?x=1", &none));
+        assert!(
+            !re.matches(&get, "/reviews/12/extra", &none),
+            "a whole-path match"
+        );
+        let prefix = route(PathMatch::SeparatedPrefix("/v2".into()), vec![]);
+        assert!(prefix.matches(&get, "/v2", &none));
+        assert!(prefix.matches(&get, "/v2/x", &none));
+        assert!(!prefix.matches(&get, "/v2x", &none));
+        let post_only = route(
+            PathMatch::Prefix("/".into()),
+            vec![HeaderMatch {
+                name: ":method".into(),
+                value: ValueMatch::Exact("POST".into()),
+            }],
+        );
+        assert!(post_only.matches(&http::Method::POST, "/", &none));
+        assert!(!post_only.matches(&get, "/", &none));
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-user", http::HeaderValue::from_static("jason-7"));
+        let by_header = route(
+            PathMatch::Prefix("/".into()),
+            vec![HeaderMatch {
+                name: "x-user".into(),
+                value: ValueMatch::Regex(Pattern::new("jason-[0-9]").expect("regex")),
+            }],
+        );
+        assert!(by_header.matches(&get, "/", &headers));
+        assert!(Pattern::new("(").is_err());
+        // A pattern past the size bound is refused, not compiled.
+        assert!(Pattern::new(&"a{1000}".repeat(100)).is_err());
     }
 
     #[test]

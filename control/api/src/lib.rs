@@ -51,6 +51,10 @@ pub mod endpoint_meta {
     pub const INBOUND_PORT: &str = "inbound_port";
 }
 
+/// The largest compiled regular expression a route may carry (bytes of the regex crate's
+/// program): a bound against configuration that would cost the proxy memory or time.
+pub const MAX_REGEX_PROGRAM: usize = 64 * 1024;
+
 /// Envoy's `retry_on` conditions lumen-proxy carries out (the control plane refuses others).
 pub const RETRY_ON: [&str; 12] = [
     "5xx",

@@ -70,7 +70,13 @@ impl Step for Route {
             authority = format!("{authority}:{}", dst.port());
         }
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        let routed = config.route(&authority, path, req.headers(), rand::random());
+        let routed = config.route(
+            &authority,
+            req.method(),
+            path,
+            req.headers(),
+            rand::random(),
+        );
         // Captured and for a host the mesh does not know: on to where the app was going, as
         // Istio's default outbound policy (ALLOW_ANY) does.
         if let (Err(RouteError::NoRoute { .. }), Some(dst)) = (&routed, original_dst) {

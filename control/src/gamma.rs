@@ -1,0 +1,334 @@
+//! Gateway API routes in the mesh (GAMMA): an HTTPRoute whose parent is a Service routes that
+//! Service's traffic in every sidecar, as a VirtualService for the Service's host does. Read
+//! into the same model: each rule's matches become routes, ordered by Gateway API's
+//! precedence (an exact path first, then the longest prefix, then a method, then the most
+//! header matches, then rule order), with the backends as weighted destinations. What the
+//! proxies do not carry out yet is refused by its field path.
+
+use crate::crd::gateway as crd;
+use crate::model::{
+    Destination, HttpMatchRequest, HttpRoute, HttpRouteDestination, PortSelector, StringMatch,
+    VirtualServiceSpec,
+};
+use crate::validate::{FieldError, regex};
+
+fn at(path: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+fn not_yet(path: String, what: &str) -> FieldError {
+    at(
+        path,
+        format!(
+            "{what} is not supported by lumen yet; the route is refused rather than applied without it"
+        ),
+    )
+}
+
+/// The Services a route is attached to (`group: ""`, `kind: Service`), as hosts of
+/// `namespace`, and the port it is limited to, if any.
+fn parents(
+    spec: &crd::HttpRouteSpec,
+    namespace: &str,
+) -> Result<(Vec<String>, Vec<u16>), FieldError> {
+    if spec.parent_refs.is_empty() {
+        return Err(at(
+            "spec.parentRefs",
+            "is empty: name the Service the route is for",
+        ));
+    }
+    let mut hosts = Vec::new();
+    let mut ports = Vec::new();
+    for (i, p) in spec.parent_refs.iter().enumerate() {
+        let path = format!("spec.parentRefs[{i}]");
+        let service = p.kind.as_deref() == Some("Service")
+            && p.group
+                .as_deref()
+                .is_none_or(|g| g.is_empty() || g == "core");
+        if !service {
+            return Err(at(
+                path,
+                format!(
+                    "a {} parent is a gateway's (north-south), out of lumen's scope: lumen serves routes whose parent is a Service (GAMMA)",
+                    p.kind.as_deref().unwrap_or("Gateway")
+                ),
+            ));
+        }
+        if p.section_name.is_some() {
+            return Err(not_yet(
+                format!("{path}.sectionName"),
+                "a parent's sectionName",
+            ));
+        }
+        let ns = p.namespace.as_deref().unwrap_or(namespace);
+        hosts.push(format!("{}.{ns}.svc.cluster.local", p.name));
+        if let Some(port) = p.port {
+            ports.push(port);
+        } else if !ports.is_empty() {
+            return Err(at(
+                format!("{path}.port"),
+                "some parents name a port and this one does not: give each the same scope",
+            ));
+        }
+    }
+    Ok((hosts, ports))
+}
+
+/// One match of a rule, as the model's match; `None` for what is refused.
+fn rule_match(m: &crd::HttpRouteMatch, path: &str) -> Result<HttpMatchRequest, FieldError> {
+    if !m.query_params.is_empty() {
+        return Err(not_yet(
+            format!("{path}.queryParams"),
+            "matching on query parameters",
+        ));
+    }
+    let uri = match &m.path {
+        None => None,
+        Some(p) => {
+            let value = p.value.clone().unwrap_or_else(|| "/".to_string());
+            if !value.starts_with('/') {
+                return Err(at(
+                    format!("{path}.path.value"),
+                    format!("{value:?} does not start with /"),
+                ));
+            }
+            Some(match p.type_.as_deref().unwrap_or("PathPrefix") {
+                "Exact" => StringMatch::Exact(value),
+                "PathPrefix" if value == "/" => StringMatch::Prefix(value),
+                // Segment-wise: `/v2` takes `/v2` and `/v2/x`, not `/v2x`.
+                "PathPrefix" => StringMatch::PathPrefix(value.trim_end_matches('/').to_string()),
+                "RegularExpression" => {
+                    StringMatch::Regex(regex(&value, &format!("{path}.path.value"))?)
+                }
+                other => {
+                    return Err(at(
+                        format!("{path}.path.type"),
+                        format!("{other:?} is not Exact, PathPrefix or RegularExpression"),
+                    ));
+                }
+            })
+        }
+    };
+    let mut headers = std::collections::BTreeMap::new();
+    for (j, h) in m.headers.iter().enumerate() {
+        let hp = format!("{path}.headers[{j}]");
+        let value = match h.type_.as_deref().unwrap_or("Exact") {
+            "Exact" => StringMatch::Exact(h.value.clone()),
+            "RegularExpression" => StringMatch::Regex(regex(&h.value, &format!("{hp}.value"))?),
+            other => {
+                return Err(at(
+                    format!("{hp}.type"),
+                    format!("{other:?} is not Exact or RegularExpression"),
+                ));
+            }
+        };
+        if headers.insert(h.name.to_ascii_lowercase(), value).is_some() {
+            return Err(at(
+                format!("{hp}.name"),
+                format!("header {:?} is matched twice", h.name),
+            ));
+        }
+    }
+    Ok(HttpMatchRequest {
+        uri,
+        headers,
+        method: m.method.clone().map(StringMatch::Exact),
+    })
+}
+
+/// Gateway API's precedence among matches: a larger key is tried first.
+fn precedence(m: &HttpMatchRequest) -> (u8, usize, bool, usize) {
+    let (kind, len) = match &m.uri {
+        Some(StringMatch::Exact(p)) => (3, p.len()),
+        Some(StringMatch::Regex(p)) => (2, p.len()),
+        Some(StringMatch::PathPrefix(p) | StringMatch::Prefix(p)) => (1, p.len()),
+        None => (1, 1),
+    };
+    (kind, len, m.method.is_some(), m.headers.len())
+}
+
+/// An HTTPRoute's spec as the model's routing for its parent Services.
+pub fn http_route(
+    spec: &crd::HttpRouteSpec,
+    namespace: &str,
+) -> Result<VirtualServiceSpec, FieldError> {
+    let (hosts, ports) = parents(spec, namespace)?;
+    if !spec.hostnames.is_empty() {
+        return Err(at(
+            "spec.hostnames",
+            "a route for a Service takes the Service's own names; hostnames apply to gateways",
+        ));
+    }
+    let mut routes: Vec<(usize, HttpMatchRequest, HttpRoute)> = Vec::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let path = format!("spec.rules[{i}]");
+        if let Some(f) = rule.filters.first() {
+            return Err(not_yet(
+                format!("{path}.filters[0]"),
+                &format!("the {} filter", f.type_),
+            ));
+        }
+        let timeout = match &rule.timeouts {
+            None => None,
+            Some(t) => {
+                if t.backend_request.is_some() {
+                    return Err(not_yet(
+                        format!("{path}.timeouts.backendRequest"),
+                        "backendRequest",
+                    ));
+                }
+                t.request
+                    .as_deref()
+                    .map(|r| {
+                        crate::duration::parse(r)
+                            .map_err(|e| at(format!("{path}.timeouts.request"), e))
+                    })
+                    .transpose()?
+            }
+        };
+        let mut destinations = Vec::new();
+        for (j, b) in rule.backend_refs.iter().enumerate() {
+            let bp = format!("{path}.backendRefs[{j}]");
+            if !b.filters.is_empty() {
+                return Err(not_yet(format!("{bp}.filters"), "a backend's own filters"));
+            }
+            if b.kind.as_deref().is_some_and(|k| k != "Service")
+                || b.group
+                    .as_deref()
+                    .is_some_and(|g| !g.is_empty() && g != "core")
+            {
+                return Err(at(bp, "only Service backends are supported"));
+            }
+            if b.namespace.as_deref().is_some_and(|ns| ns != namespace) {
+                return Err(not_yet(
+                    format!("{bp}.namespace"),
+                    "a backend in another namespace (it needs a ReferenceGrant)",
+                ));
+            }
+            let port = b
+                .port
+                .ok_or_else(|| at(format!("{bp}.port"), "is required for a Service backend"))?;
+            let weight = u32::try_from(b.weight.unwrap_or(1))
+                .map_err(|_| at(format!("{bp}.weight"), "is negative"))?;
+            if weight == 0 {
+                continue;
+            }
+            destinations.push(HttpRouteDestination {
+                destination: Destination {
+                    host: b.name.clone(),
+                    subset: None,
+                    port: Some(PortSelector { number: port }),
+                },
+                weight: Some(weight),
+            });
+        }
+        if destinations.is_empty() {
+            return Err(not_yet(
+                format!("{path}.backendRefs"),
+                "a rule without a backend that takes traffic (Gateway API answers it with 500)",
+            ));
+        }
+        let matches = if rule.matches.is_empty() {
+            vec![HttpMatchRequest {
+                uri: Some(StringMatch::Prefix("/".to_string())),
+                ..HttpMatchRequest::default()
+            }]
+        } else {
+            rule.matches
+                .iter()
+                .enumerate()
+                .map(|(k, m)| rule_match(m, &format!("{path}.matches[{k}]")))
+                .collect::<Result<_, _>>()?
+        };
+        for m in matches {
+            routes.push((
+                i,
+                m.clone(),
+                HttpRoute {
+                    name: Some(rule.name.clone().unwrap_or_else(|| format!("rule-{i}"))),
+                    matches: vec![m],
+                    route: destinations.clone(),
+                    timeout,
+                    ..HttpRoute::default()
+                },
+            ));
+        }
+    }
+    // Precedence first, then rule order (a stable sort keeps it).
+    routes.sort_by(|a, b| precedence(&b.1).cmp(&precedence(&a.1)).then(a.0.cmp(&b.0)));
+    Ok(VirtualServiceSpec {
+        hosts,
+        gateways: Vec::new(),
+        http: routes.into_iter().map(|(_, _, r)| r).collect(),
+        ports,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> crd::HttpRouteSpec {
+        serde_yaml::from_str(yaml).expect("spec")
+    }
+
+    #[test]
+    fn matches_are_ordered_by_gateway_api_precedence() {
+        let s = spec(
+            "parentRefs: [{group: '', kind: Service, name: echo, port: 80}]\nrules:\n- matches: [{path: {type: PathPrefix, value: /}}]\n  backendRefs: [{name: echo-v1, port: 8080}]\n- matches: [{path: {type: PathPrefix, value: /v2/}}, {path: {type: Exact, value: /v2/exact}}]\n  backendRefs: [{name: echo-v2, port: 8080, weight: 3}, {name: echo-v3, port: 8080, weight: 0}]\n- matches: [{path: {type: PathPrefix, value: /}, method: POST, headers: [{name: Version, value: two}]}]\n  backendRefs: [{name: echo-v2, port: 8080}]\n",
+        );
+        let vs = http_route(&s, "mesh").expect("read");
+        assert_eq!(vs.hosts, ["echo.mesh.svc.cluster.local"]);
+        assert_eq!(vs.ports, [80]);
+        let order: Vec<Option<StringMatch>> =
+            vs.http.iter().map(|r| r.matches[0].uri.clone()).collect();
+        assert_eq!(
+            order,
+            [
+                Some(StringMatch::Exact("/v2/exact".into())),
+                Some(StringMatch::PathPrefix("/v2".into())),
+                Some(StringMatch::Prefix("/".into())),
+                Some(StringMatch::Prefix("/".into())),
+            ]
+        );
+        // Of the two `/` prefixes, the one with a method and a header comes first.
+        assert_eq!(
+            vs.http[2].matches[0].method,
+            Some(StringMatch::Exact("POST".into()))
+        );
+        assert_eq!(
+            vs.http[2].matches[0].headers["version"],
+            StringMatch::Exact("two".into())
+        );
+        // A weight of 0 takes no traffic.
+        assert_eq!(vs.http[0].route.len(), 1);
+        assert_eq!(vs.http[0].route[0].weight, Some(3));
+    }
+
+    #[test]
+    fn what_is_out_of_scope_or_not_yet_is_named() {
+        let e = http_route(
+            &spec("parentRefs: [{name: gw}]\nrules: [{backendRefs: [{name: a, port: 80}]}]\n"),
+            "mesh",
+        )
+        .expect_err("a Gateway parent");
+        assert_eq!(e.path, "spec.parentRefs[0]");
+        let e = http_route(
+            &spec(
+                "parentRefs: [{kind: Service, name: echo}]\nrules: [{backendRefs: [{name: a}]}]\n",
+            ),
+            "mesh",
+        )
+        .expect_err("no port");
+        assert_eq!(e.path, "spec.rules[0].backendRefs[0].port");
+        let e = http_route(
+            &spec("parentRefs: [{kind: Service, name: echo}]\nrules:\n- matches: [{path: {type: RegularExpression, value: '/v(['}}]\n  backendRefs: [{name: a, port: 80}]\n"),
+            "mesh",
+        )
+        .expect_err("bad regex");
+        assert_eq!(e.path, "spec.rules[0].matches[0].path.value");
+    }
+}
