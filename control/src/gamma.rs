@@ -7,10 +7,10 @@
 
 use crate::crd::gateway as crd;
 use crate::model::{
-    Destination, HttpMatchRequest, HttpRoute, HttpRouteDestination, PortSelector, StringMatch,
-    VirtualServiceSpec,
+    Destination, HeaderRules, HttpMatchRequest, HttpRoute, HttpRouteDestination, PortSelector,
+    StringMatch, VirtualServiceSpec,
 };
-use crate::validate::{FieldError, regex};
+use crate::validate::{FieldError, header_name, header_value, regex};
 
 fn at(path: impl Into<String>, message: impl Into<String>) -> FieldError {
     FieldError {
@@ -165,12 +165,42 @@ pub fn http_route(
     let mut routes: Vec<(usize, HttpMatchRequest, HttpRoute)> = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
-        if let Some(f) = rule.filters.first() {
-            return Err(not_yet(
-                format!("{path}.filters[0]"),
-                &format!("the {} filter", f.type_),
-            ));
+        let mut headers = HeaderRules::default();
+        for (k, f) in rule.filters.iter().enumerate() {
+            let fp = format!("{path}.filters[{k}]");
+            let (ops, modifier, field) = match f.type_.as_str() {
+                "RequestHeaderModifier" => (
+                    &mut headers.request,
+                    &f.request_header_modifier,
+                    "requestHeaderModifier",
+                ),
+                "ResponseHeaderModifier" => (
+                    &mut headers.response,
+                    &f.response_header_modifier,
+                    "responseHeaderModifier",
+                ),
+                other => return Err(not_yet(fp, &format!("the {other} filter"))),
+            };
+            let m = modifier
+                .as_ref()
+                .ok_or_else(|| at(format!("{fp}.{field}"), "is missing"))?;
+            let mp = format!("{fp}.{field}");
+            for (n, name) in m.remove.iter().enumerate() {
+                ops.remove
+                    .push(header_name(name, &format!("{mp}.remove[{n}]"))?);
+            }
+            for (list, out, what) in [(&m.set, &mut ops.set, "set"), (&m.add, &mut ops.add, "add")]
+            {
+                for (n, h) in list.iter().enumerate() {
+                    let hp = format!("{mp}.{what}[{n}]");
+                    out.push((
+                        header_name(&h.name, &format!("{hp}.name"))?,
+                        header_value(&h.value, &format!("{hp}.value"))?,
+                    ));
+                }
+            }
         }
+        let headers = (headers != HeaderRules::default()).then_some(headers);
         let timeout = match &rule.timeouts {
             None => None,
             Some(t) => {
@@ -252,6 +282,7 @@ pub fn http_route(
                     matches: vec![m],
                     route: destinations.clone(),
                     timeout,
+                    headers: headers.clone(),
                     ..HttpRoute::default()
                 },
             ));

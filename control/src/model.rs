@@ -175,6 +175,9 @@ pub struct HttpRoute {
     pub timeout: Option<std::time::Duration>,
     #[serde(skip)]
     pub retries: Option<RetrySettings>,
+    /// Header changes on the request and the response.
+    #[serde(skip)]
+    pub headers: Option<HeaderRules>,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default, rename = "match")]
@@ -192,6 +195,21 @@ pub struct HttpMatchRequest {
     pub headers: BTreeMap<String, StringMatch>,
     #[serde(default)]
     pub method: Option<StringMatch>,
+}
+
+/// Header changes in one direction (names lower case): removed, then set, then added.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeaderOps {
+    pub remove: Vec<String>,
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+}
+
+/// A route's header changes (Istio's `Headers`, Gateway API's header modifier filters).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeaderRules {
+    pub request: HeaderOps,
+    pub response: HeaderOps,
 }
 
 /// A route's retries (Istio's `HTTPRetry`): how many after the first try, each try's time,

@@ -21,8 +21,8 @@ use lumen_api::pb::google::protobuf::{Any, Duration, Struct, UInt32Value, Value,
 use lumen_api::{cluster_name, endpoint_meta, pack_any, ports, type_url};
 
 use crate::model::{
-    FaultPolicy, HttpMatchRequest, LoadBalancer, Model, Pod, Service, StringMatch, VirtualService,
-    labels_match,
+    FaultPolicy, HeaderOps, HttpMatchRequest, LoadBalancer, Model, Pod, Service, StringMatch,
+    VirtualService, labels_match,
 };
 
 /// The proxy a configuration is generated for, parsed from its xDS node id
@@ -517,12 +517,17 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
                     seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
                     nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
                 });
+                let rules = http.headers.clone().unwrap_or_default();
                 for m in matches {
                     routes.push(route::Route {
                         name: name.clone(),
                         r#match: Some(m),
                         action: Some(route::route::Action::Route(action.clone())),
                         typed_per_filter_config: per_filter.clone(),
+                        request_headers_to_add: headers_to_add(&rules.request),
+                        request_headers_to_remove: rules.request.remove.clone(),
+                        response_headers_to_add: headers_to_add(&rules.response),
+                        response_headers_to_remove: rules.response.remove.clone(),
                         ..Default::default()
                     });
                 }
@@ -536,6 +541,26 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
         routes,
         ..Default::default()
     }
+}
+
+/// One direction's sets and additions as Envoy's header options; `%` written as Envoy's
+/// format strings need it (`%%`), so a value is taken as it is.
+fn headers_to_add(ops: &HeaderOps) -> Vec<core::HeaderValueOption> {
+    use core::header_value_option::HeaderAppendAction as A;
+    let option = |(k, v): &(String, String), action: A| core::HeaderValueOption {
+        header: Some(core::HeaderValue {
+            key: k.clone(),
+            value: v.replace('%', "%%"),
+            ..Default::default()
+        }),
+        append_action: action as i32,
+        ..Default::default()
+    };
+    ops.set
+        .iter()
+        .map(|h| option(h, A::OverwriteIfExistsOrAdd))
+        .chain(ops.add.iter().map(|h| option(h, A::AppendIfExistsOrAdd)))
+        .collect()
 }
 
 /// The per-route configuration key of Envoy's fault filter, and the filter itself, which every

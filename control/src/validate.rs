@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 
 use crate::crd::istio as crd;
 use crate::model::{
-    Destination, DestinationRuleSpec, FaultPolicy, HttpMatchRequest, HttpRoute,
-    HttpRouteDestination, LoadBalancer, PortSelector, RetrySettings, StringMatch, Subset,
-    VirtualServiceSpec,
+    Destination, DestinationRuleSpec, FaultPolicy, HeaderOps, HeaderRules, HttpMatchRequest,
+    HttpRoute, HttpRouteDestination, LoadBalancer, PortSelector, RetrySettings, StringMatch,
+    Subset, VirtualServiceSpec,
 };
 
 /// What is wrong, and where (`spec.http[0].route[1].weight`).
@@ -125,6 +125,66 @@ fn match_request(m: &crd::HttpMatchRequest, path: &str) -> Result<HttpMatchReque
             .as_ref()
             .map(|v| string_match(v, &format!("{path}.method")))
             .transpose()?,
+    })
+}
+
+/// A header name a route may change: a valid HTTP name, not a pseudo-header.
+pub fn header_name(name: &str, path: &str) -> Result<String, FieldError> {
+    let lower = name.to_ascii_lowercase();
+    let token = !lower.is_empty()
+        && lower
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if !token {
+        return Err(at(path, format!("{name:?} is not an HTTP header name")));
+    }
+    Ok(lower)
+}
+
+/// A header value a route may set: visible ASCII and spaces, no line breaks.
+pub fn header_value(value: &str, path: &str) -> Result<String, FieldError> {
+    if value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+        return Err(at(path, "is not a valid header value (control characters)"));
+    }
+    Ok(value.to_string())
+}
+
+fn header_ops(o: &crd::HeaderOperations, path: &str) -> Result<HeaderOps, FieldError> {
+    let pairs = |m: &std::collections::BTreeMap<String, String>, what: &str| {
+        m.iter()
+            .map(|(k, v)| {
+                Ok((
+                    header_name(k, &format!("{path}.{what}"))?,
+                    header_value(v, &format!("{path}.{what}.{k}"))?,
+                ))
+            })
+            .collect::<Result<Vec<_>, FieldError>>()
+    };
+    Ok(HeaderOps {
+        remove: o
+            .remove
+            .iter()
+            .map(|n| header_name(n, &format!("{path}.remove")))
+            .collect::<Result<_, _>>()?,
+        set: pairs(&o.set, "set")?,
+        add: pairs(&o.add, "add")?,
+    })
+}
+
+fn header_rules(h: &crd::Headers, path: &str) -> Result<HeaderRules, FieldError> {
+    Ok(HeaderRules {
+        request: h
+            .request
+            .as_ref()
+            .map(|o| header_ops(o, &format!("{path}.request")))
+            .transpose()?
+            .unwrap_or_default(),
+        response: h
+            .response
+            .as_ref()
+            .map(|o| header_ops(o, &format!("{path}.response")))
+            .transpose()?
+            .unwrap_or_default(),
     })
 }
 
@@ -267,7 +327,6 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         ("mirrors", !r.mirrors.is_empty()),
         ("mirrorPercentage", r.mirror_percentage.is_some()),
         ("corsPolicy", r.cors_policy.is_some()),
-        ("headers", r.headers.is_some()),
     ];
     if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
         return Err(not_yet(format!("{path}.{field}"), field));
@@ -316,7 +375,13 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         .map(|x| retries(x, &format!("{path}.retries")))
         .transpose()?
         .flatten();
+    let headers = r
+        .headers
+        .as_ref()
+        .map(|h| header_rules(h, &format!("{path}.headers")))
+        .transpose()?;
     Ok(HttpRoute {
+        headers,
         retries,
         timeout,
         fault: r
@@ -548,6 +613,19 @@ mod tests {
             .expect_err("bad regex");
         assert_eq!(e.path, "spec.http[0].match[0].uri.regex");
         assert!(e.message.contains("does not compile"), "{e}");
+    }
+
+    #[test]
+    fn header_changes_read_and_bad_names_are_named() {
+        let ok = vs("hosts: [r]\nhttp:\n- headers: {request: {set: {X-Test: 'a b'}, remove: [x-gone]}, response: {add: {x-by: lumen}}}\n  route: [{destination: {host: r}}]\n")
+            .expect("headers");
+        let h = ok.http[0].headers.clone().expect("rules");
+        assert_eq!(h.request.set, [("x-test".to_string(), "a b".to_string())]);
+        assert_eq!(h.request.remove, ["x-gone"]);
+        assert_eq!(h.response.add, [("x-by".to_string(), "lumen".to_string())]);
+        let e = vs("hosts: [r]\nhttp:\n- headers: {request: {set: {'bad name': x}}}\n  route: [{destination: {host: r}}]\n")
+            .expect_err("bad name");
+        assert_eq!(e.path, "spec.http[0].headers.request.set");
     }
 
     #[test]

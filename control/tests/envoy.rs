@@ -89,7 +89,7 @@ async fn envoy_accepts_everything_lumen_control_serves() {
     model
         .add_yaml(
             "httproute.yaml",
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: details, namespace: default}\nspec:\n  parentRefs: [{group: '', kind: Service, name: details}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /v2}, method: POST}, {path: {type: RegularExpression, value: '/d/[0-9]+'}}]\n    backendRefs: [{name: details, port: 9080}]\n    timeouts: {request: 2s}\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: details, namespace: default}\nspec:\n  parentRefs: [{group: '', kind: Service, name: details}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /v2}, method: POST}, {path: {type: RegularExpression, value: '/d/[0-9]+'}}]\n    backendRefs: [{name: details, port: 9080}]\n    timeouts: {request: 2s}\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-canary, value: '100%'}], remove: [x-debug]}}]\n",
         )
         .unwrap();
     model.check();
@@ -189,6 +189,7 @@ async fn envoy_accepts_everything_lumen_control_serves() {
         "fixed_delay",
         "retry_policy",
         "path_separated_prefix",
+        "request_headers_to_add",
         "safe_regex",
         "retriable_status_codes",
         "per_try_timeout",

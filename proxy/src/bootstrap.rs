@@ -483,6 +483,7 @@ impl StaticResources {
                         fault: None,
                         timeout: None,
                         retry: None,
+                        header_rules: None,
                     });
                 }
                 virtual_hosts.push(VirtualHost {

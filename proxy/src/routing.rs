@@ -80,6 +80,117 @@ pub struct Route {
     pub timeout: Option<std::time::Duration>,
     /// The route's retry policy (`RouteAction.retry_policy`).
     pub retry: Option<Arc<RetryPolicy>>,
+    /// Header changes for the request and the response.
+    pub header_rules: Option<Arc<HeaderRules>>,
+}
+
+/// Header changes in one direction: removed, then set (replacing), then added.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeaderOps {
+    pub remove: Vec<http::HeaderName>,
+    pub set: Vec<(http::HeaderName, http::HeaderValue)>,
+    pub add: Vec<(http::HeaderName, http::HeaderValue)>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+}
+
+/// A route's header changes, both ways.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeaderRules {
+    pub request: HeaderOps,
+    pub response: HeaderOps,
+}
+
+/// One direction's header changes from xDS. Values are Envoy's format strings: `%%` is a
+/// percent sign, and any other `%` (a substitution such as `%DOWNSTREAM_REMOTE_ADDRESS%`,
+/// which lumen-proxy does not carry out) is a NACK.
+fn header_ops(
+    route: &str,
+    to_add: &[xcore::HeaderValueOption],
+    to_remove: &[String],
+) -> Result<HeaderOps, ConfigError> {
+    use xcore::header_value_option::HeaderAppendAction as A;
+    let name = |n: &str| {
+        if n.starts_with(':') {
+            return Err(unsupported(
+                "route",
+                route,
+                format!("changing the pseudo-header {n:?} is not supported"),
+            ));
+        }
+        http::HeaderName::from_bytes(n.to_ascii_lowercase().as_bytes())
+            .map_err(|_| unsupported("route", route, format!("{n:?} is not a header name")))
+    };
+    let mut ops = HeaderOps {
+        remove: to_remove
+            .iter()
+            .map(|n| name(n))
+            .collect::<Result<_, _>>()?,
+        ..HeaderOps::default()
+    };
+    for option in to_add {
+        let Some(h) = &option.header else {
+            continue;
+        };
+        let mut value = String::new();
+        let mut rest = h.value.as_str();
+        while let Some(i) = rest.find('%') {
+            value.push_str(&rest[..i]);
+            if rest[i..].starts_with("%%") {
+                value.push('%');
+                rest = &rest[i + 2..];
+            } else {
+                return Err(unsupported(
+                    "route",
+                    route,
+                    format!(
+                        "header {:?}: substitutions (%...%) are not supported",
+                        h.key
+                    ),
+                ));
+            }
+        }
+        value.push_str(rest);
+        let value = http::HeaderValue::from_str(&value).map_err(|_| {
+            unsupported(
+                "route",
+                route,
+                format!("header {:?}: not a header value", h.key),
+            )
+        })?;
+        // The deprecated `append` flag decides when it is set (Envoy still honours it);
+        // else the action does.
+        #[allow(deprecated)]
+        let flag = option.append;
+        let append = match flag {
+            Some(a) => a.value,
+            None => match A::try_from(option.append_action) {
+                Ok(A::AppendIfExistsOrAdd) => true,
+                Ok(A::OverwriteIfExistsOrAdd) => false,
+                _ => {
+                    return Err(unsupported(
+                        "route",
+                        route,
+                        format!(
+                            "header {:?}: append action {} is not supported",
+                            h.key, option.append_action
+                        ),
+                    ));
+                }
+            },
+        };
+        let entry = (name(&h.key)?, value);
+        if append {
+            ops.add.push(entry);
+        } else {
+            ops.set.push(entry);
+        }
+    }
+    Ok(ops)
 }
 
 /// When and how often a route's requests are tried again.
@@ -986,6 +1097,20 @@ impl TryFrom<xroute::Route> for Route {
             .retry_policy
             .map(|p| retry_policy(&r.name, p).map(Arc::new))
             .transpose()?;
+        let rules = HeaderRules {
+            request: header_ops(
+                &r.name,
+                &r.request_headers_to_add,
+                &r.request_headers_to_remove,
+            )?,
+            response: header_ops(
+                &r.name,
+                &r.response_headers_to_add,
+                &r.response_headers_to_remove,
+            )?,
+        };
+        let header_rules =
+            (!rules.request.is_empty() || !rules.response.is_empty()).then(|| Arc::new(rules));
         Ok(Route {
             name: r.name,
             path,
@@ -994,6 +1119,7 @@ impl TryFrom<xroute::Route> for Route {
             fault,
             timeout,
             retry,
+            header_rules,
         })
     }
 }
@@ -1064,6 +1190,7 @@ pub(crate) mod tests {
                             fault: None,
                             timeout: None,
                             retry: None,
+                            header_rules: None,
                         },
                         Route {
                             name: "split".into(),
@@ -1082,6 +1209,7 @@ pub(crate) mod tests {
                             fault: None,
                             timeout: None,
                             retry: None,
+                            header_rules: None,
                         },
                     ],
                 }],
@@ -1346,6 +1474,7 @@ pub(crate) mod tests {
             fault: None,
             timeout: None,
             retry: None,
+            header_rules: None,
         };
         let get = http::Method::GET;
         let none = http::HeaderMap::new();
@@ -1384,6 +1513,45 @@ pub(crate) mod tests {
         assert!(Pattern::new("(").is_err());
         // A pattern past the size bound is refused, not compiled.
         assert!(Pattern::new(&"a{1000}".repeat(100)).is_err());
+    }
+
+    #[test]
+    fn header_changes_are_read_with_envoy_s_percent_escapes_and_substitutions_are_nacked() {
+        use xcore::header_value_option::HeaderAppendAction as A;
+        let option = |k: &str, v: &str, a: A| xcore::HeaderValueOption {
+            header: Some(xcore::HeaderValue {
+                key: k.into(),
+                value: v.into(),
+                ..Default::default()
+            }),
+            append_action: a as i32,
+            ..Default::default()
+        };
+        let ops = header_ops(
+            "r",
+            &[
+                option("X-Set", "100%% sure", A::OverwriteIfExistsOrAdd),
+                option("x-add", "more", A::AppendIfExistsOrAdd),
+            ],
+            &["x-gone".to_string()],
+        )
+        .expect("read");
+        assert_eq!(ops.set[0].0.as_str(), "x-set");
+        assert_eq!(ops.set[0].1, "100% sure");
+        assert_eq!(ops.add[0].1, "more");
+        assert_eq!(ops.remove[0].as_str(), "x-gone");
+        let err = header_ops(
+            "r",
+            &[option(
+                "x-peer",
+                "%DOWNSTREAM_REMOTE_ADDRESS%",
+                A::AppendIfExistsOrAdd,
+            )],
+            &[],
+        )
+        .expect_err("NACKed");
+        assert!(err.to_string().contains("substitutions"), "{err}");
+        assert!(header_ops("r", &[], &[":path".to_string()]).is_err());
     }
 
     #[test]

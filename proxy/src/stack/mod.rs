@@ -2,8 +2,8 @@
 //! Outside in:
 //!
 //! - outbound (the local app calling out): [`local_reply`] → [`observe`] (a client span and
-//!   `reporter="source"` metrics) → [`trace_context`] → [`route`] → [`fault`] → [`retry`] →
-//!   [`balance`] → [`connect`];
+//!   `reporter="source"` metrics) → [`trace_context`] → [`route`] → [`headers`] → [`fault`] →
+//!   [`retry`] → [`balance`] → [`connect`];
 //! - inbound (a caller reaching the local app): [`local_reply`] → [`observe`] (a server span,
 //!   `reporter="destination"`) → [`trace_context`] → [`inbound`] (the caller's identity, the
 //!   local endpoint) → [`connect`].
@@ -16,6 +16,7 @@ pub mod balance;
 pub mod connect;
 pub mod error;
 pub mod fault;
+pub mod headers;
 pub mod inbound;
 pub mod local_reply;
 pub mod observe;
@@ -51,6 +52,7 @@ pub fn outbound(config: ConfigRx, reporter: Arc<Reporter>, connect: connect::Con
         .layer(observe::ObserveLayer::new(reporter, Direction::Outbound))
         .layer(StepLayer(trace_context::TraceContext { ratio }))
         .layer(StepLayer(route::Route::new(config)))
+        .layer(headers::HeadersLayer)
         .layer(fault::FaultLayer)
         .layer(retry::RetryLayer::default())
         .layer(StepLayer(balance::Balance::new(me)))

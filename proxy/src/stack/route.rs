@@ -149,6 +149,9 @@ impl Step for Route {
             if let Some(fault) = route.fault.as_deref() {
                 req.extensions_mut().insert(fault.clone());
             }
+            if let Some(rules) = &route.header_rules {
+                req.extensions_mut().insert(rules.clone());
+            }
             if let Some(retry) = &route.retry {
                 req.extensions_mut().insert(retry.clone());
             }

@@ -1073,3 +1073,54 @@ async fn retries_follow_the_route_s_policy_and_replay_the_body() {
         (2, StatusCode::OK)
     );
 }
+
+#[tokio::test]
+async fn headers_change_the_request_going_up_and_the_response_coming_back() {
+    use crate::routing::{HeaderOps, HeaderRules};
+    use headers::HeadersLayer;
+    use tower::Layer;
+    let h = |n: &'static str| http::HeaderName::from_static(n);
+    let v = |s: &'static str| http::HeaderValue::from_static(s);
+    let rules = HeaderRules {
+        request: HeaderOps {
+            remove: vec![h("x-drop")],
+            set: vec![(h("x-set"), v("set-overwrites"))],
+            add: vec![(h("x-add"), v("added"))],
+        },
+        response: HeaderOps {
+            remove: vec![h("server")],
+            set: vec![(h("x-answered-by"), v("lumen"))],
+            add: vec![],
+        },
+    };
+    let upstream = tower::service_fn(|req: Request<Body>| async move {
+        let mut resp = Response::new(text_body(""));
+        for (k, v) in req.headers() {
+            resp.headers_mut().append(
+                format!("x-seen-{k}")
+                    .parse::<http::HeaderName>()
+                    .expect("name"),
+                v.clone(),
+            );
+        }
+        resp.headers_mut().insert("server", v("upstream"));
+        Ok::<_, ProxyError>(resp)
+    });
+    let mut req = get("echo", "/");
+    req.headers_mut().insert("x-drop", v("gone"));
+    req.headers_mut().insert("x-set", v("old"));
+    req.headers_mut().insert("x-add", v("first"));
+    req.extensions_mut().insert(Arc::new(rules));
+    let resp = HeadersLayer
+        .layer(upstream)
+        .oneshot(req)
+        .await
+        .expect("answered");
+    let hs = resp.headers();
+    assert!(!hs.contains_key("x-seen-x-drop"));
+    assert_eq!(hs["x-seen-x-set"], "set-overwrites");
+    let added: Vec<_> = hs.get_all("x-seen-x-add").iter().collect();
+    assert_eq!(added, ["first", "added"]);
+    assert!(!hs.contains_key("server"));
+    assert_eq!(hs["x-answered-by"], "lumen");
+}
