@@ -7,10 +7,10 @@
 
 use crate::crd::gateway as crd;
 use crate::model::{
-    Destination, HeaderRules, HttpMatchRequest, HttpRoute, HttpRouteDestination, PortSelector,
-    StringMatch, VirtualServiceSpec,
+    Destination, HeaderRules, HttpMatchRequest, HttpRoute, HttpRouteDestination, PathChange,
+    PortSelector, Redirect, StringMatch, VirtualServiceSpec,
 };
-use crate::validate::{FieldError, header_name, header_value, regex};
+use crate::validate::{FieldError, header_name, header_value, redirect_status, regex};
 
 fn at(path: impl Into<String>, message: impl Into<String>) -> FieldError {
     FieldError {
@@ -139,6 +139,41 @@ fn rule_match(m: &crd::HttpRouteMatch, path: &str) -> Result<HttpMatchRequest, F
     })
 }
 
+/// A RequestRedirect filter (status 302 unless said, Gateway API's default).
+fn request_redirect(r: &crd::RequestRedirect, path: &str) -> Result<Redirect, FieldError> {
+    let change = match &r.path {
+        None => None,
+        Some(p) => Some(match p.type_.as_str() {
+            "ReplaceFullPath" => PathChange::Full(
+                p.replace_full_path
+                    .clone()
+                    .ok_or_else(|| at(format!("{path}.path.replaceFullPath"), "is missing"))?,
+            ),
+            "ReplacePrefixMatch" => PathChange::Prefix(
+                p.replace_prefix_match
+                    .clone()
+                    .ok_or_else(|| at(format!("{path}.path.replacePrefixMatch"), "is missing"))?,
+            ),
+            other => {
+                return Err(at(
+                    format!("{path}.path.type"),
+                    format!("{other:?} is not ReplaceFullPath or ReplacePrefixMatch"),
+                ));
+            }
+        }),
+    };
+    Ok(Redirect {
+        scheme: r.scheme.clone(),
+        host: r.hostname.clone(),
+        port: r.port,
+        path: change,
+        status: redirect_status(
+            u32::from(r.status_code.unwrap_or(302)),
+            &format!("{path}.statusCode"),
+        )?,
+    })
+}
+
 /// Gateway API's precedence among matches: a larger key is tried first.
 fn precedence(m: &HttpMatchRequest) -> (u8, usize, bool, usize) {
     let (kind, len) = match &m.uri {
@@ -166,8 +201,17 @@ pub fn http_route(
     for (i, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
         let mut headers = HeaderRules::default();
+        let mut redirect = None;
         for (k, f) in rule.filters.iter().enumerate() {
             let fp = format!("{path}.filters[{k}]");
+            if f.type_ == "RequestRedirect" {
+                let r = f
+                    .request_redirect
+                    .as_ref()
+                    .ok_or_else(|| at(format!("{fp}.requestRedirect"), "is missing"))?;
+                redirect = Some(request_redirect(r, &format!("{fp}.requestRedirect"))?);
+                continue;
+            }
             let (ops, modifier, field) = match f.type_.as_str() {
                 "RequestHeaderModifier" => (
                     &mut headers.request,
@@ -255,7 +299,13 @@ pub fn http_route(
                 weight: Some(weight),
             });
         }
-        if destinations.is_empty() {
+        if redirect.is_some() && !destinations.is_empty() {
+            return Err(at(
+                format!("{path}.backendRefs"),
+                "a rule that redirects has no backends",
+            ));
+        }
+        if destinations.is_empty() && redirect.is_none() {
             return Err(not_yet(
                 format!("{path}.backendRefs"),
                 "a rule without a backend that takes traffic (Gateway API answers it with 500)",
@@ -283,6 +333,7 @@ pub fn http_route(
                     route: destinations.clone(),
                     timeout,
                     headers: headers.clone(),
+                    redirect: redirect.clone(),
                     ..HttpRoute::default()
                 },
             ));

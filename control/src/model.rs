@@ -178,6 +178,9 @@ pub struct HttpRoute {
     /// Header changes on the request and the response.
     #[serde(skip)]
     pub headers: Option<HeaderRules>,
+    /// Answer with a redirect instead of a destination.
+    #[serde(skip)]
+    pub redirect: Option<Redirect>,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default, rename = "match")]
@@ -195,6 +198,24 @@ pub struct HttpMatchRequest {
     pub headers: BTreeMap<String, StringMatch>,
     #[serde(default)]
     pub method: Option<StringMatch>,
+}
+
+/// A redirect a route answers with: each part replaces the request's own when set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<PathChange>,
+    /// 301, 302, 303, 307 or 308.
+    pub status: u16,
+}
+
+/// A new path: the whole of it, or in place of what the route's prefix matched.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathChange {
+    Full(String),
+    Prefix(String),
 }
 
 /// Header changes in one direction (names lower case): removed, then set, then added.

@@ -21,8 +21,8 @@ use lumen_api::pb::google::protobuf::{Any, Duration, Struct, UInt32Value, Value,
 use lumen_api::{cluster_name, endpoint_meta, pack_any, ports, type_url};
 
 use crate::model::{
-    FaultPolicy, HeaderOps, HttpMatchRequest, LoadBalancer, Model, Pod, Service, StringMatch,
-    VirtualService, labels_match,
+    FaultPolicy, HeaderOps, HttpMatchRequest, LoadBalancer, Model, PathChange, Pod, Redirect,
+    Service, StringMatch, VirtualService, labels_match,
 };
 
 /// The proxy a configuration is generated for, parsed from its xDS node id
@@ -481,8 +481,8 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
                         }
                     })
                     .collect();
-                let specifier = if clusters.len() == 1 {
-                    route::route_action::ClusterSpecifier::Cluster(clusters[0].name.clone())
+                let specifier = if let [only] = clusters.as_slice() {
+                    route::route_action::ClusterSpecifier::Cluster(only.name.clone())
                 } else {
                     route::route_action::ClusterSpecifier::WeightedClusters(
                         route::WeightedCluster {
@@ -522,7 +522,10 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
                     routes.push(route::Route {
                         name: name.clone(),
                         r#match: Some(m),
-                        action: Some(route::route::Action::Route(action.clone())),
+                        action: Some(match &http.redirect {
+                            Some(r) => route::route::Action::Redirect(redirect_action(r)),
+                            None => route::route::Action::Route(action.clone()),
+                        }),
                         typed_per_filter_config: per_filter.clone(),
                         request_headers_to_add: headers_to_add(&rules.request),
                         request_headers_to_remove: rules.request.remove.clone(),
@@ -561,6 +564,30 @@ fn headers_to_add(ops: &HeaderOps) -> Vec<core::HeaderValueOption> {
         .map(|h| option(h, A::OverwriteIfExistsOrAdd))
         .chain(ops.add.iter().map(|h| option(h, A::AppendIfExistsOrAdd)))
         .collect()
+}
+
+/// A route's redirect as Envoy's redirect action.
+fn redirect_action(r: &Redirect) -> route::RedirectAction {
+    use route::redirect_action::{
+        PathRewriteSpecifier as P, RedirectResponseCode as C, SchemeRewriteSpecifier as S,
+    };
+    route::RedirectAction {
+        host_redirect: r.host.clone().unwrap_or_default(),
+        port_redirect: r.port.map_or(0, u32::from),
+        response_code: match r.status {
+            302 => C::Found,
+            303 => C::SeeOther,
+            307 => C::TemporaryRedirect,
+            308 => C::PermanentRedirect,
+            _ => C::MovedPermanently,
+        } as i32,
+        scheme_rewrite_specifier: r.scheme.clone().map(S::SchemeRedirect),
+        path_rewrite_specifier: r.path.as_ref().map(|p| match p {
+            PathChange::Full(p) => P::PathRedirect(p.clone()),
+            PathChange::Prefix(p) => P::PrefixRewrite(p.clone()),
+        }),
+        ..Default::default()
+    }
 }
 
 /// The per-route configuration key of Envoy's fault filter, and the filter itself, which every

@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use crate::crd::istio as crd;
 use crate::model::{
     Destination, DestinationRuleSpec, FaultPolicy, HeaderOps, HeaderRules, HttpMatchRequest,
-    HttpRoute, HttpRouteDestination, LoadBalancer, PortSelector, RetrySettings, StringMatch,
-    Subset, VirtualServiceSpec,
+    HttpRoute, HttpRouteDestination, LoadBalancer, PathChange, PortSelector, Redirect,
+    RetrySettings, StringMatch, Subset, VirtualServiceSpec,
 };
 
 /// What is wrong, and where (`spec.http[0].route[1].weight`).
@@ -125,6 +125,50 @@ fn match_request(m: &crd::HttpMatchRequest, path: &str) -> Result<HttpMatchReque
             .as_ref()
             .map(|v| string_match(v, &format!("{path}.method")))
             .transpose()?,
+    })
+}
+
+/// A redirect status Envoy can answer with.
+pub fn redirect_status(code: u32, path: &str) -> Result<u16, FieldError> {
+    match code {
+        301 | 302 | 303 | 307 | 308 => Ok(u16::try_from(code).unwrap_or(301)),
+        other => Err(at(
+            path,
+            format!("{other} is not a redirect status (301, 302, 303, 307, 308)"),
+        )),
+    }
+}
+
+fn redirect(r: &crd::HttpRedirect, path: &str) -> Result<Redirect, FieldError> {
+    if r.derive_port.is_some() {
+        return Err(not_yet(format!("{path}.derivePort"), "derivePort"));
+    }
+    let port = r
+        .port
+        .map(|p| {
+            u16::try_from(p)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| at(format!("{path}.port"), format!("{p} is not a port")))
+        })
+        .transpose()?;
+    if let Some(uri) = &r.uri
+        && !uri.starts_with('/')
+    {
+        return Err(at(
+            format!("{path}.uri"),
+            format!("{uri:?} does not start with /"),
+        ));
+    }
+    Ok(Redirect {
+        scheme: r.scheme.clone(),
+        host: r.authority.clone(),
+        port,
+        path: r.uri.clone().map(PathChange::Full),
+        status: redirect_status(
+            r.redirect_code.unwrap_or(301),
+            &format!("{path}.redirectCode"),
+        )?,
     })
 }
 
@@ -320,7 +364,6 @@ fn fault(f: &crd::HttpFaultInjection, path: &str) -> Result<FaultPolicy, FieldEr
 
 fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
     let unsupported = [
-        ("redirect", r.redirect.is_some()),
         ("directResponse", r.direct_response.is_some()),
         ("rewrite", r.rewrite.is_some()),
         ("mirror", r.mirror.is_some()),
@@ -331,7 +374,18 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
     if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
         return Err(not_yet(format!("{path}.{field}"), field));
     }
-    if r.route.is_empty() {
+    let redirect = r
+        .redirect
+        .as_ref()
+        .map(|x| redirect(x, &format!("{path}.redirect")))
+        .transpose()?;
+    if redirect.is_some() && !r.route.is_empty() {
+        return Err(at(
+            format!("{path}.redirect"),
+            "a route redirects or has destinations, not both",
+        ));
+    }
+    if r.route.is_empty() && redirect.is_none() {
         return Err(at(
             format!("{path}.route"),
             "is empty: a route needs a destination",
@@ -381,6 +435,7 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         .map(|h| header_rules(h, &format!("{path}.headers")))
         .transpose()?;
     Ok(HttpRoute {
+        redirect,
         headers,
         retries,
         timeout,
@@ -626,6 +681,29 @@ mod tests {
         let e = vs("hosts: [r]\nhttp:\n- headers: {request: {set: {'bad name': x}}}\n  route: [{destination: {host: r}}]\n")
             .expect_err("bad name");
         assert_eq!(e.path, "spec.http[0].headers.request.set");
+    }
+
+    #[test]
+    fn redirects_read_and_bad_ones_are_named() {
+        let ok = vs("hosts: [r]\nhttp:\n- redirect: {uri: /v2/ratings, authority: newratings, redirectCode: 308}\n")
+            .expect("redirect");
+        assert_eq!(
+            ok.http[0].redirect,
+            Some(Redirect {
+                scheme: None,
+                host: Some("newratings".into()),
+                port: None,
+                path: Some(PathChange::Full("/v2/ratings".into())),
+                status: 308,
+            })
+        );
+        let e = vs("hosts: [r]\nhttp:\n- redirect: {uri: /a, redirectCode: 200}\n")
+            .expect_err("not a redirect status");
+        assert_eq!(e.path, "spec.http[0].redirect.redirectCode");
+        let e =
+            vs("hosts: [r]\nhttp:\n- redirect: {uri: /a}\n  route: [{destination: {host: r}}]\n")
+                .expect_err("both");
+        assert_eq!(e.path, "spec.http[0].redirect");
     }
 
     #[test]

@@ -210,34 +210,6 @@ fn gateway_api_mesh_samples_are_accepted_or_refused_by_name() {
             "GRPCRoute is read (every field checked) but not translated",
         ),
         (
-            "httproute-303-redirect.yaml",
-            "the RequestRedirect filter is not supported by lumen yet",
-        ),
-        (
-            "httproute-307-redirect.yaml",
-            "the RequestRedirect filter is not supported by lumen yet",
-        ),
-        (
-            "httproute-308-redirect.yaml",
-            "the RequestRedirect filter is not supported by lumen yet",
-        ),
-        (
-            "httproute-redirect-host-and-status.yaml",
-            "the RequestRedirect filter is not supported by lumen yet",
-        ),
-        (
-            "httproute-redirect-path.yaml",
-            "the RequestRedirect filter is not supported by lumen yet",
-        ),
-        (
-            "httproute-redirect-port.yaml",
-            "the RequestRedirect filter is not supported by lumen yet",
-        ),
-        (
-            "httproute-redirect-scheme.yaml",
-            "the RequestRedirect filter is not supported by lumen yet",
-        ),
-        (
             "httproute-request-header-modifier-backend.yaml",
             "a backend's own filters is not supported by lumen yet",
         ),
@@ -290,5 +262,5 @@ fn gateway_api_mesh_samples_are_accepted_or_refused_by_name() {
             ),
         }
     }
-    assert!(accepted.len() >= 8, "accepted: {accepted:?}");
+    assert!(accepted.len() >= 15, "accepted: {accepted:?}");
 }

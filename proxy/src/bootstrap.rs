@@ -484,6 +484,7 @@ impl StaticResources {
                         timeout: None,
                         retry: None,
                         header_rules: None,
+                        redirect: None,
                     });
                 }
                 virtual_hosts.push(VirtualHost {

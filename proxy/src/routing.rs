@@ -82,6 +82,73 @@ pub struct Route {
     pub retry: Option<Arc<RetryPolicy>>,
     /// Header changes for the request and the response.
     pub header_rules: Option<Arc<HeaderRules>>,
+    /// Answer with a redirect instead of forwarding (Envoy's redirect action).
+    pub redirect: Option<Arc<Redirect>>,
+}
+
+/// A redirect the proxy answers itself: each part replaces the request's own when set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<PathChange>,
+    pub status: http::StatusCode,
+    pub strip_query: bool,
+}
+
+/// How a redirect changes the path: the whole path, or the part the route's prefix matched.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathChange {
+    Full(String),
+    Prefix(String),
+}
+
+fn redirect_action(route: &str, a: xroute::RedirectAction) -> Result<Redirect, ConfigError> {
+    use xroute::redirect_action::{
+        PathRewriteSpecifier as P, RedirectResponseCode as C, SchemeRewriteSpecifier as S,
+    };
+    let status = match C::try_from(a.response_code) {
+        Ok(C::MovedPermanently) => 301,
+        Ok(C::Found) => 302,
+        Ok(C::SeeOther) => 303,
+        Ok(C::TemporaryRedirect) => 307,
+        Ok(C::PermanentRedirect) => 308,
+        Err(_) => {
+            return Err(unsupported(
+                "route",
+                route,
+                format!("redirect response code {} is unknown", a.response_code),
+            ));
+        }
+    };
+    let scheme = match a.scheme_rewrite_specifier {
+        None => None,
+        Some(S::HttpsRedirect(true)) => Some("https".to_string()),
+        Some(S::HttpsRedirect(false)) => None,
+        Some(S::SchemeRedirect(s)) => Some(s),
+    };
+    let path = match a.path_rewrite_specifier {
+        None => None,
+        Some(P::PathRedirect(p)) => Some(PathChange::Full(p)),
+        Some(P::PrefixRewrite(p)) => Some(PathChange::Prefix(p)),
+        Some(_) => {
+            return Err(unsupported(
+                "route",
+                route,
+                "a regex path redirect is not supported",
+            ));
+        }
+    };
+    Ok(Redirect {
+        scheme,
+        host: (!a.host_redirect.is_empty()).then_some(a.host_redirect),
+        port: u16::try_from(a.port_redirect).ok().filter(|p| *p != 0),
+        path,
+        status: http::StatusCode::from_u16(status)
+            .map_err(|_| unsupported("route", route, "a redirect status"))?,
+        strip_query: a.strip_query,
+    })
 }
 
 /// Header changes in one direction: removed, then set (replacing), then added.
@@ -554,6 +621,15 @@ impl MeshConfig {
         else {
             return Some(Err(no_route()));
         };
+        if route.redirect.is_some() {
+            // Answered by the proxy itself: no upstream cluster.
+            return Some(Ok(Decision {
+                route_config: rc.clone(),
+                virtual_host: vh_index,
+                route: route_index,
+                cluster: Arc::new(Cluster::new(format!("redirect|{}", route.name), Vec::new())),
+            }));
+        }
         let Some(cluster_name) = route.pick_backend(random) else {
             return Some(Err(no_route()));
         };
@@ -1054,12 +1130,29 @@ impl TryFrom<xroute::Route> for Route {
                 })
             })
             .collect::<Result<_, ConfigError>>()?;
-        let Some(xroute::route::Action::Route(action)) = r.action else {
-            return Err(unsupported(
-                "route",
-                &r.name,
-                "only route actions are supported",
-            ));
+        let action = match r.action {
+            Some(xroute::route::Action::Route(a)) => a,
+            Some(xroute::route::Action::Redirect(a)) => {
+                let redirect = Arc::new(redirect_action(&r.name, a)?);
+                return Ok(Route {
+                    name: r.name,
+                    path,
+                    headers,
+                    backends: Vec::new(),
+                    fault: None,
+                    timeout: None,
+                    retry: None,
+                    header_rules: None,
+                    redirect: Some(redirect),
+                });
+            }
+            _ => {
+                return Err(unsupported(
+                    "route",
+                    &r.name,
+                    "only route and redirect actions are supported",
+                ));
+            }
         };
         let backends = match action.cluster_specifier {
             Some(xroute::route_action::ClusterSpecifier::Cluster(c)) => vec![WeightedBackend {
@@ -1120,6 +1213,7 @@ impl TryFrom<xroute::Route> for Route {
             timeout,
             retry,
             header_rules,
+            redirect: None,
         })
     }
 }
@@ -1191,6 +1285,7 @@ pub(crate) mod tests {
                             timeout: None,
                             retry: None,
                             header_rules: None,
+                            redirect: None,
                         },
                         Route {
                             name: "split".into(),
@@ -1210,6 +1305,7 @@ pub(crate) mod tests {
                             timeout: None,
                             retry: None,
                             header_rules: None,
+                            redirect: None,
                         },
                     ],
                 }],
@@ -1475,6 +1571,7 @@ pub(crate) mod tests {
             timeout: None,
             retry: None,
             header_rules: None,
+            redirect: None,
         };
         let get = http::Method::GET;
         let none = http::HeaderMap::new();

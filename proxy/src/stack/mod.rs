@@ -2,8 +2,8 @@
 //! Outside in:
 //!
 //! - outbound (the local app calling out): [`local_reply`] → [`observe`] (a client span and
-//!   `reporter="source"` metrics) → [`trace_context`] → [`route`] → [`headers`] → [`fault`] →
-//!   [`retry`] → [`balance`] → [`connect`];
+//!   `reporter="source"` metrics) → [`trace_context`] → [`route`] → [`redirect`] →
+//!   [`headers`] → [`fault`] → [`retry`] → [`balance`] → [`connect`];
 //! - inbound (a caller reaching the local app): [`local_reply`] → [`observe`] (a server span,
 //!   `reporter="destination"`) → [`trace_context`] → [`inbound`] (the caller's identity, the
 //!   local endpoint) → [`connect`].
@@ -20,6 +20,7 @@ pub mod headers;
 pub mod inbound;
 pub mod local_reply;
 pub mod observe;
+pub mod redirect;
 pub mod retry;
 pub mod route;
 pub mod step;
@@ -52,6 +53,7 @@ pub fn outbound(config: ConfigRx, reporter: Arc<Reporter>, connect: connect::Con
         .layer(observe::ObserveLayer::new(reporter, Direction::Outbound))
         .layer(StepLayer(trace_context::TraceContext { ratio }))
         .layer(StepLayer(route::Route::new(config)))
+        .layer(redirect::RedirectLayer)
         .layer(headers::HeadersLayer)
         .layer(fault::FaultLayer)
         .layer(retry::RetryLayer::default())

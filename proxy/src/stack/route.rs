@@ -149,6 +149,12 @@ impl Step for Route {
             if let Some(fault) = route.fault.as_deref() {
                 req.extensions_mut().insert(fault.clone());
             }
+            if let Some(redirect) = &route.redirect {
+                req.extensions_mut().insert(super::redirect::Redirecting {
+                    redirect: redirect.clone(),
+                    matched: route.path.clone(),
+                });
+            }
             if let Some(rules) = &route.header_rules {
                 req.extensions_mut().insert(rules.clone());
             }

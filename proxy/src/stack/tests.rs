@@ -1124,3 +1124,77 @@ async fn headers_change_the_request_going_up_and_the_response_coming_back() {
     assert!(!hs.contains_key("server"));
     assert_eq!(hs["x-answered-by"], "lumen");
 }
+
+#[tokio::test]
+async fn redirects_answer_with_the_location_the_route_makes() {
+    use crate::routing::{PathChange, PathMatch, Redirect};
+    use redirect::{RedirectLayer, Redirecting, location};
+    use tower::Layer;
+    let redirecting = |r: Redirect, matched: PathMatch| Redirecting {
+        redirect: Arc::new(r),
+        matched,
+    };
+    let plain = Redirect {
+        scheme: None,
+        host: None,
+        port: None,
+        path: None,
+        status: StatusCode::FOUND,
+        strip_query: false,
+    };
+    let req = |host: &str, path: &str| get(host, path);
+    // Only the host: the rest of the request's URL stays.
+    let to_host = redirecting(
+        Redirect {
+            host: Some("example.org".into()),
+            ..plain.clone()
+        },
+        PathMatch::Prefix("/".into()),
+    );
+    assert_eq!(
+        location(&req("echo:8080", "/a/b?x=1"), &to_host),
+        "http://example.org:8080/a/b?x=1"
+    );
+    // A scheme change drops the request's port; a port named is kept unless the default.
+    let https = redirecting(
+        Redirect {
+            scheme: Some("https".into()),
+            ..plain.clone()
+        },
+        PathMatch::Prefix("/".into()),
+    );
+    assert_eq!(location(&req("echo:8080", "/"), &https), "https://echo/");
+    // The part the prefix matched, replaced; the query stripped when asked.
+    let prefix = redirecting(
+        Redirect {
+            path: Some(PathChange::Prefix("/v2".into())),
+            strip_query: true,
+            ..plain.clone()
+        },
+        PathMatch::SeparatedPrefix("/v1".into()),
+    );
+    assert_eq!(
+        location(&req("echo", "/v1/items?x=1"), &prefix),
+        "http://echo/v2/items"
+    );
+    let full = redirecting(
+        Redirect {
+            path: Some(PathChange::Full("/new".into())),
+            ..plain.clone()
+        },
+        PathMatch::Exact("/old".into()),
+    );
+    assert_eq!(location(&req("echo", "/old"), &full), "http://echo/new");
+    // The layer answers itself; nothing goes upstream.
+    let (inner, seen) = capture();
+    let mut r = req("echo", "/old");
+    r.extensions_mut().insert(full);
+    let resp = RedirectLayer
+        .layer(inner)
+        .oneshot(r)
+        .await
+        .expect("answered");
+    assert_eq!(resp.status(), StatusCode::FOUND);
+    assert_eq!(resp.headers()["location"], "http://echo/new");
+    assert!(seen.lock().expect("lock").is_none());
+}

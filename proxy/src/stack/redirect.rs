@@ -1,0 +1,145 @@
+//! Redirects the proxy answers itself (Envoy's redirect action; Istio's `redirect`, Gateway
+//! API's `RequestRedirect`): the `Location` is the request's own URL with the parts the route
+//! names replaced (scheme, host, port, the whole path or the part its prefix matched), the
+//! query kept unless stripped. Nothing goes upstream.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Request, Response, StatusCode};
+
+use super::error::ProxyError;
+use super::observe::authority_of;
+use crate::http::{host_only, text_body};
+use crate::routing::{PathChange, PathMatch, Redirect};
+use crate::server::Body;
+
+/// The route's redirect and what its path matched (for a prefix change), in the request's
+/// extensions (set by the route layer).
+#[derive(Debug, Clone)]
+pub struct Redirecting {
+    pub redirect: Arc<Redirect>,
+    pub matched: PathMatch,
+}
+
+/// Default ports, left out of a `Location`.
+fn default_port(scheme: &str) -> u16 {
+    if scheme == "https" { 443 } else { 80 }
+}
+
+/// Where `req` is redirected.
+pub fn location(req: &Request<Body>, r: &Redirecting) -> String {
+    let original_scheme = req.uri().scheme_str().unwrap_or("http").to_string();
+    let scheme = r
+        .redirect
+        .scheme
+        .clone()
+        .unwrap_or_else(|| original_scheme.clone());
+    let authority = authority_of(req);
+    let port = authority
+        .rsplit_once(':')
+        .filter(|(_, p)| !p.contains(']'))
+        .and_then(|(_, p)| p.parse::<u16>().ok());
+    let host = r
+        .redirect
+        .host
+        .clone()
+        .unwrap_or_else(|| host_only(&authority).to_string());
+    // A port named wins; else the request's stays, unless the scheme changed (its default
+    // port then).
+    let port = r
+        .redirect
+        .port
+        .or(if scheme == original_scheme {
+            port
+        } else {
+            None
+        })
+        .filter(|p| *p != default_port(&scheme));
+    let path = req.uri().path();
+    let path = match &r.redirect.path {
+        None => path.to_string(),
+        Some(PathChange::Full(p)) => p.clone(),
+        Some(PathChange::Prefix(p)) => {
+            let matched = match &r.matched {
+                PathMatch::Prefix(m) | PathMatch::SeparatedPrefix(m) => m.as_str(),
+                PathMatch::Exact(m) => m.as_str(),
+                PathMatch::Regex(_) => "",
+            };
+            match path.strip_prefix(matched) {
+                Some(rest) if p.ends_with('/') && rest.starts_with('/') => {
+                    format!("{p}{}", &rest[1..])
+                }
+                Some(rest) if !p.ends_with('/') && !rest.is_empty() && !rest.starts_with('/') => {
+                    format!("{p}/{rest}")
+                }
+                Some(rest) => format!("{p}{rest}"),
+                None => path.to_string(),
+            }
+        }
+    };
+    let path = if path.is_empty() {
+        "/".to_string()
+    } else {
+        path
+    };
+    let query = match req.uri().query() {
+        Some(q) if !r.redirect.strip_query => format!("?{q}"),
+        _ => String::new(),
+    };
+    match port {
+        Some(p) => format!("{scheme}://{host}:{p}{path}{query}"),
+        None => format!("{scheme}://{host}{path}{query}"),
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct RedirectLayer;
+
+impl<S> tower::Layer<S> for RedirectLayer {
+    type Service = RedirectService<S>;
+
+    fn layer(&self, inner: S) -> RedirectService<S> {
+        RedirectService { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RedirectService<S> {
+    inner: S,
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+impl<S> tower::Service<Request<Body>> for RedirectService<S>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+        let Some(r) = req.extensions().get::<Redirecting>() else {
+            return Box::pin(self.inner.call(req));
+        };
+        let to = location(&req, r);
+        let status = r.redirect.status;
+        let mut resp = Response::new(text_body(""));
+        *resp.status_mut() = status;
+        match HeaderValue::from_str(&to) {
+            Ok(v) => {
+                resp.headers_mut().insert(http::header::LOCATION, v);
+            }
+            Err(_) => *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
+        }
+        Box::pin(std::future::ready(Ok(resp)))
+    }
+}
