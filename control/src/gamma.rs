@@ -8,7 +8,7 @@
 use crate::crd::gateway as crd;
 use crate::model::{
     Destination, HeaderRules, HttpMatchRequest, HttpRoute, HttpRouteDestination, PathChange,
-    PortSelector, Redirect, StringMatch, VirtualServiceSpec,
+    PortSelector, Redirect, Rewrite, StringMatch, VirtualServiceSpec,
 };
 use crate::validate::{FieldError, header_name, header_value, redirect_status, regex};
 
@@ -139,29 +139,35 @@ fn rule_match(m: &crd::HttpRouteMatch, path: &str) -> Result<HttpMatchRequest, F
     })
 }
 
+/// A path modifier (of a redirect or a rewrite).
+fn path_modifier(p: &crd::PathModifier, path: &str) -> Result<PathChange, FieldError> {
+    Ok(match p.type_.as_str() {
+        "ReplaceFullPath" => PathChange::Full(
+            p.replace_full_path
+                .clone()
+                .ok_or_else(|| at(format!("{path}.replaceFullPath"), "is missing"))?,
+        ),
+        "ReplacePrefixMatch" => PathChange::Prefix(
+            p.replace_prefix_match
+                .clone()
+                .ok_or_else(|| at(format!("{path}.replacePrefixMatch"), "is missing"))?,
+        ),
+        other => {
+            return Err(at(
+                format!("{path}.type"),
+                format!("{other:?} is not ReplaceFullPath or ReplacePrefixMatch"),
+            ));
+        }
+    })
+}
+
 /// A RequestRedirect filter (status 302 unless said, Gateway API's default).
 fn request_redirect(r: &crd::RequestRedirect, path: &str) -> Result<Redirect, FieldError> {
-    let change = match &r.path {
-        None => None,
-        Some(p) => Some(match p.type_.as_str() {
-            "ReplaceFullPath" => PathChange::Full(
-                p.replace_full_path
-                    .clone()
-                    .ok_or_else(|| at(format!("{path}.path.replaceFullPath"), "is missing"))?,
-            ),
-            "ReplacePrefixMatch" => PathChange::Prefix(
-                p.replace_prefix_match
-                    .clone()
-                    .ok_or_else(|| at(format!("{path}.path.replacePrefixMatch"), "is missing"))?,
-            ),
-            other => {
-                return Err(at(
-                    format!("{path}.path.type"),
-                    format!("{other:?} is not ReplaceFullPath or ReplacePrefixMatch"),
-                ));
-            }
-        }),
-    };
+    let change = r
+        .path
+        .as_ref()
+        .map(|p| path_modifier(p, &format!("{path}.path")))
+        .transpose()?;
     Ok(Redirect {
         scheme: r.scheme.clone(),
         host: r.hostname.clone(),
@@ -202,8 +208,25 @@ pub fn http_route(
         let path = format!("spec.rules[{i}]");
         let mut headers = HeaderRules::default();
         let mut redirect = None;
+        let mut rewrite = None;
         for (k, f) in rule.filters.iter().enumerate() {
             let fp = format!("{path}.filters[{k}]");
+            if f.type_ == "URLRewrite" {
+                let w = f
+                    .url_rewrite
+                    .as_ref()
+                    .ok_or_else(|| at(format!("{fp}.urlRewrite"), "is missing"))?;
+                let wp = format!("{fp}.urlRewrite");
+                rewrite = Some(Rewrite {
+                    path: w
+                        .path
+                        .as_ref()
+                        .map(|p| path_modifier(p, &format!("{wp}.path")))
+                        .transpose()?,
+                    host: w.hostname.clone(),
+                });
+                continue;
+            }
             if f.type_ == "RequestRedirect" {
                 let r = f
                     .request_redirect
@@ -334,6 +357,7 @@ pub fn http_route(
                     timeout,
                     headers: headers.clone(),
                     redirect: redirect.clone(),
+                    rewrite: rewrite.clone(),
                     ..HttpRoute::default()
                 },
             ));

@@ -181,6 +181,9 @@ pub struct HttpRoute {
     /// Answer with a redirect instead of a destination.
     #[serde(skip)]
     pub redirect: Option<Redirect>,
+    /// Change the request's path or host on its way to the destination.
+    #[serde(skip)]
+    pub rewrite: Option<Rewrite>,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default, rename = "match")]
@@ -209,6 +212,13 @@ pub struct Redirect {
     pub path: Option<PathChange>,
     /// 301, 302, 303, 307 or 308.
     pub status: u16,
+}
+
+/// A rewrite of a request on its way upstream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rewrite {
+    pub path: Option<PathChange>,
+    pub host: Option<String>,
 }
 
 /// A new path: the whole of it, or in place of what the route's prefix matched.

@@ -15,7 +15,7 @@ use lumen_api::pb::envoy::config::route::v3 as route;
 use lumen_api::pb::envoy::extensions::filters::http::router::v3::Router;
 use lumen_api::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 use lumen_api::pb::envoy::r#type::matcher::v3::{
-    RegexMatcher, StringMatcher, string_matcher::MatchPattern,
+    RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher::MatchPattern,
 };
 use lumen_api::pb::google::protobuf::{Any, Duration, Struct, UInt32Value, Value, value::Kind};
 use lumen_api::{cluster_name, endpoint_meta, pack_any, ports, type_url};
@@ -503,6 +503,22 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
                     .into_iter()
                     .collect();
                 let mut action = route_action(specifier);
+                if let Some(rw) = &http.rewrite {
+                    match &rw.path {
+                        Some(PathChange::Prefix(p)) => action.prefix_rewrite = p.clone(),
+                        Some(PathChange::Full(p)) => {
+                            action.regex_rewrite = Some(RegexMatchAndSubstitute {
+                                pattern: Some(regex("^/.*$")),
+                                substitution: p.clone(),
+                            });
+                        }
+                        None => {}
+                    }
+                    action.host_rewrite_specifier = rw
+                        .host
+                        .clone()
+                        .map(route::route_action::HostRewriteSpecifier::HostRewriteLiteral);
+                }
                 action.retry_policy = http.retries.as_ref().map(|r| route::RetryPolicy {
                     retry_on: r.retry_on.join(","),
                     num_retries: Some(UInt32Value { value: r.attempts }),

@@ -9,7 +9,7 @@ use crate::crd::istio as crd;
 use crate::model::{
     Destination, DestinationRuleSpec, FaultPolicy, HeaderOps, HeaderRules, HttpMatchRequest,
     HttpRoute, HttpRouteDestination, LoadBalancer, PathChange, PortSelector, Redirect,
-    RetrySettings, StringMatch, Subset, VirtualServiceSpec,
+    RetrySettings, Rewrite, StringMatch, Subset, VirtualServiceSpec,
 };
 
 /// What is wrong, and where (`spec.http[0].route[1].weight`).
@@ -365,7 +365,6 @@ fn fault(f: &crd::HttpFaultInjection, path: &str) -> Result<FaultPolicy, FieldEr
 fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
     let unsupported = [
         ("directResponse", r.direct_response.is_some()),
-        ("rewrite", r.rewrite.is_some()),
         ("mirror", r.mirror.is_some()),
         ("mirrors", !r.mirrors.is_empty()),
         ("mirrorPercentage", r.mirror_percentage.is_some()),
@@ -434,7 +433,32 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         .as_ref()
         .map(|h| header_rules(h, &format!("{path}.headers")))
         .transpose()?;
+    let rewrite = match &r.rewrite {
+        None => None,
+        Some(w) => {
+            if w.uri_regex_rewrite.is_some() {
+                return Err(not_yet(
+                    format!("{path}.rewrite.uriRegexRewrite"),
+                    "uriRegexRewrite",
+                ));
+            }
+            if let Some(uri) = &w.uri
+                && !uri.starts_with('/')
+            {
+                return Err(at(
+                    format!("{path}.rewrite.uri"),
+                    format!("{uri:?} does not start with /"),
+                ));
+            }
+            // Istio's uri rewrite replaces what the match's uri matched (all of an exact one).
+            Some(Rewrite {
+                path: w.uri.clone().map(PathChange::Prefix),
+                host: w.authority.clone(),
+            })
+        }
+    };
     Ok(HttpRoute {
+        rewrite,
         redirect,
         headers,
         retries,
@@ -704,6 +728,22 @@ mod tests {
             vs("hosts: [r]\nhttp:\n- redirect: {uri: /a}\n  route: [{destination: {host: r}}]\n")
                 .expect_err("both");
         assert_eq!(e.path, "spec.http[0].redirect");
+    }
+
+    #[test]
+    fn rewrites_read_as_prefix_changes() {
+        let ok = vs("hosts: [r]\nhttp:\n- match: [{uri: {prefix: /v1}}]\n  rewrite: {uri: /v2, authority: r.internal}\n  route: [{destination: {host: r}}]\n")
+            .expect("rewrite");
+        assert_eq!(
+            ok.http[0].rewrite,
+            Some(Rewrite {
+                path: Some(PathChange::Prefix("/v2".into())),
+                host: Some("r.internal".into()),
+            })
+        );
+        let e = vs("hosts: [r]\nhttp:\n- rewrite: {uriRegexRewrite: {match: a, rewrite: b}}\n  route: [{destination: {host: r}}]\n")
+            .expect_err("not yet");
+        assert_eq!(e.path, "spec.http[0].rewrite.uriRegexRewrite");
     }
 
     #[test]

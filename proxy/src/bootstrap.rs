@@ -485,6 +485,7 @@ impl StaticResources {
                         retry: None,
                         header_rules: None,
                         redirect: None,
+                        rewrite: None,
                     });
                 }
                 virtual_hosts.push(VirtualHost {

@@ -84,6 +84,8 @@ pub struct Route {
     pub header_rules: Option<Arc<HeaderRules>>,
     /// Answer with a redirect instead of forwarding (Envoy's redirect action).
     pub redirect: Option<Arc<Redirect>>,
+    /// Change the request's path or host on its way upstream.
+    pub rewrite: Option<Arc<Rewrite>>,
 }
 
 /// A redirect the proxy answers itself: each part replaces the request's own when set.
@@ -97,11 +99,81 @@ pub struct Redirect {
     pub strip_query: bool,
 }
 
-/// How a redirect changes the path: the whole path, or the part the route's prefix matched.
+/// How a redirect or a rewrite changes the path: the whole path, or the part the route's
+/// prefix matched.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PathChange {
     Full(String),
     Prefix(String),
+}
+
+impl PathChange {
+    /// The new path for `path` (without its query), which the route matched with `matched`.
+    pub fn apply(&self, path: &str, matched: &PathMatch) -> String {
+        let new = match self {
+            PathChange::Full(p) => p.clone(),
+            PathChange::Prefix(p) => {
+                let prefix = match matched {
+                    PathMatch::Prefix(m) | PathMatch::SeparatedPrefix(m) | PathMatch::Exact(m) => {
+                        m.as_str()
+                    }
+                    PathMatch::Regex(_) => "",
+                };
+                match path.strip_prefix(prefix) {
+                    // Gateway API: `/v1` → `/` on `/v1/x` gives `/x`, not `//x`.
+                    Some(rest) if p.ends_with('/') && rest.starts_with('/') => {
+                        format!("{p}{}", &rest[1..])
+                    }
+                    Some(rest) => format!("{p}{rest}"),
+                    None => path.to_string(),
+                }
+            }
+        };
+        if new.is_empty() { "/".to_string() } else { new }
+    }
+}
+
+/// A rewrite of the request on its way upstream: its path and its host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rewrite {
+    pub path: Option<PathChange>,
+    pub host: Option<String>,
+}
+
+/// A route action's rewrite: `prefix_rewrite`, a `regex_rewrite` of the whole path
+/// (`^/.*$` or `^.*$`), and `host_rewrite_literal`; other regex rewrites are a NACK.
+fn rewrite(route: &str, a: &xroute::RouteAction) -> Result<Option<Rewrite>, ConfigError> {
+    let mut path =
+        (!a.prefix_rewrite.is_empty()).then(|| PathChange::Prefix(a.prefix_rewrite.clone()));
+    if let Some(r) = &a.regex_rewrite {
+        let pattern = r
+            .pattern
+            .as_ref()
+            .map(|p| p.regex.as_str())
+            .unwrap_or_default();
+        if pattern != "^/.*$" && pattern != "^.*$" {
+            return Err(unsupported(
+                "route",
+                route,
+                format!(
+                    "regex_rewrite {pattern:?}: only a whole-path rewrite (^/.*$) is supported"
+                ),
+            ));
+        }
+        path = Some(PathChange::Full(r.substitution.clone()));
+    }
+    let host = match &a.host_rewrite_specifier {
+        None => None,
+        Some(xroute::route_action::HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(h.clone()),
+        Some(_) => {
+            return Err(unsupported(
+                "route",
+                route,
+                "only a literal host rewrite is supported",
+            ));
+        }
+    };
+    Ok((path.is_some() || host.is_some()).then_some(Rewrite { path, host }))
 }
 
 fn redirect_action(route: &str, a: xroute::RedirectAction) -> Result<Redirect, ConfigError> {
@@ -1144,6 +1216,7 @@ impl TryFrom<xroute::Route> for Route {
                     retry: None,
                     header_rules: None,
                     redirect: Some(redirect),
+                    rewrite: None,
                 });
             }
             _ => {
@@ -1154,6 +1227,7 @@ impl TryFrom<xroute::Route> for Route {
                 ));
             }
         };
+        let rewrite = rewrite(&r.name, &action)?.map(Arc::new);
         let backends = match action.cluster_specifier {
             Some(xroute::route_action::ClusterSpecifier::Cluster(c)) => vec![WeightedBackend {
                 cluster: c,
@@ -1214,6 +1288,7 @@ impl TryFrom<xroute::Route> for Route {
             retry,
             header_rules,
             redirect: None,
+            rewrite,
         })
     }
 }
@@ -1286,6 +1361,7 @@ pub(crate) mod tests {
                             retry: None,
                             header_rules: None,
                             redirect: None,
+                            rewrite: None,
                         },
                         Route {
                             name: "split".into(),
@@ -1306,6 +1382,7 @@ pub(crate) mod tests {
                             retry: None,
                             header_rules: None,
                             redirect: None,
+                            rewrite: None,
                         },
                     ],
                 }],
@@ -1572,6 +1649,7 @@ pub(crate) mod tests {
             retry: None,
             header_rules: None,
             redirect: None,
+            rewrite: None,
         };
         let get = http::Method::GET;
         let none = http::HeaderMap::new();

@@ -13,7 +13,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use super::error::ProxyError;
 use super::observe::authority_of;
 use crate::http::{host_only, text_body};
-use crate::routing::{PathChange, PathMatch, Redirect};
+use crate::routing::{PathMatch, Redirect};
 use crate::server::Body;
 
 /// The route's redirect and what its path matched (for a prefix change), in the request's
@@ -58,32 +58,9 @@ pub fn location(req: &Request<Body>, r: &Redirecting) -> String {
             None
         })
         .filter(|p| *p != default_port(&scheme));
-    let path = req.uri().path();
     let path = match &r.redirect.path {
-        None => path.to_string(),
-        Some(PathChange::Full(p)) => p.clone(),
-        Some(PathChange::Prefix(p)) => {
-            let matched = match &r.matched {
-                PathMatch::Prefix(m) | PathMatch::SeparatedPrefix(m) => m.as_str(),
-                PathMatch::Exact(m) => m.as_str(),
-                PathMatch::Regex(_) => "",
-            };
-            match path.strip_prefix(matched) {
-                Some(rest) if p.ends_with('/') && rest.starts_with('/') => {
-                    format!("{p}{}", &rest[1..])
-                }
-                Some(rest) if !p.ends_with('/') && !rest.is_empty() && !rest.starts_with('/') => {
-                    format!("{p}/{rest}")
-                }
-                Some(rest) => format!("{p}{rest}"),
-                None => path.to_string(),
-            }
-        }
-    };
-    let path = if path.is_empty() {
-        "/".to_string()
-    } else {
-        path
+        None => req.uri().path().to_string(),
+        Some(change) => change.apply(req.uri().path(), &r.matched),
     };
     let query = match req.uri().query() {
         Some(q) if !r.redirect.strip_query => format!("?{q}"),

@@ -34,6 +34,42 @@ impl Route {
     }
 }
 
+/// Rewrites the request's path (query kept) and host as the route says.
+fn rewrite(
+    req: &mut Request<Body>,
+    rw: &crate::routing::Rewrite,
+    matched: &crate::routing::PathMatch,
+) -> Result<(), ProxyError> {
+    let bad = |what: &str| {
+        ProxyError::new(
+            flags::NONE,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Fault::Proxy,
+            format!("the route's rewrite made an invalid {what}"),
+        )
+    };
+    if let Some(change) = &rw.path {
+        let path = change.apply(req.uri().path(), matched);
+        let pq = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let mut parts = req.uri().clone().into_parts();
+        parts.path_and_query = Some(pq.parse().map_err(|_| bad("path"))?);
+        *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| bad("URI"))?;
+    }
+    if let Some(host) = &rw.host {
+        let value = http::HeaderValue::from_str(host).map_err(|_| bad("host"))?;
+        req.headers_mut().insert(http::header::HOST, value);
+        if req.uri().authority().is_some() {
+            let mut parts = req.uri().clone().into_parts();
+            parts.authority = Some(host.parse().map_err(|_| bad("host"))?);
+            *req.uri_mut() = http::Uri::from_parts(parts).map_err(|_| bad("URI"))?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether an authority carries a port (`host:port`, `[v6]:port`).
 fn has_port(authority: &str) -> bool {
     match authority.rsplit_once(':') {
@@ -154,6 +190,9 @@ impl Step for Route {
                     redirect: redirect.clone(),
                     matched: route.path.clone(),
                 });
+            }
+            if let Some(rw) = &route.rewrite {
+                rewrite(req, rw, &route.path)?;
             }
             if let Some(rules) = &route.header_rules {
                 req.extensions_mut().insert(rules.clone());

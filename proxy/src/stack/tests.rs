@@ -1198,3 +1198,52 @@ async fn redirects_answer_with_the_location_the_route_makes() {
     assert_eq!(resp.headers()["location"], "http://echo/new");
     assert!(seen.lock().expect("lock").is_none());
 }
+
+#[test]
+fn path_changes_replace_the_whole_path_or_the_matched_prefix() {
+    use crate::routing::{PathChange, PathMatch};
+    let prefix = |p: &str| PathChange::Prefix(p.into());
+    let sep = PathMatch::SeparatedPrefix("/v1".into());
+    assert_eq!(prefix("/v2").apply("/v1/items", &sep), "/v2/items");
+    assert_eq!(prefix("/").apply("/v1/items", &sep), "/items");
+    assert_eq!(prefix("/").apply("/v1", &sep), "/");
+    assert_eq!(
+        PathChange::Full("/new".into()).apply("/v1/items", &sep),
+        "/new"
+    );
+    assert_eq!(
+        prefix("/reviews").apply("/api/reviews/1", &PathMatch::Prefix("/api/reviews".into())),
+        "/reviews/1"
+    );
+}
+
+#[tokio::test]
+async fn a_route_s_rewrite_changes_the_path_and_host_going_upstream() {
+    use crate::routing::{PathChange, Rewrite};
+    let mut cfg = crate::routing::tests::config();
+    // The jason route of reviews, rewritten: its prefix `/` becomes `/v2/`, its host another.
+    let rc = cfg
+        .routes
+        .values()
+        .next()
+        .cloned()
+        .expect("a route configuration");
+    let mut rc = (*rc).clone();
+    rc.virtual_hosts[0].routes[0].rewrite = Some(Arc::new(Rewrite {
+        path: Some(PathChange::Prefix("/v2/".into())),
+        host: Some("reviews.internal".into()),
+    }));
+    cfg.routes.insert(rc.name.clone(), Arc::new(rc));
+    let (inner, seen) = capture();
+    let route = StepLayer(route::Route::new(config_rx(cfg)));
+    let mut req = get("reviews:9080", "/reviews/0?x=1");
+    req.headers_mut()
+        .insert("end-user", "jason".parse().expect("value"));
+    route.layer(inner).oneshot(req).await.expect("routed");
+    let reached = seen.lock().expect("lock").take().expect("reached inside");
+    assert_eq!(
+        reached.uri().path_and_query().map(|p| p.as_str()),
+        Some("/v2/reviews/0?x=1")
+    );
+    assert_eq!(reached.headers()["host"], "reviews.internal");
+}
