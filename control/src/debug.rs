@@ -80,6 +80,9 @@ fn match_words(m: &HttpMatchRequest) -> String {
     for (name, v) in &m.headers {
         parts.push(format!("header {name} {}", string_match(v)));
     }
+    for (name, v) in &m.query {
+        parts.push(format!("query {name} {}", string_match(v)));
+    }
     if parts.is_empty() {
         "every request".to_string()
     } else {
@@ -213,10 +216,11 @@ mod tests {
             uri: Some(StringMatch::Prefix("/api".into())),
             headers: [("end-user".to_string(), StringMatch::Exact("jason".into()))].into(),
             method: Some(StringMatch::Regex("GET|HEAD".into())),
+            query: [("v".to_string(), StringMatch::Exact("2".into()))].into(),
         };
         assert_eq!(
             match_words(&m),
-            "uri prefix /api, method regex GET|HEAD, header end-user exact jason"
+            "uri prefix /api, method regex GET|HEAD, header end-user exact jason, query v exact 2"
         );
         assert_eq!(match_words(&HttpMatchRequest::default()), "every request");
     }

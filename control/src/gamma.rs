@@ -79,11 +79,25 @@ fn parents(
 
 /// One match of a rule, as the model's match; `None` for what is refused.
 fn rule_match(m: &crd::HttpRouteMatch, path: &str) -> Result<HttpMatchRequest, FieldError> {
-    if !m.query_params.is_empty() {
-        return Err(not_yet(
-            format!("{path}.queryParams"),
-            "matching on query parameters",
-        ));
+    let mut query = std::collections::BTreeMap::new();
+    for (j, q) in m.query_params.iter().enumerate() {
+        let qp = format!("{path}.queryParams[{j}]");
+        let value = match q.type_.as_deref().unwrap_or("Exact") {
+            "Exact" => StringMatch::Exact(q.value.clone()),
+            "RegularExpression" => StringMatch::Regex(regex(&q.value, &format!("{qp}.value"))?),
+            other => {
+                return Err(at(
+                    format!("{qp}.type"),
+                    format!("{other:?} is not Exact or RegularExpression"),
+                ));
+            }
+        };
+        if query.insert(q.name.clone(), value).is_some() {
+            return Err(at(
+                format!("{qp}.name"),
+                format!("query parameter {:?} is matched twice", q.name),
+            ));
+        }
     }
     let uri = match &m.path {
         None => None,
@@ -133,6 +147,7 @@ fn rule_match(m: &crd::HttpRouteMatch, path: &str) -> Result<HttpMatchRequest, F
         }
     }
     Ok(HttpMatchRequest {
+        query,
         uri,
         headers,
         method: m.method.clone().map(StringMatch::Exact),
@@ -181,14 +196,20 @@ fn request_redirect(r: &crd::RequestRedirect, path: &str) -> Result<Redirect, Fi
 }
 
 /// Gateway API's precedence among matches: a larger key is tried first.
-fn precedence(m: &HttpMatchRequest) -> (u8, usize, bool, usize) {
+fn precedence(m: &HttpMatchRequest) -> (u8, usize, bool, usize, usize) {
     let (kind, len) = match &m.uri {
         Some(StringMatch::Exact(p)) => (3, p.len()),
         Some(StringMatch::Regex(p)) => (2, p.len()),
         Some(StringMatch::PathPrefix(p) | StringMatch::Prefix(p)) => (1, p.len()),
         None => (1, 1),
     };
-    (kind, len, m.method.is_some(), m.headers.len())
+    (
+        kind,
+        len,
+        m.method.is_some(),
+        m.headers.len(),
+        m.query.len(),
+    )
 }
 
 /// An HTTPRoute's spec as the model's routing for its parent Services.

@@ -201,6 +201,9 @@ pub struct HttpMatchRequest {
     pub headers: BTreeMap<String, StringMatch>,
     #[serde(default)]
     pub method: Option<StringMatch>,
+    /// Query parameter name to match.
+    #[serde(skip)]
+    pub query: BTreeMap<String, StringMatch>,
 }
 
 /// A redirect a route answers with: each part replaces the request's own when set.

@@ -700,9 +700,31 @@ fn route_match(m: &HttpMatchRequest) -> route::RouteMatch {
     if let Some(method) = &m.method {
         headers.push(header(":method", method));
     }
+    let query_parameters = m
+        .query
+        .iter()
+        .map(|(name, sm)| route::QueryParameterMatcher {
+            name: name.clone(),
+            query_parameter_match_specifier: Some(
+                route::query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(
+                    StringMatcher {
+                        match_pattern: Some(match sm {
+                            StringMatch::Exact(v) => MatchPattern::Exact(v.clone()),
+                            StringMatch::Prefix(v) | StringMatch::PathPrefix(v) => {
+                                MatchPattern::Prefix(v.clone())
+                            }
+                            StringMatch::Regex(v) => MatchPattern::SafeRegex(regex(v)),
+                        }),
+                        ..Default::default()
+                    },
+                ),
+            ),
+        })
+        .collect();
     route::RouteMatch {
         path_specifier,
         headers,
+        query_parameters,
         ..Default::default()
     }
 }

@@ -93,7 +93,6 @@ fn match_request(m: &crd::HttpMatchRequest, path: &str) -> Result<HttpMatchReque
         ("port", m.port.is_some()),
         ("sourceLabels", !m.source_labels.is_empty()),
         ("gateways", !m.gateways.is_empty()),
-        ("queryParams", !m.query_params.is_empty()),
         ("ignoreUriCase", m.ignore_uri_case.is_some()),
         ("withoutHeaders", !m.without_headers.is_empty()),
         ("sourceNamespace", m.source_namespace.is_some()),
@@ -105,6 +104,16 @@ fn match_request(m: &crd::HttpMatchRequest, path: &str) -> Result<HttpMatchReque
         ));
     }
     Ok(HttpMatchRequest {
+        query: m
+            .query_params
+            .iter()
+            .map(|(name, v)| {
+                Ok((
+                    name.clone(),
+                    string_match(v, &format!("{path}.queryParams.{name}"))?,
+                ))
+            })
+            .collect::<Result<_, FieldError>>()?,
         uri: m
             .uri
             .as_ref()

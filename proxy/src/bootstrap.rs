@@ -479,6 +479,7 @@ impl StaticResources {
                             .unwrap_or_else(|| format!("{}-{r}", vh.name)),
                         path,
                         headers,
+                        query: Vec::new(),
                         backends,
                         fault: None,
                         timeout: None,

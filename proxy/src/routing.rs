@@ -72,6 +72,8 @@ pub struct Route {
     pub name: String,
     pub path: PathMatch,
     pub headers: Vec<HeaderMatch>,
+    /// Query parameters (the first value of each name, as sent), all of which must match.
+    pub query: Vec<HeaderMatch>,
     pub backends: Vec<WeightedBackend>,
     /// The route's fault injection (Envoy's fault filter, configured per route).
     pub fault: Option<Arc<RouteFault>>,
@@ -565,6 +567,19 @@ pub enum ValueMatch {
     Regex(Pattern),
 }
 
+impl ValueMatch {
+    /// Whether a header's or a query parameter's value (`None`: absent) matches.
+    pub fn matches(&self, value: Option<&str>) -> bool {
+        match (self, value) {
+            (ValueMatch::Present(want), v) => v.is_some() == *want,
+            (ValueMatch::Exact(want), Some(v)) => v == want,
+            (ValueMatch::Prefix(want), Some(v)) => v.starts_with(want.as_str()),
+            (ValueMatch::Regex(re), Some(v)) => re.is_match(v),
+            (_, None) => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct WeightedBackend {
     pub cluster: String,
@@ -813,7 +828,22 @@ impl Route {
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
             PathMatch::Regex(re) => re.is_match(path_only),
         };
+        let query_ok = self.query.is_empty() || {
+            let params: Vec<(&str, &str)> = path
+                .split_once('?')
+                .map(|(_, q)| q)
+                .unwrap_or_default()
+                .split('&')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+                .collect();
+            self.query.iter().all(|q| {
+                let value = params.iter().find(|(k, _)| *k == q.name).map(|(_, v)| *v);
+                q.value.matches(value)
+            })
+        };
         path_ok
+            && query_ok
             && self.headers.iter().all(|h| {
                 // HTTP/2's pseudo-headers, as Envoy matches them: `:method` is the method.
                 let value = if h.name == ":method" {
@@ -821,13 +851,7 @@ impl Route {
                 } else {
                     headers.get(h.name.as_str()).and_then(|v| v.to_str().ok())
                 };
-                match (&h.value, value) {
-                    (ValueMatch::Present(want), v) => v.is_some() == *want,
-                    (ValueMatch::Exact(want), Some(v)) => v == want,
-                    (ValueMatch::Prefix(want), Some(v)) => v.starts_with(want.as_str()),
-                    (ValueMatch::Regex(re), Some(v)) => re.is_match(v),
-                    (_, None) => false,
-                }
+                h.value.matches(value)
             })
     }
 
@@ -1202,6 +1226,45 @@ impl TryFrom<xroute::Route> for Route {
                 })
             })
             .collect::<Result<_, ConfigError>>()?;
+        let query = m
+            .query_parameters
+            .into_iter()
+            .map(|q| {
+                use xroute::query_parameter_matcher::QueryParameterMatchSpecifier as Q;
+                let value = match q.query_parameter_match_specifier {
+                    Some(Q::PresentMatch(p)) => ValueMatch::Present(p),
+                    Some(Q::StringMatch(StringMatcher {
+                        match_pattern: Some(MatchPattern::Exact(v)),
+                        ignore_case: false,
+                    })) => ValueMatch::Exact(v),
+                    Some(Q::StringMatch(StringMatcher {
+                        match_pattern: Some(MatchPattern::Prefix(v)),
+                        ignore_case: false,
+                    })) => ValueMatch::Prefix(v),
+                    Some(Q::StringMatch(StringMatcher {
+                        match_pattern: Some(MatchPattern::SafeRegex(re)),
+                        ignore_case: false,
+                    })) => ValueMatch::Regex(Pattern::new(&re.regex).map_err(|e| {
+                        unsupported(
+                            "route",
+                            &r.name,
+                            format!("query parameter {:?} regex {:?}: {e}", q.name, re.regex),
+                        )
+                    })?),
+                    other => {
+                        return Err(unsupported(
+                            "route",
+                            &r.name,
+                            format!("query parameter match {other:?} is not supported"),
+                        ));
+                    }
+                };
+                Ok(HeaderMatch {
+                    name: q.name,
+                    value,
+                })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         let action = match r.action {
             Some(xroute::route::Action::Route(a)) => a,
             Some(xroute::route::Action::Redirect(a)) => {
@@ -1210,6 +1273,7 @@ impl TryFrom<xroute::Route> for Route {
                     name: r.name,
                     path,
                     headers,
+                    query,
                     backends: Vec::new(),
                     fault: None,
                     timeout: None,
@@ -1282,6 +1346,7 @@ impl TryFrom<xroute::Route> for Route {
             name: r.name,
             path,
             headers,
+            query,
             backends,
             fault,
             timeout,
@@ -1346,6 +1411,7 @@ pub(crate) mod tests {
                     domains: vec!["reviews".into(), "reviews:9080".into()],
                     routes: vec![
                         Route {
+                            query: vec![],
                             name: "jason".into(),
                             path: PathMatch::Prefix("/".into()),
                             headers: vec![HeaderMatch {
@@ -1364,6 +1430,7 @@ pub(crate) mod tests {
                             rewrite: None,
                         },
                         Route {
+                            query: vec![],
                             name: "split".into(),
                             path: PathMatch::Prefix("/".into()),
                             headers: vec![],
@@ -1643,6 +1710,7 @@ pub(crate) mod tests {
             name: "r".into(),
             path,
             headers,
+            query: vec![],
             backends: vec![],
             fault: None,
             timeout: None,
@@ -1685,6 +1753,15 @@ pub(crate) mod tests {
             }],
         );
         assert!(by_header.matches(&get, "/", &headers));
+        // Query parameters: the first value of each name, as sent.
+        let mut by_query = route(PathMatch::Prefix("/".into()), vec![]);
+        by_query.query = vec![HeaderMatch {
+            name: "animal".into(),
+            value: ValueMatch::Exact("whale".into()),
+        }];
+        assert!(by_query.matches(&get, "/?color=blue&animal=whale", &none));
+        assert!(!by_query.matches(&get, "/?animal=dolphin", &none));
+        assert!(!by_query.matches(&get, "/", &none));
         assert!(Pattern::new("(").is_err());
         // A pattern past the size bound is refused, not compiled.
         assert!(Pattern::new(&"a{1000}".repeat(100)).is_err());
