@@ -31,10 +31,17 @@ fn not_yet(path: String, what: &str) -> FieldError {
 /// The Services a route is attached to (`group: ""`, `kind: Service`), as hosts of
 /// `namespace`, and the port it is limited to, if any.
 fn parents(
-    spec: &crd::HttpRouteSpec,
+    parent_refs: &[crd::ParentReference],
+    hostnames: &[String],
     namespace: &str,
 ) -> Result<(Vec<String>, Vec<u16>), FieldError> {
-    if spec.parent_refs.is_empty() {
+    if !hostnames.is_empty() {
+        return Err(at(
+            "spec.hostnames",
+            "a route for a Service takes the Service's own names; hostnames apply to gateways",
+        ));
+    }
+    if parent_refs.is_empty() {
         return Err(at(
             "spec.parentRefs",
             "is empty: name the Service the route is for",
@@ -42,7 +49,7 @@ fn parents(
     }
     let mut hosts = Vec::new();
     let mut ports = Vec::new();
-    for (i, p) in spec.parent_refs.iter().enumerate() {
+    for (i, p) in parent_refs.iter().enumerate() {
         let path = format!("spec.parentRefs[{i}]");
         let service = p.kind.as_deref() == Some("Service")
             && p.group
@@ -212,83 +219,131 @@ fn precedence(m: &HttpMatchRequest) -> (u8, usize, bool, usize, usize) {
     )
 }
 
+/// A rule's filters: header changes both ways, a redirect, a rewrite; others refused.
+#[allow(clippy::type_complexity)] // three independent results of one pass
+fn rule_filters(
+    filters: &[crd::HttpRouteFilter],
+    path: &str,
+) -> Result<(Option<HeaderRules>, Option<Redirect>, Option<Rewrite>), FieldError> {
+    let mut headers = HeaderRules::default();
+    let mut redirect = None;
+    let mut rewrite = None;
+    for (k, f) in filters.iter().enumerate() {
+        let fp = format!("{path}.filters[{k}]");
+        if f.type_ == "URLRewrite" {
+            let w = f
+                .url_rewrite
+                .as_ref()
+                .ok_or_else(|| at(format!("{fp}.urlRewrite"), "is missing"))?;
+            let wp = format!("{fp}.urlRewrite");
+            rewrite = Some(Rewrite {
+                path: w
+                    .path
+                    .as_ref()
+                    .map(|p| path_modifier(p, &format!("{wp}.path")))
+                    .transpose()?,
+                host: w.hostname.clone(),
+            });
+            continue;
+        }
+        if f.type_ == "RequestRedirect" {
+            let r = f
+                .request_redirect
+                .as_ref()
+                .ok_or_else(|| at(format!("{fp}.requestRedirect"), "is missing"))?;
+            redirect = Some(request_redirect(r, &format!("{fp}.requestRedirect"))?);
+            continue;
+        }
+        let (ops, modifier, field) = match f.type_.as_str() {
+            "RequestHeaderModifier" => (
+                &mut headers.request,
+                &f.request_header_modifier,
+                "requestHeaderModifier",
+            ),
+            "ResponseHeaderModifier" => (
+                &mut headers.response,
+                &f.response_header_modifier,
+                "responseHeaderModifier",
+            ),
+            other => return Err(not_yet(fp, &format!("the {other} filter"))),
+        };
+        let m = modifier
+            .as_ref()
+            .ok_or_else(|| at(format!("{fp}.{field}"), "is missing"))?;
+        let mp = format!("{fp}.{field}");
+        for (n, name) in m.remove.iter().enumerate() {
+            ops.remove
+                .push(header_name(name, &format!("{mp}.remove[{n}]"))?);
+        }
+        for (list, out, what) in [(&m.set, &mut ops.set, "set"), (&m.add, &mut ops.add, "add")] {
+            for (n, h) in list.iter().enumerate() {
+                let hp = format!("{mp}.{what}[{n}]");
+                out.push((
+                    header_name(&h.name, &format!("{hp}.name"))?,
+                    header_value(&h.value, &format!("{hp}.value"))?,
+                ));
+            }
+        }
+    }
+    let headers = (headers != HeaderRules::default()).then_some(headers);
+    Ok((headers, redirect, rewrite))
+}
+
+/// A rule's backends as weighted destinations (weight 0 left out).
+fn rule_backends(
+    refs: &[crd::HttpBackendRef],
+    path: &str,
+    namespace: &str,
+) -> Result<Vec<HttpRouteDestination>, FieldError> {
+    let mut destinations = Vec::new();
+    for (j, b) in refs.iter().enumerate() {
+        let bp = format!("{path}.backendRefs[{j}]");
+        if !b.filters.is_empty() {
+            return Err(not_yet(format!("{bp}.filters"), "a backend's own filters"));
+        }
+        if b.kind.as_deref().is_some_and(|k| k != "Service")
+            || b.group
+                .as_deref()
+                .is_some_and(|g| !g.is_empty() && g != "core")
+        {
+            return Err(at(bp, "only Service backends are supported"));
+        }
+        if b.namespace.as_deref().is_some_and(|ns| ns != namespace) {
+            return Err(not_yet(
+                format!("{bp}.namespace"),
+                "a backend in another namespace (it needs a ReferenceGrant)",
+            ));
+        }
+        let port = b
+            .port
+            .ok_or_else(|| at(format!("{bp}.port"), "is required for a Service backend"))?;
+        let weight = u32::try_from(b.weight.unwrap_or(1))
+            .map_err(|_| at(format!("{bp}.weight"), "is negative"))?;
+        if weight == 0 {
+            continue;
+        }
+        destinations.push(HttpRouteDestination {
+            destination: Destination {
+                host: b.name.clone(),
+                subset: None,
+                port: Some(PortSelector { number: port }),
+            },
+            weight: Some(weight),
+        });
+    }
+    Ok(destinations)
+}
+
 /// An HTTPRoute's spec as the model's routing for its parent Services.
 pub fn http_route(
     spec: &crd::HttpRouteSpec,
     namespace: &str,
 ) -> Result<VirtualServiceSpec, FieldError> {
-    let (hosts, ports) = parents(spec, namespace)?;
-    if !spec.hostnames.is_empty() {
-        return Err(at(
-            "spec.hostnames",
-            "a route for a Service takes the Service's own names; hostnames apply to gateways",
-        ));
-    }
+    let (hosts, ports) = parents(&spec.parent_refs, &spec.hostnames, namespace)?;
     let mut routes: Vec<(usize, HttpMatchRequest, HttpRoute)> = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
-        let mut headers = HeaderRules::default();
-        let mut redirect = None;
-        let mut rewrite = None;
-        for (k, f) in rule.filters.iter().enumerate() {
-            let fp = format!("{path}.filters[{k}]");
-            if f.type_ == "URLRewrite" {
-                let w = f
-                    .url_rewrite
-                    .as_ref()
-                    .ok_or_else(|| at(format!("{fp}.urlRewrite"), "is missing"))?;
-                let wp = format!("{fp}.urlRewrite");
-                rewrite = Some(Rewrite {
-                    path: w
-                        .path
-                        .as_ref()
-                        .map(|p| path_modifier(p, &format!("{wp}.path")))
-                        .transpose()?,
-                    host: w.hostname.clone(),
-                });
-                continue;
-            }
-            if f.type_ == "RequestRedirect" {
-                let r = f
-                    .request_redirect
-                    .as_ref()
-                    .ok_or_else(|| at(format!("{fp}.requestRedirect"), "is missing"))?;
-                redirect = Some(request_redirect(r, &format!("{fp}.requestRedirect"))?);
-                continue;
-            }
-            let (ops, modifier, field) = match f.type_.as_str() {
-                "RequestHeaderModifier" => (
-                    &mut headers.request,
-                    &f.request_header_modifier,
-                    "requestHeaderModifier",
-                ),
-                "ResponseHeaderModifier" => (
-                    &mut headers.response,
-                    &f.response_header_modifier,
-                    "responseHeaderModifier",
-                ),
-                other => return Err(not_yet(fp, &format!("the {other} filter"))),
-            };
-            let m = modifier
-                .as_ref()
-                .ok_or_else(|| at(format!("{fp}.{field}"), "is missing"))?;
-            let mp = format!("{fp}.{field}");
-            for (n, name) in m.remove.iter().enumerate() {
-                ops.remove
-                    .push(header_name(name, &format!("{mp}.remove[{n}]"))?);
-            }
-            for (list, out, what) in [(&m.set, &mut ops.set, "set"), (&m.add, &mut ops.add, "add")]
-            {
-                for (n, h) in list.iter().enumerate() {
-                    let hp = format!("{mp}.{what}[{n}]");
-                    out.push((
-                        header_name(&h.name, &format!("{hp}.name"))?,
-                        header_value(&h.value, &format!("{hp}.value"))?,
-                    ));
-                }
-            }
-        }
-        let headers = (headers != HeaderRules::default()).then_some(headers);
+        let (headers, redirect, rewrite) = rule_filters(&rule.filters, &path)?;
         let timeout = match &rule.timeouts {
             None => None,
             Some(t) => {
@@ -307,42 +362,7 @@ pub fn http_route(
                     .transpose()?
             }
         };
-        let mut destinations = Vec::new();
-        for (j, b) in rule.backend_refs.iter().enumerate() {
-            let bp = format!("{path}.backendRefs[{j}]");
-            if !b.filters.is_empty() {
-                return Err(not_yet(format!("{bp}.filters"), "a backend's own filters"));
-            }
-            if b.kind.as_deref().is_some_and(|k| k != "Service")
-                || b.group
-                    .as_deref()
-                    .is_some_and(|g| !g.is_empty() && g != "core")
-            {
-                return Err(at(bp, "only Service backends are supported"));
-            }
-            if b.namespace.as_deref().is_some_and(|ns| ns != namespace) {
-                return Err(not_yet(
-                    format!("{bp}.namespace"),
-                    "a backend in another namespace (it needs a ReferenceGrant)",
-                ));
-            }
-            let port = b
-                .port
-                .ok_or_else(|| at(format!("{bp}.port"), "is required for a Service backend"))?;
-            let weight = u32::try_from(b.weight.unwrap_or(1))
-                .map_err(|_| at(format!("{bp}.weight"), "is negative"))?;
-            if weight == 0 {
-                continue;
-            }
-            destinations.push(HttpRouteDestination {
-                destination: Destination {
-                    host: b.name.clone(),
-                    subset: None,
-                    port: Some(PortSelector { number: port }),
-                },
-                weight: Some(weight),
-            });
-        }
+        let destinations = rule_backends(&rule.backend_refs, &path, namespace)?;
         if redirect.is_some() && !destinations.is_empty() {
             return Err(at(
                 format!("{path}.backendRefs"),
@@ -394,6 +414,152 @@ pub fn http_route(
     })
 }
 
+/// A GRPCRoute's spec as the model's routing for its parent Services: a method match is a
+/// path match (`/service/method` exactly, `/service/` as a prefix, a method of any service as
+/// a regex), headers as for HTTP; filters and backends as an HTTPRoute's (no redirects or
+/// rewrites, which GRPCRoute has not).
+pub fn grpc_route(
+    spec: &crd::GrpcRouteSpec,
+    namespace: &str,
+) -> Result<VirtualServiceSpec, FieldError> {
+    let (hosts, ports) = parents(&spec.parent_refs, &spec.hostnames, namespace)?;
+    let mut routes: Vec<(usize, HttpMatchRequest, HttpRoute)> = Vec::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let path = format!("spec.rules[{i}]");
+        let (headers, redirect, rewrite) = rule_filters(&rule.filters, &path)?;
+        if redirect.is_some() || rewrite.is_some() {
+            return Err(at(
+                format!("{path}.filters"),
+                "GRPCRoute has no redirects or rewrites",
+            ));
+        }
+        let destinations = rule_backends(&rule.backend_refs, &path, namespace)?;
+        if destinations.is_empty() {
+            return Err(not_yet(
+                format!("{path}.backendRefs"),
+                "a rule without a backend that takes traffic",
+            ));
+        }
+        let matches = if rule.matches.is_empty() {
+            vec![HttpMatchRequest {
+                uri: Some(StringMatch::Prefix("/".to_string())),
+                ..HttpMatchRequest::default()
+            }]
+        } else {
+            rule.matches
+                .iter()
+                .enumerate()
+                .map(|(k, m)| grpc_match(m, &format!("{path}.matches[{k}]")))
+                .collect::<Result<_, _>>()?
+        };
+        for m in matches {
+            routes.push((
+                i,
+                m.clone(),
+                HttpRoute {
+                    name: Some(rule.name.clone().unwrap_or_else(|| format!("rule-{i}"))),
+                    matches: vec![m],
+                    route: destinations.clone(),
+                    headers: headers.clone(),
+                    ..HttpRoute::default()
+                },
+            ));
+        }
+    }
+    routes.sort_by(|a, b| precedence(&b.1).cmp(&precedence(&a.1)).then(a.0.cmp(&b.0)));
+    Ok(VirtualServiceSpec {
+        hosts,
+        gateways: Vec::new(),
+        http: routes.into_iter().map(|(_, _, r)| r).collect(),
+        ports,
+    })
+}
+
+/// A name gRPC allows in a path segment (a service or a method), for exact matches.
+fn grpc_name(name: &str, path: &str) -> Result<String, FieldError> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_');
+    if !ok {
+        return Err(at(
+            path,
+            format!("{name:?} is not a gRPC service or method name"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
+fn grpc_match(m: &crd::GrpcRouteMatch, path: &str) -> Result<HttpMatchRequest, FieldError> {
+    let uri = match &m.method {
+        None => None,
+        Some(method) => {
+            let mp = format!("{path}.method");
+            match method.type_.as_deref().unwrap_or("Exact") {
+                "Exact" => {
+                    let service = method
+                        .service
+                        .as_deref()
+                        .map(|s| grpc_name(s, &format!("{mp}.service")))
+                        .transpose()?;
+                    let name = method
+                        .method
+                        .as_deref()
+                        .map(|s| grpc_name(s, &format!("{mp}.method")))
+                        .transpose()?;
+                    match (service, name) {
+                        (Some(s), Some(n)) => Some(StringMatch::Exact(format!("/{s}/{n}"))),
+                        (Some(s), None) => Some(StringMatch::Prefix(format!("/{s}/"))),
+                        (None, Some(n)) => Some(StringMatch::Regex(format!("/[^/]+/{n}"))),
+                        (None, None) => {
+                            return Err(at(mp, "names neither a service nor a method"));
+                        }
+                    }
+                }
+                "RegularExpression" => {
+                    let service = method.service.as_deref().unwrap_or("[^/]+");
+                    let name = method.method.as_deref().unwrap_or("[^/]+");
+                    Some(StringMatch::Regex(regex(
+                        &format!("/{service}/{name}"),
+                        &mp,
+                    )?))
+                }
+                other => {
+                    return Err(at(
+                        format!("{mp}.type"),
+                        format!("{other:?} is not Exact or RegularExpression"),
+                    ));
+                }
+            }
+        }
+    };
+    let mut headers = std::collections::BTreeMap::new();
+    for (j, h) in m.headers.iter().enumerate() {
+        let hp = format!("{path}.headers[{j}]");
+        let value = match h.type_.as_deref().unwrap_or("Exact") {
+            "Exact" => StringMatch::Exact(h.value.clone()),
+            "RegularExpression" => StringMatch::Regex(regex(&h.value, &format!("{hp}.value"))?),
+            other => {
+                return Err(at(
+                    format!("{hp}.type"),
+                    format!("{other:?} is not Exact or RegularExpression"),
+                ));
+            }
+        };
+        if headers.insert(h.name.to_ascii_lowercase(), value).is_some() {
+            return Err(at(
+                format!("{hp}.name"),
+                format!("header {:?} is matched twice", h.name),
+            ));
+        }
+    }
+    Ok(HttpMatchRequest {
+        uri,
+        headers,
+        ..HttpMatchRequest::default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +599,26 @@ mod tests {
         // A weight of 0 takes no traffic.
         assert_eq!(vs.http[0].route.len(), 1);
         assert_eq!(vs.http[0].route[0].weight, Some(3));
+    }
+
+    #[test]
+    fn grpc_methods_become_paths() {
+        let s: crd::GrpcRouteSpec = serde_yaml::from_str(
+            "parentRefs: [{kind: Service, name: echo, port: 7070}]\nrules:\n- matches: [{method: {service: grpc.Echo, method: Ping}}, {method: {service: grpc.Echo}}, {method: {method: Ping}}]\n  backendRefs: [{name: echo-v1, port: 7070, weight: 70}, {name: echo-v2, port: 7070, weight: 30}]\n",
+        )
+        .expect("spec");
+        let vs = grpc_route(&s, "mesh").expect("read");
+        let uris: Vec<Option<StringMatch>> =
+            vs.http.iter().map(|r| r.matches[0].uri.clone()).collect();
+        assert_eq!(
+            uris,
+            [
+                Some(StringMatch::Exact("/grpc.Echo/Ping".into())),
+                Some(StringMatch::Regex("/[^/]+/Ping".into())),
+                Some(StringMatch::Prefix("/grpc.Echo/".into())),
+            ]
+        );
+        assert_eq!(vs.http[0].route.len(), 2);
     }
 
     #[test]

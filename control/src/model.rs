@@ -596,9 +596,16 @@ impl Model {
                 });
             }
             ("gateway.networking.k8s.io", "GRPCRoute") => {
-                return Err(invalid(
-                    "GRPCRoute is read (every field checked) but not translated by lumen control yet: the route is refused rather than ignored".to_string(),
-                ));
+                let Document::GrpcRoute(route) = doc else {
+                    return Err(invalid("not read as a GRPCRoute".to_string()));
+                };
+                let spec = crate::gamma::grpc_route(&route.spec, &raw.metadata.namespace)
+                    .map_err(|e| invalid(e.to_string()))?;
+                self.virtual_services.push(VirtualService {
+                    meta: raw.metadata.clone(),
+                    spec,
+                    kind: "GRPCRoute",
+                });
             }
             ("networking.istio.io" | "security.istio.io" | "gateway.networking.k8s.io", kind) => {
                 let why = match kind {
@@ -705,7 +712,7 @@ impl Model {
                 if reason.is_none()
                     && let Some((first, _)) = first
                 {
-                    let field = if vs.kind == "HTTPRoute" { "spec.parentRefs" } else { "spec.hosts" };
+                    let field = if vs.kind != "VirtualService" { "spec.parentRefs" } else { "spec.hosts" };
                     reason = Some(format!(
                         "{field}[{i}]: {fqdn} is already routed by {first}: one route resource per host and port"
                     ));
