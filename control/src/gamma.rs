@@ -133,26 +133,7 @@ fn rule_match(m: &crd::HttpRouteMatch, path: &str) -> Result<HttpMatchRequest, F
             })
         }
     };
-    let mut headers = std::collections::BTreeMap::new();
-    for (j, h) in m.headers.iter().enumerate() {
-        let hp = format!("{path}.headers[{j}]");
-        let value = match h.type_.as_deref().unwrap_or("Exact") {
-            "Exact" => StringMatch::Exact(h.value.clone()),
-            "RegularExpression" => StringMatch::Regex(regex(&h.value, &format!("{hp}.value"))?),
-            other => {
-                return Err(at(
-                    format!("{hp}.type"),
-                    format!("{other:?} is not Exact or RegularExpression"),
-                ));
-            }
-        };
-        if headers.insert(h.name.to_ascii_lowercase(), value).is_some() {
-            return Err(at(
-                format!("{hp}.name"),
-                format!("header {:?} is matched twice", h.name),
-            ));
-        }
-    }
+    let headers = header_matches(&m.headers, &format!("{path}.headers"))?;
     Ok(HttpMatchRequest {
         query,
         uri,
@@ -200,6 +181,34 @@ fn request_redirect(r: &crd::RequestRedirect, path: &str) -> Result<Redirect, Fi
             &format!("{path}.statusCode"),
         )?,
     })
+}
+
+/// Header matches (`Exact` or `RegularExpression`), by lower-case name; a name twice refused.
+fn header_matches(
+    list: &[crd::HeaderMatch],
+    path: &str,
+) -> Result<std::collections::BTreeMap<String, StringMatch>, FieldError> {
+    let mut headers = std::collections::BTreeMap::new();
+    for (j, h) in list.iter().enumerate() {
+        let hp = format!("{path}[{j}]");
+        let value = match h.type_.as_deref().unwrap_or("Exact") {
+            "Exact" => StringMatch::Exact(h.value.clone()),
+            "RegularExpression" => StringMatch::Regex(regex(&h.value, &format!("{hp}.value"))?),
+            other => {
+                return Err(at(
+                    format!("{hp}.type"),
+                    format!("{other:?} is not Exact or RegularExpression"),
+                ));
+            }
+        };
+        if headers.insert(h.name.to_ascii_lowercase(), value).is_some() {
+            return Err(at(
+                format!("{hp}.name"),
+                format!("header {:?} is matched twice", h.name),
+            ));
+        }
+    }
+    Ok(headers)
 }
 
 /// Gateway API's precedence among matches: a larger key is tried first.
@@ -533,26 +542,7 @@ fn grpc_match(m: &crd::GrpcRouteMatch, path: &str) -> Result<HttpMatchRequest, F
             }
         }
     };
-    let mut headers = std::collections::BTreeMap::new();
-    for (j, h) in m.headers.iter().enumerate() {
-        let hp = format!("{path}.headers[{j}]");
-        let value = match h.type_.as_deref().unwrap_or("Exact") {
-            "Exact" => StringMatch::Exact(h.value.clone()),
-            "RegularExpression" => StringMatch::Regex(regex(&h.value, &format!("{hp}.value"))?),
-            other => {
-                return Err(at(
-                    format!("{hp}.type"),
-                    format!("{other:?} is not Exact or RegularExpression"),
-                ));
-            }
-        };
-        if headers.insert(h.name.to_ascii_lowercase(), value).is_some() {
-            return Err(at(
-                format!("{hp}.name"),
-                format!("header {:?} is matched twice", h.name),
-            ));
-        }
-    }
+    let headers = header_matches(&m.headers, &format!("{path}.headers"))?;
     Ok(HttpMatchRequest {
         uri,
         headers,

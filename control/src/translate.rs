@@ -522,17 +522,11 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
                 action.retry_policy = http.retries.as_ref().map(|r| route::RetryPolicy {
                     retry_on: r.retry_on.join(","),
                     num_retries: Some(UInt32Value { value: r.attempts }),
-                    per_try_timeout: r.per_try_timeout.map(|t| Duration {
-                        seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-                        nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
-                    }),
+                    per_try_timeout: r.per_try_timeout.map(pb_duration),
                     retriable_status_codes: r.status_codes.iter().map(|c| u32::from(*c)).collect(),
                     ..Default::default()
                 });
-                action.timeout = http.timeout.map(|t| Duration {
-                    seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-                    nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
-                });
+                action.timeout = http.timeout.map(pb_duration);
                 let rules = http.headers.clone().unwrap_or_default();
                 for m in matches {
                     routes.push(route::Route {
@@ -610,6 +604,14 @@ fn redirect_action(r: &Redirect) -> route::RedirectAction {
 /// outbound connection manager carries before the router (as Istio's do).
 const FAULT_FILTER: &str = "envoy.filters.http.fault";
 
+/// A std duration as protobuf's.
+fn pb_duration(d: std::time::Duration) -> Duration {
+    Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
 /// A share of requests as Envoy takes it: parts per million.
 fn fractional(percent: f64) -> lumen_api::pb::envoy::r#type::v3::FractionalPercent {
     use lumen_api::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
@@ -629,10 +631,7 @@ fn http_fault(
     fault::HttpFault {
         delay: f.delay.map(|(d, percent)| common::FaultDelay {
             fault_delay_secifier: Some(common::fault_delay::FaultDelaySecifier::FixedDelay(
-                Duration {
-                    seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-                    nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-                },
+                pb_duration(d),
             )),
             percentage: Some(fractional(percent)),
         }),

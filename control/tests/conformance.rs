@@ -4,29 +4,14 @@
 //! manifests parses, field for field; the kinds out of Lumen's scope are named here, so a
 //! new file of an unexpected kind fails the test rather than passing unread.
 
+mod common;
+
+use common::conformance;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use lumen_control::crd::{Document, parse_document};
 use serde::Deserialize;
-
-fn conformance(dir: &str) -> PathBuf {
-    let root = std::env::var_os("LUMEN_CONFORMANCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/conformance"
-            ))
-        });
-    let path = root.join(dir);
-    assert!(
-        path.is_dir(),
-        "conformance fixtures missing: {} (set LUMEN_CONFORMANCE_DIR to the shared conformance folder)",
-        path.display()
-    );
-    path
-}
 
 /// Every document of every YAML file in `dir`: (file, kind) → how many parsed.
 fn read_all(dir: &str) -> BTreeMap<String, usize> {

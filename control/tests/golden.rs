@@ -4,6 +4,9 @@
 //! pinned in `fixtures/golden/`; a change to the translation shows up as a diff there.
 //! `LUMEN_WRITE_GOLDEN=1` writes them.
 
+mod common;
+
+use common::conformance;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -13,24 +16,6 @@ use lumen_api::type_url;
 use lumen_control::Model;
 use lumen_control::translate::{ProxyNode, translate};
 use prost::Message;
-
-fn conformance(file: &str) -> PathBuf {
-    let root = std::env::var_os("LUMEN_CONFORMANCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/conformance"
-            ))
-        });
-    let path = root.join(file);
-    assert!(
-        path.exists(),
-        "conformance fixture missing: {} (set LUMEN_CONFORMANCE_DIR to the shared conformance folder)",
-        path.display()
-    );
-    path
-}
 
 /// productpage's route configuration for port 9080 with `sample` applied, as text: the
 /// configuration's Debug form with each route's fault filter configuration decoded.

@@ -377,12 +377,8 @@ fn retry_policy(route: &str, p: xroute::RetryPolicy) -> Result<RetryPolicy, Conf
             format!("retry_on condition {c:?} is not supported"),
         ));
     }
-    let duration = |d: lumen_api::pb::google::protobuf::Duration| {
-        u64::try_from(d.seconds)
-            .ok()
-            .zip(u32::try_from(d.nanos).ok())
-            .map(|(s, n)| std::time::Duration::new(s, n))
-            .ok_or_else(|| unsupported("route", route, "a negative per-try timeout"))
+    let duration = |d| {
+        std_duration(d).ok_or_else(|| unsupported("route", route, "a negative per-try timeout"))
     };
     Ok(RetryPolicy {
         // Envoy's default is one retry.
@@ -423,6 +419,48 @@ fn per_million(p: Option<&lumen_api::pb::envoy::r#type::v3::FractionalPercent>) 
     p.numerator.saturating_mul(scale).min(1_000_000)
 }
 
+/// A header's or a query parameter's string match: exact, prefix or regex, case-sensitive.
+fn value_match(
+    route: &str,
+    what: &str,
+    name: &str,
+    m: StringMatcher,
+) -> Result<ValueMatch, ConfigError> {
+    match m {
+        StringMatcher {
+            match_pattern: Some(MatchPattern::Exact(v)),
+            ignore_case: false,
+        } => Ok(ValueMatch::Exact(v)),
+        StringMatcher {
+            match_pattern: Some(MatchPattern::Prefix(v)),
+            ignore_case: false,
+        } => Ok(ValueMatch::Prefix(v)),
+        StringMatcher {
+            match_pattern: Some(MatchPattern::SafeRegex(re)),
+            ignore_case: false,
+        } => Pattern::new(&re.regex).map(ValueMatch::Regex).map_err(|e| {
+            unsupported(
+                "route",
+                route,
+                format!("{what} {name:?} regex {:?}: {e}", re.regex),
+            )
+        }),
+        other => Err(unsupported(
+            "route",
+            route,
+            format!("{what} {name:?} match {other:?} is not supported yet"),
+        )),
+    }
+}
+
+/// A protobuf duration as a std one; `None` when negative.
+fn std_duration(d: lumen_api::pb::google::protobuf::Duration) -> Option<std::time::Duration> {
+    u64::try_from(d.seconds)
+        .ok()
+        .zip(u32::try_from(d.nanos).ok())
+        .map(|(s, n)| std::time::Duration::new(s, n))
+}
+
 /// Reads a route's fault filter configuration; what lumen-proxy does not carry out is a NACK.
 fn route_fault(
     route: &str,
@@ -452,15 +490,11 @@ fn route_fault(
     let delay = match f.delay {
         None => None,
         Some(d) => match d.fault_delay_secifier {
-            Some(FaultDelaySecifier::FixedDelay(fixed)) => {
-                let ms = fixed.seconds.saturating_mul(1000) + i64::from(fixed.nanos / 1_000_000);
-                let ms = u64::try_from(ms)
-                    .map_err(|_| unsupported("route", route, "a negative fault delay"))?;
-                Some((
-                    std::time::Duration::from_millis(ms),
-                    per_million(d.percentage.as_ref()),
-                ))
-            }
+            Some(FaultDelaySecifier::FixedDelay(fixed)) => Some((
+                std_duration(fixed)
+                    .ok_or_else(|| unsupported("route", route, "a negative fault delay"))?,
+                per_million(d.percentage.as_ref()),
+            )),
             _ => {
                 return Err(unsupported(
                     "route",
@@ -1193,25 +1227,8 @@ impl TryFrom<xroute::Route> for Route {
             .into_iter()
             .map(|h| {
                 let value = match h.header_match_specifier {
-                    Some(H::StringMatch(StringMatcher {
-                        match_pattern: Some(MatchPattern::Exact(v)),
-                        ignore_case: false,
-                    })) => ValueMatch::Exact(v),
-                    Some(H::StringMatch(StringMatcher {
-                        match_pattern: Some(MatchPattern::Prefix(v)),
-                        ignore_case: false,
-                    })) => ValueMatch::Prefix(v),
                     Some(H::PresentMatch(p)) => ValueMatch::Present(p),
-                    Some(H::StringMatch(StringMatcher {
-                        match_pattern: Some(MatchPattern::SafeRegex(m)),
-                        ignore_case: false,
-                    })) => ValueMatch::Regex(Pattern::new(&m.regex).map_err(|e| {
-                        unsupported(
-                            "route",
-                            &r.name,
-                            format!("header {:?} regex {:?}: {e}", h.name, m.regex),
-                        )
-                    })?),
+                    Some(H::StringMatch(sm)) => value_match(&r.name, "header", &h.name, sm)?,
                     other => {
                         return Err(unsupported(
                             "route",
@@ -1233,29 +1250,14 @@ impl TryFrom<xroute::Route> for Route {
                 use xroute::query_parameter_matcher::QueryParameterMatchSpecifier as Q;
                 let value = match q.query_parameter_match_specifier {
                     Some(Q::PresentMatch(p)) => ValueMatch::Present(p),
-                    Some(Q::StringMatch(StringMatcher {
-                        match_pattern: Some(MatchPattern::Exact(v)),
-                        ignore_case: false,
-                    })) => ValueMatch::Exact(v),
-                    Some(Q::StringMatch(StringMatcher {
-                        match_pattern: Some(MatchPattern::Prefix(v)),
-                        ignore_case: false,
-                    })) => ValueMatch::Prefix(v),
-                    Some(Q::StringMatch(StringMatcher {
-                        match_pattern: Some(MatchPattern::SafeRegex(re)),
-                        ignore_case: false,
-                    })) => ValueMatch::Regex(Pattern::new(&re.regex).map_err(|e| {
-                        unsupported(
-                            "route",
-                            &r.name,
-                            format!("query parameter {:?} regex {:?}: {e}", q.name, re.regex),
-                        )
-                    })?),
-                    other => {
+                    Some(Q::StringMatch(sm)) => {
+                        value_match(&r.name, "query parameter", &q.name, sm)?
+                    }
+                    None => {
                         return Err(unsupported(
                             "route",
                             &r.name,
-                            format!("query parameter match {other:?} is not supported"),
+                            format!("query parameter {:?} without a match", q.name),
                         ));
                     }
                 };
@@ -1317,10 +1319,7 @@ impl TryFrom<xroute::Route> for Route {
         let timeout = match action.timeout {
             None => None,
             Some(d) => Some(
-                u64::try_from(d.seconds)
-                    .ok()
-                    .zip(u32::try_from(d.nanos).ok())
-                    .map(|(s, n)| std::time::Duration::new(s, n))
+                std_duration(d)
                     .ok_or_else(|| unsupported("route", &r.name, "a negative timeout"))?,
             ),
         };

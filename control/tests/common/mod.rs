@@ -1,4 +1,5 @@
 //! Shared by the control plane's integration tests: the demo mesh's configuration.
+#![allow(dead_code)] // each test crate uses some of it
 
 use lumen_control::Model;
 
@@ -17,4 +18,24 @@ pub fn demo_model(subnet: [u8; 3]) -> Model {
         .expect("demo routing fixture parses");
     model.move_pods([127, 0, 10], subnet);
     model
+}
+
+/// A path in the upstream conformance fixtures: `../shared/conformance`, or
+/// `LUMEN_CONFORMANCE_DIR`; a missing one fails the test saying where it was looked for.
+pub fn conformance(path: &str) -> std::path::PathBuf {
+    let root = std::env::var_os("LUMEN_CONFORMANCE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/conformance"
+            ))
+        });
+    let full = root.join(path);
+    assert!(
+        full.exists(),
+        "conformance fixtures missing: {} (set LUMEN_CONFORMANCE_DIR to the shared conformance folder)",
+        full.display()
+    );
+    full
 }
