@@ -211,6 +211,50 @@ fn header_matches(
     Ok(headers)
 }
 
+/// One model route per match of rule `i` (Gateway API orders matches, not rules), each
+/// `template` with that match; a rule without matches takes every request.
+fn per_match(
+    i: usize,
+    matches: Vec<HttpMatchRequest>,
+    template: &HttpRoute,
+    out: &mut Vec<(usize, HttpRoute)>,
+) {
+    let matches = if matches.is_empty() {
+        vec![HttpMatchRequest {
+            uri: Some(StringMatch::Prefix("/".to_string())),
+            ..HttpMatchRequest::default()
+        }]
+    } else {
+        matches
+    };
+    for m in matches {
+        out.push((
+            i,
+            HttpRoute {
+                matches: vec![m],
+                ..template.clone()
+            },
+        ));
+    }
+}
+
+/// The routes in Gateway API's order (precedence first, then rule order: a stable sort
+/// keeps it), for the parents' hosts and ports.
+fn ordered(
+    hosts: Vec<String>,
+    ports: Vec<u16>,
+    mut routes: Vec<(usize, HttpRoute)>,
+) -> VirtualServiceSpec {
+    let key = |r: &HttpRoute| r.matches.first().map(precedence).unwrap_or_default();
+    routes.sort_by(|a, b| key(&b.1).cmp(&key(&a.1)).then(a.0.cmp(&b.0)));
+    VirtualServiceSpec {
+        hosts,
+        gateways: Vec::new(),
+        http: routes.into_iter().map(|(_, r)| r).collect(),
+        ports,
+    }
+}
+
 /// Gateway API's precedence among matches: a larger key is tried first.
 fn precedence(m: &HttpMatchRequest) -> (u8, usize, bool, usize, usize) {
     let (kind, len) = match &m.uri {
@@ -349,7 +393,7 @@ pub fn http_route(
     namespace: &str,
 ) -> Result<VirtualServiceSpec, FieldError> {
     let (hosts, ports) = parents(&spec.parent_refs, &spec.hostnames, namespace)?;
-    let mut routes: Vec<(usize, HttpMatchRequest, HttpRoute)> = Vec::new();
+    let mut routes: Vec<(usize, HttpRoute)> = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
         let (headers, redirect, rewrite) = rule_filters(&rule.filters, &path)?;
@@ -384,43 +428,24 @@ pub fn http_route(
                 "a rule without a backend that takes traffic (Gateway API answers it with 500)",
             ));
         }
-        let matches = if rule.matches.is_empty() {
-            vec![HttpMatchRequest {
-                uri: Some(StringMatch::Prefix("/".to_string())),
-                ..HttpMatchRequest::default()
-            }]
-        } else {
-            rule.matches
-                .iter()
-                .enumerate()
-                .map(|(k, m)| rule_match(m, &format!("{path}.matches[{k}]")))
-                .collect::<Result<_, _>>()?
+        let matches = rule
+            .matches
+            .iter()
+            .enumerate()
+            .map(|(k, m)| rule_match(m, &format!("{path}.matches[{k}]")))
+            .collect::<Result<_, _>>()?;
+        let template = HttpRoute {
+            name: Some(rule.name.clone().unwrap_or_else(|| format!("rule-{i}"))),
+            route: destinations,
+            timeout,
+            headers,
+            redirect,
+            rewrite,
+            ..HttpRoute::default()
         };
-        for m in matches {
-            routes.push((
-                i,
-                m.clone(),
-                HttpRoute {
-                    name: Some(rule.name.clone().unwrap_or_else(|| format!("rule-{i}"))),
-                    matches: vec![m],
-                    route: destinations.clone(),
-                    timeout,
-                    headers: headers.clone(),
-                    redirect: redirect.clone(),
-                    rewrite: rewrite.clone(),
-                    ..HttpRoute::default()
-                },
-            ));
-        }
+        per_match(i, matches, &template, &mut routes);
     }
-    // Precedence first, then rule order (a stable sort keeps it).
-    routes.sort_by(|a, b| precedence(&b.1).cmp(&precedence(&a.1)).then(a.0.cmp(&b.0)));
-    Ok(VirtualServiceSpec {
-        hosts,
-        gateways: Vec::new(),
-        http: routes.into_iter().map(|(_, _, r)| r).collect(),
-        ports,
-    })
+    Ok(ordered(hosts, ports, routes))
 }
 
 /// A GRPCRoute's spec as the model's routing for its parent Services: a method match is a
@@ -432,7 +457,7 @@ pub fn grpc_route(
     namespace: &str,
 ) -> Result<VirtualServiceSpec, FieldError> {
     let (hosts, ports) = parents(&spec.parent_refs, &spec.hostnames, namespace)?;
-    let mut routes: Vec<(usize, HttpMatchRequest, HttpRoute)> = Vec::new();
+    let mut routes: Vec<(usize, HttpRoute)> = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
         let (headers, redirect, rewrite) = rule_filters(&rule.filters, &path)?;
@@ -449,39 +474,21 @@ pub fn grpc_route(
                 "a rule without a backend that takes traffic",
             ));
         }
-        let matches = if rule.matches.is_empty() {
-            vec![HttpMatchRequest {
-                uri: Some(StringMatch::Prefix("/".to_string())),
-                ..HttpMatchRequest::default()
-            }]
-        } else {
-            rule.matches
-                .iter()
-                .enumerate()
-                .map(|(k, m)| grpc_match(m, &format!("{path}.matches[{k}]")))
-                .collect::<Result<_, _>>()?
+        let matches = rule
+            .matches
+            .iter()
+            .enumerate()
+            .map(|(k, m)| grpc_match(m, &format!("{path}.matches[{k}]")))
+            .collect::<Result<_, _>>()?;
+        let template = HttpRoute {
+            name: Some(rule.name.clone().unwrap_or_else(|| format!("rule-{i}"))),
+            route: destinations,
+            headers,
+            ..HttpRoute::default()
         };
-        for m in matches {
-            routes.push((
-                i,
-                m.clone(),
-                HttpRoute {
-                    name: Some(rule.name.clone().unwrap_or_else(|| format!("rule-{i}"))),
-                    matches: vec![m],
-                    route: destinations.clone(),
-                    headers: headers.clone(),
-                    ..HttpRoute::default()
-                },
-            ));
-        }
+        per_match(i, matches, &template, &mut routes);
     }
-    routes.sort_by(|a, b| precedence(&b.1).cmp(&precedence(&a.1)).then(a.0.cmp(&b.0)));
-    Ok(VirtualServiceSpec {
-        hosts,
-        gateways: Vec::new(),
-        http: routes.into_iter().map(|(_, _, r)| r).collect(),
-        ports,
-    })
+    Ok(ordered(hosts, ports, routes))
 }
 
 /// A name gRPC allows in a path segment (a service or a method), for exact matches.
