@@ -199,6 +199,16 @@ struct RouteActionCfg {
     cluster: Option<String>,
     #[serde(default)]
     weighted_clusters: Option<WeightedClustersCfg>,
+    /// How long the upstream gets to answer, as protobuf's JSON writes a duration (`2s`,
+    /// `0.5s`); `0s` is no limit, as in Envoy.
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+/// A duration as protobuf's JSON mapping writes it: seconds with an `s` (`2s`, `0.250s`).
+fn proto_duration(text: &str) -> Option<std::time::Duration> {
+    let seconds: f64 = text.strip_suffix('s')?.parse().ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then(|| std::time::Duration::from_secs_f64(seconds))
 }
 
 #[derive(Debug, Deserialize)]
@@ -466,6 +476,12 @@ impl StaticResources {
                             ));
                         }
                     };
+                    let timeout = match &route.route.timeout {
+                        None => None,
+                        Some(t) => Some(proto_duration(t).ok_or_else(|| {
+                            format!("{at_r}.route.timeout: {t:?} is not a duration like 2s or 0.5s")
+                        })?),
+                    };
                     if let Some(b) = backends.iter().find(|b| !clusters.contains_key(&b.cluster)) {
                         return Err(format!(
                             "{at_r}.route: cluster {:?} is not in static_resources.clusters",
@@ -482,7 +498,7 @@ impl StaticResources {
                         query: Vec::new(),
                         backends,
                         fault: None,
-                        timeout: None,
+                        timeout,
                         retry: None,
                         header_rules: None,
                         redirect: None,

@@ -461,6 +461,32 @@ mod tests {
     }
 
     #[test]
+    fn a_static_route_reads_its_timeout() {
+        let cfg = ProxyConfig::from_bootstrap_yaml(&STATIC.replace(
+            "route: {cluster: api}\n              - match: {prefix: /}",
+            "route: {cluster: api, timeout: 0.25s}\n              - match: {prefix: /}",
+        ))
+        .expect("parses");
+        let st = cfg.statics.expect("standalone");
+        let timeouts: Vec<_> = st.listeners[0].routes.virtual_hosts[0]
+            .routes
+            .iter()
+            .map(|r| r.timeout)
+            .collect();
+        assert!(
+            timeouts.contains(&Some(std::time::Duration::from_millis(250))),
+            "{timeouts:?}"
+        );
+        let err = ProxyConfig::from_bootstrap_yaml(&STATIC.replace(
+            "route: {cluster: api}\n              - match: {prefix: /}",
+            "route: {cluster: api, timeout: soon}\n              - match: {prefix: /}",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("route.timeout"), "{err}");
+    }
+
+    #[test]
     fn unsupported_fields_and_values_are_named() {
         let cases = [
             // A field lumen-proxy does not read, anywhere in the file.
@@ -469,8 +495,8 @@ mod tests {
                 "use_remote_address",
             ),
             (
-                STATIC.replace("route: {cluster: api}\n              - match: {prefix: /}", "route: {cluster: api, timeout: 2s}\n              - match: {prefix: /}"),
-                "timeout",
+                STATIC.replace("route: {cluster: api}\n              - match: {prefix: /}", "route: {cluster: api, retry_policy: {num_retries: 2}}\n              - match: {prefix: /}"),
+                "retry_policy",
             ),
             (STATIC.replace("layered_runtime", "x").replace("node:", "layered_runtime: {}\nnode:"), "layered_runtime"),
             // Values it does not support.
