@@ -272,17 +272,39 @@ fn precedence(m: &HttpMatchRequest) -> (u8, usize, bool, usize, usize) {
     )
 }
 
-/// A rule's filters: header changes both ways, a redirect, a rewrite; others refused.
-#[allow(clippy::type_complexity)] // three independent results of one pass
+/// What a rule's filters ask for.
+#[derive(Default)]
+struct RuleFilters {
+    headers: Option<HeaderRules>,
+    redirect: Option<Redirect>,
+    rewrite: Option<Rewrite>,
+    mirrors: Vec<(Destination, f64)>,
+}
+
+/// A rule's filters: header changes both ways, a redirect, a rewrite, mirrors; others refused.
 fn rule_filters(
     filters: &[crd::HttpRouteFilter],
     path: &str,
-) -> Result<(Option<HeaderRules>, Option<Redirect>, Option<Rewrite>), FieldError> {
+    namespace: &str,
+) -> Result<RuleFilters, FieldError> {
     let mut headers = HeaderRules::default();
     let mut redirect = None;
     let mut rewrite = None;
+    let mut mirrors = Vec::new();
     for (k, f) in filters.iter().enumerate() {
         let fp = format!("{path}.filters[{k}]");
+        if f.type_ == "RequestMirror" {
+            let m = f
+                .request_mirror
+                .as_ref()
+                .ok_or_else(|| at(format!("{fp}.requestMirror"), "is missing"))?;
+            mirrors.push(request_mirror(
+                m,
+                &format!("{fp}.requestMirror"),
+                namespace,
+            )?);
+            continue;
+        }
         if f.type_ == "URLRewrite" {
             let w = f
                 .url_rewrite
@@ -339,7 +361,68 @@ fn rule_filters(
         }
     }
     let headers = (headers != HeaderRules::default()).then_some(headers);
-    Ok((headers, redirect, rewrite))
+    Ok(RuleFilters {
+        headers,
+        redirect,
+        rewrite,
+        mirrors,
+    })
+}
+
+/// A RequestMirror filter: its backend as a destination, and its share (`percent`, or
+/// `fraction`, or all).
+fn request_mirror(
+    m: &crd::RequestMirror,
+    path: &str,
+    namespace: &str,
+) -> Result<(Destination, f64), FieldError> {
+    let b = &m.backend_ref;
+    if b.kind.as_deref().is_some_and(|k| k != "Service") {
+        return Err(at(
+            format!("{path}.backendRef.kind"),
+            "only a Service is supported",
+        ));
+    }
+    if b.namespace.as_deref().is_some_and(|ns| ns != namespace) {
+        return Err(not_yet(
+            format!("{path}.backendRef.namespace"),
+            "a mirror in another namespace (it needs a ReferenceGrant)",
+        ));
+    }
+    let port = b.port.ok_or_else(|| {
+        at(
+            format!("{path}.backendRef.port"),
+            "is required for a Service",
+        )
+    })?;
+    let share = match (&m.percent, &m.fraction) {
+        (Some(p), _) => f64::from(*p),
+        (None, Some(f)) => {
+            let d = f.denominator.unwrap_or(100);
+            if d <= 0 || f.numerator < 0 || f.numerator > d {
+                return Err(at(
+                    format!("{path}.fraction"),
+                    "is not a fraction from 0 to 1",
+                ));
+            }
+            100.0 * f64::from(f.numerator) / f64::from(d)
+        }
+        (None, None) => 100.0,
+    };
+    if !(0.0..=100.0).contains(&share) {
+        return Err(at(
+            format!("{path}.percent"),
+            format!("{share} is not from 0 to 100"),
+        ));
+    }
+    Ok((
+        Destination {
+            host: b.name.clone(),
+            subset: None,
+            port: Some(PortSelector { number: port }),
+        },
+        share,
+    ))
 }
 
 /// A rule's backends as weighted destinations (weight 0 left out).
@@ -396,7 +479,12 @@ pub fn http_route(
     let mut routes: Vec<(usize, HttpRoute)> = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
-        let (headers, redirect, rewrite) = rule_filters(&rule.filters, &path)?;
+        let RuleFilters {
+            headers,
+            redirect,
+            rewrite,
+            mirrors,
+        } = rule_filters(&rule.filters, &path, namespace)?;
         let timeout = match &rule.timeouts {
             None => None,
             Some(t) => {
@@ -441,6 +529,7 @@ pub fn http_route(
             headers,
             redirect,
             rewrite,
+            mirrors,
             ..HttpRoute::default()
         };
         per_match(i, matches, &template, &mut routes);
@@ -460,7 +549,12 @@ pub fn grpc_route(
     let mut routes: Vec<(usize, HttpRoute)> = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let path = format!("spec.rules[{i}]");
-        let (headers, redirect, rewrite) = rule_filters(&rule.filters, &path)?;
+        let RuleFilters {
+            headers,
+            redirect,
+            rewrite,
+            mirrors,
+        } = rule_filters(&rule.filters, &path, namespace)?;
         if redirect.is_some() || rewrite.is_some() {
             return Err(at(
                 format!("{path}.filters"),
@@ -484,6 +578,7 @@ pub fn grpc_route(
             name: Some(rule.name.clone().unwrap_or_else(|| format!("rule-{i}"))),
             route: destinations,
             headers,
+            mirrors,
             ..HttpRoute::default()
         };
         per_match(i, matches, &template, &mut routes);

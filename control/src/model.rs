@@ -184,6 +184,9 @@ pub struct HttpRoute {
     /// Change the request's path or host on its way to the destination.
     #[serde(skip)]
     pub rewrite: Option<Rewrite>,
+    /// Where copies of a percentage of the requests go (answers thrown away).
+    #[serde(skip)]
+    pub mirrors: Vec<(Destination, f64)>,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default, rename = "match")]

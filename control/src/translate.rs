@@ -503,6 +503,22 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
                     .into_iter()
                     .collect();
                 let mut action = route_action(specifier);
+                action.request_mirror_policies = http
+                    .mirrors
+                    .iter()
+                    .map(|(d, percent)| route::route_action::RequestMirrorPolicy {
+                        cluster: cluster_name::outbound(
+                            d.port.as_ref().map_or(port, |p| p.number),
+                            d.subset.as_deref().unwrap_or(""),
+                            &Model::fqdn(&d.host, &vs.meta.namespace),
+                        ),
+                        runtime_fraction: Some(core::RuntimeFractionalPercent {
+                            default_value: Some(fractional(*percent)),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect();
                 if let Some(rw) = &http.rewrite {
                     match &rw.path {
                         Some(PathChange::Prefix(p)) => action.prefix_rewrite = p.clone(),

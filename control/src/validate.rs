@@ -374,9 +374,6 @@ fn fault(f: &crd::HttpFaultInjection, path: &str) -> Result<FaultPolicy, FieldEr
 fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
     let unsupported = [
         ("directResponse", r.direct_response.is_some()),
-        ("mirror", r.mirror.is_some()),
-        ("mirrors", !r.mirrors.is_empty()),
-        ("mirrorPercentage", r.mirror_percentage.is_some()),
         ("corsPolicy", r.cors_policy.is_some()),
     ];
     if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
@@ -466,7 +463,27 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
             })
         }
     };
+    // `mirror` with `mirrorPercentage` (100 by default), and the newer `mirrors` list.
+    let mut mirrors = Vec::new();
+    if let Some(m) = &r.mirror {
+        let share = percent(
+            r.mirror_percentage.as_ref(),
+            None,
+            &format!("{path}.mirrorPercentage"),
+        )?;
+        mirrors.push((destination(m, &format!("{path}.mirror"))?, share));
+    } else if r.mirror_percentage.is_some() {
+        return Err(at(format!("{path}.mirrorPercentage"), "without a mirror"));
+    }
+    for (k, m) in r.mirrors.iter().enumerate() {
+        let mp = format!("{path}.mirrors[{k}]");
+        mirrors.push((
+            destination(&m.destination, &format!("{mp}.destination"))?,
+            percent(m.percentage.as_ref(), None, &mp)?,
+        ));
+    }
     Ok(HttpRoute {
+        mirrors,
         rewrite,
         redirect,
         headers,
@@ -624,9 +641,9 @@ mod tests {
             (e.path.as_str(), e.message.as_str()),
             ("spec.http[0].route", "the weights add up to 110, not 100")
         );
-        let e = vs("hosts: [r]\nhttp:\n- mirror: {host: r}\n  route: [{destination: {host: r}}]\n")
+        let e = vs("hosts: [r]\nhttp:\n- corsPolicy: {allowMethods: [GET]}\n  route: [{destination: {host: r}}]\n")
             .expect_err("not yet");
-        assert_eq!(e.path, "spec.http[0].mirror");
+        assert_eq!(e.path, "spec.http[0].corsPolicy");
         assert!(e.message.contains("not supported by lumen yet"), "{e}");
         let e = vs("hosts: ['*']\ngateways: [bookinfo-gateway]\nhttp:\n- route: [{destination: {host: r}}]\n")
             .expect_err("ingress");
@@ -753,6 +770,18 @@ mod tests {
         let e = vs("hosts: [r]\nhttp:\n- rewrite: {uriRegexRewrite: {match: a, rewrite: b}}\n  route: [{destination: {host: r}}]\n")
             .expect_err("not yet");
         assert_eq!(e.path, "spec.http[0].rewrite.uriRegexRewrite");
+    }
+
+    #[test]
+    fn mirrors_read_with_their_share() {
+        let ok = vs("hosts: [r]\nhttp:\n- mirror: {host: r, subset: v2}\n  mirrorPercentage: {value: 25}\n  route: [{destination: {host: r, subset: v1}}]\n")
+            .expect("mirror");
+        assert_eq!(ok.http[0].mirrors.len(), 1);
+        assert_eq!(ok.http[0].mirrors[0].0.subset.as_deref(), Some("v2"));
+        assert_eq!(ok.http[0].mirrors[0].1, 25.0);
+        let e = vs("hosts: [r]\nhttp:\n- mirrorPercentage: {value: 25}\n  route: [{destination: {host: r}}]\n")
+            .expect_err("no mirror");
+        assert_eq!(e.path, "spec.http[0].mirrorPercentage");
     }
 
     #[test]

@@ -89,7 +89,7 @@ async fn envoy_accepts_everything_lumen_control_serves() {
     model
         .add_yaml(
             "httproute.yaml",
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: details, namespace: default}\nspec:\n  parentRefs: [{group: '', kind: Service, name: details}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /v2}, method: POST}, {path: {type: RegularExpression, value: '/d/[0-9]+'}}]\n    backendRefs: [{name: details, port: 9080}]\n    timeouts: {request: 2s}\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-canary, value: '100%'}], remove: [x-debug]}}]\n  - matches: [{path: {type: PathPrefix, value: /api}, queryParams: [{name: v, value: '2'}]}]\n    backendRefs: [{name: details, port: 9080}]\n    filters: [{type: URLRewrite, urlRewrite: {hostname: details.internal, path: {type: ReplaceFullPath, replaceFullPath: /v2/api}}}]\n  - matches: [{path: {type: PathPrefix, value: /old}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}}]\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: details, namespace: default}\nspec:\n  parentRefs: [{group: '', kind: Service, name: details}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /v2}, method: POST}, {path: {type: RegularExpression, value: '/d/[0-9]+'}}]\n    backendRefs: [{name: details, port: 9080}]\n    timeouts: {request: 2s}\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-canary, value: '100%'}], remove: [x-debug]}}, {type: RequestMirror, requestMirror: {backendRef: {name: reviews, port: 9080}, percent: 10}}]\n  - matches: [{path: {type: PathPrefix, value: /api}, queryParams: [{name: v, value: '2'}]}]\n    backendRefs: [{name: details, port: 9080}]\n    filters: [{type: URLRewrite, urlRewrite: {hostname: details.internal, path: {type: ReplaceFullPath, replaceFullPath: /v2/api}}}]\n  - matches: [{path: {type: PathPrefix, value: /old}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}}]\n",
         )
         .unwrap();
     model.check();
@@ -193,6 +193,7 @@ async fn envoy_accepts_everything_lumen_control_serves() {
         "prefix_rewrite",
         "regex_rewrite",
         "query_parameters",
+        "request_mirror_policies",
         "host_rewrite_literal",
         "safe_regex",
         "retriable_status_codes",

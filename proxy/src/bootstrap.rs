@@ -503,6 +503,7 @@ impl StaticResources {
                         header_rules: None,
                         redirect: None,
                         rewrite: None,
+                        mirrors: Vec::new(),
                     });
                 }
                 virtual_hosts.push(VirtualHost {

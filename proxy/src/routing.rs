@@ -88,6 +88,42 @@ pub struct Route {
     pub redirect: Option<Arc<Redirect>>,
     /// Change the request's path or host on its way upstream.
     pub rewrite: Option<Arc<Rewrite>>,
+    /// Clusters a copy of a share of requests goes to (Envoy's request mirror policies).
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A copy of a share of a route's requests, sent to a cluster and never answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirror {
+    pub cluster: String,
+    /// Parts per million of requests.
+    pub share: u32,
+}
+
+fn mirrors(
+    route: &str,
+    policies: &[xroute::route_action::RequestMirrorPolicy],
+) -> Result<Vec<Mirror>, ConfigError> {
+    policies
+        .iter()
+        .map(|p| {
+            if p.cluster.is_empty()
+                || !p.cluster_header.is_empty()
+                || !p.request_headers_mutations.is_empty()
+                || p.disable_shadow_host_suffix_append
+            {
+                return Err(unsupported(
+                    "route",
+                    route,
+                    "a mirror policy names one cluster; cluster headers, header mutations and no shadow suffix are not supported",
+                ));
+            }
+            Ok(Mirror {
+                cluster: p.cluster.clone(),
+                share: per_million(p.runtime_fraction.as_ref().and_then(|f| f.default_value.as_ref())),
+            })
+        })
+        .collect()
 }
 
 /// A redirect the proxy answers itself: each part replaces the request's own when set.
@@ -1283,6 +1319,7 @@ impl TryFrom<xroute::Route> for Route {
                     header_rules: None,
                     redirect: Some(redirect),
                     rewrite: None,
+                    mirrors: Vec::new(),
                 });
             }
             _ => {
@@ -1294,6 +1331,7 @@ impl TryFrom<xroute::Route> for Route {
             }
         };
         let rewrite = rewrite(&r.name, &action)?.map(Arc::new);
+        let mirrors = mirrors(&r.name, &action.request_mirror_policies)?;
         let backends = match action.cluster_specifier {
             Some(xroute::route_action::ClusterSpecifier::Cluster(c)) => vec![WeightedBackend {
                 cluster: c,
@@ -1353,6 +1391,7 @@ impl TryFrom<xroute::Route> for Route {
             header_rules,
             redirect: None,
             rewrite,
+            mirrors,
         })
     }
 }
@@ -1427,6 +1466,7 @@ pub(crate) mod tests {
                             header_rules: None,
                             redirect: None,
                             rewrite: None,
+                            mirrors: vec![],
                         },
                         Route {
                             query: vec![],
@@ -1449,6 +1489,7 @@ pub(crate) mod tests {
                             header_rules: None,
                             redirect: None,
                             rewrite: None,
+                            mirrors: vec![],
                         },
                     ],
                 }],
@@ -1717,6 +1758,7 @@ pub(crate) mod tests {
             header_rules: None,
             redirect: None,
             rewrite: None,
+            mirrors: vec![],
         };
         let get = http::Method::GET;
         let none = http::HeaderMap::new();
@@ -1803,6 +1845,29 @@ pub(crate) mod tests {
         .expect_err("NACKed");
         assert!(err.to_string().contains("substitutions"), "{err}");
         assert!(header_ops("r", &[], &[":path".to_string()]).is_err());
+    }
+
+    #[test]
+    fn mirror_policies_are_read_with_their_share() {
+        use lumen_api::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
+        let policy = xroute::route_action::RequestMirrorPolicy {
+            cluster: "outbound|9080|v2|ratings.default.svc.cluster.local".into(),
+            runtime_fraction: Some(xcore::RuntimeFractionalPercent {
+                default_value: Some(FractionalPercent {
+                    numerator: 25,
+                    denominator: fractional_percent::DenominatorType::Hundred as i32,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let m = mirrors("r", std::slice::from_ref(&policy)).expect("read");
+        assert_eq!(m[0].share, 250_000);
+        let header = xroute::route_action::RequestMirrorPolicy {
+            cluster_header: "x-mirror-to".into(),
+            ..policy
+        };
+        assert!(mirrors("r", &[header]).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! - outbound (the local app calling out): [`local_reply`] → [`observe`] (a client span and
 //!   `reporter="source"` metrics) → [`trace_context`] → [`route`] → [`redirect`] →
-//!   [`headers`] → [`fault`] → [`retry`] → [`balance`] → [`connect`];
+//!   [`headers`] → [`fault`] → [`mirror`] → [`retry`] → [`balance`] → [`connect`];
 //! - inbound (a caller reaching the local app): [`local_reply`] → [`observe`] (a server span,
 //!   `reporter="destination"`) → [`trace_context`] → [`inbound`] (the caller's identity, the
 //!   local endpoint) → [`connect`].
@@ -19,6 +19,7 @@ pub mod fault;
 pub mod headers;
 pub mod inbound;
 pub mod local_reply;
+pub mod mirror;
 pub mod observe;
 pub mod redirect;
 pub mod retry;
@@ -56,6 +57,7 @@ pub fn outbound(config: ConfigRx, reporter: Arc<Reporter>, connect: connect::Con
         .layer(redirect::RedirectLayer)
         .layer(headers::HeadersLayer)
         .layer(fault::FaultLayer)
+        .layer(mirror::MirrorLayer::default())
         .layer(retry::RetryLayer::default())
         .layer(StepLayer(balance::Balance::new(me)))
         .service(connect);

@@ -191,6 +191,20 @@ impl Step for Route {
                     matched: route.path.clone(),
                 });
             }
+            if !route.mirrors.is_empty() {
+                let clusters = route
+                    .mirrors
+                    .iter()
+                    .filter_map(|m| {
+                        config
+                            .clusters
+                            .get(&m.cluster)
+                            .map(|c| (c.clone(), m.share))
+                    })
+                    .collect();
+                req.extensions_mut()
+                    .insert(super::mirror::Mirroring(clusters));
+            }
             if let Some(rw) = &route.rewrite {
                 rewrite(req, rw, &route.path)?;
             }

@@ -1247,3 +1247,80 @@ async fn a_route_s_rewrite_changes_the_path_and_host_going_upstream() {
     );
     assert_eq!(reached.headers()["host"], "reviews.internal");
 }
+
+#[tokio::test]
+async fn mirrors_send_a_copy_with_a_shadow_host_and_the_request_goes_on() {
+    use mirror::{MirrorLayer, Mirroring, shadow_host};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::Layer;
+    assert_eq!(shadow_host("reviews:9080"), "reviews-shadow:9080");
+    assert_eq!(shadow_host("reviews"), "reviews-shadow");
+    // The shadow: tells what it received (its request head and body), answers 200.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let shadow = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("the body") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await;
+        let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+    });
+    let cluster = Arc::new(crate::routing::Cluster::new(
+        "outbound|9080||ratings-shadow",
+        vec![Endpoint {
+            app_addr: shadow,
+            connect_addr: shadow,
+            meshed: false,
+            workload: "ratings-v2".into(),
+            namespace: "default".into(),
+            app: "ratings".into(),
+            version: "v2".into(),
+        }],
+    ));
+    let (inner, seen) = capture();
+    let mut req = Request::post("http://ratings:9080/rate")
+        .body(text_body("the body"))
+        .expect("request");
+    req.extensions_mut()
+        .insert(Mirroring(vec![(cluster, 1_000_000)]));
+    let resp = MirrorLayer::default()
+        .layer(inner)
+        .oneshot(req)
+        .await
+        .expect("answered");
+    // The request itself went on, whole.
+    assert_eq!(resp.status(), StatusCode::OK);
+    let reached = seen.lock().expect("lock").take().expect("passed on");
+    let body = reached
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert_eq!(&body[..], b"the body");
+    // And the shadow got its copy, the host marked.
+    let copy = tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+        .await
+        .expect("the copy within 10 s")
+        .expect("copy");
+    assert!(copy.starts_with("POST /rate HTTP/1.1"), "{copy}");
+    assert!(
+        copy.to_ascii_lowercase()
+            .contains("host: ratings-shadow:9080"),
+        "{copy}"
+    );
+    assert!(copy.ends_with("the body"), "{copy}");
+}
