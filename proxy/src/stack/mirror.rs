@@ -2,7 +2,7 @@
 //! Gateway API's `RequestMirror`): a copy of a share of requests goes to another cluster,
 //! its `Host` suffixed `-shadow`, and its answer is thrown away; the request itself goes on
 //! as if nothing happened. A request is mirrored only if its body is known and small enough
-//! to copy ([`super::retry::MAX_REPLAY_BODY`]).
+//! to copy ([`kept_body::MAX_KEPT_BODY`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,14 +12,13 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Body as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::connect::{UPSTREAM_TIMEOUT, strip_hop_by_hop};
 use super::error::ProxyError;
-use super::retry::MAX_REPLAY_BODY;
+use super::kept_body;
 use crate::routing::Cluster;
 use crate::server::Body;
 
@@ -96,12 +95,7 @@ where
                     .collect()
             }
         };
-        let small = req
-            .body()
-            .size_hint()
-            .upper()
-            .is_some_and(|n| n <= MAX_REPLAY_BODY);
-        if chosen.is_empty() || !small {
+        if chosen.is_empty() || !kept_body::keepable(&req) {
             return Box::pin(self.inner.call(req));
         }
         let clone = self.inner.clone();
@@ -109,14 +103,7 @@ where
         let client = self.client.clone();
         Box::pin(async move {
             let (parts, body) = req.into_parts();
-            let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
-                return Err(ProxyError::new(
-                    super::error::flags::DOWNSTREAM_PROTOCOL_ERROR,
-                    http::StatusCode::BAD_REQUEST,
-                    super::error::Fault::Downstream,
-                    "reading the request body to copy it for a mirror",
-                ));
-            };
+            let body = kept_body::keep(body, "for a mirror").await?;
             let authority = parts
                 .uri
                 .authority()
@@ -157,10 +144,7 @@ where
                     }
                 });
             }
-            let req = Request::from_parts(
-                parts,
-                Full::new(body).map_err(|never| match never {}).boxed(),
-            );
+            let req = Request::from_parts(parts, kept_body::replay(&body));
             tower::Service::call(&mut inner, req).await
         })
     }

@@ -18,6 +18,7 @@ pub mod error;
 pub mod fault;
 pub mod headers;
 pub mod inbound;
+pub mod kept_body;
 pub mod local_reply;
 pub mod mirror;
 pub mod observe;

@@ -5,7 +5,7 @@
 //! timeout, while a budget allows (retries in flight at most a fifth of requests in flight,
 //! and at least three, Envoy's retry budget defaults). The last failure is answered with its
 //! own flag, or URX when the retries ran out. A request is retried only if its body is known
-//! and small enough to keep ([`MAX_REPLAY_BODY`]); others get one attempt.
+//! and small enough to keep ([`kept_body::MAX_KEPT_BODY`]); others get one attempt.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,19 +14,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Body as _;
 
 use super::connect::RouteTimeout;
 use super::error::{Fault, ProxyError, flags};
+use super::kept_body;
 use super::observe::Observation;
 use crate::routing::RetryPolicy;
 use crate::server::Body;
-
-/// Largest request body kept for a retry (Envoy keeps up to its buffer limit).
-pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
 /// Envoy's default back-off: 25 ms base, ten times that at most.
 const BACKOFF_BASE: Duration = Duration::from_millis(25);
@@ -133,12 +128,6 @@ fn backoff(n: u32) -> Duration {
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
 
-fn replay_body(bytes: &Bytes) -> Body {
-    Full::new(bytes.clone())
-        .map_err(|never| match never {})
-        .boxed()
-}
-
 impl<S> tower::Service<Request<Body>> for RetryService<S>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
@@ -158,11 +147,7 @@ where
     fn call(&mut self, req: Request<Body>) -> BoxFuture {
         let policy = req.extensions().get::<Arc<RetryPolicy>>().cloned();
         // No retries asked for, an upgrade, or a body too big or unknown to keep: one try.
-        let keepable = req
-            .body()
-            .size_hint()
-            .upper()
-            .is_some_and(|n| n <= MAX_REPLAY_BODY);
+        let keepable = kept_body::keepable(&req);
         let upgrade = req.headers().contains_key(http::header::UPGRADE);
         let Some(policy) = policy.filter(|p| p.attempts > 0 && keepable && !upgrade) else {
             return Box::pin(self.inner.call(req));
@@ -173,24 +158,13 @@ where
         Box::pin(async move {
             let _request = InFlight::new(&budget.requests);
             let (parts, body) = req.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map_err(|e| {
-                    ProxyError::new(
-                        flags::DOWNSTREAM_PROTOCOL_ERROR,
-                        StatusCode::BAD_REQUEST,
-                        Fault::Downstream,
-                        format!("reading the request body to keep for retries: {e}"),
-                    )
-                })?
-                .to_bytes();
+            let body = kept_body::keep(body, "for retries").await?;
             let overall = parts.extensions.get::<RouteTimeout>().map(|t| t.0);
             let budget = budget.clone();
             let attempts = async move {
                 let mut n = 0u32;
                 loop {
-                    let mut attempt = Request::new(replay_body(&body));
+                    let mut attempt = Request::new(kept_body::replay(&body));
                     *attempt.method_mut() = parts.method.clone();
                     *attempt.uri_mut() = parts.uri.clone();
                     *attempt.version_mut() = parts.version;
