@@ -86,26 +86,7 @@ fn parents(
 
 /// One match of a rule, as the model's match; `None` for what is refused.
 fn rule_match(m: &crd::HttpRouteMatch, path: &str) -> Result<HttpMatchRequest, FieldError> {
-    let mut query = std::collections::BTreeMap::new();
-    for (j, q) in m.query_params.iter().enumerate() {
-        let qp = format!("{path}.queryParams[{j}]");
-        let value = match q.type_.as_deref().unwrap_or("Exact") {
-            "Exact" => StringMatch::Exact(q.value.clone()),
-            "RegularExpression" => StringMatch::Regex(regex(&q.value, &format!("{qp}.value"))?),
-            other => {
-                return Err(at(
-                    format!("{qp}.type"),
-                    format!("{other:?} is not Exact or RegularExpression"),
-                ));
-            }
-        };
-        if query.insert(q.name.clone(), value).is_some() {
-            return Err(at(
-                format!("{qp}.name"),
-                format!("query parameter {:?} is matched twice", q.name),
-            ));
-        }
-    }
+    let query = value_matches(&m.query_params, &format!("{path}.queryParams"), false)?;
     let uri = match &m.path {
         None => None,
         Some(p) => {
@@ -183,10 +164,20 @@ fn request_redirect(r: &crd::RequestRedirect, path: &str) -> Result<Redirect, Fi
     })
 }
 
-/// Header matches (`Exact` or `RegularExpression`), by lower-case name; a name twice refused.
+/// Header matches, by lower-case name.
 fn header_matches(
     list: &[crd::HeaderMatch],
     path: &str,
+) -> Result<std::collections::BTreeMap<String, StringMatch>, FieldError> {
+    value_matches(list, path, true)
+}
+
+/// Header or query parameter matches (`Exact` or `RegularExpression`) by name (header names
+/// folded to lower case, query parameter names kept as sent); a name twice refused.
+fn value_matches(
+    list: &[crd::HeaderMatch],
+    path: &str,
+    fold_case: bool,
 ) -> Result<std::collections::BTreeMap<String, StringMatch>, FieldError> {
     let mut headers = std::collections::BTreeMap::new();
     for (j, h) in list.iter().enumerate() {
@@ -201,10 +192,15 @@ fn header_matches(
                 ));
             }
         };
-        if headers.insert(h.name.to_ascii_lowercase(), value).is_some() {
+        let name = if fold_case {
+            h.name.to_ascii_lowercase()
+        } else {
+            h.name.clone()
+        };
+        if headers.insert(name, value).is_some() {
             return Err(at(
                 format!("{hp}.name"),
-                format!("header {:?} is matched twice", h.name),
+                format!("{:?} is matched twice", h.name),
             ));
         }
     }

@@ -1009,13 +1009,7 @@ mod tests {
                 "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec:\n  hosts: [ratings]\n  http: [{timeout: 1.5s, route: [{destination: {host: ratings}}]}]\n",
             )
             .expect("a VirtualService with a timeout");
-        let res = translate(&model, &node());
-        let rc = res
-            .of_type(type_url::ROUTE)
-            .iter()
-            .find(|r| r.name == "9080")
-            .map(|r| route::RouteConfiguration::decode(r.resource.value.as_slice()).expect("rds"))
-            .expect("9080");
+        let rc = routes_9080(&translate(&model, &node()));
         let timeout = rc
             .virtual_hosts
             .iter()
@@ -1045,13 +1039,7 @@ mod tests {
             .expect("an HTTPRoute");
         model.check();
         assert!(model.rejected.is_empty(), "{:?}", model.rejected);
-        let res = translate(&model, &node());
-        let rc = res
-            .of_type(type_url::ROUTE)
-            .iter()
-            .find(|r| r.name == "9080")
-            .map(|r| route::RouteConfiguration::decode(r.resource.value.as_slice()).expect("rds"))
-            .expect("9080");
+        let rc = routes_9080(&translate(&model, &node()));
         let ratings = rc
             .virtual_hosts
             .iter()
@@ -1072,6 +1060,15 @@ mod tests {
                     "outbound|9080||details.default.svc.cluster.local".into()
                 ))
         ));
+    }
+
+    /// The route configuration for port 9080 in `res`.
+    fn routes_9080(res: &ProxyResources) -> route::RouteConfiguration {
+        res.of_type(type_url::ROUTE)
+            .iter()
+            .find(|r| r.name == "9080")
+            .map(|r| route::RouteConfiguration::decode(r.resource.value.as_slice()).expect("rds"))
+            .expect("9080")
     }
 
     #[test]
