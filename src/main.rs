@@ -143,9 +143,14 @@ struct TelemetryArgs {
 
 #[derive(clap::Args)]
 struct ControlArgs {
-    /// Directory of Kubernetes YAML (Services, Pods, VirtualServices, DestinationRules).
+    /// Directory of Kubernetes YAML (Services, Pods, VirtualServices, DestinationRules,
+    /// HTTPRoutes, GRPCRoutes), re-read when it changes.
+    #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
+    config_dir: Option<PathBuf>,
+    /// Watch a Kubernetes API server instead (KUBECONFIG, ~/.kube/config or the in-cluster
+    /// service account, as kubectl finds it); refusals are written as status conditions.
     #[arg(long)]
-    config_dir: PathBuf,
+    kube: bool,
     #[arg(long, default_value = "127.0.0.1:15010")]
     xds: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:15014")]
@@ -248,10 +253,14 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Control(args) => {
+            let source = match args.config_dir {
+                Some(dir) => ConfigSource::Dir(dir),
+                None => ConfigSource::Kube(lumen_control::KubeSource::connect().await?),
+            };
             let control = Control::bind(ControlOptions {
                 xds_addr: args.xds,
                 http_addr: args.http,
-                source: ConfigSource::Dir(args.config_dir),
+                source,
             })
             .await?;
             println!(

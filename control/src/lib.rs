@@ -1,9 +1,10 @@
-//! Lumen control plane: reads Kubernetes resources (from a config directory today, the
-//! Kubernetes API later), builds a model, translates it to xDS and serves it over ADS.
+//! Lumen control plane: reads Kubernetes resources (from a config directory or a Kubernetes
+//! API server), builds a model, translates it to xDS and serves it over ADS.
 
 #![forbid(unsafe_code)]
 
 pub mod ads;
+pub mod cluster;
 pub mod crd;
 pub mod debug;
 pub mod duration;
@@ -27,6 +28,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use ads::{Ads, ProxyStatus, XdsState};
+pub use cluster::KubeSource;
 pub use model::Model;
 pub use source::ConfigSource;
 
@@ -69,7 +71,7 @@ pub struct Control {
 impl Control {
     /// Loads the configuration and binds both ports; nothing is served until [`Control::run`].
     pub async fn bind(options: ControlOptions) -> Result<Control, ControlError> {
-        let model = options.source.load()?;
+        let model = options.source.load().await?;
         let (model_tx, model_rx) = watch::channel(Arc::new(model));
         let bind = |what, addr| async move {
             TcpListener::bind(addr)

@@ -357,6 +357,8 @@ pub enum ModelError {
         name: String,
         message: String,
     },
+    #[error("Kubernetes API: {0}")]
+    Kube(String),
 }
 
 // Raw Kubernetes shapes, only as deep as the model needs.
@@ -451,56 +453,69 @@ impl Model {
                 index,
                 source,
             })?;
-            if value.is_null() {
-                continue;
-            }
-            // Istio's and Gateway API's kinds are read strictly, with field paths in errors.
-            let added = crate::crd::parse_document(&value)
-                .map_err(|e| ModelError::Invalid {
-                    origin: origin.to_string(),
-                    kind: e.kind,
-                    namespace: e.namespace,
-                    name: e.name,
-                    message: format!("{}: {}", e.path, e.message),
-                })
-                .and_then(|doc| {
-                    let raw: RawObject =
-                        serde_yaml::from_value(value).map_err(|source| ModelError::Yaml {
-                            origin: origin.to_string(),
-                            index,
-                            source,
-                        })?;
-                    self.add_object(origin, raw, doc)
-                });
-            // One bad resource is refused alone; the others apply.
-            match added {
-                Ok(()) => {}
-                Err(ModelError::Invalid {
-                    origin,
-                    kind,
-                    namespace,
-                    name,
-                    message,
-                }) => self.reject(Rejection {
-                    origin,
-                    kind,
-                    namespace,
-                    name,
-                    reason: message,
-                }),
-                Err(ModelError::Yaml {
-                    origin,
-                    index,
-                    source,
-                }) => self.reject(Rejection {
-                    origin,
-                    kind: "?".to_string(),
-                    namespace: String::new(),
-                    name: format!("document {index}"),
-                    reason: source.to_string(),
-                }),
-                Err(other) => return Err(other),
-            }
+            self.add_value(origin, index, value)?;
+        }
+        Ok(())
+    }
+
+    /// Adds one object, as a YAML document or a Kubernetes API watch reads it (`index` is its
+    /// place in its text, for messages). A bad object is refused alone: it is recorded in
+    /// [`Model::rejected`] and the call succeeds.
+    pub fn add_value(
+        &mut self,
+        origin: &str,
+        index: usize,
+        value: serde_yaml::Value,
+    ) -> Result<(), ModelError> {
+        if value.is_null() {
+            return Ok(());
+        }
+        // Istio's and Gateway API's kinds are read strictly, with field paths in errors.
+        let added = crate::crd::parse_document(&value)
+            .map_err(|e| ModelError::Invalid {
+                origin: origin.to_string(),
+                kind: e.kind,
+                namespace: e.namespace,
+                name: e.name,
+                message: format!("{}: {}", e.path, e.message),
+            })
+            .and_then(|doc| {
+                let raw: RawObject =
+                    serde_yaml::from_value(value).map_err(|source| ModelError::Yaml {
+                        origin: origin.to_string(),
+                        index,
+                        source,
+                    })?;
+                self.add_object(origin, raw, doc)
+            });
+        // One bad resource is refused alone; the others apply.
+        match added {
+            Ok(()) => {}
+            Err(ModelError::Invalid {
+                origin,
+                kind,
+                namespace,
+                name,
+                message,
+            }) => self.reject(Rejection {
+                origin,
+                kind,
+                namespace,
+                name,
+                reason: message,
+            }),
+            Err(ModelError::Yaml {
+                origin,
+                index,
+                source,
+            }) => self.reject(Rejection {
+                origin,
+                kind: "?".to_string(),
+                namespace: String::new(),
+                name: format!("document {index}"),
+                reason: source.to_string(),
+            }),
+            Err(other) => return Err(other),
         }
         Ok(())
     }

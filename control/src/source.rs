@@ -1,5 +1,6 @@
-//! Where the model comes from: a directory of Kubernetes YAML (re-read when it changes) or a
-//! model given in-process (the demo's embedded configuration).
+//! Where the model comes from: a directory of Kubernetes YAML (re-read when it changes), a
+//! Kubernetes API server (watched, see [`crate::cluster`]) or a model given in-process (the
+//! demo's embedded configuration).
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -10,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::KubeSource;
 use crate::model::{Model, ModelError};
 
 /// A source of configuration.
@@ -17,6 +19,8 @@ use crate::model::{Model, ModelError};
 pub enum ConfigSource {
     /// Every `*.yaml` in a directory, polled for changes.
     Dir(PathBuf),
+    /// A Kubernetes API server, watched.
+    Kube(KubeSource),
     /// A fixed model.
     Static(Model),
 }
@@ -26,9 +30,10 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 impl ConfigSource {
     /// Loads the initial model; fails when the configuration cannot be read at all.
-    pub fn load(&self) -> Result<Model, ModelError> {
+    pub async fn load(&self) -> Result<Model, ModelError> {
         match self {
             ConfigSource::Dir(dir) => Model::load_dir(dir),
+            ConfigSource::Kube(kube) => kube.load().await,
             ConfigSource::Static(model) => {
                 let mut model = model.clone();
                 model.check();
@@ -40,8 +45,10 @@ impl ConfigSource {
     /// Watches the source and publishes each new valid model. An invalid change is logged and
     /// the last good model stays in force: a typo never empties the mesh's configuration.
     pub async fn watch(self, tx: watch::Sender<Arc<Model>>, shutdown: CancellationToken) {
-        let ConfigSource::Dir(dir) = self else {
-            return;
+        let dir = match self {
+            ConfigSource::Dir(dir) => dir,
+            ConfigSource::Kube(kube) => return kube.watch(tx, shutdown).await,
+            ConfigSource::Static(_) => return,
         };
         let mut last = fingerprint(&dir);
         loop {
