@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 struct KubeApi {
     child: Child,
     dir: tempfile::TempDir,
+    url: String,
 }
 
 impl KubeApi {
@@ -61,7 +62,7 @@ impl KubeApi {
              current-context: kmock\n"
         );
         std::fs::write(dir.path().join("kubeconfig"), kubeconfig).expect("kubeconfig");
-        KubeApi { child, dir }
+        KubeApi { child, dir, url }
     }
 
     fn kubeconfig(&self) -> PathBuf {
@@ -102,6 +103,20 @@ impl Drop for KubeApi {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The control plane's count of xDS responses sent.
+async fn pushes(http: &str) -> u64 {
+    let text = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .expect("/metrics")
+        .text()
+        .await
+        .expect("body");
+    text.lines()
+        .find_map(|l| l.strip_prefix("lumen_control_xds_pushes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no push counter in {text}"))
 }
 
 /// An app answering every request with its own name.
@@ -282,6 +297,45 @@ async fn kubectl_apply_and_delete_change_routing_and_invalid_edits_change_nothin
         .await
         .expect("body");
     assert!(debug.contains("destination.hots"), "{debug}");
+
+    // A flood: 100 edits as fast as the API takes them, alternating v1 and v2, the last to
+    // v1. The last one wins, in a handful of pushes rather than one an edit.
+    let before = pushes(http).await;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let flood_started = Instant::now();
+    for i in 0..100 {
+        let subset = if i % 2 == 0 { "v2" } else { "v1" };
+        let patch = serde_json::json!({"spec": {"http": [{"route": [
+            {"destination": {"host": "reviews", "subset": subset}}
+        ]}]}});
+        let resp = client
+            .patch(format!(
+                "{}/apis/networking.istio.io/v1/namespaces/default/virtualservices/reviews",
+                api.url
+            ))
+            .header("content-type", "application/merge-patch+json")
+            .body(patch.to_string())
+            .send()
+            .await
+            .expect("patch");
+        assert!(resp.status().is_success(), "patch {i}: {}", resp.status());
+    }
+    let flood = flood_started.elapsed();
+    until_routed(outbound, Some("reviews-v1"), "after the flood").await;
+    until_accepted(&api, "True", "the flood's last edit");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pushed = pushes(http).await - before;
+    eprintln!("100 edits in {flood:?}: {pushed} xDS responses pushed");
+    // At most one push (one route configuration to the one sidecar) per gathering window
+    // (lumen_control::cluster::MAX_DELAY), however slow the machine made the flood.
+    let windows = flood.as_millis() / lumen_control::cluster::MAX_DELAY.as_millis() + 4;
+    assert!(
+        pushed as u128 <= windows && pushed < 50,
+        "a flood of 100 edits in {flood:?} made {pushed} pushes"
+    );
 
     // kubectl delete: back to both versions.
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kube/reviews-v2.yaml");

@@ -38,6 +38,8 @@ pub struct XdsState {
     proxies: std::sync::Mutex<BTreeMap<u64, ProxyStatus>>,
     next_stream: AtomicU64,
     next_nonce: AtomicU64,
+    /// DiscoveryResponses sent, every stream and type together (`/metrics`).
+    pub pushes: AtomicU64,
 }
 
 /// What `/debug/syncz` reports for one connected proxy (as `istioctl proxy-status`).
@@ -92,6 +94,7 @@ impl XdsState {
             proxies: std::sync::Mutex::new(BTreeMap::new()),
             next_stream: AtomicU64::new(1),
             next_nonce: AtomicU64::new(1),
+            pushes: AtomicU64::new(0),
         })
     }
 
@@ -327,5 +330,6 @@ async fn send(
     sub.sent_version = Some(version);
     sub.sent_nonce = nonce;
     sub.nack = None;
+    state.pushes.fetch_add(1, Ordering::Relaxed);
     tx.send(Ok(response)).await.map_err(|_| ())
 }

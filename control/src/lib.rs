@@ -139,10 +139,12 @@ impl Control {
     }
 }
 
-/// The control plane's HTTP endpoints: `/debug/syncz`, `/debug/config`, `/healthz`, `/ready`.
+/// The control plane's HTTP endpoints: `/debug/syncz`, `/debug/config`, `/metrics`,
+/// `/healthz`, `/ready`.
 pub fn router(state: Arc<XdsState>) -> Router {
     Router::new()
         .route("/debug/syncz", get(syncz))
+        .route("/metrics", get(metrics))
         .route("/debug/config", get(config))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/ready", get(|| async { "ok\n" }))
@@ -151,6 +153,20 @@ pub fn router(state: Arc<XdsState>) -> Router {
 
 async fn config(State(state): State<Arc<XdsState>>) -> Json<debug::ConfigDump> {
     Json(debug::dump(&state.model()))
+}
+
+/// The control plane's own counters, in Prometheus' text format.
+async fn metrics(State(state): State<Arc<XdsState>>) -> String {
+    let pushes = state.pushes.load(std::sync::atomic::Ordering::Relaxed);
+    let connected = state.proxy_status().len();
+    format!(
+        "# HELP lumen_control_xds_pushes_total xDS responses sent, every proxy and type.\n\
+         # TYPE lumen_control_xds_pushes_total counter\n\
+         lumen_control_xds_pushes_total {pushes}\n\
+         # HELP lumen_control_xds_connected Proxies with an open ADS stream.\n\
+         # TYPE lumen_control_xds_connected gauge\n\
+         lumen_control_xds_connected {connected}\n"
+    )
 }
 
 async fn syncz(State(state): State<Arc<XdsState>>) -> Json<Vec<ProxyStatus>> {
