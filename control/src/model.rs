@@ -313,17 +313,50 @@ pub struct DestinationRuleSpec {
     pub host: String,
     #[serde(default)]
     pub subsets: Vec<Subset>,
-    /// `trafficPolicy.loadBalancer.simple`, for every subset and port.
+    /// `trafficPolicy.loadBalancer`, for every subset and port.
     #[serde(skip)]
     pub load_balancer: Option<LoadBalancer>,
 }
 
 /// How the proxies pick an endpoint of the service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum LoadBalancer {
     #[default]
     RoundRobin,
     Random,
+    /// The less loaded of two endpoints drawn at random (Envoy's LEAST_REQUEST).
+    LeastRequest,
+    /// Session affinity: a hash of something in the request picks the endpoint.
+    ConsistentHash(ConsistentHash),
+}
+
+/// `loadBalancer.consistentHash`: what is hashed, and onto which table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsistentHash {
+    pub key: HashKey,
+    pub table: HashTable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    Header(String),
+    /// A cookie; with a time to live, the proxy makes one up for a request that has none and
+    /// sets it on the response (a zero TTL: a session cookie).
+    Cookie {
+        name: String,
+        path: Option<String>,
+        ttl: Option<std::time::Duration>,
+    },
+    SourceIp,
+    QueryParameter(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashTable {
+    /// A ring of hashed endpoint points (Envoy's RING_HASH), at least this many.
+    Ring { minimum_ring_size: u64 },
+    /// Maglev's lookup table (Envoy's MAGLEV), a prime number of entries.
+    Maglev { table_size: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

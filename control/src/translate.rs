@@ -17,12 +17,14 @@ use lumen_api::pb::envoy::extensions::filters::network::http_connection_manager:
 use lumen_api::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher::MatchPattern,
 };
-use lumen_api::pb::google::protobuf::{Any, Duration, Struct, UInt32Value, Value, value::Kind};
+use lumen_api::pb::google::protobuf::{
+    Any, Duration, Struct, UInt32Value, UInt64Value, Value, value::Kind,
+};
 use lumen_api::{cluster_name, endpoint_meta, pack_any, ports, type_url};
 
 use crate::model::{
-    FaultPolicy, HeaderOps, HttpMatchRequest, LoadBalancer, Model, PathChange, Pod, Redirect,
-    Service, StringMatch, VirtualService, labels_match,
+    FaultPolicy, HashKey, HashTable, HeaderOps, HttpMatchRequest, LoadBalancer, Model, PathChange,
+    Pod, Redirect, Service, StringMatch, VirtualService, labels_match,
 };
 
 /// The proxy a configuration is generated for, parsed from its xDS node id
@@ -107,7 +109,7 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
                 clusters.push(eds_cluster(
                     &name,
                     port.http2(),
-                    load_balancer_of(model, svc),
+                    &load_balancer_for(model, &fqdn),
                 ));
                 endpoints.push(load_assignment(model, svc, port.port, &labels, &name));
             }
@@ -267,18 +269,82 @@ fn http2_options(http2: bool) -> HashMap<String, Any> {
     )])
 }
 
-/// The load balancer a DestinationRule for the service chose (round robin without one).
-fn load_balancer_of(model: &Model, svc: &Service) -> LoadBalancer {
-    let fqdn = svc.fqdn();
+/// The load balancer a DestinationRule for the host (a service's FQDN) chose (round robin
+/// without one).
+fn load_balancer_for(model: &Model, fqdn: &str) -> LoadBalancer {
     model
         .destination_rules
         .iter()
         .filter(|dr| Model::fqdn(&dr.spec.host, &dr.meta.namespace) == fqdn)
-        .find_map(|dr| dr.spec.load_balancer)
+        .find_map(|dr| dr.spec.load_balancer.clone())
         .unwrap_or_default()
 }
 
-fn eds_cluster(name: &str, http2: bool, lb: LoadBalancer) -> cluster::Cluster {
+/// The route-side half of a consistent-hash load balancer (Envoy's `RouteAction.hash_policy`,
+/// as Istio writes it on every route to the host): what to hash. Empty for other policies.
+fn hash_policy(lb: &LoadBalancer) -> Vec<route::route_action::HashPolicy> {
+    use route::route_action::hash_policy::{
+        ConnectionProperties, Cookie, Header, PolicySpecifier, QueryParameter,
+    };
+    let LoadBalancer::ConsistentHash(ch) = lb else {
+        return Vec::new();
+    };
+    let specifier = match &ch.key {
+        HashKey::Header(name) => PolicySpecifier::Header(Header {
+            header_name: name.clone(),
+            ..Default::default()
+        }),
+        HashKey::Cookie { name, path, ttl } => PolicySpecifier::Cookie(Cookie {
+            name: name.clone(),
+            path: path.clone().unwrap_or_default(),
+            ttl: ttl.map(pb_duration),
+            ..Default::default()
+        }),
+        HashKey::SourceIp => {
+            PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true })
+        }
+        HashKey::QueryParameter(name) => {
+            PolicySpecifier::QueryParameter(QueryParameter { name: name.clone() })
+        }
+    };
+    vec![route::route_action::HashPolicy {
+        policy_specifier: Some(specifier),
+        terminal: false,
+    }]
+}
+
+fn eds_cluster(name: &str, http2: bool, lb: &LoadBalancer) -> cluster::Cluster {
+    use cluster::cluster::{
+        LbConfig, LbPolicy, LeastRequestLbConfig, MaglevLbConfig, RingHashLbConfig,
+    };
+    let (lb_policy, lb_config) = match lb {
+        LoadBalancer::RoundRobin => (LbPolicy::RoundRobin, None),
+        LoadBalancer::Random => (LbPolicy::Random, None),
+        LoadBalancer::LeastRequest => (
+            LbPolicy::LeastRequest,
+            Some(LbConfig::LeastRequestLbConfig(LeastRequestLbConfig {
+                choice_count: Some(UInt32Value { value: 2 }),
+                ..Default::default()
+            })),
+        ),
+        LoadBalancer::ConsistentHash(ch) => match ch.table {
+            HashTable::Ring { minimum_ring_size } => (
+                LbPolicy::RingHash,
+                Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+                    minimum_ring_size: Some(UInt64Value {
+                        value: minimum_ring_size,
+                    }),
+                    ..Default::default()
+                })),
+            ),
+            HashTable::Maglev { table_size } => (
+                LbPolicy::Maglev,
+                Some(LbConfig::MaglevLbConfig(MaglevLbConfig {
+                    table_size: Some(UInt64Value { value: table_size }),
+                })),
+            ),
+        },
+    };
     cluster::Cluster {
         name: name.to_string(),
         typed_extension_protocol_options: http2_options(http2),
@@ -286,10 +352,8 @@ fn eds_cluster(name: &str, http2: bool, lb: LoadBalancer) -> cluster::Cluster {
             seconds: 10,
             nanos: 0,
         }),
-        lb_policy: match lb {
-            LoadBalancer::RoundRobin => cluster::cluster::LbPolicy::RoundRobin,
-            LoadBalancer::Random => cluster::cluster::LbPolicy::Random,
-        } as i32,
+        lb_policy: lb_policy as i32,
+        lb_config,
         cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
             cluster::cluster::DiscoveryType::Eds as i32,
         )),
@@ -443,9 +507,12 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
     let default_route = || route::Route {
         name: "default".to_string(),
         r#match: Some(prefix_match("/")),
-        action: Some(route::route::Action::Route(route_action(
-            route::route_action::ClusterSpecifier::Cluster(cluster_name::outbound(port, "", &fqdn)),
-        ))),
+        action: Some(route::route::Action::Route(route::RouteAction {
+            hash_policy: hash_policy(&load_balancer_for(model, &fqdn)),
+            ..route_action(route::route_action::ClusterSpecifier::Cluster(
+                cluster_name::outbound(port, "", &fqdn),
+            ))
+        })),
         ..Default::default()
     };
     let routes = match vs {
@@ -503,6 +570,11 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
                     .into_iter()
                     .collect();
                 let mut action = route_action(specifier);
+                // Affinity as the first destination's DestinationRule asks (Istio's rule).
+                if let Some(first) = http.route.first() {
+                    let host = Model::fqdn(&first.destination.host, &vs.meta.namespace);
+                    action.hash_policy = hash_policy(&load_balancer_for(model, &host));
+                }
                 action.request_mirror_policies = http
                     .mirrors
                     .iter()
@@ -998,6 +1070,62 @@ mod tests {
             lb("outbound|9080||reviews.default.svc.cluster.local"),
             Some(round_robin)
         );
+    }
+
+    #[test]
+    fn consistent_hash_and_least_request_reach_clusters_and_routes() {
+        let mut model = demo_model();
+        model
+            .add_yaml(
+                "lb.yaml",
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: ratings}\nspec:\n  host: ratings\n  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: X-User, maglev: {tableSize: 251}}}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: details}\nspec:\n  host: details\n  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: productpage}\nspec:\n  host: productpage\n  trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: s, ttl: 0s}}}}\n",
+            )
+            .expect("DestinationRules");
+        model.check();
+        assert!(model.rejected.is_empty(), "{:?}", model.rejected);
+        let res = translate(&model, &node());
+        let cluster_named = |name: &str| {
+            res.of_type(type_url::CLUSTER)
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| cluster::Cluster::decode(r.resource.value.as_slice()).expect("cluster"))
+                .expect(name)
+        };
+        use cluster::cluster::{LbConfig, LbPolicy};
+        let ratings = cluster_named("outbound|9080||ratings.default.svc.cluster.local");
+        assert_eq!(ratings.lb_policy, LbPolicy::Maglev as i32);
+        assert!(matches!(
+            ratings.lb_config,
+            Some(LbConfig::MaglevLbConfig(ref m)) if m.table_size.as_ref().map(|v| v.value) == Some(251)
+        ));
+        let details = cluster_named("outbound|9080||details.default.svc.cluster.local");
+        assert_eq!(details.lb_policy, LbPolicy::LeastRequest as i32);
+        let productpage = cluster_named("outbound|9080||productpage.default.svc.cluster.local");
+        assert_eq!(productpage.lb_policy, LbPolicy::RingHash as i32);
+        // The routes to ratings hash its header; to productpage, its cookie (made up, a
+        // session cookie); to details, nothing.
+        use route::route_action::hash_policy::PolicySpecifier as P;
+        let rc = routes_9080(&res);
+        let policy_of = |vhost: &str| {
+            let vh = rc
+                .virtual_hosts
+                .iter()
+                .find(|v| v.name.starts_with(vhost))
+                .expect(vhost);
+            match &vh.routes[0].action {
+                Some(route::route::Action::Route(a)) => a.hash_policy.clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(matches!(
+            policy_of("ratings").first().and_then(|p| p.policy_specifier.clone()),
+            Some(P::Header(h)) if h.header_name == "x-user"
+        ));
+        assert!(matches!(
+            policy_of("productpage").first().and_then(|p| p.policy_specifier.clone()),
+            Some(P::Cookie(c)) if c.name == "s" && c.ttl.as_ref().is_some_and(|t| t.seconds == 0)
+        ));
+        assert!(policy_of("details").is_empty());
     }
 
     #[test]

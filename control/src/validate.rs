@@ -532,10 +532,111 @@ pub fn virtual_service(spec: &crd::VirtualServiceSpec) -> Result<VirtualServiceS
     })
 }
 
-/// `loadBalancer`: the simple policies the proxies carry out.
+/// Envoy's limits on a ring's size (`RingHashLbConfig.minimum_ring_size`).
+const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
+/// Maglev's default table size (Envoy's and Istio's).
+pub const MAGLEV_DEFAULT_TABLE: u64 = 65_537;
+/// Istio's default minimum ring size.
+pub const RING_DEFAULT_SIZE: u64 = 1024;
+
+fn is_prime(n: u64) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+}
+
+/// `loadBalancer.consistentHash`: exactly one key; a ring (the default) or Maglev.
+fn consistent_hash(
+    ch: &crd::ConsistentHashLb,
+    path: &str,
+) -> Result<crate::model::ConsistentHash, FieldError> {
+    use crate::model::{ConsistentHash, HashKey, HashTable};
+    let mut keys = Vec::new();
+    if let Some(h) = &ch.http_header_name {
+        keys.push(HashKey::Header(header_name(
+            h,
+            &format!("{path}.httpHeaderName"),
+        )?));
+    }
+    if let Some(c) = &ch.http_cookie {
+        if c.name.is_empty() {
+            return Err(at(format!("{path}.httpCookie.name"), "is empty"));
+        }
+        let ttl = match &c.ttl {
+            None => None,
+            Some(t) => Some(
+                crate::duration::parse(t).map_err(|e| at(format!("{path}.httpCookie.ttl"), e))?,
+            ),
+        };
+        keys.push(HashKey::Cookie {
+            name: c.name.clone(),
+            path: c.path.clone(),
+            ttl,
+        });
+    }
+    if ch.use_source_ip == Some(true) {
+        keys.push(HashKey::SourceIp);
+    }
+    if let Some(q) = &ch.http_query_parameter_name {
+        keys.push(HashKey::QueryParameter(q.clone()));
+    }
+    let key = match keys.len() {
+        1 => keys.remove(0),
+        0 => {
+            return Err(at(
+                path,
+                "names nothing to hash: one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName",
+            ));
+        }
+        _ => {
+            return Err(at(
+                path,
+                "names more than one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName",
+            ));
+        }
+    };
+    let table = match (&ch.ring_hash, &ch.maglev) {
+        (Some(_), Some(_)) => {
+            return Err(at(path, "sets both ringHash and maglev"));
+        }
+        (None, Some(m)) => {
+            let size = m.table_size.unwrap_or(MAGLEV_DEFAULT_TABLE);
+            if !is_prime(size) || size > 5_000_011 {
+                return Err(at(
+                    format!("{path}.maglev.tableSize"),
+                    format!("{size} is not a prime up to 5000011 (Envoy's rule)"),
+                ));
+            }
+            HashTable::Maglev { table_size: size }
+        }
+        (ring, None) => {
+            let size = ring
+                .as_ref()
+                .and_then(|r| r.minimum_ring_size)
+                .or(ch.minimum_ring_size)
+                .unwrap_or(RING_DEFAULT_SIZE);
+            if size == 0 || size > MAX_RING_SIZE {
+                return Err(at(
+                    format!("{path}.ringHash.minimumRingSize"),
+                    format!("{size} is outside 1..={MAX_RING_SIZE}"),
+                ));
+            }
+            HashTable::Ring {
+                minimum_ring_size: size,
+            }
+        }
+    };
+    Ok(ConsistentHash { key, table })
+}
+
+/// `loadBalancer`: the policies the proxies carry out.
 fn load_balancer(lb: &crd::LoadBalancerSettings, path: &str) -> Result<LoadBalancer, FieldError> {
-    if lb.consistent_hash.is_some() {
-        return Err(not_yet(format!("{path}.consistentHash"), "consistentHash"));
+    if let Some(ch) = &lb.consistent_hash {
+        if lb.simple.is_some() {
+            return Err(at(path, "sets both simple and consistentHash"));
+        }
+        return Ok(LoadBalancer::ConsistentHash(consistent_hash(
+            ch,
+            &format!("{path}.consistentHash"),
+        )?));
     }
     if lb.warmup_duration_secs.is_some() {
         return Err(not_yet(
@@ -548,6 +649,7 @@ fn load_balancer(lb: &crd::LoadBalancerSettings, path: &str) -> Result<LoadBalan
             Ok(LoadBalancer::RoundRobin)
         }
         Some(crd::SimpleLb::Random) => Ok(LoadBalancer::Random),
+        Some(crd::SimpleLb::LeastRequest) => Ok(LoadBalancer::LeastRequest),
         Some(other) => Err(not_yet(format!("{path}.simple"), &format!("{other:?}"))),
     }
 }
@@ -628,6 +730,85 @@ mod tests {
 
     fn vs(yaml: &str) -> Result<VirtualServiceSpec, FieldError> {
         virtual_service(&serde_yaml::from_str(yaml).expect("spec"))
+    }
+
+    fn dr(yaml: &str) -> Result<DestinationRuleSpec, FieldError> {
+        destination_rule(&serde_yaml::from_str(yaml).expect("spec"))
+    }
+
+    #[test]
+    fn consistent_hash_is_read_and_its_mistakes_are_named() {
+        use crate::model::{ConsistentHash, HashKey, HashTable};
+        let ok = dr("host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: user, ttl: 30s, path: /}}}}")
+            .expect("a cookie");
+        assert_eq!(
+            ok.load_balancer,
+            Some(LoadBalancer::ConsistentHash(ConsistentHash {
+                key: HashKey::Cookie {
+                    name: "user".into(),
+                    path: Some("/".into()),
+                    ttl: Some(std::time::Duration::from_secs(30)),
+                },
+                table: HashTable::Ring {
+                    minimum_ring_size: RING_DEFAULT_SIZE
+                },
+            }))
+        );
+        let ok = dr("host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, maglev: {}}}}")
+            .expect("source IP on Maglev");
+        assert!(matches!(
+            ok.load_balancer,
+            Some(LoadBalancer::ConsistentHash(ConsistentHash {
+                key: HashKey::SourceIp,
+                table: HashTable::Maglev {
+                    table_size: MAGLEV_DEFAULT_TABLE
+                }
+            }))
+        ));
+        let ok =
+            dr("host: r\ntrafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}").expect("P2C");
+        assert_eq!(ok.load_balancer, Some(LoadBalancer::LeastRequest));
+        for (yaml, path, words) in [
+            (
+                "host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash",
+                "names nothing to hash",
+            ),
+            (
+                "host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, httpHeaderName: x}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash",
+                "more than one",
+            ),
+            (
+                "host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 1000}}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+                "not a prime",
+            ),
+            (
+                "host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, ringHash: {}, maglev: {}}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash",
+                "both ringHash and maglev",
+            ),
+            (
+                "host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: 'bad name'}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash.httpHeaderName",
+                "not an HTTP header name",
+            ),
+            (
+                "host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: c, ttl: soon}}}}",
+                "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl",
+                "",
+            ),
+            (
+                "host: r\ntrafficPolicy: {loadBalancer: {simple: LEAST_CONN}}",
+                "spec.trafficPolicy.loadBalancer.simple",
+                "not supported by lumen yet",
+            ),
+        ] {
+            let e = dr(yaml).expect_err(yaml);
+            assert_eq!(e.path, path, "{yaml}: {e}");
+            assert!(e.message.contains(words), "{yaml}: {e}");
+        }
     }
 
     #[test]

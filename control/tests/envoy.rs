@@ -92,6 +92,14 @@ async fn envoy_accepts_everything_lumen_control_serves() {
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: details, namespace: default}\nspec:\n  parentRefs: [{group: '', kind: Service, name: details}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /v2}, method: POST}, {path: {type: RegularExpression, value: '/d/[0-9]+'}}]\n    backendRefs: [{name: details, port: 9080}]\n    timeouts: {request: 2s}\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-canary, value: '100%'}], remove: [x-debug]}}, {type: RequestMirror, requestMirror: {backendRef: {name: reviews, port: 9080}, percent: 10}}]\n  - matches: [{path: {type: PathPrefix, value: /api}, queryParams: [{name: v, value: '2'}]}]\n    backendRefs: [{name: details, port: 9080}]\n    filters: [{type: URLRewrite, urlRewrite: {hostname: details.internal, path: {type: ReplaceFullPath, replaceFullPath: /v2/api}}}]\n  - matches: [{path: {type: PathPrefix, value: /old}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}}]\n",
         )
         .unwrap();
+    // Load balancers: session affinity on a cookie Envoy makes up (a ring) and on a header
+    // (Maglev), and least request; clusters' lb_config and routes' hash_policy.
+    model
+        .add_yaml(
+            "lb.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: details, namespace: default}\nspec:\n  host: details\n  trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: affinity, ttl: 60s, path: /}, ringHash: {minimumRingSize: 2048}}}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: ratings, namespace: default}\nspec:\n  host: ratings\n  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user, maglev: {tableSize: 65537}}}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: productpage, namespace: default}\nspec:\n  host: productpage\n  trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}\n",
+        )
+        .unwrap();
     model.check();
     assert!(model.rejected.is_empty(), "{:?}", model.rejected);
     let control = Control::bind(ControlOptions {

@@ -504,6 +504,7 @@ impl StaticResources {
                         redirect: None,
                         rewrite: None,
                         mirrors: Vec::new(),
+                        hash_policy: Vec::new(),
                     });
                 }
                 virtual_hosts.push(VirtualHost {

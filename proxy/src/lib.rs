@@ -8,6 +8,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod config;
 pub mod http;
+pub mod lb;
 pub mod routing;
 pub mod server;
 pub mod signal;

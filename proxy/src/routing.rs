@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use lumen_api::pb::envoy::config::cluster::v3 as xcluster;
 use lumen_api::pb::envoy::config::core::v3 as xcore;
@@ -16,6 +15,9 @@ use lumen_api::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::M
 use lumen_api::pb::google::protobuf::value::Kind;
 use lumen_api::{cluster_name, endpoint_meta, type_url};
 use prost::Message;
+
+use crate::lb::Balancer;
+pub use crate::lb::LbPolicy;
 
 /// Why an xDS resource was rejected (the text goes back to the control plane in the NACK).
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -90,6 +92,70 @@ pub struct Route {
     pub rewrite: Option<Arc<Rewrite>>,
     /// Clusters a copy of a share of requests goes to (Envoy's request mirror policies).
     pub mirrors: Vec<Mirror>,
+    /// What of the request a consistent-hash cluster hashes (`RouteAction.hash_policy`).
+    pub hash_policy: Vec<HashPolicy>,
+}
+
+/// One thing a request is hashed by, for session affinity (Envoy's `HashPolicy`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum HashPolicy {
+    Header(http::HeaderName),
+    /// A cookie; with a time to live the proxy makes one up when the request has none and
+    /// sets it on the response (zero: a session cookie).
+    Cookie {
+        name: String,
+        ttl: Option<std::time::Duration>,
+        path: String,
+    },
+    SourceIp,
+    QueryParameter(String),
+}
+
+fn hash_policies(
+    route: &str,
+    policies: Vec<xroute::route_action::HashPolicy>,
+) -> Result<Vec<HashPolicy>, ConfigError> {
+    use xroute::route_action::hash_policy::PolicySpecifier as P;
+    policies
+        .into_iter()
+        .map(|p| match p.policy_specifier {
+            Some(P::Header(h)) => {
+                if h.regex_rewrite.is_some() {
+                    return Err(unsupported(
+                        "route",
+                        route,
+                        "hash_policy.header.regex_rewrite is not supported",
+                    ));
+                }
+                http::HeaderName::from_bytes(h.header_name.as_bytes())
+                    .map(HashPolicy::Header)
+                    .map_err(|e| {
+                        unsupported(
+                            "route",
+                            route,
+                            format!("hash_policy header {:?}: {e}", h.header_name),
+                        )
+                    })
+            }
+            Some(P::Cookie(c)) => Ok(HashPolicy::Cookie {
+                ttl: match c.ttl {
+                    None => None,
+                    Some(d) => Some(std_duration(d).ok_or_else(|| {
+                        unsupported("route", route, "a negative cookie ttl")
+                    })?),
+                },
+                name: c.name,
+                path: c.path,
+            }),
+            Some(P::ConnectionProperties(c)) if c.source_ip => Ok(HashPolicy::SourceIp),
+            Some(P::QueryParameter(q)) => Ok(HashPolicy::QueryParameter(q.name)),
+            other => Err(unsupported(
+                "route",
+                route,
+                format!("hash_policy {other:?} is not supported (header, cookie, source_ip, query_parameter)"),
+            )),
+        })
+        .collect()
 }
 
 /// A copy of a share of a route's requests, sent to a cluster and never answered.
@@ -656,7 +722,8 @@ pub struct WeightedBackend {
     pub weight: u32,
 }
 
-/// A cluster: endpoints (from EDS or inline), how one is chosen, and a round-robin cursor.
+/// A cluster: endpoints (from EDS or inline), how one is chosen, and that policy's state
+/// over them (rebuilt with every new endpoint set: see [`Cluster::balanced`]).
 #[derive(Debug, Default)]
 pub struct Cluster {
     pub name: String,
@@ -665,16 +732,7 @@ pub struct Cluster {
     pub http2: bool,
     pub lb: LbPolicy,
     pub endpoints: Vec<Endpoint>,
-    next: AtomicUsize,
-}
-
-/// How a cluster picks an endpoint (Envoy's `lb_policy`; DestinationRule's
-/// `loadBalancer.simple`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum LbPolicy {
-    #[default]
-    RoundRobin,
-    Random,
+    pub balancer: Arc<Balancer>,
 }
 
 /// One upstream host with what the control plane told about its workload.
@@ -846,6 +904,7 @@ impl MeshConfig {
         for mut c in clusters {
             if let Some(prev) = old.get(&c.name).filter(|_| c.eds) {
                 c.endpoints = prev.endpoints.clone();
+                c = c.balanced();
             }
             self.clusters.insert(c.name.clone(), Arc::new(c));
         }
@@ -861,8 +920,9 @@ impl MeshConfig {
                     http2: c.http2,
                     lb: c.lb,
                     endpoints,
-                    next: AtomicUsize::new(c.next.load(Ordering::Relaxed)),
-                };
+                    balancer: Arc::default(),
+                }
+                .balanced();
                 self.clusters.insert(name, Arc::new(updated));
             }
         }
@@ -950,6 +1010,19 @@ impl Cluster {
             endpoints,
             ..Default::default()
         }
+        .balanced()
+    }
+
+    /// The cluster with its policy's state built over its endpoints (a ring or Maglev
+    /// table, in-flight counters).
+    pub fn balanced(mut self) -> Cluster {
+        let addresses: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| e.app_addr.to_string())
+            .collect();
+        self.balancer = Arc::new(Balancer::new(self.lb, &addresses));
+        self
     }
 
     /// The same cluster speaking HTTP/2 upstream (or not).
@@ -960,14 +1033,16 @@ impl Cluster {
 
     /// An endpoint, chosen by the cluster's policy.
     pub fn pick(&self) -> Option<&Endpoint> {
-        if self.endpoints.is_empty() {
-            return None;
-        }
-        let i = match self.lb {
-            LbPolicy::RoundRobin => self.next.fetch_add(1, Ordering::Relaxed),
-            LbPolicy::Random => rand::random::<u32>() as usize,
-        };
-        self.endpoints.get(i % self.endpoints.len())
+        self.pick_for(None).map(|(_, e)| e)
+    }
+
+    /// An endpoint and its index, chosen by the cluster's policy for a request with this
+    /// hash (from the route's hash policy; `None` without one).
+    pub fn pick_for(&self, request_hash: Option<u64>) -> Option<(usize, &Endpoint)> {
+        let i = self
+            .balancer
+            .pick(self.lb, self.endpoints.len(), request_hash)?;
+        self.endpoints.get(i).map(|e| (i, e))
     }
 }
 
@@ -1132,15 +1207,51 @@ impl TryFrom<xcluster::Cluster> for Cluster {
             _ => Vec::new(),
         };
         let http2 = upstream_http2(&c.name, &c.typed_extension_protocol_options)?;
+        use xcluster::cluster::LbConfig;
         use xcluster::cluster::LbPolicy as X;
         let lb = match X::try_from(c.lb_policy) {
             Ok(X::RoundRobin) => LbPolicy::RoundRobin,
             Ok(X::Random) => LbPolicy::Random,
+            Ok(X::LeastRequest) => {
+                if let Some(LbConfig::LeastRequestLbConfig(cfg)) = &c.lb_config {
+                    let choices = cfg.choice_count.as_ref().map_or(2, |v| v.value);
+                    if choices != 2 {
+                        return Err(unsupported(
+                            "cluster",
+                            &c.name,
+                            format!(
+                                "least_request_lb_config.choice_count {choices}: only 2 (power of two choices) is supported"
+                            ),
+                        ));
+                    }
+                }
+                LbPolicy::LeastRequest
+            }
+            Ok(X::RingHash) => {
+                let minimum_ring_size = match &c.lb_config {
+                    Some(LbConfig::RingHashLbConfig(cfg)) => {
+                        cfg.minimum_ring_size.as_ref().map_or(1024, |v| v.value)
+                    }
+                    _ => 1024,
+                };
+                LbPolicy::RingHash { minimum_ring_size }
+            }
+            Ok(X::Maglev) => {
+                let table_size = match &c.lb_config {
+                    Some(LbConfig::MaglevLbConfig(cfg)) => {
+                        cfg.table_size.as_ref().map_or(65_537, |v| v.value)
+                    }
+                    _ => 65_537,
+                };
+                LbPolicy::Maglev { table_size }
+            }
             Ok(other) => {
                 return Err(unsupported(
                     "cluster",
                     &c.name,
-                    format!("lb_policy {other:?} is not supported (ROUND_ROBIN, RANDOM)"),
+                    format!(
+                        "lb_policy {other:?} is not supported (ROUND_ROBIN, RANDOM, LEAST_REQUEST, RING_HASH, MAGLEV)"
+                    ),
                 ));
             }
             Err(_) => {
@@ -1157,8 +1268,9 @@ impl TryFrom<xcluster::Cluster> for Cluster {
             http2,
             lb,
             endpoints,
-            next: AtomicUsize::new(0),
-        })
+            balancer: Arc::default(),
+        }
+        .balanced())
     }
 }
 
@@ -1320,6 +1432,7 @@ impl TryFrom<xroute::Route> for Route {
                     redirect: Some(redirect),
                     rewrite: None,
                     mirrors: Vec::new(),
+                    hash_policy: Vec::new(),
                 });
             }
             _ => {
@@ -1332,6 +1445,7 @@ impl TryFrom<xroute::Route> for Route {
         };
         let rewrite = rewrite(&r.name, &action)?.map(Arc::new);
         let mirrors = mirrors(&r.name, &action.request_mirror_policies)?;
+        let hash_policy = hash_policies(&r.name, action.hash_policy)?;
         let backends = match action.cluster_specifier {
             Some(xroute::route_action::ClusterSpecifier::Cluster(c)) => vec![WeightedBackend {
                 cluster: c,
@@ -1392,6 +1506,7 @@ impl TryFrom<xroute::Route> for Route {
             redirect: None,
             rewrite,
             mirrors,
+            hash_policy,
         })
     }
 }
@@ -1467,6 +1582,7 @@ pub(crate) mod tests {
                             redirect: None,
                             rewrite: None,
                             mirrors: vec![],
+                            hash_policy: Vec::new(),
                         },
                         Route {
                             query: vec![],
@@ -1490,6 +1606,7 @@ pub(crate) mod tests {
                             redirect: None,
                             rewrite: None,
                             mirrors: vec![],
+                            hash_policy: Vec::new(),
                         },
                     ],
                 }],
@@ -1663,8 +1780,22 @@ pub(crate) mod tests {
             with(xcluster::cluster::LbPolicy::Random).map(|c| c.lb),
             Ok(LbPolicy::Random)
         );
-        let err = with(xcluster::cluster::LbPolicy::RingHash).expect_err("NACKed");
-        assert!(err.to_string().contains("RingHash"), "{err}");
+        assert_eq!(
+            with(xcluster::cluster::LbPolicy::LeastRequest).map(|c| c.lb),
+            Ok(LbPolicy::LeastRequest)
+        );
+        assert_eq!(
+            with(xcluster::cluster::LbPolicy::RingHash).map(|c| c.lb),
+            Ok(LbPolicy::RingHash {
+                minimum_ring_size: 1024
+            })
+        );
+        assert_eq!(
+            with(xcluster::cluster::LbPolicy::Maglev).map(|c| c.lb),
+            Ok(LbPolicy::Maglev { table_size: 65_537 })
+        );
+        let err = with(xcluster::cluster::LbPolicy::ClusterProvided).expect_err("NACKed");
+        assert!(err.to_string().contains("ClusterProvided"), "{err}");
         let mut random = Cluster::new(
             "c",
             vec![endpoint("127.0.0.1", "a"), endpoint("127.0.0.2", "b")],
@@ -1759,6 +1890,7 @@ pub(crate) mod tests {
             redirect: None,
             rewrite: None,
             mirrors: vec![],
+            hash_policy: Vec::new(),
         };
         let get = http::Method::GET;
         let none = http::HeaderMap::new();

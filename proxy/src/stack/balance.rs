@@ -3,11 +3,13 @@
 //! (peer headers, as Istio's metadata exchange), after removing any `x-lumen-*` header the
 //! application sent so none can be forged.
 
+use std::sync::Arc;
+
 use http::{HeaderName, HeaderValue, Request, StatusCode};
 
 use super::error::{Fault, ProxyError, flags};
 use super::observe::{Observation, set_attribute};
-use super::route::Target;
+use super::route::{RequestHash, Target};
 use super::step::Step;
 use crate::http::peer_headers;
 use crate::routing::Endpoint;
@@ -52,7 +54,8 @@ impl Step for Balance {
             .get::<Target>()
             .cloned()
             .ok_or_else(|| ProxyError::internal("no route chosen before load balancing"))?;
-        let endpoint: Endpoint = target.cluster.pick().cloned().ok_or_else(|| {
+        let request_hash = req.extensions().get::<RequestHash>().map(|h| h.0);
+        let (index, endpoint) = target.cluster.pick_for(request_hash).ok_or_else(|| {
             ProxyError::new(
                 flags::NO_HEALTHY_UPSTREAM,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -60,6 +63,11 @@ impl Step for Balance {
                 format!("no healthy upstream in cluster {}", target.cluster.name),
             )
         })?;
+        let endpoint: Endpoint = endpoint.clone();
+        // In flight until its response comes (the connector holds it): least request's load.
+        if let Some(guard) = target.cluster.balancer.start(index) {
+            req.extensions_mut().insert(Arc::new(guard));
+        }
         if let Some(o) = req.extensions().get::<Observation>() {
             o.update(|o| {
                 o.labels.destination_workload = endpoint.workload.clone();

@@ -169,6 +169,8 @@ impl tower::Service<Request<Body>> for Connect {
                 "no endpoint chosen before connecting",
             ))));
         };
+        // Held until the response (or the failure) comes: the endpoint's request in flight.
+        let in_flight = req.extensions_mut().remove::<Arc<crate::lb::InFlight>>();
         let counter = req
             .extensions()
             .get::<Observation>()
@@ -238,7 +240,9 @@ impl tower::Service<Request<Body>> for Connect {
             } else {
                 timeout
             };
-            match tokio::time::timeout(limit, client.request(req)).await {
+            let answered = tokio::time::timeout(limit, client.request(req)).await;
+            drop(in_flight);
+            match answered {
                 Err(_) => Err(ProxyError::new(
                     flags::UPSTREAM_TIMEOUT,
                     StatusCode::GATEWAY_TIMEOUT,

@@ -70,6 +70,90 @@ fn rewrite(
     Ok(())
 }
 
+/// The hash a consistent-hash cluster picks this request's endpoint by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHash(pub u64);
+
+/// Hashes what the route's hash policies name (combined as Envoy does: rotate, xor) into a
+/// [`RequestHash`]; nothing when the request has none of it (the cluster then picks at
+/// random). A cookie policy with a time to live makes up the cookie a request lacks, hashes
+/// that, and sets it on the response so the client's next requests stick.
+fn affinity(req: &mut Request<Body>, policies: &[crate::routing::HashPolicy]) {
+    use crate::routing::HashPolicy;
+    let mut combined: Option<u64> = None;
+    let mut set_cookie = None;
+    for policy in policies {
+        let h = match policy {
+            HashPolicy::Header(name) => req
+                .headers()
+                .get(name)
+                .map(|v| crate::lb::hash(v.as_bytes())),
+            HashPolicy::SourceIp => req
+                .extensions()
+                .get::<Accepted>()
+                .map(|a| crate::lb::hash(a.peer.ip().to_string().as_bytes())),
+            HashPolicy::QueryParameter(name) => {
+                query_value(req.uri().query(), name).map(|v| crate::lb::hash(v.as_bytes()))
+            }
+            HashPolicy::Cookie { name, ttl, path } => match cookie_value(req.headers(), name) {
+                Some(v) => Some(crate::lb::hash(v.as_bytes())),
+                None => ttl.map(|ttl| {
+                    let value = format!("{:016x}", rand::random::<u64>());
+                    let mut cookie = format!("{name}=\"{value}\"");
+                    if !ttl.is_zero() {
+                        cookie.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+                    }
+                    if !path.is_empty() {
+                        cookie.push_str(&format!("; Path={path}"));
+                    }
+                    cookie.push_str("; HttpOnly");
+                    set_cookie = Some(cookie);
+                    crate::lb::hash(value.as_bytes())
+                }),
+            },
+        };
+        if let Some(h) = h {
+            combined = Some(combined.map_or(h, |c| c.rotate_left(1) ^ h));
+        }
+    }
+    if let Some(h) = combined {
+        req.extensions_mut().insert(RequestHash(h));
+    }
+    if let Some(cookie) = set_cookie
+        && let Ok(value) = http::HeaderValue::from_str(&cookie)
+    {
+        // The response gets it through the header layer, with the route's own changes.
+        let mut rules = req
+            .extensions()
+            .get::<Arc<crate::routing::HeaderRules>>()
+            .map(|r| (**r).clone())
+            .unwrap_or_default();
+        rules.response.add.push((http::header::SET_COOKIE, value));
+        req.extensions_mut().insert(Arc::new(rules));
+    }
+}
+
+/// The first value of query parameter `name` (as sent, not decoded).
+fn query_value<'q>(query: Option<&'q str>, name: &str) -> Option<&'q str> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers (quotes kept off).
+fn cookie_value(headers: &http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then(|| v.trim_matches('"').to_string())
+        })
+}
+
 /// Whether an authority carries a port (`host:port`, `[v6]:port`).
 fn has_port(authority: &str) -> bool {
     match authority.rsplit_once(':') {
@@ -211,6 +295,9 @@ impl Step for Route {
             if let Some(rules) = &route.header_rules {
                 req.extensions_mut().insert(rules.clone());
             }
+            if !route.hash_policy.is_empty() {
+                affinity(req, &route.hash_policy);
+            }
             if let Some(retry) = &route.retry {
                 req.extensions_mut().insert(retry.clone());
             }
@@ -228,7 +315,20 @@ impl Step for Route {
 
 #[cfg(test)]
 mod tests {
-    use super::has_port;
+    use super::{cookie_value, has_port, query_value};
+
+    #[test]
+    fn cookies_and_query_parameters_are_found_by_name() {
+        let mut h = http::HeaderMap::new();
+        h.append("cookie", "a=1; user=\"abc\"".parse().expect("value"));
+        h.append("cookie", "b=2".parse().expect("value"));
+        assert_eq!(cookie_value(&h, "user").as_deref(), Some("abc"));
+        assert_eq!(cookie_value(&h, "b").as_deref(), Some("2"));
+        assert_eq!(cookie_value(&h, "c"), None);
+        assert_eq!(query_value(Some("x=1&user=7&user=8"), "user"), Some("7"));
+        assert_eq!(query_value(Some("flag&x=1"), "flag"), Some(""));
+        assert_eq!(query_value(None, "user"), None);
+    }
 
     #[test]
     fn authorities_with_and_without_ports() {

@@ -1,0 +1,324 @@
+//! How a cluster picks one of its endpoints (Envoy's `lb_policy`, DestinationRule's
+//! `loadBalancer`): round robin, random, least request (the less loaded of two drawn at
+//! random, loaded meaning requests waiting for their response), and the consistent hashes
+//! that give session affinity, a ring (RING_HASH) or Maglev's table (MAGLEV), looked up with
+//! a hash of the request (the route's hash policy: a header, a cookie, the source IP or a
+//! query parameter; see `stack/route.rs`). The tables are built, as Envoy builds them, from
+//! xxHash64 of each endpoint's address, once per endpoint set.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use twox_hash::XxHash64;
+
+/// A cluster's policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    Random,
+    /// Power of two choices on requests in flight (Envoy's default `choice_count` of 2).
+    LeastRequest,
+    RingHash {
+        minimum_ring_size: u64,
+    },
+    Maglev {
+        table_size: u64,
+    },
+}
+
+impl LbPolicy {
+    /// Whether requests need a hash to be balanced as configured.
+    pub fn hashes(self) -> bool {
+        matches!(self, LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. })
+    }
+}
+
+/// The largest ring or table built, whatever the configuration asks (Envoy caps rings at
+/// 8M entries; Maglev's table size is bounded by the control plane's validation).
+const MAX_TABLE: u64 = 8 * 1024 * 1024;
+
+/// xxHash64 with seed 0 (Envoy's `HashUtil::xxHash64`).
+pub fn hash(bytes: &[u8]) -> u64 {
+    XxHash64::oneshot(0, bytes)
+}
+
+/// The state a cluster's policy keeps over its endpoints.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    cursor: AtomicUsize,
+    /// Requests sent to each endpoint whose response has not come yet.
+    active: Box<[AtomicU32]>,
+    table: Table,
+}
+
+#[derive(Debug, Default)]
+enum Table {
+    #[default]
+    None,
+    /// Points on the ring, sorted by hash, each naming an endpoint.
+    Ring(Vec<(u64, u32)>),
+    /// Maglev's lookup table: entry → endpoint.
+    Maglev(Vec<u32>),
+}
+
+impl Balancer {
+    /// The state for `policy` over endpoints with these addresses (their order is the
+    /// endpoints' order).
+    pub fn new(policy: LbPolicy, addresses: &[String]) -> Balancer {
+        let table = match policy {
+            _ if addresses.is_empty() => Table::None,
+            LbPolicy::RingHash { minimum_ring_size } => Table::Ring(ring(
+                addresses,
+                minimum_ring_size.clamp(1, MAX_TABLE) as usize,
+            )),
+            LbPolicy::Maglev { table_size } => {
+                Table::Maglev(maglev(addresses, table_size.clamp(1, MAX_TABLE) as usize))
+            }
+            _ => Table::None,
+        };
+        Balancer {
+            cursor: AtomicUsize::new(0),
+            active: addresses.iter().map(|_| AtomicU32::new(0)).collect(),
+            table,
+        }
+    }
+
+    /// The index of the endpoint (of `n`) for a request with `request_hash` (a hashing
+    /// policy without one falls back to random, as Envoy does); `None` when there are none.
+    pub fn pick(&self, policy: LbPolicy, n: usize, request_hash: Option<u64>) -> Option<usize> {
+        if n == 0 {
+            return None;
+        }
+        let index = match (policy, &self.table, request_hash) {
+            (LbPolicy::RoundRobin, _, _) => self.cursor.fetch_add(1, Ordering::Relaxed),
+            (LbPolicy::LeastRequest, _, _) if n > 1 && self.active.len() == n => {
+                let a = rand::random_range(0..n);
+                // A second draw among the others, so the two are distinct.
+                let b = (a + 1 + rand::random_range(0..n - 1)) % n;
+                let load = |i: usize| self.active[i].load(Ordering::Relaxed);
+                if load(b) < load(a) { b } else { a }
+            }
+            (_, Table::Ring(points), Some(h)) => {
+                let at = points.partition_point(|(p, _)| *p < h);
+                points
+                    .get(at)
+                    .or(points.first())
+                    .map_or(0, |(_, e)| *e as usize)
+            }
+            (_, Table::Maglev(entries), Some(h)) => {
+                entries[(h % entries.len() as u64) as usize] as usize
+            }
+            _ => rand::random::<u32>() as usize,
+        };
+        Some(index % n)
+    }
+
+    /// Counts a request to endpoint `index` as in flight until the guard drops.
+    pub fn start(self: &Arc<Self>, index: usize) -> Option<InFlight> {
+        let slot = self.active.get(index)?;
+        slot.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight {
+            balancer: self.clone(),
+            index,
+        })
+    }
+
+    /// Requests in flight to endpoint `index`.
+    pub fn active(&self, index: usize) -> u32 {
+        self.active
+            .get(index)
+            .map_or(0, |a| a.load(Ordering::Relaxed))
+    }
+}
+
+/// A request in flight to one endpoint (least request's measure of load).
+#[derive(Debug)]
+pub struct InFlight {
+    balancer: Arc<Balancer>,
+    index: usize,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(slot) = self.balancer.active.get(self.index) {
+            slot.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Envoy's ring: each endpoint hashed `ceil(size / endpoints)` times as `"<address>_<i>"`.
+fn ring(addresses: &[String], minimum_size: usize) -> Vec<(u64, u32)> {
+    let per_endpoint = minimum_size.div_ceil(addresses.len()).max(1);
+    let mut points = Vec::with_capacity(per_endpoint * addresses.len());
+    let mut key = String::new();
+    for (e, address) in addresses.iter().enumerate() {
+        for i in 0..per_endpoint {
+            key.clear();
+            key.push_str(address);
+            key.push('_');
+            key.push_str(&i.to_string());
+            points.push((hash(key.as_bytes()), e as u32));
+        }
+    }
+    points.sort_unstable();
+    points
+}
+
+/// Maglev's table (Eisenbud et al., NSDI 2016): each endpoint walks its own permutation of
+/// the entries (offset and skip from two hashes of its address) and takes the next free one,
+/// in turn, until the table is full; every endpoint gets an equal share within one entry.
+fn maglev(addresses: &[String], size: usize) -> Vec<u32> {
+    const EMPTY: u32 = u32::MAX;
+    let m = size as u64;
+    let perms: Vec<(u64, u64)> = addresses
+        .iter()
+        .map(|a| {
+            let offset = XxHash64::oneshot(0, a.as_bytes()) % m;
+            let skip = if m > 1 {
+                XxHash64::oneshot(1, a.as_bytes()) % (m - 1) + 1
+            } else {
+                1
+            };
+            (offset, skip)
+        })
+        .collect();
+    let mut next = vec![0u64; addresses.len()];
+    let mut table = vec![EMPTY; size];
+    let mut filled = 0;
+    'fill: loop {
+        for (e, (offset, skip)) in perms.iter().enumerate() {
+            let mut c = (offset + next[e] * skip) % m;
+            while table[c as usize] != EMPTY {
+                next[e] += 1;
+                c = (offset + next[e] * skip) % m;
+            }
+            table[c as usize] = e as u32;
+            next[e] += 1;
+            filled += 1;
+            if filled == size {
+                break 'fill;
+            }
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addresses(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("10.0.0.{i}:8080")).collect()
+    }
+
+    #[test]
+    fn round_robin_takes_each_in_turn() {
+        let b = Balancer::new(LbPolicy::RoundRobin, &addresses(3));
+        let picks: Vec<usize> = (0..6)
+            .filter_map(|_| b.pick(LbPolicy::RoundRobin, 3, None))
+            .collect();
+        assert_eq!(picks, [0, 1, 2, 0, 1, 2]);
+        assert_eq!(b.pick(LbPolicy::RoundRobin, 0, None), None);
+    }
+
+    #[test]
+    fn least_request_avoids_the_loaded_endpoint() {
+        let b = Arc::new(Balancer::new(LbPolicy::LeastRequest, &addresses(2)));
+        // Endpoint 0 has five requests in flight: with two endpoints, both are always drawn,
+        // so every pick is endpoint 1.
+        let held: Vec<InFlight> = (0..5).filter_map(|_| b.start(0)).collect();
+        assert_eq!(b.active(0), 5);
+        for _ in 0..100 {
+            assert_eq!(b.pick(LbPolicy::LeastRequest, 2, None), Some(1));
+        }
+        drop(held);
+        assert_eq!(b.active(0), 0, "the guards give their slots back");
+    }
+
+    #[test]
+    fn least_request_among_many_never_picks_the_most_loaded() {
+        let b = Arc::new(Balancer::new(LbPolicy::LeastRequest, &addresses(4)));
+        let _held: Vec<InFlight> = (0..3).filter_map(|_| b.start(2)).collect();
+        // Two distinct draws: the loaded one can only win against... nobody.
+        for _ in 0..500 {
+            assert_ne!(b.pick(LbPolicy::LeastRequest, 4, None), Some(2));
+        }
+    }
+
+    #[test]
+    fn a_ring_keeps_keys_on_their_endpoint_and_moves_few_when_one_goes() {
+        let policy = LbPolicy::RingHash {
+            minimum_ring_size: 1024,
+        };
+        let four = addresses(4);
+        let b = Balancer::new(policy, &four);
+        let keys: Vec<u64> = (0..2000)
+            .map(|k| hash(format!("user-{k}").as_bytes()))
+            .collect();
+        let before: Vec<usize> = keys
+            .iter()
+            .filter_map(|h| b.pick(policy, 4, Some(*h)))
+            .collect();
+        let again: Vec<usize> = keys
+            .iter()
+            .filter_map(|h| b.pick(policy, 4, Some(*h)))
+            .collect();
+        assert_eq!(before, again, "the same key, the same endpoint");
+        let mut share = [0usize; 4];
+        for e in &before {
+            share[*e] += 1;
+        }
+        assert!(share.iter().all(|s| *s > 250), "{share:?}");
+        // Endpoint 3 goes: its keys move, and of the others only those that land on the
+        // points the ring adds to keep its size (342 an endpoint instead of 256, as Envoy
+        // sizes it), about one in six; a modulo hash would move three in four.
+        let three = Balancer::new(policy, &four[..3]);
+        let moved = keys
+            .iter()
+            .zip(&before)
+            .filter(|(h, e)| **e != 3 && three.pick(policy, 3, Some(**h)) != Some(**e))
+            .count();
+        assert!(
+            moved < 2000 / 4,
+            "{moved} of 2000 keys of the staying endpoints moved"
+        );
+    }
+
+    #[test]
+    fn maglev_fills_its_table_evenly_and_is_stable() {
+        let policy = LbPolicy::Maglev { table_size: 65_537 };
+        let four = addresses(4);
+        let table = maglev(&four, 65_537);
+        let mut share = [0usize; 4];
+        for e in &table {
+            share[*e as usize] += 1;
+        }
+        assert!(
+            share.iter().all(|s| s.abs_diff(65_537 / 4) <= 1),
+            "{share:?}"
+        );
+        let b = Balancer::new(policy, &four);
+        let keys: Vec<u64> = (0..2000)
+            .map(|k| hash(format!("user-{k}").as_bytes()))
+            .collect();
+        let before: Vec<Option<usize>> = keys.iter().map(|h| b.pick(policy, 4, Some(*h))).collect();
+        // Maglev's promise: few keys of the endpoints that stay move when one goes.
+        let three = Balancer::new(policy, &four[..3]);
+        let moved = keys
+            .iter()
+            .zip(&before)
+            .filter(|(h, e)| **e != Some(3) && three.pick(policy, 3, Some(**h)) != **e)
+            .count();
+        assert!(moved < 2000 / 10, "{moved} of 2000 keys moved");
+    }
+
+    #[test]
+    fn a_hashing_policy_without_a_hash_still_picks() {
+        let policy = LbPolicy::RingHash {
+            minimum_ring_size: 16,
+        };
+        let b = Balancer::new(policy, &addresses(2));
+        assert!(b.pick(policy, 2, None).is_some_and(|i| i < 2));
+    }
+}
