@@ -540,7 +540,10 @@ pub const MAGLEV_DEFAULT_TABLE: u64 = 65_537;
 pub const RING_DEFAULT_SIZE: u64 = 1024;
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 /// `loadBalancer.consistentHash`: exactly one key; a ring (the default) or Maglev.
