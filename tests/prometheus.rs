@@ -199,13 +199,25 @@ async fn prometheus_scrapes_the_mesh_and_every_count_agrees() {
         last.0, last.1
     );
 
-    // The histogram reached Prometheus whole: its count agrees with the counter.
-    let hist = prometheus_by_app(
-        prom_port,
-        r#"sum by (destination_app) (istio_request_duration_milliseconds_count{reporter="destination"})"#,
-    )
-    .await;
-    assert_eq!(hist, last.0, "histogram counts equal the request counter");
+    // The histogram reached Prometheus whole: its count agrees with the counter. Both are
+    // read from the same scrape (the counter above may be a scrape older): asked again,
+    // bounded, until one evaluation shows both.
+    let histql = r#"sum by (destination_app) (istio_request_duration_milliseconds_count{reporter="destination"})"#;
+    let settled = Instant::now();
+    let (mut hist, mut counter) = (Vec::new(), Vec::new());
+    while settled.elapsed() < Duration::from_secs(30) {
+        hist = prometheus_by_app(prom_port, histql).await;
+        counter = prometheus_by_app(prom_port, promql).await;
+        if hist == counter && hist.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(hist, counter, "histogram counts equal the request counter");
+    assert!(
+        counter.iter().all(|(_, n)| close(*n, sent as f64)),
+        "{counter:?}"
+    );
 
     // The graph API: exactly the demo's edges, each carrying every request.
     let graph: Value = reqwest::get(format!(
