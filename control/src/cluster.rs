@@ -128,7 +128,7 @@ pub struct KubeSource {
 impl std::fmt::Debug for KubeSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubeSource")
-            .field("url", &self.client.default_namespace())
+            .field("namespace", &self.client.default_namespace())
             .finish_non_exhaustive()
     }
 }

@@ -174,7 +174,7 @@ fn maglev(addresses: &[String], size: usize) -> Vec<u32> {
     let perms: Vec<(u64, u64)> = addresses
         .iter()
         .map(|a| {
-            let offset = XxHash64::oneshot(0, a.as_bytes()) % m;
+            let offset = hash(a.as_bytes()) % m;
             let skip = if m > 1 {
                 XxHash64::oneshot(1, a.as_bytes()) % (m - 1) + 1
             } else {
