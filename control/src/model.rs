@@ -316,6 +316,32 @@ pub struct DestinationRuleSpec {
     /// `trafficPolicy.loadBalancer`, for every subset and port.
     #[serde(skip)]
     pub load_balancer: Option<LoadBalancer>,
+    /// `trafficPolicy.connectionPool`: the service's circuit breakers.
+    #[serde(skip)]
+    pub connection_pool: Option<ConnectionPool>,
+    /// `trafficPolicy.outlierDetection`: ejection of endpoints that keep failing.
+    #[serde(skip)]
+    pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// Circuit-breaker thresholds (each unset one is unbounded, as Istio writes them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnectionPool {
+    pub max_connections: Option<u32>,
+    pub http1_max_pending_requests: Option<u32>,
+    pub http2_max_requests: Option<u32>,
+    pub max_retries: Option<u32>,
+}
+
+/// Outlier detection as written (unset fields take Envoy's defaults in the proxy).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OutlierDetection {
+    pub consecutive_5xx_errors: Option<u32>,
+    pub consecutive_gateway_errors: Option<u32>,
+    pub interval: Option<std::time::Duration>,
+    pub base_ejection_time: Option<std::time::Duration>,
+    pub max_ejection_percent: Option<u32>,
+    pub min_health_percent: u32,
 }
 
 /// How the proxies pick an endpoint of the service.

@@ -23,8 +23,9 @@ use lumen_api::pb::google::protobuf::{
 use lumen_api::{cluster_name, endpoint_meta, pack_any, ports, type_url};
 
 use crate::model::{
-    FaultPolicy, HashKey, HashTable, HeaderOps, HttpMatchRequest, LoadBalancer, Model, PathChange,
-    Pod, Redirect, Service, StringMatch, VirtualService, labels_match,
+    DestinationRuleSpec, FaultPolicy, HashKey, HashTable, HeaderOps, HttpMatchRequest,
+    LoadBalancer, Model, PathChange, Pod, Redirect, Service, StringMatch, VirtualService,
+    labels_match,
 };
 
 /// The proxy a configuration is generated for, parsed from its xDS node id
@@ -106,11 +107,12 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
                 std::iter::once((String::new(), BTreeMap::new())).chain(subsets.clone())
             {
                 let name = cluster_name::outbound(port.port, &subset, &fqdn);
-                clusters.push(eds_cluster(
-                    &name,
-                    port.http2(),
-                    &load_balancer_for(model, &fqdn),
-                ));
+                let mut cluster =
+                    eds_cluster(&name, port.http2(), &load_balancer_for(model, &fqdn));
+                if let Some(dr) = destination_rule_for(model, &fqdn) {
+                    resilience(&mut cluster, dr);
+                }
+                clusters.push(cluster);
                 endpoints.push(load_assignment(model, svc, port.port, &labels, &name));
             }
             if port.tcp() {
@@ -269,15 +271,62 @@ fn http2_options(http2: bool) -> HashMap<String, Any> {
     )])
 }
 
-/// The load balancer a DestinationRule for the host (a service's FQDN) chose (round robin
-/// without one).
-fn load_balancer_for(model: &Model, fqdn: &str) -> LoadBalancer {
+/// The DestinationRule for a host (a service's FQDN), if any.
+fn destination_rule_for<'m>(model: &'m Model, fqdn: &str) -> Option<&'m DestinationRuleSpec> {
     model
         .destination_rules
         .iter()
-        .filter(|dr| Model::fqdn(&dr.spec.host, &dr.meta.namespace) == fqdn)
-        .find_map(|dr| dr.spec.load_balancer.clone())
+        .find(|dr| Model::fqdn(&dr.spec.host, &dr.meta.namespace) == fqdn)
+        .map(|dr| &dr.spec)
+}
+
+/// The load balancer a DestinationRule for the host (a service's FQDN) chose (round robin
+/// without one).
+fn load_balancer_for(model: &Model, fqdn: &str) -> LoadBalancer {
+    destination_rule_for(model, fqdn)
+        .and_then(|dr| dr.load_balancer.clone())
         .unwrap_or_default()
+}
+
+/// A DestinationRule's circuit breakers and outlier detection on a cluster, as Istio writes
+/// them: thresholds not given are unbounded; the consecutive-error counts given are
+/// enforced (a zero count turns its kind off); success-rate ejection off; the panic
+/// threshold is `minHealthPercent` (0: ejections hold until every endpoint is out).
+fn resilience(c: &mut cluster::Cluster, dr: &DestinationRuleSpec) {
+    let u32v = |v: u32| Some(UInt32Value { value: v });
+    if let Some(pool) = &dr.connection_pool {
+        let max = |v: Option<u32>| u32v(v.unwrap_or(u32::MAX));
+        c.circuit_breakers = Some(cluster::CircuitBreakers {
+            thresholds: vec![cluster::circuit_breakers::Thresholds {
+                max_connections: max(pool.max_connections),
+                max_pending_requests: max(pool.http1_max_pending_requests),
+                max_requests: max(pool.http2_max_requests),
+                max_retries: max(pool.max_retries),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    if let Some(od) = &dr.outlier_detection {
+        let enforcing = |v: Option<u32>| v.and_then(|n| u32v(if n > 0 { 100 } else { 0 }));
+        c.outlier_detection = Some(cluster::OutlierDetection {
+            consecutive_5xx: od.consecutive_5xx_errors.and_then(u32v),
+            enforcing_consecutive_5xx: enforcing(od.consecutive_5xx_errors),
+            consecutive_gateway_failure: od.consecutive_gateway_errors.and_then(u32v),
+            enforcing_consecutive_gateway_failure: enforcing(od.consecutive_gateway_errors),
+            interval: od.interval.map(pb_duration),
+            base_ejection_time: od.base_ejection_time.map(pb_duration),
+            max_ejection_percent: od.max_ejection_percent.and_then(u32v),
+            enforcing_success_rate: u32v(0),
+            ..Default::default()
+        });
+        c.common_lb_config = Some(cluster::cluster::CommonLbConfig {
+            healthy_panic_threshold: Some(lumen_api::pb::envoy::r#type::v3::Percent {
+                value: f64::from(od.min_health_percent),
+            }),
+            ..Default::default()
+        });
+    }
 }
 
 /// The route-side half of a consistent-hash load balancer (Envoy's `RouteAction.hash_policy`,

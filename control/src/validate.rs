@@ -7,9 +7,9 @@ use std::collections::BTreeSet;
 
 use crate::crd::istio as crd;
 use crate::model::{
-    Destination, DestinationRuleSpec, FaultPolicy, HeaderOps, HeaderRules, HttpMatchRequest,
-    HttpRoute, HttpRouteDestination, LoadBalancer, PathChange, PortSelector, Redirect,
-    RetrySettings, Rewrite, StringMatch, Subset, VirtualServiceSpec,
+    ConnectionPool, Destination, DestinationRuleSpec, FaultPolicy, HeaderOps, HeaderRules,
+    HttpMatchRequest, HttpRoute, HttpRouteDestination, LoadBalancer, OutlierDetection, PathChange,
+    PortSelector, Redirect, RetrySettings, Rewrite, StringMatch, Subset, VirtualServiceSpec,
 };
 
 /// What is wrong, and where (`spec.http[0].route[1].weight`).
@@ -657,12 +657,143 @@ fn load_balancer(lb: &crd::LoadBalancerSettings, path: &str) -> Result<LoadBalan
     }
 }
 
-/// A traffic policy: its load balancer (top level only), the rest refused until carried out.
-fn traffic_policy(
-    p: &crd::TrafficPolicy,
+/// `connectionPool`: the thresholds the proxies enforce; the pool's other settings are
+/// refused by path until carried out.
+fn connection_pool(
+    pool: &crd::ConnectionPoolSettings,
     path: &str,
-    top: bool,
-) -> Result<Option<LoadBalancer>, FieldError> {
+) -> Result<ConnectionPool, FieldError> {
+    let count = |v: Option<i32>, field: &str| -> Result<Option<u32>, FieldError> {
+        v.map(|n| {
+            u32::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                at(
+                    format!("{path}.{field}"),
+                    format!("{n} is not a positive count"),
+                )
+            })
+        })
+        .transpose()
+    };
+    let mut out = ConnectionPool::default();
+    if let Some(tcp) = &pool.tcp {
+        out.max_connections = count(tcp.max_connections, "tcp.maxConnections")?;
+        for (field, set) in [
+            ("connectTimeout", tcp.connect_timeout.is_some()),
+            (
+                "maxConnectionDuration",
+                tcp.max_connection_duration.is_some(),
+            ),
+            ("idleTimeout", tcp.idle_timeout.is_some()),
+        ] {
+            if set {
+                return Err(not_yet(format!("{path}.tcp.{field}"), field));
+            }
+        }
+    }
+    if let Some(http) = &pool.http {
+        out.http1_max_pending_requests = count(
+            http.http1_max_pending_requests,
+            "http.http1MaxPendingRequests",
+        )?;
+        out.http2_max_requests = count(http.http2_max_requests, "http.http2MaxRequests")?;
+        out.max_retries = match http.max_retries {
+            // Zero retries is a valid bound.
+            Some(n) => Some(u32::try_from(n).map_err(|_| {
+                at(
+                    format!("{path}.http.maxRetries"),
+                    format!("{n} is negative"),
+                )
+            })?),
+            None => None,
+        };
+        for (field, set) in [
+            (
+                "maxRequestsPerConnection",
+                http.max_requests_per_connection.is_some(),
+            ),
+            ("idleTimeout", http.idle_timeout.is_some()),
+            ("h2UpgradePolicy", http.h2_upgrade_policy.is_some()),
+            ("useClientProtocol", http.use_client_protocol.is_some()),
+            (
+                "maxConcurrentStreams",
+                http.max_concurrent_streams.is_some(),
+            ),
+        ] {
+            if set {
+                return Err(not_yet(format!("{path}.http.{field}"), field));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `outlierDetection`: consecutive 5xx and gateway errors, the ejection times and shares.
+fn outlier_detection(
+    od: &crd::OutlierDetection,
+    path: &str,
+) -> Result<OutlierDetection, FieldError> {
+    for (field, set) in [
+        (
+            "consecutiveLocalOriginFailures",
+            od.consecutive_local_origin_failures.is_some(),
+        ),
+        (
+            "splitExternalLocalOriginErrors",
+            od.split_external_local_origin_errors == Some(true),
+        ),
+    ] {
+        if set {
+            return Err(not_yet(format!("{path}.{field}"), field));
+        }
+    }
+    let duration = |v: &Option<String>, field: &str| {
+        v.as_deref()
+            .map(|t| crate::duration::parse(t).map_err(|e| at(format!("{path}.{field}"), e)))
+            .transpose()
+    };
+    let percent = |v: Option<i32>, field: &str| {
+        v.map(|p| {
+            u32::try_from(p).ok().filter(|p| *p <= 100).ok_or_else(|| {
+                at(
+                    format!("{path}.{field}"),
+                    format!("{p} is not a percentage"),
+                )
+            })
+        })
+        .transpose()
+    };
+    // The deprecated `consecutiveErrors` counted 502, 503 and 504: gateway errors.
+    let gateway = match (od.consecutive_gateway_errors, od.consecutive_errors) {
+        (Some(n), _) => Some(n),
+        (None, Some(n)) => Some(u32::try_from(n).map_err(|_| {
+            at(
+                format!("{path}.consecutiveErrors"),
+                format!("{n} is negative"),
+            )
+        })?),
+        (None, None) => None,
+    };
+    Ok(OutlierDetection {
+        consecutive_5xx_errors: od.consecutive_5xx_errors,
+        consecutive_gateway_errors: gateway,
+        interval: duration(&od.interval, "interval")?,
+        base_ejection_time: duration(&od.base_ejection_time, "baseEjectionTime")?,
+        max_ejection_percent: percent(od.max_ejection_percent, "maxEjectionPercent")?,
+        min_health_percent: percent(od.min_health_percent, "minHealthPercent")?.unwrap_or(0),
+    })
+}
+
+/// What a traffic policy asks of the proxies.
+#[derive(Debug, Default)]
+struct Policy {
+    load_balancer: Option<LoadBalancer>,
+    connection_pool: Option<ConnectionPool>,
+    outlier_detection: Option<OutlierDetection>,
+}
+
+/// A traffic policy (top level only: a subset's or port's own policy is refused until
+/// carried out).
+fn traffic_policy(p: &crd::TrafficPolicy, path: &str, top: bool) -> Result<Policy, FieldError> {
     let lb = match (&p.load_balancer, top) {
         (None, _) => None,
         (Some(lb), true) => Some(load_balancer(lb, &format!("{path}.loadBalancer"))?),
@@ -674,8 +805,8 @@ fn traffic_policy(
         }
     };
     let unsupported = [
-        ("connectionPool", p.connection_pool.is_some()),
-        ("outlierDetection", p.outlier_detection.is_some()),
+        ("connectionPool", !top && p.connection_pool.is_some()),
+        ("outlierDetection", !top && p.outlier_detection.is_some()),
         ("portLevelSettings", !p.port_level_settings.is_empty()),
     ];
     if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
@@ -685,7 +816,19 @@ fn traffic_policy(
         // Read, not yet carried out: the mesh's traffic stays plaintext until mTLS lands.
         tracing::warn!(path, mode = ?tls.mode, "TLS settings are read but not carried out yet: traffic stays plaintext");
     }
-    Ok(lb)
+    Ok(Policy {
+        load_balancer: lb,
+        connection_pool: p
+            .connection_pool
+            .as_ref()
+            .map(|c| connection_pool(c, &format!("{path}.connectionPool")))
+            .transpose()?,
+        outlier_detection: p
+            .outlier_detection
+            .as_ref()
+            .map(|o| outlier_detection(o, &format!("{path}.outlierDetection")))
+            .transpose()?,
+    })
 }
 
 /// A DestinationRule's spec as the translator takes it.
@@ -695,9 +838,9 @@ pub fn destination_rule(
     if spec.host.is_empty() {
         return Err(at("spec.host", "is empty"));
     }
-    let load_balancer = match &spec.traffic_policy {
+    let policy = match &spec.traffic_policy {
         Some(p) => traffic_policy(p, "spec.trafficPolicy", true)?,
-        None => None,
+        None => Policy::default(),
     };
     let mut names = BTreeSet::new();
     let mut subsets = Vec::new();
@@ -723,7 +866,9 @@ pub fn destination_rule(
     Ok(DestinationRuleSpec {
         host: spec.host.clone(),
         subsets,
-        load_balancer,
+        load_balancer: policy.load_balancer,
+        connection_pool: policy.connection_pool,
+        outlier_detection: policy.outlier_detection,
     })
 }
 
@@ -805,6 +950,31 @@ mod tests {
             (
                 "host: r\ntrafficPolicy: {loadBalancer: {simple: LEAST_CONN}}",
                 "spec.trafficPolicy.loadBalancer.simple",
+                "not supported by lumen yet",
+            ),
+            (
+                "host: r\ntrafficPolicy: {connectionPool: {tcp: {maxConnections: 0}}}",
+                "spec.trafficPolicy.connectionPool.tcp.maxConnections",
+                "not a positive count",
+            ),
+            (
+                "host: r\ntrafficPolicy: {connectionPool: {http: {idleTimeout: 1s}}}",
+                "spec.trafficPolicy.connectionPool.http.idleTimeout",
+                "not supported by lumen yet",
+            ),
+            (
+                "host: r\ntrafficPolicy: {outlierDetection: {maxEjectionPercent: 150}}",
+                "spec.trafficPolicy.outlierDetection.maxEjectionPercent",
+                "not a percentage",
+            ),
+            (
+                "host: r\ntrafficPolicy: {outlierDetection: {baseEjectionTime: later}}",
+                "spec.trafficPolicy.outlierDetection.baseEjectionTime",
+                "",
+            ),
+            (
+                "host: r\nsubsets: [{name: v1, trafficPolicy: {outlierDetection: {}}}]",
+                "spec.subsets[0].trafficPolicy.outlierDetection",
                 "not supported by lumen yet",
             ),
         ] {

@@ -5,9 +5,17 @@
 //! a hash of the request (the route's hash policy: a header, a cookie, the source IP or a
 //! query parameter; see `stack/route.rs`). The tables are built, as Envoy builds them, from
 //! xxHash64 of each endpoint's address, once per endpoint set.
+//!
+//! Outlier detection (Envoy's `outlier_detection`, Istio's `outlierDetection`) lives here
+//! too: an endpoint that answers N 5xx (or N gateway errors: 502, 503, 504, or no connection)
+//! in a row is ejected for the base ejection time times the number of times it has been
+//! ejected, as long as no more than the allowed share of endpoints is out (at least one may
+//! always be); every policy then picks among the others, and among all of them when fewer
+//! healthy remain than the panic threshold (all ejected, by default).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use twox_hash::XxHash64;
 
@@ -43,6 +51,37 @@ pub fn hash(bytes: &[u8]) -> u64 {
     XxHash64::oneshot(0, bytes)
 }
 
+/// When endpoints are ejected (Envoy's `OutlierDetection`; a count of zero disables its
+/// kind of failure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierPolicy {
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub max_ejection_percent: u32,
+    /// Below this share of healthy endpoints (percent), ejections are ignored.
+    pub panic_threshold_percent: u32,
+}
+
+/// What an attempt to an endpoint came to, for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response with this status.
+    Status(u16),
+    /// No response: the connection failed, was reset or timed out (a gateway error).
+    NoResponse,
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    consecutive_5xx: AtomicU32,
+    consecutive_gateway: AtomicU32,
+    /// Milliseconds since the balancer's epoch until which the endpoint is out (0: in).
+    ejected_until: AtomicU64,
+    ejections: AtomicU32,
+}
+
 /// The state a cluster's policy keeps over its endpoints.
 #[derive(Debug, Default)]
 pub struct Balancer {
@@ -50,6 +89,9 @@ pub struct Balancer {
     /// Requests sent to each endpoint whose response has not come yet.
     active: Box<[AtomicU32]>,
     table: Table,
+    outlier: Option<OutlierPolicy>,
+    health: Box<[Health]>,
+    epoch: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +108,15 @@ impl Balancer {
     /// The state for `policy` over endpoints with these addresses (their order is the
     /// endpoints' order).
     pub fn new(policy: LbPolicy, addresses: &[String]) -> Balancer {
+        Balancer::with_outlier_detection(policy, addresses, None)
+    }
+
+    /// As [`Balancer::new`], ejecting endpoints as `outlier` says.
+    pub fn with_outlier_detection(
+        policy: LbPolicy,
+        addresses: &[String],
+        outlier: Option<OutlierPolicy>,
+    ) -> Balancer {
         let table = match policy {
             _ if addresses.is_empty() => Table::None,
             LbPolicy::RingHash { minimum_ring_size } => Table::Ring(ring(
@@ -81,7 +132,84 @@ impl Balancer {
             cursor: AtomicUsize::new(0),
             active: addresses.iter().map(|_| AtomicU32::new(0)).collect(),
             table,
+            outlier,
+            health: addresses.iter().map(|_| Health::default()).collect(),
+            epoch: outlier.map(|_| Instant::now()),
         }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.map_or(0, |e| {
+            e.elapsed().as_millis().try_into().unwrap_or(u64::MAX)
+        })
+    }
+
+    /// Whether endpoint `index` is ejected now.
+    pub fn ejected(&self, index: usize) -> bool {
+        self.health
+            .get(index)
+            .is_some_and(|h| h.ejected_until.load(Ordering::Relaxed) > self.now_ms())
+    }
+
+    fn ejected_count(&self) -> usize {
+        (0..self.health.len()).filter(|i| self.ejected(*i)).count()
+    }
+
+    /// Whether the picks should steer around ejected endpoints: some are out, and enough
+    /// are in (the panic threshold).
+    fn steering(&self, n: usize) -> bool {
+        let Some(policy) = self.outlier else {
+            return false;
+        };
+        let out = self.ejected_count();
+        let healthy = n.saturating_sub(out);
+        out > 0 && healthy > 0 && healthy * 100 >= n * policy.panic_threshold_percent as usize
+    }
+
+    /// Records what an attempt to endpoint `index` came to; ejects it when that makes too
+    /// many failures in a row. Returns whether this ejected it.
+    pub fn observe(&self, index: usize, outcome: Outcome) -> bool {
+        let (Some(policy), Some(h)) = (self.outlier, self.health.get(index)) else {
+            return false;
+        };
+        let (five, gateway) = match outcome {
+            Outcome::Status(s) if s >= 500 => (true, matches!(s, 502..=504)),
+            Outcome::Status(_) => (false, false),
+            Outcome::NoResponse => (true, true),
+        };
+        if !five {
+            h.consecutive_5xx.store(0, Ordering::Relaxed);
+            h.consecutive_gateway.store(0, Ordering::Relaxed);
+            return false;
+        }
+        let fives = h.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+        let gateways = if gateway {
+            h.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            h.consecutive_gateway.store(0, Ordering::Relaxed);
+            0
+        };
+        let tripped = (policy.consecutive_5xx > 0 && fives >= policy.consecutive_5xx)
+            || (policy.consecutive_gateway > 0 && gateways >= policy.consecutive_gateway);
+        if !tripped || self.ejected(index) {
+            return false;
+        }
+        // No more than the allowed share out, but always at least one.
+        let n = self.health.len();
+        let out = self.ejected_count();
+        if out > 0 && (out + 1) * 100 > n * policy.max_ejection_percent as usize {
+            return false;
+        }
+        let times = h.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let length = policy
+            .base_ejection
+            .saturating_mul(times)
+            .min(policy.max_ejection.max(policy.base_ejection));
+        let until = self.now_ms() + length.as_millis().try_into().unwrap_or(u64::MAX / 2);
+        h.ejected_until.store(until, Ordering::Relaxed);
+        h.consecutive_5xx.store(0, Ordering::Relaxed);
+        h.consecutive_gateway.store(0, Ordering::Relaxed);
+        true
     }
 
     /// The index of the endpoint (of `n`) for a request with `request_hash` (a hashing
@@ -111,7 +239,13 @@ impl Balancer {
             }
             _ => rand::random::<u32>() as usize,
         };
-        Some(index % n)
+        let index = index % n;
+        // Around ejected endpoints: the next one that is in (a ring's next host, the next in
+        // turn), unless too few are in.
+        if self.steering(n) && self.ejected(index) {
+            return (1..n).map(|k| (index + k) % n).find(|i| !self.ejected(*i));
+        }
+        Some(index)
     }
 
     /// Counts a request to endpoint `index` as in flight until the guard drops.
@@ -311,6 +445,69 @@ mod tests {
             .filter(|(h, e)| **e != Some(3) && three.pick(policy, 3, Some(**h)) != **e)
             .count();
         assert!(moved < 2000 / 10, "{moved} of 2000 keys moved");
+    }
+
+    fn outlier(consecutive_5xx: u32, max_ejection_percent: u32) -> OutlierPolicy {
+        OutlierPolicy {
+            consecutive_5xx,
+            consecutive_gateway: 0,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejection_percent,
+            panic_threshold_percent: 0,
+        }
+    }
+
+    #[test]
+    fn an_endpoint_failing_in_a_row_is_ejected_and_skipped() {
+        let b = Balancer::with_outlier_detection(
+            LbPolicy::RoundRobin,
+            &addresses(3),
+            Some(outlier(3, 100)),
+        );
+        // Two 503s, then a 200: the count starts over.
+        assert!(!b.observe(1, Outcome::Status(503)));
+        assert!(!b.observe(1, Outcome::Status(503)));
+        assert!(!b.observe(1, Outcome::Status(200)));
+        assert!(!b.observe(1, Outcome::Status(500)));
+        assert!(!b.observe(1, Outcome::NoResponse));
+        assert!(b.observe(1, Outcome::Status(500)), "three in a row eject");
+        assert!(b.ejected(1));
+        for _ in 0..30 {
+            assert_ne!(b.pick(LbPolicy::RoundRobin, 3, None), Some(1));
+        }
+        // 4xx are the caller's: they never count.
+        for _ in 0..10 {
+            assert!(!b.observe(0, Outcome::Status(404)));
+        }
+        assert!(!b.ejected(0));
+    }
+
+    #[test]
+    fn ejections_stop_at_the_allowed_share_and_all_out_means_all_in() {
+        // 10% of 3 endpoints: only the first ejection (at least one always may).
+        let b = Balancer::with_outlier_detection(
+            LbPolicy::RoundRobin,
+            &addresses(3),
+            Some(outlier(1, 10)),
+        );
+        assert!(b.observe(0, Outcome::Status(503)));
+        assert!(
+            !b.observe(1, Outcome::Status(503)),
+            "a second would exceed 10%"
+        );
+        // All of them allowed out: with none in, picks ignore the ejections (panic).
+        let b = Balancer::with_outlier_detection(
+            LbPolicy::RoundRobin,
+            &addresses(2),
+            Some(outlier(1, 100)),
+        );
+        assert!(b.observe(0, Outcome::NoResponse));
+        assert!(b.observe(1, Outcome::NoResponse));
+        let picks: Vec<usize> = (0..4)
+            .filter_map(|_| b.pick(LbPolicy::RoundRobin, 2, None))
+            .collect();
+        assert_eq!(picks, [0, 1, 0, 1]);
     }
 
     #[test]

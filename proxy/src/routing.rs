@@ -17,7 +17,8 @@ use lumen_api::{cluster_name, endpoint_meta, type_url};
 use prost::Message;
 
 use crate::lb::Balancer;
-pub use crate::lb::LbPolicy;
+pub use crate::lb::{LbPolicy, OutlierPolicy};
+use crate::stack::breaker::{Breaker, Thresholds};
 
 /// Why an xDS resource was rejected (the text goes back to the control plane in the NACK).
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -109,6 +110,124 @@ pub enum HashPolicy {
     },
     SourceIp,
     QueryParameter(String),
+}
+
+/// A cluster's circuit breakers (the default-priority thresholds; Envoy's defaults for what
+/// is unset); none when the cluster sets none.
+fn circuit_breakers(
+    cluster: &str,
+    cb: Option<&xcluster::CircuitBreakers>,
+    http2: bool,
+) -> Result<Option<Arc<Breaker>>, ConfigError> {
+    use lumen_api::pb::envoy::config::core::v3::RoutingPriority;
+    let Some(cb) = cb else {
+        return Ok(None);
+    };
+    let mut thresholds = None;
+    for t in &cb.thresholds {
+        if t.priority != RoutingPriority::Default as i32 {
+            return Err(unsupported(
+                "cluster",
+                cluster,
+                "circuit_breakers for the HIGH routing priority are not supported",
+            ));
+        }
+        if t.retry_budget.is_some() || t.max_connection_pools.is_some() {
+            return Err(unsupported(
+                "cluster",
+                cluster,
+                "circuit_breakers retry_budget and max_connection_pools are not supported",
+            ));
+        }
+        let d = Thresholds::default();
+        thresholds = Some(Thresholds {
+            max_connections: t
+                .max_connections
+                .as_ref()
+                .map_or(d.max_connections, |v| v.value),
+            max_pending: t
+                .max_pending_requests
+                .as_ref()
+                .map_or(d.max_pending, |v| v.value),
+            max_requests: t.max_requests.as_ref().map_or(d.max_requests, |v| v.value),
+            max_retries: t.max_retries.as_ref().map_or(d.max_retries, |v| v.value),
+        });
+    }
+    Ok(thresholds.map(|t| Arc::new(Breaker::new(t, http2))))
+}
+
+/// A cluster's outlier detection: consecutive 5xx and gateway failures, each on when its
+/// enforcement is (Envoy's defaults: 5 in a row; 5xx enforced, gateway failures not), with
+/// the ejection times and share; the panic threshold from `common_lb_config` (Envoy's 50%).
+fn outlier_policy(
+    cluster: &str,
+    od: Option<&xcluster::OutlierDetection>,
+    common: Option<&xcluster::cluster::CommonLbConfig>,
+) -> Result<Option<OutlierPolicy>, ConfigError> {
+    let Some(od) = od else {
+        return Ok(None);
+    };
+    let enforced = |what: &str, v: Option<u32>, default: u32| match v.unwrap_or(default) {
+        0 => Ok(false),
+        100 => Ok(true),
+        other => Err(unsupported(
+            "cluster",
+            cluster,
+            format!("outlier_detection.{what} {other}: only 0 or 100 is supported"),
+        )),
+    };
+    let duration = |what: &str, d: Option<lumen_api::pb::google::protobuf::Duration>, default| {
+        d.map_or(Ok(default), |d| {
+            std_duration(d).ok_or_else(|| {
+                unsupported(
+                    "cluster",
+                    cluster,
+                    format!("outlier_detection.{what} is negative"),
+                )
+            })
+        })
+    };
+    let five = enforced(
+        "enforcing_consecutive_5xx",
+        od.enforcing_consecutive_5xx.as_ref().map(|v| v.value),
+        100,
+    )?;
+    let gateway = enforced(
+        "enforcing_consecutive_gateway_failure",
+        od.enforcing_consecutive_gateway_failure
+            .as_ref()
+            .map(|v| v.value),
+        0,
+    )?;
+    let panic = common
+        .and_then(|c| c.healthy_panic_threshold.as_ref())
+        .map_or(50.0, |p| p.value);
+    Ok(Some(OutlierPolicy {
+        consecutive_5xx: if five {
+            od.consecutive_5xx.as_ref().map_or(5, |v| v.value)
+        } else {
+            0
+        },
+        consecutive_gateway: if gateway {
+            od.consecutive_gateway_failure
+                .as_ref()
+                .map_or(5, |v| v.value)
+        } else {
+            0
+        },
+        base_ejection: duration(
+            "base_ejection_time",
+            od.base_ejection_time,
+            std::time::Duration::from_secs(30),
+        )?,
+        max_ejection: duration(
+            "max_ejection_time",
+            od.max_ejection_time,
+            std::time::Duration::from_secs(300),
+        )?,
+        max_ejection_percent: od.max_ejection_percent.as_ref().map_or(10, |v| v.value),
+        panic_threshold_percent: panic.clamp(0.0, 100.0) as u32,
+    }))
 }
 
 fn hash_policies(
@@ -733,6 +852,11 @@ pub struct Cluster {
     pub lb: LbPolicy,
     pub endpoints: Vec<Endpoint>,
     pub balancer: Arc<Balancer>,
+    /// Circuit-breaker thresholds and what is in flight against them (kept across EDS
+    /// updates: it counts the cluster's requests, not its endpoints').
+    pub breaker: Option<Arc<Breaker>>,
+    /// When endpoints are ejected for failing in a row.
+    pub outlier: Option<OutlierPolicy>,
 }
 
 /// One upstream host with what the control plane told about its workload.
@@ -921,6 +1045,8 @@ impl MeshConfig {
                     lb: c.lb,
                     endpoints,
                     balancer: Arc::default(),
+                    breaker: c.breaker.clone(),
+                    outlier: c.outlier,
                 }
                 .balanced();
                 self.clusters.insert(name, Arc::new(updated));
@@ -1021,7 +1147,11 @@ impl Cluster {
             .iter()
             .map(|e| e.app_addr.to_string())
             .collect();
-        self.balancer = Arc::new(Balancer::new(self.lb, &addresses));
+        self.balancer = Arc::new(Balancer::with_outlier_detection(
+            self.lb,
+            &addresses,
+            self.outlier,
+        ));
         self
     }
 
@@ -1262,10 +1392,18 @@ impl TryFrom<xcluster::Cluster> for Cluster {
                 ));
             }
         };
+        let breaker = circuit_breakers(&c.name, c.circuit_breakers.as_ref(), http2)?;
+        let outlier = outlier_policy(
+            &c.name,
+            c.outlier_detection.as_ref(),
+            c.common_lb_config.as_ref(),
+        )?;
         Ok(Cluster {
             name: c.name,
             eds,
             http2,
+            breaker,
+            outlier,
             lb,
             endpoints,
             balancer: Arc::default(),

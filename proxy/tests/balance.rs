@@ -1,6 +1,7 @@
 //! DestinationRule load balancers carried out by a sidecar, end to end (control plane over
 //! ADS, the proxy, four real upstream apps): session affinity on a header (a ring) and on a
-//! cookie the proxy makes up (Maglev), and least request steering away from a slow endpoint.
+//! cookie the proxy makes up (Maglev), least request steering away from a slow endpoint,
+//! outlier detection ejecting a failing endpoint, and circuit breakers refusing overflow.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -33,6 +34,21 @@ fn mesh() -> String {
              apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {svc}}}\nspec:\n  host: {svc}\n  trafficPolicy: {{loadBalancer: {{{lb}}}}}\n---\n"
         ));
     }
+    for (svc, policy) in [
+        (
+            "flaky",
+            "outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}",
+        ),
+        (
+            "narrow",
+            "connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}",
+        ),
+    ] {
+        yaml.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {svc}}}\nspec:\n  selector: {{app: echo}}\n  ports: [{{name: http, port: 9080}}]\n---\n\
+             apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {svc}}}\nspec:\n  host: {svc}\n  trafficPolicy: {{{policy}}}\n---\n"
+        ));
+    }
     for i in 1..=4 {
         yaml.push_str(&format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: echo-{i}\n  labels: {{app: echo, version: v1}}\n  annotations: {{sidecar.istio.io/inject: 'false'}}\nspec:\n  containers: [{{name: echo, ports: [{{containerPort: 9080}}]}}]\nstatus: {{podIP: {SUBNET}.1{i}}}\n---\n"
@@ -44,7 +60,8 @@ fn mesh() -> String {
     yaml
 }
 
-/// Echo apps at .11–.14: each answers with its name; `echo-1` takes 300 ms for `/slow`.
+/// Echo apps at .11–.14: each answers with its name; `echo-1` takes 300 ms for `/slow`,
+/// `echo-2` fails `/flaky` with 503, and every one takes 300 ms for `/hold`.
 fn apps(stop: &CancellationToken) {
     for i in 1..=4u8 {
         let listener =
@@ -55,10 +72,14 @@ fn apps(stop: &CancellationToken) {
         tokio::spawn(lumen_proxy::server::serve(
             listener,
             move |req: Request<Incoming>| async move {
-                if name == "echo-1" && req.uri().path() == "/slow" {
+                if name == "echo-1" && req.uri().path() == "/slow" || req.uri().path() == "/hold" {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
-                Response::new(lumen_proxy::http::text_body(name))
+                let mut resp = Response::new(lumen_proxy::http::text_body(name));
+                if name == "echo-2" && req.uri().path() == "/flaky" {
+                    *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                resp
             },
             stop.clone(),
         ));
@@ -97,7 +118,7 @@ async fn start(stop: &CancellationToken) -> SocketAddr {
     // Ready once every service routes.
     let client = client();
     let deadline = Instant::now() + Duration::from_secs(30);
-    for svc in ["sticky", "cookie", "least", "plain"] {
+    for svc in ["sticky", "cookie", "least", "plain", "flaky", "narrow"] {
         loop {
             let ok = client
                 .get(format!("http://{outbound}/"))
@@ -146,7 +167,7 @@ async fn who(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn affinity_and_least_request_as_destination_rules_ask() {
+async fn destination_rule_traffic_policies_work_as_istio_users_expect() {
     let stop = CancellationToken::new();
     let outbound = start(&stop).await;
     let client = client();
@@ -226,6 +247,63 @@ async fn affinity_and_least_request_as_destination_rules_ask() {
         slow(&least) <= slow(&plain) / 2,
         "least request sent {} of 200 to the slow endpoint: {least:?}",
         slow(&least)
+    );
+
+    // Outlier detection: echo-2 fails /flaky; after two 503s in a row it is ejected for
+    // 60 s, so of 40 requests round robin only its first two fail.
+    let mut failed = 0;
+    let mut answered = BTreeMap::new();
+    for _ in 0..40 {
+        let resp = client
+            .get(format!("http://{outbound}/flaky"))
+            .header("host", "flaky:9080")
+            .send()
+            .await
+            .expect("answered");
+        let status = resp.status();
+        let body = resp.text().await.expect("body");
+        if status == 503 {
+            failed += 1;
+        }
+        *answered.entry(body).or_insert(0) += 1;
+    }
+    assert_eq!(
+        failed, 2,
+        "echo-2 ejected after two failures in a row: {answered:?}"
+    );
+
+    // Circuit breakers: one connection and one waiting request; of 8 concurrent 300 ms
+    // requests, the rest are refused at once with 503 and flag UO.
+    let mut calls = Vec::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        calls.push(tokio::spawn(async move {
+            let resp = client
+                .get(format!("http://{outbound}/hold"))
+                .header("host", "narrow:9080")
+                .send()
+                .await
+                .expect("answered");
+            let flag = resp
+                .headers()
+                .get("x-lumen-response-flags")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            (resp.status().as_u16(), flag)
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for c in calls {
+        outcomes.push(c.await.expect("call"));
+    }
+    let ok = outcomes.iter().filter(|(s, _)| *s == 200).count();
+    let overflow = outcomes
+        .iter()
+        .filter(|(s, f)| *s == 503 && f.as_deref() == Some("UO"))
+        .count();
+    assert!(
+        (1..=2).contains(&ok) && ok + overflow == 8,
+        "one in flight and one waiting pass, the rest overflow: {outcomes:?}"
     );
     stop.cancel();
 }

@@ -107,6 +107,12 @@ impl Step for Balance {
                 &endpoint.app_addr.to_string(),
             );
         }
+        if target.cluster.outlier.is_some() {
+            req.extensions_mut().insert(super::outlier::Picked {
+                balancer: target.cluster.balancer.clone(),
+                index,
+            });
+        }
         req.extensions_mut().insert(endpoint);
         req.extensions_mut()
             .insert(super::connect::UpstreamHttp2(target.cluster.http2));

@@ -42,6 +42,8 @@ pub mod flags {
     pub const DELAY_INJECTED: &str = "DI";
     /// The route's fault injection answered the request itself.
     pub const FAULT_INJECTED: &str = "FI";
+    /// The cluster's circuit breaker was full (requests, connections, pending).
+    pub const UPSTREAM_OVERFLOW: &str = "UO";
     pub const NONE: &str = "-";
 }
 

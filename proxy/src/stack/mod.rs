@@ -3,7 +3,8 @@
 //!
 //! - outbound (the local app calling out): [`local_reply`] → [`observe`] (a client span and
 //!   `reporter="source"` metrics) → [`trace_context`] → [`route`] → [`redirect`] →
-//!   [`headers`] → [`fault`] → [`mirror`] → [`retry`] → [`balance`] → [`connect`];
+//!   [`headers`] → [`fault`] → [`mirror`] → [`retry`] → [`breaker`] → [`balance`] →
+//!   [`outlier`] → [`connect`];
 //! - inbound (a caller reaching the local app): [`local_reply`] → [`observe`] (a server span,
 //!   `reporter="destination"`) → [`trace_context`] → [`inbound`] (the caller's identity, the
 //!   local endpoint) → [`connect`].
@@ -13,6 +14,7 @@
 //! layer here. Accepting connections and draining them is `crate::server`'s.
 
 pub mod balance;
+pub mod breaker;
 pub mod connect;
 pub mod error;
 pub mod fault;
@@ -22,6 +24,7 @@ pub mod kept_body;
 pub mod local_reply;
 pub mod mirror;
 pub mod observe;
+pub mod outlier;
 pub mod redirect;
 pub mod retry;
 pub mod route;
@@ -60,7 +63,9 @@ pub fn outbound(config: ConfigRx, reporter: Arc<Reporter>, connect: connect::Con
         .layer(fault::FaultLayer)
         .layer(mirror::MirrorLayer::default())
         .layer(retry::RetryLayer::default())
+        .layer(breaker::BreakerLayer)
         .layer(StepLayer(balance::Balance::new(me)))
+        .layer(outlier::OutlierLayer)
         .service(connect);
     BoxCloneSyncService::new(stack)
 }

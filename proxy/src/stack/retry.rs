@@ -163,6 +163,8 @@ where
             let budget = budget.clone();
             let attempts = async move {
                 let mut n = 0u32;
+                // The retry in flight against the cluster's breaker, held through its attempt.
+                let mut _held: Option<super::breaker::RetrySlot> = None;
                 loop {
                     let mut attempt = Request::new(kept_body::replay(&body));
                     *attempt.method_mut() = parts.method.clone();
@@ -180,7 +182,13 @@ where
                     if !retriable(&policy, &outcome) {
                         return outcome;
                     }
-                    if n >= policy.attempts || !budget.allows() {
+                    // The cluster's own bound on retries in flight (its circuit breaker).
+                    let slot = parts
+                        .extensions
+                        .get::<super::route::Target>()
+                        .and_then(|t| t.cluster.breaker.clone())
+                        .map(|b| b.retry());
+                    if n >= policy.attempts || !budget.allows() || matches!(slot, Some(None)) {
                         // Out of retries: the last failure, marked as such.
                         if let Some(o) = parts.extensions.get::<Observation>() {
                             o.update(|o| {
@@ -199,6 +207,7 @@ where
                             ok => ok,
                         };
                     }
+                    _held = slot.flatten();
                     n += 1;
                     tokio::time::sleep(backoff(n)).await;
                 }
