@@ -158,11 +158,17 @@ async fn config(State(state): State<Arc<XdsState>>) -> Json<debug::ConfigDump> {
 /// The control plane's own counters, in Prometheus' text format.
 async fn metrics(State(state): State<Arc<XdsState>>) -> String {
     let pushes = state.pushes.load(std::sync::atomic::Ordering::Relaxed);
+    let bytes = state
+        .pushed_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
     let connected = state.proxy_status().len();
     format!(
         "# HELP lumen_control_xds_pushes_total xDS responses sent, every proxy and type.\n\
          # TYPE lumen_control_xds_pushes_total counter\n\
          lumen_control_xds_pushes_total {pushes}\n\
+         # HELP lumen_control_xds_pushed_bytes_total Bytes of the xDS responses sent.\n\
+         # TYPE lumen_control_xds_pushed_bytes_total counter\n\
+         lumen_control_xds_pushed_bytes_total {bytes}\n\
          # HELP lumen_control_xds_connected Proxies with an open ADS stream.\n\
          # TYPE lumen_control_xds_connected gauge\n\
          lumen_control_xds_connected {connected}\n"

@@ -433,35 +433,19 @@ fn string_value(s: &str) -> Value {
 }
 
 fn lb_endpoint(pod: &Pod, port: u16) -> endpoint::LbEndpoint {
-    let mut fields = BTreeMap::new();
-    fields.insert(
-        endpoint_meta::WORKLOAD.to_string(),
-        string_value(&Model::workload_name(pod)),
-    );
-    fields.insert(
-        endpoint_meta::NAMESPACE.to_string(),
-        string_value(&pod.meta.namespace),
-    );
-    fields.insert(
-        endpoint_meta::SERVICE_ACCOUNT.to_string(),
-        string_value(&pod.service_account),
-    );
-    for (key, label) in [
-        (endpoint_meta::APP, "app"),
-        (endpoint_meta::VERSION, "version"),
-    ] {
-        if let Some(v) = pod.meta.labels.get(label) {
-            fields.insert(key.to_string(), string_value(v));
-        }
-    }
-    if pod.has_sidecar {
-        fields.insert(
-            endpoint_meta::INBOUND_PORT.to_string(),
-            Value {
-                kind: Some(Kind::NumberValue(f64::from(ports::PROXY_INBOUND))),
-            },
-        );
-    }
+    let label = |name: &str| pod.meta.labels.get(name).cloned().unwrap_or_default();
+    let workload = endpoint_meta::Workload {
+        workload: Model::workload_name(pod),
+        namespace: pod.meta.namespace.clone(),
+        app: label("app"),
+        version: label("version"),
+        service_account: pod.service_account.clone(),
+        inbound_port: pod.has_sidecar.then_some(ports::PROXY_INBOUND),
+    };
+    let fields = [(
+        endpoint_meta::FIELD.to_string(),
+        string_value(&workload.pack()),
+    )];
     let mut filter_metadata = HashMap::new();
     filter_metadata.insert(
         endpoint_meta::FILTER.to_string(),
@@ -1122,6 +1106,29 @@ mod tests {
     }
 
     #[test]
+    fn the_same_model_translates_to_the_same_bytes() {
+        // Maps of several entries encode in a random order: none may reach a resource, or
+        // every push would carry everything again (delta xDS) under a new version.
+        let model = demo_model();
+        let bytes = |res: &ProxyResources| {
+            [
+                type_url::CLUSTER,
+                type_url::ENDPOINT,
+                type_url::LISTENER,
+                type_url::ROUTE,
+            ]
+            .iter()
+            .flat_map(|t| res.of_type(t).iter())
+            .map(|r| (r.name.clone(), r.resource.value.clone()))
+            .collect::<Vec<_>>()
+        };
+        let first = bytes(&translate(&model, &node()));
+        for _ in 0..5 {
+            assert_eq!(bytes(&translate(&model.clone(), &node())), first);
+        }
+    }
+
+    #[test]
     fn consistent_hash_and_least_request_reach_clusters_and_routes() {
         let mut model = demo_model();
         model
@@ -1288,9 +1295,12 @@ mod tests {
         assert_eq!(ep.address, Some(socket_address("127.0.10.4", 9080)));
         let meta =
             &eps[0].metadata.as_ref().expect("metadata").filter_metadata[endpoint_meta::FILTER];
+        let Some(Kind::StringValue(packed)) = &meta.fields[endpoint_meta::FIELD].kind else {
+            panic!("a packed workload: {meta:?}");
+        };
         assert_eq!(
-            meta.fields[endpoint_meta::WORKLOAD],
-            string_value("reviews-v2")
+            endpoint_meta::Workload::unpack(packed).workload,
+            "reviews-v2"
         );
     }
 

@@ -18,7 +18,9 @@ use tokio_util::sync::CancellationToken;
 mod envoy_peer;
 use envoy_peer::envoy;
 
-fn bootstrap(node_id: &str, xds: SocketAddr) -> String {
+/// Envoy's bootstrap: ADS from `xds`, state of the world (`GRPC`) or incremental
+/// (`DELTA_GRPC`).
+fn bootstrap(node_id: &str, xds: SocketAddr, api_type: &str) -> String {
     format!(
         r#"node:
   id: {node_id}
@@ -28,7 +30,7 @@ admin:
     socket_address: {{address: 127.0.0.1, port_value: 0}}
 dynamic_resources:
   ads_config:
-    api_type: GRPC
+    api_type: {api_type}
     transport_api_version: V3
     grpc_services:
     - envoy_grpc: {{cluster_name: xds-grpc}}
@@ -117,7 +119,7 @@ async fn envoy_accepts_everything_lumen_control_serves() {
     let dir = tempfile::tempdir().unwrap();
     let node_id = "sidecar~127.0.79.3~reviews-v1.default~default.svc.cluster.local";
     let config = dir.path().join("envoy.yaml");
-    std::fs::write(&config, bootstrap(node_id, xds)).unwrap();
+    std::fs::write(&config, bootstrap(node_id, xds, "GRPC")).unwrap();
     let admin_file = dir.path().join("admin-address");
     // Envoy exits when the thread that spawned it does (PR_SET_PDEATHSIG): spawn it from the
     // test's own thread, which lives until the end of the test.
@@ -214,4 +216,168 @@ async fn envoy_accepts_everything_lumen_control_serves() {
     let _ = child.wait();
     stop.cancel();
     server.await.unwrap().unwrap();
+}
+
+/// Starts a control plane serving `model` on `xds` (an address, or port 0).
+async fn serve(
+    model: Model,
+    xds: SocketAddr,
+) -> (
+    SocketAddr,
+    std::sync::Arc<lumen_control::XdsState>,
+    tokio::sync::watch::Sender<std::sync::Arc<Model>>,
+    CancellationToken,
+) {
+    let control = Control::bind(ControlOptions {
+        xds_addr: xds,
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        source: ConfigSource::Static(model),
+    })
+    .await
+    .unwrap();
+    let addr = control.xds_addr().unwrap();
+    let state = control.state();
+    let models = control.model_sender();
+    let stop = CancellationToken::new();
+    tokio::spawn(control.run(stop.clone()));
+    (addr, state, models, stop)
+}
+
+/// Bounded wait until `node` has every type SYNCED on `state`.
+async fn synced(state: &lumen_control::XdsState, node: &str, child: &mut std::process::Child) {
+    let started = Instant::now();
+    loop {
+        let status = state.proxy_status();
+        let ok = status.iter().find(|p| p.node_id == node).is_some_and(|p| {
+            ["CDS", "EDS", "LDS", "RDS"].iter().all(|t| {
+                p.types
+                    .get(t)
+                    .is_some_and(|s| s.state == "SYNCED" && s.nack.is_none())
+            })
+        });
+        if ok {
+            return;
+        }
+        if let Some(code) = child.try_wait().unwrap() {
+            panic!("envoy exited with {code}");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not synced: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn dump_until(admin: &str, what: &str, f: impl Fn(&str) -> bool) -> String {
+    let started = Instant::now();
+    loop {
+        let dump = reqwest::get(format!("http://{admin}/config_dump?include_eds"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if f(&dump) {
+            return dump;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_delta_xds_adds_removals_and_a_reconnect() {
+    let envoy = envoy();
+    let model = common::demo_model([127, 0, 78]);
+    let (xds, state, models, stop) = serve(model.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let node_id = "sidecar~127.0.78.3~reviews-v1.default~default.svc.cluster.local";
+    let config = dir.path().join("envoy.yaml");
+    std::fs::write(&config, bootstrap(node_id, xds, "DELTA_GRPC")).unwrap();
+    let admin_file = dir.path().join("admin-address");
+    let mut child = Command::new(&envoy)
+        .arg("-c")
+        .arg(&config)
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+        ])
+        .arg("--admin-address-path")
+        .arg(&admin_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("envoy starts");
+    synced(&state, node_id, &mut child).await;
+    let admin = std::fs::read_to_string(&admin_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    dump_until(&admin, "reviews' clusters over delta xDS", |d| {
+        d.contains("outbound|9080|v2|reviews.default.svc.cluster.local") && d.contains("127.0.78.4")
+    })
+    .await;
+    let full = state
+        .pushed_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+
+    // Added: one more ratings pod; only its endpoints travel.
+    let mut grown = model.clone();
+    let mut pod = grown
+        .pods
+        .iter()
+        .find(|p| p.meta.name.starts_with("ratings"))
+        .cloned()
+        .unwrap();
+    pod.meta.name = "ratings-v1-b".into();
+    pod.ip = "127.0.78.99".parse().unwrap();
+    grown.pods.push(pod);
+    let before = state
+        .pushed_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    models.send_replace(std::sync::Arc::new(grown.clone()));
+    dump_until(&admin, "the new endpoint", |d| d.contains("127.0.78.99")).await;
+    synced(&state, node_id, &mut child).await;
+    let one_endpoint = state
+        .pushed_bytes
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - before;
+    eprintln!("delta xDS: first full push {full} bytes, one endpoint added {one_endpoint} bytes");
+    assert!(
+        one_endpoint * 10 <= full,
+        "{one_endpoint} bytes for one endpoint, {full} for everything"
+    );
+
+    // Removed: the details service; Envoy drops its cluster.
+    let mut shrunk = grown.clone();
+    shrunk.services.retain(|s| s.meta.name != "details");
+    models.send_replace(std::sync::Arc::new(shrunk.clone()));
+    dump_until(&admin, "details' cluster removed", |d| {
+        !d.contains("outbound|9080||details.default.svc.cluster.local")
+    })
+    .await;
+    synced(&state, node_id, &mut child).await;
+
+    // The control plane restarts on the same address: Envoy reconnects naming what it has
+    // (initial_resource_versions) and gets nothing it already has.
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_, state2, _models2, stop2) = serve(shrunk, xds).await;
+    synced(&state2, node_id, &mut child).await;
+    let again = state2
+        .pushed_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("delta xDS: after a reconnect {again} bytes");
+    assert!(
+        again * 10 <= full,
+        "a reconnect resent {again} bytes of {full}"
+    );
+
+    let _ = child.kill();
+    let _ = child.wait();
+    stop2.cancel();
 }

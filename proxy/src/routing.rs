@@ -1428,26 +1428,23 @@ pub fn endpoints_from(
                 .metadata
                 .as_ref()
                 .and_then(|m| m.filter_metadata.get(endpoint_meta::FILTER));
-            let field = |key: &str| -> Option<&Kind> {
-                meta.and_then(|s| s.fields.get(key))
-                    .and_then(|v| v.kind.as_ref())
-            };
-            let text = |key: &str| match field(key) {
-                Some(Kind::StringValue(s)) => s.clone(),
-                _ => String::new(),
-            };
-            let inbound_port = match field(endpoint_meta::INBOUND_PORT) {
-                Some(Kind::NumberValue(n)) if *n >= 1.0 && *n <= 65535.0 => Some(*n as u16),
-                _ => None,
+            let w = match meta
+                .and_then(|s| s.fields.get(endpoint_meta::FIELD))
+                .and_then(|v| v.kind.as_ref())
+            {
+                Some(Kind::StringValue(packed)) => endpoint_meta::Workload::unpack(packed),
+                _ => endpoint_meta::Workload::default(),
             };
             out.push(Endpoint {
                 app_addr,
-                connect_addr: inbound_port.map_or(app_addr, |p| SocketAddr::new(app_addr.ip(), p)),
-                meshed: inbound_port.is_some(),
-                workload: text(endpoint_meta::WORKLOAD),
-                namespace: text(endpoint_meta::NAMESPACE),
-                app: text(endpoint_meta::APP),
-                version: text(endpoint_meta::VERSION),
+                connect_addr: w
+                    .inbound_port
+                    .map_or(app_addr, |p| SocketAddr::new(app_addr.ip(), p)),
+                meshed: w.inbound_port.is_some(),
+                workload: w.workload,
+                namespace: w.namespace,
+                app: w.app,
+                version: w.version,
             });
         }
     }

@@ -35,20 +35,81 @@ pub mod type_url {
 pub mod endpoint_meta {
     /// Filter metadata namespace.
     pub const FILTER: &str = "lumen";
-    /// Workload name (the pod's owner, e.g. `reviews-v1`).
-    pub const WORKLOAD: &str = "workload";
-    /// Kubernetes namespace of the workload.
-    pub const NAMESPACE: &str = "namespace";
-    /// `app` label (canonical service).
-    pub const APP: &str = "app";
-    /// `version` label (canonical revision).
-    pub const VERSION: &str = "version";
-    /// Service account.
-    pub const SERVICE_ACCOUNT: &str = "service_account";
-    /// Port of the workload's sidecar inbound listener, present when the endpoint has a
-    /// sidecar. Lumen does not rely on iptables: a meshed endpoint is reached at
-    /// `<pod ip>:<inbound port>`, and the sidecar forwards to the app port.
-    pub const INBOUND_PORT: &str = "inbound_port";
+    /// Its one field: what the proxy needs to know of the endpoint's workload, packed in one
+    /// string (as Istio packs `istio.workload`). One field, because a protobuf map of several
+    /// entries is encoded in a random order: a one-entry map encodes the same bytes every time,
+    /// so a resource's version changes only when its content does.
+    pub const FIELD: &str = "endpoint";
+
+    /// An endpoint's workload. `inbound_port` is the port of its sidecar's inbound listener,
+    /// present when it has a sidecar: a meshed endpoint is reached at `<pod ip>:<inbound
+    /// port>`, and the sidecar forwards to the app port.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct Workload {
+        /// The pod's owner, e.g. `reviews-v1`.
+        pub workload: String,
+        pub namespace: String,
+        /// `app` label (canonical service).
+        pub app: String,
+        /// `version` label (canonical revision).
+        pub version: String,
+        pub service_account: String,
+        pub inbound_port: Option<u16>,
+    }
+
+    impl Workload {
+        /// `workload;namespace;app;version;service_account;inbound_port` (Kubernetes names and
+        /// label values cannot hold `;`).
+        pub fn pack(&self) -> String {
+            format!(
+                "{};{};{};{};{};{}",
+                self.workload,
+                self.namespace,
+                self.app,
+                self.version,
+                self.service_account,
+                self.inbound_port.map(|p| p.to_string()).unwrap_or_default()
+            )
+        }
+
+        /// The workload a packed string names; missing parts are empty.
+        pub fn unpack(text: &str) -> Workload {
+            let mut parts = text.split(';').map(str::to_string);
+            let mut next = || parts.next().unwrap_or_default();
+            Workload {
+                workload: next(),
+                namespace: next(),
+                app: next(),
+                version: next(),
+                service_account: next(),
+                inbound_port: next().parse().ok().filter(|p| *p != 0),
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::Workload;
+
+        #[test]
+        fn a_workload_survives_packing() {
+            let w = Workload {
+                workload: "reviews-v1".into(),
+                namespace: "default".into(),
+                app: "reviews".into(),
+                version: "v1".into(),
+                service_account: "bookinfo-reviews".into(),
+                inbound_port: Some(15006),
+            };
+            assert_eq!(Workload::unpack(&w.pack()), w);
+            let bare = Workload {
+                inbound_port: None,
+                ..w
+            };
+            assert_eq!(Workload::unpack(&bare.pack()), bare);
+            assert_eq!(Workload::unpack(""), Workload::default());
+        }
+    }
 }
 
 /// The largest compiled regular expression a route may carry (bytes of the regex crate's
