@@ -218,6 +218,17 @@ async fn envoy_accepts_everything_lumen_control_serves() {
     server.await.unwrap().unwrap();
 }
 
+/// A child process killed when dropped, a failed assertion included (Envoy would otherwise
+/// outlive the test and keep its listeners bound).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts a control plane serving `model` on `xds` (an address, or port 0).
 async fn serve(
     model: Model,
@@ -289,36 +300,32 @@ async fn dump_until(admin: &str, what: &str, f: impl Fn(&str) -> bool) -> String
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_takes_delta_xds_adds_removals_and_a_reconnect() {
     let envoy = envoy();
-    let model = common::demo_model([127, 0, 78]);
+    let model = common::demo_model([127, 0, 76]);
     let (xds, state, models, stop) = serve(model.clone(), "127.0.0.1:0".parse().unwrap()).await;
     let dir = tempfile::tempdir().unwrap();
-    let node_id = "sidecar~127.0.78.3~reviews-v1.default~default.svc.cluster.local";
+    let node_id = "sidecar~127.0.76.3~reviews-v1.default~default.svc.cluster.local";
     let config = dir.path().join("envoy.yaml");
     std::fs::write(&config, bootstrap(node_id, xds, "DELTA_GRPC")).unwrap();
     let admin_file = dir.path().join("admin-address");
-    let mut child = Command::new(&envoy)
-        .arg("-c")
-        .arg(&config)
-        .args([
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-        ])
-        .arg("--admin-address-path")
-        .arg(&admin_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("envoy starts");
-    synced(&state, node_id, &mut child).await;
+    let mut child = Killed(
+        Command::new(&envoy)
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", "1", "--disable-hot-restart"])
+            .args(["--log-level", "warn", "--admin-address-path"])
+            .arg(&admin_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("envoy starts"),
+    );
+    synced(&state, node_id, &mut child.0).await;
     let admin = std::fs::read_to_string(&admin_file)
         .unwrap()
         .trim()
         .to_string();
     dump_until(&admin, "reviews' clusters over delta xDS", |d| {
-        d.contains("outbound|9080|v2|reviews.default.svc.cluster.local") && d.contains("127.0.78.4")
+        d.contains("outbound|9080|v2|reviews.default.svc.cluster.local") && d.contains("127.0.76.4")
     })
     .await;
     let full = state
@@ -334,14 +341,14 @@ async fn envoy_takes_delta_xds_adds_removals_and_a_reconnect() {
         .cloned()
         .unwrap();
     pod.meta.name = "ratings-v1-b".into();
-    pod.ip = "127.0.78.99".parse().unwrap();
+    pod.ip = "127.0.76.99".parse().unwrap();
     grown.pods.push(pod);
     let before = state
         .pushed_bytes
         .load(std::sync::atomic::Ordering::Relaxed);
     models.send_replace(std::sync::Arc::new(grown.clone()));
-    dump_until(&admin, "the new endpoint", |d| d.contains("127.0.78.99")).await;
-    synced(&state, node_id, &mut child).await;
+    dump_until(&admin, "the new endpoint", |d| d.contains("127.0.76.99")).await;
+    synced(&state, node_id, &mut child.0).await;
     let one_endpoint = state
         .pushed_bytes
         .load(std::sync::atomic::Ordering::Relaxed)
@@ -360,14 +367,14 @@ async fn envoy_takes_delta_xds_adds_removals_and_a_reconnect() {
         !d.contains("outbound|9080||details.default.svc.cluster.local")
     })
     .await;
-    synced(&state, node_id, &mut child).await;
+    synced(&state, node_id, &mut child.0).await;
 
     // The control plane restarts on the same address: Envoy reconnects naming what it has
     // (initial_resource_versions) and gets nothing it already has.
     stop.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (_, state2, _models2, stop2) = serve(shrunk, xds).await;
-    synced(&state2, node_id, &mut child).await;
+    synced(&state2, node_id, &mut child.0).await;
     let again = state2
         .pushed_bytes
         .load(std::sync::atomic::Ordering::Relaxed);
@@ -377,7 +384,6 @@ async fn envoy_takes_delta_xds_adds_removals_and_a_reconnect() {
         "a reconnect resent {again} bytes of {full}"
     );
 
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     stop2.cancel();
 }
