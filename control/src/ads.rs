@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 mod delta;
 
 use crate::model::Model;
-use crate::translate::{ProxyNode, ProxyResources, translate};
+use crate::translate::{NamedResource, Outbound, ProxyNode, ProxyResources, translate};
 
 /// The xDS state shared by every stream and the debug endpoints.
 #[derive(Debug)]
@@ -45,6 +45,17 @@ pub struct XdsState {
     pub pushes: AtomicU64,
     /// Their encoded bytes (`/metrics`; the delta ÷ state-of-the-world benchmark).
     pub pushed_bytes: AtomicU64,
+    /// The translation of the current model that every proxy shares.
+    shared: std::sync::Mutex<Shared>,
+}
+
+/// The parts of a model's translation every proxy (or every proxy of a namespace) is sent
+/// alike, computed once a model and shared.
+#[derive(Debug, Default)]
+struct Shared {
+    model: Option<Arc<Model>>,
+    outbound: Arc<Outbound>,
+    routes: HashMap<String, Arc<Vec<NamedResource>>>,
 }
 
 /// What `/debug/syncz` reports for one connected proxy (as `istioctl proxy-status`).
@@ -111,7 +122,30 @@ impl XdsState {
             next_nonce: AtomicU64::new(1),
             pushes: AtomicU64::new(0),
             pushed_bytes: AtomicU64::new(0),
+            shared: std::sync::Mutex::new(Shared::default()),
         })
+    }
+
+    /// What `node` is sent for `model`: the model's shared translation (made by the first
+    /// proxy to ask) and the node's own inbound part.
+    pub fn resources_for(&self, model: &Arc<Model>, node: &ProxyNode) -> ProxyResources {
+        let (outbound, routes) = {
+            let Ok(mut shared) = self.shared.lock() else {
+                return translate(model, node);
+            };
+            if !shared.model.as_ref().is_some_and(|m| Arc::ptr_eq(m, model)) {
+                shared.model = Some(model.clone());
+                shared.outbound = Arc::new(crate::translate::outbound(model));
+                shared.routes.clear();
+            }
+            let routes = shared
+                .routes
+                .entry(node.namespace.clone())
+                .or_insert_with(|| Arc::new(crate::translate::routes(model, &node.namespace)))
+                .clone();
+            (shared.outbound.clone(), routes)
+        };
+        crate::translate::assemble(&outbound, &routes, crate::translate::inbound(model, node))
     }
 
     /// The model the proxies are being sent.
@@ -256,7 +290,7 @@ async fn run_stream(
                     match ProxyNode::parse(&id) {
                         Ok(n) => {
                             tracing::info!(stream, node = %n.id, "proxy connected");
-                            resources = translate(&model_rx.borrow_and_update(), &n);
+                            resources = state.resources_for(&model_rx.borrow_and_update().clone(), &n);
                             node = Some(n);
                         }
                         Err(e) => {
@@ -307,7 +341,7 @@ async fn run_stream(
                     break;
                 }
                 let Some(n) = node.as_ref() else { continue };
-                resources = translate(&model_rx.borrow_and_update(), n);
+                resources = state.resources_for(&model_rx.borrow_and_update().clone(), n);
                 let mut closed = false;
                 for ty in KNOWN_TYPES {
                     if let Some(sub) = subs.get_mut(ty).filter(|s| s.sent_version.is_some())
@@ -339,7 +373,7 @@ async fn send(
         (is_wildcard_type(ty) && sub.names.is_empty()) || sub.names.iter().any(|n| n == "*");
     let selected: Vec<_> = resources
         .of_type(ty)
-        .iter()
+        .into_iter()
         .filter(|r| wildcard || sub.names.contains(&r.name))
         .collect();
     let mut hasher = DefaultHasher::new();

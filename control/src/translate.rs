@@ -6,6 +6,7 @@
 //! `virtualInbound` listener on 15006 in front of `inbound|<port>||` clusters.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use lumen_api::pb::envoy::config::cluster::v3 as cluster;
 use lumen_api::pb::envoy::config::core::v3 as core;
@@ -48,7 +49,10 @@ pub struct NamedResource {
 /// Every resource of every type for one proxy, by type URL.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProxyResources {
-    pub by_type: HashMap<&'static str, Vec<NamedResource>>,
+    outbound: Arc<Outbound>,
+    routes: Arc<Vec<NamedResource>>,
+    inbound_clusters: Vec<NamedResource>,
+    inbound_listener: Option<NamedResource>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,34 +90,78 @@ impl ProxyNode {
 }
 
 impl ProxyResources {
-    pub fn of_type(&self, type_url: &str) -> &[NamedResource] {
-        self.by_type.get(type_url).map(Vec::as_slice).unwrap_or(&[])
+    /// The resources of one type, in the order they are sent.
+    pub fn of_type(&self, type_url: &str) -> Vec<&NamedResource> {
+        match type_url {
+            t if t == type_url::CLUSTER => self
+                .outbound
+                .clusters
+                .iter()
+                .chain(&self.inbound_clusters)
+                .collect(),
+            t if t == type_url::ENDPOINT => self.outbound.endpoints.iter().collect(),
+            t if t == type_url::LISTENER => self
+                .outbound
+                .listeners
+                .iter()
+                .chain(&self.inbound_listener)
+                .collect(),
+            t if t == type_url::ROUTE => self.routes.iter().collect(),
+            _ => Vec::new(),
+        }
     }
 }
 
 /// Builds every xDS resource the given proxy should see.
 pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
+    let outbound = Arc::new(outbound(model));
+    let routes = Arc::new(routes(model, &node.namespace));
+    assemble(&outbound, &routes, inbound(model, node))
+}
+
+/// What every sidecar is sent alike: the outbound clusters, their endpoints and listeners.
+#[derive(Debug, Default, PartialEq)]
+pub struct Outbound {
+    clusters: Vec<NamedResource>,
+    endpoints: Vec<NamedResource>,
+    listeners: Vec<NamedResource>,
+}
+
+fn pack_named<T: prost::Name>(items: Vec<T>, name: impl Fn(&T) -> String) -> Vec<NamedResource> {
+    items
+        .into_iter()
+        .map(|item| NamedResource {
+            name: name(&item),
+            resource: pack_any(item),
+        })
+        .collect()
+}
+
+/// The outbound part of the configuration, the same for every sidecar.
+pub fn outbound(model: &Model) -> Outbound {
     let mut clusters = Vec::new();
     let mut endpoints = Vec::new();
-    let mut route_hosts: BTreeMap<u16, Vec<route::VirtualHost>> = BTreeMap::new();
+    let mut http_ports: BTreeSet<u16> = BTreeSet::new();
     // TCP ports: listener name → (address, cluster), the first service to claim a name kept.
     let mut tcp_listeners: BTreeMap<String, (String, u16, String)> = BTreeMap::new();
-
-    for svc in &model.services {
+    // Pods by the labels services select on, once, instead of every pod for every service.
+    let pods_of = pods_by_service(model);
+    for (s, svc) in model.services.iter().enumerate() {
         let fqdn = svc.fqdn();
         let subsets = subsets_of(model, svc);
+        let lb = load_balancer_for(model, &fqdn);
+        let dr = destination_rule_for(model, &fqdn);
         for port in &svc.ports {
             for (subset, labels) in
                 std::iter::once((String::new(), BTreeMap::new())).chain(subsets.clone())
             {
                 let name = cluster_name::outbound(port.port, &subset, &fqdn);
-                let mut cluster =
-                    eds_cluster(&name, port.http2(), &load_balancer_for(model, &fqdn));
-                if let Some(dr) = destination_rule_for(model, &fqdn) {
+                let mut cluster = eds_cluster(&name, port.http2(), &lb);
+                if let Some(dr) = dr {
                     resilience(&mut cluster, dr);
                 }
                 clusters.push(cluster);
-                endpoints.push(load_assignment(model, svc, port.port, &labels, &name));
+                endpoints.push(load_assignment(&pods_of[s], svc, port.port, &labels, &name));
             }
             if port.tcp() {
                 // Opaque TCP: a captured connection to the service's cluster IP (or, without
@@ -135,15 +183,11 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
                 }
                 continue;
             }
-            route_hosts
-                .entry(port.port)
-                .or_default()
-                .push(virtual_host(model, svc, port.port, node));
+            http_ports.insert(port.port);
         }
     }
-
-    let mut listeners: Vec<listener::Listener> = route_hosts
-        .keys()
+    let mut listeners: Vec<listener::Listener> = http_ports
+        .iter()
         .map(|port| outbound_listener(*port))
         .collect();
     for (name, (ip, port, cluster)) in tcp_listeners {
@@ -152,6 +196,60 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
             continue;
         }
         listeners.push(tcp_listener(&name, &ip, port, &cluster));
+    }
+    Outbound {
+        clusters: pack_named(clusters, |c| c.name.clone()),
+        endpoints: pack_named(endpoints, |e| e.cluster_name.clone()),
+        listeners: pack_named(listeners, |l| l.name.clone()),
+    }
+}
+
+/// For each service (in model order), the pods it selects.
+fn pods_by_service(model: &Model) -> Vec<Vec<&Pod>> {
+    // Index pods by each label pair; a service's pods are those of its rarest pair that
+    // match all of its selector.
+    let mut by_label: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
+    for pod in &model.pods {
+        for (k, v) in &pod.meta.labels {
+            by_label
+                .entry((k.as_str(), v.as_str()))
+                .or_default()
+                .push(pod);
+        }
+    }
+    model
+        .services
+        .iter()
+        .map(|svc| {
+            let rarest = svc
+                .selector
+                .iter()
+                .filter_map(|(k, v)| by_label.get(&(k.as_str(), v.as_str())))
+                .min_by_key(|pods| pods.len());
+            let some_pair_missing = svc
+                .selector
+                .iter()
+                .any(|(k, v)| !by_label.contains_key(&(k.as_str(), v.as_str())));
+            match rarest {
+                _ if svc.selector.is_empty() || some_pair_missing => Vec::new(),
+                None => Vec::new(),
+                Some(pods) => pods.iter().copied().filter(|p| svc.selects(p)).collect(),
+            }
+        })
+        .collect()
+}
+
+/// The route configurations, one a port, as a sidecar in `namespace` is sent them (short
+/// host names resolve in its own namespace).
+pub fn routes(model: &Model, namespace: &str) -> Vec<NamedResource> {
+    let mut route_hosts: BTreeMap<u16, Vec<route::VirtualHost>> = BTreeMap::new();
+    for svc in &model.services {
+        for port in svc.ports.iter().filter(|p| !p.tcp()) {
+            route_hosts
+                .entry(port.port)
+                .or_default()
+                .push(virtual_host(model, svc, port.port, namespace));
+        }
     }
     let routes: Vec<route::RouteConfiguration> = route_hosts
         .into_iter()
@@ -162,18 +260,30 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
             ..Default::default()
         })
         .collect();
+    pack_named(routes, |r| r.name.clone())
+}
 
+/// The proxy's own part: its pod's inbound clusters and listener.
+#[derive(Debug, Default)]
+pub struct Inbound {
+    clusters: Vec<NamedResource>,
+    listener: Option<NamedResource>,
+}
+
+pub fn inbound(model: &Model, node: &ProxyNode) -> Inbound {
+    let mut clusters = Vec::new();
+    let mut listener = None;
     if let Some(pod) = model
         .pods
         .iter()
         .find(|p| p.meta.name == node.pod && p.meta.namespace == node.namespace)
     {
-        let inbound: BTreeSet<u16> = pod
+        let ports: BTreeSet<u16> = pod
             .container_ports
             .iter()
             .map(|p| p.container_port)
             .collect();
-        for port in &inbound {
+        for port in &ports {
             // HTTP/2 to the app when a service port that targets this one speaks it.
             let http2 = model.services.iter().filter(|s| s.selects(pod)).any(|s| {
                 s.ports
@@ -182,40 +292,30 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
             });
             clusters.push(inbound_cluster(pod, *port, http2));
         }
-        listeners.push(inbound_listener(&pod.ip.to_string(), &inbound));
+        listener = Some(inbound_listener(&pod.ip.to_string(), &ports));
     }
+    Inbound {
+        clusters: pack_named(clusters, |c| c.name.clone()),
+        listener: listener.map(|l| NamedResource {
+            name: l.name.clone(),
+            resource: pack_any(l),
+        }),
+    }
+}
 
-    let mut by_type: HashMap<&'static str, Vec<NamedResource>> = HashMap::new();
-    let named = |name: String, resource: Any| NamedResource { name, resource };
-    by_type.insert(
-        type_url::CLUSTER,
-        clusters
-            .into_iter()
-            .map(|c| named(c.name.clone(), pack_any(c)))
-            .collect(),
-    );
-    by_type.insert(
-        type_url::ENDPOINT,
-        endpoints
-            .into_iter()
-            .map(|e| named(e.cluster_name.clone(), pack_any(e)))
-            .collect(),
-    );
-    by_type.insert(
-        type_url::ROUTE,
-        routes
-            .into_iter()
-            .map(|r| named(r.name.clone(), pack_any(r)))
-            .collect(),
-    );
-    by_type.insert(
-        type_url::LISTENER,
-        listeners
-            .into_iter()
-            .map(|l| named(l.name.clone(), pack_any(l)))
-            .collect(),
-    );
-    ProxyResources { by_type }
+/// One proxy's resources: the shared outbound part and its namespace's routes (both behind
+/// `Arc`s, so a thousand proxies hold one copy), then its own inbound part.
+pub fn assemble(
+    outbound: &Arc<Outbound>,
+    routes: &Arc<Vec<NamedResource>>,
+    inbound: Inbound,
+) -> ProxyResources {
+    ProxyResources {
+        outbound: outbound.clone(),
+        routes: routes.clone(),
+        inbound_clusters: inbound.clusters,
+        inbound_listener: inbound.listener,
+    }
 }
 
 /// Subsets declared for a service by DestinationRules (host resolved in the rule's namespace).
@@ -470,7 +570,7 @@ fn lb_endpoint(pod: &Pod, port: u16) -> endpoint::LbEndpoint {
 }
 
 fn load_assignment(
-    model: &Model,
+    pods: &[&Pod],
     svc: &Service,
     port: u16,
     subset_labels: &BTreeMap<String, String>,
@@ -482,10 +582,9 @@ fn load_assignment(
             ..Default::default()
         };
     };
-    let lb_endpoints = model
-        .pods
+    let lb_endpoints = pods
         .iter()
-        .filter(|pod| svc.selects(pod) && labels_match(subset_labels, &pod.meta.labels))
+        .filter(|pod| labels_match(subset_labels, &pod.meta.labels))
         .filter_map(|pod| pod.target_port(svc_port).map(|p| lb_endpoint(pod, p)))
         .collect();
     endpoint::ClusterLoadAssignment {
@@ -534,7 +633,7 @@ pub(crate) fn virtual_service_for<'m>(
     })
 }
 
-fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> route::VirtualHost {
+fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> route::VirtualHost {
     let fqdn = svc.fqdn();
     let vs = virtual_service_for(model, svc, Some(port));
     let default_route = || route::Route {
@@ -671,7 +770,7 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, node: &ProxyNode) -> ro
     };
     route::VirtualHost {
         name: format!("{fqdn}:{port}"),
-        domains: domains(svc, port, &node.namespace),
+        domains: domains(svc, port, namespace),
         routes,
         ..Default::default()
     }
@@ -1118,7 +1217,7 @@ mod tests {
                 type_url::ROUTE,
             ]
             .iter()
-            .flat_map(|t| res.of_type(t).iter())
+            .flat_map(|t| res.of_type(t))
             .map(|r| (r.name.clone(), r.resource.value.clone()))
             .collect::<Vec<_>>()
         };
@@ -1281,7 +1380,7 @@ mod tests {
         let res = translate(&demo_model(), &node());
         let v2 = res
             .of_type(type_url::ENDPOINT)
-            .iter()
+            .into_iter()
             .find(|r| r.name == "outbound|9080|v2|reviews.default.svc.cluster.local")
             .expect("v2 endpoints");
         let cla =
@@ -1309,7 +1408,7 @@ mod tests {
         let res = translate(&demo_model(), &node());
         let rc = res
             .of_type(type_url::ROUTE)
-            .iter()
+            .into_iter()
             .find(|r| r.name == "9080")
             .expect("route 9080");
         let rc = route::RouteConfiguration::decode(rc.resource.value.as_slice()).expect("decodes");

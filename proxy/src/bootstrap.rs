@@ -401,10 +401,7 @@ impl StaticResources {
                 listeners.push(StaticListener {
                     name: l.name.clone(),
                     address,
-                    routes: Arc::new(RouteConfig {
-                        name: l.name.clone(),
-                        virtual_hosts: Vec::new(),
-                    }),
+                    routes: Arc::new(RouteConfig::new(l.name.clone(), Vec::new())),
                     tcp_cluster: Some(tcp.cluster),
                 });
                 continue;
@@ -516,10 +513,10 @@ impl StaticResources {
             listeners.push(StaticListener {
                 name: l.name.clone(),
                 address,
-                routes: Arc::new(RouteConfig {
-                    name: rc.name.clone().unwrap_or_else(|| l.name.clone()),
+                routes: Arc::new(RouteConfig::new(
+                    rc.name.clone().unwrap_or_else(|| l.name.clone()),
                     virtual_hosts,
-                }),
+                )),
                 tcp_cluster: None,
             });
         }

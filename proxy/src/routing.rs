@@ -61,6 +61,11 @@ pub struct TcpRoute {
 pub struct RouteConfig {
     pub name: String,
     pub virtual_hosts: Vec<VirtualHost>,
+    /// Each domain's first virtual host, so a host is found in one lookup however many
+    /// services the mesh has (built by [`RouteConfig::new`]).
+    by_domain: HashMap<String, usize>,
+    /// The first virtual host with the `*` domain.
+    wildcard: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -947,11 +952,8 @@ impl MeshConfig {
         no_route: &dyn Fn() -> RouteError,
     ) -> Option<Result<Decision, RouteError>> {
         let bare = host.rsplit_once(':').map_or(host, |(h, _)| h);
-        let (vh_index, vh) = rc.virtual_hosts.iter().enumerate().find(|(_, vh)| {
-            vh.domains
-                .iter()
-                .any(|d| d == "*" || d == host || (!has_port && d == bare))
-        })?;
+        let vh_index = rc.virtual_host_for(host, bare, has_port)?;
+        let vh = rc.virtual_hosts.get(vh_index)?;
         let Some((route_index, route)) = vh
             .routes
             .iter()
@@ -1068,8 +1070,42 @@ impl MeshConfig {
 }
 
 impl RouteConfig {
+    pub fn new(name: impl Into<String>, virtual_hosts: Vec<VirtualHost>) -> RouteConfig {
+        let mut by_domain = HashMap::new();
+        let mut wildcard = None;
+        for (i, vh) in virtual_hosts.iter().enumerate() {
+            for d in &vh.domains {
+                if d == "*" {
+                    wildcard.get_or_insert(i);
+                } else {
+                    by_domain.entry(d.clone()).or_insert(i);
+                }
+            }
+        }
+        RouteConfig {
+            name: name.into(),
+            virtual_hosts,
+            by_domain,
+            wildcard,
+        }
+    }
+
     pub fn virtual_host(&self, index: usize) -> Option<&VirtualHost> {
         self.virtual_hosts.get(index)
+    }
+
+    /// The virtual host for `host` (lowercase; `bare` is it without its port, tried only
+    /// when the request named no port): the first in order whose domains take it, exact or
+    /// `*`, as Envoy's lookup in configuration order would find.
+    fn virtual_host_for(&self, host: &str, bare: &str, has_port: bool) -> Option<usize> {
+        let exact = self.by_domain.get(host).copied();
+        let without_port = (!has_port)
+            .then(|| self.by_domain.get(bare).copied())
+            .flatten();
+        [exact, without_port, self.wildcard]
+            .into_iter()
+            .flatten()
+            .min()
     }
 }
 
@@ -1475,10 +1511,7 @@ impl TryFrom<xroute::RouteConfiguration> for RouteConfig {
                 })
             })
             .collect::<Result<_, ConfigError>>()?;
-        Ok(RouteConfig {
-            name: rc.name,
-            virtual_hosts,
-        })
+        Ok(RouteConfig::new(rc.name, virtual_hosts))
     }
 }
 
@@ -1692,9 +1725,9 @@ pub(crate) mod tests {
         let mut cfg = MeshConfig::default();
         cfg.routes.insert(
             "9080".into(),
-            Arc::new(RouteConfig {
-                name: "9080".into(),
-                virtual_hosts: vec![VirtualHost {
+            Arc::new(RouteConfig::new(
+                "9080",
+                vec![VirtualHost {
                     name: "reviews.default.svc.cluster.local:9080".into(),
                     domains: vec!["reviews".into(), "reviews:9080".into()],
                     routes: vec![
@@ -1745,7 +1778,7 @@ pub(crate) mod tests {
                         },
                     ],
                 }],
-            }),
+            )),
         );
         cfg.apply_clusters(vec![
             Cluster {

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use super::{KNOWN_TYPES, MAX_SUBSCRIBED_NAMES, Subscription, XdsState, is_wildcard_type};
-use crate::translate::{ProxyNode, ProxyResources, translate};
+use crate::translate::{ProxyNode, ProxyResources};
 
 /// One type's delta state.
 #[derive(Debug, Default)]
@@ -151,7 +151,7 @@ pub(super) async fn run(
                     match ProxyNode::parse(&id) {
                         Ok(n) => {
                             tracing::info!(stream, node = %n.id, "proxy connected (delta xDS)");
-                            resources = translate(&model_rx.borrow_and_update(), &n);
+                            resources = state.resources_for(&model_rx.borrow_and_update().clone(), &n);
                             node = Some(n);
                         }
                         Err(e) => {
@@ -229,7 +229,7 @@ pub(super) async fn run(
                     break;
                 }
                 let Some(n) = node.as_ref() else { continue };
-                resources = translate(&model_rx.borrow_and_update(), n);
+                resources = state.resources_for(&model_rx.borrow_and_update().clone(), n);
                 let mut closed = false;
                 for ty in KNOWN_TYPES {
                     let (Some(sub), Some(st)) = (subs.get_mut(ty), status.get_mut(ty)) else {

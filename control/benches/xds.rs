@@ -1,0 +1,409 @@
+//! The control plane at scale (issue 9), measured in one process: a synthetic mesh of 1,000
+//! services and 10,000 endpoints served to 1,000 connected xDS clients over loopback gRPC,
+//! first all on state-of-the-world ADS, then all on delta ADS:
+//!
+//! - time from a config change (one endpoint added) to every client having ACKed it,
+//!   p50 and p99 over the clients;
+//! - the control plane's CPU time for that change, and its resident memory per connected
+//!   proxy (the growth from before the clients connected, ÷ clients; the clients, in the
+//!   same process, keep no configuration: they count bytes and ACK);
+//! - bytes pushed for the one-endpoint change, delta ÷ state of the world.
+//!
+//! `cargo bench -p lumen-control --bench xds` (knobs: `LUMEN_BENCH_SERVICES`, default 1,000;
+//! `LUMEN_BENCH_CLIENTS`, default 1,000; 10 endpoints a service).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use lumen_api::pb::envoy::config::core::v3::Node;
+use lumen_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use lumen_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use lumen_api::type_url;
+use lumen_control::model::Model;
+use lumen_control::{ConfigSource, Control, ControlOptions, XdsState};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `services` Services of 10 pods each (addresses in 10.0.0.0/8, never dialled).
+fn mesh(services: usize) -> Model {
+    let mut yaml = String::new();
+    for s in 0..services {
+        yaml.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: default}}\nspec:\n  selector: {{app: svc-{s}}}\n  ports: [{{name: http, port: 9080}}]\n---\n"
+        ));
+        for p in 0..10 {
+            let n = s * 10 + p;
+            yaml.push_str(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: svc-{s}-{p}\n  namespace: default\n  labels: {{app: svc-{s}, version: v1}}\nspec:\n  containers: [{{name: app, ports: [{{containerPort: 9080}}]}}]\nstatus: {{podIP: 10.{}.{}.{}}}\n---\n",
+                n / 65536 % 256,
+                n / 256 % 256,
+                n % 256
+            ));
+        }
+    }
+    let mut model = Model::from_yaml("mesh", &yaml).expect("the synthetic mesh parses");
+    model.check();
+    assert!(model.rejected.is_empty(), "{:?}", model.rejected);
+    model
+}
+
+/// The model with one more endpoint for `svc-0`.
+fn one_more_endpoint(model: &Model, nth: usize) -> Model {
+    let mut grown = model.clone();
+    let mut pod = grown.pods[0].clone();
+    pod.meta.name = format!("svc-0-extra-{nth}");
+    pod.ip = format!("11.0.{}.{}", nth / 256, nth % 256)
+        .parse()
+        .expect("ip");
+    grown.pods.push(pod);
+    grown
+}
+
+fn node(i: usize) -> Node {
+    Node {
+        id: format!(
+            "sidecar~10.200.{}.{}~client-{i}.default~default.svc.cluster.local",
+            i / 256,
+            i % 256
+        ),
+        ..Default::default()
+    }
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+fn cpu_seconds() -> f64 {
+    // utime + stime of this process, in clock ticks (100 a second on Linux).
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+/// What each client reports: every time it ACKs an EDS response, the instant.
+type Acks = mpsc::UnboundedSender<(usize, Instant)>;
+
+/// A state-of-the-world client: CDS and LDS wildcards, EDS for every cluster CDS names,
+/// RDS for `9080`; every response ACKed at once.
+async fn sotw_client(
+    channel: tonic::transport::Channel,
+    i: usize,
+    acks: Acks,
+    stop: CancellationToken,
+) {
+    let (tx, rx) = mpsc::unbounded_channel::<DiscoveryRequest>();
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let request = |ty: &str, names: Vec<String>, version: String, nonce: String| DiscoveryRequest {
+        node: Some(node(i)),
+        type_url: ty.to_string(),
+        resource_names: names,
+        version_info: version,
+        response_nonce: nonce,
+        ..Default::default()
+    };
+    let _ = tx.send(request(
+        type_url::CLUSTER,
+        vec![],
+        String::new(),
+        String::new(),
+    ));
+    let _ = tx.send(request(
+        type_url::LISTENER,
+        vec![],
+        String::new(),
+        String::new(),
+    ));
+    let Ok(resp) = client
+        .stream_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+    else {
+        return;
+    };
+    let mut stream = resp.into_inner();
+    let mut eds_names: Vec<String> = Vec::new();
+    let mut rds_asked = false;
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => return,
+            m = stream.message() => m,
+        };
+        let Ok(Some(r)) = msg else { return };
+        let mut names = Vec::new();
+        if r.type_url == type_url::CLUSTER {
+            names = r
+                .resources
+                .iter()
+                .filter_map(|a| {
+                    <lumen_api::pb::envoy::config::cluster::v3::Cluster as prost::Message>::decode(
+                        a.value.as_slice(),
+                    )
+                    .ok()
+                    .map(|c| c.name)
+                })
+                .collect();
+        }
+        let _ = tx.send(request(
+            &r.type_url,
+            match r.type_url.as_str() {
+                t if t == type_url::ENDPOINT => eds_names.clone(),
+                t if t == type_url::ROUTE => vec!["9080".to_string()],
+                _ => vec![],
+            },
+            r.version_info.clone(),
+            r.nonce.clone(),
+        ));
+        if r.type_url == type_url::CLUSTER && names != eds_names {
+            eds_names = names;
+            let _ = tx.send(request(
+                type_url::ENDPOINT,
+                eds_names.clone(),
+                String::new(),
+                String::new(),
+            ));
+        }
+        if r.type_url == type_url::LISTENER && !rds_asked {
+            rds_asked = true;
+            let _ = tx.send(request(
+                type_url::ROUTE,
+                vec!["9080".into()],
+                String::new(),
+                String::new(),
+            ));
+        }
+        if r.type_url == type_url::ENDPOINT {
+            let _ = acks.send((i, Instant::now()));
+        }
+    }
+}
+
+/// A delta client: wildcard CDS and LDS, EDS for every cluster it learns, RDS `9080`.
+async fn delta_client(
+    channel: tonic::transport::Channel,
+    i: usize,
+    acks: Acks,
+    stop: CancellationToken,
+) {
+    let (tx, rx) = mpsc::unbounded_channel::<DeltaDiscoveryRequest>();
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let subscribe = |ty: &str, names: Vec<String>| DeltaDiscoveryRequest {
+        node: Some(node(i)),
+        type_url: ty.to_string(),
+        resource_names_subscribe: names,
+        ..Default::default()
+    };
+    let _ = tx.send(subscribe(type_url::CLUSTER, vec![]));
+    let _ = tx.send(subscribe(type_url::LISTENER, vec![]));
+    let _ = tx.send(subscribe(type_url::ROUTE, vec!["9080".into()]));
+    let Ok(resp) = client
+        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+    else {
+        return;
+    };
+    let mut stream = resp.into_inner();
+    loop {
+        let msg = tokio::select! {
+            () = stop.cancelled() => return,
+            m = stream.message() => m,
+        };
+        let Ok(Some(r)) = msg else { return };
+        let _ = tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        });
+        if r.type_url == type_url::CLUSTER && !r.resources.is_empty() {
+            let names = r.resources.iter().map(|x| x.name.clone()).collect();
+            let _ = tx.send(subscribe(type_url::ENDPOINT, names));
+        }
+        if r.type_url == type_url::ENDPOINT {
+            let _ = acks.send((i, Instant::now()));
+        }
+    }
+}
+
+struct Run {
+    label: &'static str,
+    connect: Duration,
+    rss_per_client: f64,
+    p50: Duration,
+    p99: Duration,
+    cpu: f64,
+    change_bytes: u64,
+}
+
+async fn run(label: &'static str, delta: bool, model: &Model, clients: usize) -> Run {
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let control = Control::bind(ControlOptions {
+        xds_addr: any,
+        http_addr: any,
+        source: ConfigSource::Static(model.clone()),
+    })
+    .await
+    .expect("control binds");
+    let xds = control.xds_addr().expect("xds");
+    let state: Arc<XdsState> = control.state();
+    let models: watch::Sender<Arc<Model>> = control.model_sender();
+    let stop = CancellationToken::new();
+    tokio::spawn(control.run(stop.clone()));
+    let rss_before = rss_bytes();
+
+    // 10 connections, each multiplexing a tenth of the clients' streams.
+    let mut channels = Vec::new();
+    for _ in 0..10 {
+        channels.push(
+            tonic::transport::Endpoint::from_shared(format!("http://{xds}"))
+                .expect("endpoint")
+                .http2_adaptive_window(true)
+                .connect()
+                .await
+                .expect("connects"),
+        );
+    }
+    let (acks_tx, mut acks) = mpsc::unbounded_channel();
+    let clients_stop = CancellationToken::new();
+    let started = Instant::now();
+    for i in 0..clients {
+        let channel = channels[i % channels.len()].clone();
+        let (acks_tx, stop) = (acks_tx.clone(), clients_stop.clone());
+        if delta {
+            tokio::spawn(delta_client(channel, i, acks_tx, stop));
+        } else {
+            tokio::spawn(sotw_client(channel, i, acks_tx, stop));
+        }
+    }
+    // Connected and synced: every client has ACKed endpoints, and the acknowledgements the
+    // server holds are settled.
+    let mut seen = vec![false; clients];
+    let mut n = 0;
+    while n < clients {
+        let Some((i, _)) = tokio::time::timeout(Duration::from_secs(300), acks.recv())
+            .await
+            .expect("every client synced within 300 s")
+        else {
+            break;
+        };
+        if !seen[i] {
+            seen[i] = true;
+            n += 1;
+        }
+    }
+    let connect = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    while acks.try_recv().is_ok() {}
+    let rss_per_client = rss_bytes().saturating_sub(rss_before) as f64 / clients as f64;
+
+    // The change: one endpoint more for svc-0.
+    let bytes_before = state.pushed_bytes.load(Ordering::Relaxed);
+    let cpu_before = cpu_seconds();
+    let t0 = Instant::now();
+    models.send_replace(Arc::new(one_more_endpoint(model, 1)));
+    let mut took: BTreeMap<usize, Duration> = BTreeMap::new();
+    while took.len() < clients {
+        let Some((i, at)) = tokio::time::timeout(Duration::from_secs(300), acks.recv())
+            .await
+            .expect("every client took the change within 300 s")
+        else {
+            break;
+        };
+        took.entry(i).or_insert(at - t0);
+    }
+    let cpu = cpu_seconds() - cpu_before;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let change_bytes = state.pushed_bytes.load(Ordering::Relaxed) - bytes_before;
+    let mut times: Vec<Duration> = took.into_values().collect();
+    times.sort();
+    let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
+    clients_stop.cancel();
+    stop.cancel();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Run {
+        label,
+        connect,
+        rss_per_client,
+        p50: at(0.50),
+        p99: at(0.99),
+        cpu,
+        change_bytes,
+    }
+}
+
+fn main() {
+    let services = env("LUMEN_BENCH_SERVICES", 1000);
+    let clients = env("LUMEN_BENCH_CLIENTS", 1000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let model = mesh(services);
+        println!(
+            "synthetic mesh: {} services, {} endpoints, {clients} xDS clients over 10 loopback connections",
+            model.services.len(),
+            model.pods.len()
+        );
+        let sotw = run("state of the world", false, &model, clients).await;
+        let delta = run("delta", true, &model, clients).await;
+        println!("| measure | state of the world | delta | goal |");
+        println!("|---|---|---|---|");
+        for r in [&sotw, &delta] {
+            println!(
+                "| {}: all clients synced from connect | {:.1} s | | |",
+                r.label,
+                r.connect.as_secs_f64()
+            );
+        }
+        println!(
+            "| one endpoint added → every client ACKed, p50 | {:.0} ms | {:.0} ms | |",
+            sotw.p50.as_secs_f64() * 1e3,
+            delta.p50.as_secs_f64() * 1e3
+        );
+        println!(
+            "| one endpoint added → every client ACKed, p99 | {:.0} ms | {:.0} ms | < 1,000 ms |",
+            sotw.p99.as_secs_f64() * 1e3,
+            delta.p99.as_secs_f64() * 1e3
+        );
+        println!(
+            "| CPU for the change (server and clients, one process) | {:.2} s | {:.2} s | |",
+            sotw.cpu, delta.cpu
+        );
+        println!(
+            "| resident memory per connected proxy | {:.0} KB | {:.0} KB | < 50 KB |",
+            sotw.rss_per_client / 1024.0,
+            delta.rss_per_client / 1024.0
+        );
+        println!(
+            "| bytes pushed for the change | {} | {} | |",
+            sotw.change_bytes, delta.change_bytes
+        );
+        println!(
+            "| bytes, delta ÷ state of the world | | **{:.3}** | ≤ 0.1 |",
+            delta.change_bytes as f64 / sotw.change_bytes.max(1) as f64
+        );
+    });
+}
