@@ -379,7 +379,7 @@ async fn send(
     let mut hasher = DefaultHasher::new();
     for r in &selected {
         r.name.hash(&mut hasher);
-        r.resource.value.hash(&mut hasher);
+        r.version.hash(&mut hasher);
     }
     let version = format!("{:016x}", hasher.finish());
     if !force && sub.sent_version.as_deref() == Some(version.as_str()) {

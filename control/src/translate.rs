@@ -44,6 +44,21 @@ pub struct ProxyNode {
 pub struct NamedResource {
     pub name: String,
     pub resource: Any,
+    /// A hash of the resource's bytes, computed once (what delta xDS compares).
+    pub version: u64,
+}
+
+impl NamedResource {
+    pub fn new(name: String, resource: Any) -> NamedResource {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        resource.value.hash(&mut h);
+        NamedResource {
+            name,
+            resource,
+            version: h.finish(),
+        }
+    }
 }
 
 /// Every resource of every type for one proxy, by type URL.
@@ -130,10 +145,7 @@ pub struct Outbound {
 fn pack_named<T: prost::Name>(items: Vec<T>, name: impl Fn(&T) -> String) -> Vec<NamedResource> {
     items
         .into_iter()
-        .map(|item| NamedResource {
-            name: name(&item),
-            resource: pack_any(item),
-        })
+        .map(|item| NamedResource::new(name(&item), pack_any(item)))
         .collect()
 }
 
@@ -296,10 +308,7 @@ pub fn inbound(model: &Model, node: &ProxyNode) -> Inbound {
     }
     Inbound {
         clusters: pack_named(clusters, |c| c.name.clone()),
-        listener: listener.map(|l| NamedResource {
-            name: l.name.clone(),
-            resource: pack_any(l),
-        }),
+        listener: listener.map(|l| NamedResource::new(l.name.clone(), pack_any(l))),
     }
 }
 

@@ -25,15 +25,8 @@ struct DeltaSub {
     wildcard: bool,
     names: BTreeSet<String>,
     /// What the proxy has: resource name → version.
-    sent: BTreeMap<String, String>,
+    sent: BTreeMap<String, u64>,
     started: bool,
-}
-
-/// A resource's version: a hash of its bytes.
-fn version_of(bytes: &[u8]) -> String {
-    let mut h = DefaultHasher::new();
-    bytes.hash(&mut h);
-    format!("{:016x}", h.finish())
 }
 
 /// The response that brings the proxy from what it has to what it should have, if any
@@ -51,15 +44,14 @@ fn diff(
             continue;
         }
         present.insert(r.name.clone());
-        let version = version_of(&r.resource.value);
-        if sub.sent.get(&r.name) != Some(&version) {
+        if sub.sent.get(&r.name) != Some(&r.version) {
             changed.push(Resource {
                 name: r.name.clone(),
-                version: version.clone(),
+                version: format!("{:016x}", r.version),
                 resource: Some(r.resource.clone()),
                 ..Default::default()
             });
-            sub.sent.insert(r.name.clone(), version);
+            sub.sent.insert(r.name.clone(), r.version);
         }
     }
     // Gone, or no longer subscribed: removed. A name subscribed that does not exist is
@@ -190,7 +182,11 @@ pub(super) async fn run(
                     sub.wildcard = is_wildcard_type(ty)
                         && (req.resource_names_subscribe.is_empty()
                             || req.resource_names_subscribe.iter().any(|n| n == "*"));
-                    sub.sent = req.initial_resource_versions.clone().into_iter().collect();
+                    sub.sent = req
+                        .initial_resource_versions
+                        .iter()
+                        .map(|(name, v)| (name.clone(), u64::from_str_radix(v, 16).unwrap_or(0)))
+                        .collect();
                 }
                 for name in &req.resource_names_subscribe {
                     if name == "*" {
