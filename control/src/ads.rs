@@ -259,6 +259,36 @@ impl AggregatedDiscoveryService for Ads {
     }
 }
 
+/// The proxy a stream's first request names, and what it is sent; an error status for a
+/// node id that is not a sidecar's.
+fn connect_node(
+    state: &XdsState,
+    stream: u64,
+    node: Option<&lumen_api::pb::envoy::config::core::v3::Node>,
+    model_rx: &mut watch::Receiver<Arc<Model>>,
+    protocol: &str,
+) -> Result<(ProxyNode, ProxyResources), Status> {
+    let id = node.map(|n| n.id.as_str()).unwrap_or_default();
+    let n = ProxyNode::parse(id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    tracing::info!(stream, node = %n.id, protocol, "proxy connected");
+    let model = model_rx.borrow_and_update().clone();
+    let resources = state.resources_for(&model, &n);
+    Ok((n, resources))
+}
+
+/// The served type a request names (logged and `None` for one lumen does not serve).
+fn served_type(stream: u64, type_url: &str) -> Option<&'static str> {
+    let ty = KNOWN_TYPES.iter().copied().find(|t| *t == type_url);
+    if ty.is_none() {
+        tracing::warn!(
+            stream,
+            type_url,
+            "request for a resource type lumen does not serve"
+        );
+    }
+    ty
+}
+
 /// Runs one ADS stream to its end; returns the node id, if one was learnt.
 async fn run_stream(
     state: &XdsState,
@@ -286,24 +316,16 @@ async fn run_stream(
                     }
                 };
                 if node.is_none() {
-                    let id = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
-                    match ProxyNode::parse(&id) {
-                        Ok(n) => {
-                            tracing::info!(stream, node = %n.id, "proxy connected");
-                            resources = state.resources_for(&model_rx.borrow_and_update().clone(), &n);
-                            node = Some(n);
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
+                    match connect_node(state, stream, req.node.as_ref(), &mut model_rx, "state of the world") {
+                        Ok((n, r)) => (node, resources) = (Some(n), r),
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
                             return None;
                         }
                     }
                 }
                 let Some(n) = node.as_ref() else { break };
-                let Some(ty) = KNOWN_TYPES.iter().copied().find(|t| *t == req.type_url) else {
-                    tracing::warn!(stream, type_url = %req.type_url, "request for a resource type lumen does not serve");
-                    continue;
-                };
+                let Some(ty) = served_type(stream, &req.type_url) else { continue };
                 let sub = subs.entry(ty).or_default();
                 if !req.response_nonce.is_empty() && req.response_nonce != sub.sent_nonce {
                     tracing::debug!(stream, type_url = ty, nonce = %req.response_nonce, "stale nonce ignored");

@@ -16,7 +16,10 @@ use lumen_api::pb::envoy::service::discovery::v3::{
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use super::{KNOWN_TYPES, MAX_SUBSCRIBED_NAMES, Subscription, XdsState, is_wildcard_type};
+use super::{
+    KNOWN_TYPES, MAX_SUBSCRIBED_NAMES, Subscription, XdsState, connect_node, is_wildcard_type,
+    served_type,
+};
 use crate::translate::{ProxyNode, ProxyResources};
 
 /// One type's delta state.
@@ -139,24 +142,16 @@ pub(super) async fn run(
                     }
                 };
                 if node.is_none() {
-                    let id = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_default();
-                    match ProxyNode::parse(&id) {
-                        Ok(n) => {
-                            tracing::info!(stream, node = %n.id, "proxy connected (delta xDS)");
-                            resources = state.resources_for(&model_rx.borrow_and_update().clone(), &n);
-                            node = Some(n);
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
+                    match connect_node(state, stream, req.node.as_ref(), &mut model_rx, "delta") {
+                        Ok((n, r)) => (node, resources) = (Some(n), r),
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
                             return None;
                         }
                     }
                 }
                 let Some(n) = node.as_ref() else { break };
-                let Some(ty) = KNOWN_TYPES.iter().copied().find(|t| *t == req.type_url) else {
-                    tracing::warn!(stream, type_url = %req.type_url, "request for a resource type lumen does not serve");
-                    continue;
-                };
+                let Some(ty) = served_type(stream, &req.type_url) else { continue };
                 let st = status.entry(ty).or_default();
                 if !req.response_nonce.is_empty() {
                     if req.response_nonce != st.sent_nonce {
