@@ -121,24 +121,19 @@ async fn envoy_accepts_everything_lumen_control_serves() {
     let config = dir.path().join("envoy.yaml");
     std::fs::write(&config, bootstrap(node_id, xds, "GRPC")).unwrap();
     let admin_file = dir.path().join("admin-address");
-    // Envoy exits when the thread that spawned it does (PR_SET_PDEATHSIG): spawn it from the
-    // test's own thread, which lives until the end of the test.
-    let mut child = Command::new(&envoy)
-        .arg("-c")
-        .arg(&config)
-        .args([
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-            "--admin-address-path",
-        ])
-        .arg(&admin_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("envoy starts");
+    // Killed when the test ends, a failed assertion included.
+    let mut child = Killed(
+        Command::new(&envoy)
+            .arg("-c")
+            .arg(&config)
+            .args(["--concurrency", "1", "--disable-hot-restart"])
+            .args(["--log-level", "warn", "--admin-address-path"])
+            .arg(&admin_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("envoy starts"),
+    );
 
     // Bounded wait until Envoy has answered every type.
     let started = Instant::now();
@@ -153,18 +148,17 @@ async fn envoy_accepts_everything_lumen_control_serves() {
         if synced {
             break;
         }
-        if let Some(status) = child.try_wait().unwrap() {
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "envoy exited with {status}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+        if let Some(status) = child.0.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut stderr) = child.0.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+            }
+            panic!("envoy exited with {status}: {err}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let envoy_status = last.iter().find(|p| p.node_id == node_id).cloned();
     let Some(envoy_status) = envoy_status else {
-        let _ = child.kill();
         panic!("envoy never connected: {last:?}");
     };
     for ty in ["CDS", "EDS", "LDS", "RDS"] {
@@ -212,8 +206,7 @@ async fn envoy_accepts_everything_lumen_control_serves() {
         assert!(dump.contains(needle), "envoy config dump lacks {needle}");
     }
 
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     stop.cancel();
     server.await.unwrap().unwrap();
 }
