@@ -119,6 +119,47 @@ pub const KINDS: &[Kind] = &[
     },
 ];
 
+/// The ClusterRole `lumen control --kube` runs under: get, list and watch every kind it
+/// reads; patch the status of those it reports on. `deploy/rbac.yaml` is this, written by
+/// the CRD drift test (`control/tests/crds.rs`).
+pub fn cluster_role() -> k8s_openapi::api::rbac::v1::ClusterRole {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule};
+    let mut groups: BTreeMap<&str, Vec<&Kind>> = BTreeMap::new();
+    for kind in KINDS {
+        groups.entry(kind.group).or_default().push(kind);
+    }
+    let mut rules = Vec::new();
+    for (group, kinds) in &groups {
+        rules.push(PolicyRule {
+            api_groups: Some(vec![group.to_string()]),
+            resources: Some(kinds.iter().map(|k| k.plural.to_string()).collect()),
+            verbs: vec!["get".into(), "list".into(), "watch".into()],
+            ..Default::default()
+        });
+        let status: Vec<String> = kinds
+            .iter()
+            .filter(|k| k.status != StatusStyle::None)
+            .map(|k| format!("{}/status", k.plural))
+            .collect();
+        if !status.is_empty() {
+            rules.push(PolicyRule {
+                api_groups: Some(vec![group.to_string()]),
+                resources: Some(status),
+                verbs: vec!["get".into(), "patch".into(), "update".into()],
+                ..Default::default()
+            });
+        }
+    }
+    ClusterRole {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("lumen-control".into()),
+            ..Default::default()
+        },
+        rules: Some(rules),
+        ..Default::default()
+    }
+}
+
 /// A connection to a Kubernetes API server.
 #[derive(Clone)]
 pub struct KubeSource {

@@ -28,6 +28,34 @@ fn deploy_crds_match_the_rust_types() {
     }
 }
 
+/// `deploy/rbac.yaml` is the ClusterRole `lumen control --kube` needs, generated from the
+/// kinds it watches (`lumen_control::cluster::cluster_role`); `LUMEN_WRITE_CRDS=1` writes it.
+#[test]
+fn deploy_rbac_matches_the_kinds_lumen_control_watches() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
+    let text = format!(
+        "# Generated from lumen_control::cluster::cluster_role (LUMEN_WRITE_CRDS=1 cargo test -p lumen-control --test crds).\n# Bind it to the service account lumen control runs as.\n{}",
+        serde_yaml::to_string(&lumen_control::cluster::cluster_role()).expect("serializes")
+    );
+    if std::env::var_os("LUMEN_WRITE_CRDS").is_some() {
+        std::fs::write(&path, &text).expect("write deploy/rbac.yaml");
+        return;
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == text,
+        "{} differs from the kinds lumen control watches: regenerate with LUMEN_WRITE_CRDS=1 cargo test -p lumen-control --test crds",
+        path.display()
+    );
+    for kind in lumen_control::cluster::KINDS {
+        assert!(
+            text.contains(kind.plural),
+            "{} is not in the role",
+            kind.plural
+        );
+    }
+}
+
 #[test]
 fn the_crds_serve_istio_s_three_versions_and_gateway_api_v1() {
     let crds = lumen_control::crd::crds();
