@@ -6,17 +6,15 @@
 //! Retries in flight to the cluster are bounded by `max_retries` (read by the retry layer).
 //! The route layer's [`Target`] names the cluster; a cluster without thresholds passes.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode};
 use tokio::sync::Semaphore;
 
 use super::error::{Fault, ProxyError, flags};
 use super::route::Target;
+use super::step::{Around, BoxFuture};
 use crate::server::Body;
 
 /// A cluster's thresholds (Envoy's defaults where unset: 1024 each, 3 retries).
@@ -98,49 +96,26 @@ fn overflow(cluster: &str, what: String) -> ProxyError {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct BreakerLayer;
+pub struct CircuitBreakers;
 
-impl<S> tower::Layer<S> for BreakerLayer {
-    type Service = BreakerService<S>;
-
-    fn layer(&self, inner: S) -> BreakerService<S> {
-        BreakerService { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct BreakerService<S> {
-    inner: S,
-}
-
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
-
-impl<S> tower::Service<Request<Body>> for BreakerService<S>
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+impl Around for CircuitBreakers {
+    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> BoxFuture
+    where
+        S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let Some(target) = req.extensions().get::<Target>().cloned() else {
-            return Box::pin(self.inner.call(req));
+            return Box::pin(inner.call(req));
         };
         let Some(breaker) = target.cluster.breaker.clone() else {
-            return Box::pin(self.inner.call(req));
+            return Box::pin(inner.call(req));
         };
         let name = target.cluster.name.clone();
         if let Ok(permit) = breaker.slots.clone().try_acquire_owned() {
-            let fut = self.inner.call(req);
+            let fut = inner.call(req);
             return Box::pin(async move {
                 let resp = fut.await;
                 drop(permit);
@@ -166,8 +141,8 @@ where
                 ),
             ))));
         }
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let clone = inner.clone();
+        let mut inner = std::mem::replace(inner, clone);
         Box::pin(async move {
             let acquired = breaker.slots.clone().acquire_owned().await;
             breaker.waiting.fetch_sub(1, Ordering::AcqRel);

@@ -4,14 +4,11 @@
 //! The route layer puts the route's [`RouteFault`] in the request's extensions; without one
 //! this layer does nothing.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
 use http::{Request, Response};
 
 use super::error::{Fault, ProxyError, flags};
 use super::observe::Observation;
+use super::step::{Around, BoxFuture};
 use crate::routing::RouteFault;
 use crate::server::Body;
 
@@ -25,22 +22,7 @@ fn selected(per_million: u32, roll: u32) -> bool {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct FaultLayer;
-
-impl<S> tower::Layer<S> for FaultLayer {
-    type Service = FaultService<S>;
-
-    fn layer(&self, inner: S) -> FaultService<S> {
-        FaultService { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct FaultService<S> {
-    inner: S,
-}
-
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+pub struct Faults;
 
 /// Adds a response flag to the request's record (Envoy joins several with commas).
 fn flag(req: &Request<Body>, f: &str) {
@@ -57,25 +39,17 @@ fn flag(req: &Request<Body>, f: &str) {
     }
 }
 
-impl<S> tower::Service<Request<Body>> for FaultService<S>
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+impl Around for Faults {
+    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> BoxFuture
+    where
+        S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let Some(fault) = req.extensions().get::<RouteFault>().cloned() else {
-            return Box::pin(self.inner.call(req));
+            return Box::pin(inner.call(req));
         };
         let delay = fault
             .delay
@@ -86,11 +60,11 @@ where
             .filter(|(_, share)| selected(*share, rand::random::<u32>() % MILLION))
             .map(|(status, _)| status);
         if delay.is_none() && abort.is_none() {
-            return Box::pin(self.inner.call(req));
+            return Box::pin(inner.call(req));
         }
         // The inner service was made ready for this call; a clone takes it after the delay.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let clone = inner.clone();
+        let mut inner = std::mem::replace(inner, clone);
         Box::pin(async move {
             if let Some(d) = delay {
                 flag(&req, flags::DELAY_INJECTED);

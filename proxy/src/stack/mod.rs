@@ -44,7 +44,7 @@ use crate::server::Body;
 use crate::telemetry::Reporter;
 use crate::xds::ConfigRx;
 use observe::Direction;
-use step::StepLayer;
+use step::{AroundLayer, StepLayer};
 
 /// A whole stack: never fails (failures are replies).
 pub type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
@@ -58,14 +58,14 @@ pub fn outbound(config: ConfigRx, reporter: Arc<Reporter>, connect: connect::Con
         .layer(observe::ObserveLayer::new(reporter, Direction::Outbound))
         .layer(StepLayer(trace_context::TraceContext { ratio }))
         .layer(StepLayer(route::Route::new(config)))
-        .layer(redirect::RedirectLayer)
-        .layer(headers::HeadersLayer)
-        .layer(fault::FaultLayer)
+        .layer(AroundLayer(redirect::Redirects))
+        .layer(AroundLayer(headers::HeaderChanges))
+        .layer(AroundLayer(fault::Faults))
         .layer(mirror::MirrorLayer::default())
         .layer(retry::RetryLayer::default())
-        .layer(breaker::BreakerLayer)
+        .layer(AroundLayer(breaker::CircuitBreakers))
         .layer(StepLayer(balance::Balance::new(me)))
-        .layer(outlier::OutlierLayer)
+        .layer(AroundLayer(outlier::Outcomes))
         .service(connect);
     BoxCloneSyncService::new(stack)
 }

@@ -3,14 +3,12 @@
 //! failing (see `crate::lb`). The balance layer names the endpoint with [`Picked`] only for
 //! clusters that detect outliers; without it this layer does nothing.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::{Request, Response};
 
 use super::error::{ProxyError, flags};
+use super::step::{Around, BoxFuture};
 use crate::lb::{Balancer, Outcome};
 use crate::server::Body;
 
@@ -22,41 +20,21 @@ pub struct Picked {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct OutlierLayer;
+pub struct Outcomes;
 
-impl<S> tower::Layer<S> for OutlierLayer {
-    type Service = OutlierService<S>;
-
-    fn layer(&self, inner: S) -> OutlierService<S> {
-        OutlierService { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct OutlierService<S> {
-    inner: S,
-}
-
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
-
-impl<S> tower::Service<Request<Body>> for OutlierService<S>
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+impl Around for Outcomes {
+    fn around<S>(&self, mut req: Request<Body>, inner: &mut S) -> BoxFuture
+    where
+        S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let Some(picked) = req.extensions_mut().remove::<Picked>() else {
-            return Box::pin(self.inner.call(req));
+            return Box::pin(inner.call(req));
         };
-        let fut = self.inner.call(req);
+        let fut = inner.call(req);
         Box::pin(async move {
             let result = fut.await;
             let outcome = match &result {

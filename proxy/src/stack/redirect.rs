@@ -3,15 +3,13 @@
 //! names replaced (scheme, host, port, the whole path or the part its prefix matched), the
 //! query kept unless stripped. Nothing goes upstream.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response, StatusCode};
 
 use super::error::ProxyError;
 use super::observe::authority_of;
+use super::step::{Around, BoxFuture};
 use crate::http::{host_only, text_body};
 use crate::routing::{PathMatch, Redirect};
 use crate::server::Body;
@@ -73,39 +71,19 @@ pub fn location(req: &Request<Body>, r: &Redirecting) -> String {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct RedirectLayer;
+pub struct Redirects;
 
-impl<S> tower::Layer<S> for RedirectLayer {
-    type Service = RedirectService<S>;
-
-    fn layer(&self, inner: S) -> RedirectService<S> {
-        RedirectService { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RedirectService<S> {
-    inner: S,
-}
-
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
-
-impl<S> tower::Service<Request<Body>> for RedirectService<S>
-where
-    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = BoxFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+impl Around for Redirects {
+    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> BoxFuture
+    where
+        S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
         let Some(r) = req.extensions().get::<Redirecting>() else {
-            return Box::pin(self.inner.call(req));
+            return Box::pin(inner.call(req));
         };
         let to = location(&req, r);
         let status = r.redirect.status;

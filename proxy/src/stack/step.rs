@@ -39,7 +39,8 @@ pub struct StepService<T, S> {
     inner: S,
 }
 
-type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+/// What a layer answers with: the rest of the stack's answer, or its own.
+pub type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
 
 impl<T, S> tower::Service<Request<Body>> for StepService<T, S>
 where
@@ -60,5 +61,61 @@ where
             Ok(()) => Box::pin(self.inner.call(req)),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
+    }
+}
+
+/// The other shape: a layer that stands around the rest of the stack, answering itself,
+/// waiting before it, or looking at what comes back (faults, redirects, header changes on the
+/// response, circuit breakers, outlier detection). [`AroundLayer`] makes it a tower layer.
+/// `inner` was made ready for this call; a layer that calls it later takes a clone's place.
+pub trait Around: Clone + Send + Sync + 'static {
+    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> BoxFuture
+    where
+        S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static;
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AroundLayer<T>(pub T);
+
+impl<T: Around, S> tower::Layer<S> for AroundLayer<T> {
+    type Service = AroundService<T, S>;
+
+    fn layer(&self, inner: S) -> AroundService<T, S> {
+        AroundService {
+            around: self.0.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AroundService<T, S> {
+    around: T,
+    inner: S,
+}
+
+impl<T, S> tower::Service<Request<Body>> for AroundService<T, S>
+where
+    T: Around,
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+        self.around.around(req, &mut self.inner)
     }
 }

@@ -927,7 +927,8 @@ async fn the_inbound_port_serves_http_and_opaque_tcp_alike() {
 #[tokio::test]
 async fn fault_delays_or_aborts_the_share_its_route_names() {
     use crate::routing::RouteFault;
-    use fault::FaultLayer;
+    use fault::Faults;
+    let fault_layer = step::AroundLayer(Faults);
     use tower::Layer;
     let every = 1_000_000;
     // An abort for every request: answered at once with its status (FI), never passed on.
@@ -937,7 +938,7 @@ async fn fault_delays_or_aborts_the_share_its_route_names() {
         delay: None,
         abort: Some((StatusCode::from_u16(555).expect("status"), every)),
     });
-    let err = FaultLayer
+    let err = fault_layer
         .layer(inner)
         .oneshot(req)
         .await
@@ -957,7 +958,11 @@ async fn fault_delays_or_aborts_the_share_its_route_names() {
         abort: None,
     });
     let started = std::time::Instant::now();
-    let resp = FaultLayer.layer(inner).oneshot(req).await.expect("delayed");
+    let resp = fault_layer
+        .layer(inner)
+        .oneshot(req)
+        .await
+        .expect("delayed");
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(started.elapsed() >= std::time::Duration::from_millis(50));
     assert!(seen.lock().expect("lock").is_some());
@@ -970,7 +975,7 @@ async fn fault_delays_or_aborts_the_share_its_route_names() {
         delay: None,
         abort: Some((StatusCode::SERVICE_UNAVAILABLE, 0)),
     });
-    let resp = FaultLayer
+    let resp = fault_layer
         .layer(inner)
         .oneshot(req)
         .await
@@ -1077,7 +1082,8 @@ async fn retries_follow_the_route_s_policy_and_replay_the_body() {
 #[tokio::test]
 async fn headers_change_the_request_going_up_and_the_response_coming_back() {
     use crate::routing::{HeaderOps, HeaderRules};
-    use headers::HeadersLayer;
+    use headers::HeaderChanges;
+    let headers_layer = step::AroundLayer(HeaderChanges);
     use tower::Layer;
     let h = |n: &'static str| http::HeaderName::from_static(n);
     let v = |s: &'static str| http::HeaderValue::from_static(s);
@@ -1093,7 +1099,7 @@ async fn headers_change_the_request_going_up_and_the_response_coming_back() {
             add: vec![],
         },
     };
-    let upstream = tower::service_fn(|req: Request<Body>| async move {
+    let upstream = tower::service_fn(move |req: Request<Body>| async move {
         let mut resp = Response::new(text_body(""));
         for (k, v) in req.headers() {
             resp.headers_mut().append(
@@ -1111,7 +1117,7 @@ async fn headers_change_the_request_going_up_and_the_response_coming_back() {
     req.headers_mut().insert("x-set", v("old"));
     req.headers_mut().insert("x-add", v("first"));
     req.extensions_mut().insert(Arc::new(rules));
-    let resp = HeadersLayer
+    let resp = headers_layer
         .layer(upstream)
         .oneshot(req)
         .await
@@ -1128,7 +1134,8 @@ async fn headers_change_the_request_going_up_and_the_response_coming_back() {
 #[tokio::test]
 async fn redirects_answer_with_the_location_the_route_makes() {
     use crate::routing::{PathChange, PathMatch, Redirect};
-    use redirect::{RedirectLayer, Redirecting, location};
+    use redirect::{Redirecting, Redirects, location};
+    let redirect_layer = step::AroundLayer(Redirects);
     use tower::Layer;
     let redirecting = |r: Redirect, matched: PathMatch| Redirecting {
         redirect: Arc::new(r),
@@ -1189,7 +1196,7 @@ async fn redirects_answer_with_the_location_the_route_makes() {
     let (inner, seen) = capture();
     let mut r = req("echo", "/old");
     r.extensions_mut().insert(full);
-    let resp = RedirectLayer
+    let resp = redirect_layer
         .layer(inner)
         .oneshot(r)
         .await
