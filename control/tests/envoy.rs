@@ -122,18 +122,7 @@ async fn envoy_accepts_everything_lumen_control_serves() {
     std::fs::write(&config, bootstrap(node_id, xds, "GRPC")).unwrap();
     let admin_file = dir.path().join("admin-address");
     // Killed when the test ends, a failed assertion included.
-    let mut child = Killed(
-        Command::new(&envoy)
-            .arg("-c")
-            .arg(&config)
-            .args(["--concurrency", "1", "--disable-hot-restart"])
-            .args(["--log-level", "warn", "--admin-address-path"])
-            .arg(&admin_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("envoy starts"),
-    );
+    let mut child = Killed::envoy(&envoy, &config, &admin_file, Stdio::piped());
 
     // Bounded wait until Envoy has answered every type.
     let started = Instant::now();
@@ -214,6 +203,29 @@ async fn envoy_accepts_everything_lumen_control_serves() {
 /// A child process killed when dropped, a failed assertion included (Envoy would otherwise
 /// outlive the test and keep its listeners bound).
 struct Killed(std::process::Child);
+
+impl Killed {
+    /// Envoy on `config` with one worker, writing its admin address to `admin_file`.
+    fn envoy(
+        envoy: &std::path::Path,
+        config: &std::path::Path,
+        admin_file: &std::path::Path,
+        stderr: Stdio,
+    ) -> Killed {
+        Killed(
+            Command::new(envoy)
+                .arg("-c")
+                .arg(config)
+                .args(["--concurrency", "1", "--disable-hot-restart"])
+                .args(["--log-level", "warn", "--admin-address-path"])
+                .arg(admin_file)
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("envoy starts"),
+        )
+    }
+}
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -300,18 +312,7 @@ async fn envoy_takes_delta_xds_adds_removals_and_a_reconnect() {
     let config = dir.path().join("envoy.yaml");
     std::fs::write(&config, bootstrap(node_id, xds, "DELTA_GRPC")).unwrap();
     let admin_file = dir.path().join("admin-address");
-    let mut child = Killed(
-        Command::new(&envoy)
-            .arg("-c")
-            .arg(&config)
-            .args(["--concurrency", "1", "--disable-hot-restart"])
-            .args(["--log-level", "warn", "--admin-address-path"])
-            .arg(&admin_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("envoy starts"),
-    );
+    let mut child = Killed::envoy(&envoy, &config, &admin_file, Stdio::null());
     synced(&state, node_id, &mut child.0).await;
     let admin = std::fs::read_to_string(&admin_file)
         .unwrap()
