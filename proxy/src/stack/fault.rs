@@ -24,18 +24,10 @@ fn selected(per_million: u32, roll: u32) -> bool {
 #[derive(Debug, Clone, Default)]
 pub struct Faults;
 
-/// Adds a response flag to the request's record (Envoy joins several with commas).
+/// Adds a response flag to the request's record.
 fn flag(req: &Request<Body>, f: &str) {
     if let Some(o) = req.extensions().get::<Observation>() {
-        o.update(|o| {
-            let flags = &mut o.labels.response_flags;
-            if flags.is_empty() || flags == flags::NONE {
-                *flags = f.to_string();
-            } else {
-                flags.push(',');
-                flags.push_str(f);
-            }
-        });
+        o.add_flag(f);
     }
 }
 

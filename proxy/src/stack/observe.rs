@@ -58,6 +58,20 @@ impl Observation {
         }
     }
 
+    /// Adds a response flag to the record, after any an earlier layer set (Envoy joins
+    /// several with commas: "DI,URX").
+    pub fn add_flag(&self, f: &str) {
+        self.update(|o| {
+            let flags = &mut o.labels.response_flags;
+            if flags.is_empty() || flags == super::error::flags::NONE {
+                *flags = f.to_string();
+            } else {
+                flags.push(',');
+                flags.push_str(f);
+            }
+        });
+    }
+
     fn take(&self) -> Option<Observed> {
         self.record.lock().ok().and_then(|mut g| g.take())
     }

@@ -22,7 +22,7 @@ pub struct Redirecting {
     pub matched: PathMatch,
 }
 
-/// Default ports, left out of a `Location`.
+/// Default ports, dropped from a `Location` whose scheme changes.
 fn default_port(scheme: &str) -> u16 {
     if scheme == "https" { 443 } else { 80 }
 }
@@ -45,17 +45,16 @@ pub fn location(req: &Request<Body>, r: &Redirecting) -> String {
         .host
         .clone()
         .unwrap_or_else(|| host_only(&authority).to_string());
-    // A port named wins; else the request's stays, unless the scheme changed (its default
-    // port then).
-    let port = r
-        .redirect
-        .port
-        .or(if scheme == original_scheme {
-            port
-        } else {
-            None
-        })
-        .filter(|p| *p != default_port(&scheme));
+    // As Envoy's router: a host named replaces the whole authority (with a port only if one is
+    // named too); else the request's authority stays, its port replaced by a port named, or
+    // dropped when the scheme changes and it was the old scheme's default port.
+    let port = match (r.redirect.port, &r.redirect.host) {
+        (Some(p), _) => Some(p),
+        (None, Some(_)) => None,
+        (None, None) => {
+            port.filter(|p| scheme == original_scheme || *p != default_port(&original_scheme))
+        }
+    };
     let path = match &r.redirect.path {
         None => req.uri().path().to_string(),
         Some(change) => change.apply(req.uri().path(), &r.matched),

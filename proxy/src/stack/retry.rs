@@ -189,8 +189,10 @@ where
                         .and_then(|t| t.cluster.breaker.clone())
                         .map(|b| b.retry());
                     if n >= policy.attempts || !budget.allows() || matches!(slot, Some(None)) {
-                        // Out of retries: the last failure, marked as such.
-                        if let Some(o) = parts.extensions.get::<Observation>() {
+                        // Out of retries: the last failure, marked URX as Envoy marks it,
+                        // whether the proxy failed it or the upstream answered it.
+                        let observation = parts.extensions.get::<Observation>();
+                        if let Some(o) = observation {
                             o.update(|o| {
                                 o.span.attributes.push((
                                     "lumen.retries",
@@ -204,7 +206,12 @@ where
                                 e.reason = format!("{} (after {n} retries)", e.reason);
                                 Err(e)
                             }
-                            ok => ok,
+                            Ok(resp) => {
+                                if let Some(o) = observation {
+                                    o.add_flag(flags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+                                }
+                                Ok(resp)
+                            }
                         };
                     }
                     _held = slot.flatten();

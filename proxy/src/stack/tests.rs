@@ -1077,6 +1077,24 @@ async fn retries_follow_the_route_s_policy_and_replay_the_body() {
         (calls.load(Ordering::SeqCst), resp.status()),
         (2, StatusCode::OK)
     );
+    // An upstream that answers 503 every time: its last answer goes back, the record flagged
+    // URX (as Envoy flags it).
+    let unavailable = tower::service_fn(|_req: Request<Body>| async {
+        let mut resp = Response::new(text_body(""));
+        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        Ok::<_, ProxyError>(resp)
+    });
+    let observation = Observation::for_test(Direction::Outbound);
+    let mut req = post(policy(2, "5xx"));
+    req.extensions_mut().insert(observation.clone());
+    let resp = RetryLayer::default()
+        .layer(unavailable)
+        .oneshot(req)
+        .await
+        .expect("answered");
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let (labels, _) = observation.snapshot().expect("record");
+    assert_eq!(labels.response_flags, "URX");
 }
 
 #[tokio::test]
@@ -1150,7 +1168,8 @@ async fn redirects_answer_with_the_location_the_route_makes() {
         strip_query: false,
     };
     let req = |host: &str, path: &str| get(host, path);
-    // Only the host: the rest of the request's URL stays.
+    // Only the host: it replaces the request's whole authority, port included (as Envoy's
+    // `host_redirect`); the rest of the URL stays.
     let to_host = redirecting(
         Redirect {
             host: Some("example.org".into()),
@@ -1160,9 +1179,9 @@ async fn redirects_answer_with_the_location_the_route_makes() {
     );
     assert_eq!(
         location(&req("echo:8080", "/a/b?x=1"), &to_host),
-        "http://example.org:8080/a/b?x=1"
+        "http://example.org/a/b?x=1"
     );
-    // A scheme change drops the request's port; a port named is kept unless the default.
+    // A scheme change keeps the request's port unless it was the old scheme's default.
     let https = redirecting(
         Redirect {
             scheme: Some("https".into()),
@@ -1170,7 +1189,23 @@ async fn redirects_answer_with_the_location_the_route_makes() {
         },
         PathMatch::Prefix("/".into()),
     );
-    assert_eq!(location(&req("echo:8080", "/"), &https), "https://echo/");
+    assert_eq!(
+        location(&req("echo:8080", "/"), &https),
+        "https://echo:8080/"
+    );
+    assert_eq!(location(&req("echo:80", "/"), &https), "https://echo/");
+    // A port named replaces the request's, even the scheme's default.
+    let to_port = redirecting(
+        Redirect {
+            port: Some(80),
+            ..plain.clone()
+        },
+        PathMatch::Prefix("/".into()),
+    );
+    assert_eq!(
+        location(&req("echo:8080", "/"), &to_port),
+        "http://echo:80/"
+    );
     // The part the prefix matched, replaced; the query stripped when asked.
     let prefix = redirecting(
         Redirect {
