@@ -235,6 +235,17 @@ struct Outcome {
 }
 
 async fn send(client: &reqwest::Client, proxy: SocketAddr, case: &Case, tag: &str) -> Outcome {
+    send_with(client, proxy, case, tag, &[]).await
+}
+
+/// As [`send`], with more request headers.
+async fn send_with(
+    client: &reqwest::Client,
+    proxy: SocketAddr,
+    case: &Case,
+    tag: &str,
+    extra: &[(&str, &str)],
+) -> Outcome {
     let mut req = client
         .request(
             case.method.parse().unwrap(),
@@ -242,7 +253,7 @@ async fn send(client: &reqwest::Client, proxy: SocketAddr, case: &Case, tag: &st
         )
         .header("host", case.host)
         .header("x-case", tag);
-    for (k, v) in case.headers {
+    for (k, v) in case.headers.iter().chain(extra) {
         req = req.header(*k, *v);
     }
     let resp = req.send().await.unwrap_or_else(|e| panic!("{tag}: {e}"));
@@ -506,6 +517,12 @@ async fn lumen_proxy_and_envoy_make_the_same_decisions_from_the_same_resources()
         ("127.0.88.31:9080", "shadow-v1"),
         ("127.0.88.41:9080", "details-v1"),
         ("127.0.88.42:9080", "details-v2"),
+        ("127.0.88.61:9080", "ring-1"),
+        ("127.0.88.62:9080", "ring-2"),
+        ("127.0.88.63:9080", "ring-3"),
+        ("127.0.88.71:9080", "maglev-1"),
+        ("127.0.88.72:9080", "maglev-2"),
+        ("127.0.88.73:9080", "maglev-3"),
     ] {
         app(addr, name, &seen, &stop);
     }
@@ -689,6 +706,35 @@ async fn lumen_proxy_and_envoy_make_the_same_decisions_from_the_same_resources()
                 c.name
             );
         }
+    }
+
+    // Session affinity on a header, a ring and a Maglev table: each user's requests go to the
+    // endpoint Envoy picks for that user.
+    for host in ["ring:9080", "maglev:9080"] {
+        let mut picks: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (who, proxy) in [("envoy", envoy_addr), ("lumen", lumen)] {
+            for user in 0..24 {
+                let user = format!("user-{user}");
+                let c = case("affinity", host, "/", 200, None, "-");
+                let mut answered = BTreeSet::new();
+                for _ in 0..3 {
+                    let out = send_with(&client, proxy, &c, who, &[("x-user", &user)]).await;
+                    answered.insert(out.body.split(' ').next().unwrap_or("-").to_string());
+                }
+                assert_eq!(answered.len(), 1, "{who} {host} {user}: {answered:?}");
+                picks.entry(who).or_default().extend(answered);
+            }
+        }
+        eprintln!("{host}: {picks:?}");
+        let spread: BTreeSet<_> = picks["envoy"].iter().collect();
+        assert!(
+            spread.len() > 1,
+            "{host}: every user on one endpoint: {picks:?}"
+        );
+        assert_eq!(
+            picks["lumen"], picks["envoy"],
+            "{host}: users placed differently"
+        );
     }
 
     drop(envoy);
