@@ -181,6 +181,9 @@ pub struct HttpRoute {
     /// Answer with a redirect instead of a destination.
     #[serde(skip)]
     pub redirect: Option<Redirect>,
+    /// Answer with a fixed response instead of a destination.
+    #[serde(skip)]
+    pub direct_response: Option<DirectResponse>,
     /// Change the request's path or host on its way to the destination.
     #[serde(skip)]
     pub rewrite: Option<Rewrite>,
@@ -207,6 +210,15 @@ pub struct HttpMatchRequest {
     /// Query parameter name to match.
     #[serde(skip)]
     pub query: BTreeMap<String, StringMatch>,
+}
+
+/// A fixed response a route answers with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirectResponse {
+    /// 200 to 599.
+    pub status: u16,
+    /// At most [`lumen_api::MAX_DIRECT_RESPONSE_BODY`] bytes.
+    pub body: Vec<u8>,
 }
 
 /// A redirect a route answers with: each part replaces the request's own when set.

@@ -761,9 +761,16 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> rou
                     routes.push(route::Route {
                         name: name.clone(),
                         r#match: Some(m),
-                        action: Some(match &http.redirect {
-                            Some(r) => route::route::Action::Redirect(redirect_action(r)),
-                            None => route::route::Action::Route(action.clone()),
+                        action: Some(match (&http.redirect, &http.direct_response) {
+                            (Some(r), _) => route::route::Action::Redirect(redirect_action(r)),
+                            (None, Some(d)) => {
+                                route::route::Action::DirectResponse(route::DirectResponseAction {
+                                    status: u32::from(d.status),
+                                    body: (!d.body.is_empty()).then(|| data_source(&d.body)),
+                                    ..Default::default()
+                                })
+                            }
+                            (None, None) => route::route::Action::Route(action.clone()),
                         }),
                         typed_per_filter_config: per_filter.clone(),
                         request_headers_to_add: headers_to_add(&rules.request),
@@ -803,6 +810,19 @@ fn headers_to_add(ops: &HeaderOps) -> Vec<core::HeaderValueOption> {
         .map(|h| option(h, A::OverwriteIfExistsOrAdd))
         .chain(ops.add.iter().map(|h| option(h, A::AppendIfExistsOrAdd)))
         .collect()
+}
+
+/// Inline bytes as Envoy's data source: a string when they are UTF-8 (readable in a config
+/// dump), else bytes.
+fn data_source(body: &[u8]) -> core::DataSource {
+    use core::data_source::Specifier;
+    core::DataSource {
+        specifier: Some(match std::str::from_utf8(body) {
+            Ok(s) => Specifier::InlineString(s.to_string()),
+            Err(_) => Specifier::InlineBytes(body.to_vec()),
+        }),
+        ..Default::default()
+    }
 }
 
 /// A route's redirect as Envoy's redirect action.

@@ -7,9 +7,10 @@ use std::collections::BTreeSet;
 
 use crate::crd::istio as crd;
 use crate::model::{
-    ConnectionPool, Destination, DestinationRuleSpec, FaultPolicy, HeaderOps, HeaderRules,
-    HttpMatchRequest, HttpRoute, HttpRouteDestination, LoadBalancer, OutlierDetection, PathChange,
-    PortSelector, Redirect, RetrySettings, Rewrite, StringMatch, Subset, VirtualServiceSpec,
+    ConnectionPool, Destination, DestinationRuleSpec, DirectResponse, FaultPolicy, HeaderOps,
+    HeaderRules, HttpMatchRequest, HttpRoute, HttpRouteDestination, LoadBalancer, OutlierDetection,
+    PathChange, PortSelector, Redirect, RetrySettings, Rewrite, StringMatch, Subset,
+    VirtualServiceSpec,
 };
 
 /// What is wrong, and where (`spec.http[0].route[1].weight`).
@@ -135,6 +136,44 @@ fn match_request(m: &crd::HttpMatchRequest, path: &str) -> Result<HttpMatchReque
             .map(|v| string_match(v, &format!("{path}.method")))
             .transpose()?,
     })
+}
+
+/// A direct response: a status from 200 to 599 and a body given as a string or as base64
+/// bytes, of at most [`lumen_api::MAX_DIRECT_RESPONSE_BODY`] bytes (Envoy's default bound).
+fn direct_response(d: &crd::HttpDirectResponse, path: &str) -> Result<DirectResponse, FieldError> {
+    use base64::Engine;
+    let status = u16::try_from(d.status)
+        .ok()
+        .filter(|s| (200..=599).contains(s))
+        .ok_or_else(|| {
+            at(
+                format!("{path}.status"),
+                format!("{} is not an HTTP status from 200 to 599", d.status),
+            )
+        })?;
+    let body = match &d.body {
+        None => Vec::new(),
+        Some(b) => match (&b.string, &b.bytes) {
+            (Some(s), None) => s.as_bytes().to_vec(),
+            (None, Some(encoded)) => base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_err(|e| at(format!("{path}.body.bytes"), format!("is not base64: {e}")))?,
+            _ => {
+                return Err(at(format!("{path}.body"), "names one of string and bytes"));
+            }
+        },
+    };
+    if body.len() > lumen_api::MAX_DIRECT_RESPONSE_BODY {
+        return Err(at(
+            format!("{path}.body"),
+            format!(
+                "is {} bytes; at most {} (Envoy's bound)",
+                body.len(),
+                lumen_api::MAX_DIRECT_RESPONSE_BODY
+            ),
+        ));
+    }
+    Ok(DirectResponse { status, body })
 }
 
 /// A redirect status Envoy can answer with.
@@ -372,10 +411,7 @@ fn fault(f: &crd::HttpFaultInjection, path: &str) -> Result<FaultPolicy, FieldEr
 }
 
 fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
-    let unsupported = [
-        ("directResponse", r.direct_response.is_some()),
-        ("corsPolicy", r.cors_policy.is_some()),
-    ];
+    let unsupported = [("corsPolicy", r.cors_policy.is_some())];
     if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
         return Err(not_yet(format!("{path}.{field}"), field));
     }
@@ -384,13 +420,24 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         .as_ref()
         .map(|x| redirect(x, &format!("{path}.redirect")))
         .transpose()?;
+    let direct_response = r
+        .direct_response
+        .as_ref()
+        .map(|d| direct_response(d, &format!("{path}.directResponse")))
+        .transpose()?;
     if redirect.is_some() && !r.route.is_empty() {
         return Err(at(
             format!("{path}.redirect"),
             "a route redirects or has destinations, not both",
         ));
     }
-    if r.route.is_empty() && redirect.is_none() {
+    if direct_response.is_some() && (redirect.is_some() || !r.route.is_empty()) {
+        return Err(at(
+            format!("{path}.directResponse"),
+            "a route answers directly, redirects or has destinations: one of them",
+        ));
+    }
+    if r.route.is_empty() && redirect.is_none() && direct_response.is_none() {
         return Err(at(
             format!("{path}.route"),
             "is empty: a route needs a destination",
@@ -486,6 +533,7 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         mirrors,
         rewrite,
         redirect,
+        direct_response,
         headers,
         retries,
         timeout,
@@ -1108,6 +1156,53 @@ mod tests {
             vs("hosts: [r]\nhttp:\n- redirect: {uri: /a}\n  route: [{destination: {host: r}}]\n")
                 .expect_err("both");
         assert_eq!(e.path, "spec.http[0].redirect");
+    }
+
+    #[test]
+    fn direct_responses_read_and_bad_ones_are_named() {
+        let ok = vs("hosts: [r]\nhttp:\n- directResponse: {status: 503, body: {string: down}}\n- directResponse: {status: 200, body: {bytes: aGk=}}\n")
+            .expect("direct responses");
+        assert_eq!(
+            ok.http[0].direct_response,
+            Some(DirectResponse {
+                status: 503,
+                body: b"down".to_vec()
+            })
+        );
+        assert_eq!(
+            ok.http[1].direct_response.as_ref().map(|d| &d.body[..]),
+            Some(&b"hi"[..])
+        );
+        for (yaml, path, reason) in [
+            (
+                "{status: 99}",
+                "spec.http[0].directResponse.status",
+                "from 200 to 599",
+            ),
+            (
+                "{status: 200, body: {bytes: '***'}}",
+                "spec.http[0].directResponse.body.bytes",
+                "base64",
+            ),
+            (
+                "{status: 200, body: {string: a, bytes: YQ==}}",
+                "spec.http[0].directResponse.body",
+                "one of",
+            ),
+        ] {
+            let e = vs(&format!("hosts: [r]\nhttp:\n- directResponse: {yaml}\n")).expect_err(yaml);
+            assert_eq!(e.path, path, "{yaml}");
+            assert!(e.message.contains(reason), "{yaml}: {}", e.message);
+        }
+        let big = "x".repeat(lumen_api::MAX_DIRECT_RESPONSE_BODY + 1);
+        let e = vs(&format!(
+            "hosts: [r]\nhttp:\n- directResponse: {{status: 200, body: {{string: {big}}}}}\n"
+        ))
+        .expect_err("too big");
+        assert_eq!(e.path, "spec.http[0].directResponse.body");
+        let e = vs("hosts: [r]\nhttp:\n- directResponse: {status: 200}\n  route: [{destination: {host: r}}]\n")
+            .expect_err("both");
+        assert_eq!(e.path, "spec.http[0].directResponse");
     }
 
     #[test]

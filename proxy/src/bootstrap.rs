@@ -498,7 +498,7 @@ impl StaticResources {
                         timeout,
                         retry: None,
                         header_rules: None,
-                        redirect: None,
+                        answer: None,
                         rewrite: None,
                         mirrors: Vec::new(),
                         hash_policy: Vec::new(),

@@ -92,8 +92,9 @@ pub struct Route {
     pub retry: Option<Arc<RetryPolicy>>,
     /// Header changes for the request and the response.
     pub header_rules: Option<Arc<HeaderRules>>,
-    /// Answer with a redirect instead of forwarding (Envoy's redirect action).
-    pub redirect: Option<Arc<Redirect>>,
+    /// Answer the request here instead of forwarding it (Envoy's redirect and direct
+    /// response actions).
+    pub answer: Option<Answer>,
     /// Change the request's path or host on its way upstream.
     pub rewrite: Option<Arc<Rewrite>>,
     /// Clusters a copy of a share of requests goes to (Envoy's request mirror policies).
@@ -316,6 +317,24 @@ fn mirrors(
         .collect()
 }
 
+/// What a route answers itself, instead of forwarding the request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// Envoy's redirect action.
+    Redirect(Arc<Redirect>),
+    /// Envoy's direct response action.
+    Direct(Arc<DirectResponse>),
+}
+
+/// A fixed response: a status and a body (of at most [`MAX_DIRECT_RESPONSE_BODY`] bytes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirectResponse {
+    pub status: http::StatusCode,
+    pub body: bytes::Bytes,
+}
+
+pub use lumen_api::MAX_DIRECT_RESPONSE_BODY;
+
 /// A redirect the proxy answers itself: each part replaces the request's own when set.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Redirect {
@@ -402,6 +421,56 @@ fn rewrite(route: &str, a: &xroute::RouteAction) -> Result<Option<Rewrite>, Conf
         }
     };
     Ok((path.is_some() || host.is_some()).then_some(Rewrite { path, host }))
+}
+
+/// Envoy's direct response action: a status from 200 to 599 and an inline body of at most
+/// [`MAX_DIRECT_RESPONSE_BODY`] bytes.
+fn direct_response(
+    route: &str,
+    a: xroute::DirectResponseAction,
+) -> Result<DirectResponse, ConfigError> {
+    use lumen_api::pb::envoy::config::core::v3::data_source::Specifier;
+    if a.body_format.is_some() {
+        return Err(unsupported(
+            "route",
+            route,
+            "a direct response body format is not supported yet",
+        ));
+    }
+    let status = u16::try_from(a.status)
+        .ok()
+        .filter(|s| (200..600).contains(s))
+        .and_then(|s| http::StatusCode::from_u16(s).ok())
+        .ok_or_else(|| {
+            unsupported(
+                "route",
+                route,
+                format!("direct response status {} is not from 200 to 599", a.status),
+            )
+        })?;
+    let body = match a.body.and_then(|b| b.specifier) {
+        None => bytes::Bytes::new(),
+        Some(Specifier::InlineBytes(b)) => b.into(),
+        Some(Specifier::InlineString(s)) => s.into(),
+        Some(_) => {
+            return Err(unsupported(
+                "route",
+                route,
+                "a direct response body from a file or the environment",
+            ));
+        }
+    };
+    if body.len() > MAX_DIRECT_RESPONSE_BODY {
+        return Err(unsupported(
+            "route",
+            route,
+            format!(
+                "a direct response body of {} bytes (at most {MAX_DIRECT_RESPONSE_BODY})",
+                body.len()
+            ),
+        ));
+    }
+    Ok(DirectResponse { status, body })
 }
 
 fn redirect_action(route: &str, a: xroute::RedirectAction) -> Result<Redirect, ConfigError> {
@@ -962,13 +1031,17 @@ impl MeshConfig {
         else {
             return Some(Err(no_route()));
         };
-        if route.redirect.is_some() {
+        if let Some(answer) = &route.answer {
             // Answered by the proxy itself: no upstream cluster.
+            let kind = match answer {
+                Answer::Redirect(_) => "redirect",
+                Answer::Direct(_) => "direct",
+            };
             return Some(Ok(Decision {
                 route_config: rc.clone(),
                 virtual_host: vh_index,
                 route: route_index,
-                cluster: Arc::new(Cluster::new(format!("redirect|{}", route.name), Vec::new())),
+                cluster: Arc::new(Cluster::new(format!("{kind}|{}", route.name), Vec::new())),
             }));
         }
         let Some(cluster_name) = route.pick_backend(random) else {
@@ -1538,7 +1611,7 @@ impl TryFrom<xroute::Route> for Route {
                 ));
             }
         };
-        let headers = m
+        let headers: Vec<HeaderMatch> = m
             .headers
             .into_iter()
             .map(|h| {
@@ -1583,31 +1656,68 @@ impl TryFrom<xroute::Route> for Route {
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
+        let rules = HeaderRules {
+            request: header_ops(
+                &r.name,
+                &r.request_headers_to_add,
+                &r.request_headers_to_remove,
+            )?,
+            response: header_ops(
+                &r.name,
+                &r.response_headers_to_add,
+                &r.response_headers_to_remove,
+            )?,
+        };
+        let header_rules =
+            (!rules.request.is_empty() || !rules.response.is_empty()).then(|| Arc::new(rules));
+        // A route that answers itself: its response header changes apply to that answer (as
+        // Envoy's), nothing else of a forwarding route does.
+        let answering = |answer: Answer| Route {
+            name: r.name.clone(),
+            path: path.clone(),
+            headers: headers.clone(),
+            query: query.clone(),
+            backends: Vec::new(),
+            fault: None,
+            timeout: None,
+            retry: None,
+            header_rules: header_rules.clone(),
+            answer: Some(answer),
+            rewrite: None,
+            mirrors: Vec::new(),
+            hash_policy: Vec::new(),
+        };
         let action = match r.action {
             Some(xroute::route::Action::Route(a)) => a,
             Some(xroute::route::Action::Redirect(a)) => {
-                let redirect = Arc::new(redirect_action(&r.name, a)?);
-                return Ok(Route {
-                    name: r.name,
-                    path,
-                    headers,
-                    query,
-                    backends: Vec::new(),
-                    fault: None,
-                    timeout: None,
-                    retry: None,
-                    header_rules: None,
-                    redirect: Some(redirect),
-                    rewrite: None,
-                    mirrors: Vec::new(),
-                    hash_policy: Vec::new(),
-                });
+                let redirect = redirect_action(&r.name, a)?;
+                return Ok(answering(Answer::Redirect(Arc::new(redirect))));
             }
-            _ => {
+            Some(xroute::route::Action::DirectResponse(a)) => {
+                let direct = direct_response(&r.name, a)?;
+                return Ok(answering(Answer::Direct(Arc::new(direct))));
+            }
+            None => {
                 return Err(unsupported(
                     "route",
                     &r.name,
-                    "only route and redirect actions are supported",
+                    "only route, redirect and direct response actions are supported",
+                ));
+            }
+            Some(other) => {
+                return Err(unsupported(
+                    "route",
+                    &r.name,
+                    format!(
+                        "only route, redirect and direct response actions are supported, not {}",
+                        match other {
+                            xroute::route::Action::FilterAction(_) => "a filter action",
+                            xroute::route::Action::NonForwardingAction(_) => {
+                                "a non-forwarding action"
+                            }
+                            _ => "this action",
+                        }
+                    ),
                 ));
             }
         };
@@ -1647,20 +1757,6 @@ impl TryFrom<xroute::Route> for Route {
             .retry_policy
             .map(|p| retry_policy(&r.name, p).map(Arc::new))
             .transpose()?;
-        let rules = HeaderRules {
-            request: header_ops(
-                &r.name,
-                &r.request_headers_to_add,
-                &r.request_headers_to_remove,
-            )?,
-            response: header_ops(
-                &r.name,
-                &r.response_headers_to_add,
-                &r.response_headers_to_remove,
-            )?,
-        };
-        let header_rules =
-            (!rules.request.is_empty() || !rules.response.is_empty()).then(|| Arc::new(rules));
         Ok(Route {
             name: r.name,
             path,
@@ -1671,7 +1767,7 @@ impl TryFrom<xroute::Route> for Route {
             timeout,
             retry,
             header_rules,
-            redirect: None,
+            answer: None,
             rewrite,
             mirrors,
             hash_policy,
@@ -1747,7 +1843,7 @@ pub(crate) mod tests {
                             timeout: None,
                             retry: None,
                             header_rules: None,
-                            redirect: None,
+                            answer: None,
                             rewrite: None,
                             mirrors: vec![],
                             hash_policy: Vec::new(),
@@ -1771,7 +1867,7 @@ pub(crate) mod tests {
                             timeout: None,
                             retry: None,
                             header_rules: None,
-                            redirect: None,
+                            answer: None,
                             rewrite: None,
                             mirrors: vec![],
                             hash_policy: Vec::new(),
@@ -2055,7 +2151,7 @@ pub(crate) mod tests {
             timeout: None,
             retry: None,
             header_rules: None,
-            redirect: None,
+            answer: None,
             rewrite: None,
             mirrors: vec![],
             hash_policy: Vec::new(),

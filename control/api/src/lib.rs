@@ -116,6 +116,10 @@ pub mod endpoint_meta {
 /// program): a bound against configuration that would cost the proxy memory or time.
 pub const MAX_REGEX_PROGRAM: usize = 64 * 1024;
 
+/// The largest direct response body, in bytes: Envoy's default
+/// `max_direct_response_body_size_bytes` (a route configuration with a bigger one is refused).
+pub const MAX_DIRECT_RESPONSE_BODY: usize = 4096;
+
 /// Envoy's `retry_on` conditions lumen-proxy carries out (the control plane refuses others).
 pub const RETRY_ON: [&str; 12] = [
     "5xx",

@@ -2,8 +2,8 @@
 //! Outside in:
 //!
 //! - outbound (the local app calling out): [`local_reply`] → [`observe`] (a client span and
-//!   `reporter="source"` metrics) → [`trace_context`] → [`route`] → [`redirect`] →
-//!   [`headers`] → [`fault`] → [`mirror`] → [`retry`] → [`breaker`] → [`balance`] →
+//!   `reporter="source"` metrics) → [`trace_context`] → [`route`] → [`headers`] →
+//!   [`answer`] (redirects and direct responses) → [`fault`] → [`mirror`] → [`retry`] → [`breaker`] → [`balance`] →
 //!   [`outlier`] → [`connect`];
 //! - inbound (a caller reaching the local app): [`local_reply`] → [`observe`] (a server span,
 //!   `reporter="destination"`) → [`trace_context`] → [`inbound`] (the caller's identity, the
@@ -13,6 +13,7 @@
 //! proxy's own reply. A new concern (retries, timeouts, faults, authorization) is one more
 //! layer here. Accepting connections and draining them is `crate::server`'s.
 
+pub mod answer;
 pub mod balance;
 pub mod breaker;
 pub mod connect;
@@ -25,7 +26,6 @@ pub mod local_reply;
 pub mod mirror;
 pub mod observe;
 pub mod outlier;
-pub mod redirect;
 pub mod retry;
 pub mod route;
 pub mod step;
@@ -58,8 +58,8 @@ pub fn outbound(config: ConfigRx, reporter: Arc<Reporter>, connect: connect::Con
         .layer(observe::ObserveLayer::new(reporter, Direction::Outbound))
         .layer(StepLayer(trace_context::TraceContext { ratio }))
         .layer(StepLayer(route::Route::new(config)))
-        .layer(AroundLayer(redirect::Redirects))
         .layer(AroundLayer(headers::HeaderChanges))
+        .layer(AroundLayer(answer::RouteAnswers))
         .layer(AroundLayer(fault::Faults))
         .layer(mirror::MirrorLayer::default())
         .layer(retry::RetryLayer::default())

@@ -269,9 +269,9 @@ impl Step for Route {
             if let Some(fault) = route.fault.as_deref() {
                 req.extensions_mut().insert(fault.clone());
             }
-            if let Some(redirect) = &route.redirect {
-                req.extensions_mut().insert(super::redirect::Redirecting {
-                    redirect: redirect.clone(),
+            if let Some(answer) = &route.answer {
+                req.extensions_mut().insert(super::answer::Answering {
+                    answer: answer.clone(),
                     matched: route.path.clone(),
                 });
             }

@@ -1150,10 +1150,11 @@ async fn headers_change_the_request_going_up_and_the_response_coming_back() {
 }
 
 #[tokio::test]
-async fn redirects_answer_with_the_location_the_route_makes() {
+async fn routes_answer_redirects_and_direct_responses_themselves() {
+    use crate::routing::{Answer, DirectResponse};
     use crate::routing::{PathChange, PathMatch, Redirect};
-    use redirect::{Redirecting, Redirects, location};
-    let redirect_layer = step::AroundLayer(Redirects);
+    use answer::{Answering, Redirecting, RouteAnswers, location};
+    let answer_layer = step::AroundLayer(RouteAnswers);
     use tower::Layer;
     let redirecting = |r: Redirect, matched: PathMatch| Redirecting {
         redirect: Arc::new(r),
@@ -1230,14 +1231,37 @@ async fn redirects_answer_with_the_location_the_route_makes() {
     // The layer answers itself; nothing goes upstream.
     let (inner, seen) = capture();
     let mut r = req("echo", "/old");
-    r.extensions_mut().insert(full);
-    let resp = redirect_layer
+    r.extensions_mut().insert(Answering {
+        answer: Answer::Redirect(full.redirect.clone()),
+        matched: full.matched.clone(),
+    });
+    let resp = answer_layer
+        .clone()
         .layer(inner)
         .oneshot(r)
         .await
         .expect("answered");
     assert_eq!(resp.status(), StatusCode::FOUND);
     assert_eq!(resp.headers()["location"], "http://echo/new");
+    assert!(seen.lock().expect("lock").is_none());
+    // A direct response: the route's status and body.
+    let (inner, seen) = capture();
+    let mut r = req("echo", "/maintenance");
+    r.extensions_mut().insert(Answering {
+        answer: Answer::Direct(Arc::new(DirectResponse {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            body: "down for maintenance".into(),
+        })),
+        matched: PathMatch::Prefix("/".into()),
+    });
+    let resp = answer_layer
+        .layer(inner)
+        .oneshot(r)
+        .await
+        .expect("answered");
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"down for maintenance");
     assert!(seen.lock().expect("lock").is_none());
 }
 

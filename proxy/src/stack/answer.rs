@@ -1,7 +1,12 @@
-//! Redirects the proxy answers itself (Envoy's redirect action; Istio's `redirect`, Gateway
-//! API's `RequestRedirect`): the `Location` is the request's own URL with the parts the route
-//! names replaced (scheme, host, port, the whole path or the part its prefix matched), the
-//! query kept unless stripped. Nothing goes upstream.
+//! What a route answers itself; nothing goes upstream.
+//! - Redirects (Envoy's redirect action; Istio's `redirect`, Gateway API's
+//!   `RequestRedirect`): the `Location` is the request's own URL with the parts the route
+//!   names replaced (scheme, host, port, the whole path or the part its prefix matched), the
+//!   query kept unless stripped.
+//! - Direct responses (Envoy's direct response action; Istio's `directResponse`): the route's
+//!   status and body.
+//!
+//! The header layer outside this one applies the route's response header changes to both.
 
 use std::sync::Arc;
 
@@ -11,14 +16,21 @@ use super::error::ProxyError;
 use super::observe::authority_of;
 use super::step::{Around, BoxFuture};
 use crate::http::{host_only, text_body};
-use crate::routing::{PathMatch, Redirect};
+use crate::routing::{Answer, PathMatch, Redirect};
 use crate::server::Body;
 
-/// The route's redirect and what its path matched (for a prefix change), in the request's
-/// extensions (set by the route layer).
+/// The route's redirect and what its path matched (for a prefix change).
 #[derive(Debug, Clone)]
 pub struct Redirecting {
     pub redirect: Arc<Redirect>,
+    pub matched: PathMatch,
+}
+
+/// What the route answers and what its path matched, in the request's extensions (set by the
+/// route layer).
+#[derive(Debug, Clone)]
+pub struct Answering {
+    pub answer: Answer,
     pub matched: PathMatch,
 }
 
@@ -70,9 +82,9 @@ pub fn location(req: &Request<Body>, r: &Redirecting) -> String {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct Redirects;
+pub struct RouteAnswers;
 
-impl Around for Redirects {
+impl Around for RouteAnswers {
     fn around<S>(&self, req: Request<Body>, inner: &mut S) -> BoxFuture
     where
         S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
@@ -81,9 +93,27 @@ impl Around for Redirects {
             + 'static,
         S::Future: Send + 'static,
     {
-        let Some(r) = req.extensions().get::<Redirecting>() else {
+        let Some(answering) = req.extensions().get::<Answering>() else {
             return Box::pin(inner.call(req));
         };
+        let r = match &answering.answer {
+            Answer::Direct(d) => {
+                let mut resp = Response::new(text_body(d.body.clone()));
+                *resp.status_mut() = d.status;
+                if !d.body.is_empty() {
+                    resp.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain"),
+                    );
+                }
+                return Box::pin(std::future::ready(Ok(resp)));
+            }
+            Answer::Redirect(redirect) => Redirecting {
+                redirect: redirect.clone(),
+                matched: answering.matched.clone(),
+            },
+        };
+        let r = &r;
         let to = location(&req, r);
         let status = r.redirect.status;
         let mut resp = Response::new(text_body(""));
