@@ -7,8 +7,8 @@
 //! tolerance.
 //!
 //! Envoy's listener is the test's own (a bootstrap listener whose connection manager takes
-//! route configuration "9080" over ADS, with the fault and router filters Lumen's listeners
-//! carry, plus an access log the response flags are read from); its routes, clusters and
+//! route configuration "9080" over ADS, with the CORS, fault and router filters Lumen's
+//! listeners carry, plus an access log the response flags are read from); its routes, clusters and
 //! endpoints are Lumen's. lumen-proxy's flags are read from its `istio_requests_total`.
 // Test helpers outside #[test] functions unwrap too: a panic is the test report.
 #![allow(clippy::unwrap_used)]
@@ -153,6 +153,76 @@ fn table() -> Vec<Case> {
         case("scheme redirect", REVIEWS, "/secure", 301, None, "-"),
         case("port redirect", REVIEWS, "/port?q=1", 301, None, "-"),
         case("direct response", REVIEWS, "/maintenance", 503, None, "-"),
+        Case {
+            method: "OPTIONS",
+            headers: &[
+                ("origin", "https://app.example.com"),
+                ("access-control-request-method", "PUT"),
+                ("access-control-request-headers", "x-custom"),
+            ],
+            ..case("cors preflight", REVIEWS, "/cors", 200, None, "-")
+        },
+        Case {
+            method: "OPTIONS",
+            headers: &[
+                ("origin", "https://evil.example.com"),
+                ("access-control-request-method", "PUT"),
+            ],
+            ..case(
+                "cors preflight, other origin",
+                REVIEWS,
+                "/cors",
+                200,
+                Some("reviews-v1"),
+                "-",
+            )
+        },
+        Case {
+            headers: &[("origin", "https://api.trusted.io")],
+            ..case(
+                "cors request",
+                REVIEWS,
+                "/cors",
+                200,
+                Some("reviews-v1"),
+                "-",
+            )
+        },
+        Case {
+            headers: &[("origin", "https://evil.example.com")],
+            ..case(
+                "cors request, other origin",
+                REVIEWS,
+                "/cors",
+                200,
+                Some("reviews-v1"),
+                "-",
+            )
+        },
+        Case {
+            method: "OPTIONS",
+            headers: &[
+                ("origin", "https://app.example.com"),
+                ("access-control-request-method", "DELETE"),
+                ("access-control-request-headers", "x-a,x-b"),
+            ],
+            ..case("cors preflight, echoed", REVIEWS, "/strict", 200, None, "-")
+        },
+        Case {
+            method: "OPTIONS",
+            headers: &[
+                ("origin", "https://evil.example.com"),
+                ("access-control-request-method", "PUT"),
+            ],
+            ..case(
+                "cors preflight, ignored",
+                REVIEWS,
+                "/strict",
+                200,
+                None,
+                "-",
+            )
+        },
         case("redirect, header", REVIEWS, "/gone", 302, None, "-"),
         case(
             "prefix rewrite",
@@ -234,6 +304,8 @@ struct Outcome {
     body: String,
     location: String,
     served_by: String,
+    /// Every `access-control-*` response header, sorted.
+    cors: Vec<String>,
 }
 
 async fn send(client: &reqwest::Client, proxy: SocketAddr, case: &Case, tag: &str) -> Outcome {
@@ -267,6 +339,13 @@ async fn send_with(
             .to_string()
     };
     let status = resp.status().as_u16();
+    let mut cors: Vec<String> = resp
+        .headers()
+        .iter()
+        .filter(|(k, _)| k.as_str().starts_with("access-control-"))
+        .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+        .collect();
+    cors.sort();
     let location = header("location");
     let served_by = header("x-served-by");
     let text = resp.text().await.unwrap_or_default();
@@ -282,6 +361,7 @@ async fn send_with(
         body,
         location,
         served_by,
+        cors,
     }
 }
 
@@ -415,6 +495,9 @@ static_resources:
               log_format:
                 text_format_source: {{inline_string: "%REQ(X-CASE)% %RESPONSE_CODE% %RESPONSE_FLAGS%\n"}}
           http_filters:
+          - name: envoy.filters.http.cors
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors
           - name: envoy.filters.http.fault
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault
@@ -655,13 +738,13 @@ async fn lumen_proxy_and_envoy_make_the_same_decisions_from_the_same_resources()
         };
         let row = |o: &Outcome, flags: &BTreeSet<String>, upstreams: BTreeMap<String, usize>| {
             format!(
-                "status {} flags {flags:?} body {:?} location {:?} x-served-by {:?} upstreams {upstreams:?}",
-                o.status, o.body, o.location, o.served_by
+                "status {} flags {flags:?} body {:?} location {:?} x-served-by {:?} cors {:?} upstreams {upstreams:?}",
+                o.status, o.body, o.location, o.served_by, o.cors
             )
         };
         let lumen_row = row(l, l_flags, at_upstreams("lumen"));
         let envoy_row = row(e, e_flags, at_upstreams("envoy"));
-        eprintln!("{:<20} {envoy_row}", c.name);
+        eprintln!("{:<30} {envoy_row}", c.name);
         if lumen_row != envoy_row {
             differences.push(format!(
                 "{}:\n  envoy: {envoy_row}\n  lumen: {lumen_row}",

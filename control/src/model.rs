@@ -184,6 +184,9 @@ pub struct HttpRoute {
     /// Answer with a fixed response instead of a destination.
     #[serde(skip)]
     pub direct_response: Option<DirectResponse>,
+    /// Cross-origin requests' policy.
+    #[serde(skip)]
+    pub cors: Option<CorsPolicy>,
     /// Change the request's path or host on its way to the destination.
     #[serde(skip)]
     pub rewrite: Option<Rewrite>,
@@ -210,6 +213,22 @@ pub struct HttpMatchRequest {
     /// Query parameter name to match.
     #[serde(skip)]
     pub query: BTreeMap<String, StringMatch>,
+}
+
+/// A route's cross-origin resource sharing policy (Istio's `corsPolicy`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CorsPolicy {
+    pub allow_origins: Vec<StringMatch>,
+    pub allow_methods: Vec<String>,
+    /// Lowercase header names.
+    pub allow_headers: Vec<String>,
+    pub expose_headers: Vec<String>,
+    /// Whole seconds.
+    pub max_age: Option<u64>,
+    pub allow_credentials: Option<bool>,
+    /// A preflight from an origin not allowed goes upstream (Istio's `FORWARD`, the default)
+    /// or is answered without CORS headers (`IGNORE`).
+    pub forward_unmatched_preflights: bool,
 }
 
 /// A fixed response a route answers with.

@@ -709,6 +709,11 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> rou
                     .as_ref()
                     .map(|f| (FAULT_FILTER.to_string(), pack_any(http_fault(f))))
                     .into_iter()
+                    .chain(
+                        http.cors
+                            .as_ref()
+                            .map(|c| (CORS_FILTER.to_string(), pack_any(cors_policy(c)))),
+                    )
                     .collect();
                 let mut action = route_action(specifier);
                 // Affinity as the first destination's DestinationRule asks (Istio's rule).
@@ -812,6 +817,42 @@ fn headers_to_add(ops: &HeaderOps) -> Vec<core::HeaderValueOption> {
         .collect()
 }
 
+/// A route's CORS policy as the per-route configuration of Envoy's CORS filter (as Istio
+/// writes it: lists joined with commas, the max age in seconds, enabled for every request).
+fn cors_policy(
+    c: &crate::model::CorsPolicy,
+) -> lumen_api::pb::envoy::extensions::filters::http::cors::v3::CorsPolicy {
+    use lumen_api::pb::envoy::config::core::v3::RuntimeFractionalPercent;
+    use lumen_api::pb::google::protobuf::BoolValue;
+    lumen_api::pb::envoy::extensions::filters::http::cors::v3::CorsPolicy {
+        allow_origin_string_match: c.allow_origins.iter().map(string_matcher).collect(),
+        allow_methods: c.allow_methods.join(","),
+        allow_headers: c.allow_headers.join(","),
+        expose_headers: c.expose_headers.join(","),
+        max_age: c.max_age.map(|s| s.to_string()).unwrap_or_default(),
+        allow_credentials: c.allow_credentials.map(|value| BoolValue { value }),
+        filter_enabled: Some(RuntimeFractionalPercent {
+            default_value: Some(fractional(100.0)),
+            ..Default::default()
+        }),
+        forward_not_matching_preflights: (!c.forward_unmatched_preflights)
+            .then_some(BoolValue { value: false }),
+        ..Default::default()
+    }
+}
+
+/// A string match as Envoy's matcher (a segment-wise prefix as a plain prefix).
+fn string_matcher(sm: &StringMatch) -> StringMatcher {
+    StringMatcher {
+        match_pattern: Some(match sm {
+            StringMatch::Exact(v) => MatchPattern::Exact(v.clone()),
+            StringMatch::Prefix(v) | StringMatch::PathPrefix(v) => MatchPattern::Prefix(v.clone()),
+            StringMatch::Regex(v) => MatchPattern::SafeRegex(regex(v)),
+        }),
+        ..Default::default()
+    }
+}
+
 /// Inline bytes as Envoy's data source: a string when they are UTF-8 (readable in a config
 /// dump), else bytes.
 fn data_source(body: &[u8]) -> core::DataSource {
@@ -851,7 +892,7 @@ fn redirect_action(r: &Redirect) -> route::RedirectAction {
 
 /// The per-route configuration key of Envoy's fault filter, and the filter itself, which every
 /// outbound connection manager carries before the router (as Istio's do).
-const FAULT_FILTER: &str = "envoy.filters.http.fault";
+use lumen_api::{CORS_FILTER, FAULT_FILTER};
 
 /// A std duration as protobuf's.
 fn pb_duration(d: std::time::Duration) -> Duration {
@@ -928,16 +969,7 @@ fn route_match(m: &HttpMatchRequest) -> route::RouteMatch {
     });
     let header = |name: &str, sm: &StringMatch| route::HeaderMatcher {
         name: name.to_string(),
-        header_match_specifier: Some(H::StringMatch(StringMatcher {
-            match_pattern: Some(match sm {
-                StringMatch::Exact(v) => MatchPattern::Exact(v.clone()),
-                StringMatch::Prefix(v) | StringMatch::PathPrefix(v) => {
-                    MatchPattern::Prefix(v.clone())
-                }
-                StringMatch::Regex(v) => MatchPattern::SafeRegex(regex(v)),
-            }),
-            ..Default::default()
-        })),
+        header_match_specifier: Some(H::StringMatch(string_matcher(sm))),
         ..Default::default()
     };
     let mut headers: Vec<route::HeaderMatcher> = m
@@ -955,16 +987,7 @@ fn route_match(m: &HttpMatchRequest) -> route::RouteMatch {
             name: name.clone(),
             query_parameter_match_specifier: Some(
                 route::query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(
-                    StringMatcher {
-                        match_pattern: Some(match sm {
-                            StringMatch::Exact(v) => MatchPattern::Exact(v.clone()),
-                            StringMatch::Prefix(v) | StringMatch::PathPrefix(v) => {
-                                MatchPattern::Prefix(v.clone())
-                            }
-                            StringMatch::Regex(v) => MatchPattern::SafeRegex(regex(v)),
-                        }),
-                        ..Default::default()
-                    },
+                    string_matcher(sm),
                 ),
             ),
         })
@@ -985,7 +1008,15 @@ fn http_connection_manager(
         stat_prefix: stat_prefix.to_string(),
         route_specifier: Some(routes),
         http_filters: vec![
-            // Configured per route (`typed_per_filter_config`); empty here.
+            // Both configured per route (`typed_per_filter_config`); empty here. CORS first,
+            // as Istio's chain: a preflight is answered before any fault.
+            hcm::HttpFilter {
+                name: CORS_FILTER.to_string(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(
+                    lumen_api::pb::envoy::extensions::filters::http::cors::v3::Cors::default(),
+                ))),
+                ..Default::default()
+            },
             hcm::HttpFilter {
                 name: FAULT_FILTER.to_string(),
                 config_type: Some(hcm::http_filter::ConfigType::TypedConfig(pack_any(

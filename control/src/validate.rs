@@ -7,10 +7,10 @@ use std::collections::BTreeSet;
 
 use crate::crd::istio as crd;
 use crate::model::{
-    ConnectionPool, Destination, DestinationRuleSpec, DirectResponse, FaultPolicy, HeaderOps,
-    HeaderRules, HttpMatchRequest, HttpRoute, HttpRouteDestination, LoadBalancer, OutlierDetection,
-    PathChange, PortSelector, Redirect, RetrySettings, Rewrite, StringMatch, Subset,
-    VirtualServiceSpec,
+    ConnectionPool, CorsPolicy, Destination, DestinationRuleSpec, DirectResponse, FaultPolicy,
+    HeaderOps, HeaderRules, HttpMatchRequest, HttpRoute, HttpRouteDestination, LoadBalancer,
+    OutlierDetection, PathChange, PortSelector, Redirect, RetrySettings, Rewrite, StringMatch,
+    Subset, VirtualServiceSpec,
 };
 
 /// What is wrong, and where (`spec.http[0].route[1].weight`).
@@ -135,6 +135,69 @@ fn match_request(m: &crd::HttpMatchRequest, path: &str) -> Result<HttpMatchReque
             .as_ref()
             .map(|v| string_match(v, &format!("{path}.method")))
             .transpose()?,
+    })
+}
+
+/// The HTTP methods a CORS policy may allow (Istio's list).
+const CORS_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// A CORS policy: origins as string matches, methods Istio knows (or `*`), header names (or
+/// `*`), a max age in whole seconds, and what to do with unmatched preflights.
+fn cors_policy(c: &crd::CorsPolicy, path: &str) -> Result<CorsPolicy, FieldError> {
+    let allow_origins = c
+        .allow_origins
+        .iter()
+        .enumerate()
+        .map(|(i, m)| string_match(m, &format!("{path}.allowOrigins[{i}]")))
+        .collect::<Result<_, _>>()?;
+    for (i, m) in c.allow_methods.iter().enumerate() {
+        if m != "*" && !CORS_METHODS.contains(&m.as_str()) {
+            return Err(at(
+                format!("{path}.allowMethods[{i}]"),
+                format!("{m:?} is not an HTTP method ({})", CORS_METHODS.join(", ")),
+            ));
+        }
+    }
+    let names = |list: &[String], field: &str| -> Result<Vec<String>, FieldError> {
+        list.iter()
+            .enumerate()
+            .map(|(i, h)| match h.as_str() {
+                "*" => Ok(h.clone()),
+                _ => header_name(h, &format!("{path}.{field}[{i}]")),
+            })
+            .collect()
+    };
+    let max_age = match &c.max_age {
+        None => None,
+        Some(text) => {
+            let p = format!("{path}.maxAge");
+            let d = crate::duration::parse(text).map_err(|e| at(&p, e))?;
+            if d.subsec_nanos() != 0 {
+                return Err(at(p, "is accurate to whole seconds only"));
+            }
+            Some(d.as_secs())
+        }
+    };
+    let forward_unmatched_preflights = match c.unmatched_preflights.as_deref() {
+        None | Some("UNSPECIFIED" | "FORWARD") => true,
+        Some("IGNORE") => false,
+        Some(other) => {
+            return Err(at(
+                format!("{path}.unmatchedPreflights"),
+                format!("{other:?} is none of FORWARD, IGNORE"),
+            ));
+        }
+    };
+    Ok(CorsPolicy {
+        allow_origins,
+        allow_methods: c.allow_methods.clone(),
+        allow_headers: names(&c.allow_headers, "allowHeaders")?,
+        expose_headers: names(&c.expose_headers, "exposeHeaders")?,
+        max_age,
+        allow_credentials: c.allow_credentials,
+        forward_unmatched_preflights,
     })
 }
 
@@ -411,10 +474,11 @@ fn fault(f: &crd::HttpFaultInjection, path: &str) -> Result<FaultPolicy, FieldEr
 }
 
 fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
-    let unsupported = [("corsPolicy", r.cors_policy.is_some())];
-    if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
-        return Err(not_yet(format!("{path}.{field}"), field));
-    }
+    let cors = r
+        .cors_policy
+        .as_ref()
+        .map(|c| cors_policy(c, &format!("{path}.corsPolicy")))
+        .transpose()?;
     let redirect = r
         .redirect
         .as_ref()
@@ -534,6 +598,7 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         rewrite,
         redirect,
         direct_response,
+        cors,
         headers,
         retries,
         timeout,
@@ -1043,9 +1108,9 @@ mod tests {
             (e.path.as_str(), e.message.as_str()),
             ("spec.http[0].route", "the weights add up to 110, not 100")
         );
-        let e = vs("hosts: [r]\nhttp:\n- corsPolicy: {allowMethods: [GET]}\n  route: [{destination: {host: r}}]\n")
+        let e = vs("hosts: [r]\nhttp:\n- route: [{destination: {host: r}, headers: {request: {set: {a: b}}}}]\n")
             .expect_err("not yet");
-        assert_eq!(e.path, "spec.http[0].corsPolicy");
+        assert_eq!(e.path, "spec.http[0].route[0].headers");
         assert!(e.message.contains("not supported by lumen yet"), "{e}");
         let e = vs("hosts: ['*']\ngateways: [bookinfo-gateway]\nhttp:\n- route: [{destination: {host: r}}]\n")
             .expect_err("ingress");
@@ -1156,6 +1221,52 @@ mod tests {
             vs("hosts: [r]\nhttp:\n- redirect: {uri: /a}\n  route: [{destination: {host: r}}]\n")
                 .expect_err("both");
         assert_eq!(e.path, "spec.http[0].redirect");
+    }
+
+    #[test]
+    fn cors_policies_read_and_bad_ones_are_named() {
+        let ok = vs("hosts: [r]\nhttp:\n- corsPolicy: {allowOrigins: [{exact: 'https://a.example'}, {regex: 'https://.*[.]b[.]example'}], allowMethods: [GET, PUT], allowHeaders: [X-Custom], exposeHeaders: ['*'], maxAge: 24h, allowCredentials: true, unmatchedPreflights: IGNORE}\n  route: [{destination: {host: r}}]\n")
+            .expect("a CORS policy");
+        assert_eq!(
+            ok.http[0].cors,
+            Some(CorsPolicy {
+                allow_origins: vec![
+                    StringMatch::Exact("https://a.example".into()),
+                    StringMatch::Regex("https://.*[.]b[.]example".into())
+                ],
+                allow_methods: vec!["GET".into(), "PUT".into()],
+                allow_headers: vec!["x-custom".into()],
+                expose_headers: vec!["*".into()],
+                max_age: Some(86_400),
+                allow_credentials: Some(true),
+                forward_unmatched_preflights: false,
+            })
+        );
+        for (yaml, path) in [
+            (
+                "{allowMethods: [FETCH]}",
+                "spec.http[0].corsPolicy.allowMethods[0]",
+            ),
+            (
+                "{allowHeaders: ['bad header']}",
+                "spec.http[0].corsPolicy.allowHeaders[0]",
+            ),
+            ("{maxAge: 1.5s}", "spec.http[0].corsPolicy.maxAge"),
+            (
+                "{allowOrigins: [{regex: '('}]}",
+                "spec.http[0].corsPolicy.allowOrigins[0].regex",
+            ),
+            (
+                "{unmatchedPreflights: DROP}",
+                "spec.http[0].corsPolicy.unmatchedPreflights",
+            ),
+        ] {
+            let e = vs(&format!(
+                "hosts: [r]\nhttp:\n- corsPolicy: {yaml}\n  route: [{{destination: {{host: r}}}}]\n"
+            ))
+            .expect_err(yaml);
+            assert_eq!(e.path, path, "{yaml}: {e}");
+        }
     }
 
     #[test]

@@ -499,6 +499,7 @@ impl StaticResources {
                         retry: None,
                         header_rules: None,
                         answer: None,
+                        cors: None,
                         rewrite: None,
                         mirrors: Vec::new(),
                         hash_policy: Vec::new(),

@@ -95,6 +95,8 @@ pub struct Route {
     /// Answer the request here instead of forwarding it (Envoy's redirect and direct
     /// response actions).
     pub answer: Option<Answer>,
+    /// The route's CORS policy (Envoy's CORS filter, configured per route).
+    pub cors: Option<Arc<CorsPolicy>>,
     /// Change the request's path or host on its way upstream.
     pub rewrite: Option<Arc<Rewrite>>,
     /// Clusters a copy of a share of requests goes to (Envoy's request mirror policies).
@@ -696,8 +698,101 @@ pub struct RouteFault {
     pub abort: Option<(http::StatusCode, u32)>,
 }
 
-/// The per-route configuration key of Envoy's fault filter.
-pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+pub use lumen_api::{CORS_FILTER, FAULT_FILTER};
+
+/// A route's CORS policy (Envoy's CORS filter, configured per route).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CorsPolicy {
+    /// An origin is allowed when one of these matches it (or matches `*`).
+    pub allow_origins: Vec<ValueMatch>,
+    /// `access-control-allow-methods` (`*`: the method the preflight asks for).
+    pub allow_methods: String,
+    /// `access-control-allow-headers` (`*`: the headers the preflight asks for).
+    pub allow_headers: String,
+    pub expose_headers: String,
+    /// `access-control-max-age`, in seconds as text.
+    pub max_age: String,
+    pub allow_credentials: bool,
+    pub allow_private_network_access: bool,
+    /// A preflight from an origin not allowed goes upstream (Envoy's default) or is answered
+    /// 200 without CORS headers.
+    pub forward_not_matching_preflights: bool,
+}
+
+impl CorsPolicy {
+    pub fn allows(&self, origin: &str) -> bool {
+        self.allow_origins
+            .iter()
+            .any(|m| m.matches(Some("*")) || m.matches(Some(origin)))
+    }
+}
+
+/// Reads a route's CORS filter configuration; what lumen-proxy does not carry out is a NACK.
+fn route_cors(
+    route: &str,
+    config: &std::collections::HashMap<String, lumen_api::pb::google::protobuf::Any>,
+) -> Result<Option<Arc<CorsPolicy>>, ConfigError> {
+    use lumen_api::pb::envoy::extensions::filters::http::cors::v3::CorsPolicy as XCors;
+    let Some(any) = config.get(CORS_FILTER) else {
+        return Ok(None);
+    };
+    let c = XCors::decode(any.value.as_slice()).map_err(|e| {
+        unsupported(
+            "route",
+            route,
+            format!("{CORS_FILTER} does not decode: {e}"),
+        )
+    })?;
+    if c.shadow_enabled.is_some() {
+        return Err(unsupported(
+            "route",
+            route,
+            "a CORS policy in shadow mode is not supported yet",
+        ));
+    }
+    if let Some(enabled) = &c.filter_enabled
+        && (enabled
+            .default_value
+            .as_ref()
+            .map_or(0, |p| per_million(Some(p)))
+            != 1_000_000
+            || !enabled.runtime_key.is_empty())
+    {
+        return Err(unsupported(
+            "route",
+            route,
+            "a CORS policy enabled for a share of requests or by a runtime key is not supported yet",
+        ));
+    }
+    for (what, value) in [
+        ("allow_methods", &c.allow_methods),
+        ("allow_headers", &c.allow_headers),
+        ("expose_headers", &c.expose_headers),
+        ("max_age", &c.max_age),
+    ] {
+        if http::HeaderValue::from_str(value).is_err() {
+            return Err(unsupported(
+                "route",
+                route,
+                format!("CORS {what} {value:?} is not a header value"),
+            ));
+        }
+    }
+    Ok(Some(Arc::new(CorsPolicy {
+        allow_origins: c
+            .allow_origin_string_match
+            .into_iter()
+            .map(|m| value_match(route, "CORS", "origin", m))
+            .collect::<Result<_, _>>()?,
+        allow_methods: c.allow_methods,
+        allow_headers: c.allow_headers,
+        expose_headers: c.expose_headers,
+        max_age: c.max_age,
+        allow_credentials: c.allow_credentials.is_some_and(|b| b.value),
+        allow_private_network_access: c.allow_private_network_access.is_some_and(|b| b.value),
+        forward_not_matching_preflights: c.forward_not_matching_preflights.is_none_or(|b| b.value),
+    })))
+}
 
 /// A `FractionalPercent` in parts per million.
 fn per_million(p: Option<&lumen_api::pb::envoy::r#type::v3::FractionalPercent>) -> u32 {
@@ -1672,6 +1767,9 @@ impl TryFrom<xroute::Route> for Route {
             (!rules.request.is_empty() || !rules.response.is_empty()).then(|| Arc::new(rules));
         // A route that answers itself: its response header changes apply to that answer (as
         // Envoy's), nothing else of a forwarding route does.
+        // The CORS filter runs before the router: its policy holds on routes that answer
+        // themselves too.
+        let cors = route_cors(&r.name, &r.typed_per_filter_config)?;
         let answering = |answer: Answer| Route {
             name: r.name.clone(),
             path: path.clone(),
@@ -1683,6 +1781,7 @@ impl TryFrom<xroute::Route> for Route {
             retry: None,
             header_rules: header_rules.clone(),
             answer: Some(answer),
+            cors: cors.clone(),
             rewrite: None,
             mirrors: Vec::new(),
             hash_policy: Vec::new(),
@@ -1768,6 +1867,7 @@ impl TryFrom<xroute::Route> for Route {
             retry,
             header_rules,
             answer: None,
+            cors,
             rewrite,
             mirrors,
             hash_policy,
@@ -1844,6 +1944,7 @@ pub(crate) mod tests {
                             retry: None,
                             header_rules: None,
                             answer: None,
+                            cors: None,
                             rewrite: None,
                             mirrors: vec![],
                             hash_policy: Vec::new(),
@@ -1868,6 +1969,7 @@ pub(crate) mod tests {
                             retry: None,
                             header_rules: None,
                             answer: None,
+                            cors: None,
                             rewrite: None,
                             mirrors: vec![],
                             hash_policy: Vec::new(),
@@ -2152,6 +2254,7 @@ pub(crate) mod tests {
             retry: None,
             header_rules: None,
             answer: None,
+            cors: None,
             rewrite: None,
             mirrors: vec![],
             hash_policy: Vec::new(),

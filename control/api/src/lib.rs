@@ -116,6 +116,12 @@ pub mod endpoint_meta {
 /// program): a bound against configuration that would cost the proxy memory or time.
 pub const MAX_REGEX_PROGRAM: usize = 64 * 1024;
 
+/// The name (and per-route configuration key) of Envoy's fault filter.
+pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+/// The name (and per-route configuration key) of Envoy's CORS filter.
+pub const CORS_FILTER: &str = "envoy.filters.http.cors";
+
 /// The largest direct response body, in bytes: Envoy's default
 /// `max_direct_response_body_size_bytes` (a route configuration with a bigger one is refused).
 pub const MAX_DIRECT_RESPONSE_BODY: usize = 4096;

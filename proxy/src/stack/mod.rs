@@ -2,7 +2,7 @@
 //! Outside in:
 //!
 //! - outbound (the local app calling out): [`local_reply`] → [`observe`] (a client span and
-//!   `reporter="source"` metrics) → [`trace_context`] → [`route`] → [`headers`] →
+//!   `reporter="source"` metrics) → [`trace_context`] → [`route`] → [`cors`] → [`headers`] →
 //!   [`answer`] (redirects and direct responses) → [`fault`] → [`mirror`] → [`retry`] → [`breaker`] → [`balance`] →
 //!   [`outlier`] → [`connect`];
 //! - inbound (a caller reaching the local app): [`local_reply`] → [`observe`] (a server span,
@@ -17,6 +17,7 @@ pub mod answer;
 pub mod balance;
 pub mod breaker;
 pub mod connect;
+pub mod cors;
 pub mod error;
 pub mod fault;
 pub mod headers;
@@ -58,6 +59,7 @@ pub fn outbound(config: ConfigRx, reporter: Arc<Reporter>, connect: connect::Con
         .layer(observe::ObserveLayer::new(reporter, Direction::Outbound))
         .layer(StepLayer(trace_context::TraceContext { ratio }))
         .layer(StepLayer(route::Route::new(config)))
+        .layer(AroundLayer(cors::Cors))
         .layer(AroundLayer(headers::HeaderChanges))
         .layer(AroundLayer(answer::RouteAnswers))
         .layer(AroundLayer(fault::Faults))

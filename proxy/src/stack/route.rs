@@ -269,6 +269,9 @@ impl Step for Route {
             if let Some(fault) = route.fault.as_deref() {
                 req.extensions_mut().insert(fault.clone());
             }
+            if let Some(cors) = &route.cors {
+                req.extensions_mut().insert(cors.clone());
+            }
             if let Some(answer) = &route.answer {
                 req.extensions_mut().insert(super::answer::Answering {
                     answer: answer.clone(),

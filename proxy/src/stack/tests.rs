@@ -1390,3 +1390,101 @@ async fn mirrors_send_a_copy_with_a_shadow_host_and_the_request_goes_on() {
     );
     assert!(copy.ends_with("the body"), "{copy}");
 }
+
+#[tokio::test]
+async fn cors_answers_allowed_preflights_and_decorates_allowed_origins() {
+    use crate::routing::{CorsPolicy, ValueMatch};
+    use tower::Layer;
+    let policy = |forward: bool| {
+        Arc::new(CorsPolicy {
+            allow_origins: vec![ValueMatch::Exact("https://app.example".into())],
+            allow_methods: "GET,PUT".into(),
+            allow_headers: "*".into(),
+            expose_headers: "x-trace".into(),
+            max_age: "600".into(),
+            allow_credentials: true,
+            allow_private_network_access: false,
+            forward_not_matching_preflights: forward,
+        })
+    };
+    let request = |method: &str, origin: &str, preflight: bool, forward: bool| {
+        let mut b = Request::builder()
+            .method(method)
+            .uri("/")
+            .header("host", "reviews")
+            .header("origin", origin);
+        if preflight {
+            b = b
+                .header("access-control-request-method", "PUT")
+                .header("access-control-request-headers", "x-a");
+        }
+        let mut req = b.body(text_body("")).expect("request");
+        req.extensions_mut().insert(policy(forward));
+        req
+    };
+    let layer = step::AroundLayer(cors::Cors);
+    let header = |resp: &Response<Body>, name: &str| {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().expect("text").to_string())
+    };
+    // An allowed preflight: answered here, with what the policy allows.
+    let (inner, seen) = capture();
+    let resp = layer
+        .clone()
+        .layer(inner)
+        .oneshot(request("OPTIONS", "https://app.example", true, true))
+        .await
+        .expect("answered");
+    assert!(seen.lock().expect("lock").is_none(), "went upstream");
+    assert_eq!(resp.status(), StatusCode::OK);
+    for (name, value) in [
+        ("access-control-allow-origin", "https://app.example"),
+        ("access-control-allow-methods", "GET,PUT"),
+        ("access-control-allow-headers", "x-a"),
+        ("access-control-max-age", "600"),
+        ("access-control-allow-credentials", "true"),
+        ("access-control-expose-headers", "x-trace"),
+    ] {
+        assert_eq!(header(&resp, name).as_deref(), Some(value), "{name}");
+    }
+    // A preflight from another origin goes upstream, untouched.
+    let (inner, seen) = capture();
+    let resp = layer
+        .clone()
+        .layer(inner)
+        .oneshot(request("OPTIONS", "https://evil.example", true, true))
+        .await
+        .expect("forwarded");
+    assert!(seen.lock().expect("lock").is_some());
+    assert_eq!(header(&resp, "access-control-allow-origin"), None);
+    // ... unless unmatched preflights are not forwarded: 200 here, no origin allowed.
+    let (inner, seen) = capture();
+    let resp = layer
+        .clone()
+        .layer(inner)
+        .oneshot(request("OPTIONS", "https://evil.example", true, false))
+        .await
+        .expect("answered");
+    assert!(seen.lock().expect("lock").is_none());
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(header(&resp, "access-control-allow-origin"), None);
+    // A request from an allowed origin: upstream's answer, decorated.
+    let (inner, seen) = capture();
+    let resp = layer
+        .clone()
+        .layer(inner)
+        .oneshot(request("GET", "https://app.example", false, true))
+        .await
+        .expect("forwarded");
+    assert!(seen.lock().expect("lock").is_some());
+    assert_eq!(
+        header(&resp, "access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        header(&resp, "access-control-expose-headers").as_deref(),
+        Some("x-trace")
+    );
+    assert_eq!(header(&resp, "access-control-allow-methods"), None);
+}
