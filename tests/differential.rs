@@ -154,6 +154,25 @@ fn table() -> Vec<Case> {
         case("port redirect", REVIEWS, "/port?q=1", 301, None, "-"),
         case("direct response", REVIEWS, "/maintenance", 503, None, "-"),
         Case {
+            headers: &[("x-debug", "1")],
+            ..case(
+                "backend headers",
+                REVIEWS,
+                "/dest",
+                200,
+                Some("reviews-v1"),
+                "-",
+            )
+        },
+        case(
+            "lone backend headers",
+            REVIEWS,
+            "/lone",
+            200,
+            Some("reviews-v1"),
+            "-",
+        ),
+        Case {
             method: "OPTIONS",
             headers: &[
                 ("origin", "https://app.example.com"),

@@ -430,9 +430,19 @@ fn rule_backends(
     let mut destinations = Vec::new();
     for (j, b) in refs.iter().enumerate() {
         let bp = format!("{path}.backendRefs[{j}]");
-        if !b.filters.is_empty() {
-            return Err(not_yet(format!("{bp}.filters"), "a backend's own filters"));
-        }
+        // A backend's own filters: header changes only.
+        let headers = if b.filters.is_empty() {
+            None
+        } else {
+            let f = rule_filters(&b.filters, &bp, namespace)?;
+            if f.redirect.is_some() || f.rewrite.is_some() || !f.mirrors.is_empty() {
+                return Err(not_yet(
+                    format!("{bp}.filters"),
+                    "a backend's own redirect, rewrite or mirror",
+                ));
+            }
+            f.headers
+        };
         if b.kind.as_deref().is_some_and(|k| k != "Service")
             || b.group
                 .as_deref()
@@ -461,6 +471,7 @@ fn rule_backends(
                 port: Some(PortSelector { number: port }),
             },
             weight: Some(weight),
+            headers,
         });
     }
     Ok(destinations)
@@ -731,5 +742,27 @@ mod tests {
         )
         .expect_err("bad regex");
         assert_eq!(e.path, "spec.rules[0].matches[0].path.value");
+        let e = http_route(
+            &spec("parentRefs: [{kind: Service, name: echo}]\nrules:\n- backendRefs: [{name: a, port: 80, filters: [{type: URLRewrite, urlRewrite: {hostname: b}}]}]\n"),
+            "mesh",
+        )
+        .expect_err("a backend's own rewrite");
+        assert_eq!(e.path, "spec.rules[0].backendRefs[0].filters");
+    }
+
+    #[test]
+    fn a_backend_s_own_header_filters_reach_its_destination() {
+        let s = spec(
+            "parentRefs: [{kind: Service, name: echo, port: 80}]\nrules:\n- backendRefs:\n  - name: echo-v1\n    port: 80\n    filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: X-Backend, value: v1}]}}, {type: ResponseHeaderModifier, responseHeaderModifier: {remove: [server]}}]\n  - {name: echo-v2, port: 80}\n",
+        );
+        let vs = http_route(&s, "mesh").expect("read");
+        let route = &vs.http[0].route;
+        let v1 = route[0].headers.as_ref().expect("v1's headers");
+        assert_eq!(
+            v1.request.set,
+            [("x-backend".to_string(), "v1".to_string())]
+        );
+        assert_eq!(v1.response.remove, ["server"]);
+        assert_eq!(route[1].headers, None);
     }
 }

@@ -315,6 +315,9 @@ pub struct HttpRouteDestination {
     pub destination: Destination,
     #[serde(default)]
     pub weight: Option<u32>,
+    /// Header changes for requests to this destination and its responses.
+    #[serde(skip)]
+    pub headers: Option<HeaderRules>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

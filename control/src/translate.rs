@@ -685,11 +685,35 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> rou
                                     0
                                 }),
                             }),
+                            request_headers_to_add: d
+                                .headers
+                                .as_ref()
+                                .map(|h| headers_to_add(&h.request))
+                                .unwrap_or_default(),
+                            request_headers_to_remove: d
+                                .headers
+                                .as_ref()
+                                .map(|h| h.request.remove.clone())
+                                .unwrap_or_default(),
+                            response_headers_to_add: d
+                                .headers
+                                .as_ref()
+                                .map(|h| headers_to_add(&h.response))
+                                .unwrap_or_default(),
+                            response_headers_to_remove: d
+                                .headers
+                                .as_ref()
+                                .map(|h| h.response.remove.clone())
+                                .unwrap_or_default(),
                             ..Default::default()
                         }
                     })
                     .collect();
+                // A lone destination is the route's cluster; its header changes follow the
+                // route's own (Istio's rule).
+                let mut lone: Option<route::weighted_cluster::ClusterWeight> = None;
                 let specifier = if let [only] = clusters.as_slice() {
+                    lone = Some(only.clone());
                     route::route_action::ClusterSpecifier::Cluster(only.name.clone())
                 } else {
                     route::route_action::ClusterSpecifier::WeightedClusters(
@@ -778,10 +802,34 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> rou
                             (None, None) => route::route::Action::Route(action.clone()),
                         }),
                         typed_per_filter_config: per_filter.clone(),
-                        request_headers_to_add: headers_to_add(&rules.request),
-                        request_headers_to_remove: rules.request.remove.clone(),
-                        response_headers_to_add: headers_to_add(&rules.response),
-                        response_headers_to_remove: rules.response.remove.clone(),
+                        request_headers_to_add: [
+                            headers_to_add(&rules.request),
+                            lone.as_ref()
+                                .map(|c| c.request_headers_to_add.clone())
+                                .unwrap_or_default(),
+                        ]
+                        .concat(),
+                        request_headers_to_remove: [
+                            rules.request.remove.clone(),
+                            lone.as_ref()
+                                .map(|c| c.request_headers_to_remove.clone())
+                                .unwrap_or_default(),
+                        ]
+                        .concat(),
+                        response_headers_to_add: [
+                            headers_to_add(&rules.response),
+                            lone.as_ref()
+                                .map(|c| c.response_headers_to_add.clone())
+                                .unwrap_or_default(),
+                        ]
+                        .concat(),
+                        response_headers_to_remove: [
+                            rules.response.remove.clone(),
+                            lone.as_ref()
+                                .map(|c| c.response_headers_to_remove.clone())
+                                .unwrap_or_default(),
+                        ]
+                        .concat(),
                         ..Default::default()
                     });
                 }

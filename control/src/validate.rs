@@ -510,9 +510,11 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
     let mut route = Vec::new();
     for (j, d) in r.route.iter().enumerate() {
         let p = format!("{path}.route[{j}]");
-        if d.headers.is_some() {
-            return Err(not_yet(format!("{p}.headers"), "headers"));
-        }
+        let headers = d
+            .headers
+            .as_ref()
+            .map(|h| header_rules(h, &format!("{p}.headers")))
+            .transpose()?;
         let weight = match d.weight {
             None => None,
             Some(w) => Some(
@@ -523,6 +525,7 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
         route.push(HttpRouteDestination {
             destination: destination(&d.destination, &format!("{p}.destination"))?,
             weight,
+            headers,
         });
     }
     if route.len() > 1 {
@@ -1108,9 +1111,11 @@ mod tests {
             (e.path.as_str(), e.message.as_str()),
             ("spec.http[0].route", "the weights add up to 110, not 100")
         );
-        let e = vs("hosts: [r]\nhttp:\n- route: [{destination: {host: r}, headers: {request: {set: {a: b}}}}]\n")
+        let e = vs("hosts: [r]\nhttp:\n- route: [{destination: {host: r}, headers: {request: {set: {'a b': c}}}}]\n")
+            .expect_err("a bad header name");
+        assert_eq!(e.path, "spec.http[0].route[0].headers.request.set");
+        let e = vs("hosts: [r]\nhttp:\n- match: [{sourceNamespace: other}]\n  route: [{destination: {host: r}}]\n")
             .expect_err("not yet");
-        assert_eq!(e.path, "spec.http[0].route[0].headers");
         assert!(e.message.contains("not supported by lumen yet"), "{e}");
         let e = vs("hosts: ['*']\ngateways: [bookinfo-gateway]\nhttp:\n- route: [{destination: {host: r}}]\n")
             .expect_err("ingress");

@@ -458,6 +458,7 @@ impl StaticResources {
                         (Some(c), None) => vec![WeightedBackend {
                             cluster: c.clone(),
                             weight: 1,
+                            header_rules: None,
                         }],
                         (None, Some(w)) => w
                             .clusters
@@ -465,6 +466,7 @@ impl StaticResources {
                             .map(|c| WeightedBackend {
                                 cluster: c.name.clone(),
                                 weight: c.weight,
+                                header_rules: None,
                             })
                             .collect(),
                         _ => {

@@ -1008,6 +1008,9 @@ impl ValueMatch {
 pub struct WeightedBackend {
     pub cluster: String,
     pub weight: u32,
+    /// Header changes for requests sent to this backend and its responses (Envoy's
+    /// `ClusterWeight` headers; Istio's destination-level `headers`).
+    pub header_rules: Option<Arc<HeaderRules>>,
 }
 
 /// A cluster: endpoints (from EDS or inline), how one is chosen, and that policy's state
@@ -1049,6 +1052,8 @@ pub struct Decision {
     pub virtual_host: usize,
     pub route: usize,
     pub cluster: Arc<Cluster>,
+    /// The chosen backend's own header changes.
+    pub backend_headers: Option<Arc<HeaderRules>>,
 }
 
 /// Why no upstream was chosen; each maps to an Envoy response flag.
@@ -1137,14 +1142,15 @@ impl MeshConfig {
                 virtual_host: vh_index,
                 route: route_index,
                 cluster: Arc::new(Cluster::new(format!("{kind}|{}", route.name), Vec::new())),
+                backend_headers: None,
             }));
         }
-        let Some(cluster_name) = route.pick_backend(random) else {
+        let Some(backend) = route.pick_backend(random) else {
             return Some(Err(no_route()));
         };
-        let Some(cluster) = self.clusters.get(cluster_name).cloned() else {
+        let Some(cluster) = self.clusters.get(&backend.cluster).cloned() else {
             return Some(Err(RouteError::NoCluster {
-                cluster: cluster_name.to_string(),
+                cluster: backend.cluster.clone(),
             }));
         };
         Some(Ok(Decision {
@@ -1152,6 +1158,7 @@ impl MeshConfig {
             virtual_host: vh_index,
             route: route_index,
             cluster,
+            backend_headers: backend.header_rules.clone(),
         }))
     }
 
@@ -1316,7 +1323,7 @@ impl Route {
     }
 
     /// Weighted choice of a backend cluster; `random` is uniform over u32.
-    pub fn pick_backend(&self, random: u32) -> Option<&str> {
+    pub fn pick_backend(&self, random: u32) -> Option<&WeightedBackend> {
         let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
         if total == 0 {
             return None;
@@ -1324,7 +1331,7 @@ impl Route {
         let mut point = u64::from(random) % total;
         for b in &self.backends {
             if point < u64::from(b.weight) {
-                return Some(&b.cluster);
+                return Some(b);
             }
             point -= u64::from(b.weight);
         }
@@ -1827,15 +1834,32 @@ impl TryFrom<xroute::Route> for Route {
             Some(xroute::route_action::ClusterSpecifier::Cluster(c)) => vec![WeightedBackend {
                 cluster: c,
                 weight: 1,
+                header_rules: None,
             }],
             Some(xroute::route_action::ClusterSpecifier::WeightedClusters(wc)) => wc
                 .clusters
                 .into_iter()
-                .map(|c| WeightedBackend {
-                    cluster: c.name,
-                    weight: c.weight.map_or(0, |w| w.value),
+                .map(|c| {
+                    let rules = HeaderRules {
+                        request: header_ops(
+                            &r.name,
+                            &c.request_headers_to_add,
+                            &c.request_headers_to_remove,
+                        )?,
+                        response: header_ops(
+                            &r.name,
+                            &c.response_headers_to_add,
+                            &c.response_headers_to_remove,
+                        )?,
+                    };
+                    Ok(WeightedBackend {
+                        cluster: c.name,
+                        weight: c.weight.map_or(0, |w| w.value),
+                        header_rules: (!rules.request.is_empty() || !rules.response.is_empty())
+                            .then(|| Arc::new(rules)),
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, ConfigError>>()?,
             _ => {
                 return Err(unsupported(
                     "route",
@@ -1938,6 +1962,7 @@ pub(crate) mod tests {
                             backends: vec![WeightedBackend {
                                 cluster: "v2".into(),
                                 weight: 100,
+                                header_rules: None,
                             }],
                             fault: None,
                             timeout: None,
@@ -1958,10 +1983,12 @@ pub(crate) mod tests {
                                 WeightedBackend {
                                     cluster: "v1".into(),
                                     weight: 50,
+                                    header_rules: None,
                                 },
                                 WeightedBackend {
                                     cluster: "v2".into(),
                                     weight: 50,
+                                    header_rules: None,
                                 },
                             ],
                             fault: None,
@@ -2066,7 +2093,7 @@ pub(crate) mod tests {
         let n = 10_000u32;
         for i in 0..n {
             let r = (u64::from(i) * u64::from(u32::MAX) / u64::from(n)) as u32;
-            if route.pick_backend(r) == Some("v1") {
+            if route.pick_backend(r).map(|b| b.cluster.as_str()) == Some("v1") {
                 v1 += 1;
             }
         }

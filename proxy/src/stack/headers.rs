@@ -2,7 +2,10 @@
 //! and `response_headers_to_add` / `_remove`; Istio's `headers`, Gateway API's header
 //! modifier filters): applied to the request on its way to the upstream, and to the
 //! upstream's response on its way back. The route layer puts the route's [`HeaderRules`] in
-//! the request's extensions; without them this layer does nothing.
+//! the request's extensions, and the chosen backend's own ([`BackendHeaders`]: Envoy's
+//! `ClusterWeight` headers, Istio's destination-level `headers`); the backend's apply first,
+//! then the route's, both ways, as Envoy's router applies them. Without either this layer
+//! does nothing.
 
 use std::sync::Arc;
 
@@ -26,6 +29,10 @@ pub fn apply(ops: &HeaderOps, headers: &mut HeaderMap) {
     }
 }
 
+/// The chosen backend's header changes, in the request's extensions.
+#[derive(Debug, Clone)]
+pub struct BackendHeaders(pub Arc<HeaderRules>);
+
 #[derive(Debug, Clone, Default)]
 pub struct HeaderChanges;
 
@@ -38,14 +45,24 @@ impl Around for HeaderChanges {
             + 'static,
         S::Future: Send + 'static,
     {
-        let Some(rules) = req.extensions().get::<Arc<HeaderRules>>().cloned() else {
+        let route = req.extensions().get::<Arc<HeaderRules>>().cloned();
+        let backend = req
+            .extensions()
+            .get::<BackendHeaders>()
+            .map(|b| b.0.clone());
+        if route.is_none() && backend.is_none() {
             return Box::pin(inner.call(req));
-        };
-        apply(&rules.request, req.headers_mut());
+        }
+        let rules = [backend, route];
+        for r in rules.iter().flatten() {
+            apply(&r.request, req.headers_mut());
+        }
         let fut = inner.call(req);
         Box::pin(async move {
             let mut resp = fut.await?;
-            apply(&rules.response, resp.headers_mut());
+            for r in rules.iter().flatten() {
+                apply(&r.response, resp.headers_mut());
+            }
             Ok(resp)
         })
     }

@@ -298,6 +298,10 @@ impl Step for Route {
             if let Some(rules) = &route.header_rules {
                 req.extensions_mut().insert(rules.clone());
             }
+            if let Some(rules) = &decision.backend_headers {
+                req.extensions_mut()
+                    .insert(super::headers::BackendHeaders(rules.clone()));
+            }
             if !route.hash_policy.is_empty() {
                 affinity(req, &route.hash_policy);
             }

@@ -1105,7 +1105,7 @@ async fn headers_change_the_request_going_up_and_the_response_coming_back() {
     use tower::Layer;
     let h = |n: &'static str| http::HeaderName::from_static(n);
     let v = |s: &'static str| http::HeaderValue::from_static(s);
-    let rules = HeaderRules {
+    let rules_again = || HeaderRules {
         request: HeaderOps {
             remove: vec![h("x-drop")],
             set: vec![(h("x-set"), v("set-overwrites"))],
@@ -1117,6 +1117,7 @@ async fn headers_change_the_request_going_up_and_the_response_coming_back() {
             add: vec![],
         },
     };
+    let rules = rules_again();
     let upstream = tower::service_fn(move |req: Request<Body>| async move {
         let mut resp = Response::new(text_body(""));
         for (k, v) in req.headers() {
@@ -1136,6 +1137,7 @@ async fn headers_change_the_request_going_up_and_the_response_coming_back() {
     req.headers_mut().insert("x-add", v("first"));
     req.extensions_mut().insert(Arc::new(rules));
     let resp = headers_layer
+        .clone()
         .layer(upstream)
         .oneshot(req)
         .await
@@ -1146,6 +1148,33 @@ async fn headers_change_the_request_going_up_and_the_response_coming_back() {
     let added: Vec<_> = hs.get_all("x-seen-x-add").iter().collect();
     assert_eq!(added, ["first", "added"]);
     assert!(!hs.contains_key("server"));
+    assert_eq!(hs["x-answered-by"], "lumen");
+    // A backend's own changes apply first, the route's after (so a route's set wins), both
+    // ways, as Envoy's router applies a weighted cluster's and its route's.
+    let backend = HeaderRules {
+        request: HeaderOps {
+            remove: vec![],
+            set: vec![(h("x-set"), v("backend")), (h("x-backend"), v("v1"))],
+            add: vec![],
+        },
+        response: HeaderOps {
+            remove: vec![],
+            set: vec![(h("x-answered-by"), v("backend"))],
+            add: vec![],
+        },
+    };
+    let mut req = get("echo", "/");
+    req.extensions_mut().insert(Arc::new(rules_again()));
+    req.extensions_mut()
+        .insert(headers::BackendHeaders(Arc::new(backend)));
+    let resp = headers_layer
+        .layer(upstream)
+        .oneshot(req)
+        .await
+        .expect("answered");
+    let hs = resp.headers();
+    assert_eq!(hs["x-seen-x-set"], "set-overwrites");
+    assert_eq!(hs["x-seen-x-backend"], "v1");
     assert_eq!(hs["x-answered-by"], "lumen");
 }
 
