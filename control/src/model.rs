@@ -347,15 +347,72 @@ pub struct DestinationRuleSpec {
     pub host: String,
     #[serde(default)]
     pub subsets: Vec<Subset>,
-    /// `trafficPolicy.loadBalancer`, for every subset and port.
+    /// `trafficPolicy`: for every subset and port, unless they have their own.
     #[serde(skip)]
+    pub traffic_policy: Option<TrafficPolicy>,
+}
+
+impl DestinationRuleSpec {
+    /// The settings for one subset's cluster (`""`: the whole service's) on one port, merged
+    /// as Istio merges them: the rule's, or its port-level ones for the port (which replace
+    /// them whole); then each setting the subset's policy has (its port-level ones for the
+    /// port replacing every setting, given or not).
+    pub fn policy_for(&self, subset: &str, port: u16) -> Policy {
+        let (mut merged, _) = self
+            .traffic_policy
+            .as_ref()
+            .map(|p| p.for_port(port))
+            .unwrap_or_default();
+        let Some(own) = self
+            .subsets
+            .iter()
+            .find(|s| s.name == subset)
+            .and_then(|s| s.traffic_policy.as_ref())
+        else {
+            return merged;
+        };
+        let (own, whole) = own.for_port(port);
+        if own.load_balancer.is_some() || whole {
+            merged.load_balancer = own.load_balancer;
+        }
+        if own.connection_pool.is_some() || whole {
+            merged.connection_pool = own.connection_pool;
+        }
+        if own.outlier_detection.is_some() || whole {
+            merged.outlier_detection = own.outlier_detection;
+        }
+        merged
+    }
+}
+
+/// A traffic policy's settings (Istio's `TrafficPolicy` without its port-level list, or one
+/// entry of that list).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
     pub load_balancer: Option<LoadBalancer>,
-    /// `trafficPolicy.connectionPool`: the service's circuit breakers.
-    #[serde(skip)]
+    /// `connectionPool`: circuit breakers.
     pub connection_pool: Option<ConnectionPool>,
-    /// `trafficPolicy.outlierDetection`: ejection of endpoints that keep failing.
-    #[serde(skip)]
+    /// `outlierDetection`: ejection of endpoints that keep failing.
     pub outlier_detection: Option<OutlierDetection>,
+}
+
+/// A traffic policy: its settings, and the settings of the ports that have their own
+/// (`portLevelSettings`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrafficPolicy {
+    pub settings: Policy,
+    pub ports: Vec<(u16, Policy)>,
+}
+
+impl TrafficPolicy {
+    /// The settings on `port`: the port's own, which replace the policy's whole (Istio's
+    /// rule: nothing is inherited), and whether the port had its own.
+    pub fn for_port(&self, port: u16) -> (Policy, bool) {
+        match self.ports.iter().find(|(p, _)| *p == port) {
+            Some((_, own)) => (own.clone(), true),
+            None => (self.settings.clone(), false),
+        }
+    }
 }
 
 /// Circuit-breaker thresholds (each unset one is unbounded, as Istio writes them).
@@ -424,6 +481,9 @@ pub struct Subset {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The subset's own policy, merged over the rule's ([`DestinationRuleSpec::policy_for`]).
+    #[serde(skip)]
+    pub traffic_policy: Option<TrafficPolicy>,
 }
 
 /// Why a configuration could not be read. Every variant names the source and the object.

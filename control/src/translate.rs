@@ -161,17 +161,18 @@ pub fn outbound(model: &Model) -> Outbound {
     for (s, svc) in model.services.iter().enumerate() {
         let fqdn = svc.fqdn();
         let subsets = subsets_of(model, svc);
-        let lb = load_balancer_for(model, &fqdn);
         let dr = destination_rule_for(model, &fqdn);
         for port in &svc.ports {
             for (subset, labels) in
                 std::iter::once((String::new(), BTreeMap::new())).chain(subsets.clone())
             {
                 let name = cluster_name::outbound(port.port, &subset, &fqdn);
+                let policy = dr
+                    .map(|dr| dr.policy_for(&subset, port.port))
+                    .unwrap_or_default();
+                let lb = policy.load_balancer.clone().unwrap_or_default();
                 let mut cluster = eds_cluster(&name, port.http2(), &lb);
-                if let Some(dr) = dr {
-                    resilience(&mut cluster, dr);
-                }
+                resilience(&mut cluster, &policy);
                 clusters.push(cluster);
                 endpoints.push(load_assignment(&pods_of[s], svc, port.port, &labels, &name));
             }
@@ -389,11 +390,11 @@ fn destination_rule_for<'m>(model: &'m Model, fqdn: &str) -> Option<&'m Destinat
         .map(|dr| &dr.spec)
 }
 
-/// The load balancer a DestinationRule for the host (a service's FQDN) chose (round robin
-/// without one).
-fn load_balancer_for(model: &Model, fqdn: &str) -> LoadBalancer {
+/// The load balancer the DestinationRule for the host (a service's FQDN) chose for one
+/// subset's cluster (`""`: the service's) on one port (round robin without one).
+fn load_balancer_for(model: &Model, fqdn: &str, subset: &str, port: u16) -> LoadBalancer {
     destination_rule_for(model, fqdn)
-        .and_then(|dr| dr.load_balancer.clone())
+        .and_then(|dr| dr.policy_for(subset, port).load_balancer)
         .unwrap_or_default()
 }
 
@@ -401,7 +402,7 @@ fn load_balancer_for(model: &Model, fqdn: &str) -> LoadBalancer {
 /// them: thresholds not given are unbounded; the consecutive-error counts given are
 /// enforced (a zero count turns its kind off); success-rate ejection off; the panic
 /// threshold is `minHealthPercent` (0: ejections hold until every endpoint is out).
-fn resilience(c: &mut cluster::Cluster, dr: &DestinationRuleSpec) {
+fn resilience(c: &mut cluster::Cluster, dr: &crate::model::Policy) {
     let u32v = |v: u32| Some(UInt32Value { value: v });
     if let Some(pool) = &dr.connection_pool {
         let max = |v: Option<u32>| u32v(v.unwrap_or(u32::MAX));
@@ -649,7 +650,7 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> rou
         name: "default".to_string(),
         r#match: Some(prefix_match("/")),
         action: Some(route::route::Action::Route(route::RouteAction {
-            hash_policy: hash_policy(&load_balancer_for(model, &fqdn)),
+            hash_policy: hash_policy(&load_balancer_for(model, &fqdn, "", port)),
             ..route_action(route::route_action::ClusterSpecifier::Cluster(
                 cluster_name::outbound(port, "", &fqdn),
             ))
@@ -743,7 +744,10 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> rou
                 // Affinity as the first destination's DestinationRule asks (Istio's rule).
                 if let Some(first) = http.route.first() {
                     let host = Model::fqdn(&first.destination.host, &vs.meta.namespace);
-                    action.hash_policy = hash_policy(&load_balancer_for(model, &host));
+                    let subset = first.destination.subset.as_deref().unwrap_or("");
+                    let dport = first.destination.port.as_ref().map_or(port, |p| p.number);
+                    action.hash_policy =
+                        hash_policy(&load_balancer_for(model, &host, subset, dport));
                 }
                 action.request_mirror_policies = http
                     .mirrors
@@ -1310,6 +1314,52 @@ mod tests {
             lb("outbound|9080||reviews.default.svc.cluster.local"),
             Some(round_robin)
         );
+    }
+
+    #[test]
+    fn a_subset_s_and_a_port_s_own_policies_reach_their_clusters() {
+        let mut model = demo_model();
+        // This rule in place of the demo's for reviews.
+        model.destination_rules.retain(|d| d.meta.name != "reviews");
+        model
+            .add_yaml(
+                "lb.yaml",
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy: {loadBalancer: {simple: RANDOM}, connectionPool: {tcp: {maxConnections: 7}}}\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - name: v2\n    labels: {version: v2}\n    trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}\n  - name: v3\n    labels: {version: v3}\n    trafficPolicy: {portLevelSettings: [{port: {number: 9080}, loadBalancer: {simple: LEAST_REQUEST}}]}\n",
+            )
+            .expect("a DestinationRule with subset policies");
+        model.check();
+        assert!(model.rejected.is_empty(), "{:?}", model.rejected);
+        let res = translate(&model, &node());
+        let cluster = |subset: &str| {
+            let name = format!("outbound|9080|{subset}|reviews.default.svc.cluster.local");
+            res.of_type(type_url::CLUSTER)
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| cluster::Cluster::decode(r.resource.value.as_slice()).expect("cluster"))
+                .unwrap_or_else(|| panic!("no cluster {name}"))
+        };
+        use cluster::cluster::LbPolicy;
+        let max_connections = |c: &cluster::Cluster| {
+            c.circuit_breakers
+                .as_ref()
+                .and_then(|cb| cb.thresholds.first())
+                .and_then(|t| t.max_connections.as_ref())
+                .map(|v| v.value)
+        };
+        // The rule's settings: the service's cluster and a subset without its own.
+        for subset in ["", "v1"] {
+            let c = cluster(subset);
+            assert_eq!(c.lb_policy, LbPolicy::Random as i32, "{subset}");
+            assert_eq!(max_connections(&c), Some(7), "{subset}");
+        }
+        // A subset's load balancer over the rule's pool.
+        let v2 = cluster("v2");
+        assert_eq!(v2.lb_policy, LbPolicy::RingHash as i32);
+        assert_eq!(max_connections(&v2), Some(7));
+        // A subset's port-level settings replace everything for the port: no pool.
+        let v3 = cluster("v3");
+        assert_eq!(v3.lb_policy, LbPolicy::LeastRequest as i32);
+        assert_eq!(max_connections(&v3), None);
     }
 
     #[test]

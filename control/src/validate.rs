@@ -9,8 +9,8 @@ use crate::crd::istio as crd;
 use crate::model::{
     ConnectionPool, CorsPolicy, Destination, DestinationRuleSpec, DirectResponse, FaultPolicy,
     HeaderOps, HeaderRules, HttpMatchRequest, HttpRoute, HttpRouteDestination, LoadBalancer,
-    OutlierDetection, PathChange, PortSelector, Redirect, RetrySettings, Rewrite, StringMatch,
-    Subset, VirtualServiceSpec,
+    OutlierDetection, PathChange, Policy, PortSelector, Redirect, RetrySettings, Rewrite,
+    StringMatch, Subset, TrafficPolicy, VirtualServiceSpec,
 };
 
 /// What is wrong, and where (`spec.http[0].route[1].weight`).
@@ -899,49 +899,65 @@ fn outlier_detection(
     })
 }
 
-/// What a traffic policy asks of the proxies.
-#[derive(Debug, Default)]
-struct Policy {
-    load_balancer: Option<LoadBalancer>,
-    connection_pool: Option<ConnectionPool>,
-    outlier_detection: Option<OutlierDetection>,
-}
-
-/// A traffic policy (top level only: a subset's or port's own policy is refused until
-/// carried out).
-fn traffic_policy(p: &crd::TrafficPolicy, path: &str, top: bool) -> Result<Policy, FieldError> {
-    let lb = match (&p.load_balancer, top) {
-        (None, _) => None,
-        (Some(lb), true) => Some(load_balancer(lb, &format!("{path}.loadBalancer"))?),
-        (Some(_), false) => {
-            return Err(not_yet(
-                format!("{path}.loadBalancer"),
-                "a subset's own loadBalancer",
-            ));
-        }
-    };
-    let unsupported = [
-        ("connectionPool", !top && p.connection_pool.is_some()),
-        ("outlierDetection", !top && p.outlier_detection.is_some()),
-        ("portLevelSettings", !p.port_level_settings.is_empty()),
-    ];
-    if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
-        return Err(not_yet(format!("{path}.{field}"), field));
-    }
+/// A traffic policy: its settings and its port-level settings (each port once).
+fn traffic_policy(p: &crd::TrafficPolicy, path: &str) -> Result<TrafficPolicy, FieldError> {
     if let Some(tls) = &p.tls {
         // Read, not yet carried out: the mesh's traffic stays plaintext until mTLS lands.
         tracing::warn!(path, mode = ?tls.mode, "TLS settings are read but not carried out yet: traffic stays plaintext");
     }
+    let settings = policy_settings(
+        p.load_balancer.as_ref(),
+        p.connection_pool.as_ref(),
+        p.outlier_detection.as_ref(),
+        path,
+    )?;
+    let mut ports: Vec<(u16, Policy)> = Vec::new();
+    for (i, pl) in p.port_level_settings.iter().enumerate() {
+        let pp = format!("{path}.portLevelSettings[{i}]");
+        let number = u16::try_from(pl.port.number)
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                at(
+                    format!("{pp}.port.number"),
+                    format!("{} is not a port", pl.port.number),
+                )
+            })?;
+        if ports.iter().any(|(n, _)| *n == number) {
+            return Err(at(
+                format!("{pp}.port.number"),
+                format!("port {number} has settings twice"),
+            ));
+        }
+        if let Some(tls) = &pl.tls {
+            tracing::warn!(path = %pp, mode = ?tls.mode, "TLS settings are read but not carried out yet: traffic stays plaintext");
+        }
+        let settings = policy_settings(
+            pl.load_balancer.as_ref(),
+            pl.connection_pool.as_ref(),
+            pl.outlier_detection.as_ref(),
+            &pp,
+        )?;
+        ports.push((number, settings));
+    }
+    Ok(TrafficPolicy { settings, ports })
+}
+
+/// One level's settings: load balancer, connection pool, outlier detection.
+fn policy_settings(
+    lb: Option<&crd::LoadBalancerSettings>,
+    pool: Option<&crd::ConnectionPoolSettings>,
+    od: Option<&crd::OutlierDetection>,
+    path: &str,
+) -> Result<Policy, FieldError> {
     Ok(Policy {
-        load_balancer: lb,
-        connection_pool: p
-            .connection_pool
-            .as_ref()
+        load_balancer: lb
+            .map(|lb| load_balancer(lb, &format!("{path}.loadBalancer")))
+            .transpose()?,
+        connection_pool: pool
             .map(|c| connection_pool(c, &format!("{path}.connectionPool")))
             .transpose()?,
-        outlier_detection: p
-            .outlier_detection
-            .as_ref()
+        outlier_detection: od
             .map(|o| outlier_detection(o, &format!("{path}.outlierDetection")))
             .transpose()?,
     })
@@ -954,10 +970,11 @@ pub fn destination_rule(
     if spec.host.is_empty() {
         return Err(at("spec.host", "is empty"));
     }
-    let policy = match &spec.traffic_policy {
-        Some(p) => traffic_policy(p, "spec.trafficPolicy", true)?,
-        None => Policy::default(),
-    };
+    let policy = spec
+        .traffic_policy
+        .as_ref()
+        .map(|p| traffic_policy(p, "spec.trafficPolicy"))
+        .transpose()?;
     let mut names = BTreeSet::new();
     let mut subsets = Vec::new();
     for (i, s) in spec.subsets.iter().enumerate() {
@@ -971,20 +988,20 @@ pub fn destination_rule(
                 format!("subset {:?} is defined twice", s.name),
             ));
         }
-        if let Some(p) = &s.traffic_policy {
-            traffic_policy(p, &format!("{path}.trafficPolicy"), false)?;
-        }
         subsets.push(Subset {
             name: s.name.clone(),
             labels: s.labels.clone(),
+            traffic_policy: s
+                .traffic_policy
+                .as_ref()
+                .map(|p| traffic_policy(p, &format!("{path}.trafficPolicy")))
+                .transpose()?,
         });
     }
     Ok(DestinationRuleSpec {
         host: spec.host.clone(),
         subsets,
-        load_balancer: policy.load_balancer,
-        connection_pool: policy.connection_pool,
-        outlier_detection: policy.outlier_detection,
+        traffic_policy: policy,
     })
 }
 
@@ -1006,7 +1023,7 @@ mod tests {
         let ok = dr("host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: user, ttl: 30s, path: /}}}}")
             .expect("a cookie");
         assert_eq!(
-            ok.load_balancer,
+            ok.policy_for("", 80).load_balancer,
             Some(LoadBalancer::ConsistentHash(ConsistentHash {
                 key: HashKey::Cookie {
                     name: "user".into(),
@@ -1021,7 +1038,7 @@ mod tests {
         let ok = dr("host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {useSourceIp: true, maglev: {}}}}")
             .expect("source IP on Maglev");
         assert!(matches!(
-            ok.load_balancer,
+            ok.policy_for("", 80).load_balancer,
             Some(LoadBalancer::ConsistentHash(ConsistentHash {
                 key: HashKey::SourceIp,
                 table: HashTable::Maglev {
@@ -1031,7 +1048,10 @@ mod tests {
         ));
         let ok =
             dr("host: r\ntrafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}").expect("P2C");
-        assert_eq!(ok.load_balancer, Some(LoadBalancer::LeastRequest));
+        assert_eq!(
+            ok.policy_for("", 80).load_balancer,
+            Some(LoadBalancer::LeastRequest)
+        );
         for (yaml, path, words) in [
             (
                 "host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {}}}",
@@ -1089,15 +1109,78 @@ mod tests {
                 "",
             ),
             (
-                "host: r\nsubsets: [{name: v1, trafficPolicy: {outlierDetection: {}}}]",
-                "spec.subsets[0].trafficPolicy.outlierDetection",
+                "host: r\nsubsets: [{name: v1, trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}}]",
+                "spec.subsets[0].trafficPolicy.loadBalancer.simple",
                 "not supported by lumen yet",
+            ),
+            (
+                "host: r\ntrafficPolicy: {portLevelSettings: [{port: {number: 80}}, {port: {number: 80}}]}",
+                "spec.trafficPolicy.portLevelSettings[1].port.number",
+                "twice",
             ),
         ] {
             let e = dr(yaml).expect_err(yaml);
             assert_eq!(e.path, path, "{yaml}: {e}");
             assert!(e.message.contains(words), "{yaml}: {e}");
         }
+    }
+
+    #[test]
+    fn subset_and_port_policies_merge_as_istio_merges_them() {
+        let rule = dr("host: r
+trafficPolicy:
+  loadBalancer: {simple: RANDOM}
+  connectionPool: {tcp: {maxConnections: 10}}
+  portLevelSettings:
+  - port: {number: 8080}
+    loadBalancer: {simple: LEAST_REQUEST}
+subsets:
+- name: v1
+  labels: {version: v1}
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 2}
+- name: v2
+  labels: {version: v2}
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    portLevelSettings:
+    - port: {number: 9090}
+      connectionPool: {tcp: {maxConnections: 1}}
+- name: v3
+  labels: {version: v3}
+")
+        .expect("a rule with subset and port policies");
+        let pool = |n| {
+            Some(ConnectionPool {
+                max_connections: Some(n),
+                ..ConnectionPool::default()
+            })
+        };
+        // The rule's settings, on a port without its own.
+        let top = rule.policy_for("", 80);
+        assert_eq!(top.load_balancer, Some(LoadBalancer::Random));
+        assert_eq!(top.connection_pool, pool(10));
+        // A port's own settings replace the rule's whole: no pool inherited.
+        let port = rule.policy_for("", 8080);
+        assert_eq!(port.load_balancer, Some(LoadBalancer::LeastRequest));
+        assert_eq!(port.connection_pool, None);
+        // A subset without a policy: the rule's (for the port).
+        assert_eq!(rule.policy_for("v3", 8080), port);
+        // A subset's setting is added over the rule's.
+        let v1 = rule.policy_for("v1", 80);
+        assert_eq!(v1.load_balancer, Some(LoadBalancer::Random));
+        assert_eq!(v1.connection_pool, pool(10));
+        assert_eq!(
+            v1.outlier_detection.map(|o| o.consecutive_5xx_errors),
+            Some(Some(2))
+        );
+        // A subset's own port settings replace every setting for that port.
+        let v2 = rule.policy_for("v2", 80);
+        assert_eq!(v2.load_balancer, Some(LoadBalancer::RoundRobin));
+        assert_eq!(v2.connection_pool, pool(10));
+        let v2_9090 = rule.policy_for("v2", 9090);
+        assert_eq!(v2_9090.load_balancer, None);
+        assert_eq!(v2_9090.connection_pool, pool(1));
     }
 
     #[test]
