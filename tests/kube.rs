@@ -1,7 +1,8 @@
 //! `lumen control --kube` against a Kubernetes API emulator (PyPI kmock, with the fixes in
 //! tests/python/kube_api.py), driven by the real `kubectl`: applying a VirtualService changes
 //! where a running sidecar sends requests, deleting it reverts, and an invalid edit is refused
-//! with a status condition on the resource while the version before it stays in force.
+//! with a status condition on the resource while the version before it stays in force; an
+//! EndpointSlice decides a Service's endpoints (ready ones only).
 
 mod common;
 
@@ -343,6 +344,25 @@ async fn kubectl_apply_and_delete_change_routing_and_invalid_edits_change_nothin
     assert!(out.contains("deleted"), "{out}");
     let took = until_routed(outbound, None, "after kubectl delete").await;
     eprintln!("kubectl delete to routing reverted in the sidecar: {took:?}");
+
+    // An EndpointSlice for reviews with v2 not ready: the endpoints come from it, ready ones
+    // only; v2 ready again brings it back.
+    let out = api.apply("reviews-slice.yaml");
+    assert!(
+        out.contains("endpointslice.discovery.k8s.io/reviews-abc12 created"),
+        "{out}"
+    );
+    until_routed(outbound, Some("reviews-v1"), "with reviews-v2 not ready").await;
+    let out = api.kubectl(&[
+        "patch",
+        "endpointslice",
+        "reviews-abc12",
+        "--type=json",
+        "-p",
+        r#"[{"op": "replace", "path": "/endpoints/1/conditions/ready", "value": true}]"#,
+    ]);
+    assert!(out.contains("patched"), "{out}");
+    until_routed(outbound, None, "with reviews-v2 ready again").await;
 
     stop.cancel();
     control.interrupt(Duration::from_secs(10));

@@ -90,6 +90,13 @@ pub const KINDS: &[Kind] = &[
         status: StatusStyle::None,
     },
     Kind {
+        group: "discovery.k8s.io",
+        version: "v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        status: StatusStyle::None,
+    },
+    Kind {
         group: "networking.istio.io",
         version: "v1",
         kind: "DestinationRule",

@@ -12,6 +12,9 @@ use serde::Deserialize;
 pub struct Model {
     pub services: Vec<Service>,
     pub pods: Vec<Pod>,
+    /// Services' endpoints as Kubernetes tracks them; a Service with slices takes its
+    /// endpoints from them, one without from the pods its selector picks.
+    pub endpoint_slices: Vec<EndpointSlice>,
     pub virtual_services: Vec<VirtualService>,
     pub destination_rules: Vec<DestinationRule>,
     /// Resources refused, each with why: they are not in the model, and the rest of the
@@ -133,6 +136,30 @@ pub struct Pod {
     /// False when `sidecar.istio.io/inject: "false"` says the pod has no sidecar.
     pub has_sidecar: bool,
 }
+
+/// An EndpointSlice (`discovery.k8s.io/v1`): part of a Service's endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointSlice {
+    pub meta: ObjectMeta,
+    /// The Service it belongs to (its `kubernetes.io/service-name` label).
+    pub service: String,
+    /// Port names (the Service port's name; empty for an unnamed one) and numbers.
+    pub ports: Vec<(String, u16)>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// One endpoint of a slice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SliceEndpoint {
+    pub addresses: Vec<IpAddr>,
+    /// `conditions.ready` (unset: ready, as Kubernetes says to read it).
+    pub ready: bool,
+    /// The pod behind it (`targetRef` of kind Pod), whose labels subsets select on.
+    pub pod: Option<String>,
+}
+
+/// The label naming an EndpointSlice's Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -525,6 +552,46 @@ struct RawObject {
     spec: serde_yaml::Value,
     #[serde(default)]
     status: serde_yaml::Value,
+    // An EndpointSlice's fields, which it has at the top level rather than in a spec.
+    #[serde(default)]
+    address_type: Option<String>,
+    #[serde(default)]
+    endpoints: serde_yaml::Value,
+    #[serde(default)]
+    ports: serde_yaml::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawSliceEndpoint {
+    #[serde(default)]
+    addresses: Vec<String>,
+    #[serde(default)]
+    conditions: RawSliceConditions,
+    #[serde(default)]
+    target_ref: Option<RawTargetRef>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawSliceConditions {
+    #[serde(default)]
+    ready: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct RawTargetRef {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RawSlicePort {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
 }
 
 #[derive(Deserialize, Default)]
@@ -731,6 +798,55 @@ impl Model {
                     has_sidecar,
                 });
             }
+            ("discovery.k8s.io", "EndpointSlice") => {
+                let Some(service) = raw.metadata.labels.get(SERVICE_NAME_LABEL).cloned() else {
+                    return Err(invalid(format!(
+                        "metadata.labels: no {SERVICE_NAME_LABEL} label names its Service"
+                    )));
+                };
+                match raw.address_type.as_deref() {
+                    Some("IPv4" | "IPv6") => {}
+                    other => {
+                        return Err(invalid(format!(
+                            "addressType {other:?} is not supported (IPv4 and IPv6 are)"
+                        )));
+                    }
+                }
+                let ports: Vec<RawSlicePort> =
+                    spec_of(&raw.ports).map_err(|e| invalid(format!("ports: {e}")))?;
+                let raw_endpoints: Vec<RawSliceEndpoint> =
+                    spec_of(&raw.endpoints).map_err(|e| invalid(format!("endpoints: {e}")))?;
+                let mut endpoints = Vec::new();
+                for (i, e) in raw_endpoints.into_iter().enumerate() {
+                    let addresses = e
+                        .addresses
+                        .iter()
+                        .enumerate()
+                        .map(|(j, a)| {
+                            a.parse::<IpAddr>().map_err(|err| {
+                                invalid(format!("endpoints[{i}].addresses[{j}] {a:?}: {err}"))
+                            })
+                        })
+                        .collect::<Result<_, _>>()?;
+                    endpoints.push(SliceEndpoint {
+                        addresses,
+                        ready: e.conditions.ready.unwrap_or(true),
+                        pod: e
+                            .target_ref
+                            .filter(|t| t.kind.as_deref() == Some("Pod"))
+                            .and_then(|t| t.name),
+                    });
+                }
+                self.endpoint_slices.push(EndpointSlice {
+                    meta: raw.metadata.clone(),
+                    service,
+                    ports: ports
+                        .into_iter()
+                        .filter_map(|p| Some((p.name.unwrap_or_default(), p.port?)))
+                        .collect(),
+                    endpoints,
+                });
+            }
             ("networking.istio.io", "VirtualService") => {
                 let Document::VirtualService(vs) = doc else {
                     return Err(invalid("not read as a VirtualService".to_string()));
@@ -926,12 +1042,20 @@ impl Model {
     /// Moves pods whose IPv4 address is in `from` (first three octets) to `to`, keeping the
     /// last octet: runs the same mesh on another loopback /24 (tests, a second demo).
     pub fn move_pods(&mut self, from: [u8; 3], to: [u8; 3]) {
-        for pod in &mut self.pods {
-            if let IpAddr::V4(v4) = pod.ip {
+        let moved = |ip: &mut IpAddr| {
+            if let IpAddr::V4(v4) = *ip {
                 let o = v4.octets();
                 if o[..3] == from {
-                    pod.ip = IpAddr::V4(std::net::Ipv4Addr::new(to[0], to[1], to[2], o[3]));
+                    *ip = IpAddr::V4(std::net::Ipv4Addr::new(to[0], to[1], to[2], o[3]));
                 }
+            }
+        };
+        for pod in &mut self.pods {
+            moved(&mut pod.ip);
+        }
+        for slice in &mut self.endpoint_slices {
+            for e in &mut slice.endpoints {
+                e.addresses.iter_mut().for_each(moved);
             }
         }
     }

@@ -156,8 +156,8 @@ pub fn outbound(model: &Model) -> Outbound {
     let mut http_ports: BTreeSet<u16> = BTreeSet::new();
     // TCP ports: listener name → (address, cluster), the first service to claim a name kept.
     let mut tcp_listeners: BTreeMap<String, (String, u16, String)> = BTreeMap::new();
-    // Pods by the labels services select on, once, instead of every pod for every service.
-    let pods_of = pods_by_service(model);
+    // Each service's endpoints, found once, instead of every pod for every service.
+    let endpoints_of = endpoints_by_service(model);
     for (s, svc) in model.services.iter().enumerate() {
         let fqdn = svc.fqdn();
         let subsets = subsets_of(model, svc);
@@ -174,7 +174,13 @@ pub fn outbound(model: &Model) -> Outbound {
                 let mut cluster = eds_cluster(&name, port.http2(), &lb);
                 resilience(&mut cluster, &policy);
                 clusters.push(cluster);
-                endpoints.push(load_assignment(&pods_of[s], svc, port.port, &labels, &name));
+                endpoints.push(load_assignment(
+                    &endpoints_of[s],
+                    svc,
+                    port.port,
+                    &labels,
+                    &name,
+                ));
             }
             if port.tcp() {
                 // Opaque TCP: a captured connection to the service's cluster IP (or, without
@@ -217,12 +223,23 @@ pub fn outbound(model: &Model) -> Outbound {
     }
 }
 
-/// For each service (in model order), the pods it selects.
-fn pods_by_service(model: &Model) -> Vec<Vec<&Pod>> {
+/// Where a service's endpoints come from.
+enum Endpoints<'m> {
+    /// The pods its selector picks (a config directory without EndpointSlices).
+    Pods(Vec<&'m Pod>),
+    /// Its EndpointSlices, each endpoint with the pod behind it when the model has it.
+    Slices(Vec<(&'m crate::model::EndpointSlice, Vec<Option<&'m Pod>>)>),
+}
+
+/// For each service (in model order), its endpoints: from its EndpointSlices when it has
+/// some, else the pods its selector picks.
+fn endpoints_by_service(model: &Model) -> Vec<Endpoints<'_>> {
     // Index pods by each label pair; a service's pods are those of its rarest pair that
     // match all of its selector.
     let mut by_label: HashMap<(&str, &str), Vec<&Pod>> = HashMap::new();
+    let mut by_name: HashMap<(&str, &str), &Pod> = HashMap::new();
     for pod in &model.pods {
+        by_name.insert((pod.meta.namespace.as_str(), pod.meta.name.as_str()), pod);
         for (k, v) in &pod.meta.labels {
             by_label
                 .entry((k.as_str(), v.as_str()))
@@ -230,10 +247,35 @@ fn pods_by_service(model: &Model) -> Vec<Vec<&Pod>> {
                 .push(pod);
         }
     }
+    let mut slices: HashMap<(&str, &str), Vec<&crate::model::EndpointSlice>> = HashMap::new();
+    for slice in &model.endpoint_slices {
+        slices
+            .entry((slice.meta.namespace.as_str(), slice.service.as_str()))
+            .or_default()
+            .push(slice);
+    }
     model
         .services
         .iter()
         .map(|svc| {
+            if let Some(own) = slices.get(&(svc.meta.namespace.as_str(), svc.meta.name.as_str())) {
+                return Endpoints::Slices(
+                    own.iter()
+                        .map(|slice| {
+                            let pods = slice
+                                .endpoints
+                                .iter()
+                                .map(|e| {
+                                    e.pod.as_deref().and_then(|name| {
+                                        by_name.get(&(slice.meta.namespace.as_str(), name)).copied()
+                                    })
+                                })
+                                .collect();
+                            (*slice, pods)
+                        })
+                        .collect(),
+                );
+            }
             let rarest = svc
                 .selector
                 .iter()
@@ -243,11 +285,11 @@ fn pods_by_service(model: &Model) -> Vec<Vec<&Pod>> {
                 .selector
                 .iter()
                 .any(|(k, v)| !by_label.contains_key(&(k.as_str(), v.as_str())));
-            match rarest {
+            Endpoints::Pods(match rarest {
                 _ if svc.selector.is_empty() || some_pair_missing => Vec::new(),
                 None => Vec::new(),
                 Some(pods) => pods.iter().copied().filter(|p| svc.selects(p)).collect(),
-            }
+            })
         })
         .collect()
 }
@@ -542,15 +584,30 @@ fn string_value(s: &str) -> Value {
     }
 }
 
-fn lb_endpoint(pod: &Pod, port: u16) -> endpoint::LbEndpoint {
-    let label = |name: &str| pod.meta.labels.get(name).cloned().unwrap_or_default();
-    let workload = endpoint_meta::Workload {
-        workload: Model::workload_name(pod),
-        namespace: pod.meta.namespace.clone(),
-        app: label("app"),
-        version: label("version"),
-        service_account: pod.service_account.clone(),
-        inbound_port: pod.has_sidecar.then_some(ports::PROXY_INBOUND),
+/// An endpoint at `ip:port`, described by the pod behind it (without one: a workload
+/// without a sidecar in `namespace`, known by its address only).
+fn lb_endpoint(
+    ip: std::net::IpAddr,
+    port: u16,
+    pod: Option<&Pod>,
+    namespace: &str,
+) -> endpoint::LbEndpoint {
+    let workload = match pod {
+        Some(pod) => {
+            let label = |name: &str| pod.meta.labels.get(name).cloned().unwrap_or_default();
+            endpoint_meta::Workload {
+                workload: Model::workload_name(pod),
+                namespace: pod.meta.namespace.clone(),
+                app: label("app"),
+                version: label("version"),
+                service_account: pod.service_account.clone(),
+                inbound_port: pod.has_sidecar.then_some(ports::PROXY_INBOUND),
+            }
+        }
+        None => endpoint_meta::Workload {
+            namespace: namespace.to_string(),
+            ..Default::default()
+        },
     };
     let fields = [(
         endpoint_meta::FIELD.to_string(),
@@ -566,7 +623,7 @@ fn lb_endpoint(pod: &Pod, port: u16) -> endpoint::LbEndpoint {
     endpoint::LbEndpoint {
         host_identifier: Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(
             endpoint::Endpoint {
-                address: Some(socket_address(&pod.ip.to_string(), port)),
+                address: Some(socket_address(&ip.to_string(), port)),
                 ..Default::default()
             },
         )),
@@ -580,7 +637,7 @@ fn lb_endpoint(pod: &Pod, port: u16) -> endpoint::LbEndpoint {
 }
 
 fn load_assignment(
-    pods: &[&Pod],
+    endpoints: &Endpoints<'_>,
     svc: &Service,
     port: u16,
     subset_labels: &BTreeMap<String, String>,
@@ -592,11 +649,40 @@ fn load_assignment(
             ..Default::default()
         };
     };
-    let lb_endpoints = pods
-        .iter()
-        .filter(|pod| labels_match(subset_labels, &pod.meta.labels))
-        .filter_map(|pod| pod.target_port(svc_port).map(|p| lb_endpoint(pod, p)))
-        .collect();
+    let no_labels = BTreeMap::new();
+    let lb_endpoints = match endpoints {
+        Endpoints::Pods(pods) => pods
+            .iter()
+            .filter(|pod| labels_match(subset_labels, &pod.meta.labels))
+            .filter_map(|pod| {
+                pod.target_port(svc_port)
+                    .map(|p| lb_endpoint(pod.ip, p, Some(pod), &pod.meta.namespace))
+            })
+            .collect(),
+        Endpoints::Slices(slices) => {
+            // Ready endpoints, on the slice's port of the service port's name; an address
+            // two slices list (as while Kubernetes moves it) once.
+            let mut seen = BTreeSet::new();
+            let mut out = Vec::new();
+            for (slice, pods) in slices {
+                let Some(&(_, port)) = slice.ports.iter().find(|(n, _)| *n == svc_port.name) else {
+                    continue;
+                };
+                for (e, pod) in slice.endpoints.iter().zip(pods) {
+                    let labels = pod.map_or(&no_labels, |p| &p.meta.labels);
+                    if !e.ready || !labels_match(subset_labels, labels) {
+                        continue;
+                    }
+                    for ip in &e.addresses {
+                        if seen.insert((*ip, port)) {
+                            out.push(lb_endpoint(*ip, port, *pod, &slice.meta.namespace));
+                        }
+                    }
+                }
+            }
+            out
+        }
+    };
     endpoint::ClusterLoadAssignment {
         cluster_name: name.to_string(),
         endpoints: vec![endpoint::LocalityLbEndpoints {
@@ -1558,6 +1644,71 @@ mod tests {
         assert_eq!(
             endpoint_meta::Workload::unpack(packed).workload,
             "reviews-v2"
+        );
+    }
+
+    #[test]
+    fn endpoint_slices_give_a_service_s_ready_endpoints_on_their_own_port() {
+        let mut model = demo_model();
+        // reviews' slices: v1 ready, v2 not, v3 at another address, one endpoint without a
+        // pod, and an address two slices share; the pods' selector no longer decides.
+        model
+            .add_yaml(
+                "slices.yaml",
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: reviews-1, namespace: default, labels: {kubernetes.io/service-name: reviews}}\naddressType: IPv4\nports: [{name: http, port: 9090}]\nendpoints:\n- {addresses: [10.1.0.1], conditions: {ready: true}, targetRef: {kind: Pod, name: reviews-v1}}\n- {addresses: [10.1.0.2], conditions: {ready: false}, targetRef: {kind: Pod, name: reviews-v2}}\n- {addresses: [10.1.0.3], targetRef: {kind: Pod, name: reviews-v3}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: reviews-2, namespace: default, labels: {kubernetes.io/service-name: reviews}}\naddressType: IPv4\nports: [{name: http, port: 9090}]\nendpoints:\n- {addresses: [10.1.0.3]}\n- {addresses: [10.1.0.9]}\n",
+            )
+            .expect("slices");
+        model.check();
+        assert!(model.rejected.is_empty(), "{:?}", model.rejected);
+        let res = translate(&model, &node());
+        let addresses = |cluster: &str| -> Vec<String> {
+            let r = res
+                .of_type(type_url::ENDPOINT)
+                .into_iter()
+                .find(|r| r.name == cluster)
+                .unwrap_or_else(|| panic!("{cluster}"));
+            let cla = endpoint::ClusterLoadAssignment::decode(r.resource.value.as_slice())
+                .expect("decodes");
+            cla.endpoints[0]
+                .lb_endpoints
+                .iter()
+                .filter_map(|e| match &e.host_identifier {
+                    Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) => {
+                        match ep.address.as_ref()?.address.as_ref()? {
+                            core::address::Address::SocketAddress(sa) => {
+                                Some(format!("{}:{:?}", sa.address, sa.port_specifier))
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let at = |ip: &str| format!("{ip}:Some(PortValue(9090))");
+        assert_eq!(
+            addresses("outbound|9080||reviews.default.svc.cluster.local"),
+            [at("10.1.0.1"), at("10.1.0.3"), at("10.1.0.9")]
+        );
+        // Subsets select on the labels of the pod behind each endpoint.
+        assert_eq!(
+            addresses("outbound|9080|v1|reviews.default.svc.cluster.local"),
+            [at("10.1.0.1")]
+        );
+        assert!(addresses("outbound|9080|v2|reviews.default.svc.cluster.local").is_empty());
+        // A slice without its Service label is refused by name.
+        let mut bad = Model::default();
+        bad.add_yaml(
+            "bad.yaml",
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: orphan}\naddressType: FQDN\nendpoints: []\n",
+        )
+        .expect("read");
+        assert!(
+            bad.rejected[0]
+                .reason
+                .contains("kubernetes.io/service-name"),
+            "{:?}",
+            bad.rejected
         );
     }
 

@@ -18,6 +18,7 @@ from kmock._internal import enums, rendering
 RESOURCES = {
     "v1/services": ("Service", "service"),
     "v1/pods": ("Pod", "pod"),
+    "discovery.k8s.io/v1/endpointslices": ("EndpointSlice", "endpointslice"),
     "networking.istio.io/v1/virtualservices": ("VirtualService", "virtualservice"),
     "networking.istio.io/v1/destinationrules": ("DestinationRule", "destinationrule"),
     "gateway.networking.k8s.io/v1/httproutes": ("HTTPRoute", "httproute"),
