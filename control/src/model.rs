@@ -465,7 +465,10 @@ pub struct OutlierDetection {
 /// How the proxies pick an endpoint of the service.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum LoadBalancer {
+    /// None chosen (`simple` unset or UNSPECIFIED): Lumen's default, peak EWMA in
+    /// lumen-proxy, least request (Istio's default) in any other client.
     #[default]
+    MeshDefault,
     RoundRobin,
     Random,
     /// The less loaded of two endpoints drawn at random (Envoy's LEAST_REQUEST).

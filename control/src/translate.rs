@@ -514,11 +514,46 @@ fn hash_policy(lb: &LoadBalancer) -> Vec<route::route_action::HashPolicy> {
     }]
 }
 
+/// Lumen's default balancer as a cluster's `load_balancing_policy`: peak EWMA first, which
+/// lumen-proxy carries out, then least request (Istio's default), where Envoy, which stops
+/// at the first policy it supports, lands.
+fn mesh_default_balancer() -> cluster::LoadBalancingPolicy {
+    use lumen_api::pb::envoy::config::core::v3::TypedExtensionConfig;
+    use lumen_api::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+    let ewma = lumen_api::peak_ewma::Settings::default().to_typed_struct();
+    let policy = |name: &str, typed_config: Any| cluster::load_balancing_policy::Policy {
+        typed_extension_config: Some(TypedExtensionConfig {
+            name: name.to_string(),
+            typed_config: Some(typed_config),
+        }),
+    };
+    cluster::LoadBalancingPolicy {
+        policies: vec![
+            policy(
+                lumen_api::peak_ewma::NAME,
+                Any {
+                    type_url: lumen_api::peak_ewma::TYPED_STRUCT_URL.to_string(),
+                    value: prost::Message::encode_to_vec(&ewma),
+                },
+            ),
+            policy(
+                "envoy.load_balancing_policies.least_request",
+                pack_any(LeastRequest {
+                    choice_count: Some(UInt32Value { value: 2 }),
+                    ..Default::default()
+                }),
+            ),
+        ],
+    }
+}
+
 fn eds_cluster(name: &str, http2: bool, lb: &LoadBalancer) -> cluster::Cluster {
     use cluster::cluster::{
         LbConfig, LbPolicy, LeastRequestLbConfig, MaglevLbConfig, RingHashLbConfig,
     };
     let (lb_policy, lb_config) = match lb {
+        // Set in `load_balancing_policy` below, which Envoy reads in place of `lb_policy`.
+        LoadBalancer::MeshDefault => (LbPolicy::RoundRobin, None),
         LoadBalancer::RoundRobin => (LbPolicy::RoundRobin, None),
         LoadBalancer::Random => (LbPolicy::Random, None),
         LoadBalancer::LeastRequest => (
@@ -548,6 +583,7 @@ fn eds_cluster(name: &str, http2: bool, lb: &LoadBalancer) -> cluster::Cluster {
     };
     cluster::Cluster {
         name: name.to_string(),
+        load_balancing_policy: matches!(lb, LoadBalancer::MeshDefault).then(mesh_default_balancer),
         typed_extension_protocol_options: http2_options(http2),
         connect_timeout: Some(Duration {
             seconds: 10,
@@ -1391,15 +1427,38 @@ mod tests {
                 })
         };
         let random = cluster::cluster::LbPolicy::Random as i32;
-        let round_robin = cluster::cluster::LbPolicy::RoundRobin as i32;
         assert_eq!(
             lb("outbound|9080||ratings.default.svc.cluster.local"),
             Some(random)
         );
+        // Without one: Lumen's default, peak EWMA for lumen-proxy, least request after it
+        // for clients that do not know it.
+        let policies = |name: &str| -> Vec<String> {
+            res.of_type(type_url::CLUSTER)
+                .iter()
+                .find(|r| r.name == name)
+                .and_then(|r| {
+                    cluster::Cluster::decode(r.resource.value.as_slice())
+                        .expect("cluster")
+                        .load_balancing_policy
+                })
+                .map(|p| {
+                    p.policies
+                        .iter()
+                        .filter_map(|p| p.typed_extension_config.as_ref())
+                        .map(|t| t.name.clone())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         assert_eq!(
-            lb("outbound|9080||reviews.default.svc.cluster.local"),
-            Some(round_robin)
+            policies("outbound|9080||reviews.default.svc.cluster.local"),
+            [
+                lumen_api::peak_ewma::NAME,
+                "envoy.load_balancing_policies.least_request"
+            ]
         );
+        assert!(policies("outbound|9080||ratings.default.svc.cluster.local").is_empty());
     }
 
     #[test]

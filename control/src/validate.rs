@@ -764,9 +764,8 @@ fn load_balancer(lb: &crd::LoadBalancerSettings, path: &str) -> Result<LoadBalan
         ));
     }
     match lb.simple {
-        None | Some(crd::SimpleLb::Unspecified | crd::SimpleLb::RoundRobin) => {
-            Ok(LoadBalancer::RoundRobin)
-        }
+        None | Some(crd::SimpleLb::Unspecified) => Ok(LoadBalancer::MeshDefault),
+        Some(crd::SimpleLb::RoundRobin) => Ok(LoadBalancer::RoundRobin),
         Some(crd::SimpleLb::Random) => Ok(LoadBalancer::Random),
         Some(crd::SimpleLb::LeastRequest) => Ok(LoadBalancer::LeastRequest),
         Some(other) => Err(not_yet(format!("{path}.simple"), &format!("{other:?}"))),

@@ -1,6 +1,8 @@
 //! How a cluster picks one of its endpoints (Envoy's `lb_policy`, DestinationRule's
 //! `loadBalancer`): round robin, random, least request (the less loaded of two drawn at
-//! random, loaded meaning requests waiting for their response), and the consistent hashes
+//! random, loaded meaning requests waiting for their response), peak EWMA (the cheaper of
+//! two drawn at random, the cost being the endpoint's latency estimate times its requests in
+//! flight plus one: Linkerd's balancer, Lumen's default), and the consistent hashes
 //! that give session affinity, a ring (RING_HASH) or Maglev's table (MAGLEV), looked up with
 //! a hash of the request (the route's hash policy: a header, a cookie, the source IP or a
 //! query parameter; see `stack/route.rs`). The tables are built, as Envoy builds them, from
@@ -33,6 +35,26 @@ pub enum LbPolicy {
     Maglev {
         table_size: u64,
     },
+    /// Power of two choices on a latency estimate that jumps up to a slower response at once
+    /// and decays towards faster ones (and towards zero while idle) over `decay`, times the
+    /// requests in flight plus one; an endpoint not yet measured is taken at `default_rtt`.
+    PeakEwma {
+        decay: Duration,
+        default_rtt: Duration,
+    },
+}
+
+impl LbPolicy {
+    /// Peak EWMA with Linkerd's defaults: a 10 s decay, 30 ms for an endpoint not measured.
+    pub const PEAK_EWMA: LbPolicy = LbPolicy::PeakEwma {
+        decay: Duration::from_secs(10),
+        default_rtt: Duration::from_millis(30),
+    };
+
+    /// Whether the policy reads requests in flight (the balance layer counts them only then).
+    pub fn counts_in_flight(self) -> bool {
+        matches!(self, LbPolicy::LeastRequest | LbPolicy::PeakEwma { .. })
+    }
 }
 
 impl LbPolicy {
@@ -82,12 +104,43 @@ struct Health {
     ejections: AtomicU32,
 }
 
+/// An endpoint's latency estimate (peak EWMA), in nanoseconds, as of `at`.
+#[derive(Debug, Clone, Copy)]
+struct Estimate {
+    rtt_ns: f64,
+    at: Instant,
+}
+
+impl Estimate {
+    /// The estimate decayed to `now` (towards zero: an idle endpoint is tried again).
+    fn decayed(&self, now: Instant, decay: Duration) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_nanos() as f64;
+        self.rtt_ns * (-elapsed / decay.as_nanos().max(1) as f64).exp()
+    }
+
+    /// Takes in one measured latency: a slower one at once (the peak), a faster one blended
+    /// in by how long it has been since the last.
+    fn observe(&mut self, rtt: Duration, now: Instant, decay: Duration) {
+        let rtt = rtt.as_nanos() as f64;
+        if rtt > self.rtt_ns {
+            self.rtt_ns = rtt;
+        } else {
+            let elapsed = now.saturating_duration_since(self.at).as_nanos() as f64;
+            let w = (-elapsed / decay.as_nanos().max(1) as f64).exp();
+            self.rtt_ns = self.rtt_ns * w + rtt * (1.0 - w);
+        }
+        self.at = now;
+    }
+}
+
 /// The state a cluster's policy keeps over its endpoints.
 #[derive(Debug, Default)]
 pub struct Balancer {
     cursor: AtomicUsize,
     /// Requests sent to each endpoint whose response has not come yet.
     active: Box<[AtomicU32]>,
+    /// Peak EWMA's latency estimates, one per endpoint (empty for other policies).
+    estimates: Box<[std::sync::Mutex<Estimate>]>,
     table: Table,
     outlier: Option<OutlierPolicy>,
     health: Box<[Health]>,
@@ -128,9 +181,25 @@ impl Balancer {
             }
             _ => Table::None,
         };
+        let estimates = match policy {
+            LbPolicy::PeakEwma { default_rtt, .. } => {
+                let now = Instant::now();
+                addresses
+                    .iter()
+                    .map(|_| {
+                        std::sync::Mutex::new(Estimate {
+                            rtt_ns: default_rtt.as_nanos() as f64,
+                            at: now,
+                        })
+                    })
+                    .collect()
+            }
+            _ => Box::default(),
+        };
         Balancer {
             cursor: AtomicUsize::new(0),
             active: addresses.iter().map(|_| AtomicU32::new(0)).collect(),
+            estimates,
             table,
             outlier,
             health: addresses.iter().map(|_| Health::default()).collect(),
@@ -221,11 +290,22 @@ impl Balancer {
         let index = match (policy, &self.table, request_hash) {
             (LbPolicy::RoundRobin, _, _) => self.cursor.fetch_add(1, Ordering::Relaxed),
             (LbPolicy::LeastRequest, _, _) if n > 1 && self.active.len() == n => {
-                let a = rand::random_range(0..n);
-                // A second draw among the others, so the two are distinct.
-                let b = (a + 1 + rand::random_range(0..n - 1)) % n;
+                let (a, b) = two_of(n);
                 let load = |i: usize| self.active[i].load(Ordering::Relaxed);
                 if load(b) < load(a) { b } else { a }
+            }
+            (LbPolicy::PeakEwma { decay, .. }, _, _)
+                if n > 1 && self.estimates.len() == n && self.active.len() == n =>
+            {
+                let (a, b) = two_of(n);
+                let now = Instant::now();
+                let cost = |i: usize| {
+                    let rtt = self.estimates[i]
+                        .lock()
+                        .map_or(0.0, |e| e.decayed(now, decay));
+                    rtt * f64::from(self.active[i].load(Ordering::Relaxed) + 1)
+                };
+                if cost(b) < cost(a) { b } else { a }
             }
             (_, Table::Ring(points), Some(h)) => {
                 let at = points.partition_point(|(p, _)| *p < h);
@@ -248,14 +328,25 @@ impl Balancer {
         Some(index)
     }
 
-    /// Counts a request to endpoint `index` as in flight until the guard drops.
-    pub fn start(self: &Arc<Self>, index: usize) -> Option<InFlight> {
+    /// Counts a request to endpoint `index` as in flight until the guard drops (and, under
+    /// peak EWMA, takes the time it took as a latency measure then).
+    pub fn start(self: &Arc<Self>, index: usize, policy: LbPolicy) -> Option<InFlight> {
         let slot = self.active.get(index)?;
         slot.fetch_add(1, Ordering::Relaxed);
         Some(InFlight {
             balancer: self.clone(),
             index,
+            measure: match policy {
+                LbPolicy::PeakEwma { decay, .. } => Some((Instant::now(), decay)),
+                _ => None,
+            },
         })
+    }
+
+    /// Peak EWMA's current latency estimate for endpoint `index`.
+    pub fn estimate(&self, index: usize, decay: Duration) -> Option<Duration> {
+        let e = self.estimates.get(index)?.lock().ok()?;
+        Some(Duration::from_nanos(e.decayed(Instant::now(), decay) as u64))
     }
 
     /// Requests in flight to endpoint `index`.
@@ -266,17 +357,33 @@ impl Balancer {
     }
 }
 
-/// A request in flight to one endpoint (least request's measure of load).
+/// Two distinct endpoints of `n` (> 1), drawn at random.
+fn two_of(n: usize) -> (usize, usize) {
+    let a = rand::random_range(0..n);
+    // A second draw among the others, so the two are distinct.
+    let b = (a + 1 + rand::random_range(0..n - 1)) % n;
+    (a, b)
+}
+
+/// A request in flight to one endpoint (least request's and peak EWMA's measure of load);
+/// under peak EWMA, when it started, for the latency measure its end makes.
 #[derive(Debug)]
 pub struct InFlight {
     balancer: Arc<Balancer>,
     index: usize,
+    measure: Option<(Instant, Duration)>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         if let Some(slot) = self.balancer.active.get(self.index) {
             slot.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some((started, decay)) = self.measure
+            && let Some(Ok(mut e)) = self.balancer.estimates.get(self.index).map(|m| m.lock())
+        {
+            let now = Instant::now();
+            e.observe(now.saturating_duration_since(started), now, decay);
         }
     }
 }
@@ -361,7 +468,9 @@ mod tests {
         let b = Arc::new(Balancer::new(LbPolicy::LeastRequest, &addresses(2)));
         // Endpoint 0 has five requests in flight: with two endpoints, both are always drawn,
         // so every pick is endpoint 1.
-        let held: Vec<InFlight> = (0..5).filter_map(|_| b.start(0)).collect();
+        let held: Vec<InFlight> = (0..5)
+            .filter_map(|_| b.start(0, LbPolicy::LeastRequest))
+            .collect();
         assert_eq!(b.active(0), 5);
         for _ in 0..100 {
             assert_eq!(b.pick(LbPolicy::LeastRequest, 2, None), Some(1));
@@ -373,11 +482,55 @@ mod tests {
     #[test]
     fn least_request_among_many_never_picks_the_most_loaded() {
         let b = Arc::new(Balancer::new(LbPolicy::LeastRequest, &addresses(4)));
-        let _held: Vec<InFlight> = (0..3).filter_map(|_| b.start(2)).collect();
+        let _held: Vec<InFlight> = (0..3)
+            .filter_map(|_| b.start(2, LbPolicy::LeastRequest))
+            .collect();
         // Two distinct draws: the loaded one can only win against... nobody.
         for _ in 0..500 {
             assert_ne!(b.pick(LbPolicy::LeastRequest, 4, None), Some(2));
         }
+    }
+
+    #[test]
+    fn peak_ewma_jumps_to_a_slow_answer_decays_after_and_steers_away_from_it() {
+        let decay = Duration::from_secs(10);
+        let policy = LbPolicy::PeakEwma {
+            decay,
+            default_rtt: Duration::from_millis(30),
+        };
+        // The estimate: a slower answer is taken at once, a faster one blended in by how
+        // long it has been, and an idle endpoint's decays towards zero.
+        let t0 = Instant::now();
+        let mut e = Estimate {
+            rtt_ns: 30e6,
+            at: t0,
+        };
+        e.observe(Duration::from_millis(300), t0, decay);
+        assert_eq!(e.rtt_ns, 300e6);
+        e.observe(Duration::from_millis(1), t0 + decay, decay);
+        let after = 300e6 * (-1f64).exp() + 1e6 * (1.0 - (-1f64).exp());
+        assert!((e.rtt_ns - after).abs() < 1.0, "{} vs {after}", e.rtt_ns);
+        assert!(e.decayed(t0 + decay * 3, decay) < e.rtt_ns * 0.14);
+        // The balancer: endpoint 0 answered in 300 ms, the others are at the default; with two
+        // endpoints both are drawn, so 0 is never picked while its estimate is ten times
+        // theirs, in flight or not.
+        let b = Arc::new(Balancer::new(policy, &addresses(2)));
+        if let Ok(mut e0) = b.estimates[0].lock() {
+            e0.observe(Duration::from_millis(300), Instant::now(), decay);
+        }
+        for _ in 0..100 {
+            assert_eq!(b.pick(policy, 2, None), Some(1));
+        }
+        // Requests in flight multiply the cost: 11 on endpoint 1 (30 ms × 12 > 300 ms × 1)
+        // send the next to endpoint 0.
+        let held: Vec<InFlight> = (0..11).filter_map(|_| b.start(1, policy)).collect();
+        assert_eq!(b.pick(policy, 2, None), Some(0));
+        drop(held);
+        // A guard's end is a measure: endpoint 1's estimate took the (short) time it was held.
+        assert!(
+            b.estimate(1, decay)
+                .is_some_and(|d| d < Duration::from_millis(30))
+        );
     }
 
     #[test]

@@ -120,6 +120,76 @@ pub enum HashPolicy {
     QueryParameter(String),
 }
 
+/// The first policy of a cluster's `load_balancing_policy` lumen-proxy carries out (as
+/// Envoy, which stops at the first it supports): Lumen's peak EWMA, or Envoy's least
+/// request, round robin or random; a list with none of them is a NACK.
+fn load_balancing_policy(
+    cluster: &str,
+    p: &xcluster::LoadBalancingPolicy,
+) -> Result<LbPolicy, ConfigError> {
+    use lumen_api::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+    use lumen_api::peak_ewma;
+    let mut seen = Vec::new();
+    for policy in &p.policies {
+        let Some(any) = policy
+            .typed_extension_config
+            .as_ref()
+            .and_then(|t| t.typed_config.as_ref())
+        else {
+            continue;
+        };
+        match any.type_url.as_str() {
+            peak_ewma::TYPED_STRUCT_URL | peak_ewma::OLD_TYPED_STRUCT_URL => {
+                let ts = peak_ewma::TypedStruct::decode(any.value.as_slice()).map_err(|e| {
+                    unsupported(
+                        "cluster",
+                        cluster,
+                        format!("a TypedStruct does not decode: {e}"),
+                    )
+                })?;
+                if ts.type_url == peak_ewma::TYPE_URL {
+                    let s = peak_ewma::Settings::from_struct(ts.value.as_ref()).map_err(|e| {
+                        unsupported("cluster", cluster, format!("peak EWMA settings: {e}"))
+                    })?;
+                    return Ok(LbPolicy::PeakEwma {
+                        decay: std::time::Duration::from_millis(s.decay_ms),
+                        default_rtt: std::time::Duration::from_millis(s.default_rtt_ms),
+                    });
+                }
+                seen.push(ts.type_url);
+            }
+            "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest" =>
+            {
+                let lr = LeastRequest::decode(any.value.as_slice()).map_err(|e| {
+                    unsupported(
+                        "cluster",
+                        cluster,
+                        format!("LeastRequest does not decode: {e}"),
+                    )
+                })?;
+                let choices = lr.choice_count.as_ref().map_or(2, |v| v.value);
+                if choices == 2 {
+                    return Ok(LbPolicy::LeastRequest);
+                }
+                seen.push(format!("least request of {choices} choices"));
+            }
+            "type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin" =>
+            {
+                return Ok(LbPolicy::RoundRobin);
+            }
+            "type.googleapis.com/envoy.extensions.load_balancing_policies.random.v3.Random" => {
+                return Ok(LbPolicy::Random);
+            }
+            other => seen.push(other.to_string()),
+        }
+    }
+    Err(unsupported(
+        "cluster",
+        cluster,
+        format!("load_balancing_policy has no policy lumen-proxy carries out: {seen:?}"),
+    ))
+}
+
 /// A cluster's circuit breakers (the default-priority thresholds; Envoy's defaults for what
 /// is unset); none when the cluster sets none.
 fn circuit_breakers(
@@ -1550,7 +1620,14 @@ impl TryFrom<xcluster::Cluster> for Cluster {
         let http2 = upstream_http2(&c.name, &c.typed_extension_protocol_options)?;
         use xcluster::cluster::LbConfig;
         use xcluster::cluster::LbPolicy as X;
+        let typed = c
+            .load_balancing_policy
+            .as_ref()
+            .map(|p| load_balancing_policy(&c.name, p))
+            .transpose()?;
         let lb = match X::try_from(c.lb_policy) {
+            // `load_balancing_policy`, when set, is the policy (Envoy ignores `lb_policy`).
+            _ if typed.is_some() => typed.unwrap_or_default(),
             Ok(X::RoundRobin) => LbPolicy::RoundRobin,
             Ok(X::Random) => LbPolicy::Random,
             Ok(X::LeastRequest) => {
@@ -2189,6 +2266,67 @@ pub(crate) mod tests {
         );
         let err = with(xcluster::cluster::LbPolicy::ClusterProvided).expect_err("NACKed");
         assert!(err.to_string().contains("ClusterProvided"), "{err}");
+        // `load_balancing_policy`: the first policy lumen-proxy carries out, in place of
+        // `lb_policy`; none of them is a NACK naming what was there.
+        use lumen_api::pb::envoy::config::core::v3::TypedExtensionConfig;
+        let policy = |name: &str, any: lumen_api::pb::google::protobuf::Any| {
+            xcluster::load_balancing_policy::Policy {
+                typed_extension_config: Some(TypedExtensionConfig {
+                    name: name.into(),
+                    typed_config: Some(any),
+                }),
+            }
+        };
+        let typed = |type_url: &str, value: Vec<u8>| lumen_api::pb::google::protobuf::Any {
+            type_url: type_url.into(),
+            value,
+        };
+        let ewma = typed(
+            lumen_api::peak_ewma::TYPED_STRUCT_URL,
+            prost::Message::encode_to_vec(
+                &lumen_api::peak_ewma::Settings {
+                    decay_ms: 5_000,
+                    default_rtt_ms: 10,
+                }
+                .to_typed_struct(),
+            ),
+        );
+        let other = typed(
+            lumen_api::peak_ewma::TYPED_STRUCT_URL,
+            prost::Message::encode_to_vec(&lumen_api::peak_ewma::TypedStruct {
+                type_url: "type.googleapis.com/someone.else.Balancer".into(),
+                value: None,
+            }),
+        );
+        let least = typed(
+            "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
+            Vec::new(),
+        );
+        let listed = |policies| {
+            Cluster::try_from(xcluster::Cluster {
+                name: "c".into(),
+                lb_policy: xcluster::cluster::LbPolicy::Maglev as i32,
+                load_balancing_policy: Some(xcluster::LoadBalancingPolicy { policies }),
+                ..Default::default()
+            })
+            .map(|c| c.lb)
+        };
+        assert_eq!(
+            listed(vec![
+                policy("lumen", ewma.clone()),
+                policy("least", least.clone())
+            ]),
+            Ok(LbPolicy::PeakEwma {
+                decay: std::time::Duration::from_secs(5),
+                default_rtt: std::time::Duration::from_millis(10),
+            })
+        );
+        assert_eq!(
+            listed(vec![policy("other", other.clone()), policy("least", least)]),
+            Ok(LbPolicy::LeastRequest)
+        );
+        let err = listed(vec![policy("other", other)]).expect_err("NACKed");
+        assert!(err.to_string().contains("someone.else.Balancer"), "{err}");
         let mut random = Cluster::new(
             "c",
             vec![endpoint("127.0.0.1", "a"), endpoint("127.0.0.2", "b")],

@@ -1,6 +1,7 @@
 //! DestinationRule load balancers carried out by a sidecar, end to end (control plane over
 //! ADS, the proxy, four real upstream apps): session affinity on a header (a ring) and on a
-//! cookie the proxy makes up (Maglev), least request steering away from a slow endpoint,
+//! cookie the proxy makes up (Maglev), least request and peak EWMA (the default) steering
+//! away from a slow endpoint,
 //! outlier detection ejecting a failing endpoint, and circuit breakers refusing overflow.
 
 use std::collections::BTreeMap;
@@ -49,6 +50,8 @@ fn mesh() -> String {
              apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {svc}}}\nspec:\n  host: {svc}\n  trafficPolicy: {{{policy}}}\n---\n"
         ));
     }
+    // No DestinationRule: Lumen's default balancer (peak EWMA in lumen-proxy).
+    yaml.push_str("apiVersion: v1\nkind: Service\nmetadata: {name: ewma}\nspec:\n  selector: {app: echo}\n  ports: [{name: http, port: 9080}]\n---\n");
     for i in 1..=4 {
         yaml.push_str(&format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: echo-{i}\n  labels: {{app: echo, version: v1}}\n  annotations: {{sidecar.istio.io/inject: 'false'}}\nspec:\n  containers: [{{name: echo, ports: [{{containerPort: 9080}}]}}]\nstatus: {{podIP: {SUBNET}.1{i}}}\n---\n"
@@ -247,6 +250,28 @@ async fn destination_rule_traffic_policies_work_as_istio_users_expect() {
         slow(&least) <= slow(&plain) / 2,
         "least request sent {} of 200 to the slow endpoint: {least:?}",
         slow(&least)
+    );
+
+    // Peak EWMA (the default without a DestinationRule): one caller at a time, so no
+    // endpoint ever has a request in flight when the next is picked and least request could
+    // not tell them apart; the latency estimate can. Once echo-1 has answered /slow in
+    // 300 ms it is not picked again while its estimate decays (300 ms × e^(-t/10 s) stays
+    // above the others' for about a minute): round robin would send it 10 of 40.
+    let mut ewma = BTreeMap::new();
+    for _ in 0..40 {
+        let resp = client
+            .get(format!("http://{outbound}/slow"))
+            .header("host", "ewma:9080")
+            .send()
+            .await
+            .expect("answered");
+        *ewma.entry(resp.text().await.expect("body")).or_insert(0) += 1;
+    }
+    eprintln!("40 requests one at a time, echo-1 slow: peak EWMA {ewma:?}");
+    assert!(
+        slow(&ewma) <= 3,
+        "peak EWMA sent {} of 40 to the slow endpoint: {ewma:?}",
+        slow(&ewma)
     );
 
     // Outlier detection: echo-2 fails /flaky; after two 503s in a row it is ejected for

@@ -212,3 +212,114 @@ mod tests {
         );
     }
 }
+
+/// Lumen's own load-balancing policy, peak EWMA, as a cluster's `load_balancing_policy`
+/// carries it: first in the list, before a policy every Envoy knows (least request), so
+/// lumen-proxy takes it and other clients fall back (Envoy stops at the first policy it
+/// supports).
+pub mod peak_ewma {
+    use crate::pb::google::protobuf::{Value, value::Kind};
+
+    /// The extension's name in `TypedExtensionConfig`.
+    pub const NAME: &str = "lumen.load_balancing_policies.peak_ewma";
+    /// The type URL its `TypedStruct` names.
+    pub const TYPE_URL: &str =
+        "type.googleapis.com/lumen.load_balancing_policies.peak_ewma.v1.PeakEwma";
+    /// `TypedStruct`'s own type URL (`xds.type.v3`; `udpa.type.v1` is its older name).
+    pub const TYPED_STRUCT_URL: &str = "type.googleapis.com/xds.type.v3.TypedStruct";
+    pub const OLD_TYPED_STRUCT_URL: &str = "type.googleapis.com/udpa.type.v1.TypedStruct";
+
+    /// `xds.type.v3.TypedStruct` (envoy-types does not carry the xds type protos): an
+    /// extension's configuration by type URL, as a `Struct`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct TypedStruct {
+        #[prost(string, tag = "1")]
+        pub type_url: String,
+        #[prost(message, optional, tag = "2")]
+        pub value: Option<StructFields>,
+    }
+
+    /// A `google.protobuf.Struct` as its wire form, a list of entries: it encodes in the
+    /// order given, where a map's order is random (and the same bytes each time is what
+    /// keeps a resource's version).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StructFields {
+        #[prost(message, repeated, tag = "1")]
+        pub fields: Vec<StructField>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct StructField {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(message, optional, tag = "2")]
+        pub value: Option<Value>,
+    }
+
+    /// The policy's settings: how fast the latency estimate decays, and what an endpoint
+    /// not yet measured is taken at.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    pub struct Settings {
+        pub decay_ms: u64,
+        pub default_rtt_ms: u64,
+    }
+
+    impl Default for Settings {
+        /// Linkerd's: a 10 s decay, 30 ms for an endpoint not measured.
+        fn default() -> Settings {
+            Settings {
+                decay_ms: 10_000,
+                default_rtt_ms: 30,
+            }
+        }
+    }
+
+    impl Settings {
+        pub fn to_typed_struct(self) -> TypedStruct {
+            let number = |v: u64| Value {
+                kind: Some(Kind::NumberValue(v as f64)),
+            };
+            let field = |key: &str, v: u64| StructField {
+                key: key.to_string(),
+                value: Some(number(v)),
+            };
+            TypedStruct {
+                type_url: TYPE_URL.to_string(),
+                value: Some(StructFields {
+                    fields: vec![
+                        field("decay_ms", self.decay_ms),
+                        field("default_rtt_ms", self.default_rtt_ms),
+                    ],
+                }),
+            }
+        }
+
+        /// The settings a `TypedStruct`'s value holds (unset ones at their defaults); an
+        /// error for a field that is not a whole number of milliseconds from 1 to a day, or
+        /// one not known.
+        pub fn from_struct(value: Option<&StructFields>) -> Result<Settings, String> {
+            let mut s = Settings::default();
+            for f in value.map(|v| v.fields.iter()).into_iter().flatten() {
+                let k = &f.key;
+                let ms = match f.value.as_ref().and_then(|v| v.kind.as_ref()) {
+                    Some(Kind::NumberValue(n))
+                        if *n >= 1.0 && *n <= 86_400_000.0 && n.fract() == 0.0 =>
+                    {
+                        *n as u64
+                    }
+                    other => {
+                        return Err(format!(
+                            "{k}: {other:?} is not a whole number of milliseconds from 1 to a day"
+                        ));
+                    }
+                };
+                match k.as_str() {
+                    "decay_ms" => s.decay_ms = ms,
+                    "default_rtt_ms" => s.default_rtt_ms = ms,
+                    other => return Err(format!("unknown field {other:?}")),
+                }
+            }
+            Ok(s)
+        }
+    }
+}
