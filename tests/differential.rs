@@ -153,6 +153,14 @@ fn table() -> Vec<Case> {
         case("scheme redirect", REVIEWS, "/secure", 301, None, "-"),
         case("port redirect", REVIEWS, "/port?q=1", 301, None, "-"),
         case("direct response", REVIEWS, "/maintenance", 503, None, "-"),
+        case(
+            "regex rewrite",
+            REVIEWS,
+            "/rx/books/42/x?q=1",
+            200,
+            Some("reviews-v1"),
+            "-",
+        ),
         Case {
             headers: &[("x-debug", "1")],
             ..case(

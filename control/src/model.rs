@@ -290,6 +290,11 @@ pub struct Rewrite {
 pub enum PathChange {
     Full(String),
     Prefix(String),
+    /// Every match of `pattern` in the path replaced by `substitution` (`\1`: a group).
+    Regex {
+        pattern: String,
+        substitution: String,
+    },
 }
 
 /// Header changes in one direction (names lower case): removed, then set, then added.

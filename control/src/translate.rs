@@ -896,6 +896,15 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> rou
                                 substitution: p.clone(),
                             });
                         }
+                        Some(PathChange::Regex {
+                            pattern,
+                            substitution,
+                        }) => {
+                            action.regex_rewrite = Some(RegexMatchAndSubstitute {
+                                pattern: Some(regex(pattern)),
+                                substitution: substitution.clone(),
+                            });
+                        }
                         None => {}
                     }
                     action.host_rewrite_specifier = rw
@@ -1059,6 +1068,13 @@ fn redirect_action(r: &Redirect) -> route::RedirectAction {
         path_rewrite_specifier: r.path.as_ref().map(|p| match p {
             PathChange::Full(p) => P::PathRedirect(p.clone()),
             PathChange::Prefix(p) => P::PrefixRewrite(p.clone()),
+            PathChange::Regex {
+                pattern,
+                substitution,
+            } => P::RegexRewrite(RegexMatchAndSubstitute {
+                pattern: Some(regex(pattern)),
+                substitution: substitution.clone(),
+            }),
         }),
         ..Default::default()
     }

@@ -239,6 +239,39 @@ fn direct_response(d: &crd::HttpDirectResponse, path: &str) -> Result<DirectResp
     Ok(DirectResponse { status, body })
 }
 
+/// An RE2 substitution's group references (`\\N`) checked against the pattern's groups, and
+/// its backslashes (a digit or a backslash after each).
+fn substitution_groups(substitution: &str, pattern: &str, path: &str) -> Result<(), FieldError> {
+    let groups = regex::Regex::new(pattern)
+        .map(|r| r.captures_len() - 1)
+        .unwrap_or(0);
+    let mut chars = substitution.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            continue;
+        }
+        match chars.next() {
+            Some('\\') => {}
+            Some(d) if d.is_ascii_digit() => {
+                let n = d.to_digit(10).unwrap_or(0) as usize;
+                if n > groups {
+                    return Err(at(
+                        path,
+                        format!("names group {n}; the pattern has {groups}"),
+                    ));
+                }
+            }
+            _ => {
+                return Err(at(
+                    path,
+                    "a backslash is followed by neither a digit nor a backslash",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A redirect status Envoy can answer with.
 pub fn redirect_status(code: u32, path: &str) -> Result<u16, FieldError> {
     match code {
@@ -251,9 +284,6 @@ pub fn redirect_status(code: u32, path: &str) -> Result<u16, FieldError> {
 }
 
 fn redirect(r: &crd::HttpRedirect, path: &str) -> Result<Redirect, FieldError> {
-    if r.derive_port.is_some() {
-        return Err(not_yet(format!("{path}.derivePort"), "derivePort"));
-    }
     let port = r
         .port
         .map(|p| {
@@ -263,6 +293,24 @@ fn redirect(r: &crd::HttpRedirect, path: &str) -> Result<Redirect, FieldError> {
                 .ok_or_else(|| at(format!("{path}.port"), format!("{p} is not a port")))
         })
         .transpose()?;
+    // Istio's derivePort: the scheme's default port (80, or 443 for https), or the
+    // request's own (the redirect's default).
+    let port = match (&r.derive_port, port) {
+        (Some(_), Some(_)) => {
+            return Err(at(
+                format!("{path}.derivePort"),
+                "a redirect names port or derivePort, not both",
+            ));
+        }
+        (Some(crd::RedirectPortSelection::FromProtocolDefault), None) => {
+            Some(if r.scheme.as_deref() == Some("https") {
+                443
+            } else {
+                80
+            })
+        }
+        (Some(crd::RedirectPortSelection::FromRequestPort) | None, port) => port,
+    };
     if let Some(uri) = &r.uri
         && !uri.starts_with('/')
     {
@@ -556,25 +604,36 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
     let rewrite = match &r.rewrite {
         None => None,
         Some(w) => {
-            if w.uri_regex_rewrite.is_some() {
-                return Err(not_yet(
-                    format!("{path}.rewrite.uriRegexRewrite"),
-                    "uriRegexRewrite",
-                ));
+            if let Some(rr) = &w.uri_regex_rewrite {
+                let rp = format!("{path}.rewrite.uriRegexRewrite");
+                if w.uri.is_some() {
+                    return Err(at(rp, "a rewrite names uri or uriRegexRewrite, not both"));
+                }
+                let pattern = regex(&rr.match_, &format!("{rp}.match"))?;
+                substitution_groups(&rr.rewrite, &pattern, &format!("{rp}.rewrite"))?;
+                Some(Rewrite {
+                    path: Some(PathChange::Regex {
+                        pattern,
+                        substitution: rr.rewrite.clone(),
+                    }),
+                    host: w.authority.clone(),
+                })
+            } else {
+                if let Some(uri) = &w.uri
+                    && !uri.starts_with('/')
+                {
+                    return Err(at(
+                        format!("{path}.rewrite.uri"),
+                        format!("{uri:?} does not start with /"),
+                    ));
+                }
+                // Istio's uri rewrite replaces what the match's uri matched (all of an exact
+                // one).
+                Some(Rewrite {
+                    path: w.uri.clone().map(PathChange::Prefix),
+                    host: w.authority.clone(),
+                })
             }
-            if let Some(uri) = &w.uri
-                && !uri.starts_with('/')
-            {
-                return Err(at(
-                    format!("{path}.rewrite.uri"),
-                    format!("{uri:?} does not start with /"),
-                ));
-            }
-            // Istio's uri rewrite replaces what the match's uri matched (all of an exact one).
-            Some(Rewrite {
-                path: w.uri.clone().map(PathChange::Prefix),
-                host: w.authority.clone(),
-            })
         }
     };
     // `mirror` with `mirrorPercentage` (100 by default), and the newer `mirrors` list.
@@ -768,6 +827,14 @@ fn load_balancer(lb: &crd::LoadBalancerSettings, path: &str) -> Result<LoadBalan
         Some(crd::SimpleLb::RoundRobin) => Ok(LoadBalancer::RoundRobin),
         Some(crd::SimpleLb::Random) => Ok(LoadBalancer::Random),
         Some(crd::SimpleLb::LeastRequest) => Ok(LoadBalancer::LeastRequest),
+        // Istio: "Deprecated. Use LEAST_REQUEST instead", and treated as it.
+        Some(crd::SimpleLb::LeastConn) => {
+            tracing::warn!(
+                path,
+                "LEAST_CONN is deprecated: carried out as LEAST_REQUEST, as Istio does"
+            );
+            Ok(LoadBalancer::LeastRequest)
+        }
         Some(other) => Err(not_yet(format!("{path}.simple"), &format!("{other:?}"))),
     }
 }
@@ -1051,6 +1118,13 @@ mod tests {
             ok.policy_for("", 80).load_balancer,
             Some(LoadBalancer::LeastRequest)
         );
+        // LEAST_CONN, deprecated in Istio for LEAST_REQUEST, is carried out as it.
+        let conn =
+            dr("host: r\ntrafficPolicy: {loadBalancer: {simple: LEAST_CONN}}").expect("LEAST_CONN");
+        assert_eq!(
+            conn.policy_for("", 80).load_balancer,
+            Some(LoadBalancer::LeastRequest)
+        );
         for (yaml, path, words) in [
             (
                 "host: r\ntrafficPolicy: {loadBalancer: {consistentHash: {}}}",
@@ -1083,7 +1157,7 @@ mod tests {
                 "",
             ),
             (
-                "host: r\ntrafficPolicy: {loadBalancer: {simple: LEAST_CONN}}",
+                "host: r\ntrafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}",
                 "spec.trafficPolicy.loadBalancer.simple",
                 "not supported by lumen yet",
             ),
@@ -1108,7 +1182,7 @@ mod tests {
                 "",
             ),
             (
-                "host: r\nsubsets: [{name: v1, trafficPolicy: {loadBalancer: {simple: LEAST_CONN}}}]",
+                "host: r\nsubsets: [{name: v1, trafficPolicy: {loadBalancer: {simple: PASSTHROUGH}}}]",
                 "spec.subsets[0].trafficPolicy.loadBalancer.simple",
                 "not supported by lumen yet",
             ),
@@ -1301,6 +1375,20 @@ subsets:
                 status: 308,
             })
         );
+        let https = vs(
+            "hosts: [r]\nhttp:\n- redirect: {scheme: https, derivePort: FROM_PROTOCOL_DEFAULT}\n",
+        )
+        .expect("derivePort");
+        assert_eq!(
+            https.http[0].redirect.as_ref().and_then(|r| r.port),
+            Some(443)
+        );
+        let kept = vs("hosts: [r]\nhttp:\n- redirect: {uri: /x, derivePort: FROM_REQUEST_PORT}\n")
+            .expect("derivePort");
+        assert_eq!(kept.http[0].redirect.as_ref().and_then(|r| r.port), None);
+        let e = vs("hosts: [r]\nhttp:\n- redirect: {port: 8080, derivePort: FROM_REQUEST_PORT}\n")
+            .expect_err("both");
+        assert_eq!(e.path, "spec.http[0].redirect.derivePort");
         let e = vs("hosts: [r]\nhttp:\n- redirect: {uri: /a, redirectCode: 200}\n")
             .expect_err("not a redirect status");
         assert_eq!(e.path, "spec.http[0].redirect.redirectCode");
@@ -1308,6 +1396,39 @@ subsets:
             vs("hosts: [r]\nhttp:\n- redirect: {uri: /a}\n  route: [{destination: {host: r}}]\n")
                 .expect_err("both");
         assert_eq!(e.path, "spec.http[0].redirect");
+    }
+
+    #[test]
+    fn regex_rewrites_read_and_bad_ones_are_named() {
+        let ok = vs("hosts: [r]\nhttp:\n- rewrite: {uriRegexRewrite: {match: '^/a/([0-9]+)', rewrite: '/b/\\1'}}\n  route: [{destination: {host: r}}]\n")
+            .expect("a regex rewrite");
+        assert_eq!(
+            ok.http[0].rewrite.as_ref().and_then(|r| r.path.clone()),
+            Some(PathChange::Regex {
+                pattern: "^/a/([0-9]+)".into(),
+                substitution: "/b/\\1".into()
+            })
+        );
+        for (rewrite, path) in [
+            (
+                "{uriRegexRewrite: {match: '(', rewrite: /}}",
+                "spec.http[0].rewrite.uriRegexRewrite.match",
+            ),
+            (
+                "{uriRegexRewrite: {match: '/a', rewrite: '/\\2'}}",
+                "spec.http[0].rewrite.uriRegexRewrite.rewrite",
+            ),
+            (
+                "{uri: /x, uriRegexRewrite: {match: '/a', rewrite: /b}}",
+                "spec.http[0].rewrite.uriRegexRewrite",
+            ),
+        ] {
+            let e = vs(&format!(
+                "hosts: [r]\nhttp:\n- rewrite: {rewrite}\n  route: [{{destination: {{host: r}}}}]\n"
+            ))
+            .expect_err(rewrite);
+            assert_eq!(e.path, path, "{rewrite}: {e}");
+        }
     }
 
     #[test]
@@ -1414,9 +1535,6 @@ subsets:
                 host: Some("r.internal".into()),
             })
         );
-        let e = vs("hosts: [r]\nhttp:\n- rewrite: {uriRegexRewrite: {match: a, rewrite: b}}\n  route: [{destination: {host: r}}]\n")
-            .expect_err("not yet");
-        assert_eq!(e.path, "spec.http[0].rewrite.uriRegexRewrite");
     }
 
     #[test]

@@ -424,6 +424,77 @@ pub struct Redirect {
 pub enum PathChange {
     Full(String),
     Prefix(String),
+    /// Every match of the pattern in the path replaced (Envoy's `regex_rewrite`: RE2's
+    /// global replace, `\1` naming a capture group).
+    Regex(RegexRewrite),
+}
+
+/// A regex rewrite: the pattern (unanchored, within [`lumen_api::MAX_REGEX_PROGRAM`]) and
+/// the substitution in the regex crate's syntax (`\N` turned into `${N}`, `$` escaped).
+#[derive(Debug, Clone)]
+pub struct RegexRewrite {
+    source: String,
+    regex: regex::Regex,
+    substitution: String,
+}
+
+impl RegexRewrite {
+    pub fn new(pattern: &str, substitution: &str) -> Result<RegexRewrite, String> {
+        let regex = regex::RegexBuilder::new(pattern)
+            .size_limit(lumen_api::MAX_REGEX_PROGRAM)
+            .dfa_size_limit(lumen_api::MAX_REGEX_PROGRAM)
+            .build()
+            .map_err(|e| e.to_string())?;
+        // RE2's `\N` (N a digit) is a capture group, `\\` a backslash; anything else as is.
+        let mut out = String::new();
+        let mut chars = substitution.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '$' => out.push_str("$$"),
+                '\\' => match chars.peek().copied() {
+                    Some(d) if d.is_ascii_digit() => {
+                        chars.next();
+                        let group = d.to_digit(10).unwrap_or(0) as usize;
+                        if group > regex.captures_len() - 1 {
+                            return Err(format!(
+                                "the substitution names group {group}; the pattern has {}",
+                                regex.captures_len() - 1
+                            ));
+                        }
+                        out.push_str(&format!("${{{d}}}"));
+                    }
+                    Some('\\') => {
+                        chars.next();
+                        out.push('\\');
+                    }
+                    _ => {
+                        return Err(
+                            "a backslash in the substitution is followed by neither a digit nor a backslash"
+                                .to_string(),
+                        );
+                    }
+                },
+                other => out.push(other),
+            }
+        }
+        Ok(RegexRewrite {
+            source: pattern.to_string(),
+            regex,
+            substitution: out,
+        })
+    }
+
+    pub fn apply(&self, path: &str) -> String {
+        self.regex
+            .replace_all(path, self.substitution.as_str())
+            .into_owned()
+    }
+}
+
+impl PartialEq for RegexRewrite {
+    fn eq(&self, other: &RegexRewrite) -> bool {
+        self.source == other.source && self.substitution == other.substitution
+    }
 }
 
 impl PathChange {
@@ -431,6 +502,7 @@ impl PathChange {
     pub fn apply(&self, path: &str, matched: &PathMatch) -> String {
         let new = match self {
             PathChange::Full(p) => p.clone(),
+            PathChange::Regex(r) => r.apply(path),
             PathChange::Prefix(p) => {
                 let prefix = match matched {
                     PathMatch::Prefix(m) | PathMatch::SeparatedPrefix(m) | PathMatch::Exact(m) => {
@@ -459,8 +531,8 @@ pub struct Rewrite {
     pub host: Option<String>,
 }
 
-/// A route action's rewrite: `prefix_rewrite`, a `regex_rewrite` of the whole path
-/// (`^/.*$` or `^.*$`), and `host_rewrite_literal`; other regex rewrites are a NACK.
+/// A route action's rewrite: `prefix_rewrite`, `regex_rewrite` (a whole-path one, `^/.*$`
+/// or `^.*$`, as the new path itself), and `host_rewrite_literal`.
 fn rewrite(route: &str, a: &xroute::RouteAction) -> Result<Option<Rewrite>, ConfigError> {
     let mut path =
         (!a.prefix_rewrite.is_empty()).then(|| PathChange::Prefix(a.prefix_rewrite.clone()));
@@ -470,16 +542,17 @@ fn rewrite(route: &str, a: &xroute::RouteAction) -> Result<Option<Rewrite>, Conf
             .as_ref()
             .map(|p| p.regex.as_str())
             .unwrap_or_default();
-        if pattern != "^/.*$" && pattern != "^.*$" {
-            return Err(unsupported(
-                "route",
-                route,
-                format!(
-                    "regex_rewrite {pattern:?}: only a whole-path rewrite (^/.*$) is supported"
-                ),
-            ));
-        }
-        path = Some(PathChange::Full(r.substitution.clone()));
+        path = Some(if pattern == "^/.*$" || pattern == "^.*$" {
+            PathChange::Full(r.substitution.clone())
+        } else {
+            PathChange::Regex(RegexRewrite::new(pattern, &r.substitution).map_err(|e| {
+                unsupported(
+                    "route",
+                    route,
+                    format!("regex_rewrite {pattern:?} → {:?}: {e}", r.substitution),
+                )
+            })?)
+        });
     }
     let host = match &a.host_rewrite_specifier {
         None => None,
@@ -573,11 +646,23 @@ fn redirect_action(route: &str, a: xroute::RedirectAction) -> Result<Redirect, C
         None => None,
         Some(P::PathRedirect(p)) => Some(PathChange::Full(p)),
         Some(P::PrefixRewrite(p)) => Some(PathChange::Prefix(p)),
-        Some(_) => {
+        Some(P::RegexRewrite(r)) => {
+            let pattern = r.pattern.map(|p| p.regex).unwrap_or_default();
+            Some(PathChange::Regex(
+                RegexRewrite::new(&pattern, &r.substitution).map_err(|e| {
+                    unsupported(
+                        "route",
+                        route,
+                        format!("redirect regex_rewrite {pattern:?}: {e}"),
+                    )
+                })?,
+            ))
+        }
+        Some(P::PathRewrite(_)) => {
             return Err(unsupported(
                 "route",
                 route,
-                "a regex path redirect is not supported",
+                "a path template redirect is not supported",
             ));
         }
     };
@@ -2231,6 +2316,18 @@ pub(crate) mod tests {
             decode::<xcluster::Cluster>(&any, type_url::CLUSTER),
             Err(ConfigError::Decode { .. })
         ));
+    }
+
+    #[test]
+    fn regex_rewrites_replace_every_match_with_re2_groups() {
+        let r = RegexRewrite::new("/v([0-9]+)/", "/\\1/$x\\\\").expect("compiles");
+        assert_eq!(r.apply("/v1/a/v22/b"), "/1/$x\\a/22/$x\\b");
+        assert!(RegexRewrite::new("/a", "/\\1").is_err(), "no group 1");
+        assert!(
+            RegexRewrite::new("/a", "/\\q").is_err(),
+            "a stray backslash"
+        );
+        assert!(RegexRewrite::new("(", "/").is_err());
     }
 
     #[test]
