@@ -1,13 +1,17 @@
-//! The control plane at scale (issue 9), measured in one process: a synthetic mesh of 1,000
-//! services and 10,000 endpoints served to 1,000 connected xDS clients over loopback gRPC,
-//! first all on state-of-the-world ADS, then all on delta ADS:
+//! The control plane at scale (issue 9): a synthetic mesh of 1,000 services and 10,000
+//! endpoints served to 1,000 connected xDS clients over loopback gRPC, first all on
+//! state-of-the-world ADS, then all on delta ADS:
 //!
 //! - time from a config change (one endpoint added) to every client having ACKed it,
 //!   p50 and p99 over the clients;
 //! - the control plane's CPU time for that change, and its resident memory per connected
-//!   proxy (the growth from before the clients connected, ÷ clients; the clients, in the
-//!   same process, keep no configuration: they count bytes and ACK);
+//!   proxy (the growth from before the clients connected, ÷ clients);
 //! - bytes pushed for the one-endpoint change, delta ÷ state of the world.
+//!
+//! The control plane runs in this process; the clients run in a second one the benchmark
+//! starts (this binary again, told by `LUMEN_XDS_SWARM` where to connect), so the memory and
+//! CPU measured are the control plane's own, not the clients' decoding. The swarm prints
+//! `ack <i>` each time client i ACKs endpoints; times are taken as those lines arrive.
 //!
 //! `cargo bench -p lumen-control --bench xds` (knobs: `LUMEN_BENCH_SERVICES`, default 1,000;
 //! `LUMEN_BENCH_CLIENTS`, default 1,000; 10 endpoints a service).
@@ -26,6 +30,17 @@ use lumen_control::model::Model;
 use lumen_control::{ConfigSource, Control, ControlOptions, XdsState};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+
+/// The system allocator, counting: the bytes live on the heap are the control plane's memory
+/// per proxy without what the allocator holds on to after a burst.
+#[global_allocator]
+static ALLOCATOR: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;
+
+/// Bytes live on the heap now (a reallocation is counted in both totals already).
+fn live_heap() -> usize {
+    let s = ALLOCATOR.stats();
+    s.bytes_allocated.saturating_sub(s.bytes_deallocated)
+}
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -250,6 +265,7 @@ struct Run {
     label: &'static str,
     connect: Duration,
     rss_per_client: f64,
+    heap_per_client: f64,
     p50: Duration,
     p99: Duration,
     cpu: f64,
@@ -270,32 +286,12 @@ async fn run(label: &'static str, delta: bool, model: &Model, clients: usize) ->
     let models: watch::Sender<Arc<Model>> = control.model_sender();
     let stop = CancellationToken::new();
     tokio::spawn(control.run(stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss_bytes();
+    let live_before = live_heap();
 
-    // 10 connections, each multiplexing a tenth of the clients' streams.
-    let mut channels = Vec::new();
-    for _ in 0..10 {
-        channels.push(
-            tonic::transport::Endpoint::from_shared(format!("http://{xds}"))
-                .expect("endpoint")
-                .http2_adaptive_window(true)
-                .connect()
-                .await
-                .expect("connects"),
-        );
-    }
-    let (acks_tx, mut acks) = mpsc::unbounded_channel();
-    let clients_stop = CancellationToken::new();
     let started = Instant::now();
-    for i in 0..clients {
-        let channel = channels[i % channels.len()].clone();
-        let (acks_tx, stop) = (acks_tx.clone(), clients_stop.clone());
-        if delta {
-            tokio::spawn(delta_client(channel, i, acks_tx, stop));
-        } else {
-            tokio::spawn(sotw_client(channel, i, acks_tx, stop));
-        }
-    }
+    let (mut swarm, mut acks) = swarm(xds, delta, clients);
     // Connected and synced: every client has ACKed endpoints, and the acknowledgements the
     // server holds are settled.
     let mut seen = vec![false; clients];
@@ -316,6 +312,7 @@ async fn run(label: &'static str, delta: bool, model: &Model, clients: usize) ->
     tokio::time::sleep(Duration::from_secs(2)).await;
     while acks.try_recv().is_ok() {}
     let rss_per_client = rss_bytes().saturating_sub(rss_before) as f64 / clients as f64;
+    let heap_per_client = live_heap().saturating_sub(live_before) as f64 / clients as f64;
 
     // The change: one endpoint more for svc-0.
     let bytes_before = state.pushed_bytes.load(Ordering::Relaxed);
@@ -338,13 +335,15 @@ async fn run(label: &'static str, delta: bool, model: &Model, clients: usize) ->
     let mut times: Vec<Duration> = took.into_values().collect();
     times.sort();
     let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1];
-    clients_stop.cancel();
+    let _ = swarm.kill();
+    let _ = swarm.wait();
     stop.cancel();
     tokio::time::sleep(Duration::from_millis(300)).await;
     Run {
         label,
         connect,
         rss_per_client,
+        heap_per_client,
         p50: at(0.50),
         p99: at(0.99),
         cpu,
@@ -352,7 +351,111 @@ async fn run(label: &'static str, delta: bool, model: &Model, clients: usize) ->
     }
 }
 
+/// Starts the clients in a process of their own; their ACKs arrive on the receiver, timed
+/// as they arrive.
+fn swarm(
+    xds: SocketAddr,
+    delta: bool,
+    clients: usize,
+) -> (
+    std::process::Child,
+    mpsc::UnboundedReceiver<(usize, Instant)>,
+) {
+    use std::io::BufRead;
+    let exe = std::env::current_exe().expect("this benchmark's binary");
+    let mut child = std::process::Command::new(exe)
+        .env(
+            "LUMEN_XDS_SWARM",
+            format!("{xds};{};{clients}", u8::from(delta)),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("the client swarm starts");
+    let stdout = child.stdout.take().expect("the swarm's stdout");
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(i) = line.strip_prefix("ack ").and_then(|i| i.parse().ok()) {
+                let _ = tx.send((i, Instant::now()));
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// The swarm's side: `clients` clients on 10 connections to `xds`, each ACK of endpoints
+/// printed as `ack <i>`; ends when its stdin closes (the benchmark killed or gone).
+fn run_swarm(spec: &str) {
+    use std::io::Write;
+    let mut parts = spec.split(';');
+    let xds: SocketAddr = parts
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("LUMEN_XDS_SWARM: the xDS address");
+    let delta = parts.next() == Some("1");
+    let clients: usize = parts
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("LUMEN_XDS_SWARM: the number of clients");
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        // 10 connections, each multiplexing a tenth of the clients' streams.
+        let mut channels = Vec::new();
+        for _ in 0..10 {
+            channels.push(
+                tonic::transport::Endpoint::from_shared(format!("http://{xds}"))
+                    .expect("endpoint")
+                    .http2_adaptive_window(true)
+                    .connect()
+                    .await
+                    .expect("connects"),
+            );
+        }
+        let (acks_tx, mut acks) = mpsc::unbounded_channel::<(usize, Instant)>();
+        let stop = CancellationToken::new();
+        for i in 0..clients {
+            let channel = channels[i % channels.len()].clone();
+            let (acks_tx, stop) = (acks_tx.clone(), stop.clone());
+            if delta {
+                tokio::spawn(delta_client(channel, i, acks_tx, stop));
+            } else {
+                tokio::spawn(sotw_client(channel, i, acks_tx, stop));
+            }
+        }
+        drop(acks_tx);
+        let mut out = std::io::stdout().lock();
+        while let Some((i, _)) = acks.recv().await {
+            let mut lines = format!("ack {i}\n");
+            while let Ok((i, _)) = acks.try_recv() {
+                lines.push_str(&format!("ack {i}\n"));
+            }
+            if out
+                .write_all(lines.as_bytes())
+                .and_then(|()| out.flush())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var("LUMEN_XDS_SWARM") {
+        run_swarm(&spec);
+        return;
+    }
     let services = env("LUMEN_BENCH_SERVICES", 1000);
     let clients = env("LUMEN_BENCH_CLIENTS", 1000);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -389,11 +492,16 @@ fn main() {
             delta.p99.as_secs_f64() * 1e3
         );
         println!(
-            "| CPU for the change (server and clients, one process) | {:.2} s | {:.2} s | |",
+            "| control-plane CPU for the change | {:.2} s | {:.2} s | |",
             sotw.cpu, delta.cpu
         );
         println!(
-            "| resident memory per connected proxy | {:.0} KB | {:.0} KB | < 50 KB |",
+            "| heap live per connected proxy | {:.1} KB | {:.1} KB | < 50 KB |",
+            sotw.heap_per_client / 1024.0,
+            delta.heap_per_client / 1024.0
+        );
+        println!(
+            "| resident memory per connected proxy (with what the allocator keeps) | {:.0} KB | {:.0} KB | < 50 KB |",
             sotw.rss_per_client / 1024.0,
             delta.rss_per_client / 1024.0
         );

@@ -27,6 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 mod delta;
+pub mod service;
 
 use crate::model::Model;
 use crate::translate::{NamedResource, Outbound, ProxyNode, ProxyResources, translate};
@@ -87,6 +88,9 @@ struct Subscription {
     names: Vec<String>,
     sent_version: Option<String>,
     sent_nonce: String,
+    /// Responses the last push was split into (delta; each `<nonce>-<k>`): the last one's
+    /// ACK is the push's.
+    chunks: usize,
     acked_version: String,
     nack: Option<String>,
     resources: usize,

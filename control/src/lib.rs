@@ -21,7 +21,6 @@ use axum::Json;
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
-use lumen_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -123,9 +122,7 @@ impl Control {
         let http = axum::serve(self.http, router(self.state.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let grpc = tonic::transport::Server::builder()
-            .add_service(AggregatedDiscoveryServiceServer::new(Ads::new(
-                self.state.clone(),
-            )))
+            .add_service(ads::service::AdsServer::new(Ads::new(self.state.clone())))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.xds),
                 shutdown.clone().cancelled_owned(),

@@ -2,7 +2,10 @@
 //! (everything, for a wildcard subscription) and the version of every resource it was sent,
 //! and each response carries only the resources whose version changed and the names that
 //! went away. A reconnecting proxy names what it has (`initial_resource_versions`) and gets
-//! only what differs. Pushes go in Envoy's order (clusters, endpoints, listeners, routes);
+//! only what differs. A push bigger than [`CHUNK_BYTES`] goes as several responses (each
+//! nonce `<push>-<k>`; the last one's ACK is the push's), which bounds what each stream's
+//! encoder keeps: tonic reuses one buffer per stream, as large as the largest message it has
+//! encoded. Pushes go in Envoy's order (clusters, endpoints, listeners, routes);
 //! a NACK is recorded with its text and not retried until the configuration changes; a
 //! request answering a nonce that is not the last one sent is stale and ignored.
 
@@ -32,14 +35,18 @@ struct DeltaSub {
     started: bool,
 }
 
-/// The response that brings the proxy from what it has to what it should have, if any
-/// changed (`always`: answer even with nothing, as a first request needs).
+/// The most resource bytes one response carries (a single bigger resource goes alone).
+pub const CHUNK_BYTES: usize = 16 * 1024;
+
+/// The responses that bring the proxy from what it has to what it should have, if any
+/// changed (`always`: answer even with nothing, as a first request needs): the changed
+/// resources in chunks of at most [`CHUNK_BYTES`], the removed names with the last.
 fn diff(
     ty: &'static str,
     sub: &mut DeltaSub,
     resources: &ProxyResources,
     always: bool,
-) -> Option<(DeltaDiscoveryResponse, usize)> {
+) -> Option<(Vec<DeltaDiscoveryResponse>, usize)> {
     let mut changed = Vec::new();
     let mut present = BTreeSet::new();
     for r in resources.of_type(ty) {
@@ -82,14 +89,37 @@ fn diff(
     let mut system = DefaultHasher::new();
     sub.sent.hash(&mut system);
     let count = sub.sent.len();
+    let version = format!("{:016x}", system.finish());
+    let mut responses = Vec::new();
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    for r in changed {
+        let size = prost::Message::encoded_len(&r);
+        if !chunk.is_empty() && bytes + size > CHUNK_BYTES {
+            responses.push(std::mem::take(&mut chunk));
+            bytes = 0;
+        }
+        bytes += size;
+        chunk.push(r);
+    }
+    responses.push(chunk);
+    let last = responses.len() - 1;
     Some((
-        DeltaDiscoveryResponse {
-            system_version_info: format!("{:016x}", system.finish()),
-            resources: changed,
-            type_url: ty.to_string(),
-            removed_resources: removed,
-            ..Default::default()
-        },
+        responses
+            .into_iter()
+            .enumerate()
+            .map(|(k, resources)| DeltaDiscoveryResponse {
+                system_version_info: version.clone(),
+                resources,
+                type_url: ty.to_string(),
+                removed_resources: if k == last {
+                    std::mem::take(&mut removed)
+                } else {
+                    Vec::new()
+                },
+                ..Default::default()
+            })
+            .collect(),
         count,
     ))
 }
@@ -98,20 +128,24 @@ async fn push(
     state: &XdsState,
     tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     status: &mut Subscription,
-    (mut response, count): (DeltaDiscoveryResponse, usize),
+    (responses, count): (Vec<DeltaDiscoveryResponse>, usize),
 ) -> Result<(), ()> {
     let nonce = state.next_nonce.fetch_add(1, Ordering::Relaxed).to_string();
-    response.nonce = nonce.clone();
-    status.sent_version = Some(response.system_version_info.clone());
-    status.sent_nonce = nonce;
+    status.sent_version = responses.first().map(|r| r.system_version_info.clone());
+    status.sent_nonce = nonce.clone();
+    status.chunks = responses.len();
     status.resources = count;
     status.nack = None;
-    state.pushes.fetch_add(1, Ordering::Relaxed);
-    state.pushed_bytes.fetch_add(
-        prost::Message::encoded_len(&response) as u64,
-        Ordering::Relaxed,
-    );
-    tx.send(Ok(response)).await.map_err(|_| ())
+    for (k, mut response) in responses.into_iter().enumerate() {
+        response.nonce = format!("{nonce}-{k}");
+        state.pushes.fetch_add(1, Ordering::Relaxed);
+        state.pushed_bytes.fetch_add(
+            prost::Message::encoded_len(&response) as u64,
+            Ordering::Relaxed,
+        );
+        tx.send(Ok(response)).await.map_err(|_| ())?;
+    }
+    Ok(())
 }
 
 /// Runs one delta ADS stream to its end; returns the node id, if one was learnt.
@@ -154,7 +188,12 @@ pub(super) async fn run(
                 let Some(ty) = served_type(stream, &req.type_url) else { continue };
                 let st = status.entry(ty).or_default();
                 if !req.response_nonce.is_empty() {
-                    if req.response_nonce != st.sent_nonce {
+                    // `<push>-<chunk>`: a response of the last push, or a stale one.
+                    let (push_nonce, chunk) = req
+                        .response_nonce
+                        .split_once('-')
+                        .map_or((req.response_nonce.as_str(), None), |(p, k)| (p, k.parse::<usize>().ok()));
+                    if push_nonce != st.sent_nonce {
                         tracing::debug!(stream, type_url = ty, nonce = %req.response_nonce, "stale nonce ignored");
                         continue;
                     }
@@ -163,10 +202,12 @@ pub(super) async fn run(
                             tracing::warn!(stream, node = %n.id, type_url = ty, error = %detail.message, "proxy rejected configuration (delta NACK)");
                             st.nack = Some(detail.message.clone());
                         }
-                        None => {
+                        // The push is ACKed with its last response (unless a chunk of it was
+                        // NACKed).
+                        None if chunk == Some(st.chunks.saturating_sub(1)) && st.nack.is_none() => {
                             st.acked_version = st.sent_version.clone().unwrap_or_default();
-                            st.nack = None;
                         }
+                        None => {}
                     }
                 }
                 let sub = subs.entry(ty).or_default();
