@@ -105,6 +105,33 @@ impl ProxyNode {
 }
 
 impl ProxyResources {
+    /// One type's resources shared by every proxy of the model (the outbound part, with the
+    /// index of its names; routes are shared by a namespace and carry none).
+    pub fn shared(&self, type_url: &str) -> (&[NamedResource], Option<&Arc<NameIndex>>) {
+        match type_url {
+            t if t == type_url::CLUSTER => {
+                (&self.outbound.clusters, Some(&self.outbound.indexes[0]))
+            }
+            t if t == type_url::ENDPOINT => {
+                (&self.outbound.endpoints, Some(&self.outbound.indexes[1]))
+            }
+            t if t == type_url::LISTENER => {
+                (&self.outbound.listeners, Some(&self.outbound.indexes[2]))
+            }
+            t if t == type_url::ROUTE => (&self.routes, None),
+            _ => (&[], None),
+        }
+    }
+
+    /// One type's resources of this proxy's own (its pod's inbound part).
+    pub fn own(&self, type_url: &str) -> Vec<&NamedResource> {
+        match type_url {
+            t if t == type_url::CLUSTER => self.inbound_clusters.iter().collect(),
+            t if t == type_url::LISTENER => self.inbound_listener.iter().collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// The resources of one type, in the order they are sent.
     pub fn of_type(&self, type_url: &str) -> Vec<&NamedResource> {
         match type_url {
@@ -134,12 +161,73 @@ pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
     assemble(&outbound, &routes, inbound(model, node))
 }
 
-/// What every sidecar is sent alike: the outbound clusters, their endpoints and listeners.
+/// What every sidecar is sent alike: the outbound clusters, their endpoints and listeners,
+/// and each list's [`NameIndex`].
 #[derive(Debug, Default, PartialEq)]
 pub struct Outbound {
     clusters: Vec<NamedResource>,
     endpoints: Vec<NamedResource>,
     listeners: Vec<NamedResource>,
+    indexes: [Arc<NameIndex>; 3],
+}
+
+impl Outbound {
+    /// Takes `previous`'s name indexes where its lists have the same names in the same order
+    /// (a change of endpoints only, say), so delta streams' subscriptions, kept as positions
+    /// in them, carry over as they are.
+    pub fn reuse_indexes(&mut self, previous: &Outbound) {
+        let same = |a: &[NamedResource], b: &[NamedResource]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.name == y.name)
+        };
+        for (k, (now, before)) in [
+            (&self.clusters, &previous.clusters),
+            (&self.endpoints, &previous.endpoints),
+            (&self.listeners, &previous.listeners),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if same(now, before) {
+                self.indexes[k] = previous.indexes[k].clone();
+            }
+        }
+    }
+}
+
+/// The position of each name in one list of shared resources.
+#[derive(Debug, Default, PartialEq)]
+pub struct NameIndex {
+    position: HashMap<String, u32>,
+}
+
+impl NameIndex {
+    fn of(items: &[NamedResource]) -> Arc<NameIndex> {
+        Arc::new(NameIndex {
+            position: items
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.name.clone(), i as u32))
+                .collect(),
+        })
+    }
+
+    /// An index of `items`, for tests elsewhere.
+    #[cfg(test)]
+    pub fn for_tests(items: &[NamedResource]) -> Arc<NameIndex> {
+        NameIndex::of(items)
+    }
+
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.position.get(name).map(|p| *p as usize)
+    }
+
+    pub fn len(&self) -> usize {
+        self.position.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.position.is_empty()
+    }
 }
 
 fn pack_named<T: prost::Name>(items: Vec<T>, name: impl Fn(&T) -> String) -> Vec<NamedResource> {
@@ -216,10 +304,18 @@ pub fn outbound(model: &Model) -> Outbound {
         }
         listeners.push(tcp_listener(&name, &ip, port, &cluster));
     }
+    let clusters = pack_named(clusters, |c| c.name.clone());
+    let endpoints = pack_named(endpoints, |e| e.cluster_name.clone());
+    let listeners = pack_named(listeners, |l| l.name.clone());
     Outbound {
-        clusters: pack_named(clusters, |c| c.name.clone()),
-        endpoints: pack_named(endpoints, |e| e.cluster_name.clone()),
-        listeners: pack_named(listeners, |l| l.name.clone()),
+        indexes: [
+            NameIndex::of(&clusters),
+            NameIndex::of(&endpoints),
+            NameIndex::of(&listeners),
+        ],
+        clusters,
+        endpoints,
+        listeners,
     }
 }
 
