@@ -370,7 +370,7 @@ async fn run_stream(
                 }
                 let names_changed = sub.names != req.resource_names;
                 sub.names = req.resource_names.clone();
-                if (first || names_changed) && send(state, tx, ty, sub, &resources, true).await.is_err() {
+                if (first || names_changed) && send(state, tx, ty, sub, &resources, None).await.is_err() {
                     break;
                 }
                 state.record(stream, n, &subs);
@@ -380,13 +380,22 @@ async fn run_stream(
                     break;
                 }
                 let Some(n) = node.as_ref() else { continue };
-                resources = state.resources_for(&model_rx.borrow_and_update().clone(), n);
+                let old = std::mem::replace(
+                    &mut resources,
+                    state.resources_for(&model_rx.borrow_and_update().clone(), n),
+                );
                 let mut closed = false;
+                // A cluster or listener sent again warms in Envoy until its endpoints or
+                // routes come: after either, those go whole.
+                let mut whole = false;
                 for ty in KNOWN_TYPES {
-                    if let Some(sub) = subs.get_mut(ty).filter(|s| s.sent_version.is_some())
-                        && send(state, tx, ty, sub, &resources, false).await.is_err()
-                    {
-                        closed = true;
+                    let Some(sub) = subs.get_mut(ty).filter(|s| s.sent_version.is_some()) else {
+                        continue;
+                    };
+                    let from = (!whole || is_wildcard_type(ty)).then_some(&old);
+                    match send(state, tx, ty, sub, &resources, from).await {
+                        Ok(sent) => whole |= sent && is_wildcard_type(ty),
+                        Err(()) => closed = true,
                     }
                 }
                 if closed {
@@ -399,21 +408,25 @@ async fn run_stream(
     node.map(|n| n.id)
 }
 
-/// Sends the subscribed resources of one type unless the proxy already has this version.
+/// Sends the subscribed resources of one type. On a change (`changed_from`: the resources
+/// the proxy was sent before), nothing when the proxy already has this version, and for the
+/// types whose responses need not be whole (endpoints and routes: xDS lets a state-of-the-
+/// world response carry only the named resources that changed) only those that changed.
 async fn send(
     state: &XdsState,
     tx: &Tx<DiscoveryResponse>,
     ty: &'static str,
     sub: &mut Subscription,
     resources: &ProxyResources,
-    force: bool,
-) -> Result<(), ()> {
+    changed_from: Option<&ProxyResources>,
+) -> Result<bool, ()> {
     let wildcard =
         (is_wildcard_type(ty) && sub.names.is_empty()) || sub.names.iter().any(|n| n == "*");
+    let names: std::collections::HashSet<&str> = sub.names.iter().map(String::as_str).collect();
     let selected: Vec<_> = resources
         .of_type(ty)
         .into_iter()
-        .filter(|r| wildcard || sub.names.contains(&r.name))
+        .filter(|r| wildcard || names.contains(r.name.as_str()))
         .collect();
     let mut hasher = DefaultHasher::new();
     for r in &selected {
@@ -421,18 +434,33 @@ async fn send(
         r.version.hash(&mut hasher);
     }
     let version = format!("{:016x}", hasher.finish());
-    if !force && sub.sent_version.as_deref() == Some(version.as_str()) {
-        return Ok(());
+    if changed_from.is_some() && sub.sent_version.as_deref() == Some(version.as_str()) {
+        return Ok(false);
+    }
+    let count = selected.len();
+    let sent: Vec<_> = match changed_from {
+        Some(old) if !is_wildcard_type(ty) => selected
+            .into_iter()
+            .filter(|r| {
+                old.find(ty, &r.name, None)
+                    .is_none_or(|(o, _)| o.version != r.version)
+            })
+            .collect(),
+        _ => selected,
+    };
+    if sent.is_empty() {
+        // Only removals, which state of the world says by the clusters and listeners.
+        return Ok(false);
     }
     let nonce = state.next_nonce.fetch_add(1, Ordering::Relaxed).to_string();
     let response = DiscoveryResponse {
         version_info: version.clone(),
-        resources: selected.iter().map(|r| r.resource.clone()).collect(),
+        resources: sent.iter().map(|r| r.resource.clone()).collect(),
         type_url: ty.to_string(),
         nonce: nonce.clone(),
         ..Default::default()
     };
-    sub.resources = selected.len();
+    sub.resources = count;
     sub.sent_version = Some(version);
     sub.sent_nonce = nonce;
     sub.nack = None;
@@ -441,5 +469,8 @@ async fn send(
         prost::Message::encoded_len(&response) as u64,
         Ordering::Relaxed,
     );
-    tx.send(Box::new(Ok(response))).await.map_err(|_| ())
+    tx.send(Box::new(Ok(response)))
+        .await
+        .map(|()| true)
+        .map_err(|_| ())
 }

@@ -132,6 +132,32 @@ impl ProxyResources {
         }
     }
 
+    /// A resource of type `ty` by name, with its position among the shared ones (`hint`:
+    /// where it is in a list indexed by that index, when it is the same).
+    pub fn find(
+        &self,
+        ty: &str,
+        name: &str,
+        hint: Option<(usize, &Arc<NameIndex>)>,
+    ) -> Option<(&NamedResource, Option<usize>)> {
+        let (shared, index) = self.shared(ty);
+        if let Some(index) = index {
+            let at = match hint {
+                Some((i, h)) if Arc::ptr_eq(h, index) => Some(i),
+                _ => index.position(name),
+            };
+            if let Some(r) = at.and_then(|i| shared.get(i)) {
+                return Some((r, at));
+            }
+        } else if let Some(r) = shared.iter().find(|r| r.name == name) {
+            return Some((r, None));
+        }
+        self.own(ty)
+            .into_iter()
+            .find(|r| r.name == name)
+            .map(|r| (r, None))
+    }
+
     /// The resources of one type, in the order they are sent.
     pub fn of_type(&self, type_url: &str) -> Vec<&NamedResource> {
         match type_url {

@@ -113,6 +113,7 @@ async fn envoy_accepts_everything_lumen_control_serves() {
     .unwrap();
     let xds = control.xds_addr().unwrap();
     let state = control.state();
+    let models = control.model_sender();
     let stop = CancellationToken::new();
     let server = tokio::spawn(control.run(stop.clone()));
 
@@ -194,6 +195,54 @@ async fn envoy_accepts_everything_lumen_control_serves() {
     ] {
         assert!(dump.contains(needle), "envoy config dump lacks {needle}");
     }
+
+    // One endpoint more for details: state of the world sends only the endpoints that
+    // changed; Envoy takes it and keeps every other cluster's.
+    let pushed_before = state
+        .pushed_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let mut grown = (*state.model()).clone();
+    let mut pod = grown
+        .pods
+        .iter()
+        .find(|p| p.meta.name == "details-v1")
+        .unwrap()
+        .clone();
+    pod.meta.name = "details-v2".into();
+    pod.ip = "127.0.79.40".parse().unwrap();
+    grown.pods.push(pod);
+    models.send_replace(std::sync::Arc::new(grown));
+    let clusters_dump = || async {
+        reqwest::get(format!("http://{}/clusters", admin.trim()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    let started = Instant::now();
+    let mut clusters = clusters_dump().await;
+    while !clusters.contains("outbound|9080||details.default.svc.cluster.local::127.0.79.40:9080") {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "Envoy never got the new endpoint: {clusters}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        clusters = clusters_dump().await;
+    }
+    for other in [
+        "outbound|9080|v1|reviews.default.svc.cluster.local::127.0.79.",
+        "outbound|9080||ratings.default.svc.cluster.local::127.0.79.",
+        "outbound|9080||productpage.default.svc.cluster.local::127.0.79.",
+    ] {
+        assert!(clusters.contains(other), "Envoy lost {other}: {clusters}");
+    }
+    let pushed = state
+        .pushed_bytes
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - pushed_before;
+    eprintln!("one endpoint added: {pushed} bytes pushed over state of the world");
+    assert!(pushed < 2_000, "{pushed} bytes for one endpoint");
 
     drop(child);
     stop.cancel();

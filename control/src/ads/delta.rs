@@ -154,38 +154,13 @@ enum Had<'a> {
     Was(&'a Scope, &'a ProxyResources),
 }
 
-/// A resource of `res` of type `ty` by name, with its position among the shared ones.
-fn find<'r>(
-    res: &'r ProxyResources,
-    ty: &str,
-    name: &str,
-    hint: Option<(usize, &Arc<NameIndex>)>,
-) -> Option<(&'r NamedResource, Option<usize>)> {
-    let (shared, index) = res.shared(ty);
-    if let Some(index) = index {
-        let at = match hint {
-            Some((i, h)) if Arc::ptr_eq(h, index) => Some(i),
-            _ => index.position(name),
-        };
-        if let Some(r) = at.and_then(|i| shared.get(i)) {
-            return Some((r, at));
-        }
-    } else if let Some(r) = shared.iter().find(|r| r.name == name) {
-        return Some((r, None));
-    }
-    res.own(ty)
-        .into_iter()
-        .find(|r| r.name == name)
-        .map(|r| (r, None))
-}
-
 impl Had<'_> {
     /// The version of `name` the proxy has, if any.
     fn version(&self, ty: &str, name: &str, hint: Option<(usize, &Arc<NameIndex>)>) -> Option<u64> {
         match self {
             Had::Listed(m) => m.get(name).copied(),
             Had::Was(scope, res) => {
-                let (r, at) = find(res, ty, name, hint)?;
+                let (r, at) = res.find(ty, name, hint)?;
                 let index = res.shared(ty).1;
                 scope.covers(name, at.zip(index)).then_some(r.version)
             }
@@ -258,12 +233,13 @@ fn diff(
     }
     // Gone, or no longer subscribed: removed.
     let has_now = |name: &str| {
-        find(now, ty, name, None).is_some_and(|(_, at)| scope.covers(name, at.zip(index)))
+        now.find(ty, name, None)
+            .is_some_and(|(_, at)| scope.covers(name, at.zip(index)))
     };
     let mut removed: Vec<String> = had.names(ty).into_iter().filter(|n| !has_now(n)).collect();
     if first && !scope.wildcard {
         for n in &scope.extra {
-            if find(now, ty, n, None).is_none() && !removed.contains(n) {
+            if now.find(ty, n, None).is_none() && !removed.contains(n) {
                 removed.push(n.clone());
             }
         }
