@@ -93,7 +93,7 @@ fn match_words(m: &HttpMatchRequest) -> String {
 fn service_config(model: &Model, svc: &Service) -> ServiceConfig {
     let host = svc.fqdn();
     let selected: Vec<_> = model.pods.iter().filter(|p| svc.selects(p)).collect();
-    let vs = virtual_service_for(model, svc, None);
+    let vs = virtual_service_for(model, svc, None, None);
     let routes = match vs {
         None => vec![RouteConfig {
             name: "default".to_string(),

@@ -421,11 +421,15 @@ fn request_mirror(
     ))
 }
 
-/// A rule's backends as weighted destinations (weight 0 left out).
+/// A rule's backends as weighted destinations (weight 0 left out). A backend in another
+/// namespace is allowed when it is one of the route's parents (a consumer route sending its
+/// Service's traffic on to that Service, as GAMMA's conformance does); any other needs a
+/// ReferenceGrant, not read yet.
 fn rule_backends(
     refs: &[crd::HttpBackendRef],
     path: &str,
     namespace: &str,
+    parents: &[String],
 ) -> Result<Vec<HttpRouteDestination>, FieldError> {
     let mut destinations = Vec::new();
     for (j, b) in refs.iter().enumerate() {
@@ -450,12 +454,19 @@ fn rule_backends(
         {
             return Err(at(bp, "only Service backends are supported"));
         }
-        if b.namespace.as_deref().is_some_and(|ns| ns != namespace) {
-            return Err(not_yet(
-                format!("{bp}.namespace"),
-                "a backend in another namespace (it needs a ReferenceGrant)",
-            ));
-        }
+        let host = match b.namespace.as_deref() {
+            Some(ns) if ns != namespace => {
+                let fqdn = format!("{}.{ns}.svc.cluster.local", b.name);
+                if !parents.contains(&fqdn) {
+                    return Err(not_yet(
+                        format!("{bp}.namespace"),
+                        "a backend in another namespace that is not the route's parent (it needs a ReferenceGrant)",
+                    ));
+                }
+                fqdn
+            }
+            _ => b.name.clone(),
+        };
         let port = b
             .port
             .ok_or_else(|| at(format!("{bp}.port"), "is required for a Service backend"))?;
@@ -466,7 +477,7 @@ fn rule_backends(
         }
         destinations.push(HttpRouteDestination {
             destination: Destination {
-                host: b.name.clone(),
+                host,
                 subset: None,
                 port: Some(PortSelector { number: port }),
             },
@@ -510,7 +521,7 @@ pub fn http_route(
                     .transpose()?
             }
         };
-        let destinations = rule_backends(&rule.backend_refs, &path, namespace)?;
+        let destinations = rule_backends(&rule.backend_refs, &path, namespace, &hosts)?;
         if redirect.is_some() && !destinations.is_empty() {
             return Err(at(
                 format!("{path}.backendRefs"),
@@ -568,7 +579,7 @@ pub fn grpc_route(
                 "GRPCRoute has no redirects or rewrites",
             ));
         }
-        let destinations = rule_backends(&rule.backend_refs, &path, namespace)?;
+        let destinations = rule_backends(&rule.backend_refs, &path, namespace, &hosts)?;
         if destinations.is_empty() {
             return Err(not_yet(
                 format!("{path}.backendRefs"),

@@ -999,8 +999,18 @@ impl Model {
                     || vs.spec.ports.is_empty()
                     || ports.iter().any(|p| vs.spec.ports.contains(p))
             };
+            // A Gateway API route for a Service of another namespace is a consumer route: it
+            // claims the host for its own namespace's clients only.
+            let claim = |fqdn: &str| {
+                let service_ns = fqdn.split('.').nth(1).unwrap_or_default();
+                if vs.kind != "VirtualService" && service_ns != ns.as_str() {
+                    format!("{fqdn} for clients in {ns}")
+                } else {
+                    fqdn.to_string()
+                }
+            };
             for (i, host) in vs.spec.hosts.iter().enumerate() {
-                let fqdn = Model::fqdn(host, ns);
+                let fqdn = claim(&Model::fqdn(host, ns));
                 let first = routed
                     .get(&fqdn)
                     .and_then(|claims| claims.iter().find(|(_, ports)| overlaps(ports)));
@@ -1034,7 +1044,7 @@ impl Model {
                 None => {
                     for host in &vs.spec.hosts {
                         routed
-                            .entry(Model::fqdn(host, ns))
+                            .entry(claim(&Model::fqdn(host, ns)))
                             .or_default()
                             .push((id.clone(), vs.spec.ports.clone()));
                     }

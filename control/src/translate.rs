@@ -870,13 +870,19 @@ fn domains(svc: &Service, port: u16, client_ns: &str) -> Vec<String> {
 }
 
 /// The VirtualService that routes a service's host for sidecars (no gateways, or `mesh`).
+///
+/// For clients of `client_ns` (None: the Service's own view), a route in that namespace comes
+/// first. A Gateway API route in another namespace than its Service's is a consumer route
+/// (GAMMA): it applies to clients of its own namespace only, before the Service's producer
+/// routes.
 pub(crate) fn virtual_service_for<'m>(
     model: &'m Model,
     svc: &Service,
     port: Option<u16>,
+    client_ns: Option<&str>,
 ) -> Option<&'m VirtualService> {
     let fqdn = svc.fqdn();
-    model.virtual_services.iter().find(|vs| {
+    let applies = |vs: &&VirtualService| {
         (vs.spec.gateways.is_empty() || vs.spec.gateways.iter().any(|g| g == "mesh"))
             && (vs.spec.ports.is_empty() || port.is_none_or(|p| vs.spec.ports.contains(&p)))
             && vs
@@ -884,12 +890,21 @@ pub(crate) fn virtual_service_for<'m>(
                 .hosts
                 .iter()
                 .any(|h| Model::fqdn(h, &vs.meta.namespace) == fqdn)
-    })
+    };
+    let consumer = |vs: &VirtualService| {
+        vs.kind != "VirtualService" && vs.meta.namespace != svc.meta.namespace
+    };
+    let client_ns = client_ns.unwrap_or(&svc.meta.namespace);
+    let mut candidates = model.virtual_services.iter().filter(applies);
+    candidates
+        .clone()
+        .find(|vs| vs.meta.namespace == client_ns)
+        .or_else(|| candidates.find(|vs| !consumer(vs)))
 }
 
 fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> route::VirtualHost {
     let fqdn = svc.fqdn();
-    let vs = virtual_service_for(model, svc, Some(port));
+    let vs = virtual_service_for(model, svc, Some(port), Some(namespace));
     let default_route = || route::Route {
         name: "default".to_string(),
         r#match: Some(prefix_match("/")),
@@ -1907,6 +1922,44 @@ mod tests {
             "{:?}",
             bad.rejected
         );
+    }
+
+    #[test]
+    fn a_consumer_route_applies_to_its_own_namespace_s_clients_only() {
+        let mut model = demo_model();
+        // A producer route for details (header x-producer), and a consumer route from the
+        // `shop` namespace (header x-consumer) sending details' traffic on to details.
+        model
+            .add_yaml(
+                "routes.yaml",
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: details, namespace: default}\nspec:\n  parentRefs: [{group: '', kind: Service, name: details}]\n  rules:\n  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-producer, value: '1'}]}}]\n    backendRefs: [{name: details, port: 9080}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: details-from-shop, namespace: shop}\nspec:\n  parentRefs: [{group: '', kind: Service, name: details, namespace: default}]\n  rules:\n  - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: x-consumer, value: '1'}]}}]\n    backendRefs: [{name: details, namespace: default, port: 9080}]\n",
+            )
+            .expect("routes");
+        model.check();
+        assert!(model.rejected.is_empty(), "{:?}", model.rejected);
+        let header_for = |namespace: &str| -> Vec<String> {
+            let routes = routes(&model, namespace);
+            let rc = routes
+                .iter()
+                .find(|r| r.name == "9080")
+                .map(|r| {
+                    route::RouteConfiguration::decode(r.resource.value.as_slice()).expect("rc")
+                })
+                .expect("9080");
+            let vh = rc
+                .virtual_hosts
+                .iter()
+                .find(|v| v.name.starts_with("details."))
+                .expect("details");
+            vh.routes[0]
+                .request_headers_to_add
+                .iter()
+                .filter_map(|h| h.header.as_ref().map(|h| h.key.clone()))
+                .collect()
+        };
+        assert_eq!(header_for("shop"), ["x-consumer"]);
+        assert_eq!(header_for("default"), ["x-producer"]);
+        assert_eq!(header_for("elsewhere"), ["x-producer"]);
     }
 
     #[test]
