@@ -532,26 +532,11 @@ static_resources:
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds-grpc
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{address: {xds_ip}, port_value: {xds_port}}}
-"#,
+{ads_cluster}"#,
         ip = listen.ip(),
         port = listen.port(),
         log = log.display(),
-        xds_ip = xds.ip(),
-        xds_port = xds.port(),
+        ads_cluster = envoy_peer::ads_cluster(xds),
     )
 }
 
@@ -653,13 +638,7 @@ async fn lumen_proxy_and_envoy_make_the_same_decisions_from_the_same_resources()
     tokio::spawn(control.run(stop.clone()));
 
     // lumen-proxy, as productpage's sidecar (explicit mode: its outbound port).
-    let identity = Identity {
-        workload: "productpage-v1".into(),
-        namespace: "default".into(),
-        app: "productpage".into(),
-        version: "v1".into(),
-        pod: "productpage-v1".into(),
-    };
+    let identity = Identity::of_pod("productpage-v1", "productpage", "v1", "default");
     let config = ProxyConfig::sidecar(
         [127, 0, 88, 1].into(),
         identity,

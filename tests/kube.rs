@@ -239,13 +239,7 @@ async fn kubectl_apply_and_delete_change_routing_and_invalid_edits_change_nothin
     let addrs = control.wait_for_line("control: xDS ", Duration::from_secs(30));
     let (xds, http) = addrs.split_once(", HTTP ").expect("both addresses");
 
-    let identity = Identity {
-        workload: "productpage-v1".into(),
-        namespace: "default".into(),
-        app: "productpage".into(),
-        version: "v1".into(),
-        pod: "productpage-v1".into(),
-    };
+    let identity = Identity::of_pod("productpage-v1", "productpage", "v1", "default");
     let config = ProxyConfig::sidecar(
         [127, 0, 86, 1].into(),
         identity,

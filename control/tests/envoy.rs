@@ -38,23 +38,8 @@ dynamic_resources:
   lds_config: {{ads: {{}}, resource_api_version: V3}}
 static_resources:
   clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds-grpc
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{address: {ip}, port_value: {port}}}
-"#,
-        ip = xds.ip(),
-        port = xds.port()
+{ads_cluster}"#,
+        ads_cluster = envoy_peer::ads_cluster(xds)
     )
 }
 

@@ -56,6 +56,20 @@ pub struct Identity {
     pub pod: String,
 }
 
+impl Identity {
+    /// A pod's identity: its workload named as the pod (a bare pod's), its app and version
+    /// labels, its namespace.
+    pub fn of_pod(pod: &str, app: &str, version: &str, namespace: &str) -> Identity {
+        Identity {
+            workload: pod.to_string(),
+            namespace: namespace.to_string(),
+            app: app.to_string(),
+            version: version.to_string(),
+            pod: pod.to_string(),
+        }
+    }
+}
+
 /// One finished span, as the data path hands it over.
 #[derive(Debug, Clone)]
 pub struct SpanRecord {

@@ -61,13 +61,7 @@ async fn the_proxy_rides_out_a_control_plane_restart() {
         .and_then(|l| l.local_addr())
         .expect("a free port");
     let control = start_control(xds).await;
-    let identity = Identity {
-        workload: "reviews-v1".into(),
-        namespace: "default".into(),
-        app: "reviews".into(),
-        version: "v1".into(),
-        pod: "reviews-v1".into(),
-    };
+    let identity = Identity::of_pod("reviews-v1", "reviews", "v1", "default");
     let ip = std::net::IpAddr::from([POD[0], POD[1], POD[2], 3]);
     let config = ProxyConfig::sidecar(ip, identity, format!("http://{xds}"), None);
     let proxy = Proxy::bind(config, ExportOptions::default())

@@ -24,3 +24,28 @@ pub fn envoy() -> PathBuf {
         )
     })
 }
+
+/// The static cluster an Envoy bootstrap reaches `lumen control`'s ADS at `xds` by
+/// (`xds-grpc`, HTTP/2), as an item of `static_resources.clusters` (two-space indent).
+#[allow(dead_code)] // the crates that run Envoy on lumen control's ADS use it, not all that include this
+pub fn ads_cluster(xds: std::net::SocketAddr) -> String {
+    format!(
+        r#"  - name: xds-grpc
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds-grpc
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{address: {ip}, port_value: {port}}}
+"#,
+        ip = xds.ip(),
+        port = xds.port()
+    )
+}
