@@ -66,8 +66,9 @@ impl Step for Balance {
         let endpoint: Endpoint = endpoint.clone();
         // In flight until its response comes (the connector holds it): least request's and
         // peak EWMA's load (and the latter's latency measure), counted only where the policy
-        // reads it (no allocation on other requests' path).
+        // reads it and has a choice to make (no allocation on other requests' path).
         if target.cluster.lb.counts_in_flight()
+            && target.cluster.endpoints.len() > 1
             && let Some(guard) = target.cluster.balancer.start(index, target.cluster.lb)
         {
             req.extensions_mut().insert(Arc::new(guard));
