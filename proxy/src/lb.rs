@@ -328,6 +328,46 @@ impl Balancer {
         Some(index)
     }
 
+    /// Takes over what `old` learnt about the endpoints both have (matched by address, as
+    /// `old_addresses` and `addresses` list them): ejections still running and their count,
+    /// failures in a row, and latency estimates. Requests in flight stay counted on `old`,
+    /// whose guards they hold. An endpoint update (EDS) thus neither lets an ejected endpoint
+    /// back in early nor makes a slow one look new.
+    pub fn carry_from(&self, old: &Balancer, old_addresses: &[String], addresses: &[String]) {
+        let before: std::collections::HashMap<&str, usize> = old_addresses
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (a.as_str(), i))
+            .collect();
+        let (old_now, now) = (old.now_ms(), self.now_ms());
+        for (i, address) in addresses.iter().enumerate() {
+            let Some(&j) = before.get(address.as_str()) else {
+                continue;
+            };
+            if let (Some(h), Some(o)) = (self.health.get(i), old.health.get(j)) {
+                let remaining = o
+                    .ejected_until
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(old_now);
+                if remaining > 0 && self.epoch.is_some() {
+                    h.ejected_until.store(now + remaining, Ordering::Relaxed);
+                }
+                for (to, from) in [
+                    (&h.consecutive_5xx, &o.consecutive_5xx),
+                    (&h.consecutive_gateway, &o.consecutive_gateway),
+                    (&h.ejections, &o.ejections),
+                ] {
+                    to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+            }
+            if let (Some(to), Some(from)) = (self.estimates.get(i), old.estimates.get(j))
+                && let (Ok(mut to), Ok(from)) = (to.lock(), from.lock())
+            {
+                *to = *from;
+            }
+        }
+    }
+
     /// Counts a request to endpoint `index` as in flight until the guard drops (and, under
     /// peak EWMA, takes the time it took as a latency measure then).
     pub fn start(self: &Arc<Self>, index: usize, policy: LbPolicy) -> Option<InFlight> {
@@ -530,6 +570,44 @@ mod tests {
         assert!(
             b.estimate(1, decay)
                 .is_some_and(|d| d < Duration::from_millis(30))
+        );
+    }
+
+    #[test]
+    fn an_endpoint_update_keeps_ejections_and_estimates_of_the_endpoints_that_stay() {
+        let policy = LbPolicy::PEAK_EWMA;
+        let outlier = Some(OutlierPolicy {
+            consecutive_5xx: 1,
+            consecutive_gateway: 0,
+            base_ejection: Duration::from_secs(60),
+            max_ejection: Duration::from_secs(300),
+            max_ejection_percent: 100,
+            panic_threshold_percent: 0,
+        });
+        let old_addresses = addresses(3);
+        let old = Balancer::with_outlier_detection(policy, &old_addresses, outlier);
+        assert!(old.observe(1, Outcome::Status(503)), "ejected");
+        if let Ok(mut e) = old.estimates[2].lock() {
+            e.rtt_ns = 250e6;
+        }
+        // Endpoint 0 goes, one comes; 1 and 2 stay (now at 0 and 1).
+        let new_addresses = vec![
+            old_addresses[1].clone(),
+            old_addresses[2].clone(),
+            "10.0.0.99:80".to_string(),
+        ];
+        let new = Balancer::with_outlier_detection(policy, &new_addresses, outlier);
+        new.carry_from(&old, &old_addresses, &new_addresses);
+        assert!(new.ejected(0), "the ejected endpoint stays out");
+        assert!(!new.ejected(1) && !new.ejected(2));
+        let decay = Duration::from_secs(10);
+        assert!(
+            new.estimate(1, decay)
+                .is_some_and(|d| d > Duration::from_millis(200))
+        );
+        assert!(
+            new.estimate(2, decay)
+                .is_some_and(|d| d < Duration::from_millis(31))
         );
     }
 

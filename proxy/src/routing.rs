@@ -1360,7 +1360,7 @@ impl MeshConfig {
         for mut c in clusters {
             if let Some(prev) = old.get(&c.name).filter(|_| c.eds) {
                 c.endpoints = prev.endpoints.clone();
-                c = c.balanced();
+                c = c.balanced_from(prev);
             }
             self.clusters.insert(c.name.clone(), Arc::new(c));
         }
@@ -1380,7 +1380,7 @@ impl MeshConfig {
                     breaker: c.breaker.clone(),
                     outlier: c.outlier,
                 }
-                .balanced();
+                .balanced_from(c);
                 self.clusters.insert(name, Arc::new(updated));
             }
         }
@@ -1519,6 +1519,18 @@ impl Cluster {
             self.outlier,
         ));
         self
+    }
+
+    /// As [`Cluster::balanced`], keeping what `previous`'s balancer learnt about the
+    /// endpoints both have (ejections, failures in a row, latency estimates).
+    pub fn balanced_from(self, previous: &Cluster) -> Cluster {
+        let c = self.balanced();
+        let addresses = |c: &Cluster| -> Vec<String> {
+            c.endpoints.iter().map(|e| e.app_addr.to_string()).collect()
+        };
+        c.balancer
+            .carry_from(&previous.balancer, &addresses(previous), &addresses(&c));
+        c
     }
 
     /// The same cluster speaking HTTP/2 upstream (or not).
