@@ -60,7 +60,11 @@ fn app(addr: &str, name: &'static str, seen: &Seen, stop: &CancellationToken) {
                     .entry((name.to_string(), case))
                     .or_default() += 1;
                 let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                let mut status = StatusCode::OK;
+                let mut status = if name.ends_with("-bad") {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                };
                 if let Some(code) = path.strip_prefix("/status/") {
                     status = code
                         .parse()
@@ -317,7 +321,8 @@ fn table() -> Vec<Case> {
                 "-",
             )
         },
-        case("connection refused", "gone:9080", "/", 503, None, "UF"),
+        // Istio's default retries (two, on connect-failure) run out: URX, then the last UF.
+        case("connection refused", "gone:9080", "/", 503, None, "URX,UF"),
         case("no endpoints", "empty:9080", "/", 503, None, "UH"),
         case("no route", "nowhere:9080", "/", 404, None, "NR"),
     ]
@@ -622,6 +627,8 @@ async fn lumen_proxy_and_envoy_make_the_same_decisions_from_the_same_resources()
         ("127.0.88.71:9080", "maglev-1"),
         ("127.0.88.72:9080", "maglev-2"),
         ("127.0.88.73:9080", "maglev-3"),
+        ("127.0.88.81:9080", "flaky-bad"),
+        ("127.0.88.82:9080", "flaky-good"),
     ] {
         app(addr, name, &seen, &stop);
     }
@@ -827,6 +834,28 @@ async fn lumen_proxy_and_envoy_make_the_same_decisions_from_the_same_resources()
             picks["lumen"], picks["envoy"],
             "{host}: users placed differently"
         );
+    }
+
+    // Istio's default retries (a 503 retried twice, never on an endpoint tried already):
+    // with one of two endpoints answering 503 to everything, every request succeeds, and
+    // no request reaches the failing one more than once.
+    for (who, proxy) in [("envoy", envoy_addr), ("lumen", lumen)] {
+        let c = case("previous hosts", "flaky:9080", "/", 200, None, "-");
+        for k in 0..20 {
+            let tag = format!("{who}/previous hosts/{k}");
+            let out = send(&client, proxy, &c, &tag).await;
+            assert_eq!(out.status, 200, "{tag}: {out:?}");
+            let bad = seen
+                .lock()
+                .unwrap()
+                .get(&("flaky-bad".to_string(), tag.clone()))
+                .copied()
+                .unwrap_or(0);
+            assert!(
+                bad <= 1,
+                "{tag}: the failing endpoint was tried {bad} times"
+            );
+        }
     }
 
     drop(envoy);

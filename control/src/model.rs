@@ -316,10 +316,32 @@ pub struct HeaderRules {
 /// and on what (Envoy's `retry_on` conditions, and status codes).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RetrySettings {
+    /// Retries after the first try (0: retries off).
     pub attempts: u32,
     pub per_try_timeout: Option<std::time::Duration>,
     pub retry_on: Vec<String>,
     pub status_codes: Vec<u16>,
+}
+
+impl RetrySettings {
+    /// What a route that names no retries gets, as Istio gives it: two retries on a failed
+    /// connection, a refused stream, gRPC's unavailable and cancelled, and 503.
+    pub fn istio_default() -> RetrySettings {
+        RetrySettings {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: [
+                "connect-failure",
+                "refused-stream",
+                "unavailable",
+                "cancelled",
+                "retriable-status-codes",
+            ]
+            .map(String::from)
+            .to_vec(),
+            status_codes: vec![503],
+        }
+    }
 }
 
 /// A route's fault injection (Istio's `HTTPFaultInjection`): a fixed delay and an abort

@@ -910,6 +910,7 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> rou
         r#match: Some(prefix_match("/")),
         action: Some(route::route::Action::Route(route::RouteAction {
             hash_policy: hash_policy(&load_balancer_for(model, &fqdn, "", port)),
+            retry_policy: retry_policy(None),
             ..route_action(route::route_action::ClusterSpecifier::Cluster(
                 cluster_name::outbound(port, "", &fqdn),
             ))
@@ -1049,13 +1050,7 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> rou
                         .clone()
                         .map(route::route_action::HostRewriteSpecifier::HostRewriteLiteral);
                 }
-                action.retry_policy = http.retries.as_ref().map(|r| route::RetryPolicy {
-                    retry_on: r.retry_on.join(","),
-                    num_retries: Some(UInt32Value { value: r.attempts }),
-                    per_try_timeout: r.per_try_timeout.map(pb_duration),
-                    retriable_status_codes: r.status_codes.iter().map(|c| u32::from(*c)).collect(),
-                    ..Default::default()
-                });
+                action.retry_policy = retry_policy(http.retries.as_ref());
                 action.timeout = http.timeout.map(pb_duration);
                 let rules = http.headers.clone().unwrap_or_default();
                 for m in matches {
@@ -1115,6 +1110,31 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> rou
         routes,
         ..Default::default()
     }
+}
+
+/// A route's retries as Envoy's retry policy, as Istio writes it: Istio's default when the
+/// route names none, none when it turns them off, and a retry avoiding the hosts already
+/// tried (up to five picks).
+fn retry_policy(r: Option<&crate::model::RetrySettings>) -> Option<route::RetryPolicy> {
+    let r = r
+        .cloned()
+        .unwrap_or_else(crate::model::RetrySettings::istio_default);
+    (r.attempts > 0).then(|| route::RetryPolicy {
+        retry_on: r.retry_on.join(","),
+        num_retries: Some(UInt32Value { value: r.attempts }),
+        per_try_timeout: r.per_try_timeout.map(pb_duration),
+        retriable_status_codes: r.status_codes.iter().map(|c| u32::from(*c)).collect(),
+        retry_host_predicate: vec![route::retry_policy::RetryHostPredicate {
+            name: lumen_api::PREVIOUS_HOSTS.to_string(),
+            config_type: Some(route::retry_policy::retry_host_predicate::ConfigType::TypedConfig(
+                pack_any(
+                    lumen_api::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate::default(),
+                ),
+            )),
+        }],
+        host_selection_retry_max_attempts: 5,
+        ..Default::default()
+    })
 }
 
 /// One direction's sets and additions as Envoy's header options; `%` written as Envoy's

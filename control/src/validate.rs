@@ -395,7 +395,8 @@ fn header_rules(h: &crd::Headers, path: &str) -> Result<HeaderRules, FieldError>
 const DEFAULT_RETRY_ON: &str =
     "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes,503";
 
-/// A route's retries; none when `attempts` is 0 (retries off).
+/// A route's retries (`attempts` 0: retries off, where a route without `retries` gets
+/// Istio's default).
 fn retries(r: &crd::HttpRetry, path: &str) -> Result<Option<RetrySettings>, FieldError> {
     let attempts = u32::try_from(r.attempts).map_err(|_| {
         at(
@@ -404,7 +405,7 @@ fn retries(r: &crd::HttpRetry, path: &str) -> Result<Option<RetrySettings>, Fiel
         )
     })?;
     if attempts == 0 {
-        return Ok(None);
+        return Ok(Some(RetrySettings::default()));
     }
     if r.retry_remote_localities == Some(true) {
         return Err(not_yet(
@@ -1334,7 +1335,7 @@ subsets:
             "hosts: [r]\nhttp:\n- retries: {attempts: 0}\n  route: [{destination: {host: r}}]\n",
         )
         .expect("off");
-        assert_eq!(off.http[0].retries, None);
+        assert_eq!(off.http[0].retries, Some(RetrySettings::default()));
         let e = vs("hosts: [r]\nhttp:\n- retries: {attempts: 2, retryOn: 'sometimes'}\n  route: [{destination: {host: r}}]\n")
             .expect_err("unknown condition");
         assert_eq!(e.path, "spec.http[0].retries.retryOn");

@@ -797,11 +797,28 @@ pub struct RetryPolicy {
     /// `deadline-exceeded`, `internal`, `resource-exhausted`, `unavailable`).
     pub retry_on: Vec<String>,
     pub status_codes: Vec<u16>,
+    /// With Envoy's previous-hosts predicate: how many picks a retry gets in all to find an
+    /// endpoint not tried yet (0: no predicate, any endpoint).
+    pub host_selection_attempts: u32,
 }
 
 fn retry_policy(route: &str, p: xroute::RetryPolicy) -> Result<RetryPolicy, ConfigError> {
-    if !p.retry_host_predicate.is_empty()
-        || p.retry_priority.is_some()
+    let previous_hosts = match p.retry_host_predicate.as_slice() {
+        [] => false,
+        [one] if one.name == lumen_api::PREVIOUS_HOSTS => true,
+        other => {
+            return Err(unsupported(
+                "route",
+                route,
+                format!(
+                    "retry host predicates {:?}: only {} is supported",
+                    other.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+                    lumen_api::PREVIOUS_HOSTS
+                ),
+            ));
+        }
+    };
+    if p.retry_priority.is_some()
         || !p.retriable_headers.is_empty()
         || !p.retriable_request_headers.is_empty()
         || p.rate_limited_retry_back_off.is_some()
@@ -809,7 +826,7 @@ fn retry_policy(route: &str, p: xroute::RetryPolicy) -> Result<RetryPolicy, Conf
         return Err(unsupported(
             "route",
             route,
-            "retry host predicates, priorities, header conditions and rate-limited back-off are not supported",
+            "retry priorities, header conditions and rate-limited back-off are not supported",
         ));
     }
     let retry_on: Vec<String> = p
@@ -842,6 +859,12 @@ fn retry_policy(route: &str, p: xroute::RetryPolicy) -> Result<RetryPolicy, Conf
             .iter()
             .filter_map(|c| u16::try_from(*c).ok())
             .collect(),
+        // Picks in all: the first and Envoy's reattempts (one when unset; at most 16 here).
+        host_selection_attempts: if previous_hosts {
+            1 + u32::try_from(p.host_selection_retry_max_attempts.clamp(1, 16)).unwrap_or(1)
+        } else {
+            0
+        },
     })
 }
 

@@ -38,7 +38,7 @@ fn mesh() -> String {
     for (svc, policy) in [
         (
             "flaky",
-            "outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}",
+            "loadBalancer: {simple: ROUND_ROBIN}, outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}",
         ),
         (
             "narrow",
@@ -52,6 +52,9 @@ fn mesh() -> String {
     }
     // No DestinationRule: Lumen's default balancer (peak EWMA in lumen-proxy).
     yaml.push_str("apiVersion: v1\nkind: Service\nmetadata: {name: ewma}\nspec:\n  selector: {app: echo}\n  ports: [{name: http, port: 9080}]\n---\n");
+    // flaky's 503s reach the caller: Istio's default retries (which would send each to
+    // another endpoint) turned off.
+    yaml.push_str("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: flaky}\nspec:\n  hosts: [flaky]\n  http:\n  - route: [{destination: {host: flaky}}]\n    retries: {attempts: 0}\n---\n");
     for i in 1..=4 {
         yaml.push_str(&format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: echo-{i}\n  labels: {{app: echo, version: v1}}\n  annotations: {{sidecar.istio.io/inject: 'false'}}\nspec:\n  containers: [{{name: echo, ports: [{{containerPort: 9080}}]}}]\nstatus: {{podIP: {SUBNET}.1{i}}}\n---\n"

@@ -119,6 +119,9 @@ pub const MAX_REGEX_PROGRAM: usize = 64 * 1024;
 /// The name (and per-route configuration key) of Envoy's fault filter.
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 
+/// Envoy's retry host predicate that steers a retry away from the hosts already tried.
+pub const PREVIOUS_HOSTS: &str = "envoy.retry_host_predicates.previous_hosts";
+
 /// The name (and per-route configuration key) of Envoy's CORS filter.
 pub const CORS_FILTER: &str = "envoy.filters.http.cors";
 

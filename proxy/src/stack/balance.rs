@@ -47,6 +47,24 @@ fn set(headers: &mut http::HeaderMap, name: &'static str, value: &str) {
     }
 }
 
+/// The endpoints a request's attempts went to, shared by its attempts (set by the retry
+/// layer under the previous-hosts predicate): a retry picks again, up to `picks` times, for
+/// one not tried yet.
+#[derive(Debug, Clone)]
+pub struct Tried {
+    picks: u32,
+    indices: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl Tried {
+    pub fn new(picks: u32) -> Tried {
+        Tried {
+            picks,
+            indices: Arc::default(),
+        }
+    }
+}
+
 impl Step for Balance {
     fn prepare(&self, req: &mut Request<Body>) -> Result<(), ProxyError> {
         let target = req
@@ -55,14 +73,46 @@ impl Step for Balance {
             .cloned()
             .ok_or_else(|| ProxyError::internal("no route chosen before load balancing"))?;
         let request_hash = req.extensions().get::<RequestHash>().map(|h| h.0);
-        let (index, endpoint) = target.cluster.pick_for(request_hash).ok_or_else(|| {
+        let no_healthy = || {
             ProxyError::new(
                 flags::NO_HEALTHY_UPSTREAM,
                 StatusCode::SERVICE_UNAVAILABLE,
                 Fault::Upstream,
                 format!("no healthy upstream in cluster {}", target.cluster.name),
             )
-        })?;
+        };
+        let mut picked = target
+            .cluster
+            .pick_for(request_hash)
+            .ok_or_else(no_healthy)?;
+        if let Some(tried) = req.extensions().get::<Tried>()
+            && let Ok(mut indices) = tried.indices.lock()
+        {
+            // A retry: pick again while the pick was tried before, as many times as allowed;
+            // a policy that keeps choosing it (power of two choices between two endpoints
+            // always takes the cheaper) then gets the next endpoint in turn neither tried
+            // nor ejected, if there is one.
+            for _ in 1..tried.picks {
+                if !indices.contains(&picked.0) {
+                    break;
+                }
+                picked = target
+                    .cluster
+                    .pick_for(request_hash)
+                    .ok_or_else(no_healthy)?;
+            }
+            let n = target.cluster.endpoints.len();
+            if indices.contains(&picked.0)
+                && let Some(i) = (1..n)
+                    .map(|k| (picked.0 + k) % n)
+                    .find(|i| !indices.contains(i) && !target.cluster.balancer.ejected(*i))
+                && let Some(e) = target.cluster.endpoints.get(i)
+            {
+                picked = (i, e);
+            }
+            indices.push(picked.0);
+        }
+        let (index, endpoint) = picked;
         let endpoint: Endpoint = endpoint.clone();
         // In flight until its response comes (the connector holds it): least request's and
         // peak EWMA's load (and the latter's latency measure), counted only where the policy

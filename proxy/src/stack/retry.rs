@@ -157,8 +157,15 @@ where
         let budget = self.budget.clone();
         Box::pin(async move {
             let _request = InFlight::new(&budget.requests);
-            let (parts, body) = req.into_parts();
+            let (mut parts, body) = req.into_parts();
             let body = kept_body::keep(body, "for retries").await?;
+            // Every attempt shares one record of the endpoints tried, for the balancer to
+            // steer a retry away from them (Envoy's previous-hosts predicate).
+            if policy.host_selection_attempts > 0 {
+                parts
+                    .extensions
+                    .insert(super::balance::Tried::new(policy.host_selection_attempts));
+            }
             let overall = parts.extensions.get::<RouteTimeout>().map(|t| t.0);
             let budget = budget.clone();
             let attempts = async move {
@@ -200,18 +207,16 @@ where
                                 ));
                             });
                         }
+                        // Envoy records URX first, then the last try's own flag ("URX,UF").
+                        if let Some(o) = observation {
+                            o.add_flag(flags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+                        }
                         return match outcome {
                             Err(mut e) => {
-                                e.flag = flags::UPSTREAM_RETRY_LIMIT_EXCEEDED;
                                 e.reason = format!("{} (after {n} retries)", e.reason);
                                 Err(e)
                             }
-                            Ok(resp) => {
-                                if let Some(o) = observation {
-                                    o.add_flag(flags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
-                                }
-                                Ok(resp)
-                            }
+                            ok => ok,
                         };
                     }
                     _held = slot.flatten();

@@ -267,6 +267,50 @@ async fn balance_picks_an_endpoint_sets_peer_headers_and_drops_forged_ones() {
 }
 
 #[tokio::test]
+async fn a_retry_under_the_previous_hosts_predicate_goes_to_an_endpoint_not_tried() {
+    use crate::routing::tests::endpoint;
+    // Least request between two idle endpoints picks either, the same one again as likely as
+    // not: the predicate gets the retry to the other every time.
+    let mut two = crate::routing::Cluster::new(
+        "two",
+        vec![
+            endpoint("127.0.10.3", "reviews-v1"),
+            endpoint("127.0.10.4", "reviews-v2"),
+        ],
+    );
+    two.lb = crate::lb::LbPolicy::LeastRequest;
+    let two = Arc::new(two.balanced());
+    let balance = StepLayer(balance::Balance::new(identity("productpage", "v1")));
+    let tried = balance::Tried::new(6);
+    let mut picked = Vec::new();
+    for _ in 0..2 {
+        let (inner, seen) = capture();
+        let mut req = get("reviews:9080", "/");
+        req.extensions_mut().insert(route::Target {
+            cluster: two.clone(),
+            service: "reviews".into(),
+        });
+        req.extensions_mut().insert(tried.clone());
+        balance
+            .clone()
+            .layer(inner)
+            .oneshot(req)
+            .await
+            .expect("balanced");
+        let reached = seen.lock().expect("lock").take().expect("reached");
+        picked.push(
+            reached
+                .extensions()
+                .get::<Endpoint>()
+                .expect("endpoint")
+                .workload
+                .clone(),
+        );
+    }
+    assert_ne!(picked[0], picked[1], "{picked:?}");
+}
+
+#[tokio::test]
 async fn inbound_reads_the_callers_identity_then_removes_it() {
     let mut cfg = MeshConfig::default();
     cfg.apply_clusters(vec![crate::routing::Cluster::new(
@@ -1019,6 +1063,7 @@ async fn retries_follow_the_route_s_policy_and_replay_the_body() {
         req
     };
     let policy = |attempts, on: &str| RetryPolicy {
+        host_selection_attempts: 0,
         attempts,
         per_try_timeout: None,
         retry_on: on.split(',').map(str::to_string).collect(),
@@ -1036,14 +1081,20 @@ async fn retries_follow_the_route_s_policy_and_replay_the_body() {
         (calls.load(Ordering::SeqCst), &body[..]),
         (3, &b"the body"[..])
     );
-    // One retry allowed: out of retries, the last failure as URX.
+    // One retry allowed: out of retries, the last failure (UF) recorded after URX, as
+    // Envoy records it ("URX,UF").
     let (svc, calls) = flaky(5);
+    let observation = Observation::for_test(Direction::Outbound);
+    let mut req = post(policy(1, "5xx"));
+    req.extensions_mut().insert(observation.clone());
     let err = RetryLayer::default()
         .layer(svc)
-        .oneshot(post(policy(1, "5xx")))
+        .oneshot(req)
         .await
         .expect_err("out of retries");
-    assert_eq!((calls.load(Ordering::SeqCst), err.flag), (2, "URX"));
+    assert_eq!((calls.load(Ordering::SeqCst), err.flag), (2, "UF"));
+    let (labels, _) = observation.snapshot().expect("record");
+    assert_eq!(labels.response_flags, "URX");
     // A condition the policy does not name: no retry.
     let (svc, calls) = flaky(5);
     let err = RetryLayer::default()
