@@ -836,26 +836,34 @@ async fn lumen_proxy_and_envoy_make_the_same_decisions_from_the_same_resources()
         );
     }
 
-    // Istio's default retries (a 503 retried twice, never on an endpoint tried already):
-    // with one of two endpoints answering 503 to everything, every request succeeds, and
-    // no request reaches the failing one more than once.
+    // Istio's default retries (a 503 retried twice, away from the endpoints tried) with one
+    // of two endpoints answering 503 to everything. Envoy's predicate is best effort (its
+    // least request may draw the tried endpoint on every one of its six picks, 1 in 64, and
+    // then sends there anyway): at least 19 of 20 requests succeed through it. lumen-proxy
+    // takes the endpoint not tried when its picks do not find it: every request succeeds,
+    // and none reaches the failing endpoint twice.
     for (who, proxy) in [("envoy", envoy_addr), ("lumen", lumen)] {
         let c = case("previous hosts", "flaky:9080", "/", 200, None, "-");
+        let mut ok = 0;
         for k in 0..20 {
             let tag = format!("{who}/previous hosts/{k}");
             let out = send(&client, proxy, &c, &tag).await;
-            assert_eq!(out.status, 200, "{tag}: {out:?}");
-            let bad = seen
-                .lock()
-                .unwrap()
-                .get(&("flaky-bad".to_string(), tag.clone()))
-                .copied()
-                .unwrap_or(0);
-            assert!(
-                bad <= 1,
-                "{tag}: the failing endpoint was tried {bad} times"
-            );
+            ok += usize::from(out.status == 200);
+            if who == "lumen" {
+                assert_eq!(out.status, 200, "{tag}: {out:?}");
+                let bad = seen
+                    .lock()
+                    .unwrap()
+                    .get(&("flaky-bad".to_string(), tag.clone()))
+                    .copied()
+                    .unwrap_or(0);
+                assert!(
+                    bad <= 1,
+                    "{tag}: the failing endpoint was tried {bad} times"
+                );
+            }
         }
+        assert!(ok >= 19, "{who}: {ok} of 20 requests succeeded");
     }
 
     drop(envoy);
