@@ -109,6 +109,9 @@ struct Health {
 struct Estimate {
     rtt_ns: f64,
     at: Instant,
+    /// Whether a response has been timed yet (before: the default RTT, or a measured
+    /// rival's estimate, see [`Balancer::pick`]).
+    measured: bool,
 }
 
 impl Estimate {
@@ -122,8 +125,9 @@ impl Estimate {
     /// in by how long it has been since the last.
     fn observe(&mut self, rtt: Duration, now: Instant, decay: Duration) {
         let rtt = rtt.as_nanos() as f64;
-        if rtt > self.rtt_ns {
+        if rtt > self.rtt_ns || !self.measured {
             self.rtt_ns = rtt;
+            self.measured = true;
         } else {
             let elapsed = now.saturating_duration_since(self.at).as_nanos() as f64;
             let w = (-elapsed / decay.as_nanos().max(1) as f64).exp();
@@ -190,6 +194,7 @@ impl Balancer {
                         std::sync::Mutex::new(Estimate {
                             rtt_ns: default_rtt.as_nanos() as f64,
                             at: now,
+                            measured: false,
                         })
                     })
                     .collect()
@@ -299,13 +304,23 @@ impl Balancer {
             {
                 let (a, b) = two_of(n);
                 let now = Instant::now();
-                let cost = |i: usize| {
-                    let rtt = self.estimates[i]
+                let estimate = |i: usize| {
+                    self.estimates[i]
                         .lock()
-                        .map_or(0.0, |e| e.decayed(now, decay));
-                    rtt * f64::from(self.active[i].load(Ordering::Relaxed) + 1)
+                        .map_or((0.0, false), |e| (e.decayed(now, decay), e.measured))
                 };
-                if cost(b) < cost(a) { b } else { a }
+                let (ea, eb) = (estimate(a), estimate(b));
+                // An endpoint not timed yet is taken at the default, or at its rival's
+                // estimate when that is lower: a new endpoint shares the traffic of a fast
+                // cluster until it is measured, rather than waiting out a default slower
+                // than the cluster is, and is preferred to a slow one.
+                let (ra, rb) = match (ea, eb) {
+                    ((ra, false), (rb, true)) => (ra.min(rb), rb),
+                    ((ra, true), (rb, false)) => (ra, rb.min(ra)),
+                    ((ra, _), (rb, _)) => (ra, rb),
+                };
+                let load = |i: usize| f64::from(self.active[i].load(Ordering::Relaxed) + 1);
+                if rb * load(b) < ra * load(a) { b } else { a }
             }
             (_, Table::Ring(points), Some(h)) => {
                 let at = points.partition_point(|(p, _)| *p < h);
@@ -544,6 +559,7 @@ mod tests {
         let mut e = Estimate {
             rtt_ns: 30e6,
             at: t0,
+            measured: true,
         };
         e.observe(Duration::from_millis(300), t0, decay);
         assert_eq!(e.rtt_ns, 300e6);
@@ -551,12 +567,29 @@ mod tests {
         let after = 300e6 * (-1f64).exp() + 1e6 * (1.0 - (-1f64).exp());
         assert!((e.rtt_ns - after).abs() < 1.0, "{} vs {after}", e.rtt_ns);
         assert!(e.decayed(t0 + decay * 3, decay) < e.rtt_ns * 0.14);
-        // The balancer: endpoint 0 answered in 300 ms, the others are at the default; with two
-        // endpoints both are drawn, so 0 is never picked while its estimate is ten times
-        // theirs, in flight or not.
+        // The balancer: endpoint 0 answered in 300 ms; once endpoint 1 answered in 30 ms,
+        // with two endpoints both are drawn, so 0 is never picked while its estimate is ten
+        // times 1's.
         let b = Arc::new(Balancer::new(policy, &addresses(2)));
         if let Ok(mut e0) = b.estimates[0].lock() {
             e0.observe(Duration::from_millis(300), Instant::now(), decay);
+        }
+        // Endpoint 1 not timed yet: taken at the default (30 ms), below its slow rival, so
+        // always preferred...
+        for _ in 0..100 {
+            assert_eq!(b.pick(policy, 2, None), Some(1));
+        }
+        // ...where beside a fast one (1 ms) it is taken at the rival's estimate: they share.
+        let fast = Balancer::new(policy, &addresses(2));
+        if let Ok(mut e0) = fast.estimates[0].lock() {
+            e0.observe(Duration::from_millis(1), Instant::now(), decay);
+        }
+        let picks: Vec<_> = (0..200)
+            .filter_map(|_| fast.pick(policy, 2, None))
+            .collect();
+        assert!(picks.contains(&0) && picks.contains(&1), "{picks:?}");
+        if let Ok(mut e1) = b.estimates[1].lock() {
+            e1.observe(Duration::from_millis(30), Instant::now(), decay);
         }
         for _ in 0..100 {
             assert_eq!(b.pick(policy, 2, None), Some(1));
