@@ -56,7 +56,8 @@ pub struct XdsState {
 struct Shared {
     model: Option<Arc<Model>>,
     outbound: Arc<Outbound>,
-    routes: HashMap<String, Arc<Vec<NamedResource>>>,
+    /// Route tables by namespace, and by pod labels when routes match on them.
+    routes: HashMap<RoutesKey, Arc<Vec<NamedResource>>>,
 }
 
 /// What `/debug/syncz` reports for one connected proxy (as `istioctl proxy-status`).
@@ -100,6 +101,10 @@ struct Subscription {
 /// slots per stream, and a boxed slot is a pointer where an unboxed one is a response and
 /// a status (about 6 KB a block; this is its 32nd).
 type Tx<T> = mpsc::Sender<Box<Result<T, Status>>>;
+
+/// Whose route tables: a namespace's sidecars, with a pod's labels when routes match on
+/// their callers' labels.
+type RoutesKey = (String, Option<BTreeMap<String, String>>);
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
 type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
@@ -149,10 +154,20 @@ impl XdsState {
                 shared.outbound = Arc::new(outbound);
                 shared.routes.clear();
             }
+            let labels = model
+                .uses_source_labels()
+                .then(|| crate::translate::pod_labels(model, node).cloned())
+                .flatten();
             let routes = shared
                 .routes
-                .entry(node.namespace.clone())
-                .or_insert_with(|| Arc::new(crate::translate::routes(model, &node.namespace)))
+                .entry((node.namespace.clone(), labels.clone()))
+                .or_insert_with(|| {
+                    Arc::new(crate::translate::routes(
+                        model,
+                        &node.namespace,
+                        labels.as_ref(),
+                    ))
+                })
                 .clone();
             (shared.outbound.clone(), routes)
         };

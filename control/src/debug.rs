@@ -83,6 +83,17 @@ fn match_words(m: &HttpMatchRequest) -> String {
     for (name, v) in &m.query {
         parts.push(format!("query {name} {}", string_match(v)));
     }
+    if let Some(port) = m.port {
+        parts.push(format!("port {port}"));
+    }
+    if !m.source_labels.is_empty() {
+        let labels: Vec<String> = m
+            .source_labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        parts.push(format!("callers labelled {}", labels.join(",")));
+    }
     if parts.is_empty() {
         "every request".to_string()
     } else {
@@ -217,6 +228,7 @@ mod tests {
             headers: [("end-user".to_string(), StringMatch::Exact("jason".into()))].into(),
             method: Some(StringMatch::Regex("GET|HEAD".into())),
             query: [("v".to_string(), StringMatch::Exact("2".into()))].into(),
+            ..HttpMatchRequest::default()
         };
         assert_eq!(
             match_words(&m),

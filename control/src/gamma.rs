@@ -120,6 +120,7 @@ fn rule_match(m: &crd::HttpRouteMatch, path: &str) -> Result<HttpMatchRequest, F
         uri,
         headers,
         method: m.method.clone().map(StringMatch::Exact),
+        ..HttpMatchRequest::default()
     })
 }
 

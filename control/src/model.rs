@@ -240,6 +240,12 @@ pub struct HttpMatchRequest {
     /// Query parameter name to match.
     #[serde(skip)]
     pub query: BTreeMap<String, StringMatch>,
+    /// The service port the request is for (the route applies on that port only).
+    #[serde(skip)]
+    pub port: Option<u16>,
+    /// Labels the calling workload's pod has (the route applies to those clients only).
+    #[serde(skip)]
+    pub source_labels: BTreeMap<String, String>,
 }
 
 /// A route's cross-origin resource sharing policy (Istio's `corsPolicy`).
@@ -1081,6 +1087,17 @@ impl Model {
 
     /// Moves pods whose IPv4 address is in `from` (first three octets) to `to`, keeping the
     /// last octet: runs the same mesh on another loopback /24 (tests, a second demo).
+    /// Whether a route matches on its caller's labels, which makes route tables differ
+    /// between the sidecars of one namespace.
+    pub fn uses_source_labels(&self) -> bool {
+        self.virtual_services.iter().any(|vs| {
+            vs.spec
+                .http
+                .iter()
+                .any(|h| h.matches.iter().any(|m| !m.source_labels.is_empty()))
+        })
+    }
+
     pub fn move_pods(&mut self, from: [u8; 3], to: [u8; 3]) {
         let moved = |ip: &mut IpAddr| {
             if let IpAddr::V4(v4) = *ip {

@@ -183,7 +183,11 @@ impl ProxyResources {
 /// Builds every xDS resource the given proxy should see.
 pub fn translate(model: &Model, node: &ProxyNode) -> ProxyResources {
     let outbound = Arc::new(outbound(model));
-    let routes = Arc::new(routes(model, &node.namespace));
+    let routes = Arc::new(routes(
+        model,
+        &node.namespace,
+        pod_labels(model, node).filter(|_| model.uses_source_labels()),
+    ));
     assemble(&outbound, &routes, inbound(model, node))
 }
 
@@ -418,14 +422,20 @@ fn endpoints_by_service(model: &Model) -> Vec<Endpoints<'_>> {
 
 /// The route configurations, one a port, as a sidecar in `namespace` is sent them (short
 /// host names resolve in its own namespace).
-pub fn routes(model: &Model, namespace: &str) -> Vec<NamedResource> {
+/// The route tables for the sidecars of `namespace` (whose pod has `labels`, when routes
+/// match on their callers' labels; `None`: a caller without a known pod).
+pub fn routes(
+    model: &Model,
+    namespace: &str,
+    labels: Option<&BTreeMap<String, String>>,
+) -> Vec<NamedResource> {
     let mut route_hosts: BTreeMap<u16, Vec<route::VirtualHost>> = BTreeMap::new();
     for svc in &model.services {
         for port in svc.ports.iter().filter(|p| !p.tcp()) {
             route_hosts
                 .entry(port.port)
                 .or_default()
-                .push(virtual_host(model, svc, port.port, namespace));
+                .push(virtual_host(model, svc, port.port, namespace, labels));
         }
     }
     let routes: Vec<route::RouteConfiguration> = route_hosts
@@ -445,6 +455,15 @@ pub fn routes(model: &Model, namespace: &str) -> Vec<NamedResource> {
 pub struct Inbound {
     clusters: Vec<NamedResource>,
     listener: Option<NamedResource>,
+}
+
+/// The labels of the proxy's pod, if the model has it.
+pub fn pod_labels<'m>(model: &'m Model, node: &ProxyNode) -> Option<&'m BTreeMap<String, String>> {
+    model
+        .pods
+        .iter()
+        .find(|p| p.meta.name == node.pod && p.meta.namespace == node.namespace)
+        .map(|p| &p.meta.labels)
 }
 
 pub fn inbound(model: &Model, node: &ProxyNode) -> Inbound {
@@ -902,7 +921,13 @@ pub(crate) fn virtual_service_for<'m>(
         .or_else(|| candidates.find(|vs| !consumer(vs)))
 }
 
-fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> route::VirtualHost {
+fn virtual_host(
+    model: &Model,
+    svc: &Service,
+    port: u16,
+    namespace: &str,
+    labels: Option<&BTreeMap<String, String>>,
+) -> route::VirtualHost {
     let fqdn = svc.fqdn();
     let vs = virtual_service_for(model, svc, Some(port), Some(namespace));
     let default_route = || route::Route {
@@ -984,10 +1009,25 @@ fn virtual_host(model: &Model, svc: &Service, port: u16, namespace: &str) -> rou
                         },
                     )
                 };
+                // A match limited to another port, or to callers with labels this one's pod
+                // has not, does not apply here; a route none of whose matches apply is left
+                // out.
+                let no_labels = BTreeMap::new();
+                let applicable: Vec<&HttpMatchRequest> = http
+                    .matches
+                    .iter()
+                    .filter(|m| {
+                        m.port.is_none_or(|p| p == port)
+                            && labels_match(&m.source_labels, labels.unwrap_or(&no_labels))
+                    })
+                    .collect();
+                if !http.matches.is_empty() && applicable.is_empty() {
+                    continue;
+                }
                 let matches: Vec<route::RouteMatch> = if http.matches.is_empty() {
                     vec![prefix_match("/")]
                 } else {
-                    http.matches.iter().map(route_match).collect()
+                    applicable.into_iter().map(route_match).collect()
                 };
                 let per_filter: HashMap<String, Any> = http
                     .fault
@@ -1945,6 +1985,40 @@ mod tests {
     }
 
     #[test]
+    fn source_label_and_port_matches_apply_to_their_callers_and_port_only() {
+        let mut model = demo_model();
+        model.virtual_services.retain(|v| v.meta.name != "reviews");
+        model
+            .add_yaml(
+                "vs.yaml",
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: default}\nspec:\n  hosts: [reviews]\n  http:\n  - name: from-productpage\n    match: [{sourceLabels: {app: productpage}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - name: other-port\n    match: [{port: 9999}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - name: rest\n    route: [{destination: {host: reviews, subset: v1}}]\n",
+            )
+            .expect("a VirtualService");
+        model.check();
+        assert!(model.rejected.is_empty(), "{:?}", model.rejected);
+        assert!(model.uses_source_labels());
+        let route_names = |res: &ProxyResources| -> Vec<String> {
+            let rc = routes_9080(res);
+            let vh = rc
+                .virtual_hosts
+                .iter()
+                .find(|v| v.name.starts_with("reviews."))
+                .expect("reviews");
+            vh.routes.iter().map(|r| r.name.clone()).collect()
+        };
+        // productpage's sidecar (its pod labelled app: productpage) gets the route for it;
+        // reviews' own sidecar does not; neither gets the route of another port.
+        assert_eq!(
+            route_names(&translate(&model, &node())),
+            ["from-productpage", "rest"]
+        );
+        let reviews =
+            ProxyNode::parse("sidecar~127.0.10.3~reviews-v1.default~default.svc.cluster.local")
+                .expect("node");
+        assert_eq!(route_names(&translate(&model, &reviews)), ["rest"]);
+    }
+
+    #[test]
     fn a_consumer_route_applies_to_its_own_namespace_s_clients_only() {
         let mut model = demo_model();
         // A producer route for details (header x-producer), and a consumer route from the
@@ -1958,7 +2032,7 @@ mod tests {
         model.check();
         assert!(model.rejected.is_empty(), "{:?}", model.rejected);
         let header_for = |namespace: &str| -> Vec<String> {
-            let routes = routes(&model, namespace);
+            let routes = routes(&model, namespace, None);
             let rc = routes
                 .iter()
                 .find(|r| r.name == "9080")

@@ -91,8 +91,6 @@ fn match_request(m: &crd::HttpMatchRequest, path: &str) -> Result<HttpMatchReque
     let unsupported = [
         ("scheme", m.scheme.is_some()),
         ("authority", m.authority.is_some()),
-        ("port", m.port.is_some()),
-        ("sourceLabels", !m.source_labels.is_empty()),
         ("gateways", !m.gateways.is_empty()),
         ("ignoreUriCase", m.ignore_uri_case.is_some()),
         ("withoutHeaders", !m.without_headers.is_empty()),
@@ -104,7 +102,18 @@ fn match_request(m: &crd::HttpMatchRequest, path: &str) -> Result<HttpMatchReque
             &format!("matching on {field}"),
         ));
     }
+    let port = m
+        .port
+        .map(|p| {
+            u16::try_from(p)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| at(format!("{path}.port"), format!("{p} is not a port")))
+        })
+        .transpose()?;
     Ok(HttpMatchRequest {
+        port,
+        source_labels: m.source_labels.clone(),
         query: m
             .query_params
             .iter()
