@@ -58,7 +58,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-type Upstream = Client<HttpConnector, Counted<Body, Arc<AtomicU64>>>;
+type Upstream = Client<HttpConnector, Counted<Body, super::observe::AttemptBytes>>;
 
 /// The protocol an HTTP/1.1 request asks to switch to (`Connection: upgrade` and `Upgrade`).
 fn upgrade_of(headers: &HeaderMap) -> Option<http::HeaderValue> {
@@ -217,7 +217,10 @@ impl tower::Service<Request<Body>> for Connect {
         }
         let mut req = req.map(|inner| Counted {
             inner,
-            count: counter,
+            count: super::observe::AttemptBytes {
+                request: counter,
+                sent: 0,
+            },
         });
         let http2 =
             upgrade.is_none() && req.extensions().get::<UpstreamHttp2>().is_some_and(|h| h.0);

@@ -447,9 +447,18 @@ pub trait CountInto: Unpin {
     fn failed(&mut self, _error: &hyper::Error) {}
 }
 
-impl CountInto for Arc<AtomicU64> {
+/// One attempt's request body bytes, recorded into the request's count as the most any of
+/// its attempts sent: a body sent again by a retry (or copied to a mirror) counts once, as
+/// Envoy counts the bytes a request came with.
+pub struct AttemptBytes {
+    pub request: Arc<AtomicU64>,
+    pub sent: u64,
+}
+
+impl CountInto for AttemptBytes {
     fn add(&mut self, bytes: u64) {
-        self.fetch_add(bytes, Ordering::Relaxed);
+        self.sent += bytes;
+        self.request.fetch_max(self.sent, Ordering::Relaxed);
     }
 }
 

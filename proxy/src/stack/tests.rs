@@ -1568,3 +1568,19 @@ async fn cors_answers_allowed_preflights_and_decorates_allowed_origins() {
     );
     assert_eq!(header(&resp, "access-control-allow-methods"), None);
 }
+
+#[test]
+fn a_request_body_sent_again_by_a_retry_counts_once() {
+    use observe::{AttemptBytes, CountInto};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let request = Arc::new(AtomicU64::new(0));
+    for _ in 0..3 {
+        let mut attempt = AttemptBytes {
+            request: request.clone(),
+            sent: 0,
+        };
+        attempt.add(100);
+        attempt.add(20);
+    }
+    assert_eq!(request.load(Ordering::Relaxed), 120);
+}
