@@ -41,6 +41,9 @@ pub struct RouteConfig {
     /// selects the route; empty: every request.
     pub matches: Vec<String>,
     pub destinations: Vec<DestinationConfig>,
+    /// What the route does besides sending to its destinations, in words (redirect, direct
+    /// response, rewrite, header changes, timeout, retries, faults, mirrors, CORS).
+    pub policies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -101,6 +104,80 @@ fn match_words(m: &HttpMatchRequest) -> String {
     }
 }
 
+fn retry_words(r: &crate::model::RetrySettings) -> String {
+    if r.attempts == 0 {
+        return "no retries".to_string();
+    }
+    let mut on = r.retry_on.clone();
+    on.extend(r.status_codes.iter().map(u16::to_string));
+    let per_try = r
+        .per_try_timeout
+        .map(|t| format!(", {t:?} a try"))
+        .unwrap_or_default();
+    format!("{} retries on {}{per_try}", r.attempts, on.join(", "))
+}
+
+/// A route's policies in words, in the order the proxy applies them.
+fn policy_words(http: &crate::model::HttpRoute) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(c) = &http.cors {
+        out.push(format!(
+            "CORS for {} origin pattern{}",
+            c.allow_origins.len(),
+            if c.allow_origins.len() == 1 { "" } else { "s" }
+        ));
+    }
+    if let Some(h) = &http.headers {
+        let n = |o: &crate::model::HeaderOps| o.set.len() + o.add.len() + o.remove.len();
+        out.push(format!(
+            "header changes: {} on requests, {} on responses",
+            n(&h.request),
+            n(&h.response)
+        ));
+    }
+    if let Some(r) = &http.redirect {
+        out.push(format!("redirect ({})", r.status));
+    }
+    if let Some(d) = &http.direct_response {
+        out.push(format!(
+            "direct response {} ({} bytes)",
+            d.status,
+            d.body.len()
+        ));
+    }
+    if let Some(rw) = &http.rewrite {
+        out.push(match (&rw.path, &rw.host) {
+            (Some(_), Some(h)) => format!("rewrite path and host ({h})"),
+            (Some(_), None) => "rewrite path".to_string(),
+            (None, Some(h)) => format!("rewrite host ({h})"),
+            (None, None) => "rewrite".to_string(),
+        });
+    }
+    if let Some(f) = &http.fault {
+        if let Some((d, p)) = f.delay {
+            out.push(format!("fault: {d:?} delay for {p}%"));
+        }
+        if let Some((s, p)) = f.abort {
+            out.push(format!("fault: abort {s} for {p}%"));
+        }
+    }
+    for (d, p) in &http.mirrors {
+        out.push(format!("mirror {p}% to {}", d.host));
+    }
+    if let Some(t) = http.timeout {
+        out.push(format!("timeout {t:?}"));
+    }
+    if http.redirect.is_none() && http.direct_response.is_none() {
+        out.push(retry_words(
+            &http
+                .retries
+                .clone()
+                .unwrap_or_else(crate::model::RetrySettings::istio_default),
+        ));
+    }
+    out
+}
+
 fn service_config(model: &Model, svc: &Service) -> ServiceConfig {
     let host = svc.fqdn();
     let selected: Vec<_> = model.pods.iter().filter(|p| svc.selects(p)).collect();
@@ -115,6 +192,7 @@ fn service_config(model: &Model, svc: &Service) -> ServiceConfig {
                 port: None,
                 weight: 100,
             }],
+            policies: vec![retry_words(&crate::model::RetrySettings::istio_default())],
         }],
         Some(vs) => vs
             .spec
@@ -127,6 +205,7 @@ fn service_config(model: &Model, svc: &Service) -> ServiceConfig {
                     .clone()
                     .unwrap_or_else(|| format!("{}.{}.{i}", vs.meta.name, vs.meta.namespace)),
                 matches: http.matches.iter().map(match_words).collect(),
+                policies: policy_words(http),
                 destinations: http
                     .route
                     .iter()
@@ -219,6 +298,36 @@ mod tests {
         assert_eq!(details.virtual_service, None);
         assert_eq!(details.routes[0].name, "default");
         assert_eq!(details.routes[0].destinations[0].weight, 100);
+        // What each route does besides its destinations, in words: Istio's default
+        // retries, here.
+        assert_eq!(
+            details.routes[0].policies,
+            [
+                "2 retries on connect-failure, refused-stream, unavailable, cancelled, retriable-status-codes, 503"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_route_s_policies_are_written_in_words() {
+        let mut model = Model::from_yaml("bookinfo.yaml", DEMO).expect("demo parses");
+        model
+            .add_yaml(
+                "vs.yaml",
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec:\n  hosts: [ratings]\n  http:\n  - match: [{uri: {prefix: /old}}]\n    redirect: {uri: /new}\n  - corsPolicy: {allowOrigins: [{exact: 'https://a.example'}]}\n    timeout: 2s\n    retries: {attempts: 0}\n    route: [{destination: {host: ratings}}]\n",
+            )
+            .expect("a VirtualService");
+        let dump = dump(&model);
+        let ratings = dump
+            .services
+            .iter()
+            .find(|s| s.name == "ratings")
+            .expect("ratings");
+        assert_eq!(ratings.routes[0].policies, ["redirect (301)"]);
+        assert_eq!(
+            ratings.routes[1].policies,
+            ["CORS for 1 origin pattern", "timeout 2s", "no retries"]
+        );
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct RouteConfig {
     pub matches: Vec<String>,
     #[serde(default)]
     pub destinations: Vec<DestinationConfig>,
+    #[serde(default)]
+    pub policies: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
