@@ -180,7 +180,7 @@ fn policy_words(http: &crate::model::HttpRoute) -> Vec<String> {
 
 fn service_config(model: &Model, svc: &Service) -> ServiceConfig {
     let host = svc.fqdn();
-    let selected: Vec<_> = model.pods.iter().filter(|p| svc.selects(p)).collect();
+    let endpoints = model.endpoint_labels(svc);
     let vs = virtual_service_for(model, svc, None, None);
     let routes = match vs {
         None => vec![RouteConfig {
@@ -226,15 +226,15 @@ fn service_config(model: &Model, svc: &Service) -> ServiceConfig {
         namespace: svc.meta.namespace.clone(),
         host,
         ports: svc.ports.iter().map(|p| p.port).collect(),
-        endpoints: selected.len(),
+        endpoints: endpoints.len(),
         virtual_service: vs.map(|vs| format!("{} {}/{}", vs.kind, vs.meta.namespace, vs.meta.name)),
         routes,
         subsets: subsets_of(model, svc)
             .into_iter()
             .map(|(name, labels)| SubsetConfig {
-                endpoints: selected
+                endpoints: endpoints
                     .iter()
-                    .filter(|p| labels_match(&labels, &p.meta.labels))
+                    .filter(|l| labels_match(&labels, l))
                     .count(),
                 name,
                 labels,
@@ -306,6 +306,34 @@ mod tests {
                 "2 retries on connect-failure, refused-stream, unavailable, cancelled, retriable-status-codes, 503"
             ]
         );
+    }
+
+    #[test]
+    fn endpoints_are_counted_from_endpoint_slices_when_a_service_has_them() {
+        let mut model = Model::from_yaml("bookinfo.yaml", DEMO).expect("demo parses");
+        model
+            .add_yaml("routing.yaml", ROUTING)
+            .expect("routing parses");
+        // reviews' slice: v1 ready, v2 not, and an address without a pod.
+        model
+            .add_yaml(
+                "slice.yaml",
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: reviews-1, namespace: default, labels: {kubernetes.io/service-name: reviews}}\naddressType: IPv4\nports: [{name: http, port: 9080}]\nendpoints:\n- {addresses: [10.1.0.1], conditions: {ready: true}, targetRef: {kind: Pod, name: reviews-v1}}\n- {addresses: [10.1.0.2], conditions: {ready: false}, targetRef: {kind: Pod, name: reviews-v2}}\n- {addresses: [10.1.0.9]}\n",
+            )
+            .expect("a slice");
+        let dump = dump(&model);
+        let reviews = dump
+            .services
+            .iter()
+            .find(|s| s.name == "reviews")
+            .expect("reviews");
+        assert_eq!(reviews.endpoints, 2);
+        let subsets: Vec<(&str, usize)> = reviews
+            .subsets
+            .iter()
+            .map(|s| (s.name.as_str(), s.endpoints))
+            .collect();
+        assert_eq!(subsets, [("v1", 1), ("v2", 0)]);
     }
 
     #[test]

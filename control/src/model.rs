@@ -1087,6 +1087,48 @@ impl Model {
 
     /// Moves pods whose IPv4 address is in `from` (first three octets) to `to`, keeping the
     /// last octet: runs the same mesh on another loopback /24 (tests, a second demo).
+    /// The labels of each of a service's endpoints (the pod's; none for an endpoint without
+    /// one): its EndpointSlices' ready addresses when it has slices, else the pods its
+    /// selector picks, as the translator finds them.
+    pub fn endpoint_labels<'m>(&'m self, svc: &Service) -> Vec<&'m BTreeMap<String, String>> {
+        static NONE: std::sync::LazyLock<BTreeMap<String, String>> =
+            std::sync::LazyLock::new(BTreeMap::new);
+        let slices: Vec<&EndpointSlice> = self
+            .endpoint_slices
+            .iter()
+            .filter(|s| s.service == svc.meta.name && s.meta.namespace == svc.meta.namespace)
+            .collect();
+        if slices.is_empty() {
+            return self
+                .pods
+                .iter()
+                .filter(|p| svc.selects(p))
+                .map(|p| &p.meta.labels)
+                .collect();
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = Vec::new();
+        for slice in slices {
+            for e in slice.endpoints.iter().filter(|e| e.ready) {
+                let labels = e
+                    .pod
+                    .as_deref()
+                    .and_then(|name| {
+                        self.pods.iter().find(|p| {
+                            p.meta.name == name && p.meta.namespace == slice.meta.namespace
+                        })
+                    })
+                    .map_or(&*NONE, |p| &p.meta.labels);
+                for ip in &e.addresses {
+                    if seen.insert(*ip) {
+                        out.push(labels);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Whether a route matches on its caller's labels, which makes route tables differ
     /// between the sidecars of one namespace.
     pub fn uses_source_labels(&self) -> bool {
