@@ -24,7 +24,7 @@ use lumen_api::pb::google::protobuf::{
 use lumen_api::{cluster_name, endpoint_meta, pack_any, ports, type_url};
 
 use crate::model::{
-    DestinationRuleSpec, FaultPolicy, HashKey, HashTable, HeaderOps, HttpMatchRequest,
+    DestinationRuleSpec, FaultPolicy, HashKey, HashTable, HeaderOps, HeaderRules, HttpMatchRequest,
     LoadBalancer, Model, PathChange, Pod, Redirect, Service, StringMatch, VirtualService,
     labels_match,
 };
@@ -971,35 +971,17 @@ fn virtual_host(
                                     0
                                 }),
                             }),
-                            request_headers_to_add: d
-                                .headers
-                                .as_ref()
-                                .map(|h| headers_to_add(&h.request))
-                                .unwrap_or_default(),
-                            request_headers_to_remove: d
-                                .headers
-                                .as_ref()
-                                .map(|h| h.request.remove.clone())
-                                .unwrap_or_default(),
-                            response_headers_to_add: d
-                                .headers
-                                .as_ref()
-                                .map(|h| headers_to_add(&h.response))
-                                .unwrap_or_default(),
-                            response_headers_to_remove: d
-                                .headers
-                                .as_ref()
-                                .map(|h| h.response.remove.clone())
-                                .unwrap_or_default(),
-                            ..Default::default()
+                            ..header_options(&[d.headers.as_ref()]).cluster_weight()
                         }
                     })
                     .collect();
                 // A lone destination is the route's cluster; its header changes follow the
                 // route's own (Istio's rule).
-                let mut lone: Option<route::weighted_cluster::ClusterWeight> = None;
+                let lone = match http.route.as_slice() {
+                    [only] => only.headers.as_ref(),
+                    _ => None,
+                };
                 let specifier = if let [only] = clusters.as_slice() {
-                    lone = Some(only.clone());
                     route::route_action::ClusterSpecifier::Cluster(only.name.clone())
                 } else {
                     route::route_action::ClusterSpecifier::WeightedClusters(
@@ -1092,7 +1074,7 @@ fn virtual_host(
                 }
                 action.retry_policy = retry_policy(http.retries.as_ref());
                 action.timeout = http.timeout.map(pb_duration);
-                let rules = http.headers.clone().unwrap_or_default();
+                let headers = header_options(&[http.headers.as_ref(), lone]);
                 for m in matches {
                     routes.push(route::Route {
                         name: name.clone(),
@@ -1109,34 +1091,10 @@ fn virtual_host(
                             (None, None) => route::route::Action::Route(action.clone()),
                         }),
                         typed_per_filter_config: per_filter.clone(),
-                        request_headers_to_add: [
-                            headers_to_add(&rules.request),
-                            lone.as_ref()
-                                .map(|c| c.request_headers_to_add.clone())
-                                .unwrap_or_default(),
-                        ]
-                        .concat(),
-                        request_headers_to_remove: [
-                            rules.request.remove.clone(),
-                            lone.as_ref()
-                                .map(|c| c.request_headers_to_remove.clone())
-                                .unwrap_or_default(),
-                        ]
-                        .concat(),
-                        response_headers_to_add: [
-                            headers_to_add(&rules.response),
-                            lone.as_ref()
-                                .map(|c| c.response_headers_to_add.clone())
-                                .unwrap_or_default(),
-                        ]
-                        .concat(),
-                        response_headers_to_remove: [
-                            rules.response.remove.clone(),
-                            lone.as_ref()
-                                .map(|c| c.response_headers_to_remove.clone())
-                                .unwrap_or_default(),
-                        ]
-                        .concat(),
+                        request_headers_to_add: headers.request_add.clone(),
+                        request_headers_to_remove: headers.request_remove.clone(),
+                        response_headers_to_add: headers.response_add.clone(),
+                        response_headers_to_remove: headers.response_remove.clone(),
                         ..Default::default()
                     });
                 }
@@ -1175,6 +1133,41 @@ fn retry_policy(r: Option<&crate::model::RetrySettings>) -> Option<route::RetryP
         host_selection_retry_max_attempts: 5,
         ..Default::default()
     })
+}
+
+/// Header changes as Envoy writes them on a route or a weighted cluster.
+#[derive(Default)]
+struct HeaderOptions {
+    request_add: Vec<core::HeaderValueOption>,
+    request_remove: Vec<String>,
+    response_add: Vec<core::HeaderValueOption>,
+    response_remove: Vec<String>,
+}
+
+impl HeaderOptions {
+    fn cluster_weight(self) -> route::weighted_cluster::ClusterWeight {
+        route::weighted_cluster::ClusterWeight {
+            request_headers_to_add: self.request_add,
+            request_headers_to_remove: self.request_remove,
+            response_headers_to_add: self.response_add,
+            response_headers_to_remove: self.response_remove,
+            ..Default::default()
+        }
+    }
+}
+
+/// Several rules' header changes, one after the other (a route's, then its lone
+/// destination's, as Istio merges them).
+fn header_options(rules: &[Option<&HeaderRules>]) -> HeaderOptions {
+    let mut out = HeaderOptions::default();
+    for r in rules.iter().flatten() {
+        out.request_add.extend(headers_to_add(&r.request));
+        out.request_remove.extend(r.request.remove.iter().cloned());
+        out.response_add.extend(headers_to_add(&r.response));
+        out.response_remove
+            .extend(r.response.remove.iter().cloned());
+    }
+    out
 }
 
 /// One direction's sets and additions as Envoy's header options; `%` written as Envoy's
