@@ -250,14 +250,6 @@ impl NameIndex {
     pub fn position(&self, name: &str) -> Option<usize> {
         self.position.get(name).map(|p| *p as usize)
     }
-
-    pub fn len(&self) -> usize {
-        self.position.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.position.is_empty()
-    }
 }
 
 fn pack_named<T: prost::Name>(items: Vec<T>, name: impl Fn(&T) -> String) -> Vec<NamedResource> {
