@@ -10,24 +10,25 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use futures::Stream;
-use lumen_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use lumen_api::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
 };
 use lumen_api::type_url;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
 mod delta;
+mod scope;
 pub mod service;
+pub mod wire;
+
+use scope::Scope;
+use wire::{Outgoing, Requests, Responses, Tx};
 
 use crate::model::Model;
 use crate::translate::{NamedResource, Outbound, ProxyNode, ProxyResources, translate};
@@ -78,15 +79,9 @@ pub struct TypeStatus {
     pub nack: Option<String>,
 }
 
-/// The ADS gRPC service.
-#[derive(Debug, Clone)]
-pub struct Ads {
-    state: Arc<XdsState>,
-}
-
+/// What a stream sent of one type and what the proxy said of it.
 #[derive(Debug, Default)]
 struct Subscription {
-    names: Vec<String>,
     sent_version: Option<String>,
     sent_nonce: String,
     /// Responses the last push was split into (delta; each `<nonce>-<k>`): the last one's
@@ -97,17 +92,9 @@ struct Subscription {
     resources: usize,
 }
 
-/// A stream's responses on their way to the transport, boxed: the channel keeps a block of
-/// slots per stream, and a boxed slot is a pointer where an unboxed one is a response and
-/// a status (about 6 KB a block; this is its 32nd).
-type Tx<T> = mpsc::Sender<Box<Result<T, Status>>>;
-
 /// Whose route tables: a namespace's sidecars, with a pod's labels when routes match on
 /// their callers' labels.
 type RoutesKey = (String, Option<BTreeMap<String, String>>);
-
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
-type DeltaStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
 
 /// The types served, in the order a change is pushed (Envoy's: clusters, then their
 /// endpoints, then listeners, then their routes, so nothing names what is not there yet).
@@ -235,60 +222,43 @@ impl XdsState {
     }
 }
 
-impl Ads {
-    pub fn new(state: Arc<XdsState>) -> Ads {
-        Ads { state }
-    }
+/// A state-of-the-world ADS stream (`StreamAggregatedResources`): its task runs until the
+/// proxy goes or the control plane stops; the body carries what it sends.
+pub(crate) fn stream_aggregated_resources(
+    state: Arc<XdsState>,
+    requests: Requests<DiscoveryRequest>,
+) -> Responses {
+    let (tx, rx) = mpsc::channel(16);
+    let stream = state.next_stream.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        let node = run_stream(&state, stream, requests, &tx).await;
+        state.forget(stream);
+        tracing::info!(
+            stream,
+            node = node.as_deref().unwrap_or("-"),
+            "ads stream closed"
+        );
+    });
+    Responses::new(rx)
 }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Ads {
-    type StreamAggregatedResourcesStream = ResponseStream;
-    type DeltaAggregatedResourcesStream = DeltaStream;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        let state = self.state.clone();
-        let stream = state.next_stream.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let node = run_stream(&state, stream, request.into_inner(), &tx).await;
-            state.forget(stream);
-            tracing::info!(
-                stream,
-                node = node.as_deref().unwrap_or("-"),
-                "ads stream closed"
-            );
-        });
-        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
-            ReceiverStream::new(rx),
-            |r| *r,
-        ))))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<DeltaStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        let state = self.state.clone();
-        let stream = state.next_stream.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let node = delta::run(&state, stream, request.into_inner(), &tx).await;
-            state.forget(stream);
-            tracing::info!(
-                stream,
-                node = node.as_deref().unwrap_or("-"),
-                "delta ads stream closed"
-            );
-        });
-        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
-            ReceiverStream::new(rx),
-            |r| *r,
-        ))))
-    }
+/// An incremental ADS stream (`DeltaAggregatedResources`).
+pub(crate) fn delta_aggregated_resources(
+    state: Arc<XdsState>,
+    requests: Requests<DeltaDiscoveryRequest>,
+) -> Responses {
+    let (tx, rx) = mpsc::channel(16);
+    let stream = state.next_stream.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        let node = delta::run(&state, stream, requests, &tx).await;
+        state.forget(stream);
+        tracing::info!(
+            stream,
+            node = node.as_deref().unwrap_or("-"),
+            "delta ads stream closed"
+        );
+    });
+    Responses::new(rx)
 }
 
 /// The proxy a stream's first request names, and what it is sent; an error status for a
@@ -325,13 +295,14 @@ fn served_type(stream: u64, type_url: &str) -> Option<&'static str> {
 async fn run_stream(
     state: &XdsState,
     stream: u64,
-    mut requests: Streaming<DiscoveryRequest>,
-    tx: &Tx<DiscoveryResponse>,
+    mut requests: Requests<DiscoveryRequest>,
+    tx: &Tx,
 ) -> Option<String> {
     let mut model_rx = state.model.clone();
     let mut node: Option<ProxyNode> = None;
     let mut resources = ProxyResources::default();
     let mut subs: HashMap<&'static str, Subscription> = HashMap::new();
+    let mut scopes: HashMap<&'static str, Scope> = HashMap::new();
     loop {
         tokio::select! {
             () = state.closing.cancelled() => {
@@ -366,7 +337,7 @@ async fn run_stream(
                 if let Some(detail) = &req.error_detail {
                     tracing::warn!(stream, node = %n.id, type_url = ty, version = ?sub.sent_version, error = %detail.message, "proxy rejected configuration (NACK)");
                     sub.nack = Some(detail.message.clone());
-                    sub.names = req.resource_names.clone();
+                    scopes.insert(ty, Scope::listed(is_wildcard_type(ty), &req.resource_names, resources.shared(ty).1));
                     state.record(stream, n, &subs);
                     continue;
                 }
@@ -383,9 +354,13 @@ async fn run_stream(
                         .await;
                     break;
                 }
-                let names_changed = sub.names != req.resource_names;
-                sub.names = req.resource_names.clone();
-                if (first || names_changed) && send(state, tx, ty, sub, &resources, None).await.is_err() {
+                let scope = Scope::listed(is_wildcard_type(ty), &req.resource_names, resources.shared(ty).1);
+                let names_changed = scopes.get(ty).is_none_or(|s| !s.same(&scope));
+                scopes.insert(ty, scope);
+                if (first || names_changed)
+                    && let Some(scope) = scopes.get(ty)
+                    && send(state, tx, ty, sub, scope, &resources, None).await.is_err()
+                {
                     break;
                 }
                 state.record(stream, n, &subs);
@@ -404,11 +379,12 @@ async fn run_stream(
                 // routes come: after either, those go whole.
                 let mut whole = false;
                 for ty in KNOWN_TYPES {
-                    let Some(sub) = subs.get_mut(ty).filter(|s| s.sent_version.is_some()) else {
+                    let (Some(sub), Some(scope)) = (subs.get_mut(ty).filter(|s| s.sent_version.is_some()), scopes.get_mut(ty)) else {
                         continue;
                     };
+                    scope.rebase(old.shared(ty).0, resources.shared(ty).1);
                     let from = (!whole || is_wildcard_type(ty)).then_some(&old);
-                    match send(state, tx, ty, sub, &resources, from).await {
+                    match send(state, tx, ty, sub, scope, &resources, from).await {
                         Ok(sent) => whole |= sent && is_wildcard_type(ty),
                         Err(()) => closed = true,
                     }
@@ -427,21 +403,28 @@ async fn run_stream(
 /// the proxy was sent before), nothing when the proxy already has this version, and for the
 /// types whose responses need not be whole (endpoints and routes: xDS lets a state-of-the-
 /// world response carry only the named resources that changed) only those that changed.
+/// The response is this stream's head and the resources' shared encodings.
 async fn send(
     state: &XdsState,
-    tx: &Tx<DiscoveryResponse>,
+    tx: &Tx,
     ty: &'static str,
     sub: &mut Subscription,
+    scope: &Scope,
     resources: &ProxyResources,
     changed_from: Option<&ProxyResources>,
 ) -> Result<bool, ()> {
-    let wildcard =
-        (is_wildcard_type(ty) && sub.names.is_empty()) || sub.names.iter().any(|n| n == "*");
-    let names: std::collections::HashSet<&str> = sub.names.iter().map(String::as_str).collect();
-    let selected: Vec<_> = resources
-        .of_type(ty)
-        .into_iter()
-        .filter(|r| wildcard || names.contains(r.name.as_str()))
+    let (shared, index) = resources.shared(ty);
+    let selected: Vec<&NamedResource> = shared
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| scope.covers(&r.name, index.map(|ix| (*i, ix))))
+        .map(|(_, r)| r)
+        .chain(
+            resources
+                .own(ty)
+                .into_iter()
+                .filter(|r| scope.covers(&r.name, None)),
+        )
         .collect();
     let mut hasher = DefaultHasher::new();
     for r in &selected {
@@ -453,39 +436,38 @@ async fn send(
         return Ok(false);
     }
     let count = selected.len();
-    let sent: Vec<_> = match changed_from {
+    let sent: Vec<bytes::Bytes> = match changed_from {
         Some(old) if !is_wildcard_type(ty) => selected
             .into_iter()
             .filter(|r| {
                 old.find(ty, &r.name, None)
                     .is_none_or(|(o, _)| o.version != r.version)
             })
+            .map(|r| r.wire.clone())
             .collect(),
-        _ => selected,
+        _ => selected.into_iter().map(|r| r.wire.clone()).collect(),
     };
     if sent.is_empty() {
         // Only removals, which state of the world says by the clusters and listeners.
         return Ok(false);
     }
     let nonce = state.next_nonce.fetch_add(1, Ordering::Relaxed).to_string();
-    let response = DiscoveryResponse {
+    let head = DiscoveryResponse {
         version_info: version.clone(),
-        resources: sent.iter().map(|r| r.resource.clone()).collect(),
         type_url: ty.to_string(),
         nonce: nonce.clone(),
         ..Default::default()
     };
+    let out = Outgoing::with_parts(&head, sent);
+    if let Ok(out) = &out {
+        state.pushes.fetch_add(1, Ordering::Relaxed);
+        state
+            .pushed_bytes
+            .fetch_add(out.encoded_len() as u64, Ordering::Relaxed);
+    }
     sub.resources = count;
     sub.sent_version = Some(version);
     sub.sent_nonce = nonce;
     sub.nack = None;
-    state.pushes.fetch_add(1, Ordering::Relaxed);
-    state.pushed_bytes.fetch_add(
-        prost::Message::encoded_len(&response) as u64,
-        Ordering::Relaxed,
-    );
-    tx.send(Box::new(Ok(response)))
-        .await
-        .map(|()| true)
-        .map_err(|_| ())
+    tx.send(Box::new(out)).await.map(|()| true).map_err(|_| ())
 }

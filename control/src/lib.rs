@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
-pub use ads::{Ads, ProxyStatus, XdsState};
+pub use ads::{ProxyStatus, XdsState};
 pub use cluster::KubeSource;
 pub use model::Model;
 pub use source::ConfigSource;
@@ -122,7 +122,7 @@ impl Control {
         let http = axum::serve(self.http, router(self.state.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let grpc = tonic::transport::Server::builder()
-            .add_service(ads::service::AdsServer::new(Ads::new(self.state.clone())))
+            .add_service(ads::service::AdsServer::new(self.state.clone()))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.xds),
                 shutdown.clone().cancelled_owned(),

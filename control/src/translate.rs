@@ -39,6 +39,9 @@ pub struct ProxyNode {
     pub namespace: String,
 }
 
+/// `DiscoveryResponse.resources`' field number.
+const DISCOVERY_RESPONSE_RESOURCES: u32 = 2;
+
 /// One resource, already packed, with its name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedResource {
@@ -46,6 +49,9 @@ pub struct NamedResource {
     pub resource: Any,
     /// A hash of the resource's bytes, computed once (what delta xDS compares).
     pub version: u64,
+    /// The resource as an entry of a `DiscoveryResponse`'s `resources`, encoded once and
+    /// shared by every state-of-the-world response that carries it.
+    pub wire: bytes::Bytes,
 }
 
 impl NamedResource {
@@ -55,6 +61,7 @@ impl NamedResource {
         resource.value.hash(&mut h);
         NamedResource {
             name,
+            wire: crate::ads::wire::field(DISCOVERY_RESPONSE_RESOURCES, &resource),
             resource,
             version: h.finish(),
         }

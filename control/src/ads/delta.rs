@@ -9,7 +9,7 @@
 //! a NACK is recorded with its text and not retried until the configuration changes; a
 //! request answering a nonce that is not the last one sent is stale and ignored.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,124 +17,15 @@ use std::sync::atomic::Ordering;
 use lumen_api::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
-use tonic::{Status, Streaming};
+use tonic::Status;
 
+use super::scope::Scope;
+use super::wire::{Outgoing, Requests, Tx};
 use super::{
     KNOWN_TYPES, MAX_SUBSCRIBED_NAMES, Subscription, XdsState, connect_node, is_wildcard_type,
     served_type,
 };
 use crate::translate::{NameIndex, NamedResource, ProxyNode, ProxyResources};
-
-/// A type's subscription: everything (wildcard), or names. Names among the shared
-/// resources are bits over their positions (a [`NameIndex`]), so a proxy subscribed to
-/// every endpoint of a thousand services costs a stream 125 bytes, not a thousand strings;
-/// other names (the proxy's own resources, routes, names that do not exist) are kept as
-/// they are.
-#[derive(Debug, Clone, Default)]
-struct Scope {
-    wildcard: bool,
-    bits: Vec<u64>,
-    index: Option<Arc<NameIndex>>,
-    extra: BTreeSet<String>,
-}
-
-impl Scope {
-    fn bit(&self, i: usize) -> bool {
-        self.bits
-            .get(i / 64)
-            .is_some_and(|w| (w >> (i % 64)) & 1 == 1)
-    }
-
-    fn set_bit(&mut self, i: usize, on: bool) {
-        let w = i / 64;
-        if self.bits.len() <= w {
-            if !on {
-                return;
-            }
-            self.bits.resize(w + 1, 0);
-        }
-        if on {
-            self.bits[w] |= 1 << (i % 64);
-        } else {
-            self.bits[w] &= !(1 << (i % 64));
-        }
-    }
-
-    /// Whether `name` is subscribed; `at` is its position among shared resources indexed
-    /// by an index, when it is one of them (a bit to test when that is this scope's index).
-    fn covers(&self, name: &str, at: Option<(usize, &Arc<NameIndex>)>) -> bool {
-        if self.wildcard {
-            return true;
-        }
-        match (at, &self.index) {
-            (Some((i, index)), Some(mine)) if Arc::ptr_eq(index, mine) => self.bit(i),
-            _ => {
-                self.extra.contains(name)
-                    || self
-                        .index
-                        .as_ref()
-                        .and_then(|ix| ix.position(name))
-                        .is_some_and(|i| self.bit(i))
-            }
-        }
-    }
-
-    fn insert(&mut self, name: &str) {
-        match self.index.as_ref().and_then(|ix| ix.position(name)) {
-            Some(i) => self.set_bit(i, true),
-            None => {
-                self.extra.insert(name.to_string());
-            }
-        }
-    }
-
-    fn remove(&mut self, name: &str) {
-        match self.index.as_ref().and_then(|ix| ix.position(name)) {
-            Some(i) => self.set_bit(i, false),
-            None => {
-                self.extra.remove(name);
-            }
-        }
-    }
-
-    /// Names subscribed (wildcard aside).
-    fn len(&self) -> usize {
-        self.bits
-            .iter()
-            .map(|w| w.count_ones() as usize)
-            .sum::<usize>()
-            + self.extra.len()
-    }
-
-    /// Moves the names onto `index`, the shared resources' index now; `old` is the list
-    /// the bits referred to.
-    fn rebase(&mut self, old: &[NamedResource], index: Option<&Arc<NameIndex>>) {
-        let same = match (&self.index, index) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
-        if same {
-            return;
-        }
-        let bits = std::mem::take(&mut self.bits);
-        let mut names: Vec<String> = Vec::new();
-        for (w, word) in bits.iter().enumerate() {
-            for b in 0..64 {
-                if (word >> b) & 1 == 1
-                    && let Some(r) = old.get(w * 64 + b)
-                {
-                    names.push(r.name.clone());
-                }
-            }
-        }
-        let extra = std::mem::take(&mut self.extra);
-        self.index = index.cloned();
-        for name in names.iter().chain(&extra) {
-            self.insert(name);
-        }
-    }
-}
 
 /// One type's delta state.
 #[derive(Debug, Default)]
@@ -191,22 +82,33 @@ impl Had<'_> {
     }
 }
 
-/// The most resource bytes one response carries (a single bigger resource goes alone).
-pub const CHUNK_BYTES: usize = 4 * 1024;
+/// The most resource bytes one response carries (a single bigger resource goes alone):
+/// a push of a thousand clusters goes as a few responses, each far below the 4 MiB a gRPC
+/// client takes by default.
+pub const CHUNK_BYTES: usize = 64 * 1024;
 
-/// The responses that bring the proxy from what it `had` to what `scope` covers of `now`,
-/// if any changed (`always`: answer even with nothing, as a first request needs): the
-/// changed resources in chunks of at most [`CHUNK_BYTES`], the removed names with the last.
+/// What one push sends: the changed resources in chunks of at most [`CHUNK_BYTES`], each a
+/// response, and the removed names, with the last.
+struct Push<'a> {
+    version: String,
+    chunks: Vec<Vec<&'a NamedResource>>,
+    removed: Vec<String>,
+    /// Resources the proxy has after it (`/debug/syncz`).
+    count: usize,
+}
+
+/// The push that brings the proxy from what it `had` to what `scope` covers of `now`, if
+/// any changed (`always`: answer even with nothing, as a first request needs).
 /// A name subscribed on the first request that does not exist is answered as removed once,
 /// so the proxy need not wait for it.
-fn diff(
+fn diff<'a>(
     ty: &'static str,
     had: &Had<'_>,
     scope: &Scope,
-    now: &ProxyResources,
+    now: &'a ProxyResources,
     always: bool,
     first: bool,
-) -> Option<(Vec<DeltaDiscoveryResponse>, usize)> {
+) -> Option<Push<'a>> {
     let (shared, index) = now.shared(ty);
     let mut changed = Vec::new();
     let mut system = DefaultHasher::new();
@@ -223,12 +125,7 @@ fn diff(
         count += 1;
         (&r.name, r.version).hash(&mut system);
         if had.version(ty, &r.name, at) != Some(r.version) {
-            changed.push(Resource {
-                name: r.name.clone(),
-                version: format!("{:016x}", r.version),
-                resource: Some(r.resource.clone()),
-                ..Default::default()
-            });
+            changed.push(r);
         }
     }
     // Gone, or no longer subscribed: removed.
@@ -247,61 +144,87 @@ fn diff(
     if changed.is_empty() && removed.is_empty() && !always {
         return None;
     }
-    let version = format!("{:016x}", system.finish());
-    let mut responses = Vec::new();
+    let mut chunks = Vec::new();
     let mut chunk = Vec::new();
     let mut bytes = 0;
     for r in changed {
-        let size = prost::Message::encoded_len(&r);
-        if !chunk.is_empty() && bytes + size > CHUNK_BYTES {
-            responses.push(std::mem::take(&mut chunk));
+        if !chunk.is_empty() && bytes + r.wire.len() > CHUNK_BYTES {
+            chunks.push(std::mem::take(&mut chunk));
             bytes = 0;
         }
-        bytes += size;
+        bytes += r.wire.len();
         chunk.push(r);
     }
-    responses.push(chunk);
-    let last = responses.len() - 1;
-    Some((
-        responses
-            .into_iter()
-            .enumerate()
-            .map(|(k, resources)| DeltaDiscoveryResponse {
-                system_version_info: version.clone(),
-                resources,
-                type_url: ty.to_string(),
-                removed_resources: if k == last {
-                    std::mem::take(&mut removed)
-                } else {
-                    Vec::new()
-                },
-                ..Default::default()
-            })
-            .collect(),
+    chunks.push(chunk);
+    Some(Push {
+        version: format!("{:016x}", system.finish()),
+        chunks,
+        removed,
         count,
-    ))
+    })
+}
+
+/// `DeltaDiscoveryResponse.resources`' field number.
+const RESOURCES: u32 = 2;
+
+/// A `Resource` entry of a response for `r`, as parts: its name and version, encoded here,
+/// then the packed resource, which is the field `wire` holds (`Resource.resource` is field 2
+/// as `DiscoveryResponse.resources` is), shared.
+fn entry(r: &NamedResource) -> [bytes::Bytes; 2] {
+    use prost::Message;
+    let head = Resource {
+        name: r.name.clone(),
+        version: format!("{:016x}", r.version),
+        ..Default::default()
+    };
+    let len = head.encoded_len() + r.wire.len();
+    let mut out = bytes::BytesMut::with_capacity(16 + head.encoded_len());
+    prost::encoding::encode_key(
+        RESOURCES,
+        prost::encoding::WireType::LengthDelimited,
+        &mut out,
+    );
+    prost::encoding::encode_varint(len as u64, &mut out);
+    head.encode_raw(&mut out);
+    [out.freeze(), r.wire.clone()]
 }
 
 async fn push(
     state: &XdsState,
-    tx: &super::Tx<DeltaDiscoveryResponse>,
+    tx: &Tx,
+    ty: &'static str,
     status: &mut Subscription,
-    (responses, count): (Vec<DeltaDiscoveryResponse>, usize),
+    push: Push<'_>,
 ) -> Result<(), ()> {
     let nonce = state.next_nonce.fetch_add(1, Ordering::Relaxed).to_string();
-    status.sent_version = responses.first().map(|r| r.system_version_info.clone());
+    status.sent_version = Some(push.version.clone());
     status.sent_nonce = nonce.clone();
-    status.chunks = responses.len();
-    status.resources = count;
+    status.chunks = push.chunks.len();
+    status.resources = push.count;
     status.nack = None;
-    for (k, mut response) in responses.into_iter().enumerate() {
-        response.nonce = format!("{nonce}-{k}");
-        state.pushes.fetch_add(1, Ordering::Relaxed);
-        state.pushed_bytes.fetch_add(
-            prost::Message::encoded_len(&response) as u64,
-            Ordering::Relaxed,
-        );
-        tx.send(Box::new(Ok(response))).await.map_err(|_| ())?;
+    let last = push.chunks.len() - 1;
+    let mut removed = push.removed;
+    for (k, chunk) in push.chunks.into_iter().enumerate() {
+        let head = DeltaDiscoveryResponse {
+            system_version_info: push.version.clone(),
+            type_url: ty.to_string(),
+            nonce: format!("{nonce}-{k}"),
+            removed_resources: if k == last {
+                std::mem::take(&mut removed)
+            } else {
+                Vec::new()
+            },
+            ..Default::default()
+        };
+        let parts: Vec<bytes::Bytes> = chunk.into_iter().flat_map(entry).collect();
+        let out = Outgoing::with_parts(&head, parts);
+        if let Ok(out) = &out {
+            state.pushes.fetch_add(1, Ordering::Relaxed);
+            state
+                .pushed_bytes
+                .fetch_add(out.encoded_len() as u64, Ordering::Relaxed);
+        }
+        tx.send(Box::new(out)).await.map_err(|_| ())?;
     }
     Ok(())
 }
@@ -310,8 +233,8 @@ async fn push(
 pub(super) async fn run(
     state: &XdsState,
     stream: u64,
-    mut requests: Streaming<DeltaDiscoveryRequest>,
-    tx: &super::Tx<DeltaDiscoveryResponse>,
+    mut requests: Requests<DeltaDiscoveryRequest>,
+    tx: &Tx,
 ) -> Option<String> {
     let mut model_rx = state.model.clone();
     let mut node: Option<ProxyNode> = None;
@@ -418,7 +341,7 @@ pub(super) async fn run(
                     let out = diff(ty, &had, &sub.scope, &resources, first, first);
                     sub.started = true;
                     if let Some(out) = out
-                        && push(state, tx, st, out).await.is_err()
+                        && push(state, tx, ty, st, out).await.is_err()
                     {
                         break;
                     }
@@ -445,7 +368,7 @@ pub(super) async fn run(
                     let before = sub.scope.clone();
                     sub.scope.rebase(old.shared(ty).0, resources.shared(ty).1);
                     if let Some(out) = diff(ty, &Had::Was(&before, &old), &sub.scope, &resources, false, false)
-                        && push(state, tx, st, out).await.is_err()
+                        && push(state, tx, ty, st, out).await.is_err()
                     {
                         closed = true;
                         break;
@@ -459,43 +382,4 @@ pub(super) async fn run(
         }
     }
     node.map(|n| n.id)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use lumen_api::pb::google::protobuf::Any;
-
-    fn named(names: &[&str]) -> Vec<NamedResource> {
-        names
-            .iter()
-            .map(|n| NamedResource::new((*n).to_string(), Any::default()))
-            .collect()
-    }
-
-    #[test]
-    fn a_scope_keeps_shared_names_as_bits_and_carries_them_to_a_new_index() {
-        let old = named(&["a", "b", "c"]);
-        let old_index = NameIndex::for_tests(&old);
-        let mut scope = Scope {
-            index: Some(old_index.clone()),
-            ..Scope::default()
-        };
-        scope.insert("b");
-        scope.insert("later");
-        assert!(scope.covers("b", Some((1, &old_index))));
-        assert!(!scope.covers("a", Some((0, &old_index))));
-        assert!(scope.covers("later", None));
-        assert_eq!((scope.len(), scope.extra.len()), (2, 1));
-        // A new list: b moved, the name that did not exist now does.
-        let new = named(&["later", "c", "b"]);
-        let new_index = NameIndex::for_tests(&new);
-        scope.rebase(&old, Some(&new_index));
-        assert!(scope.covers("b", Some((2, &new_index))));
-        assert!(scope.covers("later", Some((0, &new_index))));
-        assert!(!scope.covers("c", Some((1, &new_index))));
-        assert!(scope.extra.is_empty(), "{:?}", scope.extra);
-        scope.remove("b");
-        assert_eq!(scope.len(), 1);
-    }
 }
