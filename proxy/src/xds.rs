@@ -92,6 +92,11 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The largest xDS response taken: a state-of-the-world CDS response carries every
+/// cluster at once (about 550 bytes each), so gRPC's default 4 MiB would stop a mesh of some
+/// 8,000 services from reaching its proxies. Envoy sets no limit; the control plane is
+/// trusted, but not to the point of any size.
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
@@ -169,7 +174,8 @@ async fn session(
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("connecting to {endpoint}: {e}")))?;
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let mut client = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(MAX_RESPONSE_BYTES);
     let (req_tx, req_rx) = mpsc::channel::<DiscoveryRequest>(16);
     let mut responses = client
         .stream_aggregated_resources(ReceiverStream::new(req_rx))

@@ -14,12 +14,21 @@ use tokio_util::sync::CancellationToken;
 const POD: [u8; 3] = [127, 0, 84];
 
 async fn start_control(xds: SocketAddr) -> CancellationToken {
-    let mut model = Model::from_yaml(
-        "bookinfo.yaml",
-        include_str!("../../fixtures/demo/bookinfo.yaml"),
-    )
-    .expect("demo model");
+    serve(xds, demo(String::new())).await
+}
+
+/// The demo mesh, with `more` YAML after it.
+fn demo(more: String) -> Model {
+    let yaml = format!(
+        "{}\n---\n{more}",
+        include_str!("../../fixtures/demo/bookinfo.yaml")
+    );
+    let mut model = Model::from_yaml("bookinfo.yaml", &yaml).expect("demo model");
     model.move_pods([127, 0, 10], POD);
+    model
+}
+
+async fn serve(xds: SocketAddr, model: Model) -> CancellationToken {
     let control = Control::bind(ControlOptions {
         xds_addr: xds,
         http_addr: "127.0.0.1:0".parse().expect("addr"),
@@ -110,6 +119,57 @@ async fn the_proxy_rides_out_a_control_plane_restart() {
     until(&stats, "reconnected", |_, b| {
         b.contains("lumen_proxy_xds_connected 1")
     })
+    .await;
+    control.cancel();
+    stop.cancel();
+}
+
+/// A mesh whose clusters are more than the 4 MiB a gRPC client takes in one message by
+/// default: the state-of-the-world CDS response still reaches the proxy whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_list_bigger_than_grpcs_default_message_limit_reaches_the_proxy() {
+    const SERVICES: usize = 9000;
+    let mut more = String::new();
+    for s in 0..SERVICES {
+        more.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{s}, namespace: default}}\nspec:\n  selector: {{app: svc-{s}}}\n  ports: [{{name: http, port: 9080}}]\n---\n"
+        ));
+    }
+    let model = demo(more);
+    let node = lumen_control::translate::ProxyNode::parse(
+        "sidecar~127.0.84.3~reviews-v1.default~default.svc.cluster.local",
+    )
+    .expect("node id");
+    let cds: usize = lumen_control::translate::translate(&model, &node)
+        .of_type(lumen_api::type_url::CLUSTER)
+        .iter()
+        .map(|r| r.wire.len())
+        .sum();
+    assert!(cds > 4 << 20, "CDS is only {cds} bytes");
+
+    let xds: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let control = serve(xds, model).await;
+    let identity = Identity::of_pod("reviews-v1", "reviews", "v1", "default");
+    let ip = std::net::IpAddr::from([POD[0], POD[1], POD[2], 3]);
+    let config = ProxyConfig::sidecar(ip, identity, format!("http://{xds}"), None);
+    let proxy = Proxy::bind(config, ExportOptions::default())
+        .await
+        .expect("proxy binds");
+    let admin = proxy.admin_addr().expect("admin");
+    let stop = CancellationToken::new();
+    tokio::spawn(proxy.run(stop.clone()));
+    until(&format!("http://{admin}/ready"), "ready", |s, b| {
+        s == 200 && b == "LIVE\n"
+    })
+    .await;
+    let last = format!("svc-{}.default.svc.cluster.local", SERVICES - 1);
+    until(
+        &format!("http://{admin}/config_dump"),
+        "every cluster",
+        |_, b| b.contains(&last),
+    )
     .await;
     control.cancel();
     stop.cancel();
