@@ -42,8 +42,10 @@ fn proxy_without_control_plane_fails_clearly_and_stops_cleanly() {
         );
     let path = dir.path().join("bootstrap.yaml");
     std::fs::write(&path, bootstrap).expect("write");
+    // One thread, as a sidecar on one core runs (tokio's current-thread runtime); the
+    // SIGTERM test runs it with the default, a thread a CPU.
     let mut child = Command::new(env!("CARGO_BIN_EXE_lumen-proxy"))
-        .arg("-c")
+        .args(["--concurrency", "1", "-c"])
         .arg(&path)
         .env("RUST_LOG", "error")
         .stdout(Stdio::null())
@@ -108,4 +110,15 @@ fn proxy_without_control_plane_fails_clearly_and_stops_cleanly() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_concurrency_of_zero_is_refused_before_anything_starts() {
+    let out = Command::new(env!("CARGO_BIN_EXE_lumen-proxy"))
+        .args(["--concurrency", "0", "-c", "/nonexistent.yaml"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--concurrency"), "{err}");
 }
