@@ -14,7 +14,7 @@ use http::{HeaderValue, Request, Response, StatusCode};
 
 use super::error::ProxyError;
 use super::observe::authority_of;
-use super::step::{Around, BoxFuture};
+use super::step::{Around, AroundFuture, own, pass};
 use crate::http::{host_only, text_body};
 use crate::routing::{Answer, PathMatch, Redirect};
 use crate::server::Body;
@@ -85,7 +85,7 @@ pub fn location(req: &Request<Body>, r: &Redirecting) -> String {
 pub struct RouteAnswers;
 
 impl Around for RouteAnswers {
-    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> BoxFuture
+    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> AroundFuture<S::Future>
     where
         S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
             + Clone
@@ -94,7 +94,7 @@ impl Around for RouteAnswers {
         S::Future: Send + 'static,
     {
         let Some(answering) = req.extensions().get::<Answering>() else {
-            return Box::pin(inner.call(req));
+            return pass(inner, req);
         };
         let r = match &answering.answer {
             Answer::Direct(d) => {
@@ -106,7 +106,7 @@ impl Around for RouteAnswers {
                         HeaderValue::from_static("text/plain"),
                     );
                 }
-                return Box::pin(std::future::ready(Ok(resp)));
+                return own(std::future::ready(Ok(resp)));
             }
             Answer::Redirect(redirect) => Redirecting {
                 redirect: redirect.clone(),
@@ -124,6 +124,6 @@ impl Around for RouteAnswers {
             }
             Err(_) => *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR,
         }
-        Box::pin(std::future::ready(Ok(resp)))
+        own(std::future::ready(Ok(resp)))
     }
 }

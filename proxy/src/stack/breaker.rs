@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 
 use super::error::{Fault, ProxyError, flags};
 use super::route::Target;
-use super::step::{Around, BoxFuture};
+use super::step::{Around, AroundFuture, own, pass};
 use crate::server::Body;
 
 /// A cluster's thresholds (Envoy's defaults where unset: 1024 each, 3 retries).
@@ -99,7 +99,7 @@ fn overflow(cluster: &str, what: String) -> ProxyError {
 pub struct CircuitBreakers;
 
 impl Around for CircuitBreakers {
-    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> BoxFuture
+    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> AroundFuture<S::Future>
     where
         S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
             + Clone
@@ -108,15 +108,15 @@ impl Around for CircuitBreakers {
         S::Future: Send + 'static,
     {
         let Some(target) = req.extensions().get::<Target>().cloned() else {
-            return Box::pin(inner.call(req));
+            return pass(inner, req);
         };
         let Some(breaker) = target.cluster.breaker.clone() else {
-            return Box::pin(inner.call(req));
+            return pass(inner, req);
         };
         let name = target.cluster.name.clone();
         if let Ok(permit) = breaker.slots.clone().try_acquire_owned() {
             let fut = inner.call(req);
-            return Box::pin(async move {
+            return own(async move {
                 let resp = fut.await;
                 drop(permit);
                 resp
@@ -131,7 +131,7 @@ impl Around for CircuitBreakers {
             });
         if queued.is_err() {
             let t = breaker.thresholds;
-            return Box::pin(std::future::ready(Err(overflow(
+            return own(std::future::ready(Err(overflow(
                 &name,
                 format!(
                     "{} requests in flight (at most {} requests, {} connections) and {max_pending} waiting",
@@ -143,7 +143,7 @@ impl Around for CircuitBreakers {
         }
         let clone = inner.clone();
         let mut inner = std::mem::replace(inner, clone);
-        Box::pin(async move {
+        own(async move {
             let acquired = breaker.slots.clone().acquire_owned().await;
             breaker.waiting.fetch_sub(1, Ordering::AcqRel);
             let permit =

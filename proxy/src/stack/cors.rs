@@ -15,7 +15,7 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 
 use super::error::ProxyError;
-use super::step::{Around, BoxFuture};
+use super::step::{Around, AroundFuture, own, pass};
 use crate::http::text_body;
 use crate::routing::CorsPolicy;
 use crate::server::Body;
@@ -97,7 +97,7 @@ fn preflight(policy: &CorsPolicy, req: &Request<Body>, origin: Option<&str>) -> 
 }
 
 impl Around for Cors {
-    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> BoxFuture
+    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> AroundFuture<S::Future>
     where
         S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
             + Clone
@@ -106,7 +106,7 @@ impl Around for Cors {
         S::Future: Send + 'static,
     {
         let Some(policy) = req.extensions().get::<Arc<CorsPolicy>>().cloned() else {
-            return Box::pin(inner.call(req));
+            return pass(inner, req);
         };
         let origin = req
             .headers()
@@ -115,7 +115,7 @@ impl Around for Cors {
             .filter(|o| !o.is_empty())
             .map(str::to_string);
         let Some(origin) = origin else {
-            return Box::pin(inner.call(req));
+            return pass(inner, req);
         };
         let allowed = policy.allows(&origin);
         let is_preflight = req.method() == Method::OPTIONS
@@ -125,10 +125,10 @@ impl Around for Cors {
                 .is_some_and(|v| !v.is_empty());
         if is_preflight && (allowed || !policy.forward_not_matching_preflights) {
             let resp = preflight(&policy, &req, allowed.then_some(origin.as_str()));
-            return Box::pin(std::future::ready(Ok(resp)));
+            return own(std::future::ready(Ok(resp)));
         }
         let fut = inner.call(req);
-        Box::pin(async move {
+        own(async move {
             let mut resp = fut.await?;
             if allowed {
                 decorate(resp.headers_mut(), &policy, &origin);

@@ -8,7 +8,7 @@ use http::{Request, Response};
 
 use super::error::{Fault, ProxyError, flags};
 use super::observe::Observation;
-use super::step::{Around, BoxFuture};
+use super::step::{Around, AroundFuture, own, pass};
 use crate::routing::RouteFault;
 use crate::server::Body;
 
@@ -32,7 +32,7 @@ fn flag(req: &Request<Body>, f: &str) {
 }
 
 impl Around for Faults {
-    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> BoxFuture
+    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> AroundFuture<S::Future>
     where
         S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
             + Clone
@@ -41,7 +41,7 @@ impl Around for Faults {
         S::Future: Send + 'static,
     {
         let Some(fault) = req.extensions().get::<RouteFault>().cloned() else {
-            return Box::pin(inner.call(req));
+            return pass(inner, req);
         };
         let delay = fault
             .delay
@@ -52,12 +52,12 @@ impl Around for Faults {
             .filter(|(_, share)| selected(*share, rand::random::<u32>() % MILLION))
             .map(|(status, _)| status);
         if delay.is_none() && abort.is_none() {
-            return Box::pin(inner.call(req));
+            return pass(inner, req);
         }
         // The inner service was made ready for this call; a clone takes it after the delay.
         let clone = inner.clone();
         let mut inner = std::mem::replace(inner, clone);
-        Box::pin(async move {
+        own(async move {
             if let Some(d) = delay {
                 flag(&req, flags::DELAY_INJECTED);
                 tokio::time::sleep(d).await;

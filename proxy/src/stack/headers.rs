@@ -12,7 +12,7 @@ use std::sync::Arc;
 use http::{HeaderMap, Request, Response};
 
 use super::error::ProxyError;
-use super::step::{Around, BoxFuture};
+use super::step::{Around, AroundFuture, own, pass};
 use crate::routing::{HeaderOps, HeaderRules};
 use crate::server::Body;
 
@@ -37,7 +37,7 @@ pub struct BackendHeaders(pub Arc<HeaderRules>);
 pub struct HeaderChanges;
 
 impl Around for HeaderChanges {
-    fn around<S>(&self, mut req: Request<Body>, inner: &mut S) -> BoxFuture
+    fn around<S>(&self, mut req: Request<Body>, inner: &mut S) -> AroundFuture<S::Future>
     where
         S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
             + Clone
@@ -51,14 +51,14 @@ impl Around for HeaderChanges {
             .get::<BackendHeaders>()
             .map(|b| b.0.clone());
         if route.is_none() && backend.is_none() {
-            return Box::pin(inner.call(req));
+            return pass(inner, req);
         }
         let rules = [backend, route];
         for r in rules.iter().flatten() {
             apply(&r.request, req.headers_mut());
         }
         let fut = inner.call(req);
-        Box::pin(async move {
+        own(async move {
             let mut resp = fut.await?;
             for r in rules.iter().flatten() {
                 apply(&r.response, resp.headers_mut());

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use http::{Request, Response};
 
 use super::error::{ProxyError, flags};
-use super::step::{Around, BoxFuture};
+use super::step::{Around, AroundFuture, own, pass};
 use crate::lb::{Balancer, Outcome};
 use crate::server::Body;
 
@@ -23,7 +23,7 @@ pub struct Picked {
 pub struct Outcomes;
 
 impl Around for Outcomes {
-    fn around<S>(&self, mut req: Request<Body>, inner: &mut S) -> BoxFuture
+    fn around<S>(&self, mut req: Request<Body>, inner: &mut S) -> AroundFuture<S::Future>
     where
         S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
             + Clone
@@ -32,10 +32,10 @@ impl Around for Outcomes {
         S::Future: Send + 'static,
     {
         let Some(picked) = req.extensions_mut().remove::<Picked>() else {
-            return Box::pin(inner.call(req));
+            return pass(inner, req);
         };
         let fut = inner.call(req);
-        Box::pin(async move {
+        own(async move {
             let result = fut.await;
             let outcome = match &result {
                 Ok(resp) => Some(Outcome::Status(resp.status().as_u16())),

@@ -50,18 +50,38 @@ where
 {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = BoxFuture;
+    type Future =
+        futures::future::Either<S::Future, std::future::Ready<Result<Response<Body>, ProxyError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<Body>) -> BoxFuture {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         match self.step.prepare(&mut req) {
-            Ok(()) => Box::pin(self.inner.call(req)),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
+            Ok(()) => futures::future::Either::Left(self.inner.call(req)),
+            Err(e) => futures::future::Either::Right(std::future::ready(Err(e))),
         }
     }
+}
+
+/// What an [`Around`] layer answers with: the rest of the stack's own future when the layer
+/// only passes the request on (no allocation on the request path), else its own.
+pub type AroundFuture<F> = futures::future::Either<F, BoxFuture>;
+
+/// Passes `req` on to the rest of the stack.
+pub fn pass<S>(inner: &mut S, req: Request<Body>) -> AroundFuture<S::Future>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>,
+{
+    futures::future::Either::Left(inner.call(req))
+}
+
+/// The layer's own answer (or its own wait around the rest of the stack).
+pub fn own<F>(
+    answer: impl Future<Output = Result<Response<Body>, ProxyError>> + Send + 'static,
+) -> AroundFuture<F> {
+    futures::future::Either::Right(Box::pin(answer))
 }
 
 /// The other shape: a layer that stands around the rest of the stack, answering itself,
@@ -69,7 +89,7 @@ where
 /// response, circuit breakers, outlier detection). [`AroundLayer`] makes it a tower layer.
 /// `inner` was made ready for this call; a layer that calls it later takes a clone's place.
 pub trait Around: Clone + Send + Sync + 'static {
-    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> BoxFuture
+    fn around<S>(&self, req: Request<Body>, inner: &mut S) -> AroundFuture<S::Future>
     where
         S: tower::Service<Request<Body>, Response = Response<Body>, Error = ProxyError>
             + Clone
@@ -109,13 +129,13 @@ where
 {
     type Response = Response<Body>;
     type Error = ProxyError;
-    type Future = BoxFuture;
+    type Future = AroundFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> BoxFuture {
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
         self.around.around(req, &mut self.inner)
     }
 }
