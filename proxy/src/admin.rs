@@ -102,9 +102,9 @@ impl Admin {
                     "endpoints": c.endpoints.iter().map(|e| json!({
                         "address": e.app_addr.to_string(),
                         "connect": e.connect_addr.to_string(),
-                        "workload": e.workload,
-                        "namespace": e.namespace,
-                        "version": e.version,
+                        "workload": &*e.workload,
+                        "namespace": &*e.namespace,
+                        "version": &*e.version,
                     })).collect::<Vec<_>>(),
                 })
             })

@@ -340,7 +340,7 @@ impl ClusterCfg {
                     meshed: false,
                     workload: "unknown".into(),
                     namespace: "unknown".into(),
-                    app: self.name.clone(),
+                    app: self.name.as_str().into(),
                     version: "unknown".into(),
                 });
             }
@@ -508,6 +508,7 @@ impl StaticResources {
                     });
                 }
                 virtual_hosts.push(VirtualHost {
+                    labels: crate::routing::ServiceLabels::of(&vh.name),
                     name: vh.name.clone(),
                     domains: vh.domains.iter().map(|d| d.to_ascii_lowercase()).collect(),
                     routes,

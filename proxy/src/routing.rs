@@ -73,6 +73,32 @@ pub struct VirtualHost {
     pub name: String,
     pub domains: Vec<String>,
     pub routes: Vec<Route>,
+    /// The service the name says, as metric label values (made once, at config time).
+    pub labels: ServiceLabels,
+}
+
+/// A virtual host's service as Istio's `destination_service*` labels: the host of its name
+/// (`reviews.default.svc.cluster.local`), and when it has a dot, the service's name and
+/// namespace (`reviews`, `default`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceLabels {
+    pub service: crate::telemetry::Label,
+    pub name_and_namespace: Option<(crate::telemetry::Label, crate::telemetry::Label)>,
+}
+
+impl ServiceLabels {
+    pub fn of(virtual_host: &str) -> ServiceLabels {
+        let service = crate::http::host_only(virtual_host);
+        ServiceLabels {
+            service: Arc::from(service),
+            name_and_namespace: service.split_once('.').map(|(name, rest)| {
+                (
+                    Arc::from(name),
+                    Arc::from(rest.split('.').next().unwrap_or_default()),
+                )
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1217,10 +1243,11 @@ pub struct Endpoint {
     /// Where to connect: the sidecar's inbound port when the endpoint is meshed, else the app.
     pub connect_addr: SocketAddr,
     pub meshed: bool,
-    pub workload: String,
-    pub namespace: String,
-    pub app: String,
-    pub version: String,
+    /// Label values (shared with every request's metric labels).
+    pub workload: crate::telemetry::Label,
+    pub namespace: crate::telemetry::Label,
+    pub app: crate::telemetry::Label,
+    pub version: crate::telemetry::Label,
 }
 
 /// What the router decided for one request.
@@ -1849,10 +1876,10 @@ pub fn endpoints_from(
                     .inbound_port
                     .map_or(app_addr, |p| SocketAddr::new(app_addr.ip(), p)),
                 meshed: w.inbound_port.is_some(),
-                workload: w.workload,
-                namespace: w.namespace,
-                app: w.app,
-                version: w.version,
+                workload: w.workload.into(),
+                namespace: w.namespace.into(),
+                app: w.app.into(),
+                version: w.version.into(),
             });
         }
     }
@@ -1873,6 +1900,7 @@ impl TryFrom<xroute::RouteConfiguration> for RouteConfig {
                     .map(Route::try_from)
                     .collect::<Result<_, _>>()?;
                 Ok(VirtualHost {
+                    labels: ServiceLabels::of(&vh.name),
                     name: vh.name,
                     domains: vh
                         .domains
@@ -2145,6 +2173,7 @@ pub(crate) mod tests {
             Arc::new(RouteConfig::new(
                 "9080",
                 vec![VirtualHost {
+                    labels: ServiceLabels::of("reviews.default.svc.cluster.local:9080"),
                     name: "reviews.default.svc.cluster.local:9080".into(),
                     domains: vec!["reviews".into(), "reviews:9080".into()],
                     routes: vec![

@@ -16,25 +16,26 @@ use tokio_util::sync::CancellationToken;
 use crate::routing::{Cluster, Endpoint};
 use crate::server::{Accepted, ConnStats, Detect, Limits};
 use crate::stack::error::flags;
-use crate::telemetry::{Reporter, RequestLabels};
+use crate::telemetry::{Label, Reporter, RequestLabels, unknown};
 
 /// How long connecting to an upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The labels of one connection to `endpoint` of `cluster` (`reporter="source"`).
 fn labels(reporter: &Reporter, cluster: &Cluster, app: &str, flag: &str) -> RequestLabels {
-    let me = reporter.identity();
+    let me = reporter.me();
+    let cluster_name: Label = Arc::from(cluster.name.as_str());
     RequestLabels {
         reporter: "source",
         source_workload: me.workload.clone(),
         source_workload_namespace: me.namespace.clone(),
         source_app: me.app.clone(),
         source_version: me.version.clone(),
-        destination_service: cluster.name.clone(),
-        destination_service_name: cluster.name.clone(),
-        destination_app: app.to_string(),
+        destination_service: cluster_name.clone(),
+        destination_service_name: cluster_name,
+        destination_app: Arc::from(app),
         request_protocol: "tcp",
-        response_flags: flag.to_string(),
+        response_flags: Arc::from(flag),
         ..Default::default()
     }
 }
@@ -85,7 +86,7 @@ pub async fn forward(
     match connected {
         Some(mut upstream) => {
             let _ = upstream.set_nodelay(true);
-            base.response_flags = flags::NONE.to_string();
+            base.response_flags = Arc::from(flags::NONE);
             reporter.tcp(&base, None);
             let (received, sent) =
                 match tokio::io::copy_bidirectional(downstream, &mut upstream).await {
@@ -98,12 +99,11 @@ pub async fn forward(
             reporter.tcp(&base, Some((sent, received)));
         }
         None => {
-            base.response_flags = if endpoint.is_none() {
+            base.response_flags = Arc::from(if endpoint.is_none() {
                 flags::NO_HEALTHY_UPSTREAM
             } else {
                 flags::UPSTREAM_CONNECT_FAILURE
-            }
-            .to_string();
+            });
             reporter.tcp(&base, None);
             reporter.tcp(&base, Some((0, 0)));
         }
@@ -153,13 +153,13 @@ pub fn inbound_opaque(
                     None => config.inbound_cluster(None).and_then(|c| c.pick().cloned()),
                 }
             };
-            let me = reporter.identity();
+            let me = reporter.me();
             let base = RequestLabels {
                 reporter: "destination",
-                source_workload: "unknown".into(),
-                source_workload_namespace: "unknown".into(),
-                source_app: "unknown".into(),
-                source_version: "unknown".into(),
+                source_workload: unknown(),
+                source_workload_namespace: unknown(),
+                source_app: unknown(),
+                source_version: unknown(),
                 destination_workload: me.workload.clone(),
                 destination_workload_namespace: me.namespace.clone(),
                 destination_app: me.app.clone(),
@@ -223,14 +223,14 @@ pub fn outbound_detect(config: crate::xds::ConfigRx, reporter: Arc<Reporter>) ->
             if let Some(c) = &cluster
                 && let Some(fqdn) = c.name.rsplit('|').next().filter(|f| !f.is_empty())
             {
-                base.destination_service = fqdn.to_string();
+                base.destination_service = Arc::from(fqdn);
                 let mut parts = fqdn.split('.');
-                base.destination_service_name = parts.next().unwrap_or_default().to_string();
-                base.destination_service_namespace = parts.next().unwrap_or_default().to_string();
+                base.destination_service_name = Arc::from(parts.next().unwrap_or_default());
+                base.destination_service_namespace = Arc::from(parts.next().unwrap_or_default());
             }
             if accepted.original_dst.is_none() {
                 // Made to the listener itself and not HTTP: nowhere to send it.
-                base.response_flags = flags::NO_ROUTE.to_string();
+                base.response_flags = Arc::from(flags::NO_ROUTE);
                 reporter.tcp(&base, None);
                 reporter.tcp(&base, Some((0, 0)));
                 return;

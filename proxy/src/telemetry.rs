@@ -89,26 +89,74 @@ pub enum AttrValue {
     Int(i64),
 }
 
+/// A metric label's value, shared: a request's labels are reference counts on the values
+/// the proxy already holds (its identity, the endpoint's workload), not copies of them.
+pub type Label = Arc<str>;
+
+/// "unknown", what Istio's labels say where a proxy cannot tell, allocated once.
+pub fn unknown() -> Label {
+    static UNKNOWN: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Arc::from("unknown"));
+    UNKNOWN.clone()
+}
+
+/// The empty value, allocated once.
+pub fn empty() -> Label {
+    static EMPTY: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Arc::from(""));
+    EMPTY.clone()
+}
+
+/// A proxy's identity as label values (a request's `source_*` or `destination_*` labels).
+#[derive(Debug, Clone)]
+pub struct IdentityLabels {
+    pub workload: Label,
+    pub namespace: Label,
+    pub app: Label,
+    pub version: Label,
+}
+
 /// Istio's standard labels for one request series.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_app: String,
-    pub destination_version: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
+    pub source_workload: Label,
+    pub source_workload_namespace: Label,
+    pub source_app: Label,
+    pub source_version: Label,
+    pub destination_workload: Label,
+    pub destination_workload_namespace: Label,
+    pub destination_app: Label,
+    pub destination_version: Label,
+    pub destination_service: Label,
+    pub destination_service_name: Label,
+    pub destination_service_namespace: Label,
     pub request_protocol: &'static str,
     pub response_code: u16,
     /// The gRPC status of a gRPC call (empty for any other request, as Istio leaves it).
-    pub grpc_response_status: String,
-    pub response_flags: String,
+    pub grpc_response_status: Label,
+    pub response_flags: Label,
+}
+
+impl Default for RequestLabels {
+    fn default() -> RequestLabels {
+        RequestLabels {
+            reporter: "",
+            source_workload: empty(),
+            source_workload_namespace: empty(),
+            source_app: empty(),
+            source_version: empty(),
+            destination_workload: empty(),
+            destination_workload_namespace: empty(),
+            destination_app: empty(),
+            destination_version: empty(),
+            destination_service: empty(),
+            destination_service_name: empty(),
+            destination_service_namespace: empty(),
+            request_protocol: "",
+            response_code: 0,
+            grpc_response_status: empty(),
+            response_flags: empty(),
+        }
+    }
 }
 
 /// One histogram: per-bucket counts (the last one above every bound) and the sum.
@@ -272,6 +320,8 @@ const HISTOGRAMS: [HistogramFamily; 3] = [
 #[derive(Debug)]
 pub struct Reporter {
     identity: Identity,
+    /// The identity's values as labels, made once.
+    me: IdentityLabels,
     switches: Switches,
     /// Bytes of spans in the queue, and the most it may hold.
     queued_bytes: Arc<AtomicUsize>,
@@ -316,13 +366,13 @@ impl Default for SeriesLimits {
 }
 
 /// `v` cut to at most `max` bytes at a character boundary.
-fn bound(v: &mut String, max: usize) {
+fn bound(v: &mut Label, max: usize) {
     if v.len() > max {
         let mut end = max;
         while !v.is_char_boundary(end) {
             end -= 1;
         }
-        v.truncate(end);
+        *v = Arc::from(&v[..end]);
     }
 }
 
@@ -425,6 +475,12 @@ impl Reporter {
         let queued_bytes = Arc::new(AtomicUsize::new(0));
         (
             Reporter {
+                me: IdentityLabels {
+                    workload: Arc::from(identity.workload.as_str()),
+                    namespace: Arc::from(identity.namespace.as_str()),
+                    app: Arc::from(identity.app.as_str()),
+                    version: Arc::from(identity.version.as_str()),
+                },
                 identity,
                 switches,
                 queued_bytes: queued_bytes.clone(),
@@ -448,6 +504,11 @@ impl Reporter {
 
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// The proxy's own workload, namespace, app and version as label values.
+    pub fn me(&self) -> &IdentityLabels {
+        &self.me
     }
 
     pub fn switches(&self) -> Switches {

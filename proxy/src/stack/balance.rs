@@ -131,7 +131,11 @@ impl Step for Balance {
                 o.labels.destination_version = endpoint.version.clone();
                 // Set, not pushed: a retry passes here again with another endpoint.
                 let attrs = &mut o.span.attributes;
-                set_attribute(attrs, "peer.service", AttrValue::Str(endpoint.app.clone()));
+                set_attribute(
+                    attrs,
+                    "peer.service",
+                    AttrValue::Str(endpoint.app.to_string()),
+                );
                 set_attribute(
                     attrs,
                     "network.peer.address",

@@ -16,6 +16,7 @@ use crate::routing::Cluster;
 use crate::server::{Accepted, Body};
 use crate::tcp::passthrough;
 use crate::telemetry::AttrValue;
+use crate::telemetry::unknown;
 use crate::xds::ConfigRx;
 
 /// Istio's name for the inbound passthrough.
@@ -77,19 +78,19 @@ impl Step for Inbound {
         if let Some(o) = req.extensions().get::<Observation>() {
             o.update(|o| {
                 let l = &mut o.labels;
-                let unknown = || "unknown".to_string();
-                l.source_workload = workload.clone().unwrap_or_else(unknown);
-                l.source_workload_namespace = namespace.clone().unwrap_or_else(unknown);
-                l.source_app = caller.clone().unwrap_or_else(unknown);
-                l.source_version = version.clone().unwrap_or_else(unknown);
+                let or_unknown = |v: &Option<String>| v.as_deref().map_or_else(unknown, Arc::from);
+                l.source_workload = or_unknown(&workload);
+                l.source_workload_namespace = or_unknown(&namespace);
+                l.source_app = or_unknown(&caller);
+                l.source_version = or_unknown(&version);
                 if let Some(s) = &service {
-                    l.destination_service = s.clone();
+                    l.destination_service = Arc::from(s.as_str());
                 }
                 let svc = l.destination_service.clone();
                 let mut parts = svc.split('.');
-                l.destination_service_name = parts.next().unwrap_or_default().to_string();
+                l.destination_service_name = Arc::from(parts.next().unwrap_or_default());
                 if let Some(ns) = parts.next() {
-                    l.destination_service_namespace = ns.to_string();
+                    l.destination_service_namespace = Arc::from(ns);
                 }
                 o.span.name = format!("{svc}{port}/*");
                 // The caller, as its sidecar told: edges of the service graph are counted
@@ -97,18 +98,18 @@ impl Step for Inbound {
                 // outside the mesh (no sidecar said who it is) makes no edge.
                 if caller.is_some() {
                     let a = &mut o.span.attributes;
-                    a.push(("peer.service", AttrValue::Str(l.source_app.clone())));
+                    a.push(("peer.service", AttrValue::Str(l.source_app.to_string())));
                     a.push((
                         span_attributes::SOURCE_WORKLOAD,
-                        AttrValue::Str(l.source_workload.clone()),
+                        AttrValue::Str(l.source_workload.to_string()),
                     ));
                     a.push((
                         span_attributes::SOURCE_VERSION,
-                        AttrValue::Str(l.source_version.clone()),
+                        AttrValue::Str(l.source_version.to_string()),
                     ));
                     a.push((
                         span_attributes::SOURCE_NAMESPACE,
-                        AttrValue::Str(l.source_workload_namespace.clone()),
+                        AttrValue::Str(l.source_workload_namespace.to_string()),
                     ));
                 }
                 if let Some(v) = config.versions.get("CDS") {

@@ -21,7 +21,7 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use super::error::{ProxyError, flags};
 use crate::http::{host_only, span_attributes};
 use crate::server::Body;
-use crate::telemetry::{AttrValue, Reporter, RequestLabels, Sizes, SpanRecord};
+use crate::telemetry::{AttrValue, Label, Reporter, RequestLabels, Sizes, SpanRecord, unknown};
 use crate::trace::SpanContext;
 
 /// Which side of the pod a stack serves.
@@ -63,11 +63,10 @@ impl Observation {
     pub fn add_flag(&self, f: &str) {
         self.update(|o| {
             let flags = &mut o.labels.response_flags;
-            if flags.is_empty() || flags == super::error::flags::NONE {
-                *flags = f.to_string();
+            if flags.is_empty() || &**flags == super::error::flags::NONE {
+                *flags = flag_label(f);
             } else {
-                flags.push(',');
-                flags.push_str(f);
+                *flags = Arc::from(format!("{flags},{f}"));
             }
         });
     }
@@ -172,6 +171,16 @@ pub struct Observe<S> {
     direction: Direction,
 }
 
+/// A response flag as a label value: the common "-" shared, any other made.
+fn flag_label(f: &str) -> Label {
+    static NONE: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Arc::from(flags::NONE));
+    if f == flags::NONE {
+        NONE.clone()
+    } else {
+        Arc::from(f)
+    }
+}
+
 /// The `Host` (or the URI's authority).
 pub fn authority_of<B>(req: &Request<B>) -> String {
     req.headers()
@@ -187,8 +196,8 @@ impl<S> Observe<S> {
         let start = SystemTime::now();
         let authority = authority_of(req);
         let path = req.uri().path();
-        let me = self.reporter.identity();
-        let unknown = || "unknown".to_string();
+        let me = self.reporter.me();
+        let service: Label = Arc::from(host_only(&authority));
         let labels = match self.direction {
             Direction::Outbound => RequestLabels {
                 reporter: "source",
@@ -197,7 +206,7 @@ impl<S> Observe<S> {
                 source_app: me.app.clone(),
                 source_version: me.version.clone(),
                 request_protocol: "http",
-                destination_service: host_only(&authority).to_string(),
+                destination_service: service,
                 destination_service_name: unknown(),
                 destination_service_namespace: unknown(),
                 destination_workload: unknown(),
@@ -216,7 +225,7 @@ impl<S> Observe<S> {
                 destination_workload_namespace: me.namespace.clone(),
                 destination_app: me.app.clone(),
                 destination_version: me.version.clone(),
-                destination_service: host_only(&authority).to_string(),
+                destination_service: service,
                 destination_service_name: unknown(),
                 destination_service_namespace: me.namespace.clone(),
                 request_protocol: "http",
@@ -319,13 +328,13 @@ where
             labels.response_code = status.as_u16();
             // A flag an inner layer set on the way (DI) stays, joined with the failure's own
             // as Envoy writes several ("DI,FI").
-            let flag = match (labels.response_flags.as_str(), flag) {
-                ("" | "-", f) => f.to_string(),
-                (set, flags::NONE) => set.to_string(),
-                (set, f) => format!("{set},{f}"),
+            let joined = match (&*labels.response_flags, flag) {
+                ("" | "-", f) => flag_label(f),
+                (_, flags::NONE) => labels.response_flags.clone(),
+                (set, f) => Arc::from(format!("{set},{f}")),
             };
-            let flag = flag.as_str();
-            labels.response_flags = flag.to_string();
+            labels.response_flags = joined.clone();
+            let flag = &*joined;
             span.error = is_error(span.kind, status);
             span.attributes.push((
                 "http.response.status_code",
@@ -398,7 +407,7 @@ impl Finish {
         else {
             return;
         };
-        self.labels.grpc_response_status = code.to_string();
+        self.labels.grpc_response_status = Arc::from(code.to_string());
         if let Some(span) = self.span.as_mut() {
             span.attributes
                 .push(("rpc.grpc.status_code", AttrValue::Int(code)));
@@ -475,7 +484,7 @@ impl CountInto for Finish {
 
     /// A response cut off after its head: Envoy's UR (upstream reset), an error.
     fn failed(&mut self, error: &hyper::Error) {
-        self.labels.response_flags = flags::UPSTREAM_RESET.to_string();
+        self.labels.response_flags = flag_label(flags::UPSTREAM_RESET);
         if let Some(span) = self.span.as_mut() {
             span.error = true;
             for (k, v) in span.attributes.iter_mut() {

@@ -20,7 +20,8 @@ use crate::xds::ConfigRx;
 #[derive(Debug, Clone)]
 pub struct Target {
     pub cluster: Arc<Cluster>,
-    pub service: String,
+    /// The service the virtual host names (`reviews.default.svc.cluster.local`).
+    pub service: crate::telemetry::Label,
 }
 
 #[derive(Debug, Clone)]
@@ -200,11 +201,11 @@ impl Step for Route {
         // Captured and for a host the mesh does not know: on to where the app was going, as
         // Istio's default outbound policy (ALLOW_ANY) does.
         if let (Err(RouteError::NoRoute { .. }), Some(dst)) = (&routed, original_dst) {
-            let service = host_only(&authority).to_string();
+            let service: crate::telemetry::Label = Arc::from(host_only(&authority));
             if let Some(o) = &observation {
                 o.update(|o| {
-                    o.labels.destination_service = PASSTHROUGH_CLUSTER.to_string();
-                    o.labels.destination_service_name = PASSTHROUGH_CLUSTER.to_string();
+                    o.labels.destination_service = Arc::from(PASSTHROUGH_CLUSTER);
+                    o.labels.destination_service_name = Arc::from(PASSTHROUGH_CLUSTER);
                     o.span.name = format!("{service}/*");
                     o.span.attributes.push((
                         "upstream_cluster",
@@ -240,21 +241,19 @@ impl Step for Route {
                 ),
             }
         })?;
-        let vhost = decision
-            .route_config
-            .virtual_host(decision.virtual_host)
-            .map(|v| v.name.clone())
-            .unwrap_or_default();
-        let service = host_only(&vhost).to_string();
-        if let Some(o) = &observation {
+        let vhost = decision.route_config.virtual_host(decision.virtual_host);
+        let service = vhost.map_or_else(crate::telemetry::empty, |v| v.labels.service.clone());
+        if let Some(o) = &observation
+            && let Some(vhost) = vhost
+        {
             o.update(|o| {
-                o.labels.destination_service = service.clone();
-                if let Some((name, rest)) = service.split_once('.') {
-                    o.labels.destination_service_name = name.to_string();
-                    o.labels.destination_service_namespace =
-                        rest.split('.').next().unwrap_or_default().to_string();
+                let labels = &vhost.labels;
+                o.labels.destination_service = labels.service.clone();
+                if let Some((name, namespace)) = &labels.name_and_namespace {
+                    o.labels.destination_service_name = name.clone();
+                    o.labels.destination_service_namespace = namespace.clone();
                 }
-                o.span.name = format!("{vhost}/*");
+                o.span.name = format!("{}/*", vhost.name);
                 o.span.attributes.push((
                     "upstream_cluster",
                     AttrValue::Str(decision.cluster.name.clone()),

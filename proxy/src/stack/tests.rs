@@ -198,10 +198,10 @@ async fn route_picks_the_cluster_and_names_the_service_or_fails_with_nr() {
         .get::<route::Target>()
         .expect("a target");
     assert_eq!(target.cluster.name, "v2", "jason goes to v2");
-    assert_eq!(target.service, "reviews.default.svc.cluster.local");
+    assert_eq!(&*target.service, "reviews.default.svc.cluster.local");
     let (labels, attrs) = o.snapshot().expect("record");
-    assert_eq!(labels.destination_service_name, "reviews");
-    assert_eq!(labels.destination_service_namespace, "default");
+    assert_eq!(&*labels.destination_service_name, "reviews");
+    assert_eq!(&*labels.destination_service_namespace, "default");
     assert_eq!(
         attr(&attrs, "upstream_cluster"),
         Some(&AttrValue::Str("v2".into()))
@@ -245,7 +245,7 @@ async fn balance_picks_an_endpoint_sets_peer_headers_and_drops_forged_ones() {
         .expect("balanced");
     let reached = seen.lock().expect("lock").take().expect("reached");
     let endpoint = reached.extensions().get::<Endpoint>().expect("an endpoint");
-    assert_eq!(endpoint.workload, "reviews-v2");
+    assert_eq!(&*endpoint.workload, "reviews-v2");
     let h = reached.headers();
     assert_eq!(h[peer_headers::APP], "productpage", "ours, not the app's");
     assert_eq!(h[peer_headers::ORIGINAL_DST], "127.0.10.4:9080");
@@ -353,10 +353,10 @@ async fn inbound_reads_the_callers_identity_then_removes_it() {
     assert!(reached.extensions().get::<Endpoint>().is_some());
     let (labels, attrs) = o.snapshot().expect("record");
     assert_eq!(
-        (labels.source_app.as_str(), labels.source_version.as_str()),
+        (&*labels.source_app, &*labels.source_version),
         ("reviews", "v2")
     );
-    assert_eq!(labels.destination_service_name, "ratings");
+    assert_eq!(&*labels.destination_service_name, "ratings");
     assert_eq!(
         attr(&attrs, "peer.service"),
         Some(&AttrValue::Str("reviews".into()))
@@ -1011,7 +1011,7 @@ async fn fault_delays_or_aborts_the_share_its_route_names() {
     assert!(started.elapsed() >= std::time::Duration::from_millis(50));
     assert!(seen.lock().expect("lock").is_some());
     let (labels, _) = observation.snapshot().expect("record");
-    assert_eq!(labels.response_flags, "DI");
+    assert_eq!(&*labels.response_flags, "DI");
     // A share of none: nothing happens.
     let (inner, seen) = capture();
     let mut req = get("details", "/");
@@ -1094,7 +1094,7 @@ async fn retries_follow_the_route_s_policy_and_replay_the_body() {
         .expect_err("out of retries");
     assert_eq!((calls.load(Ordering::SeqCst), err.flag), (2, "UF"));
     let (labels, _) = observation.snapshot().expect("record");
-    assert_eq!(labels.response_flags, "URX");
+    assert_eq!(&*labels.response_flags, "URX");
     // A condition the policy does not name: no retry.
     let (svc, calls) = flaky(5);
     let err = RetryLayer::default()
@@ -1145,7 +1145,7 @@ async fn retries_follow_the_route_s_policy_and_replay_the_body() {
         .expect("answered");
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     let (labels, _) = observation.snapshot().expect("record");
-    assert_eq!(labels.response_flags, "URX");
+    assert_eq!(&*labels.response_flags, "URX");
 }
 
 #[tokio::test]
