@@ -67,12 +67,17 @@ impl SpanContext {
 
     /// The `traceparent` header value naming this span as the parent.
     pub fn traceparent(&self) -> String {
-        format!(
-            "00-{}-{}-{:02x}",
-            hex(&self.trace_id),
-            hex(&self.span_id),
-            u8::from(self.sampled)
-        )
+        String::from_utf8_lossy(&self.traceparent_bytes()).into_owned()
+    }
+
+    /// The `traceparent` header's bytes, written on the stack (the request path's form).
+    pub fn traceparent_bytes(&self) -> [u8; 55] {
+        let mut out = [b'-'; 55];
+        out[..2].copy_from_slice(b"00");
+        hex_into(&self.trace_id, &mut out[3..35]);
+        hex_into(&self.span_id, &mut out[36..52]);
+        hex_into(&[u8::from(self.sampled)], &mut out[53..55]);
+        out
     }
 }
 
@@ -165,13 +170,18 @@ fn nonzero<const N: usize>(mut gen_fn: impl FnMut() -> [u8; N]) -> [u8; N] {
 
 /// Lowercase hex of bytes.
 pub fn hex(bytes: &[u8]) -> String {
+    let mut out = vec![0; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Lowercase hex of `bytes` into `out`, two digits a byte (`out` is twice as long).
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
     }
-    s
 }
 
 fn decode_hex(s: &str, out: &mut [u8]) -> Option<()> {

@@ -56,7 +56,7 @@ pub fn location(req: &Request<Body>, r: &Redirecting) -> String {
         .redirect
         .host
         .clone()
-        .unwrap_or_else(|| host_only(&authority).to_string());
+        .unwrap_or_else(|| host_only(authority).to_string());
     // As Envoy's router: a host named replaces the whole authority (with a port only if one is
     // named too); else the request's authority stays, its port replaced by a port named, or
     // dropped when the scheme changes and it was the old scheme's default port.

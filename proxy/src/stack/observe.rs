@@ -182,12 +182,11 @@ fn flag_label(f: &str) -> Label {
 }
 
 /// The `Host` (or the URI's authority).
-pub fn authority_of<B>(req: &Request<B>) -> String {
+pub fn authority_of<B>(req: &Request<B>) -> &str {
     req.headers()
         .get(http::header::HOST)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .unwrap_or_default()
 }
 
@@ -197,7 +196,7 @@ impl<S> Observe<S> {
         let authority = authority_of(req);
         let path = req.uri().path();
         let me = self.reporter.me();
-        let service: Label = Arc::from(host_only(&authority));
+        let service: Label = Arc::from(host_only(authority));
         let labels = match self.direction {
             Direction::Outbound => RequestLabels {
                 reporter: "source",
@@ -248,7 +247,7 @@ impl<S> Observe<S> {
                 ("url.path", AttrValue::Str(path.to_string())),
                 (
                     "server.address",
-                    AttrValue::Str(host_only(&authority).to_string()),
+                    AttrValue::Str(host_only(authority).to_string()),
                 ),
             ],
         };

@@ -178,7 +178,7 @@ impl Step for Route {
                     .push((span_attributes::CONFIG_VERSION, AttrValue::Str(v.clone())));
             });
         }
-        let mut authority = authority_of(req);
+        let mut authority = std::borrow::Cow::Borrowed(authority_of(req));
         // Captured: the port the app connected to picks the route configuration when the
         // Host header names none (as the listener for that port does in Envoy).
         let original_dst = req
@@ -188,7 +188,7 @@ impl Step for Route {
         if let Some(dst) = original_dst
             && !has_port(&authority)
         {
-            authority = format!("{authority}:{}", dst.port());
+            authority = std::borrow::Cow::Owned(format!("{authority}:{}", dst.port()));
         }
         let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let routed = config.route(

@@ -13,6 +13,9 @@ use crate::server::Body;
 use crate::trace::SpanContext;
 
 pub const TRACEPARENT: &str = "traceparent";
+/// The same as a header name, made at compile time (a name built from text at run time is
+/// an allocation a request).
+const TRACEPARENT_NAME: http::HeaderName = http::HeaderName::from_static(TRACEPARENT);
 pub const B3: &str = "b3";
 
 /// Continues or starts the trace; a trace it starts is sampled with probability `ratio`.
@@ -51,8 +54,8 @@ impl Step for TraceContext {
         }
         let (spoke_single, spoke_multi) = (b3_single.is_some(), b3_multi.is_some());
         let headers = req.headers_mut();
-        if let Ok(v) = http::HeaderValue::from_str(&ctx.traceparent()) {
-            headers.insert(TRACEPARENT, v);
+        if let Ok(v) = http::HeaderValue::from_bytes(&ctx.traceparent_bytes()) {
+            headers.insert(TRACEPARENT_NAME, v);
         }
         if spoke_single && let Ok(v) = http::HeaderValue::from_str(&ctx.b3_single()) {
             headers.insert(B3, v);
