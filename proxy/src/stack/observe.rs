@@ -171,6 +171,10 @@ pub struct Observe<S> {
     direction: Direction,
 }
 
+/// Attributes a request's span gets room for at once: the layers add their own (route,
+/// cluster, endpoint, config version, status, flags), about a dozen in all.
+const SPAN_ATTRIBUTES: usize = 16;
+
 /// A response flag as a label value: the common "-" shared, any other made.
 fn flag_label(f: &str) -> Label {
     static NONE: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Arc::from(flags::NONE));
@@ -231,7 +235,7 @@ impl<S> Observe<S> {
                 ..Default::default()
             },
         };
-        let span = SpanRecord {
+        let mut span = SpanRecord {
             context: UNSET,
             parent: None,
             name: format!("{authority}/*"),
@@ -239,18 +243,19 @@ impl<S> Observe<S> {
             start,
             end: start,
             error: false,
-            attributes: vec![
-                (
-                    "http.request.method",
-                    AttrValue::Str(req.method().to_string()),
-                ),
-                ("url.path", AttrValue::Str(path.to_string())),
-                (
-                    "server.address",
-                    AttrValue::Str(host_only(authority).to_string()),
-                ),
-            ],
+            attributes: Vec::with_capacity(SPAN_ATTRIBUTES),
         };
+        span.attributes.extend([
+            (
+                "http.request.method",
+                AttrValue::Str(req.method().to_string()),
+            ),
+            ("url.path", AttrValue::Str(path.to_string())),
+            (
+                "server.address",
+                AttrValue::Str(host_only(authority).to_string()),
+            ),
+        ]);
         let mut o = Observed { labels, span };
         // gRPC: Istio's request_protocol, and the RPC's conventions on the span.
         if is_grpc(req) {
