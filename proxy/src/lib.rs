@@ -119,11 +119,19 @@ impl Proxy {
     pub async fn run(self, shutdown: CancellationToken) {
         let (config_tx, config_rx) = watch::channel(Arc::new(routing::MeshConfig::default()));
         let (ready_tx, ready_rx) = watch::channel(false);
-        let (reporter, queue) = telemetry::Reporter::with_switches(
+        let mut options = self.export.clone();
+        options.endpoint = options
+            .endpoint
+            .or_else(|| self.config.otlp_endpoint.clone());
+        let (mut reporter, queue) = telemetry::Reporter::with_switches(
             self.config.identity.clone(),
             8192,
             self.config.switches,
         );
+        if options.endpoint.is_none() {
+            tracing::info!("no OTLP endpoint (no lumen-telemetry cluster): spans are not recorded");
+            reporter = reporter.without_span_export();
+        }
         let reporter = Arc::new(reporter);
         let captured = self.config.capture == Capture::Redirect;
         let data = Arc::new(
@@ -151,10 +159,6 @@ impl Proxy {
         let export_stop = CancellationToken::new();
         let exporter = {
             let reporter = reporter.clone();
-            let mut options = self.export.clone();
-            options.endpoint = options
-                .endpoint
-                .or_else(|| self.config.otlp_endpoint.clone());
             let stop = export_stop.clone();
             tokio::spawn(async move { reporter.export_loop(queue, options, stop).await })
         };

@@ -322,6 +322,8 @@ pub struct Reporter {
     identity: Identity,
     /// The identity's values as labels, made once.
     me: IdentityLabels,
+    /// Whether spans go anywhere (an OTLP endpoint is configured).
+    exports_spans: bool,
     switches: Switches,
     /// Bytes of spans in the queue, and the most it may hold.
     queued_bytes: Arc<AtomicUsize>,
@@ -482,6 +484,7 @@ impl Reporter {
                     version: Arc::from(identity.version.as_str()),
                 },
                 identity,
+                exports_spans: true,
                 switches,
                 queued_bytes: queued_bytes.clone(),
                 max_queued_bytes: SPAN_QUEUE_BYTES,
@@ -559,10 +562,23 @@ impl Reporter {
         self.switches.metrics || self.switches.span_ratio > 0.0
     }
 
+    /// Whether spans are recorded at all: some are sampled, and there is somewhere to send
+    /// them (a proxy without an OTLP endpoint builds none; the trace context still goes on
+    /// with the configured sampling, for the proxies after it).
+    pub fn records_spans(&self) -> bool {
+        self.exports_spans && self.switches.span_ratio > 0.0
+    }
+
+    /// Spans will not be exported (no OTLP endpoint): none are built.
+    pub fn without_span_export(mut self) -> Reporter {
+        self.exports_spans = false;
+        self
+    }
+
     /// Queues a span; drops it (and counts the drop) when the exporter is behind. An
     /// unsampled span is not recorded.
     pub fn span(&self, span: SpanRecord) {
-        if !span.context.sampled || self.switches.span_ratio <= 0.0 {
+        if !span.context.sampled || !self.records_spans() {
             return;
         }
         let size = span_bytes(&span);

@@ -129,6 +129,9 @@ impl Step for Balance {
                 o.labels.destination_workload_namespace = endpoint.namespace.clone();
                 o.labels.destination_app = endpoint.app.clone();
                 o.labels.destination_version = endpoint.version.clone();
+                if !o.keeps_span() {
+                    return;
+                }
                 // Set, not pushed: a retry passes here again with another endpoint.
                 let attrs = &mut o.span.attributes;
                 set_attribute(

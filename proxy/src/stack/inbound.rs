@@ -77,6 +77,7 @@ impl Step for Inbound {
             .map_or_else(String::new, |p| format!(":{p}"));
         if let Some(o) = req.extensions().get::<Observation>() {
             o.update(|o| {
+                let keep = o.keeps_span();
                 let l = &mut o.labels;
                 let or_unknown = |v: &Option<String>| v.as_deref().map_or_else(unknown, Arc::from);
                 l.source_workload = or_unknown(&workload);
@@ -91,6 +92,9 @@ impl Step for Inbound {
                 l.destination_service_name = Arc::from(parts.next().unwrap_or_default());
                 if let Some(ns) = parts.next() {
                     l.destination_service_namespace = Arc::from(ns);
+                }
+                if !keep {
+                    return;
                 }
                 o.span.name = format!("{svc}{port}/*");
                 // The caller, as its sidecar told: edges of the service graph are counted

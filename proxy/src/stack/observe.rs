@@ -38,6 +38,18 @@ pub enum Direction {
 pub struct Observed {
     pub labels: RequestLabels,
     pub span: SpanRecord,
+    /// Whether the proxy records spans at all (it exports them, and samples some): when it
+    /// does not, a request's span is never filled in.
+    pub records_span: bool,
+}
+
+impl Observed {
+    /// Whether this request's span will be recorded: spans are, and its trace is sampled
+    /// (known once the trace context layer has run). Layers fill the span in only then, so
+    /// an unsampled request costs no attribute.
+    pub fn keeps_span(&self) -> bool {
+        self.records_span && self.span.context.sampled
+    }
 }
 
 /// The request's record, shared by the layers that fill it in (in the request's extensions).
@@ -75,14 +87,19 @@ impl Observation {
         self.record.lock().ok().and_then(|mut g| g.take())
     }
 
-    /// A record for a layer tested on its own.
+    /// A record for a layer tested on its own: a request whose span is recorded (sampled,
+    /// as the trace context layer would have decided).
     pub fn for_test(direction: Direction) -> Observation {
         let start = SystemTime::now();
         Observation {
             record: Arc::new(Mutex::new(Some(Observed {
+                records_span: true,
                 labels: RequestLabels::default(),
                 span: SpanRecord {
-                    context: UNSET,
+                    context: SpanContext {
+                        sampled: true,
+                        ..UNSET
+                    },
                     parent: None,
                     name: String::new(),
                     kind: kind_of(direction),
@@ -235,31 +252,42 @@ impl<S> Observe<S> {
                 ..Default::default()
             },
         };
+        let records_span = self.reporter.records_spans();
         let mut span = SpanRecord {
             context: UNSET,
             parent: None,
-            name: format!("{authority}/*"),
+            name: String::new(),
             kind: kind_of(self.direction),
             start,
             end: start,
             error: false,
-            attributes: Vec::with_capacity(SPAN_ATTRIBUTES),
+            attributes: Vec::new(),
         };
-        span.attributes.extend([
-            (
-                "http.request.method",
-                AttrValue::Str(req.method().to_string()),
-            ),
-            ("url.path", AttrValue::Str(path.to_string())),
-            (
-                "server.address",
-                AttrValue::Str(host_only(authority).to_string()),
-            ),
-        ]);
-        let mut o = Observed { labels, span };
+        if records_span {
+            span.name = format!("{authority}/*");
+            span.attributes.reserve(SPAN_ATTRIBUTES);
+            span.attributes.extend([
+                (
+                    "http.request.method",
+                    AttrValue::Str(req.method().to_string()),
+                ),
+                ("url.path", AttrValue::Str(path.to_string())),
+                (
+                    "server.address",
+                    AttrValue::Str(host_only(authority).to_string()),
+                ),
+            ]);
+        }
+        let mut o = Observed {
+            labels,
+            span,
+            records_span,
+        };
         // gRPC: Istio's request_protocol, and the RPC's conventions on the span.
         if is_grpc(req) {
             o.labels.request_protocol = "grpc";
+        }
+        if is_grpc(req) && records_span {
             o.span
                 .attributes
                 .push(("rpc.system", AttrValue::Str("grpc".into())));
@@ -318,13 +346,15 @@ where
         let reporter = self.reporter.clone();
         Box::pin(async move {
             let result = fut.await;
-            let Some(Observed {
-                mut labels,
-                mut span,
-            }) = observation.take()
-            else {
+            let Some(observed) = observation.take() else {
                 return result;
             };
+            let keep = observed.keeps_span();
+            let Observed {
+                mut labels,
+                mut span,
+                ..
+            } = observed;
             let (status, flag) = match &result {
                 Ok(resp) => (resp.status(), flags::NONE),
                 Err(e) => (e.status, e.flag),
@@ -339,18 +369,21 @@ where
             };
             labels.response_flags = joined.clone();
             let flag = &*joined;
-            span.error = is_error(span.kind, status);
-            span.attributes.push((
-                "http.response.status_code",
-                AttrValue::Int(i64::from(status.as_u16())),
-            ));
-            span.attributes
-                .push(("response_flags", AttrValue::Str(flag.to_string())));
+            if keep {
+                span.error = is_error(span.kind, status);
+                span.attributes.push((
+                    "http.response.status_code",
+                    AttrValue::Int(i64::from(status.as_u16())),
+                ));
+                span.attributes
+                    .push(("response_flags", AttrValue::Str(flag.to_string())));
+            }
             let grpc = labels.request_protocol == "grpc";
             let mut finish = Finish {
                 reporter,
                 labels,
-                span: Some(span),
+                // Not kept: the span is neither filled in nor queued.
+                span: keep.then_some(span),
                 started,
                 request_bytes: observation.request_bytes,
                 response_bytes: 0,

@@ -201,6 +201,9 @@ where
                         let observation = parts.extensions.get::<Observation>();
                         if let Some(o) = observation {
                             o.update(|o| {
+                                if !o.keeps_span() {
+                                    return;
+                                }
                                 o.span.attributes.push((
                                     "lumen.retries",
                                     crate::telemetry::AttrValue::Int(i64::from(n)),

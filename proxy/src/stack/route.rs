@@ -173,9 +173,11 @@ impl Step for Route {
         let observation = req.extensions().get::<Observation>().cloned();
         if let (Some(o), Some(v)) = (&observation, config.versions.get("RDS")) {
             o.update(|o| {
-                o.span
-                    .attributes
-                    .push((span_attributes::CONFIG_VERSION, AttrValue::Str(v.clone())));
+                if o.keeps_span() {
+                    o.span
+                        .attributes
+                        .push((span_attributes::CONFIG_VERSION, AttrValue::Str(v.clone())));
+                }
             });
         }
         let mut authority = std::borrow::Cow::Borrowed(authority_of(req));
@@ -206,6 +208,9 @@ impl Step for Route {
                 o.update(|o| {
                     o.labels.destination_service = Arc::from(PASSTHROUGH_CLUSTER);
                     o.labels.destination_service_name = Arc::from(PASSTHROUGH_CLUSTER);
+                    if !o.keeps_span() {
+                        return;
+                    }
                     o.span.name = format!("{service}/*");
                     o.span.attributes.push((
                         "upstream_cluster",
@@ -252,6 +257,9 @@ impl Step for Route {
                 if let Some((name, namespace)) = &labels.name_and_namespace {
                     o.labels.destination_service_name = name.clone();
                     o.labels.destination_service_namespace = namespace.clone();
+                }
+                if !o.keeps_span() {
+                    return;
                 }
                 o.span.name = format!("{}/*", vhost.name);
                 o.span.attributes.push((

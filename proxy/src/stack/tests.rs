@@ -93,6 +93,69 @@ fn attr<'a>(attrs: &'a [(&'static str, AttrValue)], key: &str) -> Option<&'a Att
     attrs.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
 }
 
+/// Spans are filled in only when they will be recorded: not for an unsampled trace, not at
+/// all without an OTLP endpoint; the request is counted in the metrics either way.
+#[tokio::test]
+async fn a_span_that_will_not_be_recorded_is_not_filled_in() {
+    // The layer after the trace context sees whether the span is kept.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let probe = |seen: Arc<Mutex<Vec<(bool, usize)>>>| {
+        tower::service_fn(move |req: Request<Body>| {
+            let seen = seen.clone();
+            async move {
+                if let Some(o) = req.extensions().get::<Observation>() {
+                    o.update(|o| {
+                        if let Ok(mut s) = seen.lock() {
+                            s.push((o.keeps_span(), o.span.attributes.len()));
+                        }
+                    });
+                }
+                Ok::<_, ProxyError>(Response::new(text_body("ok")))
+            }
+        })
+    };
+    let (r, mut queue) = Reporter::new(identity("productpage", "v1"), 64);
+    let cases = [
+        ("sampled, exported", Arc::new(r), 1.0, true),
+        (
+            "unsampled",
+            Arc::new(Reporter::new(identity("productpage", "v1"), 64).0),
+            0.0,
+            false,
+        ),
+        (
+            "no OTLP endpoint",
+            Arc::new(
+                Reporter::new(identity("productpage", "v1"), 64)
+                    .0
+                    .without_span_export(),
+            ),
+            1.0,
+            false,
+        ),
+    ];
+    for (name, reporter, ratio, kept) in cases {
+        seen.lock().expect("lock").clear();
+        let svc = ObserveLayer::new(reporter.clone(), Direction::Outbound)
+            .layer(StepLayer(trace_context::TraceContext { ratio }).layer(probe(seen.clone())));
+        let resp = svc
+            .oneshot(get("reviews:9080", "/reviews/1"))
+            .await
+            .expect("ok");
+        let _ = resp.into_body().collect().await.expect("body");
+        let (keeps, attributes) = seen.lock().expect("lock")[0];
+        assert_eq!(keeps, kept, "{name}");
+        assert_eq!(attributes > 0, reporter.records_spans(), "{name}");
+        assert!(
+            reporter
+                .prometheus_text()
+                .contains(r#"response_code="200""#),
+            "{name}: counted"
+        );
+    }
+    assert!(queue.try_recv().is_some(), "the sampled span is queued");
+}
+
 #[tokio::test]
 async fn observe_records_a_span_and_a_sample_when_the_body_is_done() {
     let (reporter, mut queue) = reporter("productpage");
