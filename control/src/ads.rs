@@ -222,24 +222,16 @@ impl XdsState {
     }
 }
 
-/// A state-of-the-world ADS stream (`StreamAggregatedResources`): its task runs until the
-/// proxy goes or the control plane stops; the body carries what it sends.
+/// A state-of-the-world ADS stream (`StreamAggregatedResources`).
 pub(crate) fn stream_aggregated_resources(
     state: Arc<XdsState>,
     requests: Requests<DiscoveryRequest>,
 ) -> Responses {
-    let (tx, rx) = mpsc::channel(16);
-    let stream = state.next_stream.fetch_add(1, Ordering::Relaxed);
-    tokio::spawn(async move {
-        let node = run_stream(&state, stream, requests, &tx).await;
-        state.forget(stream);
-        tracing::info!(
-            stream,
-            node = node.as_deref().unwrap_or("-"),
-            "ads stream closed"
-        );
-    });
-    Responses::new(rx)
+    serve_stream(
+        state,
+        "state of the world",
+        move |state, stream, tx| async move { run_stream(&state, stream, requests, &tx).await },
+    )
 }
 
 /// An incremental ADS stream (`DeltaAggregatedResources`).
@@ -247,15 +239,28 @@ pub(crate) fn delta_aggregated_resources(
     state: Arc<XdsState>,
     requests: Requests<DeltaDiscoveryRequest>,
 ) -> Responses {
+    serve_stream(state, "delta", move |state, stream, tx| async move {
+        delta::run(&state, stream, requests, &tx).await
+    })
+}
+
+/// Runs one stream's task (`run`: to the stream's end, returning the node id it learnt)
+/// until the proxy goes or the control plane stops; the body carries what it sends.
+fn serve_stream<F, Fut>(state: Arc<XdsState>, protocol: &'static str, run: F) -> Responses
+where
+    F: FnOnce(Arc<XdsState>, u64, Tx) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Option<String>> + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(16);
     let stream = state.next_stream.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
-        let node = delta::run(&state, stream, requests, &tx).await;
+        let node = run(state.clone(), stream, tx).await;
         state.forget(stream);
         tracing::info!(
             stream,
+            protocol,
             node = node.as_deref().unwrap_or("-"),
-            "delta ads stream closed"
+            "ads stream closed"
         );
     });
     Responses::new(rx)

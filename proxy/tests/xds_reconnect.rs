@@ -44,6 +44,20 @@ async fn serve(xds: SocketAddr, model: Model) -> CancellationToken {
     stop
 }
 
+/// reviews-v1's sidecar, from the control plane at `xds`: its admin address, and what stops it.
+async fn start_proxy(xds: SocketAddr) -> (SocketAddr, CancellationToken) {
+    let identity = Identity::of_pod("reviews-v1", "reviews", "v1", "default");
+    let ip = std::net::IpAddr::from([POD[0], POD[1], POD[2], 3]);
+    let config = ProxyConfig::sidecar(ip, identity, format!("http://{xds}"), None);
+    let proxy = Proxy::bind(config, ExportOptions::default())
+        .await
+        .expect("proxy binds");
+    let admin = proxy.admin_addr().expect("admin");
+    let stop = CancellationToken::new();
+    tokio::spawn(proxy.run(stop.clone()));
+    (admin, stop)
+}
+
 async fn get(url: &str) -> (u16, String) {
     match reqwest::get(url).await {
         Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
@@ -70,15 +84,7 @@ async fn the_proxy_rides_out_a_control_plane_restart() {
         .and_then(|l| l.local_addr())
         .expect("a free port");
     let control = start_control(xds).await;
-    let identity = Identity::of_pod("reviews-v1", "reviews", "v1", "default");
-    let ip = std::net::IpAddr::from([POD[0], POD[1], POD[2], 3]);
-    let config = ProxyConfig::sidecar(ip, identity, format!("http://{xds}"), None);
-    let proxy = Proxy::bind(config, ExportOptions::default())
-        .await
-        .expect("proxy binds");
-    let admin = proxy.admin_addr().expect("admin");
-    let stop = CancellationToken::new();
-    tokio::spawn(proxy.run(stop.clone()));
+    let (admin, stop) = start_proxy(xds).await;
     let ready = format!("http://{admin}/ready");
     let stats = format!("http://{admin}/stats/prometheus");
     until(&ready, "ready", |s, b| s == 200 && b == "LIVE\n").await;
@@ -151,15 +157,7 @@ async fn a_cluster_list_bigger_than_grpcs_default_message_limit_reaches_the_prox
         .and_then(|l| l.local_addr())
         .expect("a free port");
     let control = serve(xds, model).await;
-    let identity = Identity::of_pod("reviews-v1", "reviews", "v1", "default");
-    let ip = std::net::IpAddr::from([POD[0], POD[1], POD[2], 3]);
-    let config = ProxyConfig::sidecar(ip, identity, format!("http://{xds}"), None);
-    let proxy = Proxy::bind(config, ExportOptions::default())
-        .await
-        .expect("proxy binds");
-    let admin = proxy.admin_addr().expect("admin");
-    let stop = CancellationToken::new();
-    tokio::spawn(proxy.run(stop.clone()));
+    let (admin, stop) = start_proxy(xds).await;
     until(&format!("http://{admin}/ready"), "ready", |s, b| {
         s == 200 && b == "LIVE\n"
     })
