@@ -284,10 +284,11 @@ impl<S> Observe<S> {
             records_span,
         };
         // gRPC: Istio's request_protocol, and the RPC's conventions on the span.
-        if is_grpc(req) {
+        let grpc = is_grpc(req);
+        if grpc {
             o.labels.request_protocol = "grpc";
         }
-        if is_grpc(req) && records_span {
+        if grpc && records_span {
             o.span
                 .attributes
                 .push(("rpc.system", AttrValue::Str("grpc".into())));
