@@ -47,10 +47,10 @@ impl Scope {
             (None, None) => true,
             _ => false,
         };
-        let trimmed = |bits: &[u64]| {
+        fn trimmed(bits: &[u64]) -> &[u64] {
             let end = bits.iter().rposition(|w| *w != 0).map_or(0, |i| i + 1);
-            bits[..end].to_vec()
-        };
+            &bits[..end]
+        }
         if self.wildcard || other.wildcard {
             return self.wildcard == other.wildcard;
         }
