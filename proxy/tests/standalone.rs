@@ -65,8 +65,13 @@ async fn the_binary_routes_as_a_static_bootstrap_says_and_envoy_accepts_the_same
         String::from_utf8_lossy(&validated.stderr)
     );
 
-    let mut child = common::start_proxy(dir.path(), "static.yaml", &yaml, "warn");
+    // A port `free_port` picked may be taken by another socket before the proxy binds it
+    // (an outgoing connection's ephemeral port): a proxy that exits at start is started
+    // again on new ports, at most three times.
     let client = reqwest::Client::new();
+    let (mut yaml, mut listen, mut admin) = (yaml, listen, admin);
+    let mut attempts = 1;
+    let mut child = common::start_proxy(dir.path(), "static.yaml", &yaml, "warn");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let ready = client
@@ -75,6 +80,16 @@ async fn the_binary_routes_as_a_static_bootstrap_says_and_envoy_accepts_the_same
             .await;
         if ready.is_ok_and(|r| r.status().is_success()) {
             break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            assert!(
+                attempts < 3,
+                "lumen-proxy exited at start 3 times: {status}"
+            );
+            attempts += 1;
+            (listen, admin) = (free_port(), free_port());
+            yaml = bootstrap(listen, admin, free_port(), web, api);
+            child = common::start_proxy(dir.path(), "static.yaml", &yaml, "warn");
         }
         assert!(Instant::now() < deadline, "never ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
