@@ -215,6 +215,17 @@ impl XdsState {
         }
     }
 
+    /// Sends one response on a stream, counted in `/metrics` (a response that could not be
+    /// framed goes as the status that ends the stream); `Err` when the stream is gone.
+    async fn send(&self, tx: &Tx, out: Result<Outgoing, Status>) -> Result<(), ()> {
+        if let Ok(out) = &out {
+            self.pushes.fetch_add(1, Ordering::Relaxed);
+            self.pushed_bytes
+                .fetch_add(out.encoded_len() as u64, Ordering::Relaxed);
+        }
+        tx.send(Box::new(out)).await.map_err(|_| ())
+    }
+
     fn forget(&self, stream: u64) {
         if let Ok(mut proxies) = self.proxies.lock() {
             proxies.remove(&stream);
@@ -463,16 +474,12 @@ async fn send(
         nonce: nonce.clone(),
         ..Default::default()
     };
-    let out = Outgoing::with_parts(&head, sent);
-    if let Ok(out) = &out {
-        state.pushes.fetch_add(1, Ordering::Relaxed);
-        state
-            .pushed_bytes
-            .fetch_add(out.encoded_len() as u64, Ordering::Relaxed);
-    }
     sub.resources = count;
     sub.sent_version = Some(version);
     sub.sent_nonce = nonce;
     sub.nack = None;
-    tx.send(Box::new(out)).await.map(|()| true).map_err(|_| ())
+    state
+        .send(tx, Outgoing::with_parts(&head, sent))
+        .await
+        .map(|()| true)
 }

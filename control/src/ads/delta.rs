@@ -217,14 +217,7 @@ async fn push(
             ..Default::default()
         };
         let parts: Vec<bytes::Bytes> = chunk.into_iter().flat_map(entry).collect();
-        let out = Outgoing::with_parts(&head, parts);
-        if let Ok(out) = &out {
-            state.pushes.fetch_add(1, Ordering::Relaxed);
-            state
-                .pushed_bytes
-                .fetch_add(out.encoded_len() as u64, Ordering::Relaxed);
-        }
-        tx.send(Box::new(out)).await.map_err(|_| ())?;
+        state.send(tx, Outgoing::with_parts(&head, parts)).await?;
     }
     Ok(())
 }
