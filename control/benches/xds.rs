@@ -439,11 +439,7 @@ fn run_swarm(spec: &str) {
         let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
         std::process::exit(0);
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
         // 10 connections, each multiplexing a tenth of the clients' streams.
         let mut channels = Vec::new();
@@ -486,6 +482,15 @@ fn run_swarm(spec: &str) {
     });
 }
 
+/// Two worker threads, for the control plane and for the swarm alike.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 fn main() {
     if let Ok(spec) = std::env::var("LUMEN_XDS_SWARM") {
         run_swarm(&spec);
@@ -493,11 +498,7 @@ fn main() {
     }
     let services = env("LUMEN_BENCH_SERVICES", 1000);
     let clients = env("LUMEN_BENCH_CLIENTS", 1000);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = runtime();
     runtime.block_on(async {
         let model = mesh(services);
         println!(

@@ -10,14 +10,9 @@ use crate::model::{
     Destination, HeaderRules, HttpMatchRequest, HttpRoute, HttpRouteDestination, PathChange,
     PortSelector, Redirect, Rewrite, StringMatch, VirtualServiceSpec,
 };
-use crate::validate::{FieldError, header_name, header_value, redirect_status, regex};
-
-fn at(path: impl Into<String>, message: impl Into<String>) -> FieldError {
-    FieldError {
-        path: path.into(),
-        message: message.into(),
-    }
-}
+use crate::validate::{
+    FieldError, absolute_path, at, header_name, header_value, redirect_status, regex,
+};
 
 fn not_yet(path: String, what: &str) -> FieldError {
     at(
@@ -91,12 +86,7 @@ fn rule_match(m: &crd::HttpRouteMatch, path: &str) -> Result<HttpMatchRequest, F
         None => None,
         Some(p) => {
             let value = p.value.clone().unwrap_or_else(|| "/".to_string());
-            if !value.starts_with('/') {
-                return Err(at(
-                    format!("{path}.path.value"),
-                    format!("{value:?} does not start with /"),
-                ));
-            }
+            absolute_path(&value, format!("{path}.path.value"))?;
             Some(match p.type_.as_deref().unwrap_or("PathPrefix") {
                 "Exact" => StringMatch::Exact(value),
                 "PathPrefix" if value == "/" => StringMatch::Prefix(value),

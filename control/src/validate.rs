@@ -21,10 +21,19 @@ pub struct FieldError {
     pub message: String,
 }
 
-fn at(path: impl Into<String>, message: impl Into<String>) -> FieldError {
+pub(crate) fn at(path: impl Into<String>, message: impl Into<String>) -> FieldError {
     FieldError {
         path: path.into(),
         message: message.into(),
+    }
+}
+
+/// A path a route writes or matches: it starts with `/`.
+pub(crate) fn absolute_path(value: &str, path: impl Into<String>) -> Result<(), FieldError> {
+    if value.starts_with('/') {
+        Ok(())
+    } else {
+        Err(at(path, format!("{value:?} does not start with /")))
     }
 }
 
@@ -320,13 +329,8 @@ fn redirect(r: &crd::HttpRedirect, path: &str) -> Result<Redirect, FieldError> {
         }
         (Some(crd::RedirectPortSelection::FromRequestPort) | None, port) => port,
     };
-    if let Some(uri) = &r.uri
-        && !uri.starts_with('/')
-    {
-        return Err(at(
-            format!("{path}.uri"),
-            format!("{uri:?} does not start with /"),
-        ));
+    if let Some(uri) = &r.uri {
+        absolute_path(uri, format!("{path}.uri"))?;
     }
     Ok(Redirect {
         scheme: r.scheme.clone(),
@@ -629,13 +633,8 @@ fn http_route(r: &crd::HttpRoute, path: &str) -> Result<HttpRoute, FieldError> {
                     host: w.authority.clone(),
                 })
             } else {
-                if let Some(uri) = &w.uri
-                    && !uri.starts_with('/')
-                {
-                    return Err(at(
-                        format!("{path}.rewrite.uri"),
-                        format!("{uri:?} does not start with /"),
-                    ));
+                if let Some(uri) = &w.uri {
+                    absolute_path(uri, format!("{path}.rewrite.uri"))?;
                 }
                 // Istio's uri rewrite replaces what the match's uri matched (all of an exact
                 // one).
