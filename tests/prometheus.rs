@@ -192,12 +192,43 @@ async fn prometheus_scrapes_the_mesh_and_every_count_agrees() {
             break;
         }
     }
-    assert!(
-        agreed,
-        "Prometheus {:?}, SQL {:?}, load generator {sent}: each of the four services should have \
-         received every request",
-        last.0, last.1
-    );
+    if !agreed {
+        // What the callers saw: the source side's codes and response flags say where the
+        // missing requests ended.
+        let seen = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{prom_port}/api/v1/query"))
+            .query(&[(
+                "query",
+                "sum by (source_app, destination_app, response_code, response_flags) \
+                 (istio_requests_total{reporter=\"source\"})",
+            )])
+            .send()
+            .await;
+        let seen = match seen {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => e.to_string(),
+        };
+        // And each sidecar's own count (what it would export) and its dropped spans.
+        let mut local = String::new();
+        for pod in 1..=5 {
+            let text =
+                match reqwest::get(format!("http://127.0.78.{pod}:15090/stats/prometheus")).await {
+                    Ok(r) => r.text().await.unwrap_or_default(),
+                    Err(e) => e.to_string(),
+                };
+            for line in text.lines().filter(|l| {
+                (l.starts_with("istio_requests_total") && l.contains("reporter=\"destination\""))
+                    || l.starts_with("lumen_proxy_dropped_spans_total")
+            }) {
+                local.push_str(&format!("\n  127.0.78.{pod}: {line}"));
+            }
+        }
+        panic!(
+            "Prometheus {:?}, SQL {:?}, load generator {sent}: each of the four services should \
+             have received every request; the callers saw {seen}; the sidecars count:{local}",
+            last.0, last.1
+        );
+    }
 
     // The histogram reached Prometheus whole: its count agrees with the counter. Both are
     // read from the same scrape (the counter above may be a scrape older): asked again,

@@ -104,6 +104,19 @@ impl ServicePort {
         self.protocol_is(&["tcp", "tls", "mongo", "mysql", "redis"])
     }
 
+    /// The protocol the port declares, for a sidecar's inbound port: HTTP (HTTP/1, HTTP/2 and
+    /// gRPC), opaque TCP, or none (`None`: the sidecar detects it).
+    pub fn declared(&self) -> Option<&'static str> {
+        use lumen_api::cluster_meta::{HTTP, TCP};
+        if self.tcp() {
+            Some(TCP)
+        } else if self.http2() || self.protocol_is(&["http"]) {
+            Some(HTTP)
+        } else {
+            None
+        }
+    }
+
     /// `appProtocol` (or, without one, the name's prefix before `-`) is one of `names`.
     fn protocol_is(&self, names: &[&str]) -> bool {
         let p = match &self.app_protocol {

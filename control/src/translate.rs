@@ -479,13 +479,24 @@ pub fn inbound(model: &Model, node: &ProxyNode) -> Inbound {
             .map(|p| p.container_port)
             .collect();
         for port in &ports {
+            let targeting: Vec<&crate::model::ServicePort> = model
+                .services
+                .iter()
+                .filter(|s| s.selects(pod))
+                .flat_map(|s| &s.ports)
+                .filter(|sp| pod.target_port(sp) == Some(*port))
+                .collect();
             // HTTP/2 to the app when a service port that targets this one speaks it.
-            let http2 = model.services.iter().filter(|s| s.selects(pod)).any(|s| {
-                s.ports
+            let http2 = targeting.iter().any(|sp| sp.http2());
+            // The port's protocol when every service port targeting it declares the same one.
+            let declared = targeting.first().and_then(|first| {
+                let p = first.declared()?;
+                targeting
                     .iter()
-                    .any(|sp| sp.http2() && pod.target_port(sp) == Some(*port))
+                    .all(|sp| sp.declared() == Some(p))
+                    .then_some(p)
             });
-            clusters.push(inbound_cluster(pod, *port, http2));
+            clusters.push(inbound_cluster(pod, *port, http2, declared));
         }
         listener = Some(inbound_listener(&pod.ip.to_string(), &ports));
     }
@@ -1466,10 +1477,29 @@ fn tcp_listener(name: &str, ip: &str, port: u16, cluster: &str) -> listener::Lis
     }
 }
 
-fn inbound_cluster(pod: &Pod, port: u16, http2: bool) -> cluster::Cluster {
+fn inbound_cluster(pod: &Pod, port: u16, http2: bool, declared: Option<&str>) -> cluster::Cluster {
     let name = cluster_name::inbound(port);
+    // The declared protocol, so the sidecar does not guess it from the first bytes.
+    let metadata = declared.map(|p| {
+        let fields = [(
+            lumen_api::cluster_meta::PROTOCOL.to_string(),
+            string_value(p),
+        )];
+        core::Metadata {
+            filter_metadata: [(
+                lumen_api::cluster_meta::FILTER.to_string(),
+                Struct {
+                    fields: fields.into_iter().collect(),
+                },
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        }
+    });
     cluster::Cluster {
         name: name.clone(),
+        metadata,
         typed_extension_protocol_options: http2_options(http2),
         connect_timeout: Some(Duration {
             seconds: 10,
@@ -1609,6 +1639,42 @@ mod tests {
         assert!(!port("grpcish", None).http2());
         assert!(port("web", Some("kubernetes.io/h2c")).http2());
         assert!(!port("grpc", Some("http")).http2(), "appProtocol wins");
+    }
+
+    #[test]
+    fn inbound_clusters_say_the_protocol_their_services_declare() {
+        use lumen_api::cluster_meta::{FILTER, HTTP, PROTOCOL, TCP};
+        let declared_by = |port_name: &str| {
+            let mut model = demo_model();
+            for svc in &mut model.services {
+                if svc.meta.name == "reviews" {
+                    svc.ports[0].name = port_name.into();
+                }
+            }
+            let reviews =
+                ProxyNode::parse("sidecar~127.0.10.3~reviews-v1.default~default.svc.cluster.local")
+                    .expect("node id parses");
+            let res = translate(&model, &reviews);
+            let c = res
+                .of_type(type_url::CLUSTER)
+                .iter()
+                .find(|r| r.name == "inbound|9080||")
+                .map(|r| cluster::Cluster::decode(r.resource.value.as_slice()).expect("cluster"))
+                .expect("inbound cluster");
+            c.metadata
+                .and_then(|m| m.filter_metadata.get(FILTER).cloned())
+                .and_then(|s| s.fields.get(PROTOCOL).cloned())
+                .and_then(|v| match v.kind {
+                    Some(lumen_api::pb::google::protobuf::value::Kind::StringValue(p)) => Some(p),
+                    _ => None,
+                })
+        };
+        // Bookinfo names its ports `http`: the sidecar need not sniff them.
+        assert_eq!(declared_by("http").as_deref(), Some(HTTP));
+        assert_eq!(declared_by("grpc-web").as_deref(), Some(HTTP));
+        assert_eq!(declared_by("mysql").as_deref(), Some(TCP));
+        // A name that says nothing: detected from the first bytes.
+        assert_eq!(declared_by("web"), None);
     }
 
     #[test]

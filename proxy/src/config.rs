@@ -198,6 +198,9 @@ impl ProxyConfig {
         if let Some(ms) = number("LUMEN_HEADER_READ_TIMEOUT_MS")? {
             limits.header_read_timeout = std::time::Duration::from_millis(ms);
         }
+        if let Some(ms) = number("LUMEN_PROTOCOL_DETECTION_TIMEOUT_MS")? {
+            limits.protocol_detection_timeout = std::time::Duration::from_millis(ms);
+        }
         let switches = crate::telemetry::Switches {
             span_ratio: match meta_str("LUMEN_TRACE_SAMPLING") {
                 None => 1.0,

@@ -191,6 +191,7 @@ impl Proxy {
                 data.inbound_source,
             ));
             detect.original_dst = captured;
+            detect.declared = tcp::inbound_declared(data.config.clone());
             data_path.spawn(server::serve_stack_detecting(
                 inbound,
                 data.inbound(),

@@ -1233,6 +1233,9 @@ pub struct Cluster {
     pub breaker: Option<Arc<Breaker>>,
     /// When endpoints are ejected for failing in a row.
     pub outlier: Option<OutlierPolicy>,
+    /// An inbound cluster's declared protocol (Lumen's cluster metadata): connections to its
+    /// port are not sniffed.
+    pub declared: Option<crate::server::Declared>,
 }
 
 /// One upstream host with what the control plane told about its workload.
@@ -1429,6 +1432,7 @@ impl MeshConfig {
                     balancer: Arc::default(),
                     breaker: c.breaker.clone(),
                     outlier: c.outlier,
+                    declared: c.declared,
                 }
                 .balanced_from(c);
                 self.clusters.insert(name, Arc::new(updated));
@@ -1833,6 +1837,7 @@ impl TryFrom<xcluster::Cluster> for Cluster {
             c.outlier_detection.as_ref(),
             c.common_lb_config.as_ref(),
         )?;
+        let declared = declared_protocol(&c.name, c.metadata.as_ref())?;
         Ok(Cluster {
             name: c.name,
             eds,
@@ -1842,8 +1847,36 @@ impl TryFrom<xcluster::Cluster> for Cluster {
             lb,
             endpoints,
             balancer: Arc::default(),
+            declared,
         }
         .balanced())
+    }
+}
+
+/// The protocol Lumen's cluster metadata declares for the cluster's port, if any.
+fn declared_protocol(
+    cluster: &str,
+    metadata: Option<&lumen_api::pb::envoy::config::core::v3::Metadata>,
+) -> Result<Option<crate::server::Declared>, ConfigError> {
+    use crate::server::Declared;
+    use lumen_api::cluster_meta::{FILTER, HTTP, PROTOCOL, TCP};
+    use lumen_api::pb::google::protobuf::value::Kind;
+    let Some(value) = metadata
+        .and_then(|m| m.filter_metadata.get(FILTER))
+        .and_then(|s| s.fields.get(PROTOCOL))
+    else {
+        return Ok(None);
+    };
+    match &value.kind {
+        Some(Kind::StringValue(p)) if p == HTTP => Ok(Some(Declared::Http)),
+        Some(Kind::StringValue(p)) if p == TCP => Ok(Some(Declared::Tcp)),
+        other => Err(unsupported(
+            "cluster",
+            cluster,
+            format!(
+                "metadata.filter_metadata.{FILTER}.{PROTOCOL} {other:?} is neither \"{HTTP}\" nor \"{TCP}\""
+            ),
+        )),
     }
 }
 

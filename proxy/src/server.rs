@@ -46,6 +46,10 @@ pub struct Limits {
     /// HTTP/2 pings on an idle connection, and how long the answer may take.
     pub h2_keepalive_interval: Duration,
     pub h2_keepalive_timeout: Duration,
+    /// How long a port that detects protocols waits for a client's first bytes before it
+    /// takes the connection for opaque TCP (a protocol where the server speaks first). Ports
+    /// whose protocol is declared do not wait at all.
+    pub protocol_detection_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -58,6 +62,7 @@ impl Default for Limits {
             max_concurrent_streams: 100,
             h2_keepalive_interval: Duration::from_secs(30),
             h2_keepalive_timeout: Duration::from_secs(10),
+            protocol_detection_timeout: PROTOCOL_DETECTION_TIMEOUT,
         }
     }
 }
@@ -208,22 +213,36 @@ pub type OpaqueFn =
 pub struct Detect {
     /// Serves opaque TCP.
     pub opaque: OpaqueFn,
-    /// Connections taken for opaque TCP without waiting for their first bytes (ports the
-    /// configuration declares TCP: their servers may speak first).
-    pub declared_tcp: Arc<dyn Fn(&Accepted) -> bool + Send + Sync>,
+    /// The protocol the configuration declares for a connection's port, if it does: a TCP
+    /// port goes to `opaque` without waiting for its first bytes (its server may speak
+    /// first), an HTTP port to the HTTP stack; only an undeclared port is sniffed.
+    pub declared: DeclaredFn,
     /// Read each connection's original destination (the listener takes captured traffic).
     pub original_dst: bool,
 }
 
 impl Detect {
-    /// Every connection that is not HTTP goes to `opaque`; none is declared TCP up front.
+    /// Every connection that is not HTTP goes to `opaque`; no port is declared.
     pub fn opaque(opaque: OpaqueFn) -> Detect {
         Detect {
             opaque,
-            declared_tcp: Arc::new(|_| false),
+            declared: Arc::new(|_| None),
             original_dst: false,
         }
     }
+}
+
+/// The protocol the configuration declares for an accepted connection's port.
+pub type DeclaredFn = Arc<dyn Fn(&Accepted) -> Option<Declared> + Send + Sync>;
+
+/// A port's protocol as the configuration declares it (Istio's protocol selection by port
+/// name or `appProtocol`), so that no connection to it is guessed from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Declared {
+    /// HTTP/1, HTTP/2 or gRPC.
+    Http,
+    /// Opaque TCP.
+    Tcp,
 }
 
 impl std::fmt::Debug for Detect {
@@ -234,9 +253,12 @@ impl std::fmt::Debug for Detect {
     }
 }
 
-/// How long a detecting port waits for a client's first bytes before it takes the connection
-/// for opaque TCP (a protocol where the server speaks first), as Istio's sniffing does.
-pub const DETECT_TIMEOUT: Duration = Duration::from_millis(100);
+/// How long, by default, a detecting port waits for a client's first bytes before it takes
+/// the connection for opaque TCP (a protocol where the server speaks first). Istio's sniffing
+/// once waited 100 ms, and on a busy node took HTTP connections whose client was slower than
+/// that for TCP, uncounted by request metrics (Istio now waits without limit, Linkerd 10 s);
+/// a second keeps server-first protocols on undeclared ports working.
+pub const PROTOCOL_DETECTION_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the first bytes of a connection say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,8 +327,8 @@ pub async fn serve_with<H, F>(
 }
 
 /// [`serve_with`], and with `detect` given, a port that serves HTTP/1, HTTP/2 and opaque TCP
-/// alike: a connection whose first bytes are not HTTP (or that sends nothing within
-/// [`DETECT_TIMEOUT`]) goes to `detect.opaque`.
+/// alike: a connection to a port declared TCP, or whose first bytes are not HTTP (or that
+/// sends nothing within [`Limits::protocol_detection_timeout`]), goes to `detect.opaque`.
 pub async fn serve_detecting<H, F>(
     listener: TcpListener,
     handler: H,
@@ -377,13 +399,14 @@ pub async fn serve_detecting<H, F>(
         let stats = stats.clone();
         let watcher = graceful.watcher();
         let header_read_timeout = limits.header_read_timeout;
+        let detection_timeout = limits.protocol_detection_timeout;
         let detect = detect.clone();
         tokio::spawn(async move {
             if let Some(detect) = detect {
-                let sniffed = if (detect.declared_tcp)(&accepted) {
-                    Sniffed::Opaque
-                } else {
-                    sniff(&stream, DETECT_TIMEOUT).await
+                let sniffed = match (detect.declared)(&accepted) {
+                    Some(Declared::Tcp) => Sniffed::Opaque,
+                    Some(Declared::Http) => Sniffed::Http,
+                    None => sniff(&stream, detection_timeout).await,
                 };
                 match sniffed {
                     Sniffed::Opaque => {

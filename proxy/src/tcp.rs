@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::routing::{Cluster, Endpoint};
-use crate::server::{Accepted, ConnStats, Detect, Limits};
+use crate::server::{Accepted, ConnStats, Declared, DeclaredFn, Detect, Limits};
 use crate::stack::error::flags;
 use crate::telemetry::{Label, Reporter, RequestLabels, unknown};
 
@@ -190,8 +190,17 @@ pub fn outbound_detect(config: crate::xds::ConfigRx, reporter: Arc<Reporter>) ->
     let declared = {
         let config = config.clone();
         Arc::new(move |a: &Accepted| {
-            a.original_dst
-                .is_some_and(|dst| config.borrow().tcp_route(dst).is_some())
+            let dst = a.original_dst?;
+            let config = config.borrow();
+            if config.tcp_route(dst).is_some() {
+                Some(Declared::Tcp)
+            } else {
+                // A port with an HTTP listener's routes is HTTP, as Envoy's listener there is.
+                config
+                    .routes
+                    .contains_key(dst.port().to_string().as_str())
+                    .then_some(Declared::Http)
+            }
         })
     };
     let opaque: crate::server::OpaqueFn = Arc::new(move |mut stream, accepted: Accepted| {
@@ -240,9 +249,24 @@ pub fn outbound_detect(config: crate::xds::ConfigRx, reporter: Arc<Reporter>) ->
     });
     Detect {
         opaque,
-        declared_tcp: declared,
+        declared,
         original_dst: true,
     }
+}
+
+/// The inbound port's protocol, as the inbound cluster of the port a connection was meant for
+/// (or the only one, without capture) declares it.
+pub fn inbound_declared(config: crate::xds::ConfigRx) -> DeclaredFn {
+    Arc::new(move |a: &Accepted| {
+        let config = config.borrow();
+        match a.original_dst {
+            Some(dst) => config
+                .clusters
+                .get(&cluster_name::inbound(dst.port()))
+                .and_then(|c| c.declared),
+            None => config.inbound_cluster(None).and_then(|c| c.declared),
+        }
+    })
 }
 
 /// Forwards every connection `listener` accepts to `cluster` until `shutdown`; connections

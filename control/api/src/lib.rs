@@ -29,6 +29,19 @@ pub mod type_url {
     }
 }
 
+/// Cluster metadata written by the control plane and read by the proxy
+/// (`Cluster.metadata.filter_metadata[FILTER]`, one field so its bytes are stable).
+pub mod cluster_meta {
+    /// Filter metadata namespace.
+    pub const FILTER: &str = "lumen";
+    /// On an inbound cluster: the protocol the Services targeting its port declare (Istio's
+    /// protocol selection: `appProtocol`, else the port name's prefix), [`HTTP`] or [`TCP`].
+    /// Absent when they declare none: the sidecar then detects it from the first bytes.
+    pub const PROTOCOL: &str = "protocol";
+    pub const HTTP: &str = "http";
+    pub const TCP: &str = "tcp";
+}
+
 /// Endpoint metadata written by the control plane and read by the proxy
 /// (`LbEndpoint.metadata.filter_metadata[FILTER]`). Istio carries the same facts in the
 /// `istio` filter metadata and the `security.istio.io/tlsMode` label.

@@ -1032,6 +1032,88 @@ async fn the_inbound_port_serves_http_and_opaque_tcp_alike() {
 }
 
 #[tokio::test]
+async fn a_port_with_a_declared_protocol_is_not_sniffed() {
+    use crate::server::Declared;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The local app: echoes whatever bytes it gets (so an HTTP request that went as opaque
+    // TCP comes back as it was sent; one the HTTP stack took gets the proxy's own reply).
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let app_addr = app.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let limits = crate::server::Limits {
+        protocol_detection_timeout: std::time::Duration::from_millis(50),
+        ..crate::server::Limits::default()
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let port_declaring = |declared: Option<Declared>| {
+        let stop = stop.clone();
+        async move {
+            let mut cfg = MeshConfig::default();
+            let mut endpoint = crate::routing::tests::endpoint("127.0.0.1", "ratings-v1");
+            endpoint.app_addr = app_addr;
+            endpoint.connect_addr = app_addr;
+            let mut cluster = crate::routing::Cluster::new("inbound|9080||", vec![endpoint]);
+            cluster.declared = declared;
+            cfg.apply_clusters(vec![cluster]);
+            let rx = config_rx(cfg);
+            let (reporter, _q) = reporter("ratings");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let port = listener.local_addr().expect("addr");
+            let mut detect = crate::server::Detect::opaque(crate::tcp::inbound_opaque(
+                rx.clone(),
+                reporter.clone(),
+                None,
+            ));
+            detect.declared = crate::tcp::inbound_declared(rx.clone());
+            tokio::spawn(crate::server::serve_stack_detecting(
+                listener,
+                inbound(rx, reporter, connect::Connect::new()),
+                limits,
+                Arc::new(crate::server::ConnStats::default()),
+                detect,
+                stop,
+            ));
+            port
+        }
+    };
+    // A client that sends its request only after the detection timeout (a busy node).
+    let slow_request = |port: SocketAddr| async move {
+        let mut s = tokio::net::TcpStream::connect(port).await.expect("connect");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: ratings\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut head = [0u8; 8];
+        tokio::time::timeout(std::time::Duration::from_secs(20), s.read_exact(&mut head))
+            .await
+            .expect("an answer in time")
+            .expect("eight bytes back");
+        head
+    };
+    let undeclared = port_declaring(None).await;
+    let http = port_declaring(Some(Declared::Http)).await;
+    let tcp = port_declaring(Some(Declared::Tcp)).await;
+    // Undeclared: silent past the timeout, so taken for TCP (the bytes come back as sent).
+    assert_eq!(&slow_request(undeclared).await, b"GET / HT");
+    // Declared HTTP: the HTTP stack, however late the request.
+    assert_eq!(&slow_request(http).await, b"HTTP/1.1");
+    // Declared TCP: opaque at once, even for bytes that look like HTTP.
+    assert_eq!(&slow_request(tcp).await, b"GET / HT");
+    stop.cancel();
+}
+
+#[tokio::test]
 async fn fault_delays_or_aborts_the_share_its_route_names() {
     use crate::routing::RouteFault;
     use fault::Faults;
