@@ -189,18 +189,11 @@ pub fn inbound_opaque(
 pub fn outbound_detect(config: crate::xds::ConfigRx, reporter: Arc<Reporter>) -> Detect {
     let declared = {
         let config = config.clone();
+        // Only TCP is declared here: a port with HTTP routes may also carry TLS to a host
+        // outside the mesh (`https` on 443), which sniffing tells apart.
         Arc::new(move |a: &Accepted| {
             let dst = a.original_dst?;
-            let config = config.borrow();
-            if config.tcp_route(dst).is_some() {
-                Some(Declared::Tcp)
-            } else {
-                // A port with an HTTP listener's routes is HTTP, as Envoy's listener there is.
-                config
-                    .routes
-                    .contains_key(dst.port().to_string().as_str())
-                    .then_some(Declared::Http)
-            }
+            config.borrow().tcp_route(dst).map(|_| Declared::Tcp)
         })
     };
     let opaque: crate::server::OpaqueFn = Arc::new(move |mut stream, accepted: Accepted| {
