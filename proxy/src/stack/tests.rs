@@ -956,10 +956,8 @@ fn http_is_told_from_opaque_bytes() {
     }
 }
 
-#[tokio::test]
-async fn the_inbound_port_serves_http_and_opaque_tcp_alike() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // The local app: echoes whatever bytes it gets.
+/// A local app that echoes whatever bytes it gets; its address.
+async fn echo_app() -> SocketAddr {
     let app = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -972,6 +970,14 @@ async fn the_inbound_port_serves_http_and_opaque_tcp_alike() {
             });
         }
     });
+    app_addr
+}
+
+#[tokio::test]
+async fn the_inbound_port_serves_http_and_opaque_tcp_alike() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The local app: echoes whatever bytes it gets.
+    let app_addr = echo_app().await;
     let cfg = local_app(app_addr);
     let rx = config_rx(cfg);
     let (reporter, _q) = reporter("ratings");
@@ -1037,18 +1043,7 @@ async fn a_port_with_a_declared_protocol_is_not_sniffed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // The local app: echoes whatever bytes it gets (so an HTTP request that went as opaque
     // TCP comes back as it was sent; one the HTTP stack took gets the proxy's own reply).
-    let app = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let app_addr = app.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = app.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let app_addr = echo_app().await;
     let limits = crate::server::Limits {
         protocol_detection_timeout: std::time::Duration::from_millis(50),
         ..crate::server::Limits::default()
