@@ -79,6 +79,16 @@ fn main() {
         }
         spans as f64 / started.elapsed().as_secs_f64()
     });
+    // The receiver's first step on the same payloads: the request read in place.
+    let read_rate = best_of(3, || {
+        let started = Instant::now();
+        let mut spans = 0usize;
+        for p in &sample {
+            let req = lumen_telemetry::trace_view::TraceExport::read(p).expect("reads");
+            spans += req.spans().count();
+        }
+        spans as f64 / started.elapsed().as_secs_f64()
+    });
 
     // Lumen: the release binary on core 1, this client on the other.
     let server = Server::start(data_dir.as_path());
@@ -236,6 +246,10 @@ fn main() {
     println!(
         "files: {files_before} flushed, {} after compaction",
         files.len()
+    );
+    println!(
+        "the receiver's in-place read of the same payloads: {read_rate:.0} spans/s, {:.2}× a prost decode",
+        read_rate / decode_rate
     );
     println!("| measure | Lumen | baseline | ratio | goal |");
     println!("|---|---|---|---|---|");

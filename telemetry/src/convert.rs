@@ -24,6 +24,7 @@ use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use opentelemetry_proto::tonic::trace::v1::{span, status};
 
 use crate::schema;
+use crate::trace_view::{self, Attr, TraceExport, Value};
 
 /// String span attributes promoted to their own columns, in the order the columns are built.
 pub const SPAN_STRING_COLUMNS: [&str; 9] = [
@@ -111,30 +112,30 @@ struct Promoted<'a> {
 
 impl<'a> Promoted<'a> {
     /// Sorts `attrs`, handing each attribute that stays in a map to `rest`.
-    fn sort(
-        attrs: &'a [KeyValue],
-        mut rest: impl FnMut(&'a KeyValue) -> Result<(), ArrowError>,
+    fn sort<A: Attr>(
+        attrs: &'a [A],
+        mut rest: impl FnMut(&'a A) -> Result<(), ArrowError>,
     ) -> Result<Promoted<'a>, ArrowError> {
         let mut p = Promoted {
             texts: [None; PROMOTED_TEXT],
             ints: [None; SPAN_INT_COLUMNS.len()],
         };
         for kv in attrs {
-            let value = kv.value.as_ref().and_then(|v| v.value.as_ref());
-            match (slot(&kv.key), value) {
-                (Some(Slot::Text(i)), Some(any_value::Value::StringValue(v))) => {
+            let value = kv.value();
+            match (slot(kv.key()), value) {
+                (Some(Slot::Text(i)), Value::Str(v)) => {
                     if p.texts[i].is_none() {
                         p.texts[i] = Some(v);
                     }
                 }
-                (Some(Slot::Int(i)), Some(any_value::Value::IntValue(v))) => {
+                (Some(Slot::Int(i)), Value::Int(v)) => {
                     if p.ints[i].is_none() {
-                        p.ints[i] = Some(*v);
+                        p.ints[i] = Some(v);
                     }
                 }
                 (Some(Slot::Int(i)), _) => {
                     if p.ints[i].is_none() {
-                        p.ints[i] = kv.value.as_ref().and_then(any_value_int);
+                        p.ints[i] = value.int();
                     }
                     rest(kv)?;
                 }
@@ -184,31 +185,30 @@ fn any_value_json(v: &AnyValue) -> serde_json::Value {
     }
 }
 
-fn any_value_int(v: &AnyValue) -> Option<i64> {
-    match &v.value {
-        Some(any_value::Value::IntValue(i)) => Some(*i),
-        Some(any_value::Value::StringValue(s)) => s.parse().ok(),
-        Some(any_value::Value::DoubleValue(d)) => Some(*d as i64),
-        _ => None,
+/// The value of the first attribute named `key` (none when it has no value).
+fn find<'a, A: Attr>(attrs: &'a [A], key: &str) -> Option<Value<'a>> {
+    attrs
+        .iter()
+        .find(|kv| kv.key() == key)
+        .map(Attr::value)
+        .filter(|v| *v != Value::None)
+}
+
+/// Appends a value as text: a string as it is, any other value as [`Value::text`] writes it.
+fn append_text(builder: &mut StringBuilder, value: Value<'_>) {
+    match value {
+        Value::Str(s) => builder.append_value(s),
+        other => builder.append_value(other.text()),
     }
 }
 
-fn find<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a AnyValue> {
-    attrs
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-}
-
-fn append_map(
+fn append_map<A: Attr>(
     builder: &mut MapBuilder<StringBuilder, StringBuilder>,
-    attrs: &[KeyValue],
+    attrs: &[A],
 ) -> Result<(), ArrowError> {
     for kv in attrs {
-        builder.keys().append_value(&kv.key);
-        builder
-            .values()
-            .append_value(kv.value.as_ref().map(any_value_text).unwrap_or_default());
+        builder.keys().append_value(kv.key());
+        append_text(builder.values(), kv.value());
     }
     builder.append(true)
 }
@@ -237,11 +237,7 @@ impl TypedAttributes {
     }
 
     /// One row: the attributes `keep` accepts, each in the map of its type.
-    fn push(
-        &mut self,
-        attrs: &[KeyValue],
-        keep: impl Fn(&KeyValue) -> bool,
-    ) -> Result<(), ArrowError> {
+    fn push<A: Attr>(&mut self, attrs: &[A], keep: impl Fn(&A) -> bool) -> Result<(), ArrowError> {
         for kv in attrs.iter().filter(|kv| keep(kv)) {
             self.add(kv);
         }
@@ -249,33 +245,28 @@ impl TypedAttributes {
     }
 
     /// One attribute of the current row, in the map of its type.
-    fn add(&mut self, kv: &KeyValue) {
-        match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
-            Some(any_value::Value::IntValue(i)) => {
-                self.ints.keys().append_value(&kv.key);
-                self.ints.values().append_value(*i);
+    fn add<A: Attr>(&mut self, kv: &A) {
+        let key = kv.key();
+        match kv.value() {
+            Value::Int(i) => {
+                self.ints.keys().append_value(key);
+                self.ints.values().append_value(i);
             }
-            Some(any_value::Value::DoubleValue(d)) => {
-                self.doubles.keys().append_value(&kv.key);
-                self.doubles.values().append_value(*d);
+            Value::Double(d) => {
+                self.doubles.keys().append_value(key);
+                self.doubles.values().append_value(d);
             }
-            Some(any_value::Value::BoolValue(b)) => {
-                self.bools.keys().append_value(&kv.key);
-                self.bools.values().append_value(*b);
+            Value::Bool(b) => {
+                self.bools.keys().append_value(key);
+                self.bools.values().append_value(b);
             }
-            Some(any_value::Value::BytesValue(b)) => {
-                self.bytes.keys().append_value(&kv.key);
+            Value::Bytes(b) => {
+                self.bytes.keys().append_value(key);
                 self.bytes.values().append_value(b);
             }
-            Some(any_value::Value::StringValue(v)) => {
-                self.strings.keys().append_value(&kv.key);
-                self.strings.values().append_value(v);
-            }
-            _ => {
-                self.strings.keys().append_value(&kv.key);
-                self.strings
-                    .values()
-                    .append_value(kv.value.as_ref().map(any_value_text).unwrap_or_default());
+            other => {
+                self.strings.keys().append_value(key);
+                append_text(self.strings.values(), other);
             }
         }
     }
@@ -376,25 +367,22 @@ fn status_code(code: i32) -> &'static str {
     }
 }
 
-/// Why a span cannot be stored, if it cannot: OTLP requires a 16-byte trace id and an 8-byte
-/// span id, neither all zeros.
-pub fn span_problem(s: &opentelemetry_proto::tonic::trace::v1::Span) -> Option<&'static str> {
-    if s.trace_id.len() != 16 || s.trace_id.iter().all(|b| *b == 0) {
-        Some("trace id must be 16 bytes, not all zero")
-    } else if s.span_id.len() != 8 || s.span_id.iter().all(|b| *b == 0) {
-        Some("span id must be 8 bytes, not all zero")
-    } else {
-        None
-    }
+/// The spans of a prost export request as one record batch of [`schema::SPANS`]: its bytes
+/// through [`trace_rows`] (for tests, and the same rows as the receiver makes).
+pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, ArrowError> {
+    use prost::Message;
+    let bytes = req.encode_to_vec();
+    let export = TraceExport::read(&bytes).map_err(|e| ArrowError::ParseError(e.to_string()))?;
+    trace_rows(&export)
 }
 
-/// The spans of an export request as one record batch of [`schema::SPANS`]; spans with a
-/// [`span_problem`] are left out (the receiver reports them as rejected).
-pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, ArrowError> {
+/// The spans of an export as one record batch of [`schema::SPANS`]; spans with a
+/// [`trace_view::Span::problem`] are left out (the receiver reports them as rejected).
+pub fn trace_rows(req: &TraceExport<'_>) -> Result<RecordBatch, ArrowError> {
     let rows: usize = req
-        .resource_spans
+        .resources
         .iter()
-        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|rs| &rs.scopes)
         .map(|ss| ss.spans.len())
         .sum();
     let mut trace_id = Ids::new(rows, 16);
@@ -433,40 +421,34 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
     let mut events = EventColumns::default();
     let mut links = LinkColumns::default();
 
-    for rs in &req.resource_spans {
-        let resource = rs
-            .resource
-            .as_ref()
-            .map(|r| r.attributes.as_slice())
-            .unwrap_or_default();
-        let text = |key| find(resource, key).map(any_value_text);
+    for rs in &req.resources {
+        let resource = rs.attributes.as_slice();
+        let text = |key| find(resource, key).map(Value::text);
         let svc = text("service.name").unwrap_or_else(|| "unknown_service".to_string());
         let svc_version = text("service.version");
         let svc_namespace = text("service.namespace");
-        for ss in &rs.scope_spans {
-            for s in ss.spans.iter().filter(|s| span_problem(s).is_none()) {
-                trace_id.append(&s.trace_id)?;
-                span_id.append(&s.span_id)?;
-                parent.append(&s.parent_span_id)?;
+        for ss in &rs.scopes {
+            for s in ss.spans.iter().filter(|s| s.problem().is_none()) {
+                trace_id.append(s.trace_id)?;
+                span_id.append(s.span_id)?;
+                parent.append(s.parent_span_id)?;
                 if s.trace_state.is_empty() {
                     trace_state.append_null();
                 } else {
-                    trace_state.append_value(&s.trace_state);
+                    trace_state.append_value(s.trace_state);
                 }
                 service.append_value(&svc);
                 version.append_option(svc_version.as_deref());
                 namespace.append_option(svc_namespace.as_deref());
-                name.append_value(&s.name);
+                name.append_value(s.name);
                 kind.append_value(span_kind(s.kind));
                 start.append_value(nanos(s.start_time_unix_nano));
                 end.append_value(nanos(s.end_time_unix_nano));
                 duration.append_value(nanos(
                     s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano),
                 ));
-                let st = s.status.as_ref();
-                status.append_value(status_code(st.map_or(0, |st| st.code)));
-                status_msg
-                    .append_option(st.map(|st| st.message.as_str()).filter(|m| !m.is_empty()));
+                status.append_value(status_code(s.status_code));
+                status_msg.append_option(Some(s.status_message).filter(|m| !m.is_empty()));
                 let promoted = Promoted::sort(&s.attributes, |kv| {
                     attributes.add(kv);
                     Ok(())
@@ -483,8 +465,8 @@ pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, Ar
                 http_status.append_option(status_int);
                 server_port.append_option(port);
                 grpc_status.append_option(grpc);
-                scope_name.append_option(ss.scope.as_ref().map(|s| s.name.as_str()));
-                scope_version.append_option(ss.scope.as_ref().map(|s| s.version.as_str()));
+                scope_name.append_option(ss.scope.map(|s| s.name));
+                scope_version.append_option(ss.scope.map(|s| s.version));
                 append_map(&mut resource_attributes, resource)?;
                 flags.append_value(i64::from(s.flags));
                 dropped.append_value(i64::from(s.dropped_attributes_count));
@@ -595,10 +577,10 @@ impl Default for EventColumns {
 }
 
 impl EventColumns {
-    fn push(&mut self, events: &[span::Event]) -> Result<(), ArrowError> {
+    fn push(&mut self, events: &[trace_view::Event<'_>]) -> Result<(), ArrowError> {
         for e in events {
             self.time.append_value(nanos(e.time_unix_nano));
-            self.name.append_value(&e.name);
+            self.name.append_value(e.name);
             append_map(&mut self.attributes, &e.attributes)?;
             self.dropped
                 .append_value(i64::from(e.dropped_attributes_count));
@@ -644,11 +626,11 @@ impl Default for LinkColumns {
 }
 
 impl LinkColumns {
-    fn push(&mut self, links: &[span::Link]) -> Result<(), ArrowError> {
+    fn push(&mut self, links: &[trace_view::Link<'_>]) -> Result<(), ArrowError> {
         // A link to a malformed id cannot be stored in the non-null id columns; it is left
         // out (and counted as dropped by the caller's dropped_links_count, which OTLP
         // defines as links the sender dropped, so it is logged instead).
-        let valid = |l: &&span::Link| l.trace_id.len() == 16 && l.span_id.len() == 8;
+        let valid = |l: &&trace_view::Link<'_>| l.trace_id.len() == 16 && l.span_id.len() == 8;
         let kept = links.iter().filter(valid).count();
         if kept != links.len() {
             tracing::debug!(
@@ -657,10 +639,10 @@ impl LinkColumns {
             );
         }
         for l in links.iter().filter(valid) {
-            self.trace_id.append(&l.trace_id)?;
-            self.span_id.append(&l.span_id)?;
+            self.trace_id.append(l.trace_id)?;
+            self.span_id.append(l.span_id)?;
             self.trace_state
-                .append_option(Some(l.trace_state.as_str()).filter(|t| !t.is_empty()));
+                .append_option(Some(l.trace_state).filter(|t| !t.is_empty()));
             append_map(&mut self.attributes, &l.attributes)?;
             self.dropped
                 .append_value(i64::from(l.dropped_attributes_count));
@@ -872,7 +854,7 @@ pub fn logs_to_batch(req: &ExportLogsServiceRequest) -> Result<RecordBatch, Arro
             .map(|r| r.attributes.as_slice())
             .unwrap_or_default();
         let svc = find(resource, "service.name")
-            .map(any_value_text)
+            .map(Value::text)
             .unwrap_or_else(|| "unknown_service".to_string());
         for sl in &rl.scope_logs {
             for r in &sl.log_records {
@@ -984,7 +966,7 @@ pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch
             .map(|r| r.attributes.as_slice())
             .unwrap_or_default();
         let svc = find(resource, "service.name")
-            .map_or_else(|| "unknown_service".to_string(), any_value_text);
+            .map_or_else(|| "unknown_service".to_string(), Value::text);
         for sm in &rm.scope_metrics {
             let scope = sm.scope.as_ref().map(|s| s.name.as_str());
             for m in &sm.metrics {

@@ -25,6 +25,7 @@ pub mod schema;
 pub mod selfmetrics;
 pub mod store;
 pub mod table;
+pub mod trace_view;
 pub mod wal;
 pub mod wire;
 

@@ -41,6 +41,7 @@ use crate::convert;
 use crate::meshmetrics::{MeshMetrics, MeshMetricsOptions, Tapped};
 use crate::selfmetrics::{IngestStats, Refusal};
 use crate::store::Store;
+use crate::trace_view::TraceExport;
 use crate::wire;
 
 /// Largest accepted request (after decompression) by default: gRPC's and the OpenTelemetry
@@ -56,41 +57,48 @@ pub trait Signal: Send + Sync + 'static {
     const TABLE: u8;
     /// The request's message shape, for the walk that sizes it before decoding.
     const SHAPE: &'static wire::Shape;
+    /// The request as a message (what OTLP/HTTP's JSON decodes into).
     type Request: Message + Default;
+    /// The request as the conversion reads it: the decoded message, or a view borrowing
+    /// the request's bytes.
+    type Parsed<'a>: Send;
     type Response: Message + Default + Send + 'static;
-    fn to_batch(request: &Self::Request) -> Result<RecordBatch, ArrowError>;
+    /// Reads a request's protobuf bytes.
+    fn parse(body: &[u8]) -> Result<Self::Parsed<'_>, String>;
+    fn to_batch(request: &Self::Parsed<'_>) -> Result<RecordBatch, ArrowError>;
     /// Bytes the request's rows will take in memory, before converting it.
-    fn estimate(request: &Self::Request) -> usize;
+    fn estimate(request: &Self::Parsed<'_>) -> usize;
     /// Records (spans, data points, log records) the request holds.
-    fn records(request: &Self::Request) -> usize;
+    fn records(request: &Self::Parsed<'_>) -> usize;
     /// Records the conversion leaves out, and why (reported as a partial success). Asked
     /// only when the conversion made fewer rows than [`Signal::records`].
-    fn rejected(_request: &Self::Request) -> Option<(i64, String)> {
+    fn rejected(_request: &Self::Parsed<'_>) -> Option<(i64, String)> {
         None
     }
     /// The response saying that `rejected` records were not stored, and why.
     fn partial(rejected: i64, message: String) -> Self::Response;
     /// What the live aggregates (the mesh's Prometheus families) take from the request,
     /// before it is dropped; applied once its rows are durable.
-    fn tap(_request: &Self::Request) -> Tapped {
+    fn tap(_request: &Self::Parsed<'_>) -> Tapped {
         Tapped::default()
     }
 }
 
-/// Bytes `records` will take as rows: each carries a copy of what it shares (resource and
-/// scope, `shared` bytes encoded) and costs about twice its own encoded size.
-fn rows_cost<M: Message>(shared: usize, records: &[M]) -> usize {
-    let own: usize = records.iter().map(Message::encoded_len).sum();
-    records
-        .len()
-        .saturating_mul(shared + ROW_OVERHEAD)
+/// Bytes records of these encoded sizes will take as rows: each carries a copy of what it
+/// shares (resource and scope, `shared` bytes encoded) and costs about twice its own
+/// encoded size.
+fn rows_cost(shared: usize, records: impl Iterator<Item = usize>) -> usize {
+    let (n, own) = records.fold((0usize, 0usize), |(n, own), len| {
+        (n + 1, own.saturating_add(len))
+    });
+    n.saturating_mul(shared + ROW_OVERHEAD)
         .saturating_add(own.saturating_mul(2))
 }
 
 /// Converts a WAL record back into rows: the same decode and conversion as a live export.
 pub fn decode_record(table: u8, payload: &[u8]) -> Result<RecordBatch, String> {
     fn convert<S: Signal>(payload: &[u8]) -> Result<RecordBatch, String> {
-        let request = S::Request::decode(payload).map_err(|e| e.to_string())?;
+        let request = S::parse(payload)?;
         S::to_batch(&request).map_err(|e| e.to_string())
     }
     match table {
@@ -168,22 +176,22 @@ impl Signal for Traces {
     const TABLE: u8 = 0;
     const SHAPE: &'static wire::Shape = &wire::TRACES;
     type Request = ExportTraceServiceRequest;
+    type Parsed<'a> = TraceExport<'a>;
     type Response = ExportTraceServiceResponse;
 
-    fn to_batch(request: &ExportTraceServiceRequest) -> Result<RecordBatch, ArrowError> {
-        convert::spans_to_batch(request)
+    fn parse(body: &[u8]) -> Result<TraceExport<'_>, String> {
+        TraceExport::read(body).map_err(|e| e.to_string())
     }
 
-    fn rejected(request: &ExportTraceServiceRequest) -> Option<(i64, String)> {
+    fn to_batch(request: &TraceExport<'_>) -> Result<RecordBatch, ArrowError> {
+        convert::trace_rows(request)
+    }
+
+    fn rejected(request: &TraceExport<'_>) -> Option<(i64, String)> {
         let mut n = 0i64;
         let mut why = None;
-        for s in request
-            .resource_spans
-            .iter()
-            .flat_map(|rs| &rs.scope_spans)
-            .flat_map(|ss| &ss.spans)
-        {
-            if let Some(problem) = convert::span_problem(s) {
+        for s in request.spans() {
+            if let Some(problem) = s.problem() {
                 n += 1;
                 why.get_or_insert(problem);
             }
@@ -200,22 +208,16 @@ impl Signal for Traces {
         }
     }
 
-    fn records(request: &ExportTraceServiceRequest) -> usize {
-        request
-            .resource_spans
-            .iter()
-            .flat_map(|rs| &rs.scope_spans)
-            .map(|ss| ss.spans.len())
-            .sum()
+    fn records(request: &TraceExport<'_>) -> usize {
+        request.spans().count()
     }
 
-    fn estimate(request: &ExportTraceServiceRequest) -> usize {
+    fn estimate(request: &TraceExport<'_>) -> usize {
         let mut total = 0usize;
-        for rs in &request.resource_spans {
-            let resource = rs.resource.as_ref().map_or(0, Message::encoded_len);
-            for ss in &rs.scope_spans {
-                let scope = ss.scope.as_ref().map_or(0, Message::encoded_len);
-                total = total.saturating_add(rows_cost(resource + scope, &ss.spans));
+        for rs in &request.resources {
+            for ss in &rs.scopes {
+                let own = ss.spans.iter().map(|s| s.encoded_len);
+                total = total.saturating_add(rows_cost(rs.resource_len + ss.scope_len, own));
             }
         }
         total
@@ -227,7 +229,12 @@ impl Signal for Metrics {
     const TABLE: u8 = 1;
     const SHAPE: &'static wire::Shape = &wire::METRICS;
     type Request = ExportMetricsServiceRequest;
+    type Parsed<'a> = ExportMetricsServiceRequest;
     type Response = ExportMetricsServiceResponse;
+
+    fn parse(body: &[u8]) -> Result<ExportMetricsServiceRequest, String> {
+        ExportMetricsServiceRequest::decode(body).map_err(|e| e.to_string())
+    }
 
     fn to_batch(request: &ExportMetricsServiceRequest) -> Result<RecordBatch, ArrowError> {
         convert::metrics_to_batch(request)
@@ -274,7 +281,12 @@ impl Signal for Logs {
     const TABLE: u8 = 2;
     const SHAPE: &'static wire::Shape = &wire::LOGS;
     type Request = ExportLogsServiceRequest;
+    type Parsed<'a> = ExportLogsServiceRequest;
     type Response = ExportLogsServiceResponse;
+
+    fn parse(body: &[u8]) -> Result<ExportLogsServiceRequest, String> {
+        ExportLogsServiceRequest::decode(body).map_err(|e| e.to_string())
+    }
 
     fn to_batch(request: &ExportLogsServiceRequest) -> Result<RecordBatch, ArrowError> {
         convert::logs_to_batch(request)
@@ -304,7 +316,8 @@ impl Signal for Logs {
             let resource = rl.resource.as_ref().map_or(0, Message::encoded_len);
             for sl in &rl.scope_logs {
                 let scope = sl.scope.as_ref().map_or(0, Message::encoded_len);
-                total = total.saturating_add(rows_cost(resource + scope, &sl.log_records));
+                let own = sl.log_records.iter().map(Message::encoded_len);
+                total = total.saturating_add(rows_cost(resource + scope, own));
             }
         }
         total
@@ -391,7 +404,7 @@ async fn export_unrecorded<S: Signal>(
     let mut reservation = budget
         .try_reserve(held)
         .ok_or_else(|| full(buffer_full(held, budget.used(), budget.cap())))?;
-    let request = S::Request::decode(body.as_ref()).map_err(|e| malformed(&e))?;
+    let request = S::parse(body.as_ref()).map_err(|e| malformed(&e))?;
     let estimate = S::estimate(&request);
     if estimate > budget.cap() {
         return Err(too_big("expands to", estimate));

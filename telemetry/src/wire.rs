@@ -189,7 +189,7 @@ fn walk(buf: &[u8], base: usize, shape: &Shape, depth: usize) -> Result<usize, W
     Ok(total)
 }
 
-fn skip(buf: &[u8], at: usize, n: usize, base: usize) -> Result<usize, WireError> {
+pub(crate) fn skip(buf: &[u8], at: usize, n: usize, base: usize) -> Result<usize, WireError> {
     at.checked_add(n)
         .filter(|&end| end <= buf.len())
         .ok_or(WireError {
@@ -198,7 +198,14 @@ fn skip(buf: &[u8], at: usize, n: usize, base: usize) -> Result<usize, WireError
         })
 }
 
-fn varint(buf: &[u8], at: &mut usize, base: usize) -> Result<u64, WireError> {
+pub(crate) fn varint(buf: &[u8], at: &mut usize, base: usize) -> Result<u64, WireError> {
+    // Most varints on the wire (tags, lengths of short fields, small counts) are one byte.
+    if let Some(&byte) = buf.get(*at)
+        && byte < 0x80
+    {
+        *at += 1;
+        return Ok(u64::from(byte));
+    }
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {
         let Some(&byte) = buf.get(*at) else {
