@@ -106,6 +106,8 @@ fn main() {
     let peak_rss = server.peak_rss();
     let flush_s = server.metric_sum("lumen_telemetry_flush_duration_seconds_sum");
     let compaction_s = server.metric_sum("lumen_telemetry_compaction_duration_seconds_sum");
+    let compactions = server.metric_sum("lumen_telemetry_compaction_duration_seconds_count");
+    let spliced = server.metric_sum("lumen_telemetry_compactions_spliced_total");
     server.stop();
     let ingest_rate = acked as f64 / cpu;
 
@@ -241,7 +243,7 @@ fn main() {
     println!();
     println!("spans acknowledged: {acked} in {wall:.1} s wall, {cpu:.1} s of server CPU");
     println!(
-        "of the server's time on its one core: flushes {flush_s:.1} s, compactions {compaction_s:.1} s (wall time of each, as /metrics counts it)"
+        "of the server's time on its one core: flushes {flush_s:.1} s, compactions {compaction_s:.1} s (wall time of each, as /metrics counts it); {compactions} compactions, {spliced} of them by copying row groups"
     );
     println!(
         "files: {files_before} flushed, {} after compaction",

@@ -1264,6 +1264,71 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_small_file_among_big_ones_is_re_encoded_and_the_big_ones_copied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = StoreOptions {
+            compact_min_files: 3,
+            ..StoreOptions::default()
+        };
+        let store = Arc::new(
+            Store::open_with(dir.path(), options, crate::receiver::decode_record).expect("open"),
+        );
+        const N: u64 = 70_000;
+        for part in 0..2 {
+            ingest_bulk(&store, part, N, 1_000_000_000_000 + part * 1_000_000_000).await;
+            store.flush().await.expect("flush");
+        }
+        // A quiet flush: a few rows, a small row group.
+        ingest(&store, 5, 9).await;
+        store.flush().await.expect("flush");
+        let merged = store
+            .spans
+            .compact()
+            .await
+            .expect("compact")
+            .expect("a compaction");
+        assert_eq!(merged.rows, 2 * N + 5);
+        assert_eq!(
+            store
+                .spans
+                .stats
+                .compactions_spliced
+                .load(Ordering::Relaxed),
+            1,
+            "the big row groups were copied"
+        );
+        // Two copied row groups and the small one written anew; every row readable once.
+        let path = dir.path().join("spans").join(&merged.name);
+        let file = std::fs::File::open(&path).expect("open merged");
+        let reader =
+            datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                file,
+            )
+            .expect("reader");
+        let sizes: Vec<i64> = reader
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|rg| rg.num_rows())
+            .collect();
+        assert_eq!(sizes, [N as i64, N as i64, 5]);
+        let engine = QueryEngine::new(store.clone());
+        let r = engine
+            .sql("SELECT count(*) AS n FROM spans")
+            .await
+            .expect("query");
+        assert_eq!(r.rows[0]["n"], 2 * N + 5);
+        // The side file it wrote the small rows to is gone.
+        let leftovers: Vec<String> = std::fs::read_dir(dir.path().join("spans"))
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[tokio::test]
     async fn a_trace_id_lookup_skips_row_groups_by_bloom_filter() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(Store::open(dir.path()).expect("open"));

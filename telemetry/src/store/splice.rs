@@ -4,8 +4,10 @@
 //! stays sorted by time and keeps its own min/max, so pruning and compression are what a
 //! merge would give; only rows of overlapping inputs (spans that arrived late) are not
 //! interleaved across row groups. It costs a copy instead of a decode and an encode of
-//! every row, which is most of the store's CPU under load; small row groups (low traffic,
-//! many small flushes) are still merged into bigger ones.
+//! every row, which is most of the store's CPU under load. Row groups under
+//! [`MIN_SPLICE_ROW_GROUP`] rows (a quiet flush's) are read, sorted and written anew as one
+//! more input, so one small file no longer makes a compaction re-encode every big one; when
+//! every row group is small, the streaming merge takes them all.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,42 +52,59 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
-/// Reads each source's footer and page index, keeping their order; `None` when they cannot
-/// be spliced (a row group under [`MIN_SPLICE_ROW_GROUP`], or schemas that differ).
-pub fn plan(sources: &[PathBuf]) -> Result<Option<Vec<(PathBuf, ParquetMetaData)>>, StoreError> {
-    let mut out: Vec<(PathBuf, ParquetMetaData)> = Vec::with_capacity(sources.len());
+/// One input of a splice: a file's metadata and the row groups of it to copy.
+#[derive(Debug)]
+pub struct Part {
+    pub path: PathBuf,
+    pub meta: ParquetMetaData,
+    pub row_groups: Vec<usize>,
+}
+
+impl Part {
+    /// Its row groups under [`MIN_SPLICE_ROW_GROUP`] rows (re-encoded, not copied) and
+    /// their rows, taken out of the ones to copy.
+    pub fn take_small(&mut self) -> (Vec<usize>, i64) {
+        let rgs = self.meta.row_groups();
+        let (small, big): (Vec<usize>, Vec<usize>) = self
+            .row_groups
+            .iter()
+            .partition(|&&i| rgs[i].num_rows() < MIN_SPLICE_ROW_GROUP);
+        self.row_groups = big;
+        let rows = small.iter().map(|&i| rgs[i].num_rows()).sum();
+        (small, rows)
+    }
+}
+
+/// Reads each source's footer and page index, keeping their order, every row group to be
+/// copied; `None` when they cannot be spliced (schemas that differ).
+pub fn plan(sources: &[PathBuf]) -> Result<Option<Vec<Part>>, StoreError> {
+    let mut out: Vec<Part> = Vec::with_capacity(sources.len());
     for path in sources {
         let file = std::fs::File::open(path).map_err(io_err(path))?;
         let meta = ParquetMetaDataReader::new()
             .with_page_index_policy(PageIndexPolicy::Optional)
             .parse_and_finish(&file)
             .map_err(parquet_err(path))?;
-        if meta
-            .row_groups()
-            .iter()
-            .any(|rg| rg.num_rows() < MIN_SPLICE_ROW_GROUP)
-        {
-            return Ok(None);
-        }
-        if let Some((_, first)) = out.first()
-            && first.file_metadata().schema_descr().root_schema()
+        if let Some(first) = out.first()
+            && first.meta.file_metadata().schema_descr().root_schema()
                 != meta.file_metadata().schema_descr().root_schema()
         {
             return Ok(None);
         }
-        out.push((path.clone(), meta));
+        out.push(Part {
+            path: path.clone(),
+            row_groups: (0..meta.num_row_groups()).collect(),
+            meta,
+        });
     }
     Ok(Some(out))
 }
 
-/// Writes the row groups of `inputs`, in the order given (the caller sorts them by first
-/// time), into `path` (aside, fsync, rename, directory fsync). Returns the new file's size.
-pub fn splice(
-    path: &Path,
-    inputs: Vec<(PathBuf, ParquetMetaData)>,
-    max_lsn: u64,
-) -> Result<u64, StoreError> {
-    let Some((_, first)) = inputs.first() else {
+/// Writes the chosen row groups of `inputs`, in the order given (the caller sorts them by
+/// first time), into `path` (aside, fsync, rename, directory fsync). Returns the new file's
+/// size.
+pub fn splice(path: &Path, inputs: &[Part], max_lsn: u64) -> Result<u64, StoreError> {
+    let Some(Part { meta: first, .. }) = inputs.first() else {
         return Err(StoreError::Io {
             path: path.to_path_buf(),
             source: std::io::Error::other("nothing to splice"),
@@ -113,9 +132,18 @@ pub fn splice(
     let tmp = path.with_extension("parquet.tmp");
     let out = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
     let mut writer = SerializedFileWriter::new(out, schema, props).map_err(parquet_err(&tmp))?;
-    for (src, meta) in &inputs {
+    for Part {
+        path: src,
+        meta,
+        row_groups,
+    } in inputs
+    {
+        if row_groups.is_empty() {
+            continue;
+        }
         let file = std::fs::File::open(src).map_err(io_err(src))?;
-        for (rg_idx, rg) in meta.row_groups().iter().enumerate() {
+        for &rg_idx in row_groups {
+            let rg = meta.row_group(rg_idx);
             let column_indexes = meta.column_index().and_then(|ci| ci.get(rg_idx));
             let offset_indexes = meta.offset_index().and_then(|oi| oi.get(rg_idx));
             let mut rg_out = writer.next_row_group().map_err(parquet_err(&tmp))?;

@@ -660,8 +660,55 @@ impl Table {
                 let mut by_time = sources.clone();
                 by_time.sort_by_key(|(min, _)| *min);
                 let paths: Vec<PathBuf> = by_time.into_iter().map(|(_, p)| p).collect();
-                if let Some(plan) = splice::plan(&paths)? {
-                    return splice::splice(path, plan, max_lsn).map(|b| (b, true));
+                if let Some(mut parts) = splice::plan(&paths)? {
+                    // Small row groups (a quiet flush's) are merged as streams (each is sorted)
+                    // and written anew as one more input; the big ones are copied.
+                    let small: Vec<(PathBuf, Vec<usize>)> = parts
+                        .iter_mut()
+                        .map(|p| (p.path.clone(), p.take_small().0))
+                        .filter(|(_, rgs)| !rgs.is_empty())
+                        .collect();
+                    if parts.iter().any(|p| !p.row_groups.is_empty()) {
+                        let side = path.with_extension("side.tmp");
+                        if !small.is_empty() {
+                            // Each small row group an input, opened when the merge gets to it
+                            // (its file's first time is a lower bound of its own).
+                            let first_time = |src: &PathBuf| {
+                                sources
+                                    .iter()
+                                    .find(|(_, p)| p == src)
+                                    .map_or(i64::MIN, |(min, _)| *min)
+                            };
+                            let inputs = small
+                                .into_iter()
+                                .flat_map(|(src, rgs)| {
+                                    let min = first_time(&src);
+                                    rgs.into_iter().map(move |rg| {
+                                        let src = src.clone();
+                                        (min, move || {
+                                            read_row_groups(&src, Some(vec![rg]))
+                                                .map(|b| b.map_err(external))
+                                        })
+                                    })
+                                })
+                                .collect();
+                            let rows = order::Merge::new(inputs, time_column).map(|b| {
+                                b.map_err(|source| StoreError::Arrow {
+                                    table: table.to_string(),
+                                    source,
+                                })
+                            });
+                            write_parquet(&side, &schema, rows, max_lsn)?;
+                            parts.extend(
+                                splice::plan(std::slice::from_ref(&side))?.unwrap_or_default(),
+                            );
+                        }
+                        let spliced = splice::splice(path, &parts, max_lsn);
+                        if side.exists() {
+                            let _ = std::fs::remove_file(&side);
+                        }
+                        return spliced.map(|b| (b, true));
+                    }
                 }
             }
             // Each input is sorted by time (files of an older layout may not be; their rows
@@ -862,7 +909,11 @@ fn time_range(batches: &[RecordBatch], column: &str) -> (i64, i64) {
 }
 
 /// The batches of one Parquet file, read a row group at a time.
-fn read_parquet(path: &Path) -> Box<dyn Iterator<Item = Result<RecordBatch, StoreError>>> {
+/// The batches of one Parquet file: the given row groups, or all.
+fn read_row_groups(
+    path: &Path,
+    row_groups: Option<Vec<usize>>,
+) -> Box<dyn Iterator<Item = Result<RecordBatch, StoreError>>> {
     let parquet_err = |source| StoreError::Parquet {
         path: path.to_path_buf(),
         source,
@@ -870,7 +921,14 @@ fn read_parquet(path: &Path) -> Box<dyn Iterator<Item = Result<RecordBatch, Stor
     let reader = std::fs::File::open(path)
         .map_err(io(path))
         .and_then(|f| ParquetRecordBatchReaderBuilder::try_new(f).map_err(parquet_err))
-        .and_then(|b| b.build().map_err(parquet_err));
+        .and_then(|b| {
+            match row_groups {
+                Some(rgs) => b.with_row_groups(rgs).with_batch_size(order::CHUNK_ROWS),
+                None => b,
+            }
+            .build()
+            .map_err(parquet_err)
+        });
     match reader {
         Ok(reader) => {
             let path = path.to_path_buf();
@@ -883,6 +941,10 @@ fn read_parquet(path: &Path) -> Box<dyn Iterator<Item = Result<RecordBatch, Stor
         }
         Err(e) => Box::new(std::iter::once(Err(e))),
     }
+}
+
+fn read_parquet(path: &Path) -> Box<dyn Iterator<Item = Result<RecordBatch, StoreError>>> {
+    read_row_groups(path, None)
 }
 
 /// Encodings by column type: timestamps and durations (sorted or nearly, so their deltas
