@@ -129,7 +129,8 @@ impl<'a> Columns<'a> {
     }
 }
 
-fn kv(key: &str, value: any_value::Value) -> KeyValue {
+/// An attribute of `key` holding `value`.
+pub(crate) fn kv(key: &str, value: any_value::Value) -> KeyValue {
     KeyValue {
         key: key.to_string(),
         value: Some(AnyValue { value: Some(value) }),

@@ -1164,21 +1164,30 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn big_consecutive_files_compact_by_copying_their_row_groups() {
+    /// Rows of each big file [`two_big_files`] writes (over one splice row group).
+    const N: u64 = 70_000;
+
+    /// A store that compacts at `min_files` files, holding two flushed files of [`N`] rows
+    /// each, of consecutive time ranges.
+    async fn two_big_files(min_files: usize) -> (tempfile::TempDir, Arc<Store>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let options = StoreOptions {
-            compact_min_files: 2,
+            compact_min_files: min_files,
             ..StoreOptions::default()
         };
         let store = Arc::new(
             Store::open_with(dir.path(), options, crate::receiver::decode_record).expect("open"),
         );
-        const N: u64 = 70_000;
         for part in 0..2 {
             ingest_bulk(&store, part, N, 1_000_000_000_000 + part * 1_000_000_000).await;
             store.flush().await.expect("flush");
         }
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn big_consecutive_files_compact_by_copying_their_row_groups() {
+        let (dir, store) = two_big_files(2).await;
         let merged = store
             .spans
             .compact()
@@ -1265,19 +1274,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_small_file_among_big_ones_is_re_encoded_and_the_big_ones_copied() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let options = StoreOptions {
-            compact_min_files: 3,
-            ..StoreOptions::default()
-        };
-        let store = Arc::new(
-            Store::open_with(dir.path(), options, crate::receiver::decode_record).expect("open"),
-        );
-        const N: u64 = 70_000;
-        for part in 0..2 {
-            ingest_bulk(&store, part, N, 1_000_000_000_000 + part * 1_000_000_000).await;
-            store.flush().await.expect("flush");
-        }
+        let (dir, store) = two_big_files(3).await;
         // A quiet flush: a few rows, a small row group.
         ingest(&store, 5, 9).await;
         store.flush().await.expect("flush");

@@ -233,13 +233,7 @@ mod tests {
     use opentelemetry_proto::tonic::common::v1::any_value;
     use prost::Message;
 
-    fn kv(key: &str, value: any_value::Value) -> KeyValue {
-        KeyValue {
-            key: key.into(),
-            value: Some(AnyValue { value: Some(value) }),
-            ..Default::default()
-        }
-    }
+    use crate::readback::kv;
 
     #[test]
     fn empty_spans_cost_their_struct_size_not_their_wire_size() {
