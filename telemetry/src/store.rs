@@ -1164,6 +1164,17 @@ mod tests {
         }
     }
 
+    /// A reader of one file of the spans table.
+    fn spans_file(
+        dir: &tempfile::TempDir,
+        name: &str,
+    ) -> datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder<std::fs::File>
+    {
+        let file = std::fs::File::open(dir.path().join("spans").join(name)).expect("open file");
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .expect("reader")
+    }
+
     /// Rows of each big file [`two_big_files`] writes (over one splice row group).
     const N: u64 = 70_000;
 
@@ -1205,13 +1216,7 @@ mod tests {
         );
         // The copy is a whole, readable file sorted within each row group (here, of
         // consecutive ranges, throughout): rows, Arrow types, order, bloom filters.
-        let path = dir.path().join("spans").join(&merged.name);
-        let file = std::fs::File::open(&path).expect("open merged");
-        let reader =
-            datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-                file,
-            )
-            .expect("reader");
+        let reader = spans_file(&dir, &merged.name);
         assert_eq!(reader.metadata().num_row_groups(), 2);
         let mut last = i64::MIN;
         let mut rows = 0;
@@ -1295,13 +1300,7 @@ mod tests {
             "the big row groups were copied"
         );
         // Two copied row groups and the small one written anew; every row readable once.
-        let path = dir.path().join("spans").join(&merged.name);
-        let file = std::fs::File::open(&path).expect("open merged");
-        let reader =
-            datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-                file,
-            )
-            .expect("reader");
+        let reader = spans_file(&dir, &merged.name);
         let sizes: Vec<i64> = reader
             .metadata()
             .row_groups()
