@@ -18,7 +18,6 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use opentelemetry_proto::tonic::trace::v1::{span, status};
@@ -369,7 +368,10 @@ fn status_code(code: i32) -> &'static str {
 
 /// The spans of a prost export request as one record batch of [`schema::SPANS`]: its bytes
 /// through [`trace_rows`] (for tests, and the same rows as the receiver makes).
-pub fn spans_to_batch(req: &ExportTraceServiceRequest) -> Result<RecordBatch, ArrowError> {
+#[cfg(test)]
+pub fn spans_to_batch(
+    req: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+) -> Result<RecordBatch, ArrowError> {
     use prost::Message;
     let bytes = req.encode_to_vec();
     let export = TraceExport::read(&bytes).map_err(|e| ArrowError::ParseError(e.to_string()))?;
@@ -1064,6 +1066,7 @@ mod tests {
     use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status};
 
     use crate::readback::kv;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 
     fn map_entries(map: &MapArray, row: usize) -> Vec<(String, String)> {
         let entries = map.value(row);

@@ -166,8 +166,20 @@ impl<'a> Value<'a> {
                 2 => Value::Bool(w.varint()? != 0),
                 3 => Value::Int(w.varint()? as i64),
                 4 => Value::Double(f64::from_bits(w.fixed64()?)),
-                5 => Value::Array(w.bytes()?),
-                6 => Value::Kvlist(w.bytes()?),
+                // Rare: checked whole here (strings inside included), as prost's decode
+                // checks them, and kept as bytes until written as text.
+                5 => {
+                    let (b, at) = w.message()?;
+                    ArrayValue::decode(b)
+                        .map_err(|_| bad(at, "an array value that does not decode"))?;
+                    Value::Array(b)
+                }
+                6 => {
+                    let (b, at) = w.message()?;
+                    KeyValueList::decode(b)
+                        .map_err(|_| bad(at, "a key-value list that does not decode"))?;
+                    Value::Kvlist(b)
+                }
                 7 => Value::Bytes(w.bytes()?),
                 _ => continue,
             };
@@ -185,7 +197,7 @@ impl<'a> Value<'a> {
             Value::Int(i) => Some(any_value::Value::IntValue(i)),
             Value::Double(d) => Some(any_value::Value::DoubleValue(d)),
             Value::Bytes(b) => Some(any_value::Value::BytesValue(b.to_vec())),
-            // Well-formed: the walk before the conversion checked these bytes.
+            // Checked when read (see `Value::read`).
             Value::Array(b) => ArrayValue::decode(b).ok().map(any_value::Value::ArrayValue),
             Value::Kvlist(b) => KeyValueList::decode(b)
                 .ok()
@@ -810,6 +822,33 @@ mod tests {
         assert!(ExportTraceServiceRequest::decode(bytes.as_slice()).is_err());
         let err = TraceExport::read(&bytes).expect_err("not UTF-8");
         assert!(err.to_string().contains("UTF-8"), "{err}");
+        // A string that is not UTF-8 inside an array value.
+        let inner = AnyValue {
+            value: Some(any_value::Value::StringValue("x".into())),
+        };
+        let mut inner_bytes = inner.encode_to_vec();
+        let last = inner_bytes.len() - 1;
+        inner_bytes[last] = 0xff;
+        let mut array = Vec::new();
+        prost::encoding::bytes::encode(1, &inner_bytes, &mut array);
+        let mut value = Vec::new();
+        prost::encoding::bytes::encode(5, &array, &mut value);
+        let mut attr = Vec::new();
+        prost::encoding::string::encode(1, &"k".to_string(), &mut attr);
+        prost::encoding::bytes::encode(2, &value, &mut attr);
+        let mut span_bytes = Vec::new();
+        prost::encoding::bytes::encode(9, &attr, &mut span_bytes);
+        let mut ss = Vec::new();
+        prost::encoding::bytes::encode(2, &span_bytes, &mut ss);
+        let mut rs = Vec::new();
+        prost::encoding::bytes::encode(2, &ss, &mut rs);
+        let mut bytes = Vec::new();
+        prost::encoding::bytes::encode(1, &rs, &mut bytes);
+        assert!(ExportTraceServiceRequest::decode(bytes.as_slice()).is_err());
+        assert!(
+            TraceExport::read(&bytes).is_err(),
+            "a bad array is refused, not emptied"
+        );
         // A known field with the wrong wire type: `name` (5) as a varint.
         let mut ss = Vec::new();
         prost::encoding::bytes::encode(2, &vec![0x28u8, 0x01], &mut ss);
