@@ -28,7 +28,7 @@ pub mod service;
 pub mod wire;
 
 use scope::Scope;
-use wire::{Outgoing, Requests, Responses, Tx};
+use wire::{Outgoing, Parts, Requests, Responses, Tx};
 
 use crate::model::Model;
 use crate::translate::{NamedResource, Outbound, ProxyNode, ProxyResources, translate};
@@ -452,18 +452,19 @@ async fn send(
         return Ok(false);
     }
     let count = selected.len();
-    let sent: Vec<bytes::Bytes> = match changed_from {
-        Some(old) if !is_wildcard_type(ty) => selected
-            .into_iter()
-            .filter(|r| {
+    let mut sent = Parts::default();
+    for r in selected {
+        let unchanged = || {
+            changed_from.is_some_and(|old| {
                 old.find(ty, &r.name, None)
-                    .is_none_or(|(o, _)| o.version != r.version)
+                    .is_some_and(|(o, _)| o.version == r.version)
             })
-            .map(|r| r.wire.clone())
-            .collect(),
-        _ => selected.into_iter().map(|r| r.wire.clone()).collect(),
-    };
-    if sent.is_empty() {
+        };
+        if is_wildcard_type(ty) || !unchanged() {
+            sent.push(&r.wire);
+        }
+    }
+    if sent.slices() == 0 {
         // Only removals, which state of the world says by the clusters and listeners.
         return Ok(false);
     }

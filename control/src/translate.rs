@@ -23,6 +23,7 @@ use lumen_api::pb::google::protobuf::{
 };
 use lumen_api::{cluster_name, endpoint_meta, pack_any, ports, type_url};
 
+use crate::ads::wire::{Wire, encode_list};
 use crate::model::{
     DestinationRuleSpec, FaultPolicy, HashKey, HashTable, HeaderOps, HeaderRules, HttpMatchRequest,
     LoadBalancer, Model, PathChange, Pod, Redirect, Service, StringMatch, VirtualService,
@@ -42,29 +43,82 @@ pub struct ProxyNode {
 /// `DiscoveryResponse.resources`' field number.
 const DISCOVERY_RESPONSE_RESOURCES: u32 = 2;
 
+/// `DeltaDiscoveryResponse.resources`' field number.
+const DELTA_DISCOVERY_RESPONSE_RESOURCES: u32 = 2;
+
 /// One resource, already packed, with its name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NamedResource {
     pub name: String,
-    pub resource: Any,
     /// A hash of the resource's bytes, computed once (what delta xDS compares).
     pub version: u64,
-    /// The resource as an entry of a `DiscoveryResponse`'s `resources`, encoded once and
-    /// shared by every state-of-the-world response that carries it.
-    pub wire: bytes::Bytes,
+    /// The resource as an entry of a `DiscoveryResponse`'s `resources`, encoded once with
+    /// the rest of its list and shared by every state-of-the-world response that carries it.
+    pub wire: Wire,
+    /// The resource as an entry of a `DeltaDiscoveryResponse`'s `resources` (a `Resource`
+    /// with its name and version), likewise.
+    pub delta_wire: Wire,
 }
 
 impl NamedResource {
     pub fn new(name: String, resource: Any) -> NamedResource {
+        NamedResource::list(vec![(name, resource)])
+            .pop()
+            .unwrap_or_else(|| unreachable!("a list of one encodes to one"))
+    }
+
+    /// A list's resources, each list's encodings in one block per protocol (see [`Wire`]).
+    pub fn list(items: Vec<(String, Any)>) -> Vec<NamedResource> {
+        use prost::encoding::{WireType, encode_key, encode_varint, message, string};
         use std::hash::{Hash, Hasher};
-        let mut h = std::hash::DefaultHasher::new();
-        resource.value.hash(&mut h);
-        NamedResource {
-            name,
-            wire: crate::ads::wire::field(DISCOVERY_RESPONSE_RESOURCES, &resource),
-            resource,
-            version: h.finish(),
-        }
+        let versions: Vec<u64> = items
+            .iter()
+            .map(|(_, any)| {
+                let mut h = std::hash::DefaultHasher::new();
+                any.value.hash(&mut h);
+                h.finish()
+            })
+            .collect();
+        let wires = encode_list(items.len(), |i, out| {
+            message::encode(DISCOVERY_RESPONSE_RESOURCES, &items[i].1, out);
+        });
+        let delta_wires = encode_list(items.len(), |i, out| {
+            let (name, any) = &items[i];
+            let version = format!("{:016x}", versions[i]);
+            // `Resource`: version (1), resource (2), name (3).
+            let len = string::encoded_len(1, &version)
+                + message::encoded_len(2, any)
+                + string::encoded_len(3, name);
+            encode_key(
+                DELTA_DISCOVERY_RESPONSE_RESOURCES,
+                WireType::LengthDelimited,
+                out,
+            );
+            encode_varint(len as u64, out);
+            string::encode(1, &version, out);
+            message::encode(2, any, out);
+            string::encode(3, name, out);
+        });
+        items
+            .into_iter()
+            .zip(versions)
+            .zip(wires.into_iter().zip(delta_wires))
+            .map(|(((name, _), version), (wire, delta_wire))| NamedResource {
+                name,
+                version,
+                wire,
+                delta_wire,
+            })
+            .collect()
+    }
+
+    /// The packed resource, read back from its encoding.
+    pub fn any(&self) -> Any {
+        use prost::Message;
+        let mut buf = self.wire.as_slice();
+        // The entry's key is one byte (field 2, length-delimited).
+        buf = buf.get(1..).unwrap_or_default();
+        Any::decode_length_delimited(buf).unwrap_or_default()
     }
 }
 
@@ -260,10 +314,12 @@ impl NameIndex {
 }
 
 fn pack_named<T: prost::Name>(items: Vec<T>, name: impl Fn(&T) -> String) -> Vec<NamedResource> {
-    items
-        .into_iter()
-        .map(|item| NamedResource::new(name(&item), pack_any(item)))
-        .collect()
+    NamedResource::list(
+        items
+            .into_iter()
+            .map(|item| (name(&item), pack_any(item)))
+            .collect(),
+    )
 }
 
 /// The outbound part of the configuration, the same for every sidecar.
@@ -1616,7 +1672,7 @@ mod tests {
                 .iter()
                 .find(|r| r.name == name)
                 .map(|r| {
-                    cluster::Cluster::decode(r.resource.value.as_slice())
+                    cluster::Cluster::decode(r.any().value.as_slice())
                         .expect("cluster")
                         .typed_extension_protocol_options
                         .contains_key("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
@@ -1659,7 +1715,7 @@ mod tests {
                 .of_type(type_url::CLUSTER)
                 .iter()
                 .find(|r| r.name == "inbound|9080||")
-                .map(|r| cluster::Cluster::decode(r.resource.value.as_slice()).expect("cluster"))
+                .map(|r| cluster::Cluster::decode(r.any().value.as_slice()).expect("cluster"))
                 .expect("inbound cluster");
             c.metadata
                 .and_then(|m| m.filter_metadata.get(FILTER).cloned())
@@ -1692,7 +1748,7 @@ mod tests {
                 .iter()
                 .find(|r| r.name == name)
                 .map(|r| {
-                    cluster::Cluster::decode(r.resource.value.as_slice())
+                    cluster::Cluster::decode(r.any().value.as_slice())
                         .expect("cluster")
                         .lb_policy
                 })
@@ -1709,7 +1765,7 @@ mod tests {
                 .iter()
                 .find(|r| r.name == name)
                 .and_then(|r| {
-                    cluster::Cluster::decode(r.resource.value.as_slice())
+                    cluster::Cluster::decode(r.any().value.as_slice())
                         .expect("cluster")
                         .load_balancing_policy
                 })
@@ -1751,7 +1807,7 @@ mod tests {
             res.of_type(type_url::CLUSTER)
                 .iter()
                 .find(|r| r.name == name)
-                .map(|r| cluster::Cluster::decode(r.resource.value.as_slice()).expect("cluster"))
+                .map(|r| cluster::Cluster::decode(r.any().value.as_slice()).expect("cluster"))
                 .unwrap_or_else(|| panic!("no cluster {name}"))
         };
         use cluster::cluster::LbPolicy;
@@ -1792,7 +1848,7 @@ mod tests {
             ]
             .iter()
             .flat_map(|t| res.of_type(t))
-            .map(|r| (r.name.clone(), r.resource.value.clone()))
+            .map(|r| (r.name.clone(), r.any().value))
             .collect::<Vec<_>>()
         };
         let first = bytes(&translate(&model, &node()));
@@ -1817,7 +1873,7 @@ mod tests {
             res.of_type(type_url::CLUSTER)
                 .iter()
                 .find(|r| r.name == name)
-                .map(|r| cluster::Cluster::decode(r.resource.value.as_slice()).expect("cluster"))
+                .map(|r| cluster::Cluster::decode(r.any().value.as_slice()).expect("cluster"))
                 .expect(name)
         };
         use cluster::cluster::{LbConfig, LbPolicy};
@@ -1924,7 +1980,7 @@ mod tests {
         res.of_type(type_url::ROUTE)
             .iter()
             .find(|r| r.name == "9080")
-            .map(|r| route::RouteConfiguration::decode(r.resource.value.as_slice()).expect("rds"))
+            .map(|r| route::RouteConfiguration::decode(r.any().value.as_slice()).expect("rds"))
             .expect("9080")
     }
 
@@ -1958,7 +2014,7 @@ mod tests {
             .find(|r| r.name == "outbound|9080|v2|reviews.default.svc.cluster.local")
             .expect("v2 endpoints");
         let cla =
-            endpoint::ClusterLoadAssignment::decode(v2.resource.value.as_slice()).expect("decodes");
+            endpoint::ClusterLoadAssignment::decode(v2.any().value.as_slice()).expect("decodes");
         let eps = &cla.endpoints[0].lb_endpoints;
         assert_eq!(eps.len(), 1);
         let Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep)) = &eps[0].host_identifier
@@ -1997,8 +2053,8 @@ mod tests {
                 .into_iter()
                 .find(|r| r.name == cluster)
                 .unwrap_or_else(|| panic!("{cluster}"));
-            let cla = endpoint::ClusterLoadAssignment::decode(r.resource.value.as_slice())
-                .expect("decodes");
+            let cla =
+                endpoint::ClusterLoadAssignment::decode(r.any().value.as_slice()).expect("decodes");
             cla.endpoints[0]
                 .lb_endpoints
                 .iter()
@@ -2094,9 +2150,7 @@ mod tests {
             let rc = routes
                 .iter()
                 .find(|r| r.name == "9080")
-                .map(|r| {
-                    route::RouteConfiguration::decode(r.resource.value.as_slice()).expect("rc")
-                })
+                .map(|r| route::RouteConfiguration::decode(r.any().value.as_slice()).expect("rc"))
                 .expect("9080");
             let vh = rc
                 .virtual_hosts
@@ -2122,7 +2176,7 @@ mod tests {
             .into_iter()
             .find(|r| r.name == "9080")
             .expect("route 9080");
-        let rc = route::RouteConfiguration::decode(rc.resource.value.as_slice()).expect("decodes");
+        let rc = route::RouteConfiguration::decode(rc.any().value.as_slice()).expect("decodes");
         let vh = rc
             .virtual_hosts
             .iter()

@@ -50,7 +50,7 @@ fn routes_with(sample: &str) -> String {
         .of_type(type_url::ROUTE)
         .iter()
         .find(|r| r.name == "9080")
-        .map(|r| route::RouteConfiguration::decode(r.resource.value.as_slice()).expect("routes"))
+        .map(|r| route::RouteConfiguration::decode(r.any().value.as_slice()).expect("routes"))
         .expect("route configuration 9080");
     let mut out = String::new();
     let mut plain = rc.clone();

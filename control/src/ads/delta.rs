@@ -14,18 +14,16 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use lumen_api::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-};
+use lumen_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use tonic::Status;
 
 use super::scope::Scope;
-use super::wire::{Outgoing, Requests, Tx};
+use super::wire::{Outgoing, Parts, Requests, Tx};
 use super::{
     KNOWN_TYPES, MAX_SUBSCRIBED_NAMES, Subscription, XdsState, connect_node, is_wildcard_type,
     served_type,
 };
-use crate::translate::{NameIndex, NamedResource, ProxyNode, ProxyResources};
+use crate::translate::{NameIndex, ProxyNode, ProxyResources};
 
 /// One type's delta state.
 #[derive(Debug, Default)]
@@ -89,9 +87,9 @@ pub const CHUNK_BYTES: usize = 64 * 1024;
 
 /// What one push sends: the changed resources in chunks of at most [`CHUNK_BYTES`], each a
 /// response, and the removed names, with the last.
-struct Push<'a> {
+struct Push {
     version: String,
-    chunks: Vec<Vec<&'a NamedResource>>,
+    chunks: Vec<Parts>,
     removed: Vec<String>,
     /// Resources the proxy has after it (`/debug/syncz`).
     count: usize,
@@ -101,14 +99,14 @@ struct Push<'a> {
 /// any changed (`always`: answer even with nothing, as a first request needs).
 /// A name subscribed on the first request that does not exist is answered as removed once,
 /// so the proxy need not wait for it.
-fn diff<'a>(
+fn diff(
     ty: &'static str,
     had: &Had<'_>,
     scope: &Scope,
-    now: &'a ProxyResources,
+    now: &ProxyResources,
     always: bool,
     first: bool,
-) -> Option<Push<'a>> {
+) -> Option<Push> {
     let (shared, index) = now.shared(ty);
     let mut changed = Vec::new();
     let mut system = DefaultHasher::new();
@@ -145,15 +143,15 @@ fn diff<'a>(
         return None;
     }
     let mut chunks = Vec::new();
-    let mut chunk = Vec::new();
+    let mut chunk = Parts::default();
     let mut bytes = 0;
     for r in changed {
-        if !chunk.is_empty() && bytes + r.wire.len() > CHUNK_BYTES {
+        if bytes > 0 && bytes + r.delta_wire.len() > CHUNK_BYTES {
             chunks.push(std::mem::take(&mut chunk));
             bytes = 0;
         }
-        bytes += r.wire.len();
-        chunk.push(r);
+        bytes += r.delta_wire.len();
+        chunk.push(&r.delta_wire);
     }
     chunks.push(chunk);
     Some(Push {
@@ -164,37 +162,12 @@ fn diff<'a>(
     })
 }
 
-/// `DeltaDiscoveryResponse.resources`' field number.
-const RESOURCES: u32 = 2;
-
-/// A `Resource` entry of a response for `r`, as parts: its name and version, encoded here,
-/// then the packed resource, which is the field `wire` holds (`Resource.resource` is field 2
-/// as `DiscoveryResponse.resources` is), shared.
-fn entry(r: &NamedResource) -> [bytes::Bytes; 2] {
-    use prost::Message;
-    let head = Resource {
-        name: r.name.clone(),
-        version: format!("{:016x}", r.version),
-        ..Default::default()
-    };
-    let len = head.encoded_len() + r.wire.len();
-    let mut out = bytes::BytesMut::with_capacity(16 + head.encoded_len());
-    prost::encoding::encode_key(
-        RESOURCES,
-        prost::encoding::WireType::LengthDelimited,
-        &mut out,
-    );
-    prost::encoding::encode_varint(len as u64, &mut out);
-    head.encode_raw(&mut out);
-    [out.freeze(), r.wire.clone()]
-}
-
 async fn push(
     state: &XdsState,
     tx: &Tx,
     ty: &'static str,
     status: &mut Subscription,
-    push: Push<'_>,
+    push: Push,
 ) -> Result<(), ()> {
     let nonce = state.next_nonce.fetch_add(1, Ordering::Relaxed).to_string();
     status.sent_version = Some(push.version.clone());
@@ -216,8 +189,7 @@ async fn push(
             },
             ..Default::default()
         };
-        let parts: Vec<bytes::Bytes> = chunk.into_iter().flat_map(entry).collect();
-        state.send(tx, Outgoing::with_parts(&head, parts)).await?;
+        state.send(tx, Outgoing::with_parts(&head, chunk)).await?;
     }
     Ok(())
 }

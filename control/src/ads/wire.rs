@@ -7,12 +7,14 @@
 //!
 //! - [`Requests`] gathers a request's bytes as the transport hands them over and decodes the
 //!   message as soon as it is whole; nothing of it is kept after.
-//! - [`Outgoing`] is an encoded response: a head encoded for this stream and resources
-//!   encoded once per configuration and shared by every stream (`Bytes` clones).
-//! - [`Responses`] is the response body: it writes each response in pieces of at most
-//!   [`PIECE`] bytes (shared resources bigger than that go as they are, uncopied), so a
-//!   stream holds only the responses waiting for the transport, and ends with the stream's
-//!   status in trailers.
+//! - [`Wire`] is a resource's encoding, a range of one block per list of resources, encoded
+//!   once per configuration and shared by every stream.
+//! - [`Outgoing`] is an encoded response: a head encoded for this stream, then [`Parts`]:
+//!   the resources it sends, where neighbours in a block are one slice of it.
+//! - [`Responses`] is the response body: a slice of [`PIECE`] bytes or more goes as it is,
+//!   uncopied; smaller ones are copied together into pieces of at most that. A stream
+//!   holds only the responses waiting for the transport, and ends with the stream's status
+//!   in trailers.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -189,15 +191,15 @@ pub struct Outgoing {
 impl Outgoing {
     /// `message` encoded whole.
     pub fn message<M: prost::Message>(message: &M) -> Result<Outgoing, Status> {
-        Outgoing::with_parts(message, Vec::new())
+        Outgoing::with_parts(message, Parts::default())
     }
 
     /// `head` followed by `parts`, each already an encoded field of the same message (a
     /// message's fields may come in any order, and a repeated field's entries are read in
     /// the order they come).
-    pub fn with_parts<M: prost::Message>(head: &M, parts: Vec<Bytes>) -> Result<Outgoing, Status> {
+    pub fn with_parts<M: prost::Message>(head: &M, parts: Parts) -> Result<Outgoing, Status> {
         let head_len = head.encoded_len();
-        let len = head_len + parts.iter().map(|p| p.len()).sum::<usize>();
+        let len = head_len + parts.runs.iter().map(Wire::len).sum::<usize>();
         let Ok(wire_len) = u32::try_from(len) else {
             return Err(Status::internal(format!(
                 "a response of {len} bytes is more than gRPC can frame"
@@ -207,9 +209,9 @@ impl Outgoing {
         first.put_u8(0);
         first.put_u32(wire_len);
         head.encode_raw(&mut first);
-        let mut all = Vec::with_capacity(1 + parts.len());
+        let mut all = Vec::with_capacity(1 + parts.runs.len());
         all.push(first.freeze());
-        all.extend(parts);
+        all.extend(parts.runs.iter().map(Wire::bytes));
         Ok(Outgoing { parts: all, len })
     }
 
@@ -298,7 +300,7 @@ impl http_body::Body for Responses {
         loop {
             if let Some(piece) = self.piece() {
                 if self.parts.is_empty() {
-                    // A thousand resources' list is 32 KB: not kept between messages.
+                    // Not kept between messages at the most it ever held.
                     self.parts = VecDeque::new();
                 }
                 return Poll::Ready(Some(Ok(Frame::data(piece))));
@@ -325,14 +327,89 @@ impl http_body::Body for Responses {
     }
 }
 
-/// One resource as an entry of a response's repeated field `tag`, encoded once.
-pub fn field(tag: u32, message: &impl prost::Message) -> Bytes {
-    let len = prost::encoding::key_len(tag)
-        + prost::encoding::encoded_len_varint(message.encoded_len() as u64)
-        + message.encoded_len();
-    let mut out = BytesMut::with_capacity(len);
-    prost::encoding::message::encode(tag, message, &mut out);
-    out.freeze()
+/// One resource's encoding as an entry of a response's repeated field: a range of the block
+/// its whole list was encoded into at once ([`encode_list`]). Resources a response sends in
+/// their list's order are neighbours in the block, and [`Parts`] sends them as one slice of
+/// it: a push of a thousand clusters to a thousand proxies is a thousand handles on one
+/// block, neither copied per stream nor a handle per resource.
+#[derive(Clone, Debug, Default)]
+pub struct Wire {
+    block: Bytes,
+    start: usize,
+    end: usize,
+}
+
+impl Wire {
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.block[self.start..self.end]
+    }
+
+    /// Whether `next` starts in the same block where this one ends.
+    fn precedes(&self, next: &Wire) -> bool {
+        self.end == next.start
+            && self.block.as_ptr() == next.block.as_ptr()
+            && self.block.len() == next.block.len()
+    }
+
+    fn bytes(&self) -> Bytes {
+        self.block.slice(self.start..self.end)
+    }
+}
+
+impl PartialEq for Wire {
+    fn eq(&self, other: &Wire) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+/// Encodes a list's entries into one block: `encode` writes entry `i` to the buffer, and
+/// entry `i`'s [`Wire`] is what it wrote.
+pub fn encode_list(count: usize, mut encode: impl FnMut(usize, &mut BytesMut)) -> Vec<Wire> {
+    let mut out = BytesMut::new();
+    let mut bounds = Vec::with_capacity(count);
+    for i in 0..count {
+        let start = out.len();
+        encode(i, &mut out);
+        bounds.push((start, out.len()));
+    }
+    let block = out.freeze();
+    bounds
+        .into_iter()
+        .map(|(start, end)| Wire {
+            block: block.clone(),
+            start,
+            end,
+        })
+        .collect()
+}
+
+/// The shared parts of one response, in order; a part that follows the last one in its
+/// block lengthens it instead of adding one.
+#[derive(Debug, Default)]
+pub struct Parts {
+    runs: Vec<Wire>,
+}
+
+impl Parts {
+    pub fn push(&mut self, wire: &Wire) {
+        match self.runs.last_mut() {
+            Some(last) if last.precedes(wire) => last.end = wire.end,
+            _ => self.runs.push(wire.clone()),
+        }
+    }
+
+    /// How many slices the parts are (runs of neighbours count once).
+    pub fn slices(&self) -> usize {
+        self.runs.len()
+    }
 }
 
 #[cfg(test)]
@@ -432,14 +509,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_response_of_shared_parts_decodes_as_the_whole_message_and_ends_with_a_status() {
+    async fn a_response_of_shared_parts_goes_in_few_slices_decodes_whole_and_ends_with_a_status() {
         let resources: Vec<Any> = (0..200)
             .map(|i| Any {
                 type_url: "type.googleapis.com/x".into(),
                 value: vec![i as u8; 40 + i * 3],
             })
             .collect();
-        let parts: Vec<Bytes> = resources.iter().map(|r| field(2, r)).collect();
+        let wires = encode_list(resources.len(), |i, out| {
+            prost::encoding::message::encode(2, &resources[i], out);
+        });
+        // Two runs of neighbours (0..120, 130..200), then one resource of a list of its own.
+        let other = Any {
+            type_url: "type.googleapis.com/y".into(),
+            value: b"alone".to_vec(),
+        };
+        let lone = encode_list(1, |_, out| prost::encoding::message::encode(2, &other, out));
+        let mut parts = Parts::default();
+        let chosen: Vec<usize> = (0..120).chain(130..200).collect();
+        for &i in &chosen {
+            parts.push(&wires[i]);
+        }
+        parts.push(&lone[0]);
+        assert_eq!(parts.slices(), 3, "neighbours in a block go as one slice");
+        let mut resources: Vec<Any> = chosen.iter().map(|&i| resources[i].clone()).collect();
+        resources.push(other);
         let head = DiscoveryResponse {
             version_info: "v1".into(),
             type_url: "t".into(),
@@ -464,11 +558,12 @@ mod tests {
         let mut sent = Responses::new(rx);
         let mut data = Vec::new();
         let mut trailers = None;
+        let mut frames = 0;
         while let Some(frame) = sent.frame().await {
             let frame = frame.unwrap();
             match frame.into_data() {
                 Ok(d) => {
-                    assert!(d.len() <= PIECE, "{}", d.len());
+                    frames += 1;
                     data.extend_from_slice(&d);
                 }
                 Err(f) => trailers = f.into_trailers().ok(),
@@ -480,6 +575,9 @@ mod tests {
             trailers["grpc-message"], "going%20away",
             "percent-encoded, as gRPC says"
         );
+        // The first response as its head, its two runs (uncopied) and the lone part; then
+        // the second response's head.
+        assert_eq!(frames, 5, "{frames} data frames");
         let mut responses = Requests::<DiscoveryResponse>::new(body(vec![data]));
         assert_eq!(responses.message().await.unwrap(), Some(whole));
         assert_eq!(responses.message().await.unwrap(), Some(head));
