@@ -4,7 +4,6 @@
 //!
 //! `cargo bench -p lumen-proxy --bench routing`.
 
-use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
@@ -64,7 +63,7 @@ fn mesh(n: usize) -> MeshConfig {
         })
         .collect();
     MeshConfig {
-        routes: HashMap::from([("9080".to_string(), Arc::new(rc))]),
+        routes: [("9080".to_string(), Arc::new(rc))].into_iter().collect(),
         clusters,
         ..Default::default()
     }

@@ -29,6 +29,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Capture, ProxyConfig};
+
+/// A map looked up on every request (routes, clusters, domains, metric series): hashed with
+/// foldhash, seeded per process, where std's SipHash cost a request more than the lookup.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 pub use signal::shutdown_on_signal;
 pub use telemetry::{ExportOptions, Identity};
 

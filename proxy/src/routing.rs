@@ -2,6 +2,8 @@
 //! converted from xDS at the edge (`TryFrom`), and the routing decision made per request.
 
 use std::collections::HashMap;
+
+use crate::FastMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -37,9 +39,9 @@ pub enum ConfigError {
 #[derive(Debug, Default, Clone)]
 pub struct MeshConfig {
     /// Route configurations by name (`"9080"`).
-    pub routes: HashMap<String, Arc<RouteConfig>>,
+    pub routes: FastMap<String, Arc<RouteConfig>>,
     /// Clusters by name.
-    pub clusters: HashMap<String, Arc<Cluster>>,
+    pub clusters: FastMap<String, Arc<Cluster>>,
     /// Route configuration names the listeners refer to (what to ask RDS for).
     pub rds_names: Vec<String>,
     /// Outbound TCP listeners (Envoy's TCP proxy), for captured connections.
@@ -63,7 +65,7 @@ pub struct RouteConfig {
     pub virtual_hosts: Vec<VirtualHost>,
     /// Each domain's first virtual host, so a host is found in one lookup however many
     /// services the mesh has (built by [`RouteConfig::new`]).
-    by_domain: HashMap<String, usize>,
+    by_domain: FastMap<String, usize>,
     /// The first virtual host with the `*` domain.
     wildcard: Option<usize>,
 }
@@ -1455,7 +1457,7 @@ impl MeshConfig {
 
 impl RouteConfig {
     pub fn new(name: impl Into<String>, virtual_hosts: Vec<VirtualHost>) -> RouteConfig {
-        let mut by_domain = HashMap::new();
+        let mut by_domain = FastMap::default();
         let mut wildcard = None;
         for (i, vh) in virtual_hosts.iter().enumerate() {
             for d in &vh.domains {

@@ -3,7 +3,7 @@
 //! When the telemetry service is slow or gone, spans are dropped and counted, requests are not
 //! delayed.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -337,8 +337,8 @@ pub struct Reporter {
     born: std::time::Instant,
     spans: mpsc::Sender<(SpanRecord, usize)>,
     /// Opaque TCP connections by Istio's labels (`request_protocol="tcp"`).
-    tcp: Mutex<HashMap<RequestLabels, TcpSeries>>,
-    series: Mutex<HashMap<RequestLabels, Series>>,
+    tcp: Mutex<FastMap<RequestLabels, TcpSeries>>,
+    series: Mutex<FastMap<RequestLabels, Series>>,
     start: SystemTime,
     dropped_spans: AtomicU64,
 }
@@ -493,8 +493,8 @@ impl Reporter {
                 next_sweep_ms: AtomicU64::new(0),
                 born: std::time::Instant::now(),
                 spans: tx,
-                tcp: Mutex::new(HashMap::new()),
-                series: Mutex::new(HashMap::new()),
+                tcp: Mutex::new(FastMap::default()),
+                series: Mutex::new(FastMap::default()),
                 start: SystemTime::now(),
                 dropped_spans: AtomicU64::new(0),
             },
@@ -547,7 +547,7 @@ impl Reporter {
 
     /// Evicts the series idle for longer than the limit; returns how many went.
     pub fn evict_idle(&self) -> usize {
-        fn sweep<V: Touched>(map: &Mutex<HashMap<RequestLabels, V>>, idle: Duration) -> usize {
+        fn sweep<V: Touched>(map: &Mutex<FastMap<RequestLabels, V>>, idle: Duration) -> usize {
             map.lock().map_or(0, |mut m| {
                 let before = m.len();
                 m.retain(|_, s| s.idle_for() < idle);
@@ -613,7 +613,7 @@ impl Reporter {
     /// still finds no room is counted as dropped.
     fn admit<'m, V: Touched>(
         &self,
-        map: &'m mut HashMap<RequestLabels, V>,
+        map: &'m mut FastMap<RequestLabels, V>,
         mut labels: RequestLabels,
     ) -> Option<&'m mut V> {
         let max = self.limits.max_label_bytes;

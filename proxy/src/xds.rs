@@ -327,7 +327,7 @@ fn apply(
             config.tcp_routes = tcp;
         }
         type_url::ROUTE => {
-            let mut routes = HashMap::new();
+            let mut routes = crate::FastMap::default();
             for any in &resp.resources {
                 let rc =
                     RouteConfig::try_from(routing::decode::<xroute::RouteConfiguration>(any, ty)?)?;

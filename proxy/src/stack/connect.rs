@@ -37,6 +37,11 @@ const HOP_BY_HOP: [&str; 7] = [
 /// Removes hop-by-hop headers: those the `Connection` header lists, then the fixed ones, and
 /// `TE` unless it only says `trailers` (which gRPC needs end to end, as Envoy keeps it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over their few names, instead of a lookup of each
+    // hop-by-hop name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -56,6 +61,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !te_trailers {
         headers.remove(http::header::TE);
     }
+}
+
+/// Whether `strip_hop_by_hop` may remove a header of this name (`TE` included: it decides).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    use http::header::{CONNECTION, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+    [CONNECTION, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE].contains(name)
+        || HOP_BY_HOP.contains(&name.as_str())
 }
 
 type Upstream = Client<HttpConnector, Counted<Body, super::observe::AttemptBytes>>;
@@ -224,17 +236,18 @@ impl tower::Service<Request<Body>> for Connect {
         });
         let http2 =
             upgrade.is_none() && req.extensions().get::<UpstreamHttp2>().is_some_and(|h| h.0);
-        let client = if http2 {
-            *req.version_mut() = http::Version::HTTP_2;
-            self.http2.clone()
-        } else {
-            *req.version_mut() = http::Version::HTTP_11;
-            self.http1.clone()
-        };
         let timeout = req
             .extensions()
             .get::<RouteTimeout>()
             .map_or(self.timeout, |t| t.0);
+        // The client's request future owns what it needs (no clone of the client here).
+        let request = if http2 {
+            *req.version_mut() = http::Version::HTTP_2;
+            self.http2.request(req)
+        } else {
+            *req.version_mut() = http::Version::HTTP_11;
+            self.http1.request(req)
+        };
         Box::pin(async move {
             let addr = endpoint.connect_addr;
             // A zero timeout is none, as Envoy's.
@@ -243,7 +256,7 @@ impl tower::Service<Request<Body>> for Connect {
             } else {
                 timeout
             };
-            let answered = tokio::time::timeout(limit, client.request(req)).await;
+            let answered = tokio::time::timeout(limit, request).await;
             drop(in_flight);
             match answered {
                 Err(_) => Err(ProxyError::new(
