@@ -11,8 +11,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
 use opentelemetry_proto::tonic::metrics::v1 as otlp_metrics;
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -21,6 +19,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::trace::SpanContext;
+
+mod span_wire;
+use span_wire::SpanBatch;
 
 /// Istio's default buckets for `istio_request_duration_milliseconds`.
 pub const DURATION_BUCKETS_MS: [f64; 19] = [
@@ -424,6 +425,9 @@ impl SpanQueue {
 /// Most bytes of spans waiting for the exporter, by default (besides the count bound).
 pub const SPAN_QUEUE_BYTES: usize = 8 << 20;
 
+/// Most encoded bytes of spans in one export request (a gRPC server takes 4 MiB by default).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
 /// About how many bytes a queued span holds.
 fn span_bytes(s: &SpanRecord) -> usize {
     std::mem::size_of::<SpanRecord>()
@@ -775,8 +779,13 @@ impl Reporter {
         }
     }
 
-    fn trace_request(&self, spans: Vec<SpanRecord>) -> ExportTraceServiceRequest {
-        ExportTraceServiceRequest {
+    /// The export request as prost's messages (what `SpanBatch` writes directly).
+    #[cfg(test)]
+    fn trace_request(
+        &self,
+        spans: Vec<SpanRecord>,
+    ) -> opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+        opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
             resource_spans: vec![otlp_trace::ResourceSpans {
                 resource: Some(self.resource()),
                 scope_spans: vec![otlp_trace::ScopeSpans {
@@ -915,9 +924,9 @@ impl Reporter {
                 None
             }
         });
-        let mut traces = channel.clone().map(TraceServiceClient::new);
+        let mut traces = channel.clone().map(tonic::client::Grpc::new);
         let mut metrics = channel.map(MetricsServiceClient::new);
-        let mut batch = Vec::new();
+        let mut batch = SpanBatch::new(&self.resource(), &Self::scope());
         let mut span_tick = tokio::time::interval(options.span_interval);
         let mut metric_tick = tokio::time::interval(options.metric_interval);
         metric_tick.tick().await;
@@ -926,16 +935,16 @@ impl Reporter {
                 () = shutdown.cancelled() => break,
                 span = queue.recv() => match span {
                     Some(span) => {
-                        batch.push(span);
-                        if batch.len() >= options.max_batch {
-                            self.export_spans(&mut traces, std::mem::take(&mut batch)).await;
+                        batch.push(&span);
+                        if batch.len() >= options.max_batch || batch.bytes() >= MAX_BATCH_BYTES {
+                            self.export_spans(&mut traces, &mut batch).await;
                         }
                     }
                     None => break,
                 },
                 _ = span_tick.tick() => {
                     if !batch.is_empty() {
-                        self.export_spans(&mut traces, std::mem::take(&mut batch)).await;
+                        self.export_spans(&mut traces, &mut batch).await;
                     }
                 }
                 _ = metric_tick.tick() => {
@@ -944,12 +953,15 @@ impl Reporter {
                 }
             }
         }
-        while let Some(span) = queue.try_recv() {
-            batch.push(span);
-        }
         let flush = async {
+            while let Some(span) = queue.try_recv() {
+                batch.push(&span);
+                if batch.len() >= options.max_batch || batch.bytes() >= MAX_BATCH_BYTES {
+                    self.export_spans(&mut traces, &mut batch).await;
+                }
+            }
             if !batch.is_empty() {
-                self.export_spans(&mut traces, batch).await;
+                self.export_spans(&mut traces, &mut batch).await;
             }
             self.export_metrics(&mut metrics).await;
         };
@@ -961,14 +973,16 @@ impl Reporter {
         }
     }
 
+    /// Sends the batch's spans (the batch is empty after, sent or not).
     async fn export_spans(
         &self,
-        client: &mut Option<TraceServiceClient<tonic::transport::Channel>>,
-        spans: Vec<SpanRecord>,
+        client: &mut Option<tonic::client::Grpc<tonic::transport::Channel>>,
+        batch: &mut SpanBatch,
     ) {
+        let n = batch.len() as u64;
+        let request = batch.take();
         let Some(client) = client else { return };
-        let n = spans.len() as u64;
-        if let Err(status) = client.export(self.trace_request(spans)).await {
+        if let Err(status) = span_wire::export(client, request).await {
             self.dropped_spans.fetch_add(n, Ordering::Relaxed);
             tracing::warn!(spans = n, error = %status.message(), "span export failed, batch dropped");
         }
@@ -1002,6 +1016,7 @@ fn unix_nanos(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+#[cfg(test)]
 fn to_otlp_span(s: SpanRecord) -> otlp_trace::Span {
     otlp_trace::Span {
         trace_id: s.context.trace_id.to_vec(),

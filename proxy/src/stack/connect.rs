@@ -66,7 +66,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Whether `strip_hop_by_hop` may remove a header of this name (`TE` included: it decides).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     use http::header::{CONNECTION, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
-    [CONNECTION, PROXY_AUTHENTICATE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE].contains(name)
+    [
+        CONNECTION,
+        PROXY_AUTHENTICATE,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+    ]
+    .contains(name)
         || HOP_BY_HOP.contains(&name.as_str())
 }
 
