@@ -16,8 +16,12 @@
 //!
 //! The proxies run on core 1 (`taskset`, Envoy with `--concurrency 1`); nginx (the upstream),
 //! oha and the sink on core 0. Run with `scripts/bench-proxy` (installs oha and nginx).
+//! Everything is measured in rounds (`LUMEN_BENCH_ROUNDS`, default 3), each a full set side by
+//! side; the tables give each figure's median, the median of the rounds' ratios with their
+//! range, and in how many rounds the goal was reached: a shared 2-core VM moves single runs
+//! by more than the goals' margins.
 //! Knobs: `LUMEN_BENCH_RATE` (default 2000), `LUMEN_BENCH_SECONDS` (per run, default 10),
-//! `LUMEN_OHA`, `LUMEN_NGINX`, `LUMEN_ENVOY`.
+//! `LUMEN_BENCH_ROUNDS`, `LUMEN_OHA`, `LUMEN_NGINX`, `LUMEN_ENVOY`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -329,8 +333,6 @@ fn main() {
         );
     };
 
-    let direct = run_fixed(nginx_port);
-
     // One proxy of each, alone on core 1 in turn.
     let start_proxy =
         |kind: &str, name: &str, listen: u16, to: u16, extra: &str, sink: Option<u16>| -> Pinned {
@@ -402,10 +404,8 @@ fn main() {
             ceiling,
         )
     };
-    let lumen = single("lumen");
-    let envoy = single("envoy");
     // The bare forwarder: its memory idle and after 100 connections, beside lumen's.
-    let bare = {
+    let bare = || {
         let listen = free_port();
         let l = listen.to_string();
         let n = nginx_port.to_string();
@@ -436,9 +436,6 @@ fn main() {
         warm_up(front);
         run_fixed(front)
     };
-    let lumen_pair = pair("lumen");
-    let envoy_pair = pair("envoy");
-
     // The telemetry tax: lumen with every span exported (to the sink) and metrics on, against
     // both off: CPU seconds per request at the fixed rate.
     let tax = |name: &str, extra: &str, sink: Option<u16>| {
@@ -452,179 +449,129 @@ fn main() {
         cpu / (r.rps * f64::from(secs)).max(1.0)
     };
     let full = "LUMEN_TRACE_SAMPLING: \"100\", LUMEN_METRICS: \"true\"";
-    let spans_before = exported.load(Ordering::Relaxed);
-    let tax_on = tax("lumen-tax-on", full, Some(sink_port));
-    let spans_exported = exported.load(Ordering::Relaxed) - spans_before;
-    let tax_off = tax("lumen-tax-off", no_telemetry, None);
 
-    let (l50, l99) = added(lumen.0, direct);
-    let (e50, e99) = added(envoy.0, direct);
-    let (lp50, lp99) = added(lumen_pair, direct);
-    let (ep50, ep99) = added(envoy_pair, direct);
-    // nginx speaks HTTP/1.1 here: h2c's added latency is against the same direct path.
-    let (lh50, lh99) = added(lumen.1, direct);
-    let (eh50, eh99) = added(envoy.1, direct);
+    // Rounds: each measures everything once, side by side; a figure is reported as the
+    // median over the rounds, and a ratio as the median of the rounds' own ratios (each
+    // taken under the same moment's load on this machine) with their range.
+    let rounds: usize = std::env::var("LUMEN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let mut figures = Figures::default();
+    let mut spans_exported = 0;
+    let mut last = Vec::new();
+    for round in 0..rounds {
+        let direct = run_fixed(nginx_port);
+        let lumen = single("lumen");
+        let envoy = single("envoy");
+        let bare = bare();
+        let lumen_pair = pair("lumen");
+        let envoy_pair = pair("envoy");
+        let spans_before = exported.load(Ordering::Relaxed);
+        let tax_on = tax("lumen-tax-on", full, Some(sink_port));
+        spans_exported = exported.load(Ordering::Relaxed) - spans_before;
+        let tax_off = tax("lumen-tax-off", no_telemetry, None);
+
+        let (l50, l99) = added(lumen.0, direct);
+        let (e50, e99) = added(envoy.0, direct);
+        let (lp50, lp99) = added(lumen_pair, direct);
+        let (ep50, ep99) = added(envoy_pair, direct);
+        // nginx speaks HTTP/1.1 here: h2c's added latency is against the same direct path.
+        let (lh50, lh99) = added(lumen.1, direct);
+        let (eh50, eh99) = added(envoy.1, direct);
+        let (b50, b99) = added(bare.0, direct);
+        let f = &mut figures;
+        f.envoy("added latency p50, one proxy", l50, e50, "ms", "≤ 0.5");
+        f.envoy("added latency p99, one proxy", l99, e99, "ms", "≤ 0.5");
+        f.envoy("added latency p50, sidecar pair", lp50, ep50, "ms", "≤ 0.5");
+        f.envoy("added latency p99, sidecar pair", lp99, ep99, "ms", "≤ 0.5");
+        f.envoy(
+            "closed-loop ceiling, one core",
+            lumen.5.rps,
+            envoy.5.rps,
+            "req/s",
+            "≥ 2.0",
+        );
+        f.envoy("CPU per 1,000 requests", lumen.2, envoy.2, "s", "≤ 0.5");
+        f.envoy(
+            "resident memory, idle",
+            lumen.3 / 1024.0,
+            envoy.3 / 1024.0,
+            "MiB",
+            "≤ 0.1",
+        );
+        f.envoy(
+            "resident memory, peak with 100 connections",
+            lumen.4 / 1024.0,
+            envoy.4 / 1024.0,
+            "MiB",
+            "≤ 0.1",
+        );
+        f.envoy("added latency p50, h2c", lh50, eh50, "ms", "≤ 0.5");
+        f.envoy("added latency p99, h2c", lh99, eh99, "ms", "≤ 0.5");
+        // Every figure against the bare forwarder too: the limit a proxy on this runtime has.
+        f.bare("added latency p50, one proxy", l50, b50, "ms", "≤ 1.3");
+        f.bare("added latency p99, one proxy", l99, b99, "ms", "≤ 1.3");
+        f.bare(
+            "CPU per 1,000 requests (metrics on, spans not exported)",
+            lumen.2,
+            bare.3,
+            "s",
+            "≤ 1.3",
+        );
+        f.bare(
+            "CPU per 1,000 requests (every span exported, metrics on)",
+            tax_on * 1000.0,
+            bare.3,
+            "s",
+            "≤ 1.3",
+        );
+        f.bare(
+            "closed-loop ceiling, one core (higher is better)",
+            lumen.5.rps,
+            bare.4.rps,
+            "req/s",
+            "",
+        );
+        f.bare(
+            "resident memory, idle",
+            lumen.3 / 1024.0,
+            bare.1 / 1024.0,
+            "MiB",
+            "≤ 1.5",
+        );
+        f.bare(
+            "resident memory, peak with 100 connections",
+            lumen.4 / 1024.0,
+            bare.2 / 1024.0,
+            "MiB",
+            "≤ 1.5",
+        );
+        f.tax(
+            "telemetry tax: CPU per request, every span exported and metrics on ÷ both off",
+            tax_on * 1e6,
+            tax_off * 1e6,
+            "µs",
+            "≤ 1.2",
+        );
+        eprintln!("round {} of {rounds} measured", round + 1);
+        last = vec![
+            ("direct to nginx", direct),
+            ("lumen one proxy", lumen.0),
+            ("envoy one proxy", envoy.0),
+            ("lumen pair", lumen_pair),
+            ("envoy pair", envoy_pair),
+        ];
+    }
     println!(
-        "proxy benchmark: {rate} requests/s for {secs} s a run, proxies on core 1, nginx and oha on core 0"
+        "proxy benchmark: {rate} requests/s for {secs} s a run, {rounds} rounds, proxies on core 1, nginx and oha on core 0"
     );
-    println!(
-        "direct to nginx: p50 {:.3} ms, p99 {:.3} ms ({:.0} requests/s, {:.1}% ok)",
-        direct.p50_ms,
-        direct.p99_ms,
-        direct.rps,
-        direct.ok * 100.0
-    );
-    println!("| measure | lumen-proxy | Envoy 1.40 | ratio | goal |");
-    println!("|---|---|---|---|---|");
-    let row = |name: &str, l: f64, e: f64, unit: &str, goal: &str, lower_better: bool| {
-        let ratio = l / e;
-        let reached = if goal.is_empty() {
-            ""
-        } else if (lower_better && ratio <= goal_value(goal))
-            || (!lower_better && ratio >= goal_value(goal))
-        {
-            " (reached)"
-        } else {
-            " (not reached)"
-        };
-        println!("| {name} | {l:.3} {unit} | {e:.3} {unit} | {ratio:.2} | {goal}{reached} |");
-    };
-    row(
-        "added latency p50, one proxy",
-        l50,
-        e50,
-        "ms",
-        "≤ 0.5",
-        true,
-    );
-    row(
-        "added latency p99, one proxy",
-        l99,
-        e99,
-        "ms",
-        "≤ 0.5",
-        true,
-    );
-    row(
-        "added latency p50, sidecar pair",
-        lp50,
-        ep50,
-        "ms",
-        "≤ 0.5",
-        true,
-    );
-    row(
-        "added latency p99, sidecar pair",
-        lp99,
-        ep99,
-        "ms",
-        "≤ 0.5",
-        true,
-    );
-    row(
-        "closed-loop ceiling, one core",
-        lumen.5.rps,
-        envoy.5.rps,
-        "req/s",
-        "≥ 2.0",
-        false,
-    );
-    row(
-        "CPU per 1,000 requests",
-        lumen.2,
-        envoy.2,
-        "s",
-        "≤ 0.5",
-        true,
-    );
-    row(
-        "resident memory, idle",
-        lumen.3 / 1024.0,
-        envoy.3 / 1024.0,
-        "MiB",
-        "≤ 0.1",
-        true,
-    );
-    row(
-        "resident memory, peak with 100 connections",
-        lumen.4 / 1024.0,
-        envoy.4 / 1024.0,
-        "MiB",
-        "≤ 0.1",
-        true,
-    );
-    row("added latency p50, h2c", lh50, eh50, "ms", "≤ 0.5", true);
-    row("added latency p99, h2c", lh99, eh99, "ms", "≤ 0.5", true);
-    // Every figure against the bare forwarder too: the limit a proxy on this runtime has.
-    let (b50, b99) = added(bare.0, direct);
-    println!("| measure | lumen-proxy | bare forwarder | ratio | goal |");
-    println!("|---|---|---|---|---|");
-    let vs_bare = |name: &str, l: f64, b: f64, unit: &str, goal: Option<f64>| {
-        let ratio = l / b;
-        let verdict = match goal {
-            None => String::new(),
-            Some(g) if ratio <= g => format!("≤ {g} (reached)"),
-            Some(g) => format!("≤ {g} (not reached)"),
-        };
-        println!("| {name} | {l:.3} {unit} | {b:.3} {unit} | {ratio:.2} | {verdict} |");
-    };
-    vs_bare("added latency p50, one proxy", l50, b50, "ms", Some(1.3));
-    vs_bare("added latency p99, one proxy", l99, b99, "ms", Some(1.3));
-    vs_bare(
-        "CPU per 1,000 requests (metrics on, spans not exported)",
-        lumen.2,
-        bare.3,
-        "s",
-        Some(1.3),
-    );
-    vs_bare(
-        "CPU per 1,000 requests (every span exported, metrics on)",
-        tax_on * 1000.0,
-        bare.3,
-        "s",
-        Some(1.3),
-    );
-    vs_bare(
-        "closed-loop ceiling, one core (higher is better)",
-        lumen.5.rps,
-        bare.4.rps,
-        "req/s",
-        None,
-    );
-    vs_bare(
-        "resident memory, idle",
-        lumen.3 / 1024.0,
-        bare.1 / 1024.0,
-        "MiB",
-        Some(1.5),
-    );
-    vs_bare(
-        "resident memory, peak with 100 connections",
-        lumen.4 / 1024.0,
-        bare.2 / 1024.0,
-        "MiB",
-        Some(1.5),
-    );
-    println!(
-        "| telemetry tax: CPU per request, every span exported and metrics on ÷ both off | {:.2} µs | {:.2} µs (lumen, off) | {:.2} | ≤ 1.2{} |",
-        tax_on * 1e6,
-        tax_off * 1e6,
-        tax_on / tax_off,
-        if tax_on / tax_off <= 1.2 {
-            " (reached)"
-        } else {
-            " (not reached)"
-        }
-    );
-    println!("spans the sink received during the telemetry-on run: {spans_exported}");
-    for (name, r) in [
-        ("lumen one proxy", lumen.0),
-        ("envoy one proxy", envoy.0),
-        ("lumen pair", lumen_pair),
-        ("envoy pair", envoy_pair),
-    ] {
+    figures.print(rounds);
+    println!("spans the sink received during the last telemetry-on run: {spans_exported}");
+    for (name, r) in last {
         println!(
-            "{name}: p50 {:.3} ms, p99 {:.3} ms, {:.0} requests/s, {:.1}% ok",
+            "last round, {name}: p50 {:.3} ms, p99 {:.3} ms, {:.0} requests/s, {:.1}% ok",
             r.p50_ms,
             r.p99_ms,
             r.rps,
@@ -632,6 +579,136 @@ fn main() {
         );
     }
     drop(rt);
+}
+
+/// Every round's figures, by table and measure, in the order first seen.
+#[derive(Default)]
+struct Figures {
+    rows: Vec<Row>,
+}
+
+struct Row {
+    table: &'static str,
+    name: &'static str,
+    unit: &'static str,
+    goal: &'static str,
+    /// Each round's (lumen-proxy, baseline).
+    values: Vec<(f64, f64)>,
+}
+
+const ENVOY: &str = "| measure | lumen-proxy | Envoy 1.40 | ratio (median) | ratio range | goal |";
+const BARE: &str =
+    "| measure | lumen-proxy | bare forwarder | ratio (median) | ratio range | goal |";
+const TAX: &str = "| measure | on | off | ratio (median) | ratio range | goal |";
+
+impl Figures {
+    fn add(
+        &mut self,
+        table: &'static str,
+        name: &'static str,
+        l: f64,
+        b: f64,
+        unit: &'static str,
+        goal: &'static str,
+    ) {
+        match self
+            .rows
+            .iter_mut()
+            .find(|r| r.table == table && r.name == name)
+        {
+            Some(r) => r.values.push((l, b)),
+            None => self.rows.push(Row {
+                table,
+                name,
+                unit,
+                goal,
+                values: vec![(l, b)],
+            }),
+        }
+    }
+
+    fn envoy(
+        &mut self,
+        name: &'static str,
+        l: f64,
+        e: f64,
+        unit: &'static str,
+        goal: &'static str,
+    ) {
+        self.add(ENVOY, name, l, e, unit, goal);
+    }
+
+    fn bare(&mut self, name: &'static str, l: f64, b: f64, unit: &'static str, goal: &'static str) {
+        self.add(BARE, name, l, b, unit, goal);
+    }
+
+    fn tax(
+        &mut self,
+        name: &'static str,
+        on: f64,
+        off: f64,
+        unit: &'static str,
+        goal: &'static str,
+    ) {
+        self.add(TAX, name, on, off, unit, goal);
+    }
+
+    /// The tables: medians of the figures, the median of the rounds' ratios and their range,
+    /// and how many rounds reached the goal.
+    fn print(&self, rounds: usize) {
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            if n == 0 {
+                f64::NAN
+            } else if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            }
+        };
+        let mut table = "";
+        for r in &self.rows {
+            if r.table != table {
+                table = r.table;
+                println!("{table}");
+                println!("|---|---|---|---|---|---|");
+            }
+            let ratios: Vec<f64> = r.values.iter().map(|(l, b)| l / b).collect();
+            let ratio = median(ratios.clone());
+            let (lo, hi) = ratios
+                .iter()
+                .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+                    (lo.min(*x), hi.max(*x))
+                });
+            let goal = goal_value(r.goal);
+            let lower_better = r.goal.starts_with('≤');
+            let meets = |x: f64| if lower_better { x <= goal } else { x >= goal };
+            let verdict = if r.goal.is_empty() {
+                String::new()
+            } else {
+                let n = ratios.iter().filter(|x| meets(**x)).count();
+                format!(
+                    "{} ({}; {n} of {rounds} rounds)",
+                    r.goal,
+                    if meets(ratio) {
+                        "reached"
+                    } else {
+                        "not reached"
+                    }
+                )
+            };
+            let (l, b) = (
+                median(r.values.iter().map(|v| v.0).collect()),
+                median(r.values.iter().map(|v| v.1).collect()),
+            );
+            println!(
+                "| {} | {l:.3} {u} | {b:.3} {u} | {ratio:.2} | {lo:.2}–{hi:.2} | {verdict} |",
+                r.name,
+                u = r.unit
+            );
+        }
+    }
 }
 
 fn goal_value(goal: &str) -> f64 {

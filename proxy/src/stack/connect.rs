@@ -37,23 +37,40 @@ const HOP_BY_HOP: [&str; 7] = [
 /// Removes hop-by-hop headers: those the `Connection` header lists, then the fixed ones, and
 /// `TE` unless it only says `trailers` (which gRPC needs end to end, as Envoy keeps it).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass over their few names, instead of a lookup of each
-    // hop-by-hop name.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the message's few names finds the hop-by-hop ones present (most
+    // responses carry `Connection: keep-alive`, most requests none); only those are looked
+    // up again, to be removed.
+    let mut present: [Option<HeaderName>; 8] = Default::default();
+    let mut found = 0;
+    for name in headers.keys() {
+        if found < present.len() && is_hop_by_hop(name) {
+            present[found] = Some(name.clone());
+            found += 1;
+        }
+    }
+    if found == 0 {
         return;
     }
+    // What `Connection` names besides `close` and the fixed ones (usually nothing).
     let named: Vec<HeaderName> = headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| {
+            !t.eq_ignore_ascii_case("close")
+                && !HOP_BY_HOP.iter().any(|h| t.eq_ignore_ascii_case(h))
+        })
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    for name in present.into_iter().flatten() {
+        if name != http::header::TE {
+            headers.remove(name);
+        }
     }
     let te_trailers = headers
         .get(http::header::TE)
@@ -322,5 +339,25 @@ mod tests {
         h.insert("te", "trailers".parse().expect("value"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h["te"], "trailers", "gRPC's TE: trailers goes through");
+        // Every hop-by-hop name at once, and Connection naming `close` and a fixed one.
+        let mut h = HeaderMap::new();
+        for name in HOP_BY_HOP.iter().chain(&["te", "x-kept"]) {
+            h.append(*name, "1".parse().expect("value"));
+        }
+        h.append(
+            "connection",
+            "close, Upgrade, X-Gone".parse().expect("value"),
+        );
+        h.insert("x-gone", "1".parse().expect("value"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+        // Nothing hop-by-hop: nothing changes.
+        let mut h = HeaderMap::new();
+        h.insert("x-kept", "yes".parse().expect("value"));
+        h.insert("content-length", "3".parse().expect("value"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 }
