@@ -337,6 +337,9 @@ pub struct Reporter {
     next_sweep_ms: AtomicU64,
     born: std::time::Instant,
     spans: mpsc::Sender<(SpanRecord, usize)>,
+    /// Wakes the exporter when a batch's worth is queued ([`WAKE_AT_SPANS`]): it is not
+    /// woken for each span.
+    spans_ready: Arc<tokio::sync::Notify>,
     /// Opaque TCP connections by Istio's labels (`request_protocol="tcp"`).
     tcp: Mutex<FastMap<RequestLabels, TcpSeries>>,
     series: Mutex<FastMap<RequestLabels, Series>>,
@@ -404,6 +407,7 @@ impl Default for Switches {
 pub struct SpanQueue {
     rx: mpsc::Receiver<(SpanRecord, usize)>,
     bytes: Arc<AtomicUsize>,
+    ready: Arc<tokio::sync::Notify>,
 }
 
 impl SpanQueue {
@@ -414,13 +418,11 @@ impl SpanQueue {
         self.bytes.fetch_sub(size, Ordering::Relaxed);
         Some(span)
     }
-
-    async fn recv(&mut self) -> Option<SpanRecord> {
-        let (span, size) = self.rx.recv().await?;
-        self.bytes.fetch_sub(size, Ordering::Relaxed);
-        Some(span)
-    }
 }
+
+/// Queued spans that wake the exporter before its interval: a batch's worth (the default
+/// `ExportOptions::max_batch`).
+pub const WAKE_AT_SPANS: usize = 512;
 
 /// Most bytes of spans waiting for the exporter, by default (besides the count bound).
 pub const SPAN_QUEUE_BYTES: usize = 8 << 20;
@@ -479,6 +481,7 @@ impl Reporter {
     ) -> (Reporter, SpanQueue) {
         let (tx, rx) = mpsc::channel(queue_size);
         let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let spans_ready = Arc::new(tokio::sync::Notify::new());
         (
             Reporter {
                 me: IdentityLabels {
@@ -497,6 +500,7 @@ impl Reporter {
                 next_sweep_ms: AtomicU64::new(0),
                 born: std::time::Instant::now(),
                 spans: tx,
+                spans_ready: spans_ready.clone(),
                 tcp: Mutex::new(FastMap::default()),
                 series: Mutex::new(FastMap::default()),
                 start: SystemTime::now(),
@@ -505,6 +509,7 @@ impl Reporter {
             SpanQueue {
                 rx,
                 bytes: queued_bytes,
+                ready: spans_ready,
             },
         )
     }
@@ -590,6 +595,12 @@ impl Reporter {
         if queued + size > self.max_queued_bytes || self.spans.try_send((span, size)).is_err() {
             self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
             self.dropped_spans.fetch_add(1, Ordering::Relaxed);
+            self.spans_ready.notify_one();
+            return;
+        }
+        let queued_spans = self.spans.max_capacity() - self.spans.capacity();
+        if queued_spans >= WAKE_AT_SPANS || queued + size >= MAX_BATCH_BYTES {
+            self.spans_ready.notify_one();
         }
     }
 
@@ -933,16 +944,12 @@ impl Reporter {
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                span = queue.recv() => match span {
-                    Some(span) => {
-                        batch.push(&span);
-                        if batch.len() >= options.max_batch || batch.bytes() >= MAX_BATCH_BYTES {
-                            self.export_spans(&mut traces, &mut batch).await;
-                        }
-                    }
-                    None => break,
-                },
+                // A batch's worth queued (or a span refused for want of room).
+                () = queue.ready.notified() => {
+                    self.drain(&mut queue, &mut batch, &mut traces, options.max_batch, WAKE_AT_SPANS * 4).await;
+                }
                 _ = span_tick.tick() => {
+                    self.drain(&mut queue, &mut batch, &mut traces, options.max_batch, usize::MAX).await;
                     if !batch.is_empty() {
                         self.export_spans(&mut traces, &mut batch).await;
                     }
@@ -954,12 +961,14 @@ impl Reporter {
             }
         }
         let flush = async {
-            while let Some(span) = queue.try_recv() {
-                batch.push(&span);
-                if batch.len() >= options.max_batch || batch.bytes() >= MAX_BATCH_BYTES {
-                    self.export_spans(&mut traces, &mut batch).await;
-                }
-            }
+            self.drain(
+                &mut queue,
+                &mut batch,
+                &mut traces,
+                options.max_batch,
+                usize::MAX,
+            )
+            .await;
             if !batch.is_empty() {
                 self.export_spans(&mut traces, &mut batch).await;
             }
@@ -970,6 +979,24 @@ impl Reporter {
             .is_err()
         {
             tracing::warn!("telemetry flush at shutdown timed out");
+        }
+    }
+
+    /// Takes up to `most` queued spans into the batch, exporting each full batch on the way.
+    async fn drain(
+        &self,
+        queue: &mut SpanQueue,
+        batch: &mut SpanBatch,
+        client: &mut Option<tonic::client::Grpc<tonic::transport::Channel>>,
+        max_batch: usize,
+        most: usize,
+    ) {
+        for _ in 0..most {
+            let Some(span) = queue.try_recv() else { break };
+            batch.push(&span);
+            if batch.len() >= max_batch || batch.bytes() >= MAX_BATCH_BYTES {
+                self.export_spans(client, batch).await;
+            }
         }
     }
 
