@@ -44,6 +44,8 @@ pub mod flags {
     pub const FAULT_INJECTED: &str = "FI";
     /// The cluster's circuit breaker was full (requests, connections, pending).
     pub const UPSTREAM_OVERFLOW: &str = "UO";
+    /// The client closed the connection before the response (recorded, never answered).
+    pub const DOWNSTREAM_CONNECTION_TERMINATION: &str = "DC";
     pub const NONE: &str = "-";
 }
 

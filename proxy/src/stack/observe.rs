@@ -346,7 +346,15 @@ where
         let fut = self.inner.call(req);
         let reporter = self.reporter.clone();
         Box::pin(async move {
+            // Dropped before the response head when the client goes away: recorded as
+            // Envoy records it, response code 0 and flag DC.
+            let abandoned = Abandoned {
+                observation: Some(observation.clone()),
+                reporter: reporter.clone(),
+                started,
+            };
             let result = fut.await;
+            abandoned.disarm();
             let Some(observed) = observation.take() else {
                 return result;
             };
@@ -417,6 +425,67 @@ where
                 }
             }
         })
+    }
+}
+
+/// A request in flight: if its future is dropped before the response head (the client
+/// closed the connection), it is recorded on drop with response code 0 and flag DC
+/// (downstream connection termination), as Envoy records it.
+struct Abandoned {
+    observation: Option<Observation>,
+    reporter: Arc<Reporter>,
+    started: Instant,
+}
+
+impl Abandoned {
+    /// The response head came (or the failure): recorded by the caller instead.
+    fn disarm(mut self) {
+        self.observation = None;
+    }
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        let Some(observation) = self.observation.take() else {
+            return;
+        };
+        let Some(observed) = observation.take() else {
+            return;
+        };
+        let keep = observed.keeps_span();
+        let Observed {
+            mut labels,
+            mut span,
+            ..
+        } = observed;
+        labels.response_code = 0;
+        labels.response_flags = match &*labels.response_flags {
+            "" | "-" => flag_label(flags::DOWNSTREAM_CONNECTION_TERMINATION),
+            set => Arc::from(format!(
+                "{set},{}",
+                flags::DOWNSTREAM_CONNECTION_TERMINATION
+            )),
+        };
+        if keep {
+            span.error = true;
+            span.attributes.push((
+                "response_flags",
+                AttrValue::Str(labels.response_flags.to_string()),
+            ));
+            span.attributes.push((
+                span_attributes::REASON,
+                AttrValue::Str("the client closed the connection before the response".into()),
+            ));
+        }
+        drop(Finish {
+            reporter: self.reporter.clone(),
+            grpc: labels.request_protocol == "grpc",
+            labels,
+            span: keep.then_some(span),
+            started: self.started,
+            request_bytes: observation.request_bytes.clone(),
+            response_bytes: 0,
+        });
     }
 }
 

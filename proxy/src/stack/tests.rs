@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tokio::sync::watch;
-use tower::{Layer, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 use super::error::{Fault, ProxyError, flags};
 use super::observe::{Direction, Observation, ObserveLayer};
@@ -237,6 +237,40 @@ async fn observe_records_a_failure_with_its_flag_and_reason_and_passes_it_on() {
             .prometheus_text()
             .contains(r#"response_flags="UT""#)
     );
+}
+
+#[tokio::test]
+async fn a_request_its_client_abandons_before_the_response_is_recorded_as_dc() {
+    let (reporter, mut queue) = reporter("productpage");
+    let never = tower::service_fn(|_: Request<Body>| {
+        std::future::pending::<Result<Response<Body>, ProxyError>>()
+    });
+    let mut svc = ObserveLayer::new(reporter.clone(), Direction::Outbound)
+        .layer(StepLayer(trace_context::TraceContext::default()).layer(never));
+    let call = svc
+        .ready()
+        .await
+        .expect("ready")
+        .call(get("reviews", "/reviews/1"));
+    // The client waits, then closes its connection: hyper drops the request's future.
+    let waited = tokio::time::timeout(std::time::Duration::from_millis(50), call).await;
+    assert!(waited.is_err(), "the upstream never answers");
+    let span = queue
+        .try_recv()
+        .expect("recorded when the request is dropped");
+    assert!(span.error);
+    assert_eq!(
+        attr(&span.attributes, "response_flags"),
+        Some(&AttrValue::Str("DC".into()))
+    );
+    assert_eq!(attr(&span.attributes, "http.response.status_code"), None);
+    let text = reporter.prometheus_text();
+    assert!(
+        text.contains(r#"response_code="0""#) && text.contains(r#"response_flags="DC""#),
+        "{text}"
+    );
+    // Recorded once.
+    assert!(queue.try_recv().is_none());
 }
 
 #[tokio::test]
