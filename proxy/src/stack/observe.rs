@@ -192,6 +192,16 @@ pub struct Observe<S> {
 /// cluster, endpoint, config version, status, flags), about a dozen in all.
 const SPAN_ATTRIBUTES: usize = 16;
 
+/// A flag an inner layer set on the way (DI) stays, joined with a later one as Envoy writes
+/// several ("DI,FI").
+fn join_flags(set: &Label, flag: &str) -> Label {
+    match (&**set, flag) {
+        ("" | "-", f) => flag_label(f),
+        (_, flags::NONE) => set.clone(),
+        (set, f) => Arc::from(format!("{set},{f}")),
+    }
+}
+
 /// A response flag as a label value: the common "-" shared, any other made.
 fn flag_label(f: &str) -> Label {
     static NONE: std::sync::LazyLock<Label> = std::sync::LazyLock::new(|| Arc::from(flags::NONE));
@@ -349,12 +359,11 @@ where
             // Dropped before the response head when the client goes away: recorded as
             // Envoy records it, response code 0 and flag DC.
             let abandoned = Abandoned {
-                observation: Some(observation.clone()),
-                reporter: reporter.clone(),
+                held: Some((observation, reporter)),
                 started,
             };
             let result = fut.await;
-            abandoned.disarm();
+            let (observation, reporter) = abandoned.disarm();
             let Some(observed) = observation.take() else {
                 return result;
             };
@@ -369,13 +378,7 @@ where
                 Err(e) => (e.status, e.flag),
             };
             labels.response_code = status.as_u16();
-            // A flag an inner layer set on the way (DI) stays, joined with the failure's own
-            // as Envoy writes several ("DI,FI").
-            let joined = match (&*labels.response_flags, flag) {
-                ("" | "-", f) => flag_label(f),
-                (_, flags::NONE) => labels.response_flags.clone(),
-                (set, f) => Arc::from(format!("{set},{f}")),
-            };
+            let joined = join_flags(&labels.response_flags, flag);
             labels.response_flags = joined.clone();
             let flag = &*joined;
             if keep {
@@ -432,21 +435,23 @@ where
 /// closed the connection), it is recorded on drop with response code 0 and flag DC
 /// (downstream connection termination), as Envoy records it.
 struct Abandoned {
-    observation: Option<Observation>,
-    reporter: Arc<Reporter>,
+    /// The request's observation and the reporter; taken back by `disarm`.
+    held: Option<(Observation, Arc<Reporter>)>,
     started: Instant,
 }
 
 impl Abandoned {
-    /// The response head came (or the failure): recorded by the caller instead.
-    fn disarm(mut self) {
-        self.observation = None;
+    /// The response head came (or the failure): the caller records the request.
+    fn disarm(mut self) -> (Observation, Arc<Reporter>) {
+        self.held
+            .take()
+            .unwrap_or_else(|| unreachable!("disarmed once, by the call that armed it"))
     }
 }
 
 impl Drop for Abandoned {
     fn drop(&mut self) {
-        let Some(observation) = self.observation.take() else {
+        let Some((observation, reporter)) = self.held.take() else {
             return;
         };
         let Some(observed) = observation.take() else {
@@ -459,13 +464,10 @@ impl Drop for Abandoned {
             ..
         } = observed;
         labels.response_code = 0;
-        labels.response_flags = match &*labels.response_flags {
-            "" | "-" => flag_label(flags::DOWNSTREAM_CONNECTION_TERMINATION),
-            set => Arc::from(format!(
-                "{set},{}",
-                flags::DOWNSTREAM_CONNECTION_TERMINATION
-            )),
-        };
+        labels.response_flags = join_flags(
+            &labels.response_flags,
+            flags::DOWNSTREAM_CONNECTION_TERMINATION,
+        );
         if keep {
             span.error = true;
             span.attributes.push((
@@ -478,12 +480,12 @@ impl Drop for Abandoned {
             ));
         }
         drop(Finish {
-            reporter: self.reporter.clone(),
+            reporter,
             grpc: labels.request_protocol == "grpc",
             labels,
             span: keep.then_some(span),
             started: self.started,
-            request_bytes: observation.request_bytes.clone(),
+            request_bytes: observation.request_bytes,
             response_bytes: 0,
         });
     }
