@@ -3,7 +3,6 @@
 //! When the telemetry service is slow or gone, spans are dropped and counted, requests are not
 //! delayed.
 
-use crate::FastMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +17,7 @@ use opentelemetry_proto::tonic::trace::v1 as otlp_trace;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::FastMap;
 use crate::trace::SpanContext;
 
 mod span_wire;
