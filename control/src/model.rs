@@ -98,10 +98,11 @@ impl ServicePort {
     }
 
     /// Whether the port carries opaque TCP, by Istio's protocol selection (`appProtocol`, else
-    /// the name's prefix): `tcp`, `tls`, and those Istio proxies as TCP (`mongo`, `mysql`,
-    /// `redis`). Any other port is HTTP, as before.
+    /// the name's prefix): `tcp`, `tls` and `https` (TLS the application speaks itself, which
+    /// a proxy without its keys can only pass on), and those Istio proxies as TCP (`mongo`,
+    /// `mysql`, `redis`). Any other port is HTTP, as before.
     pub fn tcp(&self) -> bool {
-        self.protocol_is(&["tcp", "tls", "mongo", "mysql", "redis"])
+        self.protocol_is(&["tcp", "tls", "https", "mongo", "mysql", "redis"])
     }
 
     /// The protocol the port declares, for a sidecar's inbound port: HTTP (HTTP/1, HTTP/2 and

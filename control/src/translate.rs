@@ -1695,6 +1695,8 @@ mod tests {
         assert!(!port("grpcish", None).http2());
         assert!(port("web", Some("kubernetes.io/h2c")).http2());
         assert!(!port("grpc", Some("http")).http2(), "appProtocol wins");
+        assert!(port("https", None).tcp() && port("web", Some("HTTPS")).tcp());
+        assert!(!port("https", None).http2() && !port("http", None).tcp());
     }
 
     #[test]
@@ -1729,6 +1731,19 @@ mod tests {
         assert_eq!(declared_by("http").as_deref(), Some(HTTP));
         assert_eq!(declared_by("grpc-web").as_deref(), Some(HTTP));
         assert_eq!(declared_by("mysql").as_deref(), Some(TCP));
+        // TLS the app speaks itself (Istio's HTTPS and TLS protocols) goes through as TCP,
+        // on the outbound side too: a TCP listener for the port, no HTTP route table.
+        assert_eq!(declared_by("https").as_deref(), Some(TCP));
+        assert_eq!(declared_by("tls-api").as_deref(), Some(TCP));
+        let mut model = demo_model();
+        model.services.retain(|s| s.meta.name == "reviews");
+        model.services[0].ports[0].name = "https".into();
+        model.services[0].cluster_ip = Some("10.96.0.9".parse().expect("ip"));
+        let res = translate(&model, &node());
+        let names =
+            |ty: &str| -> Vec<String> { res.of_type(ty).iter().map(|r| r.name.clone()).collect() };
+        assert!(names(type_url::LISTENER).contains(&"10.96.0.9_9080".to_string()));
+        assert!(!names(type_url::ROUTE).contains(&"9080".to_string()));
         // A name that says nothing: detected from the first bytes.
         assert_eq!(declared_by("web"), None);
     }
