@@ -17,6 +17,10 @@ pub const TRACEPARENT: &str = "traceparent";
 /// an allocation a request).
 const TRACEPARENT_NAME: http::HeaderName = http::HeaderName::from_static(TRACEPARENT);
 pub const B3: &str = "b3";
+/// Header names looked up on every request, made at compile time: a lookup by text parses
+/// the name first.
+const B3_NAME: http::HeaderName = http::HeaderName::from_static(B3);
+const B3_TRACE_ID: http::HeaderName = http::HeaderName::from_static("x-b3-traceid");
 
 /// Continues or starts the trace; a trace it starts is sampled with probability `ratio`.
 #[derive(Debug, Clone, Copy)]
@@ -33,10 +37,19 @@ impl Default for TraceContext {
 impl Step for TraceContext {
     fn prepare(&self, req: &mut Request<Body>) -> Result<(), ProxyError> {
         let headers = req.headers();
-        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-        let w3c = text(TRACEPARENT).and_then(SpanContext::parse_traceparent);
-        let b3_single = text(B3).and_then(SpanContext::parse_b3_single);
-        let b3_multi = SpanContext::parse_b3_multi(|k| text(k));
+        let w3c = headers
+            .get(TRACEPARENT_NAME)
+            .and_then(|v| v.to_str().ok())
+            .and_then(SpanContext::parse_traceparent);
+        let b3_single = headers
+            .get(B3_NAME)
+            .and_then(|v| v.to_str().ok())
+            .and_then(SpanContext::parse_b3_single);
+        // B3's multiple headers start with the trace id: the rest are read only after it.
+        let b3_multi = headers
+            .contains_key(B3_TRACE_ID)
+            .then(|| SpanContext::parse_b3_multi(|k| headers.get(k).and_then(|v| v.to_str().ok())))
+            .flatten();
         let parent = w3c.or(b3_single).or(b3_multi);
         // The caller's decision stands; a new trace is sampled at this proxy's ratio.
         let ctx = parent.map_or_else(
