@@ -37,19 +37,13 @@ impl Default for TraceContext {
 impl Step for TraceContext {
     fn prepare(&self, req: &mut Request<Body>) -> Result<(), ProxyError> {
         let headers = req.headers();
-        let w3c = headers
-            .get(TRACEPARENT_NAME)
-            .and_then(|v| v.to_str().ok())
-            .and_then(SpanContext::parse_traceparent);
-        let b3_single = headers
-            .get(B3_NAME)
-            .and_then(|v| v.to_str().ok())
-            .and_then(SpanContext::parse_b3_single);
+        let text = |name: &http::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        let w3c = text(&TRACEPARENT_NAME).and_then(SpanContext::parse_traceparent);
+        let b3_single = text(&B3_NAME).and_then(SpanContext::parse_b3_single);
         // B3's multiple headers start with the trace id: the rest are read only after it.
-        let b3_multi = headers
-            .contains_key(B3_TRACE_ID)
-            .then(|| SpanContext::parse_b3_multi(|k| headers.get(k).and_then(|v| v.to_str().ok())))
-            .flatten();
+        let b3_multi = text(&B3_TRACE_ID).and_then(|_| {
+            SpanContext::parse_b3_multi(|k| headers.get(k).and_then(|v| v.to_str().ok()))
+        });
         let parent = w3c.or(b3_single).or(b3_multi);
         // The caller's decision stands; a new trace is sampled at this proxy's ratio.
         let ctx = parent.map_or_else(
