@@ -527,7 +527,8 @@ fn main() {
         );
         // The second run starts with what the allocator kept from the first: its resident
         // growth is smaller than alone. `LUMEN_BENCH_DELTA_FIRST=1` runs delta first.
-        let (sotw, delta) = if std::env::var_os("LUMEN_BENCH_DELTA_FIRST").is_some() {
+        let delta_first = std::env::var_os("LUMEN_BENCH_DELTA_FIRST").is_some();
+        let (sotw, delta) = if delta_first {
             let delta = run("delta", true, &model, clients).await;
             (run("state of the world", false, &model, clients).await, delta)
         } else {
@@ -536,7 +537,7 @@ fn main() {
         };
         println!(
             "first run: {}",
-            if std::env::var_os("LUMEN_BENCH_DELTA_FIRST").is_some() { "delta" } else { "state of the world" }
+            if delta_first { "delta" } else { "state of the world" }
         );
         println!("| measure | state of the world | delta | goal |");
         println!("|---|---|---|---|");

@@ -690,12 +690,7 @@ mod tests {
         }
         assert_eq!(store.spans.files().len(), 7);
         assert_eq!(count(store.clone()).await, 35);
-        let merged = store
-            .spans
-            .compact()
-            .await
-            .expect("compact")
-            .expect("merged");
+        let merged = compact_spans(&store).await;
         assert_eq!((merged.level, merged.rows), (1, 15));
         assert_eq!(store.spans.files().len(), 5);
         assert_eq!(
@@ -1178,6 +1173,16 @@ mod tests {
     /// Rows of each big file [`two_big_files`] writes (over one splice row group).
     const N: u64 = 70_000;
 
+    /// The spans table compacted once, which must merge something.
+    async fn compact_spans(store: &Store) -> crate::manifest::DataFile {
+        store
+            .spans
+            .compact()
+            .await
+            .expect("compact")
+            .expect("a compaction")
+    }
+
     /// A store that compacts at `min_files` files, holding two flushed files of [`N`] rows
     /// each, of consecutive time ranges.
     async fn two_big_files(min_files: usize) -> (tempfile::TempDir, Arc<Store>) {
@@ -1199,12 +1204,7 @@ mod tests {
     #[tokio::test]
     async fn big_consecutive_files_compact_by_copying_their_row_groups() {
         let (dir, store) = two_big_files(2).await;
-        let merged = store
-            .spans
-            .compact()
-            .await
-            .expect("compact")
-            .expect("a compaction");
+        let merged = compact_spans(&store).await;
         assert_eq!(merged.rows, 2 * N);
         assert_eq!(
             store
@@ -1283,12 +1283,7 @@ mod tests {
         // A quiet flush: a few rows, a small row group.
         ingest(&store, 5, 9).await;
         store.flush().await.expect("flush");
-        let merged = store
-            .spans
-            .compact()
-            .await
-            .expect("compact")
-            .expect("a compaction");
+        let merged = compact_spans(&store).await;
         assert_eq!(merged.rows, 2 * N + 5);
         assert_eq!(
             store
