@@ -10,12 +10,11 @@
 //! computed live over the spans memtable when queried, so a query sees every span exactly
 //! once whether it is flushed or not. Rollup files are kept longer than raw spans.
 
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, Int64Builder, ListBuilder, MapArray, StringArray, StringBuilder,
-    TimestampNanosecondBuilder,
+    Array, ArrayAccessor, ArrayRef, AsArray, Int64Builder, ListBuilder, MapArray, PrimitiveArray,
+    StringArray, StringBuilder, TimestampNanosecondBuilder,
 };
 use datafusion::arrow::datatypes::{
     DataType, Field, Int64Type, Schema, SchemaRef, TimestampNanosecondType,
@@ -69,17 +68,18 @@ pub static ROLLUPS: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-/// Rows are written in this order: by minute, kind, then names.
+/// Rows are written in this order: by minute, kind, then names. The names are borrowed
+/// from the spans being rolled up: a span costs no allocation unless it opens a group.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct Key {
+struct Key<'a> {
     minute: i64,
     kind: &'static str,
-    source: Option<String>,
-    source_version: Option<String>,
-    service: String,
-    version: Option<String>,
-    namespace: Option<String>,
-    source_namespace: Option<String>,
+    source: Option<&'a str>,
+    source_version: Option<&'a str>,
+    service: &'a str,
+    version: Option<&'a str>,
+    namespace: Option<&'a str>,
+    source_namespace: Option<&'a str>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,26 +120,23 @@ pub fn bucket(duration_ns: i64) -> usize {
 
 /// The rollup rows of some spans batches; `None` when they hold no server or client span.
 pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError> {
-    let mut groups: HashMap<Key, Acc> = HashMap::new();
+    let mut groups: crate::FastMap<Key<'_>, Acc> = crate::FastMap::default();
     for batch in batches {
         let col = |name: &str| {
             batch
                 .column_by_name(name)
                 .ok_or_else(|| ArrowError::SchemaError(format!("spans have no {name}")))
         };
-        let strings = |name: &str| -> Result<StringArray, ArrowError> {
+        let strings = |name: &str| -> Result<&StringArray, ArrowError> {
             col(name)?
                 .as_string_opt::<i32>()
-                .cloned()
                 .ok_or_else(|| ArrowError::SchemaError(format!("{name} is not text")))
         };
         let start = col("start_time")?
             .as_primitive_opt::<TimestampNanosecondType>()
-            .cloned()
             .ok_or_else(|| ArrowError::SchemaError("start_time".into()))?;
         let duration = col("duration_ns")?
             .as_primitive_opt::<Int64Type>()
-            .cloned()
             .ok_or_else(|| ArrowError::SchemaError("duration_ns".into()))?;
         let (kind, service, version, status) = (
             strings("span_kind")?,
@@ -147,19 +144,20 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
             strings("service_version")?,
             strings("status_code")?,
         );
-        let map = |name: &str| -> Result<MapArray, ArrowError> {
+        let map = |name: &str| -> Result<&MapArray, ArrowError> {
             col(name)?
                 .as_any()
                 .downcast_ref::<MapArray>()
-                .cloned()
                 .ok_or_else(|| ArrowError::SchemaError(format!("{name} is not a map")))
         };
-        let (attributes, ints) = (map("attributes")?, map("attributes_int")?);
+        let (attributes, ints) = (
+            Entries::<StringArray>::of(map("attributes")?)?,
+            Entries::<PrimitiveArray<Int64Type>>::of(map("attributes_int")?)?,
+        );
         let peer = strings("peer_service")?;
         let namespace = strings("service_namespace")?;
         let flags = strings("response_flags")?;
         for row in 0..batch.num_rows() {
-            let text = |a: &StringArray| (!a.is_null(row)).then(|| a.value(row).to_string());
             let minute = start.value(row).div_euclid(MINUTE_NS) * MINUTE_NS;
             let mut keys = [None, None];
             match kind.value(row) {
@@ -169,22 +167,22 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
                         kind: "service",
                         source: None,
                         source_version: None,
-                        service: service.value(row).to_string(),
-                        version: text(&version),
-                        namespace: text(&namespace),
+                        service: service.value(row),
+                        version: text(version, row),
+                        namespace: text(namespace, row),
                         source_namespace: None,
                     });
                     // A server span that names its caller is the edge's record of the call.
-                    if let Some(caller) = text(&peer) {
+                    if let Some(caller) = text(peer, row) {
                         keys[1] = Some(Key {
                             minute,
                             kind: "edge",
                             source: Some(caller),
-                            source_version: attribute(&attributes, row, SOURCE_VERSION),
-                            service: service.value(row).to_string(),
-                            version: text(&version),
-                            namespace: text(&namespace),
-                            source_namespace: attribute(&attributes, row, SOURCE_NAMESPACE),
+                            source_version: attributes.get(row, SOURCE_VERSION),
+                            service: service.value(row),
+                            version: text(version, row),
+                            namespace: text(namespace, row),
+                            source_namespace: attributes.get(row, SOURCE_NAMESPACE),
                         });
                     }
                 }
@@ -192,21 +190,31 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
                 // a mesh proxy's local reply (a response flag other than "-": the request
                 // never reached the callee), or a span from outside the mesh (no flags).
                 "client" if flags.is_null(row) || flags.value(row) != "-" => {
-                    if let Some(callee) = text(&peer) {
+                    if let Some(callee) = text(peer, row) {
                         keys[0] = Some(Key {
                             minute,
                             kind: "edge",
-                            source: Some(service.value(row).to_string()),
-                            source_version: text(&version),
+                            source: Some(service.value(row)),
+                            source_version: text(version, row),
                             service: callee,
                             version: None,
                             namespace: None,
-                            source_namespace: text(&namespace),
+                            source_namespace: text(namespace, row),
                         });
                     }
                 }
                 _ => continue,
             }
+            // Sizes are ints by the semantic conventions; some senders write them as text.
+            let size = |k| {
+                ints.get(row, k)
+                    .or_else(|| attributes.get(row, k).and_then(|v| v.parse::<i64>().ok()))
+                    .unwrap_or(0)
+            };
+            let (request_bytes, response_bytes) = (
+                size("http.request.body.size"),
+                size("http.response.body.size"),
+            );
             for key in keys.into_iter().flatten() {
                 let acc = groups.entry(key).or_default();
                 let d = duration.value(row);
@@ -216,16 +224,8 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
                 acc.errors += i64::from(status.value(row) == "error");
                 acc.duration_sum_ns = acc.duration_sum_ns.saturating_add(d);
                 acc.buckets[bucket(d)] += 1;
-                // Sizes are ints by the semantic conventions; some senders write them as text.
-                let size = |k| {
-                    int_attribute(&ints, row, k)
-                        .or_else(|| {
-                            attribute(&attributes, row, k).and_then(|v| v.parse::<i64>().ok())
-                        })
-                        .unwrap_or(0)
-                };
-                acc.request_bytes += size("http.request.body.size");
-                acc.response_bytes += size("http.response.body.size");
+                acc.request_bytes += request_bytes;
+                acc.response_bytes += response_bytes;
             }
         }
     }
@@ -251,12 +251,12 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
     for (k, a) in &rows {
         minute.append_value(k.minute);
         kind.append_value(k.kind);
-        source.append_option(k.source.as_deref());
-        source_version.append_option(k.source_version.as_deref());
-        service.append_value(&k.service);
-        version.append_option(k.version.as_deref());
-        namespace.append_option(k.namespace.as_deref());
-        source_namespace.append_option(k.source_namespace.as_deref());
+        source.append_option(k.source);
+        source_version.append_option(k.source_version);
+        service.append_value(k.service);
+        version.append_option(k.version);
+        namespace.append_option(k.namespace);
+        source_namespace.append_option(k.source_namespace);
         for (b, v) in ints.iter_mut().zip([
             a.requests,
             a.errors,
@@ -303,30 +303,53 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
 
 /// The text value of attribute `key` of row `row`, if present.
 pub(crate) fn attribute(map: &MapArray, row: usize, key: &str) -> Option<String> {
-    if map.is_null(row) {
-        return None;
-    }
-    let entries = map.value(row);
-    let keys = entries.column(0).as_string_opt::<i32>()?;
-    let values = entries.column(1).as_string_opt::<i32>()?;
-    (0..keys.len())
-        .find(|&i| keys.value(i) == key)
-        .filter(|&i| !values.is_null(i))
-        .map(|i| values.value(i).to_string())
+    Entries::<StringArray>::of(map)
+        .ok()?
+        .get(row, key)
+        .map(str::to_string)
 }
 
-/// The value of int attribute `key` of row `row`, if present.
-fn int_attribute(map: &MapArray, row: usize, key: &str) -> Option<i64> {
-    if map.is_null(row) {
-        return None;
+/// Row `row` of a text column, if not null.
+fn text(a: &StringArray, row: usize) -> Option<&str> {
+    (!a.is_null(row)).then(|| a.value(row))
+}
+
+/// A map column's keys and values read in place: a row's entries are a range of them, found
+/// by its offsets (`MapArray::value` would build a sliced struct array per call).
+struct Entries<'a, V> {
+    map: &'a MapArray,
+    keys: &'a StringArray,
+    values: &'a V,
+}
+
+impl<'a, V: Array + 'static> Entries<'a, V>
+where
+    &'a V: ArrayAccessor,
+{
+    fn of(map: &'a MapArray) -> Result<Self, ArrowError> {
+        let keys = map.keys().as_string_opt::<i32>();
+        let values = map.values().as_any().downcast_ref::<V>();
+        match (keys, values) {
+            (Some(keys), Some(values)) => Ok(Entries { map, keys, values }),
+            _ => Err(ArrowError::SchemaError(format!(
+                "a map of {} is not of the type expected",
+                map.values().data_type()
+            ))),
+        }
     }
-    let entries = map.value(row);
-    let keys = entries.column(0).as_string_opt::<i32>()?;
-    let values = entries.column(1).as_primitive_opt::<Int64Type>()?;
-    (0..keys.len())
-        .find(|&i| keys.value(i) == key)
-        .filter(|&i| !values.is_null(i))
-        .map(|i| values.value(i))
+
+    /// The value of `key` in row `row`, if the row has it and it is not null.
+    fn get(&self, row: usize, key: &str) -> Option<<&'a V as ArrayAccessor>::Item> {
+        if self.map.is_null(row) {
+            return None;
+        }
+        let offsets = self.map.value_offsets();
+        let (from, to) = (offsets[row] as usize, offsets[row + 1] as usize);
+        (from..to)
+            .find(|&i| self.keys.value(i) == key)
+            .filter(|&i| !self.values.is_null(i))
+            .map(|i| ArrayAccessor::value(&self.values, i))
+    }
 }
 
 /// The `q` quantile (0..1) of a latency histogram, in ms, interpolated linearly inside its
