@@ -12,6 +12,11 @@ use lumen_control::{ConfigSource, Control, ControlOptions};
 use lumen_telemetry::meshmetrics::MeshMetricsOptions;
 use lumen_telemetry::{QueryLimits, StoreOptions, Telemetry, TelemetryOptions};
 
+/// mimalloc: the telemetry service allocates and frees per span on its ingest path, where
+/// glibc's allocator cost about a tenth of its CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "lumen",
