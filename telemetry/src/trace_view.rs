@@ -33,16 +33,6 @@ fn fields(buf: &[u8], base: usize) -> Fields<'_> {
     Fields { buf, at: 0, base }
 }
 
-/// How many fields numbered `number` a message holds (up to its first malformed field,
-/// which the read that follows reports): a repeated field's exact count, so its `Vec` is
-/// allocated once instead of grown (a span's attributes, a scope's spans).
-fn count(buf: &[u8], base: usize, number: u32) -> usize {
-    fields(buf, base)
-        .map_while(Result::ok)
-        .filter(|(n, _)| *n == number)
-        .count()
-}
-
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<(u32, Wire<'a>), WireError>;
 
@@ -356,7 +346,6 @@ impl<'a> Span<'a> {
     fn read(buf: &'a [u8], base: usize) -> Result<Span<'a>, WireError> {
         let mut s = Span {
             encoded_len: buf.len(),
-            attributes: Vec::with_capacity(count(buf, base, 9)),
             ..Span::default()
         };
         for f in fields(buf, base) {
@@ -527,10 +516,7 @@ fn resource_spans(buf: &[u8], base: usize) -> Result<ResourceSpans<'_>, WireErro
 }
 
 fn scope_spans(buf: &[u8], base: usize) -> Result<ScopeSpans<'_>, WireError> {
-    let mut ss = ScopeSpans {
-        spans: Vec::with_capacity(count(buf, base, 2)),
-        ..ScopeSpans::default()
-    };
+    let mut ss = ScopeSpans::default();
     for f in fields(buf, base) {
         match f? {
             (1, w) => {
