@@ -415,13 +415,18 @@ impl Server {
                 "--jaeger-grpc",
                 "127.0.0.1:0",
             ])
-            .env("RUST_LOG", "warn")
+            // LUMEN_BENCH_LOG=info shows each flush and compaction on stderr.
+            .env(
+                "RUST_LOG",
+                std::env::var("LUMEN_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .spawn()
             .expect("taskset lumen telemetry (util-linux taskset)");
         let stdout = child.stdout.take().expect("stdout");
         let (mut grpc, mut http) = (String::new(), String::new());
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref().map_while(Result::ok) {
             // "telemetry: OTLP gRPC <addr>, dashboard http://<addr>/, Jaeger gRPC <addr>"
             if let Some(rest) = line.strip_prefix("telemetry: OTLP gRPC ") {
                 let (g, h) = rest.split_once(", dashboard ").unwrap_or((rest, ""));
@@ -435,6 +440,12 @@ impl Server {
             }
         }
         assert!(!grpc.is_empty(), "lumen telemetry did not start");
+        // Its log goes on to stderr (a closed pipe would fail its writes).
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                eprintln!("{line}");
+            }
+        });
         Server { child, grpc, http }
     }
 

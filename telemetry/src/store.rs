@@ -335,13 +335,19 @@ impl Store {
                 }),
             )
             .await?;
-        if self.budget.used() > self.budget.cap() / 2 {
+        // A flush is due early when the memtables hold half the budget, or when everything
+        // together (requests in flight too) nears the cap. Not on in-flight bytes alone:
+        // sixteen large requests being read would otherwise flush small files again and
+        // again, and small row groups are re-encoded at compaction where big ones are copied.
+        let cap = self.budget.cap();
+        let buffered: usize = self.tables().iter().map(|t| t.buffered_bytes()).sum();
+        if buffered > cap / 2 || self.budget.used() > cap / 8 * 7 {
             self.flush_wanted.notify_one();
         }
         Ok(lsn)
     }
 
-    /// Resolves when buffered rows pass half the budget (a flush is due early).
+    /// Resolves when a flush is due early (see [`Store::ingest`]).
     pub async fn flush_wanted(&self) {
         self.flush_wanted.notified().await;
     }

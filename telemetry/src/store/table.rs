@@ -457,6 +457,15 @@ impl Table {
         self.state().mem.first().map(|b| b.lsn)
     }
 
+    /// Bytes the memtable's batches hold (their reservations).
+    pub fn buffered_bytes(&self) -> usize {
+        self.state()
+            .mem
+            .iter()
+            .map(|b| b._reservation.bytes())
+            .sum()
+    }
+
     /// Rows in the memtable.
     pub fn buffered_rows(&self) -> usize {
         self.state().mem.iter().map(|b| b.batch.num_rows()).sum()
