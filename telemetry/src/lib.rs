@@ -30,16 +30,16 @@ pub mod wal;
 pub mod wire;
 
 use std::net::SocketAddr;
-
-/// A map filled per span (the rollups' groups): hashed with foldhash, seeded per process,
-/// where std's SipHash cost more than the rest of the row's work.
-pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+/// A map filled per span (the rollups' groups): hashed with foldhash, seeded per process,
+/// where std's SipHash cost more than the rest of the row's work.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 pub use http::AllowedHosts;
 pub use query::{MeshQuery, QueryEngine, QueryLimits};

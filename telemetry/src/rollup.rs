@@ -205,6 +205,9 @@ pub fn rollup(batches: &[RecordBatch]) -> Result<Option<RecordBatch>, ArrowError
                 }
                 _ => continue,
             }
+            if keys.iter().all(Option::is_none) {
+                continue;
+            }
             // Sizes are ints by the semantic conventions; some senders write them as text.
             let size = |k| {
                 ints.get(row, k)
