@@ -180,11 +180,27 @@ fn hostile_otlp_is_refused_within_the_memory_cap_and_nothing_acked_is_lost() {
         assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
         assert!(err.message().contains("smaller batches"), "{err:?}");
 
-        // 2. Protobuf's own amplification: 1.5 million empty spans in 3 MB on the wire.
+        // 2. Protobuf's own amplification: 1.5 million empty spans in 3 MB on the wire,
+        // refused from the count of their rows before any is built.
         let empties = request(vec![], vec![Span::default(); 1_500_000]);
         let err = client.export(empties).await.expect_err("refused");
         assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-        assert!(err.message().contains("decodes into"), "{err:?}");
+        assert!(err.message().contains("expands to"), "{err:?}");
+
+        // 2b. One span of 400,000 empty attributes (2 bytes each on the wire): refused while
+        // its row is built, once it passes what the request's estimate reserved.
+        let flood = Span {
+            trace_id: vec![7; 16],
+            span_id: vec![7; 8],
+            attributes: vec![KeyValue::default(); 400_000],
+            ..Default::default()
+        };
+        let err = client
+            .export(request(vec![], vec![flood]))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("expands to more than"), "{err:?}");
 
         // 3. A gzip bomb: a span whose name is 40 MB of 'a', a few tens of KB compressed.
         let name_len = 40 * 1024 * 1024;

@@ -23,7 +23,14 @@ use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use opentelemetry_proto::tonic::trace::v1::{span, status};
 
 use crate::schema;
-use crate::trace_view::{self, Attr, TraceExport, Value};
+use crate::trace_view::{self, Attr, Value};
+
+mod spans;
+
+pub use spans::{RowsError, SpanRows, TraceFrame};
+
+/// Bytes a stored row costs beyond its attributes (ids, times, names, offsets).
+pub const ROW_OVERHEAD: usize = 160;
 
 /// String span attributes promoted to their own columns, in the order the columns are built.
 pub const SPAN_STRING_COLUMNS: [&str; 9] = [
@@ -73,75 +80,69 @@ enum Slot {
     Int(usize),
 }
 
-fn slot(key: &str) -> Option<Slot> {
+fn slot(key: &[u8]) -> Option<Slot> {
     Some(match key {
-        "http.request.method" => Slot::Text(0),
-        "http.route" => Slot::Text(1),
-        "url.path" => Slot::Text(2),
-        "url.full" => Slot::Text(3),
-        "server.address" => Slot::Text(4),
-        "network.peer.address" => Slot::Text(5),
-        "rpc.system" => Slot::Text(6),
-        "rpc.service" => Slot::Text(7),
-        "rpc.method" => Slot::Text(8),
-        "peer.service" => Slot::Text(9),
-        "guid:x-request-id" => Slot::Text(10),
-        "upstream_cluster" => Slot::Text(11),
-        "response_flags" => Slot::Text(12),
-        "user_agent.original" => Slot::Text(13),
-        "error.type" => Slot::Text(14),
-        "istio.canonical_service" => Slot::Text(15),
-        "istio.canonical_revision" => Slot::Text(16),
-        "istio.namespace" => Slot::Text(17),
-        "http.response.status_code" => Slot::Int(0),
-        "server.port" => Slot::Int(1),
-        "rpc.grpc.status_code" => Slot::Int(2),
+        b"http.request.method" => Slot::Text(0),
+        b"http.route" => Slot::Text(1),
+        b"url.path" => Slot::Text(2),
+        b"url.full" => Slot::Text(3),
+        b"server.address" => Slot::Text(4),
+        b"network.peer.address" => Slot::Text(5),
+        b"rpc.system" => Slot::Text(6),
+        b"rpc.service" => Slot::Text(7),
+        b"rpc.method" => Slot::Text(8),
+        b"peer.service" => Slot::Text(9),
+        b"guid:x-request-id" => Slot::Text(10),
+        b"upstream_cluster" => Slot::Text(11),
+        b"response_flags" => Slot::Text(12),
+        b"user_agent.original" => Slot::Text(13),
+        b"error.type" => Slot::Text(14),
+        b"istio.canonical_service" => Slot::Text(15),
+        b"istio.canonical_revision" => Slot::Text(16),
+        b"istio.namespace" => Slot::Text(17),
+        b"http.response.status_code" => Slot::Int(0),
+        b"server.port" => Slot::Int(1),
+        b"rpc.grpc.status_code" => Slot::Int(2),
         _ => return None,
     })
 }
 
-/// A span's attributes sorted into their promoted columns (the first of a key wins) and
-/// the rest, which go to the typed maps. A promoted key whose value has another type than
-/// its column's stays in the map of its type (an int column also takes an int written as
-/// text, which then stays in the string map too).
+/// A span's promoted attributes, as they are read (the first of a key wins). A promoted key
+/// whose value has another type than its column's stays in the map of its type (an int
+/// column also takes an int written as text, which then stays in the string map too).
 struct Promoted<'a> {
     texts: [Option<&'a str>; PROMOTED_TEXT],
     ints: [Option<i64>; SPAN_INT_COLUMNS.len()],
 }
 
 impl<'a> Promoted<'a> {
-    /// Sorts `attrs`, handing each attribute that stays in a map to `rest`.
-    fn sort<A: Attr>(
-        attrs: &'a [A],
-        mut rest: impl FnMut(&'a A) -> Result<(), ArrowError>,
-    ) -> Result<Promoted<'a>, ArrowError> {
-        let mut p = Promoted {
+    fn new() -> Promoted<'a> {
+        Promoted {
             texts: [None; PROMOTED_TEXT],
             ints: [None; SPAN_INT_COLUMNS.len()],
-        };
-        for kv in attrs {
-            let value = kv.value();
-            match (slot(kv.key()), value) {
-                (Some(Slot::Text(i)), Value::Str(v)) => {
-                    if p.texts[i].is_none() {
-                        p.texts[i] = Some(v);
-                    }
-                }
-                (Some(Slot::Int(i)), Value::Int(v)) => {
-                    if p.ints[i].is_none() {
-                        p.ints[i] = Some(v);
-                    }
-                }
-                (Some(Slot::Int(i)), _) => {
-                    if p.ints[i].is_none() {
-                        p.ints[i] = value.int();
-                    }
-                    rest(kv)?;
-                }
-                _ => rest(kv)?,
-            }
         }
-        Ok(p)
+    }
+
+    /// Takes an attribute of this slot into its column; false when it goes to the map of
+    /// its type (as well).
+    fn take(&mut self, slot: Option<Slot>, value: Value<'a>) -> bool {
+        match (slot, value) {
+            (Some(Slot::Text(i)), Value::Str(v)) => {
+                self.texts[i].get_or_insert(v);
+                true
+            }
+            (Some(Slot::Int(i)), Value::Int(v)) => {
+                self.ints[i].get_or_insert(v);
+                true
+            }
+            (Some(Slot::Int(i)), _) => {
+                if self.ints[i].is_none() {
+                    self.ints[i] = value.int();
+                }
+                false
+            }
+            _ => false,
+        }
     }
 }
 
@@ -367,200 +368,19 @@ fn status_code(code: i32) -> &'static str {
 }
 
 /// The spans of a prost export request as one record batch of [`schema::SPANS`]: its bytes
-/// through [`trace_rows`] (for tests, and the same rows as the receiver makes).
+/// through [`TraceFrame::rows`] (for tests, and the same rows as the receiver makes).
 #[cfg(test)]
 pub fn spans_to_batch(
     req: &opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
 ) -> Result<RecordBatch, ArrowError> {
     use prost::Message;
     let bytes = req.encode_to_vec();
-    let export = TraceExport::read(&bytes).map_err(|e| ArrowError::ParseError(e.to_string()))?;
-    trace_rows(&export)
-}
-
-/// The spans of an export as one record batch of [`schema::SPANS`]; spans with a
-/// [`trace_view::Span::problem`] are left out (the receiver reports them as rejected).
-pub fn trace_rows(req: &TraceExport<'_>) -> Result<RecordBatch, ArrowError> {
-    let rows: usize = req
-        .resources
-        .iter()
-        .flat_map(|rs| &rs.scopes)
-        .map(|ss| ss.spans.len())
-        .sum();
-    let mut trace_id = Ids::new(rows, 16);
-    let mut span_id = Ids::new(rows, 8);
-    let mut parent = Ids::new(rows, 8);
-    let mut trace_state = text_builder(rows);
-    let mut service = text_builder(rows);
-    let mut version = text_builder(rows);
-    let mut namespace = text_builder(rows);
-    let mut name = text_builder(rows);
-    let mut kind = text_builder(rows);
-    let mut start = times(rows);
-    let mut end = times(rows);
-    let mut duration = Int64Builder::with_capacity(rows);
-    let mut status = text_builder(rows);
-    let mut status_msg = text_builder(rows);
-    let mut strings: Vec<StringBuilder> = SPAN_STRING_COLUMNS
-        .iter()
-        .map(|_| text_builder(rows))
-        .collect();
-    let mut mesh: Vec<StringBuilder> = SPAN_MESH_COLUMNS
-        .iter()
-        .map(|_| text_builder(rows))
-        .collect();
-    let mut http_status = Int64Builder::with_capacity(rows);
-    let mut server_port = Int64Builder::with_capacity(rows);
-    let mut grpc_status = Int64Builder::with_capacity(rows);
-    let mut scope_name = text_builder(rows);
-    let mut scope_version = text_builder(rows);
-    let mut attributes = TypedAttributes::new(rows);
-    let mut resource_attributes = map_builder(rows);
-    let mut flags = Int64Builder::with_capacity(rows);
-    let mut dropped = Int64Builder::with_capacity(rows);
-    let mut dropped_events = Int64Builder::with_capacity(rows);
-    let mut dropped_links = Int64Builder::with_capacity(rows);
-    let mut events = EventColumns::default();
-    let mut links = LinkColumns::default();
-
-    for rs in &req.resources {
-        let resource = rs.attributes.as_slice();
-        let text = |key| find(resource, key).map(Value::text);
-        let svc = text("service.name").unwrap_or_else(|| "unknown_service".to_string());
-        let svc_version = text("service.version");
-        let svc_namespace = text("service.namespace");
-        for ss in &rs.scopes {
-            for s in ss.spans.iter().filter(|s| s.problem().is_none()) {
-                trace_id.append(s.trace_id)?;
-                span_id.append(s.span_id)?;
-                parent.append(s.parent_span_id)?;
-                if s.trace_state.is_empty() {
-                    trace_state.append_null();
-                } else {
-                    trace_state.append_value(s.trace_state);
-                }
-                service.append_value(&svc);
-                version.append_option(svc_version.as_deref());
-                namespace.append_option(svc_namespace.as_deref());
-                name.append_value(s.name);
-                kind.append_value(span_kind(s.kind));
-                start.append_value(nanos(s.start_time_unix_nano));
-                end.append_value(nanos(s.end_time_unix_nano));
-                duration.append_value(nanos(
-                    s.end_time_unix_nano.saturating_sub(s.start_time_unix_nano),
-                ));
-                status.append_value(status_code(s.status_code));
-                status_msg.append_option(Some(s.status_message).filter(|m| !m.is_empty()));
-                let promoted = Promoted::sort(&s.attributes, |kv| {
-                    attributes.add(kv);
-                    Ok(())
-                })?;
-                attributes.end_row()?;
-                let (first, second) = promoted.texts.split_at(SPAN_STRING_COLUMNS.len());
-                for (builder, value) in strings.iter_mut().zip(first) {
-                    builder.append_option(*value);
-                }
-                for (builder, value) in mesh.iter_mut().zip(second) {
-                    builder.append_option(*value);
-                }
-                let [status_int, port, grpc] = promoted.ints;
-                http_status.append_option(status_int);
-                server_port.append_option(port);
-                grpc_status.append_option(grpc);
-                scope_name.append_option(ss.scope.map(|s| s.name));
-                scope_version.append_option(ss.scope.map(|s| s.version));
-                append_map(&mut resource_attributes, resource)?;
-                flags.append_value(i64::from(s.flags));
-                dropped.append_value(i64::from(s.dropped_attributes_count));
-                dropped_events.append_value(i64::from(s.dropped_events_count));
-                dropped_links.append_value(i64::from(s.dropped_links_count));
-                events.push(&s.events)?;
-                links.push(&s.links)?;
-            }
-        }
+    let frame = TraceFrame::read(&bytes).map_err(|e| ArrowError::ParseError(e.to_string()))?;
+    match frame.rows(usize::MAX) {
+        Ok(rows) => Ok(rows.batch),
+        Err(RowsError::Arrow(e)) => Err(e),
+        Err(e) => Err(ArrowError::ParseError(e.to_string())),
     }
-    let mut s = strings
-        .into_iter()
-        .map(|mut b| Arc::new(b.finish()) as ArrayRef);
-    let mut next = || {
-        s.next()
-            .ok_or_else(|| ArrowError::SchemaError("span string columns".into()))
-    };
-    let (method, route, path, full, address, peer, rpc_system, rpc_service, rpc_method) = (
-        next()?,
-        next()?,
-        next()?,
-        next()?,
-        next()?,
-        next()?,
-        next()?,
-        next()?,
-        next()?,
-    );
-    let [
-        attributes,
-        attributes_int,
-        attributes_double,
-        attributes_bool,
-        attributes_bytes,
-    ] = attributes.finish();
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(trace_id.finish()),
-        Arc::new(span_id.finish()),
-        Arc::new(parent.finish()),
-        Arc::new(trace_state.finish()),
-        Arc::new(service.finish()),
-        Arc::new(version.finish()),
-        Arc::new(namespace.finish()),
-        Arc::new(name.finish()),
-        Arc::new(kind.finish()),
-        Arc::new(start.finish()),
-        Arc::new(end.finish()),
-        Arc::new(duration.finish()),
-        Arc::new(status.finish()),
-        Arc::new(status_msg.finish()),
-        method,
-        Arc::new(http_status.finish()),
-        route,
-        path,
-        full,
-        address,
-        Arc::new(server_port.finish()),
-        peer,
-        rpc_system,
-        rpc_service,
-        rpc_method,
-        Arc::new(grpc_status.finish()),
-    ];
-    columns.extend(
-        mesh.into_iter()
-            .map(|mut b| Arc::new(b.finish()) as ArrayRef),
-    );
-    columns.extend::<[ArrayRef; 2]>([
-        Arc::new(scope_name.finish()),
-        Arc::new(scope_version.finish()),
-    ]);
-    columns.extend([
-        attributes,
-        Arc::new(resource_attributes.finish()),
-        Arc::new(flags.finish()),
-        Arc::new(dropped.finish()),
-        Arc::new(dropped_events.finish()),
-        Arc::new(dropped_links.finish()),
-        events.finish()?,
-        links.finish()?,
-        attributes_int,
-        attributes_double,
-        attributes_bool,
-        attributes_bytes,
-    ]);
-    // The builders reserve for long values; the rows stay in the memtable until flushed, and
-    // its bytes decide when a flush is due: at about 1.7 KB a span as built, flushes came
-    // every 38,000 spans, in row groups too small for compaction to copy.
-    for column in &mut columns {
-        datafusion::arrow::array::Array::shrink_to_fit(column);
-    }
-    RecordBatch::try_new(schema::SPANS.clone(), columns)
 }
 
 /// The `events` column: a list of event structs per span, built flat and assembled at the end.
@@ -1086,19 +906,19 @@ mod tests {
     #[test]
     fn slots_agree_with_the_column_lists() {
         for (i, key) in SPAN_STRING_COLUMNS.iter().enumerate() {
-            assert_eq!(slot(key), Some(Slot::Text(i)), "{key}");
+            assert_eq!(slot(key.as_bytes()), Some(Slot::Text(i)), "{key}");
         }
         for (i, (key, _)) in SPAN_MESH_COLUMNS.iter().enumerate() {
             assert_eq!(
-                slot(key),
+                slot(key.as_bytes()),
                 Some(Slot::Text(SPAN_STRING_COLUMNS.len() + i)),
                 "{key}"
             );
         }
         for (i, key) in SPAN_INT_COLUMNS.iter().enumerate() {
-            assert_eq!(slot(key), Some(Slot::Int(i)), "{key}");
+            assert_eq!(slot(key.as_bytes()), Some(Slot::Int(i)), "{key}");
         }
-        assert_eq!(slot("cart.items"), None);
+        assert_eq!(slot(b"cart.items"), None);
     }
 
     #[test]

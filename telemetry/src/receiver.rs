@@ -33,48 +33,39 @@ use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, En
 use tonic::server::{Grpc, NamedService, UnaryService};
 use tonic::{Request, Response, Status};
 
-use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 use tokio::sync::Semaphore;
 
-use crate::convert;
+use crate::convert::{self, ROW_OVERHEAD, RowsError, TraceFrame};
 use crate::meshmetrics::{MeshMetrics, MeshMetricsOptions, Tapped};
 use crate::selfmetrics::{IngestStats, Refusal};
 use crate::store::Store;
-use crate::trace_view::TraceExport;
 use crate::wire;
 
 /// Largest accepted request (after decompression) by default: gRPC's and the OpenTelemetry
 /// Collector's 4 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
-/// Bytes a stored row costs beyond its attributes (ids, times, names, offsets).
-const ROW_OVERHEAD: usize = 160;
 
 /// One OTLP signal: its gRPC service, how a request becomes rows, and the table they go to.
 pub trait Signal: Send + Sync + 'static {
     const SERVICE: &'static str;
     /// The id of the table its rows go to (as WAL records name it).
     const TABLE: u8;
-    /// The request's message shape, for the walk that sizes it before decoding.
-    const SHAPE: &'static wire::Shape;
     /// The request as a message (what OTLP/HTTP's JSON decodes into).
     type Request: Message + Default;
     /// The request as the conversion reads it: the decoded message, or a view borrowing
     /// the request's bytes.
     type Parsed<'a>: Send;
     type Response: Message + Default + Send + 'static;
+    /// Bytes that reading the request ([`Signal::parse`]) will allocate, found on the wire
+    /// without reading it (protobuf amplifies: see [`wire`]).
+    fn decoded_size(body: &[u8]) -> Result<usize, wire::WireError>;
     /// Reads a request's protobuf bytes.
     fn parse(body: &[u8]) -> Result<Self::Parsed<'_>, String>;
-    fn to_batch(request: &Self::Parsed<'_>) -> Result<RecordBatch, ArrowError>;
+    /// The request's rows, built within `limit` bytes where the conversion can tell.
+    fn to_batch(request: &Self::Parsed<'_>, limit: usize) -> Result<Rows, RowsError>;
     /// Bytes the request's rows will take in memory, before converting it.
     fn estimate(request: &Self::Parsed<'_>) -> usize;
-    /// Records (spans, data points, log records) the request holds.
-    fn records(request: &Self::Parsed<'_>) -> usize;
-    /// Records the conversion leaves out, and why (reported as a partial success). Asked
-    /// only when the conversion made fewer rows than [`Signal::records`].
-    fn rejected(_request: &Self::Parsed<'_>) -> Option<(i64, String)> {
-        None
-    }
     /// The response saying that `rejected` records were not stored, and why.
     fn partial(rejected: i64, message: String) -> Self::Response;
     /// What the live aggregates (the mesh's Prometheus families) take from the request,
@@ -95,11 +86,30 @@ fn rows_cost(shared: usize, records: impl Iterator<Item = usize>) -> usize {
         .saturating_add(own.saturating_mul(2))
 }
 
+/// A request's rows, and the records left out: how many, and why (reported as a partial
+/// success).
+#[derive(Debug)]
+pub struct Rows {
+    pub batch: RecordBatch,
+    pub rejected: Option<(i64, String)>,
+}
+
+impl Rows {
+    fn all(batch: RecordBatch) -> Rows {
+        Rows {
+            batch,
+            rejected: None,
+        }
+    }
+}
+
 /// Converts a WAL record back into rows: the same decode and conversion as a live export.
 pub fn decode_record(table: u8, payload: &[u8]) -> Result<RecordBatch, String> {
     fn convert<S: Signal>(payload: &[u8]) -> Result<RecordBatch, String> {
         let request = S::parse(payload)?;
-        S::to_batch(&request).map_err(|e| e.to_string())
+        S::to_batch(&request, usize::MAX)
+            .map(|rows| rows.batch)
+            .map_err(|e| e.to_string())
     }
     match table {
         Traces::TABLE => convert::<Traces>(payload),
@@ -174,29 +184,28 @@ pub enum Logs {}
 impl Signal for Traces {
     const SERVICE: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
     const TABLE: u8 = 0;
-    const SHAPE: &'static wire::Shape = &wire::TRACES;
     type Request = ExportTraceServiceRequest;
-    type Parsed<'a> = TraceExport<'a>;
+    type Parsed<'a> = TraceFrame<'a>;
     type Response = ExportTraceServiceResponse;
 
-    fn parse(body: &[u8]) -> Result<TraceExport<'_>, String> {
-        TraceExport::read(body).map_err(|e| e.to_string())
+    /// Nothing: the frame is read without allocating, and the rows charge what they take
+    /// as they are built (see [`TraceFrame::rows`]).
+    fn decoded_size(_body: &[u8]) -> Result<usize, wire::WireError> {
+        Ok(0)
     }
 
-    fn to_batch(request: &TraceExport<'_>) -> Result<RecordBatch, ArrowError> {
-        convert::trace_rows(request)
+    fn parse(body: &[u8]) -> Result<TraceFrame<'_>, String> {
+        TraceFrame::read(body).map_err(|e| e.to_string())
     }
 
-    fn rejected(request: &TraceExport<'_>) -> Option<(i64, String)> {
-        let mut n = 0i64;
-        let mut why = None;
-        for s in request.spans() {
-            if let Some(problem) = s.problem() {
-                n += 1;
-                why.get_or_insert(problem);
-            }
-        }
-        why.map(|why| (n, format!("{n} spans rejected: {why}")))
+    fn to_batch(request: &TraceFrame<'_>, limit: usize) -> Result<Rows, RowsError> {
+        let rows = request.rows(limit)?;
+        Ok(Rows {
+            batch: rows.batch,
+            rejected: rows
+                .rejected
+                .map(|(n, why)| (n, format!("{n} spans rejected: {why}"))),
+        })
     }
 
     fn partial(rejected: i64, message: String) -> ExportTraceServiceResponse {
@@ -208,26 +217,14 @@ impl Signal for Traces {
         }
     }
 
-    fn records(request: &TraceExport<'_>) -> usize {
-        request.spans().count()
-    }
-
-    fn estimate(request: &TraceExport<'_>) -> usize {
-        let mut total = 0usize;
-        for rs in &request.resources {
-            for ss in &rs.scopes {
-                let own = ss.spans.iter().map(|s| s.encoded_len);
-                total = total.saturating_add(rows_cost(rs.resource_len + ss.scope_len, own));
-            }
-        }
-        total
+    fn estimate(request: &TraceFrame<'_>) -> usize {
+        request.estimate
     }
 }
 
 impl Signal for Metrics {
     const SERVICE: &'static str = "opentelemetry.proto.collector.metrics.v1.MetricsService";
     const TABLE: u8 = 1;
-    const SHAPE: &'static wire::Shape = &wire::METRICS;
     type Request = ExportMetricsServiceRequest;
     type Parsed<'a> = ExportMetricsServiceRequest;
     type Response = ExportMetricsServiceResponse;
@@ -236,8 +233,12 @@ impl Signal for Metrics {
         ExportMetricsServiceRequest::decode(body).map_err(|e| e.to_string())
     }
 
-    fn to_batch(request: &ExportMetricsServiceRequest) -> Result<RecordBatch, ArrowError> {
-        convert::metrics_to_batch(request)
+    fn decoded_size(body: &[u8]) -> Result<usize, wire::WireError> {
+        wire::decoded_size(body, &wire::METRICS)
+    }
+
+    fn to_batch(request: &ExportMetricsServiceRequest, _limit: usize) -> Result<Rows, RowsError> {
+        Ok(Rows::all(convert::metrics_to_batch(request)?))
     }
 
     fn partial(rejected: i64, message: String) -> ExportMetricsServiceResponse {
@@ -251,10 +252,6 @@ impl Signal for Metrics {
 
     fn tap(request: &ExportMetricsServiceRequest) -> Tapped {
         crate::meshmetrics::tap(request)
-    }
-
-    fn records(request: &ExportMetricsServiceRequest) -> usize {
-        convert::point_count(request)
     }
 
     fn estimate(request: &ExportMetricsServiceRequest) -> usize {
@@ -279,7 +276,6 @@ impl Signal for Metrics {
 impl Signal for Logs {
     const SERVICE: &'static str = "opentelemetry.proto.collector.logs.v1.LogsService";
     const TABLE: u8 = 2;
-    const SHAPE: &'static wire::Shape = &wire::LOGS;
     type Request = ExportLogsServiceRequest;
     type Parsed<'a> = ExportLogsServiceRequest;
     type Response = ExportLogsServiceResponse;
@@ -288,8 +284,12 @@ impl Signal for Logs {
         ExportLogsServiceRequest::decode(body).map_err(|e| e.to_string())
     }
 
-    fn to_batch(request: &ExportLogsServiceRequest) -> Result<RecordBatch, ArrowError> {
-        convert::logs_to_batch(request)
+    fn decoded_size(body: &[u8]) -> Result<usize, wire::WireError> {
+        wire::decoded_size(body, &wire::LOGS)
+    }
+
+    fn to_batch(request: &ExportLogsServiceRequest, _limit: usize) -> Result<Rows, RowsError> {
+        Ok(Rows::all(convert::logs_to_batch(request)?))
     }
 
     fn partial(rejected: i64, message: String) -> ExportLogsServiceResponse {
@@ -299,15 +299,6 @@ impl Signal for Logs {
                 error_message: message,
             }),
         }
-    }
-
-    fn records(request: &ExportLogsServiceRequest) -> usize {
-        request
-            .resource_logs
-            .iter()
-            .flat_map(|rl| &rl.scope_logs)
-            .map(|sl| sl.log_records.len())
-            .sum()
     }
 
     fn estimate(request: &ExportLogsServiceRequest) -> usize {
@@ -396,7 +387,7 @@ async fn export_unrecorded<S: Signal>(
             )),
         )
     };
-    let decoded = wire::decoded_size(&body, S::SHAPE).map_err(|e| malformed(&e))?;
+    let decoded = S::decoded_size(&body).map_err(|e| malformed(&e))?;
     let held = body.len().saturating_add(decoded);
     if held > budget.cap() {
         return Err(too_big("decodes into", held));
@@ -412,18 +403,14 @@ async fn export_unrecorded<S: Signal>(
     if !reservation.resize(held.saturating_add(estimate)) {
         return Err(full(buffer_full(estimate, budget.used(), budget.cap())));
     }
-    let batch = S::to_batch(&request).map_err(|e| {
-        (
+    let Rows { batch, rejected } = S::to_batch(&request, estimate).map_err(|e| match e {
+        RowsError::Malformed(e) => malformed(&e),
+        RowsError::TooBig(limit) => too_big("expands to more than", limit),
+        RowsError::Arrow(e) => (
             Refusal::Unavailable,
             Status::internal(format!("converting {} rows: {e}", S::SERVICE)),
-        )
+        ),
     })?;
-    // Asked only when rows are missing: the common request is not walked a second time.
-    let rejected = if batch.num_rows() < S::records(&request) {
-        S::rejected(&request)
-    } else {
-        None
-    };
     let tapped = S::tap(&request);
     drop(request);
     let actual = batch.get_array_memory_size();

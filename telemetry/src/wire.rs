@@ -1,11 +1,12 @@
 //! A pass over OTLP protobuf bytes before decoding them: how much memory will decoding take?
 //!
-//! Protobuf amplifies: an empty span is 2 bytes on the wire and a few hundred bytes as a
-//! decoded struct, so a 4 MiB request of empty spans would decode into half a gigabyte before
-//! any other check could run. This walk reads only tags and lengths, follows the nested
-//! messages OTLP repeats (resources, scopes, spans, events, links, attributes, data points)
-//! and adds up the size of each decoded struct plus the bytes strings and packed numbers copy,
-//! so the receiver can reserve that much, or refuse, before it decodes.
+//! Protobuf amplifies: an empty log record is 2 bytes on the wire and a few hundred bytes as a
+//! decoded struct, so a 4 MiB request of empty records would decode into half a gigabyte
+//! before any other check could run. This walk reads only tags and lengths, follows the
+//! nested messages OTLP repeats (resources, scopes, metrics, log records, attributes, data
+//! points) and adds up the size of each decoded struct plus the bytes strings and packed
+//! numbers copy, so the receiver can reserve that much, or refuse, before it decodes. (Trace exports are not
+//! decoded into prost's messages: `convert::spans` reads them straight into rows.)
 
 use std::mem::size_of;
 
@@ -19,7 +20,6 @@ use opentelemetry_proto::tonic::metrics::v1::{
     summary_data_point,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, span};
 
 /// Deepest nesting followed (prost's own recursion limit is 100).
 const MAX_DEPTH: usize = 64;
@@ -59,22 +59,8 @@ static KEY_VALUE: Shape = Shape(&[(2, msg(&ANY_VALUE, size_of::<AnyValue>()))]);
 const KV: Field = msg(&KEY_VALUE, size_of::<KeyValue>());
 static ATTRIBUTES_AT_1: Shape = Shape(&[(1, KV)]);
 static ATTRIBUTES_AT_3: Shape = Shape(&[(3, KV)]);
-static ATTRIBUTES_AT_4: Shape = Shape(&[(4, KV)]);
 const RESOURCE: Field = msg(&ATTRIBUTES_AT_1, size_of::<Resource>());
 const SCOPE: Field = msg(&ATTRIBUTES_AT_3, size_of::<InstrumentationScope>());
-
-/// `ExportTraceServiceRequest`.
-pub static TRACES: Shape = Shape(&[(1, msg(&RESOURCE_SPANS, size_of::<ResourceSpans>()))]);
-static RESOURCE_SPANS: Shape = Shape(&[
-    (1, RESOURCE),
-    (2, msg(&SCOPE_SPANS, size_of::<ScopeSpans>())),
-]);
-static SCOPE_SPANS: Shape = Shape(&[(1, SCOPE), (2, msg(&SPAN, size_of::<Span>()))]);
-static SPAN: Shape = Shape(&[
-    (9, KV),
-    (11, msg(&ATTRIBUTES_AT_3, size_of::<span::Event>())),
-    (13, msg(&ATTRIBUTES_AT_4, size_of::<span::Link>())),
-]);
 
 /// `ExportMetricsServiceRequest`.
 pub static METRICS: Shape = Shape(&[(1, msg(&RESOURCE_METRICS, size_of::<ResourceMetrics>()))]);
@@ -229,29 +215,36 @@ pub(crate) fn varint(buf: &[u8], at: &mut usize, base: usize) -> Result<u64, Wir
 #[cfg(test)]
 mod tests {
     use super::*;
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
     use opentelemetry_proto::tonic::common::v1::any_value;
     use prost::Message;
 
     use crate::readback::kv;
 
-    #[test]
-    fn empty_spans_cost_their_struct_size_not_their_wire_size() {
-        let n = 20_000;
-        let req = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                scope_spans: vec![ScopeSpans {
-                    spans: vec![Span::default(); n],
+    fn logs(resource: Option<Resource>, records: Vec<LogRecord>) -> ExportLogsServiceRequest {
+        ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                resource,
+                scope_logs: vec![ScopeLogs {
+                    log_records: records,
                     ..Default::default()
                 }],
                 ..Default::default()
             }],
-        };
-        let bytes = req.encode_to_vec();
-        assert!(bytes.len() < 3 * n, "2 bytes a span on the wire");
-        let decoded = decoded_size(&bytes, &TRACES).expect("walks");
-        assert!(decoded >= n * size_of::<Span>(), "{decoded}");
-        assert!(decoded < n * (size_of::<Span>() + 8) + 1024, "{decoded}");
+        }
+    }
+
+    #[test]
+    fn empty_records_cost_their_struct_size_not_their_wire_size() {
+        let n = 20_000;
+        let bytes = logs(None, vec![LogRecord::default(); n]).encode_to_vec();
+        assert!(bytes.len() < 3 * n, "2 bytes a record on the wire");
+        let decoded = decoded_size(&bytes, &LOGS).expect("walks");
+        assert!(decoded >= n * size_of::<LogRecord>(), "{decoded}");
+        assert!(
+            decoded < n * (size_of::<LogRecord>() + 8) + 1024,
+            "{decoded}"
+        );
     }
 
     #[test]
@@ -264,29 +257,21 @@ mod tests {
                 10
             ],
         });
-        let req = ExportTraceServiceRequest {
-            resource_spans: vec![ResourceSpans {
-                resource: Some(Resource {
-                    attributes: vec![kv(
-                        "service.name",
-                        any_value::Value::StringValue("a".into()),
-                    )],
-                    ..Default::default()
-                }),
-                scope_spans: vec![ScopeSpans {
-                    spans: vec![Span {
-                        name: "op".into(),
-                        attributes: vec![kv("list", nested)],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
+        let resource = Resource {
+            attributes: vec![kv(
+                "service.name",
+                any_value::Value::StringValue("a".into()),
+            )],
+            ..Default::default()
         };
-        let decoded = decoded_size(&req.encode_to_vec(), &TRACES).expect("walks");
+        let record = LogRecord {
+            attributes: vec![kv("list", nested)],
+            ..Default::default()
+        };
+        let bytes = logs(Some(resource), vec![record]).encode_to_vec();
+        let decoded = decoded_size(&bytes, &LOGS).expect("walks");
         let floor =
-            size_of::<Span>() + 2 * size_of::<KeyValue>() + 11 * size_of::<AnyValue>() + 1000;
+            size_of::<LogRecord>() + 2 * size_of::<KeyValue>() + 11 * size_of::<AnyValue>() + 1000;
         assert!(decoded >= floor, "{decoded} < {floor}");
     }
 
@@ -298,7 +283,7 @@ mod tests {
             &[0x0a, 0x05, 0x01][..],
             &[0x80; 11][..],
         ] {
-            assert!(decoded_size(bad, &TRACES).is_err(), "{bad:?}");
+            assert!(decoded_size(bad, &LOGS).is_err(), "{bad:?}");
         }
         // Nesting past the limit: array values inside array values.
         let mut value = AnyValue::default();

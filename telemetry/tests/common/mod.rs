@@ -21,10 +21,10 @@ pub fn conformance(file: &str) -> std::path::PathBuf {
     let dir = std::env::var_os("LUMEN_CONFORMANCE_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
-            std::path::PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/conformance"
-            ))
+            std::path::PathBuf::from(
+                std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+            )
+            .join("../../shared/conformance")
         });
     let path = dir.join(file);
     assert!(
