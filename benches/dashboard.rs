@@ -37,7 +37,10 @@ fn main() {
 async fn time_pages(plan: &Value, dir: &std::path::Path, title: &str, goal_ms: f64) {
     let plan_path = dir.join("plan.json");
     std::fs::write(&plan_path, plan.to_string()).expect("plan");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/dashboard_timing.cjs");
+    let script = format!(
+        "{}/benches/dashboard_timing.cjs",
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+    );
     let out =
         tokio::process::Command::new(std::env::var("LUMEN_NODE").unwrap_or_else(|_| "node".into()))
             .arg(script)

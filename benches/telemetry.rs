@@ -515,7 +515,10 @@ fn duckdb(spans: &Path, runs: usize, statements: &[String]) -> Vec<(f64, f64, us
     let python = std::env::var_os("LUMEN_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/tmp/lumen-peers/venv/bin/python"));
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench/duckdb_query.py");
+    let script = format!(
+        "{}/scripts/bench/duckdb_query.py",
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+    );
     let out = Command::new(python)
         .arg(script)
         .arg(spans)

@@ -129,7 +129,10 @@ async fn the_dashboard_in_chromium_draws_the_mesh_with_no_error_and_no_foreign_r
     });
     let plan_path = data.path().join("plan.json");
     std::fs::write(&plan_path, plan.to_string()).expect("plan");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/visit.cjs");
+    let script = format!(
+        "{}/tests/browser/visit.cjs",
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+    );
     let out = tokio::process::Command::new(&node)
         .arg(script)
         .arg(&plan_path)

@@ -75,11 +75,14 @@ fn telemetry_binary_round_trips_python_sdk_traces_metrics_and_logs_over_grpc_and
     let data_dir = data.path().to_string_lossy().to_string();
     let (mut lumen, addrs) = Lumen::telemetry(&data_dir, &["--flush-interval", "1"]);
     let http = addrs.http.clone();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/otlp_send.py");
+    let script = format!(
+        "{}/tests/python/otlp_send.py",
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+    );
     for (protocol, endpoint) in [("grpc", &addrs.grpc), ("http", &addrs.otlp_http)] {
         let service = format!("sdk-checkout-{protocol}");
         let out = std::process::Command::new(&python)
-            .args([script, protocol, endpoint, &service])
+            .args([script.as_str(), protocol, endpoint, &service])
             .output()
             .expect("run python");
         assert!(

@@ -367,7 +367,10 @@ async fn demo_mesh_end_to_end() {
         "a clean stop flushed everything"
     );
     let python = common::python_with(&["duckdb", "pyarrow"]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/read_parquet.py");
+    let script = format!(
+        "{}/tests/python/read_parquet.py",
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+    );
     let out = std::process::Command::new(python)
         .arg(script)
         .arg(data.path())

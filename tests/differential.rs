@@ -605,7 +605,9 @@ async fn split(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lumen_proxy_and_envoy_make_the_same_decisions_from_the_same_resources() {
     let envoy_bin = envoy_peer::envoy();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/differential/mesh.yaml");
+    let fixture =
+        Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+            .join("fixtures/differential/mesh.yaml");
     let mut model =
         Model::from_yaml("mesh.yaml", &std::fs::read_to_string(&fixture).unwrap()).unwrap();
     model.check();

@@ -36,7 +36,9 @@ impl KubeApi {
             kubectl_ok,
             "peer missing: kubectl (1.32, on the machine per ../shared/PEERS.md) is not on PATH"
         );
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/kube_api.py");
+        let script =
+            Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+                .join("tests/python/kube_api.py");
         let mut child = Command::new(python)
             .arg(script)
             .stdin(Stdio::piped())
@@ -88,9 +90,10 @@ impl KubeApi {
     }
 
     fn apply(&self, fixture: &str) -> String {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("fixtures/kube")
-            .join(fixture);
+        let path =
+            Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+                .join("fixtures/kube")
+                .join(fixture);
         let path = path.to_string_lossy();
         self.kubectl(&["apply", "--validate=false", "-f", &path])
     }
@@ -333,7 +336,9 @@ async fn kubectl_apply_and_delete_change_routing_and_invalid_edits_change_nothin
     );
 
     // kubectl delete: back to both versions.
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kube/reviews-v2.yaml");
+    let path =
+        Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+            .join("fixtures/kube/reviews-v2.yaml");
     let out = api.kubectl(&["delete", "-f", &path.to_string_lossy()]);
     assert!(out.contains("deleted"), "{out}");
     let took = until_routed(outbound, None, "after kubectl delete").await;

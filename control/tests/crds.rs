@@ -5,7 +5,9 @@ use std::path::Path;
 
 #[test]
 fn deploy_crds_match_the_rust_types() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
+    let dir =
+        Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+            .join("../deploy/crds");
     let write = std::env::var_os("LUMEN_WRITE_CRDS").is_some();
     for (file, text) in lumen_control::crd::crd_files().expect("CRDs serialize") {
         let path = dir.join(file);
@@ -32,7 +34,9 @@ fn deploy_crds_match_the_rust_types() {
 /// kinds it watches (`lumen_control::cluster::cluster_role`); `LUMEN_WRITE_CRDS=1` writes it.
 #[test]
 fn deploy_rbac_matches_the_kinds_lumen_control_watches() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
+    let path =
+        Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+            .join("../deploy/rbac.yaml");
     let text = format!(
         "# Generated from lumen_control::cluster::cluster_role (LUMEN_WRITE_CRDS=1 cargo test -p lumen-control --test crds).\n# Bind it to the service account lumen control runs as.\n{}",
         serde_yaml::to_string(&lumen_control::cluster::cluster_role()).expect("serializes")

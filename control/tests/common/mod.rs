@@ -26,10 +26,10 @@ pub fn conformance(path: &str) -> std::path::PathBuf {
     let root = std::env::var_os("LUMEN_CONFORMANCE_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
-            std::path::PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/conformance"
-            ))
+            std::path::PathBuf::from(
+                std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+            )
+            .join("../../shared/conformance")
         });
     let full = root.join(path);
     assert!(
