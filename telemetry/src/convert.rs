@@ -67,6 +67,43 @@ pub const SPAN_INT_COLUMNS: [&str; 3] = [
     "rpc.grpc.status_code",
 ];
 
+/// Resource attributes with a column of their own in `spans`: (attribute key, column). The
+/// `metrics` and `logs` tables have the first.
+pub const RESOURCE_COLUMNS: [(&str, &str); 3] = [
+    ("service.name", "service_name"),
+    ("service.version", "service_version"),
+    ("service.namespace", "service_namespace"),
+];
+
+/// The service name of a resource that gives none (OpenTelemetry's default).
+pub const UNKNOWN_SERVICE: &str = "unknown_service";
+
+/// The resource attributes a row's `resource_attributes` map holds: all but those its
+/// table's own columns hold whole (of `keys`, the first attribute of each, when it is a
+/// string; `readback` puts them back). Each row copies the map, so this is worth it: the
+/// three service attributes were half of a mesh span's resource map.
+fn resource_map<'r, A: Attr>(attrs: &'r [A], keys: &[&str]) -> Vec<&'r A> {
+    attrs
+        .iter()
+        .enumerate()
+        .filter(|(i, kv)| {
+            let key = kv.key();
+            // The service name's column says `unknown_service` when there was none, so a
+            // service named that stays in the map too, and readback tells the two apart.
+            let whole = keys.contains(&key)
+                && matches!(kv.value(), Value::Str(v) if v != UNKNOWN_SERVICE)
+                && attrs[..*i].iter().all(|o| o.key() != key);
+            !whole
+        })
+        .map(|(_, kv)| kv)
+        .collect()
+}
+
+/// The keys of [`RESOURCE_COLUMNS`].
+fn resource_keys(n: usize) -> Vec<&'static str> {
+    RESOURCE_COLUMNS.iter().take(n).map(|(k, _)| *k).collect()
+}
+
 /// Promoted text columns: [`SPAN_STRING_COLUMNS`] then [`SPAN_MESH_COLUMNS`].
 const PROMOTED_TEXT: usize = SPAN_STRING_COLUMNS.len() + SPAN_MESH_COLUMNS.len();
 
@@ -202,9 +239,9 @@ fn append_text(builder: &mut StringBuilder, value: Value<'_>) {
     }
 }
 
-fn append_map<A: Attr>(
+fn append_map<'x, A: Attr + 'x>(
     builder: &mut MapBuilder<StringBuilder, StringBuilder>,
-    attrs: &[A],
+    attrs: impl IntoIterator<Item = &'x A>,
 ) -> Result<(), ArrowError> {
     for kv in attrs {
         builder.keys().append_value(kv.key());
@@ -595,7 +632,7 @@ impl MetricColumns {
         &mut self,
         service: &str,
         metric: &opentelemetry_proto::tonic::metrics::v1::Metric,
-        resource: &[KeyValue],
+        resource: &[&KeyValue],
         scope: Option<&str>,
         p: Point<'_>,
     ) -> Result<(), ArrowError> {
@@ -623,7 +660,7 @@ impl MetricColumns {
         self.bounds
             .append_option(p.bounds.map(|b| b.iter().map(|x| Some(*x))));
         append_map(&mut self.attributes, p.attributes)?;
-        append_map(&mut self.resource_attributes, resource)?;
+        append_map(&mut self.resource_attributes, resource.iter().copied())?;
         self.scope.append_option(scope);
         Ok(())
     }
@@ -683,7 +720,8 @@ pub fn logs_to_batch(req: &ExportLogsServiceRequest) -> Result<RecordBatch, Arro
             .unwrap_or_default();
         let svc = find(resource, "service.name")
             .map(Value::text)
-            .unwrap_or_else(|| "unknown_service".to_string());
+            .unwrap_or_else(|| UNKNOWN_SERVICE.to_string());
+        let resource = resource_map(resource, &resource_keys(1));
         for sl in &rl.scope_logs {
             for r in &sl.log_records {
                 let t = if r.time_unix_nano == 0 {
@@ -708,7 +746,7 @@ pub fn logs_to_batch(req: &ExportLogsServiceRequest) -> Result<RecordBatch, Arro
                 flags.append_value(i64::from(r.flags));
                 dropped.append_value(i64::from(r.dropped_attributes_count));
                 attributes.push(&r.attributes, |_| true)?;
-                append_map(&mut resource_attributes, resource)?;
+                append_map(&mut resource_attributes, resource.iter().copied())?;
                 scope_name.append_option(sl.scope.as_ref().map(|s| s.name.as_str()));
                 scope_version.append_option(sl.scope.as_ref().map(|s| s.version.as_str()));
             }
@@ -793,12 +831,13 @@ pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch
             .as_ref()
             .map(|r| r.attributes.as_slice())
             .unwrap_or_default();
-        let svc = find(resource, "service.name")
-            .map_or_else(|| "unknown_service".to_string(), Value::text);
+        let svc =
+            find(resource, "service.name").map_or_else(|| UNKNOWN_SERVICE.to_string(), Value::text);
+        let resource = resource_map(resource, &resource_keys(1));
         for sm in &rm.scope_metrics {
             let scope = sm.scope.as_ref().map(|s| s.name.as_str());
             for m in &sm.metrics {
-                let mut push = |p: Point<'_>| cols.push(&svc, m, resource, scope, p);
+                let mut push = |p: Point<'_>| cols.push(&svc, m, &resource, scope, p);
                 match &m.data {
                     Some(metric::Data::Gauge(g)) => {
                         for p in &g.data_points {

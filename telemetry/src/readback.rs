@@ -17,7 +17,9 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, Key
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span};
 
-use crate::convert::{SPAN_INT_COLUMNS, SPAN_MESH_COLUMNS, SPAN_STRING_COLUMNS};
+use crate::convert::{
+    RESOURCE_COLUMNS, SPAN_INT_COLUMNS, SPAN_MESH_COLUMNS, SPAN_STRING_COLUMNS, UNKNOWN_SERVICE,
+};
 
 fn missing(name: &str) -> ArrowError {
     ArrowError::SchemaError(format!("spans have no column {name} of the expected type"))
@@ -45,6 +47,9 @@ struct Columns<'a> {
     bools: &'a MapArray,
     bytes: &'a MapArray,
     resource: &'a MapArray,
+    /// The resource attributes with a column of their own (`convert::RESOURCE_COLUMNS`),
+    /// which the map leaves out.
+    resource_columns: Vec<(&'static str, &'a StringArray)>,
     flags: &'a Int64Array,
     dropped_attributes: &'a Int64Array,
     dropped_events: &'a Int64Array,
@@ -119,6 +124,10 @@ impl<'a> Columns<'a> {
             bools: map("attributes_bool")?,
             bytes: map("attributes_bytes")?,
             resource: map("resource_attributes")?,
+            resource_columns: RESOURCE_COLUMNS
+                .iter()
+                .map(|(key, name)| Ok((*key, text(name)?)))
+                .collect::<Result<_, ArrowError>>()?,
             flags: int("flags")?,
             dropped_attributes: int("dropped_attributes_count")?,
             dropped_events: int("dropped_events_count")?,
@@ -340,6 +349,18 @@ pub fn to_otlp(batches: &[RecordBatch]) -> Result<Vec<ResourceSpans>, ArrowError
         for row in 0..batch.num_rows() {
             let mut resource = Vec::new();
             map_entries(c.resource, row, &mut resource);
+            // First, in their usual order, those the map leaves to their columns (files
+            // written before that still have them in the map).
+            let mut at = 0;
+            for (key, column) in &c.resource_columns {
+                if let Some(v) = opt_text(column, row)
+                    && !(*key == "service.name" && v == UNKNOWN_SERVICE)
+                    && !resource.iter().any(|kv| kv.key == *key)
+                {
+                    resource.insert(at, kv(key, any_value::Value::StringValue(v.to_string())));
+                    at += 1;
+                }
+            }
             let key_attrs: Vec<(String, String)> = resource
                 .iter()
                 .map(|kv| {

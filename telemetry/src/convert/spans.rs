@@ -24,9 +24,10 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 
 use super::{
-    EventColumns, Ids, LinkColumns, PROMOTED_TEXT, Promoted, ROW_OVERHEAD, SPAN_INT_COLUMNS,
-    SPAN_MESH_COLUMNS, SPAN_STRING_COLUMNS, TypedAttributes, append_map, find, map_builder, nanos,
-    slot, span_kind, status_code, text_builder, times,
+    EventColumns, Ids, LinkColumns, PROMOTED_TEXT, Promoted, RESOURCE_COLUMNS, ROW_OVERHEAD,
+    SPAN_INT_COLUMNS, SPAN_MESH_COLUMNS, SPAN_STRING_COLUMNS, TypedAttributes, append_map, find,
+    map_builder, nanos, resource_keys, resource_map, slot, span_kind, status_code, text_builder,
+    times,
 };
 use crate::schema;
 use crate::trace_view::{self, Kv, Value, bad, fields, key_value, push_kv};
@@ -159,7 +160,8 @@ struct Scratch<'a> {
 
 /// What the spans of one resource and scope share.
 struct Shared<'r, 'a> {
-    resource: &'r [Kv<'a>],
+    /// What the row's `resource_attributes` map holds (see [`resource_map`]).
+    resource: &'r [&'r Kv<'a>],
     service: &'r str,
     version: Option<&'r str>,
     namespace: Option<&'r str>,
@@ -323,14 +325,15 @@ impl Builders {
             }
         }
         let text = |key| find(&resource, key).map(Value::text);
-        let service = text("service.name").unwrap_or_else(|| "unknown_service".to_string());
+        let service = text("service.name").unwrap_or_else(|| super::UNKNOWN_SERVICE.to_string());
         let version = text("service.version");
         let namespace = text("service.namespace");
+        let kept = resource_map(&resource, &resource_keys(RESOURCE_COLUMNS.len()));
         for f in fields(buf, base) {
             if let (2, w) = f? {
                 let (b, at) = w.message()?;
                 let shared = Shared {
-                    resource: &resource,
+                    resource: &kept,
                     service: &service,
                     version: version.as_deref(),
                     namespace: namespace.as_deref(),
@@ -503,7 +506,10 @@ impl Builders {
         self.scope_name.append_option(shared.scope.map(|s| s.name));
         self.scope_version
             .append_option(shared.scope.map(|s| s.version));
-        append_map(&mut self.resource_attributes, shared.resource)?;
+        append_map(
+            &mut self.resource_attributes,
+            shared.resource.iter().copied(),
+        )?;
         self.flags.append_value(i64::from(s.flags));
         self.dropped.append_value(i64::from(s.dropped_attributes));
         self.dropped_events
@@ -845,6 +851,82 @@ mod tests {
                 s
             };
             assert_eq!(bare(got), bare(want));
+        }
+    }
+
+    #[test]
+    fn resource_attributes_with_a_column_are_not_repeated_in_the_map_and_come_back() {
+        use any_value::Value as V;
+        let text = |k: &str, v: &str| kv(k, V::StringValue(v.into()));
+        let span = t::Span {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            ..Default::default()
+        };
+        let request = |attributes: Vec<KeyValue>| ExportTraceServiceRequest {
+            resource_spans: vec![t::ResourceSpans {
+                resource: Some(Resource {
+                    attributes,
+                    ..Default::default()
+                }),
+                scope_spans: vec![t::ScopeSpans {
+                    spans: vec![span.clone()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let cases = [
+            // The service attributes go to their columns, the rest stay in the map.
+            (
+                vec![
+                    text("service.name", "reviews"),
+                    text("k8s.pod.name", "reviews-1"),
+                    text("service.version", "v2"),
+                    kv("service.namespace", V::IntValue(7)),
+                ],
+                vec!["k8s.pod.name", "service.namespace"],
+            ),
+            // Named as the default: kept in the map, so it is told from no name at all.
+            (
+                vec![text("service.name", "unknown_service")],
+                vec!["service.name"],
+            ),
+            (vec![], vec![]),
+        ];
+        for (attributes, in_map) in cases {
+            let bytes = request(attributes.clone()).encode_to_vec();
+            let batch = rows_of(&bytes, usize::MAX).expect("rows").batch;
+            let map = batch
+                .column_by_name("resource_attributes")
+                .and_then(|c| c.as_any().downcast_ref::<MapArray>())
+                .expect("map");
+            let entries = map.value(0);
+            let keys = entries.column(0).as_string::<i32>();
+            let keys: Vec<&str> = (0..keys.len()).map(|i| keys.value(i)).collect();
+            assert_eq!(keys, in_map);
+            let back = to_otlp(&[batch]).expect("reads back");
+            let resource = back[0].resource.clone().unwrap_or_default();
+            // The same attributes, values as the map keeps them (text).
+            let want: Vec<(String, String)> = attributes
+                .iter()
+                .map(|a| {
+                    let v = super::super::any_value_text(&a.value.clone().unwrap_or_default());
+                    (a.key.clone(), v)
+                })
+                .collect();
+            let mut got: Vec<(String, String)> = resource
+                .attributes
+                .iter()
+                .map(|a| {
+                    let v = super::super::any_value_text(&a.value.clone().unwrap_or_default());
+                    (a.key.clone(), v)
+                })
+                .collect();
+            let mut want_sorted = want.clone();
+            want_sorted.sort();
+            got.sort();
+            assert_eq!(got, want_sorted);
         }
     }
 

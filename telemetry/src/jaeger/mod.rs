@@ -315,6 +315,7 @@ fn tag_filter(key: &str, value: &str) -> Expr {
     }
     if let Some((_, column)) = crate::convert::SPAN_MESH_COLUMNS
         .iter()
+        .chain(&crate::convert::RESOURCE_COLUMNS)
         .find(|(k, _)| *k == key)
     {
         any = any.or(col(*column).eq(text));
