@@ -228,8 +228,12 @@ struct Builders {
     limit: usize,
 }
 
-/// Reads a `KeyValue`: its key's bytes (checked as UTF-8 only when asked) and its value.
+/// Reads a `KeyValue`: its key's bytes (checked as UTF-8 only when asked), where they start,
+/// and its value.
 fn raw_key_value(buf: &[u8], base: usize) -> Result<(&[u8], usize, Value<'_>), WireError> {
+    if let Some((key, value)) = usual_key_value(buf) {
+        return Ok((key, base + 2, value));
+    }
     let (mut key, mut key_at, mut value) = (&[][..], base, Value::None);
     for f in fields(buf, base) {
         match f? {
@@ -242,6 +246,45 @@ fn raw_key_value(buf: &[u8], base: usize) -> Result<(&[u8], usize, Value<'_>), W
         }
     }
     Ok((key, key_at, value))
+}
+
+/// The usual attribute, read without the general field loop: a key shorter than 128 bytes,
+/// then a value of under 128 bytes that holds one string (valid UTF-8) or one int, in that
+/// order and nothing else. `None` for any other shape, invalid ones included, which the
+/// general loop then reads (and refuses with its error).
+fn usual_key_value(buf: &[u8]) -> Option<(&[u8], Value<'_>)> {
+    fn short(buf: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+        match buf {
+            [t, len, rest @ ..] if *t == tag && *len < 0x80 && rest.len() >= usize::from(*len) => {
+                Some(rest.split_at(usize::from(*len)))
+            }
+            _ => None,
+        }
+    }
+    let (key, rest) = short(buf, 0x0a)?;
+    let (any, rest) = short(rest, 0x12)?;
+    if !rest.is_empty() {
+        return None;
+    }
+    let value = match any {
+        [0x0a, ..] => {
+            let (text, rest) = short(any, 0x0a)?;
+            if !rest.is_empty() {
+                return None;
+            }
+            Value::Str(std::str::from_utf8(text).ok()?)
+        }
+        [0x18, rest @ ..] => {
+            let mut at = 0;
+            let v = crate::wire::varint(rest, &mut at, 0).ok()?;
+            if at != rest.len() {
+                return None;
+            }
+            Value::Int(v as i64)
+        }
+        _ => return None,
+    };
+    Some((key, value))
 }
 
 fn utf8(bytes: &[u8], at: usize) -> Result<&str, WireError> {
@@ -852,6 +895,67 @@ mod tests {
             };
             assert_eq!(bare(got), bare(want));
         }
+    }
+
+    #[test]
+    fn the_usual_attribute_shape_reads_as_the_general_loop_does() {
+        use any_value::Value as V;
+        let long = "x".repeat(200);
+        let values = [
+            Some(V::StringValue("GET".into())),
+            Some(V::StringValue(String::new())),
+            Some(V::StringValue(long.clone())),
+            Some(V::IntValue(0)),
+            Some(V::IntValue(-1)),
+            Some(V::IntValue(9080)),
+            Some(V::BoolValue(true)),
+            Some(V::DoubleValue(0.5)),
+            None,
+        ];
+        for key in ["http.route", "", long.as_str()] {
+            for value in &values {
+                let kv = KeyValue {
+                    key: key.into(),
+                    value: value.clone().map(|v| AnyValue { value: Some(v) }),
+                    ..Default::default()
+                };
+                let bytes = kv.encode_to_vec();
+                let general = {
+                    let (mut k, mut v) = (&[][..], Value::None);
+                    for f in fields(&bytes, 0) {
+                        match f.expect("field") {
+                            (1, w) => k = w.message().expect("key").0,
+                            (2, w) => {
+                                let (b, at) = w.message().expect("value");
+                                v = Value::read(b, at).expect("value");
+                            }
+                            _ => {}
+                        }
+                    }
+                    (k, v)
+                };
+                let (k, _, v) = raw_key_value(&bytes, 0).expect("reads");
+                assert_eq!((k, v), general, "{kv:?}");
+                if let Some((k, v)) = usual_key_value(&bytes) {
+                    assert_eq!((k, v), general, "{kv:?}");
+                }
+            }
+        }
+        // Not UTF-8: left to the general loop, which refuses it.
+        let mut bytes = kv("k", V::StringValue("ab".into())).encode_to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] = 0xff;
+        assert_eq!(usual_key_value(&bytes), None);
+        assert!(raw_key_value(&bytes, 0).is_err());
+        // A value with a second field after the string: the general loop's answer.
+        let mut any = Vec::new();
+        prost::encoding::string::encode(1, &"a".to_string(), &mut any);
+        prost::encoding::int64::encode(3, &5, &mut any);
+        let mut bytes = Vec::new();
+        prost::encoding::string::encode(1, &"k".to_string(), &mut bytes);
+        prost::encoding::bytes::encode(2, &any, &mut bytes);
+        assert_eq!(usual_key_value(&bytes), None);
+        assert_eq!(raw_key_value(&bytes, 0).expect("reads").2, Value::Int(5));
     }
 
     #[test]
