@@ -35,6 +35,7 @@ pub(crate) fn fields(buf: &[u8], base: usize) -> Fields<'_> {
 impl<'a> Iterator for Fields<'a> {
     type Item = Result<(u32, Wire<'a>), WireError>;
 
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.at >= self.buf.len() {
             return None;
@@ -44,6 +45,7 @@ impl<'a> Iterator for Fields<'a> {
 }
 
 impl<'a> Fields<'a> {
+    #[inline]
     fn field(&mut self) -> Result<(u32, Wire<'a>), WireError> {
         let (buf, base) = (self.buf, self.base);
         let tag = varint(buf, &mut self.at, base)?;

@@ -175,6 +175,7 @@ fn walk(buf: &[u8], base: usize, shape: &Shape, depth: usize) -> Result<usize, W
     Ok(total)
 }
 
+#[inline]
 pub(crate) fn skip(buf: &[u8], at: usize, n: usize, base: usize) -> Result<usize, WireError> {
     at.checked_add(n)
         .filter(|&end| end <= buf.len())
@@ -184,14 +185,21 @@ pub(crate) fn skip(buf: &[u8], at: usize, n: usize, base: usize) -> Result<usize
         })
 }
 
+#[inline]
 pub(crate) fn varint(buf: &[u8], at: &mut usize, base: usize) -> Result<u64, WireError> {
-    // Most varints on the wire (tags, lengths of short fields, small counts) are one byte.
+    // Most varints on the wire (tags, lengths of short fields, small counts) are one byte:
+    // read where they are met, the rest out of line.
     if let Some(&byte) = buf.get(*at)
         && byte < 0x80
     {
         *at += 1;
         return Ok(u64::from(byte));
     }
+    long_varint(buf, at, base)
+}
+
+#[inline(never)]
+fn long_varint(buf: &[u8], at: &mut usize, base: usize) -> Result<u64, WireError> {
     let mut value = 0u64;
     for shift in (0..64).step_by(7) {
         let Some(&byte) = buf.get(*at) else {
