@@ -47,8 +47,8 @@ async fn the_binary_routes_as_a_static_bootstrap_says_and_envoy_accepts_the_same
     let stop = CancellationToken::new();
     let web = upstream("web", stop.clone()).await;
     let api = upstream("api", stop.clone()).await;
-    let (listen, admin) = (free_port(), free_port());
-    let yaml = bootstrap(listen, admin, free_port(), web, api);
+    let (listen, admin, prom) = (free_port(), free_port(), free_port());
+    let yaml = bootstrap(listen, admin, prom, web, api);
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("static.yaml");
     std::fs::write(&path, &yaml).expect("write");
@@ -69,7 +69,7 @@ async fn the_binary_routes_as_a_static_bootstrap_says_and_envoy_accepts_the_same
     // (an outgoing connection's ephemeral port): a proxy that exits at start is started
     // again on new ports, at most three times.
     let client = reqwest::Client::new();
-    let (mut yaml, mut listen, mut admin) = (yaml, listen, admin);
+    let (mut yaml, mut listen, mut admin, mut prom) = (yaml, listen, admin, prom);
     let mut attempts = 1;
     let mut child = common::start_proxy(dir.path(), "static.yaml", &yaml, "warn");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -87,8 +87,8 @@ async fn the_binary_routes_as_a_static_bootstrap_says_and_envoy_accepts_the_same
                 "lumen-proxy exited at start 3 times: {status}"
             );
             attempts += 1;
-            (listen, admin) = (free_port(), free_port());
-            yaml = bootstrap(listen, admin, free_port(), web, api);
+            (listen, admin, prom) = (free_port(), free_port(), free_port());
+            yaml = bootstrap(listen, admin, prom, web, api);
             child = common::start_proxy(dir.path(), "static.yaml", &yaml, "warn");
         }
         assert!(Instant::now() < deadline, "never ready");
@@ -119,6 +119,27 @@ async fn the_binary_routes_as_a_static_bootstrap_says_and_envoy_accepts_the_same
         (240..=290).contains(&web_share),
         "{web_share} of 300 went to web (90% expected)"
     );
+    // Every response was read to its end by the client: none is recorded as one the client
+    // walked away from (DC), and all are 200s.
+    let stats = client
+        .get(format!("http://127.0.0.1:{prom}/stats/prometheus"))
+        .send()
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("text");
+    let requests: Vec<&str> = stats
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .collect();
+    assert!(!requests.is_empty(), "{stats}");
+    for line in requests {
+        assert!(
+            line.contains(r#"response_flags="-""#) && line.contains(r#"response_code="200""#),
+            "{line}"
+        );
+    }
     // The admin port shows what it runs.
     let dump = client
         .get(format!("http://127.0.0.1:{admin}/config_dump"))

@@ -252,12 +252,14 @@ impl tower::Service<Request<Body>> for Connect {
             req.headers_mut()
                 .insert(http::header::UPGRADE, protocol.clone());
         }
-        let mut req = req.map(|inner| Counted {
-            inner,
-            count: super::observe::AttemptBytes {
-                request: counter,
-                sent: 0,
-            },
+        let mut req = req.map(|inner| {
+            Counted::new(
+                inner,
+                super::observe::AttemptBytes {
+                    request: counter,
+                    sent: 0,
+                },
+            )
         });
         let http2 =
             upgrade.is_none() && req.extensions().get::<UpstreamHttp2>().is_some_and(|h| h.0);

@@ -409,13 +409,7 @@ where
                     }
                     resp
                 }
-                .map(|inner| {
-                    Counted {
-                        inner,
-                        count: finish,
-                    }
-                    .boxed()
-                })),
+                .map(|inner| Counted::new(inner, finish).boxed())),
                 Err(e) => {
                     // The local reply: its body is what the client gets.
                     finish.response_bytes = e.body().len() as u64;
@@ -563,6 +557,10 @@ pub trait CountInto: Unpin {
 
     /// The body failed: the upstream reset or broke off the response.
     fn failed(&mut self, _error: &hyper::Error) {}
+
+    /// The body was dropped before its end and without failing: whoever read it stopped
+    /// (for a response, the client went away mid-body).
+    fn abandoned(&mut self) {}
 }
 
 /// One attempt's request body bytes, recorded into the request's count as the most any of
@@ -610,12 +608,58 @@ impl CountInto for Finish {
             ));
         }
     }
+
+    /// The client went away after the response head, before its end: Envoy's DC, the
+    /// upstream's status kept (Envoy's access log reads `200 DC`).
+    fn abandoned(&mut self) {
+        self.labels.response_flags = join_flags(
+            &self.labels.response_flags,
+            flags::DOWNSTREAM_CONNECTION_TERMINATION,
+        );
+        if let Some(span) = self.span.as_mut() {
+            let joined = self.labels.response_flags.to_string();
+            for (k, v) in span.attributes.iter_mut() {
+                if *k == "response_flags" {
+                    *v = AttrValue::Str(joined.clone());
+                }
+            }
+            span.attributes.push((
+                span_attributes::REASON,
+                AttrValue::Str(format!(
+                    "the client closed the connection after {} body bytes of the response",
+                    self.response_bytes
+                )),
+            ));
+        }
+    }
 }
 
-/// A body that counts the data bytes it passes into `count`.
-pub struct Counted<B, C> {
+/// A body that counts the data bytes it passes into `count`, and tells it when it is
+/// dropped before its end.
+pub struct Counted<B: hyper::body::Body, C: CountInto> {
     pub inner: B,
     pub count: C,
+    /// Its end (or a failure) went by.
+    ended: bool,
+}
+
+impl<B: hyper::body::Body, C: CountInto> Counted<B, C> {
+    pub fn new(inner: B, count: C) -> Counted<B, C> {
+        Counted {
+            inner,
+            count,
+            ended: false,
+        }
+    }
+}
+
+impl<B: hyper::body::Body, C: CountInto> Drop for Counted<B, C> {
+    fn drop(&mut self) {
+        // An empty body (a HEAD response, a 204) ends without a frame being asked for.
+        if !self.ended && !self.inner.is_end_stream() {
+            self.count.abandoned();
+        }
+    }
 }
 
 impl<B, C> hyper::body::Body for Counted<B, C>
@@ -638,9 +682,16 @@ where
                 } else if let Some(trailers) = frame.trailers_ref() {
                     self.count.trailers(trailers);
                 }
+                if self.inner.is_end_stream() {
+                    self.ended = true;
+                }
             }
-            Poll::Ready(Some(Err(e))) => self.count.failed(e),
-            _ => {}
+            Poll::Ready(Some(Err(e))) => {
+                self.count.failed(e);
+                self.ended = true;
+            }
+            Poll::Ready(None) => self.ended = true,
+            Poll::Pending => {}
         }
         polled
     }

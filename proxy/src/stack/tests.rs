@@ -274,6 +274,75 @@ async fn a_request_its_client_abandons_before_the_response_is_recorded_as_dc() {
 }
 
 #[tokio::test]
+async fn a_response_its_client_abandons_mid_body_is_recorded_as_dc_with_its_status() {
+    // A body of one chunk, then nothing (the upstream is slow to send the rest).
+    fn slow_body() -> Body {
+        use futures::StreamExt;
+        let chunks = futures::stream::iter([Ok::<_, hyper::Error>(hyper::body::Frame::data(
+            bytes::Bytes::from_static(b"first"),
+        ))])
+        .chain(futures::stream::pending());
+        BodyExt::boxed(http_body_util::StreamBody::new(chunks))
+    }
+    let (reporter_dc, mut queue) = reporter("productpage");
+    let upstream = tower::service_fn(|_: Request<Body>| async {
+        Ok::<_, ProxyError>(Response::new(slow_body()))
+    });
+    let svc = ObserveLayer::new(reporter_dc.clone(), Direction::Outbound)
+        .layer(StepLayer(trace_context::TraceContext::default()).layer(upstream));
+    let resp = svc
+        .oneshot(get("reviews", "/reviews/1"))
+        .await
+        .expect("a response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let first = body.frame().await.expect("a frame").expect("data");
+    assert_eq!(first.data_ref().map(|d| d.len()), Some(5));
+    assert!(queue.try_recv().is_none(), "recorded at the response's end");
+    // The client goes away: hyper drops the body.
+    drop(body);
+    let span = queue.try_recv().expect("recorded when the body is dropped");
+    assert_eq!(
+        attr(&span.attributes, "response_flags"),
+        Some(&AttrValue::Str("DC".into()))
+    );
+    assert_eq!(
+        attr(&span.attributes, "http.response.status_code"),
+        Some(&AttrValue::Int(200))
+    );
+    assert_eq!(
+        attr(&span.attributes, "http.response.body.size"),
+        Some(&AttrValue::Int(5))
+    );
+    let text = reporter_dc.prometheus_text();
+    assert!(
+        text.contains(r#"response_code="200""#) && text.contains(r#"response_flags="DC""#),
+        "{text}"
+    );
+
+    // Read to its end, the same kind of body is no DC; nor is an empty one never polled.
+    let (reporter, mut queue) = reporter("productpage");
+    for text in ["whole", ""] {
+        let upstream = tower::service_fn(move |_: Request<Body>| async move {
+            Ok::<_, ProxyError>(Response::new(text_body(text)))
+        });
+        let svc = ObserveLayer::new(reporter.clone(), Direction::Outbound)
+            .layer(StepLayer(trace_context::TraceContext::default()).layer(upstream));
+        let resp = svc.oneshot(get("reviews", "/")).await.expect("a response");
+        let mut body = resp.into_body();
+        if !hyper::body::Body::is_end_stream(&body) {
+            while body.frame().await.is_some() {}
+        }
+        drop(body);
+        let span = queue.try_recv().expect("recorded");
+        assert_eq!(
+            attr(&span.attributes, "response_flags"),
+            Some(&AttrValue::Str("-".into()))
+        );
+    }
+}
+
+#[tokio::test]
 async fn route_picks_the_cluster_and_names_the_service_or_fails_with_nr() {
     let (inner, seen) = capture();
     let route = StepLayer(route::Route::new(
