@@ -53,8 +53,8 @@ pub trait Signal: Send + Sync + 'static {
     const TABLE: u8;
     /// The request as a message (what OTLP/HTTP's JSON decodes into).
     type Request: Message + Default;
-    /// The request as the conversion reads it: the decoded message, or a view borrowing
-    /// the request's bytes.
+    /// The request as the conversion reads it: the decoded message, or a frame over the
+    /// request's bytes.
     type Parsed<'a>: Send;
     type Response: Message + Default + Send + 'static;
     /// Bytes that reading the request ([`Signal::parse`]) will allocate, found on the wire

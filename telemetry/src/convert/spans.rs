@@ -287,6 +287,29 @@ fn usual_key_value(buf: &[u8]) -> Option<(&[u8], Value<'_>)> {
     Some((key, value))
 }
 
+/// Attributes of an event or a link read aside without being charged for it (beyond their
+/// place in the builders): a vector of them is a few KB.
+const FREE_ASIDE: usize = 64;
+
+/// What reading an event or a link (`buf`, its attributes at field `attributes`) will take:
+/// the entry, each attribute's place in the builders, and the vector it is read into past
+/// [`FREE_ASIDE`] attributes. Counted on the wire first, so a flood of tiny attributes is
+/// refused before it is read.
+fn entry_cost(buf: &[u8], base: usize, attributes: u32) -> Result<usize, WireError> {
+    let mut n = 0usize;
+    for f in fields(buf, base) {
+        if f?.0 == attributes {
+            n += 1;
+        }
+    }
+    let aside = n
+        .saturating_sub(FREE_ASIDE)
+        .saturating_mul(size_of::<Kv<'_>>());
+    Ok(ENTRY
+        .saturating_add(n.saturating_mul(ITEM))
+        .saturating_add(aside))
+}
+
 fn utf8(bytes: &[u8], at: usize) -> Result<&str, WireError> {
     std::str::from_utf8(bytes).map_err(|_| bad(at, "a string that is not UTF-8"))
 }
@@ -477,16 +500,15 @@ impl Builders {
                 10 => s.dropped_attributes = w.varint()? as u32,
                 11 => {
                     let (b, at) = w.message()?;
-                    let event = trace_view::event(b, at)?;
-                    self.charge(ENTRY + ITEM * event.attributes.len())?;
-                    scratch.events.push(event);
+                    // Charged before it is read: its attributes are read into a vector.
+                    self.charge(entry_cost(b, at, 3)?)?;
+                    scratch.events.push(trace_view::event(b, at)?);
                 }
                 12 => s.dropped_events = w.varint()? as u32,
                 13 => {
                     let (b, at) = w.message()?;
-                    let link = trace_view::link(b, at)?;
-                    self.charge(ENTRY + ITEM * link.attributes.len())?;
-                    scratch.links.push(link);
+                    self.charge(entry_cost(b, at, 4)?)?;
+                    scratch.links.push(trace_view::link(b, at)?);
                 }
                 14 => s.dropped_links = w.varint()? as u32,
                 15 => {
@@ -1165,6 +1187,27 @@ mod tests {
         for _ in 0..100_000 {
             span_bytes.extend_from_slice(&[0x4a, 0x00]);
         }
+        let mut ss = Vec::new();
+        prost::encoding::bytes::encode(2, &span_bytes, &mut ss);
+        let mut rs = Vec::new();
+        prost::encoding::bytes::encode(2, &ss, &mut rs);
+        let mut bytes = Vec::new();
+        prost::encoding::bytes::encode(1, &rs, &mut bytes);
+        let frame = TraceFrame::read(&bytes).expect("frame");
+        let err = frame.rows(frame.estimate).expect_err("too big");
+        assert!(matches!(err, RowsError::TooBig(_)), "{err}");
+        // The same inside an event (read aside before its row is built): refused too.
+        let mut event = Vec::new();
+        for _ in 0..100_000 {
+            event.extend_from_slice(&[0x1a, 0x00]);
+        }
+        let mut span_bytes = t::Span {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        prost::encoding::bytes::encode(11, &event, &mut span_bytes);
         let mut ss = Vec::new();
         prost::encoding::bytes::encode(2, &span_bytes, &mut ss);
         let mut rs = Vec::new();
