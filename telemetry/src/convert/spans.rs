@@ -25,9 +25,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 
 use super::{
     EventColumns, Ids, LinkColumns, PROMOTED_TEXT, Promoted, RESOURCE_COLUMNS, ROW_OVERHEAD,
-    SPAN_INT_COLUMNS, SPAN_MESH_COLUMNS, SPAN_STRING_COLUMNS, TypedAttributes, append_map, find,
-    map_builder, nanos, resource_keys, resource_map, slot, span_kind, status_code, text_builder,
-    times,
+    SPAN_MESH_COLUMNS, SPAN_STRING_COLUMNS, TypedAttributes, append_map, find, map_builder, nanos,
+    resource_keys, resource_map, slot, span_kind, status_code, text_builder, times,
 };
 use crate::schema;
 use crate::trace_view::{self, Kv, Value, bad, fields, key_value, push_kv};
@@ -622,7 +621,6 @@ impl Builders {
             attributes_bool,
             attributes_bytes,
         ] = self.attributes.finish();
-        debug_assert_eq!(SPAN_INT_COLUMNS.len(), 3);
         let mut columns: Vec<ArrayRef> = vec![
             Arc::new(self.trace_id.finish()),
             Arc::new(self.span_id.finish()),
