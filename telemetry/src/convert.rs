@@ -79,10 +79,10 @@ pub const RESOURCE_COLUMNS: [(&str, &str); 3] = [
 pub const UNKNOWN_SERVICE: &str = "unknown_service";
 
 /// The resource attributes a row's `resource_attributes` map holds: all but those its
-/// table's own columns hold whole (of `keys`, the first attribute of each, when it is a
+/// table's own `columns` hold whole (of each key, the first attribute, when it is a
 /// string; `readback` puts them back). Each row copies the map, so this is worth it: the
 /// three service attributes were half of a mesh span's resource map.
-fn resource_map<'r, A: Attr>(attrs: &'r [A], keys: &[&str]) -> Vec<&'r A> {
+fn resource_map<'r, A: Attr>(attrs: &'r [A], columns: &[(&str, &str)]) -> Vec<&'r A> {
     attrs
         .iter()
         .enumerate()
@@ -90,18 +90,13 @@ fn resource_map<'r, A: Attr>(attrs: &'r [A], keys: &[&str]) -> Vec<&'r A> {
             let key = kv.key();
             // The service name's column says `unknown_service` when there was none, so a
             // service named that stays in the map too, and readback tells the two apart.
-            let whole = keys.contains(&key)
+            let whole = columns.iter().any(|(k, _)| *k == key)
                 && matches!(kv.value(), Value::Str(v) if v != UNKNOWN_SERVICE)
                 && attrs[..*i].iter().all(|o| o.key() != key);
             !whole
         })
         .map(|(_, kv)| kv)
         .collect()
-}
-
-/// The keys of [`RESOURCE_COLUMNS`].
-fn resource_keys(n: usize) -> Vec<&'static str> {
-    RESOURCE_COLUMNS.iter().take(n).map(|(k, _)| *k).collect()
 }
 
 /// Promoted text columns: [`SPAN_STRING_COLUMNS`] then [`SPAN_MESH_COLUMNS`].
@@ -721,7 +716,7 @@ pub fn logs_to_batch(req: &ExportLogsServiceRequest) -> Result<RecordBatch, Arro
         let svc = find(resource, "service.name")
             .map(Value::text)
             .unwrap_or_else(|| UNKNOWN_SERVICE.to_string());
-        let resource = resource_map(resource, &resource_keys(1));
+        let resource = resource_map(resource, &RESOURCE_COLUMNS[..1]);
         for sl in &rl.scope_logs {
             for r in &sl.log_records {
                 let t = if r.time_unix_nano == 0 {
@@ -833,7 +828,7 @@ pub fn metrics_to_batch(req: &ExportMetricsServiceRequest) -> Result<RecordBatch
             .unwrap_or_default();
         let svc =
             find(resource, "service.name").map_or_else(|| UNKNOWN_SERVICE.to_string(), Value::text);
-        let resource = resource_map(resource, &resource_keys(1));
+        let resource = resource_map(resource, &RESOURCE_COLUMNS[..1]);
         for sm in &rm.scope_metrics {
             let scope = sm.scope.as_ref().map(|s| s.name.as_str());
             for m in &sm.metrics {

@@ -501,6 +501,23 @@ struct Finish {
 }
 
 impl Finish {
+    /// A response that ended before its end: its flags become `flags` (label and span),
+    /// and the span says why (and is an error, if `error`).
+    fn cut_off(&mut self, flags: Label, error: bool, reason: String) {
+        self.labels.response_flags = flags;
+        if let Some(span) = self.span.as_mut() {
+            span.error |= error;
+            let flags = self.labels.response_flags.to_string();
+            for (k, v) in span.attributes.iter_mut() {
+                if *k == "response_flags" {
+                    *v = AttrValue::Str(flags.clone());
+                }
+            }
+            span.attributes
+                .push((span_attributes::REASON, AttrValue::Str(reason)));
+        }
+    }
+
     /// Records `grpc-status` when `headers` carry it.
     fn grpc_status(&mut self, headers: &http::HeaderMap) {
         let Some(code) = headers
@@ -591,46 +608,25 @@ impl CountInto for Finish {
 
     /// A response cut off after its head: Envoy's UR (upstream reset), an error.
     fn failed(&mut self, error: &hyper::Error) {
-        self.labels.response_flags = flag_label(flags::UPSTREAM_RESET);
-        if let Some(span) = self.span.as_mut() {
-            span.error = true;
-            for (k, v) in span.attributes.iter_mut() {
-                if *k == "response_flags" {
-                    *v = AttrValue::Str(flags::UPSTREAM_RESET.to_string());
-                }
-            }
-            span.attributes.push((
-                span_attributes::REASON,
-                AttrValue::Str(format!(
-                    "upstream reset the response after {} body bytes: {error}",
-                    self.response_bytes
-                )),
-            ));
-        }
+        let reason = format!(
+            "upstream reset the response after {} body bytes: {error}",
+            self.response_bytes
+        );
+        self.cut_off(flag_label(flags::UPSTREAM_RESET), true, reason);
     }
 
     /// The client went away after the response head, before its end: Envoy's DC, the
     /// upstream's status kept (Envoy's access log reads `200 DC`).
     fn abandoned(&mut self) {
-        self.labels.response_flags = join_flags(
+        let flags = join_flags(
             &self.labels.response_flags,
             flags::DOWNSTREAM_CONNECTION_TERMINATION,
         );
-        if let Some(span) = self.span.as_mut() {
-            let joined = self.labels.response_flags.to_string();
-            for (k, v) in span.attributes.iter_mut() {
-                if *k == "response_flags" {
-                    *v = AttrValue::Str(joined.clone());
-                }
-            }
-            span.attributes.push((
-                span_attributes::REASON,
-                AttrValue::Str(format!(
-                    "the client closed the connection after {} body bytes of the response",
-                    self.response_bytes
-                )),
-            ));
-        }
+        let reason = format!(
+            "the client closed the connection after {} body bytes of the response",
+            self.response_bytes
+        );
+        self.cut_off(flags, false, reason);
     }
 }
 

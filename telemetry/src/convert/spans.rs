@@ -26,7 +26,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use super::{
     EventColumns, Ids, LinkColumns, PROMOTED_TEXT, Promoted, RESOURCE_COLUMNS, ROW_OVERHEAD,
     SPAN_MESH_COLUMNS, SPAN_STRING_COLUMNS, TypedAttributes, append_map, find, map_builder, nanos,
-    resource_keys, resource_map, slot, span_kind, status_code, text_builder, times,
+    resource_map, slot, span_kind, status_code, text_builder, times,
 };
 use crate::schema;
 use crate::trace_view::{self, Kv, Value, bad, fields, key_value, push_kv};
@@ -393,7 +393,7 @@ impl Builders {
         let service = text("service.name").unwrap_or_else(|| super::UNKNOWN_SERVICE.to_string());
         let version = text("service.version");
         let namespace = text("service.namespace");
-        let kept = resource_map(&resource, &resource_keys(RESOURCE_COLUMNS.len()));
+        let kept = resource_map(&resource, &RESOURCE_COLUMNS);
         for f in fields(buf, base) {
             if let (2, w) = f? {
                 let (b, at) = w.message()?;
